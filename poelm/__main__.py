@@ -1,0 +1,7 @@
+"""`python -m poelm`: the same entry point as the `poelm` console script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

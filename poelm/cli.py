@@ -1,0 +1,219 @@
+"""The `poelm` command line (CLI.md): argparse subcommands, each a thin call into the library.
+
+Design choices:
+- Bad input raises `PoelmError` inside the library; here it becomes one line on stderr and exit
+  status 2. Any other exception is a bug: one line naming it and exit 1, with the traceback only
+  under `--debug` (accepted anywhere on the command line).
+- Commands that write a directory write it atomically (modeldir.AtomicDir): a failed command leaves
+  nothing half-written behind.
+- Log lines go to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import PoelmError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 2,2") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected at least one integer")
+    return values
+
+
+# ------------------------------------------------------------------------------------- commands
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from .modeldir import AtomicDir
+    from .tokenizer_files import write_hf_tokenizer_files
+    from .tokenizer_train import train_tokenizer
+
+    t0 = time.time()
+    tok = train_tokenizer(args.input, args.vocab_size)
+    with AtomicDir(args.out, overwrite=args.overwrite) as tmp:
+        write_hf_tokenizer_files(tmp, tok)
+    ids = tok.special_ids
+    print(f"tokenizer: {tok.vocab_size} tokens ({tok.vocab_size - len(ids)} merged + {len(ids)} special) "
+          f"in {time.time() - t0:.1f}s -> {args.out}")
+    print("special ids: " + ", ".join(f"{name}={i}" for name, i in ids.items()))
+    return 0
+
+
+def build_config(args: argparse.Namespace, vocab_size: int):
+    """A PoEConfig from init/pretrain shape flags; with only --depth, nanochat's derived shape."""
+    from .config import PoEConfig, nanochat_shape, split_stages
+
+    shape = nanochat_shape(args.depth)
+    derived = []
+    for name, flag in (("n_embd", args.n_embd), ("n_head", args.n_head), ("n_kv_head", args.n_kv_head)):
+        if flag is not None:
+            shape[name] = flag
+        else:
+            derived.append(name)
+    if args.n_head is not None and args.n_kv_head is None:
+        shape["n_kv_head"] = shape["n_head"]
+    stages = args.poe_stage_layers or split_stages(args.depth, min(4, args.depth))
+    if args.poe_stage_layers is None:
+        derived.append("poe_stage_layers")
+    config = PoEConfig(
+        vocab_size=vocab_size, sequence_len=args.seq_len, window_pattern=args.window_pattern,
+        poe_stage_layers=stages, poe_mode=args.poe_mode, poe_alpha=args.poe_alpha,
+        poe_stage_heads=args.poe_stage_heads, **shape)
+    if derived:
+        print("derived: " + ", ".join(f"{n}={getattr(config, n)}" for n in derived)
+              + f" (head_dim {config.head_dim})", file=sys.stderr)
+    return config
+
+
+def add_shape_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--depth", type=int, required=True, help="number of transformer layers")
+    p.add_argument("--n-embd", type=int, help="width (default: 64*depth rounded up to a multiple of 128)")
+    p.add_argument("--n-head", type=int, help="query heads (default: n_embd / 128)")
+    p.add_argument("--n-kv-head", type=int, help="key/value heads (default: n_head)")
+    p.add_argument("--seq-len", type=int, default=2048, help="context length (default 2048)")
+    p.add_argument("--window-pattern", default="SSSL", help="sliding-window pattern of S and L (default SSSL)")
+    p.add_argument("--poe-stage-layers", type=_int_list, help="layers per stage, e.g. 6,6,6,6 "
+                   "(default: min(4, depth) near-equal stages)")
+    p.add_argument("--poe-mode", choices=("none", "flat", "residual_logop"), default="flat")
+    p.add_argument("--poe-alpha", type=float, default=0.0, help="stage-loss and Log-OP exponent in [0, 1]")
+    p.add_argument("--poe-stage-heads", action="store_true", help="add zero-initialised per-stage heads")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .model import PoEGPT
+    from .modeldir import load_tokenizer, save_model_dir
+
+    tok = load_tokenizer(args.tokenizer)
+    config = build_config(args, tok.vocab_size)
+    model = PoEGPT(config)
+    model.init_weights(seed=args.seed)
+    save_model_dir(model, args.out, tok, overwrite=args.overwrite)
+    print_param_table(model)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def print_param_table(model) -> None:
+    rows = model.param_table()
+    width = max(len(name) for name, _ in rows)
+    for name, n in rows:
+        print(f"  {name:<{width}}  {n:>14,}")
+
+
+def cmd_convert_nanochat(args: argparse.Namespace) -> int:
+    from .convert import convert_nanochat
+
+    out, migrations = convert_nanochat(args.checkpoint, args.out, step=args.step, tokenizer=args.tokenizer,
+                                       overwrite=args.overwrite)
+    for m in migrations:
+        print(f"migration {m}")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .modeldir import load_model, load_tokenizer, read_config
+
+    config = read_config(args.model)
+    load_tokenizer(args.model, config)
+    model = load_model(args.model)
+    files = {p.name: p.stat().st_size for p in sorted(Path(args.model).iterdir()) if p.is_file()}
+    if args.json:
+        print(json.dumps({"config": config.to_dict(), "parameters": dict(model.param_table()), "files": files},
+                         indent=2))
+        return 0
+    print(f"{args.model}: base model, {config.n_layer} layers in stages {config.poe_stage_layers}, "
+          f"{config.n_embd} wide, vocab {config.vocab_size}")
+    print_param_table(model)
+    for name, size in files.items():
+        print(f"  {name:<28} {size:>12,} bytes")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out))
+    return 0
+
+
+# --------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="poelm", description="Modular Product-of-Experts language models.")
+    parser.add_argument("--version", action="version", version=f"poelm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tok = sub.add_parser("tokenizer", help="train a BPE tokenizer").add_subparsers(dest="tok_command", required=True)
+    p = tok.add_parser("train", help="train byte-level BPE on text files, directories or JSONL")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH")
+    p.add_argument("--vocab-size", type=int, required=True, help="total vocabulary, the 9 special tokens included")
+    p.add_argument("--out", required=True, metavar="TOKDIR")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("init", help="write a randomly initialised base model directory")
+    p.add_argument("--tokenizer", required=True, metavar="TOKDIR")
+    add_shape_flags(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="MODELDIR")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_init)
+
+    conv = sub.add_parser("convert", help="convert a checkpoint from another format").add_subparsers(
+        dest="conv_command", required=True)
+    p = conv.add_parser("nanochat", help="convert a nanochat base_train checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="folder with model_NNNNNN.pt and meta_NNNNNN.json")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest present)")
+    p.add_argument("--tokenizer", metavar="DIR", help="nanochat tokenizer folder (tokenizer.pkl) or poelm tokenizer")
+    p.add_argument("--out", required=True, metavar="MODELDIR")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_convert_nanochat)
+
+    p = sub.add_parser("inspect", help="describe a model directory")
+    p.add_argument("model", metavar="MODELDIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")
+    p.add_argument("--out", default="runs/demo", metavar="DIR")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PoelmError as e:
+        if debug:
+            raise
+        print(f"poelm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("poelm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: say so in one line, traceback under --debug
+        if debug:
+            raise
+        print(f"poelm: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

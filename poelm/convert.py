@@ -1,0 +1,157 @@
+"""Convert a nanochat `base_train` checkpoint into a poelm base model directory.
+
+Design choices:
+- nanochat writes `model_NNNNNN.pt` (a torch state dict, keys prefixed `_orig_mod.` when the model
+  was compiled) and `meta_NNNNNN.json` (`model_config` holds the GPTConfig fields). The `.pt` file is
+  read only with `torch.load(weights_only=True)`: tensors and containers, never arbitrary objects.
+- Parameter names are the same on both sides, so the state dict moves over without renaming. What
+  an older checkpoint lacks is filled by a named migration that is logged and recorded in
+  config.json (`converted_from.migrations`): a missing part becomes its neutral value or a switch
+  (no smear, no backout, no value embeddings, residual lambdas 1 and 0, windows all "L").
+- Anything else that does not fit - an unknown config field, a missing, unexpected or mis-shaped
+  tensor - is an error that names the file and the tensor: a conversion either reproduces the
+  nanochat model exactly or does not happen.
+- A converted model is one PoE stage in `none` mode (it was trained end to end); its logits equal
+  nanochat's. The tokenizer comes from `--tokenizer` (a nanochat tokenizer folder with
+  `tokenizer.pkl`, read through a restricted unpickler, or a poelm tokenizer folder), or from the
+  places nanochat keeps it beside its checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from .config import PoEConfig
+from .errors import PoelmError
+from .model import PoEGPT
+from .modeldir import check_state_dict, save_model_dir
+from .tokenizer import Tokenizer
+from .tokenizer_train import load_nanochat_tokenizer
+
+log = logging.getLogger("poelm.convert")
+
+# GPTConfig fields nanochat has written over its versions; anything else is refused.
+NANOCHAT_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern"}
+IGNORED_FIELDS = {"mtp_n": 1}  # fields that are harmless at their default value
+
+
+def find_step(checkpoint_dir: Path, step: int | None) -> int:
+    """The requested step, or the latest `model_NNNNNN.pt` present."""
+    if not checkpoint_dir.is_dir():
+        raise PoelmError(f"{checkpoint_dir}: not a directory (expected a nanochat checkpoint folder)")
+    steps = sorted(int(m.group(1)) for p in checkpoint_dir.iterdir()
+                   if (m := re.fullmatch(r"model_(\d+)\.pt", p.name)))
+    if not steps:
+        raise PoelmError(f"{checkpoint_dir}: no model_NNNNNN.pt checkpoint found")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise PoelmError(f"{checkpoint_dir}: no checkpoint for step {step} (present: {', '.join(map(str, steps))})")
+    return step
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise PoelmError(f"{path}: refused by torch.load(weights_only=True): {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise PoelmError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PoelmError(f"{path}: expected a state dict of tensors")
+    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def read_meta(path: Path) -> dict:
+    if not path.is_file():
+        raise PoelmError(f"{path}: missing (nanochat writes it beside model_NNNNNN.pt)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PoelmError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(meta.get("model_config"), dict):
+        raise PoelmError(f"{path}: no 'model_config' object")
+    return meta
+
+
+def config_from_nanochat(model_config: dict, state: dict[str, torch.Tensor], meta_path: Path,
+                         migrations: list[str]) -> PoEConfig:
+    """A PoEConfig reproducing the checkpoint, with a named migration for every missing part."""
+    unknown = [k for k in model_config if k not in NANOCHAT_FIELDS
+               and not (k in IGNORED_FIELDS and model_config[k] == IGNORED_FIELDS[k])]
+    if unknown:
+        raise PoelmError(f"{meta_path}: model_config field(s) poelm cannot reproduce: {', '.join(sorted(unknown))}")
+    missing = sorted({"vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "sequence_len"} - set(model_config))
+    if missing:
+        raise PoelmError(f"{meta_path}: model_config lacks {', '.join(missing)}")
+    fields = {k: model_config[k] for k in NANOCHAT_FIELDS if k in model_config}
+    if "window_pattern" not in fields:
+        migrations.append("no_sliding_window: window_pattern 'L' (every layer attends to the full context)")
+        fields["window_pattern"] = "L"
+    n_layer = fields["n_layer"]
+    if "smear_gate.weight" not in state and "smear_lambda" not in state:
+        migrations.append("no_smear: the smear switch is off")
+        fields["smear"] = False
+    if "backout_lambda" not in state:
+        migrations.append("no_backout: the backout switch is off")
+        fields["backout"] = False
+    ve_layers = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"value_embeds\.(\d+)\.weight", k)))
+    if not ve_layers:
+        migrations.append("no_value_embeds: no layer carries value embeddings")
+    fields["value_embed_layers"] = ve_layers
+    if "resid_lambdas" not in state and "x0_lambdas" not in state:
+        migrations.append("no_residual_lambdas: resid_lambdas = 1, x0_lambdas = 0 (the plain residual)")
+        state["resid_lambdas"] = torch.ones(n_layer)
+        state["x0_lambdas"] = torch.zeros(n_layer)
+    fields.update(poe_stage_layers=[n_layer], poe_mode="none")
+    try:
+        return PoEConfig(**fields)
+    except PoelmError as e:
+        raise PoelmError(f"{meta_path}: {e}") from None
+
+
+def find_tokenizer(checkpoint_dir: Path, tokenizer_dir: str | None) -> Tokenizer:
+    """--tokenizer, or nanochat's own places: beside the checkpoint, or base_dir/tokenizer."""
+    if tokenizer_dir is not None:
+        candidates = [Path(tokenizer_dir)]
+    else:
+        candidates = [checkpoint_dir, checkpoint_dir.parent.parent / "tokenizer", checkpoint_dir.parent / "tokenizer"]
+    for d in candidates:
+        if (d / "poelm_tokenizer.json").is_file():
+            return Tokenizer.load(d)
+        if (d / "tokenizer.pkl").is_file():
+            return load_nanochat_tokenizer(d / "tokenizer.pkl")
+    where = ", ".join(str(d) for d in candidates)
+    raise PoelmError(f"no tokenizer (tokenizer.pkl or poelm_tokenizer.json) in {where}; pass --tokenizer DIR")
+
+
+def convert_nanochat(checkpoint: str | Path, out: str | Path, step: int | None = None,
+                     tokenizer: str | None = None, overwrite: bool = False) -> tuple[Path, list[str]]:
+    """Write a poelm base directory from a nanochat checkpoint; returns it and the migrations applied."""
+    checkpoint = Path(checkpoint)
+    step = find_step(checkpoint, step)
+    model_path = checkpoint / f"model_{step:06d}.pt"
+    meta_path = checkpoint / f"meta_{step:06d}.json"
+    meta = read_meta(meta_path)
+    state = read_state_dict(model_path)
+    migrations: list[str] = []
+    config = config_from_nanochat(meta["model_config"], state, meta_path, migrations)
+    for m in migrations:
+        log.info("migration %s", m)
+    with torch.device("meta"):
+        model = PoEGPT(config)
+    check_state_dict(model.state_dict(), state, str(model_path))
+    model = model.to_empty(device="cpu")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    tok = find_tokenizer(checkpoint, tokenizer)
+    if tok.vocab_size != config.vocab_size:
+        raise PoelmError(f"tokenizer has {tok.vocab_size} tokens but {meta_path} says vocab_size {config.vocab_size}")
+    extra = {"converted_from": {"format": "nanochat", "checkpoint": str(model_path.resolve()), "step": step,
+                                "migrations": migrations}}
+    return save_model_dir(model, out, tok, overwrite=overwrite, extra_config=extra), migrations

@@ -1,0 +1,385 @@
+"""The PoE GPT: nanochat's trunk cut into stages, every stage boundary a next-token predictor.
+
+Design choices (MODEL.md §1-2):
+- One definition. This file imports only torch (and the standard library); it ships unchanged as
+  Hugging Face remote code beside `modeling_poelm.py`, so training, poelm's own inference and
+  `transformers` all run this code. Parameter names are nanochat's, so a nanochat state dict loads
+  without renaming.
+- Structure comes from the config as recorded (`layer_windows`, `value_embed_layers`,
+  `backout_layer`, `poe_backout_stages`); nothing is recomputed from `n_layer` here.
+- Stage k's predictor reads the residual after its last layer through the one shared head:
+  `logits_k = softcap(lm_head(norm(h_k)) [+ lm_head_stages[k](norm(h_k))])`, with the backout
+  subtracted first at the boundaries listed in `poe_backout_stages` (by default the last one).
+- Training losses per `poe_mode`: `none` backpropagates the last boundary's loss end to end; `flat`
+  detaches the residual stream where every stage k > 0 begins and sums the stage losses divided by
+  K**(1 - poe_alpha); `residual_logop` trains stage k on the Log-OP score of stages 0..k with the
+  earlier stages' log-probabilities detached. `x0` is never detached: the embedding keeps a direct
+  path to every stage and, like the shared head, learns from all of them.
+- Rotary tables are computed per forward from the positions in use (no buffers): a model built on
+  the meta device by `from_pretrained` has nothing left uninitialised, and the values equal
+  nanochat's precomputed table row for row.
+- Decoding uses any cache with `update(k, v, layer_idx) -> (k_all, v_all)` in (B, H_kv, T, D),
+  `get_seq_length()`, and a `prev_embedding` attribute holding the last token's normed embedding for
+  the smear: `KVCache` below, or the `DynamicCache` subclass of the Hugging Face wrapper.
+- Logits are float32; the softcap is applied in float32 as nanochat does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # the model reads its config by attribute; the type is documentation only
+    from .config import PoEConfig
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm without weights over the last dimension."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(start: int, length: int, head_dim: int, base: float, device, dtype):
+    """cos, sin for positions [start, start + length), shaped (1, T, 1, head_dim / 2)."""
+    channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+    inv_freq = 1.0 / (base ** (channels / head_dim))
+    t = torch.arange(start, start + length, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    return freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos (nanochat's sign)."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1)
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    logits = logits.float()
+    return cap * torch.tanh(logits / cap)
+
+
+def logop(stage_logits: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """Log-OP (product of experts) of stage predictors, renormalised to log-probabilities.
+
+    score(y) = sum_k log_softmax(logits_k)(y) / K**(1 - alpha); alpha = 0 is the geometric mean.
+    """
+    k = len(stage_logits)
+    score = sum(F.log_softmax(l.float(), dim=-1) for l in stage_logits) / k ** (1.0 - alpha)
+    return F.log_softmax(score, dim=-1)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias that computes in the activation's dtype (fp32 master weights)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(dtype=x.dtype))
+
+
+class KVCache:
+    """Keys and values per layer, grown by concatenation, plus the smear's previous embedding.
+
+    Shapes: keys and values (B, H_kv, T, D). `crop(n)` rolls every layer back to n positions.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.prev_embedding: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
+        if layer_idx in self.keys:
+            k = torch.cat([self.keys[layer_idx], k], dim=2)
+            v = torch.cat([self.values[layer_idx], v], dim=2)
+        self.keys[layer_idx], self.values[layer_idx] = k, v
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[layer_idx].size(2) if layer_idx in self.keys else 0
+
+    def crop(self, length: int) -> None:
+        for i in self.keys:
+            self.keys[i] = self.keys[i][:, :, :length]
+            self.values[i] = self.values[i][:, :, :length]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: "PoEConfig", layer_idx: int, has_ve: bool):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        d, kv = config.n_embd, config.n_kv_head * config.head_dim
+        self.window = config.layer_windows[layer_idx]
+        self.c_q = Linear(d, config.n_head * config.head_dim)
+        self.c_k = Linear(d, kv)
+        self.c_v = Linear(d, kv)
+        self.c_proj = Linear(d, d)
+        self.ve_gate = Linear(12, config.n_kv_head) if has_ve else None
+
+    def forward(self, x, ve, cos, sin, cache):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # value residual (ResFormer): one input-dependent gate per kv head, in (0, 3)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :12]))  # (B, T, H_kv)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = norm(q) * 1.2, norm(k) * 1.2  # QK norm, then sharpen (split between q and k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        y = attend(q, k, v, self.window)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal attention over a window: query at absolute position i sees keys i - window .. i.
+
+    q (B, H, Tq, D) holds the last Tq positions of the Tk keys in k, v (B, H_kv, Tk, D).
+    """
+    Tq, Tk = q.size(2), k.size(2)
+    offset = Tk - Tq
+    if offset == 0 and window >= Tq - 1:  # plain causal: the window reaches back to position 0
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    i = torch.arange(offset, Tk, device=q.device)[:, None]
+    j = torch.arange(Tk, device=q.device)[None, :]
+    mask = (j <= i) & (j >= i - window)  # (Tq, Tk), True = attend
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int):
+        super().__init__()
+        self.c_fc = Linear(n_embd, 4 * n_embd)
+        self.c_proj = Linear(4 * n_embd, n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: "PoEConfig", layer_idx: int, has_ve: bool):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx, has_ve)
+        self.mlp = MLP(config.n_embd)
+
+    def forward(self, x, ve, cos, sin, cache):
+        x = x + self.attn(norm(x), ve, cos, sin, cache)
+        return x + self.mlp(norm(x))
+
+
+@dataclass
+class PoEOutput:
+    """What a forward returns.
+
+    logits: (B, T, V) float32 of the requested predictor (inference), else None.
+    loss: the training loss of `poe_mode` (targets given), else None.
+    stage_losses: (K',) cross-entropy of each stage trained (targets given), still in the graph so a
+        test can backpropagate one stage's loss alone; detach before logging.
+    stage_logits: every computed stage's logits when `return_stages=True`.
+    """
+
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    stage_losses: torch.Tensor | None = None
+    stage_logits: list[torch.Tensor] | None = None
+
+
+class PoEGPT(nn.Module):
+    """nanochat's GPT with a next-token predictor at every stage boundary (MODEL.md §1-2)."""
+
+    def __init__(self, config: "PoEConfig"):
+        super().__init__()
+        self.config = config
+        V, d = config.padded_vocab_size, config.n_embd
+        ve_layers = set(config.value_embed_layers)
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(V, d),
+            "h": nn.ModuleList(Block(config, i, i in ve_layers) for i in range(config.n_layer)),
+        })
+        self.lm_head = Linear(d, V)
+        if config.poe_stage_heads:  # optional per-stage additive heads, zero-initialised
+            self.lm_head_stages = nn.ModuleDict({str(k): Linear(d, V) for k in range(config.n_stages)})
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        if config.smear:
+            self.smear_gate = Linear(24, 1)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(0.2 * torch.ones(1))
+        kv_dim = config.n_kv_head * config.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in sorted(ve_layers)})
+
+    # ------------------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialise every tensor here, in one place, from one explicit generator (MODEL.md §1 table)."""
+        g = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+        c = self.config
+        s = 3**0.5 * c.n_embd**-0.5  # uniform bound with the std of N(0, 1/d)
+        nn.init.normal_(self.transformer.wte.weight, 0.0, 0.8, generator=g)
+        nn.init.normal_(self.lm_head.weight, 0.0, 0.001, generator=g)
+        for block in self.transformer.h:
+            for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight):
+                nn.init.uniform_(w, -s, s, generator=g)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s, generator=g)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02, generator=g)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s, generator=g)
+        n = max(c.n_layer - 1, 1)
+        for i in range(c.n_layer):
+            self.resid_lambdas[i] = 1.15 - 0.10 * i / n
+            self.x0_lambdas[i] = 0.20 - 0.15 * i / n
+        if c.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02, generator=g)
+            nn.init.zeros_(self.smear_lambda)
+        if c.backout:
+            nn.init.constant_(self.backout_lambda, 0.2)
+        if c.poe_stage_heads:
+            for head in self.lm_head_stages.values():
+                nn.init.zeros_(head.weight)
+
+    # ---------------------------------------------------------------------------- pieces
+    def embed(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+        """Normed token embedding plus the smear of the previous token's embedding: (B, T, d)."""
+        x = norm(self.transformer.wte(idx))
+        if not self.config.smear:
+            return x
+        prev = x[:, :-1]
+        if cache is not None:
+            cached = cache.prev_embedding
+            cache.prev_embedding = x[:, -1:]
+            if cached is not None:  # continuing a cached sequence: position 0 has a predecessor
+                prev = torch.cat([cached.to(x.dtype), prev], dim=1)
+        if prev.size(1) == 0:
+            return x
+        start = x.size(1) - prev.size(1)  # 1 for a fresh sequence, 0 when the cache holds the predecessor
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, start:, :24]))
+        return torch.cat([x[:, :start], x[:, start:] + gate * prev], dim=1)
+
+    def stage_logits(self, h: torch.Tensor, stage: int, x_backout: torch.Tensor | None) -> torch.Tensor:
+        """Stage `stage`'s predictor from the residual after its last layer: (B, T, vocab) float32."""
+        c = self.config
+        if stage in c.poe_backout_stages:
+            h = h - self.backout_lambda.to(h.dtype) * x_backout
+        h = norm(h)
+        logits = self.lm_head(h)
+        if c.poe_stage_heads:
+            logits = logits + self.lm_head_stages[str(stage)](h)
+        return softcap(logits[..., : c.vocab_size], c.softcap)
+
+    # --------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache=None,
+        exit_stage: int | None = None,
+        output: str | None = None,
+        return_stages: bool = False,
+        loss_reduction: str = "mean",
+    ) -> PoEOutput:
+        """Run stages 0..exit_stage (default: all) on idx (B, T).
+
+        Inference (no targets): `logits` is the last computed stage's predictor (`output="last"`, the
+        config default) or the Log-OP of all computed stages (`output="logop"`, log-probabilities).
+        Training (targets (B, T), -1 = ignore): `loss` per `poe_mode` and `stage_losses`.
+        """
+        c = self.config
+        last = c.n_stages - 1 if exit_stage is None else exit_stage
+        if not 0 <= last < c.n_stages:
+            raise ValueError(f"exit_stage={exit_stage}: this model has stages 0..{c.n_stages - 1}")
+        output = output or c.poe_output
+        training = targets is not None
+        mode = c.poe_mode if training else "none"
+        # Which boundaries need a predictor: all of them for local losses or Log-OP, else the last.
+        read_all = return_stages or mode != "none" or output == "logop"
+        readouts = set(range(last + 1)) if read_all else {last}
+
+        B, T = idx.shape
+        start = cache.get_seq_length() if cache is not None else 0
+        x = self.embed(idx, cache)
+        cos, sin = rotary_tables(start, T, c.head_dim, c.rope_base, x.device, x.dtype)
+        x0 = x
+        x_backout = None
+        stage_of_end = {end: k for k, end in enumerate(c.stage_ends)}
+        stage_starts = set(c.stage_starts[1:])
+        logits: list[torch.Tensor] = []
+        for i in range(c.stage_ends[last] + 1):
+            if mode != "none" and i in stage_starts:
+                x = x.detach()  # local learning: stage k's layers learn only from their own loss
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+            x = self.transformer.h[i](x, ve, cos, sin, cache)
+            if i == c.backout_layer:
+                x_backout = x
+            k = stage_of_end.get(i)
+            if k is not None and k in readouts:
+                backout = x_backout
+                if mode != "none" and x_backout is not None and c.backout_layer < c.stage_starts[k]:
+                    backout = x_backout.detach()  # an earlier stage's residual: no gradient back into it
+                logits.append(self.stage_logits(x, k, backout))
+
+        if not training:
+            out = logop(logits, c.poe_alpha) if output == "logop" else logits[-1]
+            return PoEOutput(logits=out, stage_logits=logits if return_stages else None)
+        return self._loss(logits, targets, mode, loss_reduction)
+
+    def _loss(self, logits, targets, mode, reduction) -> PoEOutput:
+        """Cross-entropy per stage and the aggregate of MODEL.md §2 for `mode`."""
+        V, alpha = self.config.vocab_size, self.config.poe_alpha
+        flat_targets = targets.reshape(-1)
+
+        def ce(l):
+            return F.cross_entropy(l.reshape(-1, V), flat_targets, ignore_index=-1, reduction=reduction)
+
+        if mode == "none":
+            loss = ce(logits[-1])
+            return PoEOutput(loss=loss, stage_losses=loss.reshape(1))
+        if mode == "flat":
+            losses = [ce(l) for l in logits]
+        else:  # residual_logop: stage k is trained on the Log-OP of 0..k, earlier stages detached
+            logps, losses = [], []
+            for k, l in enumerate(logits):
+                logp = F.log_softmax(l, dim=-1)
+                score = (sum(p.detach() for p in logps) + logp) / (k + 1) ** (1.0 - alpha)
+                losses.append(ce(score))  # cross_entropy renormalises the score with logsumexp
+                logps.append(logp)
+        K = len(losses)
+        loss = sum(losses) / K ** (1.0 - alpha)
+        return PoEOutput(loss=loss, stage_losses=torch.stack(losses))
+
+    # ---------------------------------------------------------------------------- counts
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def param_table(self) -> list[tuple[str, int]]:
+        """Parameter counts per group, in the order a reader meets them (embedding, stages, head)."""
+        c = self.config
+        rows = [("wte", self.transformer.wte.weight.numel())]
+        if len(self.value_embeds):
+            rows.append(("value_embeds", sum(p.numel() for p in self.value_embeds.parameters())))
+        for k, (a, b) in enumerate(zip(c.stage_starts, c.stage_ends)):
+            n = sum(p.numel() for i in range(a, b + 1) for p in self.transformer.h[i].parameters())
+            rows.append((f"stage {k} (layers {a}-{b})", n))
+        rows.append(("lm_head", self.lm_head.weight.numel()))
+        if c.poe_stage_heads:
+            rows.append(("lm_head_stages", sum(p.numel() for p in self.lm_head_stages.parameters())))
+        scalars = self.resid_lambdas.numel() + self.x0_lambdas.numel()
+        scalars += (25 if c.smear else 0) + (1 if c.backout else 0)
+        rows.append(("scalars", scalars))
+        rows.append(("total", self.num_params()))
+        return rows

@@ -1,0 +1,229 @@
+"""Model directories: write and read the Hugging Face style folder every poelm model lives in.
+
+Design choices (FORMATS.md):
+- A directory holds `config.json` (every PoEConfig field plus the `transformers` keys), weights in
+  `model.safetensors` under nanochat's names, the tokenizer files, the remote-code files copied
+  verbatim from this package (the same model.py that poelm trains with), `generation_config.json`
+  and a generated `README.md` model card.
+- Writing is atomic: everything goes to a temporary sibling folder that is renamed into place at the
+  end, so a failure never leaves a half-written model. An existing target is replaced only when the
+  caller asks (`overwrite=True`), and then only after the new folder is complete.
+- Reading is strict and pickle-free: unknown config fields, missing or unexpected tensors and shape
+  or dtype mismatches are errors that name the file and the tensor; a tokenizer whose vocabulary
+  does not match the config is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import PoEConfig
+from .errors import PoelmError
+from .model import PoEGPT
+from .tokenizer import Tokenizer
+from .tokenizer_files import TOKENIZER_CODE_FILES, write_hf_tokenizer_files
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+MODEL_CODE_FILES = ("configuration_poelm.py", "modeling_poelm.py", "config.py", "model.py", "errors.py")
+REMOTE_CODE_FILES = tuple(dict.fromkeys(MODEL_CODE_FILES + tuple(TOKENIZER_CODE_FILES)))
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------- writing
+def hf_config_dict(config: PoEConfig, tokenizer: Tokenizer | None, dtype: str = "float32",
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json: the poelm fields plus what `transformers` needs to find the remote code."""
+    data: dict[str, Any] = {
+        "model_type": "poelm",
+        "architectures": ["PoelmForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_poelm.PoelmConfig",
+            "AutoModelForCausalLM": "modeling_poelm.PoelmForCausalLM",
+        },
+        "dtype": dtype,
+        "tie_word_embeddings": False,
+    }
+    if tokenizer is not None:
+        data["bos_token_id"] = tokenizer.bos_id
+        data["eos_token_id"] = tokenizer.token_id("<|assistant_end|>")
+    data.update(config.to_dict())
+    data.update(extra or {})
+    return data
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+class AtomicDir:
+    """Build a directory under a temporary name, then rename it into place on success.
+
+    Usage: `with AtomicDir(out, overwrite) as tmp: ...write into tmp...`. On an exception the
+    temporary folder is removed and `out` is untouched.
+    """
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False):
+        self.out = Path(out)
+        self.overwrite = overwrite
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.overwrite:
+            raise PoelmError(f"{self.out}: already exists (choose another --out, or remove it first)")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        self.tmp.chmod(0o755)
+        if self.out.exists():  # replace only now that the new folder is complete
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            os.replace(self.out, old / "x")
+            os.replace(self.tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out)
+
+
+def save_model_dir(model: PoEGPT, out: str | os.PathLike, tokenizer: Tokenizer, *,
+                   card: str | None = None, dtype: str = "float32", overwrite: bool = False,
+                   extra_config: dict[str, Any] | None = None) -> Path:
+    """Write a complete, self-contained base model directory (FORMATS.md) atomically."""
+    config = model.config
+    if tokenizer.vocab_size != config.vocab_size:
+        raise PoelmError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {config.vocab_size}")
+    if dtype not in DTYPES:
+        raise PoelmError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    with AtomicDir(out, overwrite) as tmp:
+        tensors = {k: v.detach().to("cpu", DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous()
+                   for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_json(tmp / CONFIG_NAME, hf_config_dict(config, tokenizer, dtype, extra_config))
+        write_json(tmp / "generation_config.json", {
+            "bos_token_id": tokenizer.bos_id,
+            "eos_token_id": [tokenizer.token_id("<|assistant_end|>"), tokenizer.bos_id],
+            "pad_token_id": tokenizer.token_id("<|assistant_end|>"),  # = eos, as the tokenizer: no BOS ever masked
+        })
+        write_hf_tokenizer_files(tmp, tokenizer)
+        for name in MODEL_CODE_FILES:
+            shutil.copyfile(PACKAGE_DIR / name, tmp / name)
+        (tmp / "README.md").write_text(card if card is not None else model_card(model, tmp.name), encoding="utf-8")
+    return Path(out)
+
+
+def model_card(model: PoEGPT, name: str) -> str:
+    """A README.md with the architecture and parameter tables (training tables are added by training)."""
+    c = model.config
+    rows = [
+        ("Layers", c.n_layer), ("Width (n_embd)", c.n_embd), ("Heads / KV heads", f"{c.n_head} / {c.n_kv_head}"),
+        ("Head dim", c.head_dim), ("Vocabulary", c.vocab_size), ("Context", c.sequence_len),
+        ("Windows", " ".join(str(w) for w in c.layer_windows)),
+        ("Value-embedding layers", ", ".join(map(str, c.value_embed_layers)) or "none"),
+        ("Smear / backout", f"{'yes' if c.smear else 'no'} / "
+                            f"{'layer ' + str(c.backout_layer) if c.backout else 'no'}"),
+        ("PoE stages", " + ".join(map(str, c.poe_stage_layers)) + f" (boundaries after layers "
+                       f"{', '.join(map(str, c.stage_ends))})"),
+        ("PoE mode / alpha", f"{c.poe_mode} / {c.poe_alpha}"),
+    ]
+    params = "\n".join(f"| {k} | {v:,} |" for k, v in model.param_table())
+    arch = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"""---
+library_name: transformers
+tags: [poelm, product-of-experts]
+---
+# {name}
+
+A poelm Product-of-Experts GPT (nanochat architecture). Every stage boundary is a next-token predictor
+through the shared head. Load with plain `transformers`:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)
+```
+
+## Architecture
+| Component | Detail |
+|---|---|
+{arch}
+
+## Parameters
+| Group | Parameters |
+|---|---|
+{params}
+"""
+
+
+# --------------------------------------------------------------------------------------- reading
+def read_config(directory: str | os.PathLike) -> PoEConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise PoelmError(f"{directory}: not a directory (expected a poelm model directory)")
+    if not path.is_file():
+        raise PoelmError(f"{path}: missing (a poelm model directory has a config.json)")
+    return PoEConfig.from_json_file(path)
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing, truncated or corrupt file is a one-line error naming it."""
+    if not Path(path).is_file():
+        raise PoelmError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PoelmError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
+    """Names and shapes must match exactly; the message names the first offending tensor."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    if missing:
+        raise PoelmError(f"{source}: missing tensor {missing[0]!r}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise PoelmError(f"{source}: unexpected tensor {unexpected[0]!r}"
+                         + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k, v in expected.items():
+        if tuple(found[k].shape) != tuple(v.shape):
+            raise PoelmError(f"{source}: tensor {k!r} has shape {list(found[k].shape)}, expected {list(v.shape)}")
+
+
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> PoEGPT:
+    """Build the PoEGPT of a base model directory and load its weights strictly."""
+    config = read_config(directory)
+    path = Path(directory) / WEIGHTS_NAME
+    tensors = load_safetensors(path)
+    with torch.device("meta"):
+        model = PoEGPT(config)
+    check_state_dict(model.state_dict(), tensors, str(path))
+    model = model.to_empty(device=device)
+    model.load_state_dict(tensors, strict=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def load_tokenizer(directory: str | os.PathLike, config: PoEConfig | None = None) -> Tokenizer:
+    """The directory's tokenizer, checked against the model's vocabulary when a config is given."""
+    tok = Tokenizer.load(directory)
+    if config is not None and tok.vocab_size != config.vocab_size:
+        raise PoelmError(f"{directory}: tokenizer has {tok.vocab_size} tokens but config.json says "
+                         f"vocab_size {config.vocab_size}")
+    return tok

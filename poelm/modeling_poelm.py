@@ -1,0 +1,147 @@
+"""Hugging Face model class for poelm (remote code; ships in every model directory).
+
+Design choices:
+- The network is `PoEGPT` from model.py, shipped beside this file: `transformers`, training and
+  poelm's inference run the same code. This class adds only what `transformers` needs: a config
+  class, `GenerationMixin`, loss with shifted labels, and cache plumbing.
+- Weight names on disk are nanochat's (`transformer.h.0.attn.c_q.weight`, ...): the network sits
+  under `base_model_prefix = "poe"`, which `from_pretrained` adds when reading, and
+  `save_pretrained` writes the network's own state dict, so `model.safetensors` is the same file for
+  poelm, nanochat conversion and `transformers`.
+- Caching: `generate()` hands the forward an empty `DynamicCache`; the forward swaps it for a
+  `PoECache` (a `DynamicCache` that also keeps the smear's previous-token embedding) and returns it,
+  and `generate()` passes that one back on every later step. Both `cache` and the deprecated
+  `past_key_values` are accepted.
+- Positions come from the cache length, as in nanochat; `position_ids` is accepted and ignored.
+  The attention mask is honoured only where it cannot change the answer: `generate(...,
+  pad_token_id=BOS)` on a prompt that starts with BOS marks that BOS as padding (HF_NOTES.md), and
+  a leading masked BOS is a document start, so it is treated as a real token. Any other masked
+  position (a left-padded batch) raises an error instead of computing a silently different result.
+- `exit_stage=k` (forward or `generate(..., exit_stage=k)`) reads out stage k's predictor (prefix
+  pruning); `poe_output="logop"` in the config or the call combines all stages in log space.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_poelm import PoelmConfig
+from .model import PoEGPT
+
+
+class PoECache(DynamicCache):
+    """A DynamicCache that also carries the last token's normed embedding (for the smear)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prev_embedding: torch.Tensor | None = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.prev_embedding is not None:
+            self.prev_embedding = self.prev_embedding.index_select(0, beam_idx.to(self.prev_embedding.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.prev_embedding is not None:
+            self.prev_embedding = self.prev_embedding.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.prev_embedding is not None:
+            self.prev_embedding = self.prev_embedding[indices]
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(
+            "PoECache cannot be cropped: the smear needs the embedding of the new last token; "
+            "use poelm's engine for speculative decoding")
+
+
+def _check_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor, cache_len: int, bos_id) -> None:
+    """Allow only masks that hide nothing but a leading BOS (the pad_token_id=BOS trap)."""
+    hidden = attention_mask == 0
+    if not bool(hidden.any()):
+        return
+    hidden = hidden.clone()
+    if bos_id is not None and cache_len == 0 and input_ids.size(1) == attention_mask.size(1):
+        hidden[:, 0] &= input_ids[:, 0] != bos_id  # a masked BOS at position 0 is the document start
+    if bool(hidden.any()):
+        row = int(hidden.any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"attention_mask hides tokens in row {row}: poelm's remote code does not run padded batches; "
+            "generate each prompt on its own (a prompt that starts with BOS needs no padding)")
+
+
+class PoelmForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = PoelmConfig
+    base_model_prefix = "poe"
+    _no_split_modules = ["Block"]
+    _tied_weights_keys: dict = {}
+    _supports_cache_class = True
+
+    def __init__(self, config: PoelmConfig):
+        super().__init__(config)
+        self.poe = PoEGPT(config.to_poe_config())
+        self.post_init()
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        """Save under the network's own (nanochat) tensor names, the format every poelm directory uses."""
+        if state_dict is None:
+            state_dict = self.poe.state_dict()
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+
+    def _init_weights(self, module) -> None:
+        if isinstance(module, PoEGPT) and not module.lm_head.weight.is_meta:
+            module.init_weights()
+
+    def get_input_embeddings(self):
+        return self.poe.transformer.wte
+
+    def get_output_embeddings(self):
+        return self.poe.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        exit_stage: int | None = None,
+        poe_output: str | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if input_ids is None:
+            raise ValueError("poelm models take input_ids (inputs_embeds is not supported)")
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if cache is not None and not isinstance(cache, PoECache):
+            if cache.get_seq_length() > 0:
+                raise ValueError("poelm needs its own PoECache (it keeps the smear's previous embedding); "
+                                 f"got a filled {type(cache).__name__}")
+            cache = PoECache(config=self.config)
+        if cache is None and use_cache and labels is None:
+            cache = PoECache(config=self.config)
+        cache_len = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None:
+            _check_mask(attention_mask, input_ids, cache_len, self.config.bos_token_id)
+
+        out = self.poe(input_ids, cache=cache, exit_stage=exit_stage, output=poe_output)
+        logits = out.logits
+        loss = None
+        if labels is not None:  # HF convention: labels are the inputs, shifted here; -100 is ignored
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            logits = logits[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            logits = logits[:, logits_to_keep]
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)

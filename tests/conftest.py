@@ -1,0 +1,108 @@
+"""Shared pytest fixtures and settings. Keep each one small, deterministic, CPU-only and documented here.
+
+- `tiny_tokenizer` (session): a poelm Tokenizer, vocab 512 (503 BPE tokens + 9 specials, so
+  <|bos|> = 503), trained on a fixed generated corpus; identical on every run.
+- `tiny_tokenizer_dir` (session): a directory written by `write_hf_tokenizer_files` for it
+  (AutoTokenizer-loadable with trust_remote_code=True; no model files).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+# Tiny models run fastest, and identically in every process, on one thread: with two OpenMP threads
+# on a 2-core machine each small matmul can wait ~15 ms for a descheduled partner thread. Set before
+# torch is imported so the fresh `transformers` processes the tests start inherit it.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
+import pytest
+
+TINY_VOCAB_SIZE = 512
+
+_WORDS = (
+    "the of and to in is that for it as with was on be by at this from or have an are not but "
+    "model token tokens train training data value return def class self import print list dict "
+    "string number numbers layer layers head heads expert experts stage stages product loss mask "
+    "python function variable sum length index error file line field expected special chat user "
+    "assistant system message decode encode byte bytes merge merges vocabulary pattern split"
+).split()
+_EXTRA = ["café", "naïve", "größe", "日本語", "данные", "😀", "3.14159", "2024", "0x1F", "x_1", "{}", "()"]
+
+
+def tiny_corpus_text() -> str:
+    """~60 KB of fixed pseudo-text: prose-like lines, code-like lines, numbers and some non-ASCII."""
+    rng = random.Random(20240611)
+    lines = []
+    for i in range(1500):
+        words = rng.choices(_WORDS, k=rng.randint(4, 12))
+        if i % 7 == 0:
+            words.append(rng.choice(_EXTRA))
+        if i % 5 == 0:
+            lines.append(f"def {words[0]}_{words[1]}(x, y={rng.randint(0, 999)}):\n    return x + {rng.random():.4f}")
+        else:
+            lines.append(" ".join(words).capitalize() + rng.choice([".", "!", "?", ","]))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    from poelm.tokenizer_train import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_corpus") / "corpus.txt"
+    path.write_text(tiny_corpus_text(), encoding="utf-8")
+    return train_tokenizer([str(path)], TINY_VOCAB_SIZE, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tiny_tokenizer, tmp_path_factory):
+    from poelm.tokenizer_files import write_hf_tokenizer_files
+
+    directory = tmp_path_factory.mktemp("tiny_tokenizer_dir")
+    write_hf_tokenizer_files(directory, tiny_tokenizer)
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------
+# Model fixtures (added by the model/HF tests).
+#
+# - `seed_vocab_tokenizer` (session): the tiny tokenizer padded with unreachable filler tokens to the
+#   seed's 32768 vocabulary, so <|bos|> = 32759 ... <|assistant_start|> = 32762 and the seed's quick
+#   start runs verbatim. Fillers are byte strings starting with 0xFF, which never occurs in UTF-8
+#   text, so encoding is unchanged.
+# - `seed_model_dir` (session): `poelm init`'s output for that tokenizer (2 layers, 2 stages),
+#   and `trained_like_model_dir`: the same model with every weight moved off its init.
+SEED_VOCAB_SIZE = 32768
+
+
+@pytest.fixture(scope="session")
+def seed_vocab_tokenizer(tiny_tokenizer):
+    from poelm.tokenizer import Tokenizer
+
+    ranks = dict(tiny_tokenizer.mergeable_ranks)
+    n = len(ranks)
+    for i in range(SEED_VOCAB_SIZE - 9 - n):
+        ranks[b"\xff" + (n + i).to_bytes(3, "big")] = n + i
+    return Tokenizer(ranks)
+
+
+@pytest.fixture(scope="session")
+def seed_model_dir(seed_vocab_tokenizer, tmp_path_factory):
+    from poelm.config import PoEConfig
+    from poelm.model import PoEGPT
+    from poelm.modeldir import save_model_dir
+
+    model = PoEGPT(PoEConfig(vocab_size=SEED_VOCAB_SIZE, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
+                             sequence_len=256, poe_stage_layers=[1, 1]))
+    model.init_weights(seed=0)
+    return save_model_dir(model, tmp_path_factory.mktemp("models") / "init", seed_vocab_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def trained_like_model_dir(seed_model_dir, seed_vocab_tokenizer, tmp_path_factory):
+    from poelm.modeldir import load_model, save_model_dir
+    from util import perturb_
+
+    model = perturb_(load_model(seed_model_dir), seed=7, scale=0.3)
+    return save_model_dir(model, tmp_path_factory.mktemp("models") / "perturbed", seed_vocab_tokenizer)

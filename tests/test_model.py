@@ -1,0 +1,196 @@
+"""The PoE GPT: init, stage predictors, prefix property, detach rules, losses, KV cache."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from poelm.model import KVCache, PoEGPT, logop
+
+from util import cut_model, tiny_config, tiny_model
+
+T = 200  # longer than the 128-token S window, so sliding windows matter
+
+
+def ids(batch=2, length=T, seed=0, vocab=300):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_init_weights_follows_the_table():
+    m = PoEGPT(tiny_config())
+    m.init_weights(seed=3)
+    d, n = 64, 4
+    s = 3**0.5 * d**-0.5
+    h0 = m.transformer.h[0]
+    assert torch.all(h0.attn.c_proj.weight == 0) and torch.all(h0.mlp.c_proj.weight == 0)
+    assert h0.attn.c_q.weight.abs().max() <= s and h0.mlp.c_fc.weight.abs().max() <= 0.4 * s
+    assert abs(m.transformer.wte.weight.std().item() - 0.8) < 0.05
+    assert abs(m.lm_head.weight.std().item() - 0.001) < 2e-4
+    assert torch.allclose(m.resid_lambdas, torch.tensor([1.15 - 0.1 * i / (n - 1) for i in range(n)]))
+    assert torch.allclose(m.x0_lambdas, torch.tensor([0.2 - 0.15 * i / (n - 1) for i in range(n)]))
+    assert m.smear_lambda.item() == 0 and m.backout_lambda.item() == pytest.approx(0.2)
+    assert set(m.value_embeds) == {"1", "3"} and m.transformer.h[0].attn.ve_gate is None
+    assert 0 <= m.smear_gate.weight.min() and m.smear_gate.weight.max() <= 0.02
+    again = PoEGPT(tiny_config())
+    again.init_weights(seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), again.state_dict().values()))
+
+
+def test_logits_shape_float32_and_softcapped():
+    m = tiny_model()
+    out = m(ids()).logits
+    assert out.shape == (2, T, 300) and out.dtype == torch.float32  # padding rows 300..319 cropped
+    assert out.abs().max() < 15
+
+
+@pytest.mark.parametrize("stages", [[2, 2], [1, 3], [1, 1, 1, 1], [3, 1]])
+def test_exit_stage_equals_model_cut_after_stage(stages):
+    m = tiny_model(poe_stage_layers=stages).eval()
+    x = ids()
+    with torch.no_grad():
+        full = m(x, return_stages=True).stage_logits
+        for k in range(len(stages)):
+            pruned = m(x, exit_stage=k).logits
+            cut = cut_model(m, k)(x).logits
+            assert torch.equal(pruned, cut), f"stage {k}"
+            assert torch.equal(pruned, full[k])
+
+
+def test_exit_stage_out_of_range():
+    with pytest.raises(ValueError, match="exit_stage=2"):
+        tiny_model()(ids(), exit_stage=2)
+
+
+def block_grads(model):
+    return [any(p.grad is not None and p.grad.abs().sum() > 0 for p in b.parameters()) for b in model.transformer.h]
+
+
+@pytest.mark.parametrize("mode", ["flat", "residual_logop"])
+@pytest.mark.parametrize("stages", [[2, 2], [3, 1], [1, 1, 2]])
+def test_local_losses_train_only_their_own_stage(mode, stages):
+    # [3, 1]: the backout layer (2) sits in stage 0 while stage 1 reads it out: it must be detached.
+    m = tiny_model(poe_stage_layers=stages, poe_mode=mode)
+    x = ids(length=64)
+    ends = m.config.stage_ends
+    for k in range(len(stages)):
+        m.zero_grad(set_to_none=True)
+        m(x, targets=x.roll(-1, 1)).stage_losses[k].backward()
+        grads = block_grads(m)
+        start = m.config.stage_starts[k]
+        assert not any(grads[:start]), f"stage {k}'s loss reached an earlier stage: {grads}"
+        assert all(grads[start:ends[k] + 1]), f"stage {k}'s own blocks got no gradient"
+        assert not any(grads[ends[k] + 1:])
+        # Shared parts learn from every stage: the embedding and the head.
+        assert m.transformer.wte.weight.grad.abs().sum() > 0 and m.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_none_mode_backpropagates_end_to_end():
+    m = tiny_model(poe_mode="none", poe_stage_layers=[1, 1, 2])
+    x = ids(length=64)
+    out = m(x, targets=x.roll(-1, 1))
+    out.loss.backward()
+    assert all(block_grads(m)) and out.stage_losses.shape == (1,)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_stage_loss_aggregation(alpha):
+    m = tiny_model(poe_stage_layers=[1, 1, 2], poe_alpha=alpha)
+    x = ids(length=64)
+    targets = x.roll(-1, 1)
+    targets[:, :5] = -1  # ignored positions
+    out = m(x, targets=targets)
+    with torch.no_grad():
+        stages = m(x, return_stages=True).stage_logits
+    expected = [F.cross_entropy(l.reshape(-1, 300), targets.reshape(-1), ignore_index=-1) for l in stages]
+    assert torch.allclose(out.stage_losses.detach(), torch.stack(expected), atol=1e-6)
+    assert out.loss.item() == pytest.approx(sum(e.item() for e in expected) / 3 ** (1 - alpha), rel=1e-6)
+
+
+def test_residual_logop_loss_uses_running_product():
+    m = tiny_model(poe_stage_layers=[2, 2], poe_mode="residual_logop")
+    x = ids(length=32)
+    t = x.roll(-1, 1)
+    out = m(x, targets=t)
+    with torch.no_grad():
+        l0, l1 = m(x, return_stages=True).stage_logits
+    score1 = (F.log_softmax(l0, -1) + F.log_softmax(l1, -1)) / 2
+    ce1 = F.cross_entropy(score1.reshape(-1, 300), t.reshape(-1))
+    assert out.stage_losses[1].item() == pytest.approx(ce1.item(), rel=1e-6)
+
+
+def test_logop_combination():
+    m = tiny_model(poe_stage_layers=[1, 1, 2]).eval()
+    x = ids(length=16)
+    with torch.no_grad():
+        out = m(x, output="logop", return_stages=True)
+    manual = sum(F.log_softmax(l, -1) for l in out.stage_logits) / 3
+    assert torch.allclose(out.logits, F.log_softmax(manual, -1), atol=1e-6)
+    assert torch.allclose(out.logits.exp().sum(-1), torch.ones(1, 16), atol=1e-5)
+    one = logop([out.stage_logits[0]], alpha=0.0)
+    assert torch.allclose(one, F.log_softmax(out.stage_logits[0], -1), atol=1e-6)
+
+
+def test_stage_heads_are_additive_and_zero_initialised():
+    m = tiny_model(poe_stage_heads=True, perturb=False)
+    assert all(torch.all(h.weight == 0) for h in m.lm_head_stages.values())
+    plain = PoEGPT(tiny_config())
+    plain.init_weights(0)
+    x = ids(length=16)
+    assert torch.equal(m(x).logits, plain(x).logits)
+
+
+@pytest.mark.parametrize("exit_stage", [None, 0])
+@pytest.mark.parametrize("chunks", [[T], [150, 1, 1, 48], [1] * 20 + [180], [64, 64, 72]])
+def test_cached_equals_uncached(chunks, exit_stage):
+    m = tiny_model().eval()
+    x = ids()
+    with torch.no_grad():
+        full = m(x, exit_stage=exit_stage).logits
+        cache, parts, start = KVCache(), [], 0
+        for n in chunks:
+            parts.append(m(x[:, start:start + n], cache=cache, exit_stage=exit_stage).logits)
+            start += n
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+    assert cache.get_seq_length() == T
+
+
+def test_cache_crop_rolls_back():
+    m = tiny_model().eval()
+    x = ids(length=40)
+    with torch.no_grad():
+        cache = KVCache()
+        m(x[:, :30], cache=cache)
+        m(x[:, 30:35], cache=cache)
+        cache.crop(30)
+        cache.prev_embedding = None  # the smear's predecessor must be restored by the caller
+        ref_cache = KVCache()
+        m(x[:, :30], cache=ref_cache)
+        assert torch.equal(cache.keys[0], ref_cache.keys[0])
+
+
+def test_sliding_window_limits_attention():
+    # Layer 0 has a 128-token window: a token 129 positions back must not affect a 1-layer model.
+    m = tiny_model(n_layer=2, poe_stage_layers=[1, 1], window_pattern="S")
+    x = ids(batch=1, length=200)
+    y = x.clone()
+    y[0, 10] = (y[0, 10] + 1) % 300
+    with torch.no_grad():
+        a, b = m(x, exit_stage=0).logits, m(y, exit_stage=0).logits
+    # Positions 10..10+128 see token 10 (the smear reaches position 11 as well); later ones do not.
+    assert not torch.allclose(a[0, 138], b[0, 138])
+    assert torch.allclose(a[0, 140:], b[0, 140:])
+
+
+def test_old_nanochat_switches():
+    m = tiny_model(smear=False, backout=False, value_embed_layers=[], window_pattern="L")
+    names = set(m.state_dict())
+    assert not any(n.startswith(("smear", "backout", "value_embeds")) or "ve_gate" in n for n in names)
+    assert m(ids(length=16)).logits.shape == (2, 16, 300)
+
+
+def test_param_table_sums_to_total():
+    m = tiny_model(poe_stage_heads=True)
+    rows = dict(m.param_table())
+    assert sum(v for k, v in rows.items() if k != "total") == rows["total"] == m.num_params()
+    assert math.isfinite(m(ids(length=8)).logits.sum().item())

@@ -1,0 +1,44 @@
+"""Small builders shared by the tests: tiny configs and models moved off their init."""
+
+from __future__ import annotations
+
+import torch
+
+from poelm.config import PoEConfig
+from poelm.model import PoEGPT
+
+
+def tiny_config(**changes) -> PoEConfig:
+    """4 layers in stages (2, 2), GQA 4:2, sequence 512 so the S window (128) is shorter than test inputs."""
+    base = dict(vocab_size=300, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, sequence_len=512,
+                poe_stage_layers=[2, 2])
+    base.update(changes)
+    return PoEConfig(**base)
+
+
+@torch.no_grad()
+def perturb_(model: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> torch.nn.Module:
+    """Move every parameter off its init (zero c_proj, neutral lambdas) so every path is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        noise = torch.randn(p.shape, generator=g) * scale
+        if name.endswith(("smear_lambda", "backout_lambda")):
+            noise = noise.abs() + 0.3
+        p.add_(noise.to(p.dtype))
+    return model
+
+
+def tiny_model(seed: int = 0, perturb: bool = True, **changes) -> PoEGPT:
+    model = PoEGPT(tiny_config(**changes))
+    model.init_weights(seed)
+    return perturb_(model, seed + 1) if perturb else model
+
+
+def cut_model(model: PoEGPT, stage: int) -> PoEGPT:
+    """A separate model holding only stages 0..stage of `model`, with the same weights."""
+    cut = PoEGPT(model.config.truncated(stage))
+    own = model.state_dict()
+    n = cut.config.n_layer
+    own["resid_lambdas"], own["x0_lambdas"] = own["resid_lambdas"][:n], own["x0_lambdas"][:n]
+    cut.load_state_dict({k: own[k] for k in cut.state_dict()}, strict=True)
+    return cut
