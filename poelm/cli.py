@@ -34,10 +34,11 @@ def _int_list(text: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------- commands
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from .modeldir import AtomicDir
+    from .modeldir import AtomicDir, check_out
     from .tokenizer_files import write_hf_tokenizer_files
     from .tokenizer_train import train_tokenizer
 
+    check_out(args.out, args.overwrite)
     t0 = time.time()
     tok = train_tokenizer(args.input, args.vocab_size)
     with AtomicDir(args.out, overwrite=args.overwrite) as tmp:
@@ -91,8 +92,9 @@ def add_shape_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from .model import PoEGPT
-    from .modeldir import load_tokenizer, save_model_dir
+    from .modeldir import check_out, load_tokenizer, save_model_dir
 
+    check_out(args.out, args.overwrite)
     tok = load_tokenizer(args.tokenizer)
     config = build_config(args, tok.vocab_size)
     model = PoEGPT(config)
@@ -112,7 +114,9 @@ def print_param_table(model) -> None:
 
 def cmd_convert_nanochat(args: argparse.Namespace) -> int:
     from .convert import convert_nanochat
+    from .modeldir import check_out
 
+    check_out(args.out, args.overwrite)
     out, migrations = convert_nanochat(args.checkpoint, args.out, step=args.step, tokenizer=args.tokenizer,
                                        overwrite=args.overwrite)
     for m in migrations:

@@ -26,7 +26,6 @@ Design choices (MODEL.md §1-2):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 

@@ -68,6 +68,12 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         f.write("\n")
 
 
+def check_out(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an existing output before any work is done (AtomicDir checks again at the end)."""
+    if Path(out).exists() and not overwrite:
+        raise PoelmError(f"{out}: already exists (choose another --out, or pass --overwrite)")
+
+
 class AtomicDir:
     """Build a directory under a temporary name, then rename it into place on success.
 
@@ -80,8 +86,7 @@ class AtomicDir:
         self.overwrite = overwrite
 
     def __enter__(self) -> Path:
-        if self.out.exists() and not self.overwrite:
-            raise PoelmError(f"{self.out}: already exists (choose another --out, or remove it first)")
+        check_out(self.out, self.overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         return self.tmp

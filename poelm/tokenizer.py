@@ -322,13 +322,7 @@ class Tokenizer:
         """Read poelm_tokenizer.json alone (what the Hugging Face class downloads)."""
         path = os.fspath(path)
         doc = _read_json(path)
-        field = _field_reader(doc, path)
-        fmt = field("format", str)
-        if fmt != FORMAT_NAME:
-            raise PoelmError(f"{path}: field 'format' is {fmt!r}; expected {FORMAT_NAME!r}")
-        version = field("format_version", int)
-        if version != FORMAT_VERSION:
-            raise PoelmError(f"{path}: field 'format_version' is {version}; this poelm reads version {FORMAT_VERSION}")
+        field = _field_reader(doc, path, FORMAT_NAME)
         pattern = field("pattern", str)
         name = doc.get("name", "poelm")
         pairs = field("mergeable_ranks", list)
@@ -376,13 +370,7 @@ class Tokenizer:
         tok = cls.from_file(os.path.join(directory, TOKENIZER_FILE))
         path = os.path.join(directory, TOKEN_BYTES_FILE)
         doc = _read_json(path)
-        field = _field_reader(doc, path)
-        fmt = field("format", str)
-        if fmt != TOKEN_BYTES_FORMAT_NAME:
-            raise PoelmError(f"{path}: field 'format' is {fmt!r}; expected {TOKEN_BYTES_FORMAT_NAME!r}")
-        version = field("format_version", int)
-        if version != FORMAT_VERSION:
-            raise PoelmError(f"{path}: field 'format_version' is {version}; this poelm reads version {FORMAT_VERSION}")
+        field = _field_reader(doc, path, TOKEN_BYTES_FORMAT_NAME)
         lengths = field("token_bytes", list)
         expected = tok.token_bytes
         if len(lengths) != len(expected):
@@ -452,7 +440,9 @@ def _read_json(path: str) -> dict:
     return doc
 
 
-def _field_reader(doc: dict, path: str):
+def _field_reader(doc: dict, path: str, format_name: str):
+    """A typed field getter for `doc`, after checking its `format` and `format_version`."""
+
     def field(key: str, kind: type) -> Any:
         if key not in doc:
             raise PoelmError(f"{path}: field {key!r} is missing")
@@ -461,4 +451,10 @@ def _field_reader(doc: dict, path: str):
             raise PoelmError(f"{path}: field {key!r} must be {kind.__name__}, got {type(value).__name__}")
         return value
 
+    fmt = field("format", str)
+    if fmt != format_name:
+        raise PoelmError(f"{path}: field 'format' is {fmt!r}; expected {format_name!r}")
+    version = field("format_version", int)
+    if version != FORMAT_VERSION:
+        raise PoelmError(f"{path}: field 'format_version' is {version}; this poelm reads version {FORMAT_VERSION}")
     return field

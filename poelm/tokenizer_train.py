@@ -19,6 +19,7 @@ Design choices:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import sys
@@ -61,7 +62,7 @@ class _Corpus:
         self.files: list[tuple[str, bool]] = []  # (path, named explicitly)
         for p in map(os.fspath, paths):
             if os.path.isdir(p):
-                self.files += [(f, False) for f in _walk(p)]
+                self.files += [(f, False) for f in _walk(p, prune=frozenset({"__pycache__"}))]
             elif os.path.isfile(p):
                 self.files.append((p, True))
             else:
@@ -165,11 +166,17 @@ def train_tokenizer(paths: list[str], vocab_size: int, progress: bool | None = N
     report = _Progress(progress is not False, corpus.total_bytes, "tokenizer")
     t0 = time.perf_counter()
     trainer = rustbpe.Tokenizer()
+    # rustbpe logs a line per 1% of merges through Python logging: keep it to warnings so a
+    # terminal shows one progress bar, not a hundred log lines.
+    rust_log = logging.getLogger("rustbpe")
+    level = rust_log.level
+    rust_log.setLevel(logging.WARNING)
     try:
         trainer.train_from_iterator(
             corpus.documents(report.update), vocab_size=vocab_size - n_special, pattern=SPLIT_PATTERN
         )
     finally:
+        rust_log.setLevel(level)
         report.close()
     if corpus.skipped:  # reported even when progress is off: it changes what was trained on
         print(

@@ -71,7 +71,7 @@ def tiny_tokenizer_dir(tiny_tokenizer, tmp_path_factory):
 #   seed's 32768 vocabulary, so <|bos|> = 32759 ... <|assistant_start|> = 32762 and the seed's quick
 #   start runs verbatim. Fillers are byte strings starting with 0xFF, which never occurs in UTF-8
 #   text, so encoding is unchanged.
-# - `seed_model_dir` (session): `poelm init`'s output for that tokenizer (2 layers, 2 stages),
+# - `seed_model_dir` (session): `poelm init`'s output for that tokenizer (2 layers, 2 stages, GQA),
 #   and `trained_like_model_dir`: the same model with every weight moved off its init.
 SEED_VOCAB_SIZE = 32768
 
@@ -89,14 +89,17 @@ def seed_vocab_tokenizer(tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def seed_model_dir(seed_vocab_tokenizer, tmp_path_factory):
-    from poelm.config import PoEConfig
-    from poelm.model import PoEGPT
-    from poelm.modeldir import save_model_dir
+    """`poelm init` itself (the command's code path), on the seed-vocabulary tokenizer."""
+    from poelm.cli import main
+    from poelm.tokenizer_files import write_hf_tokenizer_files
 
-    model = PoEGPT(PoEConfig(vocab_size=SEED_VOCAB_SIZE, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
-                             sequence_len=256, poe_stage_layers=[1, 1]))
-    model.init_weights(seed=0)
-    return save_model_dir(model, tmp_path_factory.mktemp("models") / "init", seed_vocab_tokenizer)
+    tok_dir = tmp_path_factory.mktemp("seed_tokenizer")
+    write_hf_tokenizer_files(tok_dir, seed_vocab_tokenizer)
+    out = tmp_path_factory.mktemp("models") / "init"
+    code = main(["init", "--tokenizer", str(tok_dir), "--depth", "2", "--n-embd", "64", "--n-head", "2",
+                 "--n-kv-head", "1", "--seq-len", "256", "--out", str(out)])
+    assert code == 0
+    return out
 
 
 @pytest.fixture(scope="session")

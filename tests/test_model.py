@@ -194,3 +194,22 @@ def test_param_table_sums_to_total():
     rows = dict(m.param_table())
     assert sum(v for k, v in rows.items() if k != "total") == rows["total"] == m.num_params()
     assert math.isfinite(m(ids(length=8)).logits.sum().item())
+
+
+def test_model_module_imports_only_torch():
+    """One model definition: model.py ships as remote code, so it may import torch and the standard
+    library, and its config only for type checking."""
+    import ast
+
+    import poelm.model
+
+    tree = ast.parse(open(poelm.model.__file__).read())
+    allowed = {"torch", "torch.nn", "torch.nn.functional", "dataclasses", "typing", "__future__", "math"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert {a.name for a in node.names} <= allowed, ast.dump(node)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: only the config, only under TYPE_CHECKING
+                assert node.module == "config" and [a.name for a in node.names] == ["PoEConfig"]
+            else:
+                assert node.module in allowed, node.module

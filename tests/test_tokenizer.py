@@ -469,3 +469,20 @@ def test_hf_auto_tokenizer_fresh_process(tiny_tokenizer, tiny_tokenizer_dir, tmp
     assert res["chat_text"].startswith("<|bos|><|user_start|>Be brief.\n\nWhat is 2+2?<|user_end|>")
     assert res["order_error"] == "message 0: expected role 'user', got 'assistant'"
     assert res["special"] == [tok.bos_id, tok.token_id("assistant_end"), tok.token_id("assistant_end"), 512]
+
+
+def test_stdlib_5mb_at_the_seed_vocabulary(tmp_path):
+    """Done-when 3 of the foundation issue, through the CLI: ~5 MB of stdlib source, vocab 32768."""
+    import subprocess
+    import sys
+
+    paths = stdlib_corpus(5_000_000)
+    assert 4_900_000 <= sum(os.path.getsize(p) for p in paths) <= 5_500_000
+    r = subprocess.run([sys.executable, "-m", "poelm", "tokenizer", "train", "--input", *paths,
+                        "--vocab-size", "32768", "--out", str(tmp_path / "tok")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    tok = Tokenizer.load(tmp_path / "tok")
+    assert tok.bos_id == 32759 and tok.token_id("<|assistant_start|>") == 32762
+    assert tok.special_ids["<|user_start|>"] == 32760 and tok.special_ids["<|user_end|>"] == 32761
+    text = "".join(open(p, encoding="utf-8").read() for p in paths)
+    assert tok.decode(tok.encode(text)) == text

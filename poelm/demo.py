@@ -1,0 +1,138 @@
+"""`poelm demo`: the whole pipeline on an embedded default, no network, minutes on a CPU.
+
+What it does today (each later feature adds a step):
+1. Trains a 32768-token BPE tokenizer on ~5 MB of the Python standard library's own source, which
+   every machine with Python has, and checks the special ids and an encode/decode round trip.
+2. Builds a small random PoE base (4 layers in two stages) and saves it as a model directory.
+3. Reloads that directory with plain `transformers` (trust_remote_code) in a fresh process and checks
+   its logits against poelm's.
+4. Prints the parameter table and each stage's predictions for a prompt.
+5. Writes everything it printed to `summary.json` in the run folder (atomically).
+
+Design choices: the demo is a linear script over the library (no logic of its own beyond
+reporting); reruns replace the previous demo's outputs; the fresh process is a real subprocess so
+nothing poelm imported can leak into what `transformers` sees.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+from .config import PoEConfig
+from .errors import PoelmError
+from .model import PoEGPT
+from .modeldir import AtomicDir, save_model_dir, write_json
+from .tokenizer_files import write_hf_tokenizer_files
+from .tokenizer_train import stdlib_corpus, train_tokenizer
+
+CORPUS_BYTES = 5_000_000
+VOCAB_SIZE = 32768
+PROMPT = "def fibonacci(n):\n    "
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def hf_logits_in_fresh_process(model_dir: Path, ids: list[int]) -> torch.Tensor:
+    """Load `model_dir` with plain transformers in a new Python process and return its logits."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "logits.safetensors"
+        code = textwrap.dedent(f"""
+            import torch
+            from safetensors.torch import save_file
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            tok = AutoTokenizer.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
+            model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
+            ids = {ids!r}
+            assert [tok.bos_token_id] + tok.encode({PROMPT!r}) == ids, "tokenizer mismatch"
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits
+            save_file({{"logits": logits.contiguous()}}, {str(out)!r})
+        """)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise PoelmError(f"transformers could not load {model_dir}: {r.stderr.strip().splitlines()[-1]}")
+        from safetensors.torch import load_file
+        return load_file(str(out))["logits"]
+
+
+def run_demo(out: Path) -> dict:
+    t_start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"out": str(out)}
+
+    # 1. Tokenizer ----------------------------------------------------------------------------
+    paths = stdlib_corpus(CORPUS_BYTES)
+    corpus_bytes = sum(os.path.getsize(p) for p in paths)
+    say(f"[1/4] tokenizer: training {VOCAB_SIZE}-token BPE on {len(paths)} stdlib files "
+        f"({corpus_bytes / 1e6:.1f} MB)")
+    t0 = time.time()
+    tok = train_tokenizer(paths, VOCAB_SIZE)
+    train_s = time.time() - t0
+    with AtomicDir(out / "tokenizer", overwrite=True) as tmp:
+        write_hf_tokenizer_files(tmp, tok)
+    texts = [Path(p).read_text(encoding="utf-8") for p in paths]
+    encoded = tok.encode_batch(texts)
+    bad = [p for p, text, ids in zip(paths, texts, encoded) if tok.decode(ids) != text]
+    n_tokens = sum(map(len, encoded))
+    ids = tok.special_ids
+    say(f"      {tok.vocab_size} tokens in {train_s:.1f}s; <|bos|>={ids['<|bos|>']} "
+        f"<|assistant_start|>={ids['<|assistant_start|>']}; the corpus is {n_tokens:,} tokens "
+        f"({corpus_bytes / n_tokens:.2f} bytes/token) and decodes back exactly: {'yes' if not bad else 'NO'}")
+    if bad:
+        raise PoelmError(f"tokenizer round trip failed on {bad[0]}")
+    summary["tokenizer"] = {"vocab_size": tok.vocab_size, "files": len(paths), "corpus_bytes": corpus_bytes,
+                            "corpus_tokens": n_tokens, "train_seconds": round(train_s, 2), "special_ids": ids,
+                            "round_trip_exact": not bad}
+
+    # 2. A random PoE base --------------------------------------------------------------------
+    config = PoEConfig(vocab_size=tok.vocab_size, n_layer=4, n_head=2, n_kv_head=2, n_embd=128,
+                       sequence_len=512, poe_stage_layers=[2, 2], poe_mode="flat")
+    model = PoEGPT(config)
+    model.init_weights(seed=0)
+    model_dir = save_model_dir(model, out / "base-random", tok, overwrite=True)
+    say(f"[2/4] model: random PoE base, {config.n_layer} layers in stages {config.poe_stage_layers}, "
+        f"width {config.n_embd}, {model.num_params():,} parameters -> {model_dir}")
+    table = model.param_table()
+    width = max(len(n) for n, _ in table)
+    for name, n in table:
+        say(f"      {name:<{width}}  {n:>12,}")
+    summary["model"] = {"dir": str(model_dir), "parameters": dict(table), "config": config.to_dict()}
+
+    # 3. Reload through transformers in a fresh process ---------------------------------------
+    prompt_ids = [tok.bos_id] + tok.encode(PROMPT)
+    with torch.no_grad():
+        out_poe = model.eval()(torch.tensor([prompt_ids]), return_stages=True)
+    hf = hf_logits_in_fresh_process(model_dir, prompt_ids)
+    diff = (hf - out_poe.logits).abs().max().item()
+    say(f"[3/4] transformers (fresh process, trust_remote_code=True) reloads {model_dir.name}: "
+        f"max |logit difference| = {diff:.2e}")
+    if diff > 1e-4:
+        raise PoelmError(f"transformers logits differ from poelm's by {diff}")
+    summary["hf_roundtrip_max_abs_diff"] = diff
+
+    # 4. Each stage's prediction --------------------------------------------------------------
+    say(f"[4/4] each stage's top next tokens after {PROMPT!r} (random weights, so noise):")
+    stages = []
+    for k, logits in enumerate(out_poe.stage_logits):
+        top = torch.topk(logits[0, -1], 5)
+        pairs = [[tok.decode([i]), round(v, 4)] for v, i in zip(top.values.tolist(), top.indices.tolist())]
+        say(f"      stage {k}: " + "  ".join(f"{t!r} {v:+.3f}" for t, v in pairs))
+        stages.append({"stage": k, "top5": pairs})
+    summary["stage_predictions"] = stages
+
+    summary["seconds"] = round(time.time() - t_start, 1)
+    tmp = out / ".summary.json.tmp"
+    write_json(tmp, summary)
+    os.replace(tmp, out / "summary.json")
+    say(f"done in {summary['seconds']}s; summary -> {out / 'summary.json'}")
+    return summary

@@ -1,0 +1,161 @@
+"""The command line: every command's happy path, and bad input as one line, non-zero exit, no
+traceback (unless --debug), and nothing half-written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from poelm.cli import main
+from poelm.modeldir import load_model
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()  # progress lines may come first; the error is one line, last
+    errors = [l for l in lines if l.startswith("poelm: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in errors[0], (f, errors[0])
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_tokenizer_dir, capsys):
+    code, out, err = run(capsys, "init", "--tokenizer", str(tiny_tokenizer_dir), "--depth", "2",
+                         "--seq-len", "256", "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    return tmp_path / "m"
+
+
+def test_help_for_every_command():
+    for argv in ([], ["tokenizer", "train"], ["init"], ["convert", "nanochat"], ["inspect"], ["demo"]):
+        r = subprocess.run([sys.executable, "-m", "poelm", *argv, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "usage: poelm" in r.stdout
+
+
+def test_init_derives_the_nanochat_shape(tmp_path, tiny_tokenizer_dir, capsys):
+    code, out, err = run(capsys, "init", "--tokenizer", str(tiny_tokenizer_dir), "--depth", "2",
+                         "--out", str(tmp_path / "m"))
+    assert code == 0
+    assert "derived: n_embd=128, n_head=1, n_kv_head=1, poe_stage_layers=[1, 1] (head_dim 128)" in err
+    assert "total" in out and "wrote" in out
+    m = load_model(tmp_path / "m")
+    assert m.config.n_embd == 128 and m.config.vocab_size == 512
+
+
+def test_init_with_explicit_shape(tmp_path, tiny_tokenizer_dir, capsys):
+    code, _, err = run(capsys, "init", "--tokenizer", str(tiny_tokenizer_dir), "--depth", "6", "--n-embd", "96",
+                       "--n-head", "4", "--n-kv-head", "2", "--poe-stage-layers", "4,1,1", "--poe-mode", "none",
+                       "--window-pattern", "SL", "--seq-len", "1024", "--seed", "3", "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    c = load_model(tmp_path / "m").config
+    assert (c.n_head, c.n_kv_head, c.poe_stage_layers, c.poe_mode) == (4, 2, [4, 1, 1], "none")
+    assert c.layer_windows == [256, 1024, 256, 1024, 256, 1024]
+
+
+def test_init_errors(tmp_path, tiny_tokenizer_dir, model_dir, capsys):
+    code, _, err = run(capsys, "init", "--tokenizer", str(tmp_path / "nope"), "--depth", "2", "--out", str(tmp_path / "x"))
+    assert_one_line_error(code, err, "nope")
+    code, _, err = run(capsys, "init", "--tokenizer", str(tiny_tokenizer_dir), "--depth", "2", "--n-head", "3",
+                       "--out", str(tmp_path / "x"))
+    assert_one_line_error(code, err, "'n_embd'", "multiple of n_head=3")
+    code, _, err = run(capsys, "init", "--tokenizer", str(tiny_tokenizer_dir), "--depth", "4",
+                       "--poe-stage-layers", "2,1", "--out", str(tmp_path / "x"))
+    assert_one_line_error(code, err, "'poe_stage_layers'", "summing to n_layer=4")
+    assert not (tmp_path / "x").exists()
+    before = (model_dir / "model.safetensors").read_bytes()
+    code, _, err = run(capsys, "init", "--tokenizer", str(tiny_tokenizer_dir), "--depth", "2", "--seed", "9",
+                       "--out", str(model_dir))
+    assert_one_line_error(code, err, "already exists")
+    assert (model_dir / "model.safetensors").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_overwrite_replaces_atomically(tmp_path, tiny_tokenizer_dir, model_dir, capsys):
+    before = load_file(str(model_dir / "model.safetensors"))
+    code, _, _ = run(capsys, "init", "--tokenizer", str(tiny_tokenizer_dir), "--depth", "2", "--seq-len", "256",
+                     "--seed", "9", "--out", str(model_dir), "--overwrite")
+    assert code == 0
+    after = load_file(str(model_dir / "model.safetensors"))
+    assert not torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])
+
+
+def test_inspect(model_dir, capsys):
+    code, out, _ = run(capsys, "inspect", str(model_dir))
+    assert code == 0 and "base model, 2 layers in stages [1, 1]" in out and "model.safetensors" in out
+    code, out, _ = run(capsys, "inspect", str(model_dir), "--json")
+    data = json.loads(out)
+    assert data["config"]["n_layer"] == 2 and data["parameters"]["total"] > 0
+
+
+def test_bad_model_directories(tmp_path, model_dir, capsys):
+    weights = model_dir / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    code, _, err = run(capsys, "inspect", str(model_dir))
+    assert_one_line_error(code, err, "model.safetensors", "unreadable")
+
+    weights.write_bytes(good)
+    tensors = load_file(str(weights))
+    tensors["lm_head.weight"] = torch.zeros(512, 7)
+    save_file(tensors, str(weights))
+    code, _, err = run(capsys, "inspect", str(model_dir))
+    assert_one_line_error(code, err, "model.safetensors", "'lm_head.weight' has shape [512, 7], expected [512, 128]")
+
+    tensors["lm_head.weight"] = torch.zeros(512, 128)
+    tensors["stowaway"] = torch.zeros(1)
+    save_file(tensors, str(weights))
+    code, _, err = run(capsys, "inspect", str(model_dir))
+    assert_one_line_error(code, err, "unexpected tensor 'stowaway'")
+
+    del tensors["stowaway"], tensors["smear_lambda"]
+    save_file(tensors, str(weights))
+    code, _, err = run(capsys, "inspect", str(model_dir))
+    assert_one_line_error(code, err, "missing tensor 'smear_lambda'")
+
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "vocab_size": 600}))
+    code, _, err = run(capsys, "inspect", str(model_dir))
+    assert_one_line_error(code, err, "tokenizer has 512 tokens but config.json says vocab_size 600")
+
+    (model_dir / "config.json").unlink()
+    code, _, err = run(capsys, "inspect", str(model_dir))
+    assert_one_line_error(code, err, "config.json: missing")
+    code, _, err = run(capsys, "inspect", str(tmp_path / "elsewhere"))
+    assert_one_line_error(code, err, "not a directory")
+
+
+def test_tokenizer_train_cli(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello world, the quick brown fox 12345\n" * 200 + "".join(chr(i) for i in range(32, 900)))
+    code, out, err = run(capsys, "tokenizer", "train", "--input", str(corpus), "--vocab-size", "300",
+                         "--out", str(tmp_path / "tok"))
+    assert code == 0, err
+    assert "<|bos|>=291" in out and "<|assistant_start|>=294" in out
+    code, _, err = run(capsys, "tokenizer", "train", "--input", str(tmp_path / "missing.txt"),
+                       "--vocab-size", "300", "--out", str(tmp_path / "tok2"))
+    assert_one_line_error(code, err, "missing.txt")
+    binary = tmp_path / "latin1.txt"
+    binary.write_bytes("caf\xe9".encode("latin-1"))
+    code, _, err = run(capsys, "tokenizer", "train", "--input", str(binary), "--vocab-size", "300",
+                       "--out", str(tmp_path / "tok2"))
+    assert_one_line_error(code, err, "latin1.txt")
+    assert not (tmp_path / "tok2").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    argv = [sys.executable, "-m", "poelm", "inspect", str(tmp_path / "nope")]
+    plain = subprocess.run(argv, capture_output=True, text=True)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    debug = subprocess.run(argv + ["--debug"], capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "PoelmError" in debug.stderr
