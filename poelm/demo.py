@@ -121,7 +121,8 @@ def run_demo(out: Path) -> dict:
     summary["hf_roundtrip_max_abs_diff"] = diff
 
     # 4. Each stage's prediction --------------------------------------------------------------
-    say(f"[4/4] each stage's top next tokens after {PROMPT!r} (random weights, so noise):")
+    say(f"[4/4] each stage's top next tokens after {PROMPT!r} (random init: every block's output projection "
+        "starts at zero, so the blocks are the identity and all stages agree):")
     stages = []
     for k, logits in enumerate(out_poe.stage_logits):
         top = torch.topk(logits[0, -1], 5)
