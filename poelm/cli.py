@@ -76,17 +76,22 @@ def build_config(args: argparse.Namespace, vocab_size: int):
     return config
 
 
-def add_shape_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--depth", type=int, required=True, help="number of transformer layers")
+def add_shape_flags(p: argparse.ArgumentParser, for_init: bool = True) -> None:
+    """Shape flags of `init` and of `pretrain` (where --depth is needed only without --init)."""
+    p.add_argument("--depth", type=int, required=for_init, help="number of transformer layers")
     p.add_argument("--n-embd", type=int, help="width (default: 64*depth rounded up to a multiple of 128)")
     p.add_argument("--n-head", type=int, help="query heads (default: n_embd / 128)")
     p.add_argument("--n-kv-head", type=int, help="key/value heads (default: n_head)")
-    p.add_argument("--seq-len", type=int, default=2048, help="context length (default 2048)")
+    p.add_argument("--seq-len", type=int, default=2048 if for_init else None,
+                   help="context length (default 2048" + ("" if for_init else "; with --init, the model's") + ")")
     p.add_argument("--window-pattern", default="SSSL", help="sliding-window pattern of S and L (default SSSL)")
     p.add_argument("--poe-stage-layers", type=_int_list, help="layers per stage, e.g. 6,6,6,6 "
                    "(default: min(4, depth) near-equal stages)")
-    p.add_argument("--poe-mode", choices=("none", "flat", "residual_logop"), default="flat")
-    p.add_argument("--poe-alpha", type=float, default=0.0, help="stage-loss and Log-OP exponent in [0, 1]")
+    p.add_argument("--poe-mode", choices=("none", "flat", "residual_logop"), default="flat" if for_init else None,
+                   help="training objective: none (BP control), flat (one detached loss per stage), "
+                        "residual_logop (default flat" + ("" if for_init else "; with --init, the model's") + ")")
+    p.add_argument("--poe-alpha", type=float, default=0.0 if for_init else None,
+                   help="stage-loss and Log-OP exponent in [0, 1] (default 0: the mean)")
     p.add_argument("--poe-stage-heads", action="store_true", help="add zero-initialised per-stage heads")
 
 
@@ -144,6 +149,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .train.pretrain import PretrainArgs, pretrain
+
+    if args.init is None and (args.tokenizer is None or args.depth is None):
+        raise PoelmError("pretrain needs --init MODELDIR, or --tokenizer TOKDIR and --depth N")
+    if args.init is not None and (args.tokenizer is not None or args.depth is not None):
+        raise PoelmError("--init takes its tokenizer and shape from MODELDIR: drop --tokenizer/--depth")
+    config = None
+    if args.init is None:
+        from .modeldir import load_tokenizer
+
+        args.seq_len = args.seq_len or 2048
+        args.poe_mode = args.poe_mode or "flat"
+        args.poe_alpha = 0.0 if args.poe_alpha is None else args.poe_alpha
+        config = build_config(args, load_tokenizer(args.tokenizer).vocab_size)
+    pretrain(PretrainArgs(
+        data=args.data, out=args.out, init=args.init, tokenizer=args.tokenizer, config=config,
+        poe_mode=args.poe_mode if args.init else None, poe_alpha=args.poe_alpha if args.init else None,
+        poe_stage_layers=args.poe_stage_layers if args.init else None, seq_len=args.seq_len,
+        steps=args.steps, device_batch_size=args.device_batch_size, total_batch_tokens=args.total_batch_tokens,
+        eval_every=args.eval_every, eval_tokens=args.eval_tokens, save_every=args.save_every, resume=args.resume,
+        seed=args.seed, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
+        unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr, weight_decay=args.weight_decay,
+        warmup_frac=args.warmup_frac, warmdown_frac=args.warmdown_frac, final_lr_frac=args.final_lr_frac,
+        val_fraction=args.val_fraction, sample_tokens=args.sample_tokens, device=args.device))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -173,6 +206,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="MODELDIR")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("pretrain", help="pretrain a PoE base (or the BP control) on text")
+    src = p.add_argument_group("model (one of)")
+    src.add_argument("--init", metavar="MODELDIR", help="start from this base directory")
+    src.add_argument("--tokenizer", metavar="TOKDIR", help="build a new model with this tokenizer and --depth")
+    add_shape_flags(p, for_init=False)
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files, directories, JSONL (text)")
+    p.add_argument("--out", required=True, metavar="RUNDIR")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--device-batch-size", type=int, default=8, help="rows per micro-batch per process")
+    p.add_argument("--total-batch-tokens", type=int, help="tokens per optimizer step, whatever the world size "
+                   "(default: one micro-batch per process)")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens per evaluation")
+    p.add_argument("--save-every", type=int, help="checkpoint cadence (default: --eval-every)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--scalar-lr", type=float, default=0.5)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
+    p.add_argument("--warmup-frac", type=float, default=0.0)
+    p.add_argument("--warmdown-frac", type=float, default=0.4)
+    p.add_argument("--final-lr-frac", type=float, default=0.0)
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out")
+    p.add_argument("--sample-tokens", type=int, default=32, help="greedy sample length at each eval (0: none)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_pretrain)
 
     conv = sub.add_parser("convert", help="convert a checkpoint from another format").add_subparsers(
         dest="conv_command", required=True)

@@ -73,6 +73,51 @@ def logop(stage_logits: list[torch.Tensor], alpha: float) -> torch.Tensor:
     return F.log_softmax(score, dim=-1)
 
 
+class HeadCrossEntropy(torch.autograd.Function):
+    """Summed softcapped cross-entropy of `h @ weight[:vocab].T`, in chunks of tokens.
+
+    The gradient is formed in the forward pass, chunk by chunk (softmax - onehot, times the softcap's
+    derivative 1 - tanh^2), so no (N, vocab) logits tensor outlives its chunk: a `flat` step with K
+    stage losses holds K small gradient buffers instead of K full logit tensors. Same FLOPs as the
+    unfused path (one forward and two backward matmuls per chunk).
+    h (N, d) normed hidden in the compute dtype; weight (V_padded, d); targets (N,), -1 = ignore.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, cap: float, vocab: int, chunk: int):
+        w = weight[:vocab].to(h.dtype)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.size(0), chunk):
+            hc, t = h[s:s + chunk], targets[s:s + chunk]
+            th = torch.tanh((hc @ w.T).float() / cap)  # (n, V)
+            logits = cap * th
+            valid = (t >= 0).unsqueeze(1)
+            tt = t.clamp(min=0).unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += ((lse - logits.gather(1, tt)) * valid).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            g = torch.softmax(logits, dim=-1)
+            g.scatter_add_(1, tt, -torch.ones_like(tt, dtype=g.dtype))
+            g = (g * valid * (1.0 - th * th)).to(h.dtype)  # d loss / d (h @ w.T)
+            if grad_h is not None:
+                grad_h[s:s + chunk] = g @ w
+            if grad_w is not None:
+                grad_w[:vocab] += (g.T @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None
+
+
 class Linear(nn.Linear):
     """nn.Linear without bias that computes in the activation's dtype (fp32 master weights)."""
 
@@ -268,12 +313,22 @@ class PoEGPT(nn.Module):
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, start:, :24]))
         return torch.cat([x[:, :start], x[:, start:] + gate * prev], dim=1)
 
+    def stage_hidden(self, h: torch.Tensor, stage: int, x_backout: torch.Tensor | None) -> torch.Tensor:
+        """The normed residual stage `stage` reads out from (backout subtracted where configured)."""
+        if stage in self.config.poe_backout_stages:
+            h = h - self.backout_lambda.to(h.dtype) * x_backout
+        return norm(h)
+
+    def head_weight(self, stage: int) -> torch.Tensor:
+        """The stage's effective head: the shared head plus its additive head, if any."""
+        if self.config.poe_stage_heads:
+            return self.lm_head.weight + self.lm_head_stages[str(stage)].weight
+        return self.lm_head.weight
+
     def stage_logits(self, h: torch.Tensor, stage: int, x_backout: torch.Tensor | None) -> torch.Tensor:
         """Stage `stage`'s predictor from the residual after its last layer: (B, T, vocab) float32."""
         c = self.config
-        if stage in c.poe_backout_stages:
-            h = h - self.backout_lambda.to(h.dtype) * x_backout
-        h = norm(h)
+        h = self.stage_hidden(h, stage, x_backout)
         logits = self.lm_head(h)
         if c.poe_stage_heads:
             logits = logits + self.lm_head_stages[str(stage)](h)
@@ -290,12 +345,16 @@ class PoEGPT(nn.Module):
         output: str | None = None,
         return_stages: bool = False,
         loss_reduction: str = "mean",
+        fused_loss: bool = True,
+        loss_chunk: int = 2048,
     ) -> PoEOutput:
         """Run stages 0..exit_stage (default: all) on idx (B, T).
 
         Inference (no targets): `logits` is the last computed stage's predictor (`output="last"`, the
         config default) or the Log-OP of all computed stages (`output="logop"`, log-probabilities).
-        Training (targets (B, T), -1 = ignore): `loss` per `poe_mode` and `stage_losses`.
+        Training (targets (B, T), -1 = ignore): `loss` per `poe_mode` and `stage_losses`. In `none`
+        and `flat` mode the head and cross-entropy run fused in chunks of `loss_chunk` tokens
+        (HeadCrossEntropy); `fused_loss=False` takes the plain path the tests compare it with.
         """
         c = self.config
         last = c.n_stages - 1 if exit_stage is None else exit_stage
@@ -307,6 +366,7 @@ class PoEGPT(nn.Module):
         # Which boundaries need a predictor: all of them for local losses or Log-OP, else the last.
         read_all = return_stages or mode != "none" or output == "logop"
         readouts = set(range(last + 1)) if read_all else {last}
+        fused = training and fused_loss and mode in ("none", "flat")
 
         B, T = idx.shape
         start = cache.get_seq_length() if cache is not None else 0
@@ -316,7 +376,7 @@ class PoEGPT(nn.Module):
         x_backout = None
         stage_of_end = {end: k for k, end in enumerate(c.stage_ends)}
         stage_starts = set(c.stage_starts[1:])
-        logits: list[torch.Tensor] = []
+        logits: list[torch.Tensor] = []  # per read-out stage: logits, or (fused) the normed hidden
         for i in range(c.stage_ends[last] + 1):
             if mode != "none" and i in stage_starts:
                 x = x.detach()  # local learning: stage k's layers learn only from their own loss
@@ -330,26 +390,50 @@ class PoEGPT(nn.Module):
                 backout = x_backout
                 if mode != "none" and x_backout is not None and c.backout_layer < c.stage_starts[k]:
                     backout = x_backout.detach()  # an earlier stage's residual: no gradient back into it
-                logits.append(self.stage_logits(x, k, backout))
+                if fused:
+                    logits.append(self.stage_hidden(x, k, backout))
+                else:
+                    logits.append(self.stage_logits(x, k, backout))
 
         if not training:
             out = logop(logits, c.poe_alpha) if output == "logop" else logits[-1]
             return PoEOutput(logits=out, stage_logits=logits if return_stages else None)
+        if fused:
+            return self._fused_loss(logits, readouts, targets, mode, loss_reduction, loss_chunk)
         return self._loss(logits, targets, mode, loss_reduction)
 
+    def _fused_loss(self, hidden, readouts, targets, mode, reduction, chunk) -> PoEOutput:
+        """`none`/`flat` losses through HeadCrossEntropy: no full logit tensor is ever held."""
+        c = self.config
+        flat_targets = targets.reshape(-1)
+        stages = sorted(readouts)[-1:] if mode == "none" else sorted(readouts)
+        hidden = hidden[-1:] if mode == "none" else hidden
+        losses = []
+        for k, h in zip(stages, hidden):
+            total = HeadCrossEntropy.apply(h.reshape(-1, h.size(-1)), self.head_weight(k), flat_targets,
+                                           c.softcap, c.vocab_size, chunk)
+            if reduction == "mean":
+                total = total / (flat_targets >= 0).sum()
+            losses.append(total)
+        return self._aggregate(losses, mode)
+
+    def _aggregate(self, losses: list[torch.Tensor], mode: str) -> PoEOutput:
+        """The training loss of `mode` from per-stage losses: sum_k loss_k / K**(1 - poe_alpha)."""
+        if mode == "none":
+            return PoEOutput(loss=losses[-1], stage_losses=losses[-1].reshape(1))
+        loss = sum(losses) / len(losses) ** (1.0 - self.config.poe_alpha)
+        return PoEOutput(loss=loss, stage_losses=torch.stack(losses))
+
     def _loss(self, logits, targets, mode, reduction) -> PoEOutput:
-        """Cross-entropy per stage and the aggregate of MODEL.md §2 for `mode`."""
+        """Cross-entropy per stage from materialised logits (the reference path, and residual_logop)."""
         V, alpha = self.config.vocab_size, self.config.poe_alpha
         flat_targets = targets.reshape(-1)
 
         def ce(l):
             return F.cross_entropy(l.reshape(-1, V), flat_targets, ignore_index=-1, reduction=reduction)
 
-        if mode == "none":
-            loss = ce(logits[-1])
-            return PoEOutput(loss=loss, stage_losses=loss.reshape(1))
-        if mode == "flat":
-            losses = [ce(l) for l in logits]
+        if mode in ("none", "flat"):
+            return self._aggregate([ce(l) for l in logits], mode)
         else:  # residual_logop: stage k is trained on the Log-OP of 0..k, earlier stages detached
             logps, losses = [], []
             for k, l in enumerate(logits):
@@ -357,9 +441,7 @@ class PoEGPT(nn.Module):
                 score = (sum(p.detach() for p in logps) + logp) / (k + 1) ** (1.0 - alpha)
                 losses.append(ce(score))  # cross_entropy renormalises the score with logsumexp
                 logps.append(logp)
-        K = len(losses)
-        loss = sum(losses) / K ** (1.0 - alpha)
-        return PoEOutput(loss=loss, stage_losses=torch.stack(losses))
+        return self._aggregate(losses, mode)
 
     # ---------------------------------------------------------------------------- counts
     def num_params(self) -> int:

@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .card import model_card
 from .config import PoEConfig
 from .errors import PoelmError
 from .model import PoEGPT
@@ -129,49 +130,6 @@ def save_model_dir(model: PoEGPT, out: str | os.PathLike, tokenizer: Tokenizer, 
             shutil.copyfile(PACKAGE_DIR / name, tmp / name)
         (tmp / "README.md").write_text(card if card is not None else model_card(model, tmp.name), encoding="utf-8")
     return Path(out)
-
-
-def model_card(model: PoEGPT, name: str) -> str:
-    """A README.md with the architecture and parameter tables (training tables are added by training)."""
-    c = model.config
-    rows = [
-        ("Layers", c.n_layer), ("Width (n_embd)", c.n_embd), ("Heads / KV heads", f"{c.n_head} / {c.n_kv_head}"),
-        ("Head dim", c.head_dim), ("Vocabulary", c.vocab_size), ("Context", c.sequence_len),
-        ("Windows", " ".join(str(w) for w in c.layer_windows)),
-        ("Value-embedding layers", ", ".join(map(str, c.value_embed_layers)) or "none"),
-        ("Smear / backout", f"{'yes' if c.smear else 'no'} / "
-                            f"{'layer ' + str(c.backout_layer) if c.backout else 'no'}"),
-        ("PoE stages", " + ".join(map(str, c.poe_stage_layers)) + f" (boundaries after layers "
-                       f"{', '.join(map(str, c.stage_ends))})"),
-        ("PoE mode / alpha", f"{c.poe_mode} / {c.poe_alpha}"),
-    ]
-    params = "\n".join(f"| {k} | {v:,} |" for k, v in model.param_table())
-    arch = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"""---
-library_name: transformers
-tags: [poelm, product-of-experts]
----
-# {name}
-
-A poelm Product-of-Experts GPT (nanochat architecture). Every stage boundary is a next-token predictor
-through the shared head. Load with plain `transformers`:
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)
-model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)
-```
-
-## Architecture
-| Component | Detail |
-|---|---|
-{arch}
-
-## Parameters
-| Group | Parameters |
-|---|---|
-{params}
-"""
 
 
 # --------------------------------------------------------------------------------------- reading

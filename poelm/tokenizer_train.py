@@ -5,12 +5,12 @@ Design choices:
 - Training is rustbpe (nanochat's trainer) with `SPLIT_PATTERN`, for `vocab_size - 9` BPE tokens so
   the nine specials land right after the merges (vocab 32768 -> <|bos|> 32759). A corpus too small
   to learn that many merges is an error, not a silently smaller vocabulary.
-- Inputs: files, directories (walked recursively in sorted order, hidden entries skipped) and
-  `.jsonl` files (one JSON object per line with a "text" string). Text is whatever decodes as
-  UTF-8 without NUL bytes; inside a directory other files are skipped and counted, a file named
-  explicitly must be text. Each file (or JSONL record) is one document for the trainer.
-- Progress counts bytes read: a tqdm bar on a terminal, a handful of plain lines otherwise, so
-  logs are not flooded with carriage-return updates.
+- Inputs are read by `poelm.data.text.read_documents`, the reader pretraining uses, so a tokenizer
+  is trained on exactly the documents a model will see: files, directories (walked recursively in
+  sorted order, hidden entries skipped), `.jsonl` files of "text" records. Inside a directory
+  non-UTF-8 files are skipped and counted; a file named explicitly must be non-empty text.
+- Progress counts bytes read (`ByteProgress`): a tqdm bar on a terminal, a handful of plain lines
+  otherwise, so logs are not flooded with carriage-return updates.
 - nanochat's tokenizer.pkl is read through a restricted Unpickler that resolves only the globals a
   pickled `tiktoken.Encoding` uses, each to a harmless stand-in: no constructor, no `__setstate__`
   of tiktoken ever runs (a str state would make tiktoken download a registered encoding).
@@ -18,131 +18,17 @@ Design choices:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
 import sys
 import sysconfig
 import time
-from typing import Any, Iterator
+from typing import Any
 
+from .data.text import ByteProgress, as_text, format_size, read_documents, walk_files
 from .errors import PoelmError
 from .tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
-
-# ---- corpus reading ------------------------------------------------------------------------------
-
-
-def _as_text(data: bytes) -> str | None:
-    """UTF-8 text without NUL bytes, else None (binary)."""
-    if b"\x00" in data:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def _walk(directory: str, prune: frozenset[str] = frozenset()) -> Iterator[str]:
-    """Regular files under `directory` in sorted order, skipping hidden entries (.git, .venv) and
-    directories named in `prune`."""
-    for root, dirs, files in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in prune)
-        yield from (os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
-
-
-class _Corpus:
-    """The documents of a list of input paths, with a byte count for progress."""
-
-    def __init__(self, paths: list[str]):
-        if isinstance(paths, (str, os.PathLike)):
-            paths = [paths]
-        if not paths:
-            raise PoelmError("train_tokenizer: no input paths given")
-        self.files: list[tuple[str, bool]] = []  # (path, named explicitly)
-        for p in map(os.fspath, paths):
-            if os.path.isdir(p):
-                self.files += [(f, False) for f in _walk(p, prune=frozenset({"__pycache__"}))]
-            elif os.path.isfile(p):
-                self.files.append((p, True))
-            else:
-                raise PoelmError(f"{p}: no such file or directory (a tokenizer training input)")
-        self.total_bytes = sum(os.path.getsize(f) for f, _ in self.files)
-        self.skipped: list[str] = []
-        self.n_docs = 0
-
-    def documents(self, on_bytes) -> Iterator[str]:
-        for path, explicit in self.files:
-            if path.endswith(".jsonl"):
-                yield from self._jsonl(path, on_bytes)
-                continue
-            with open(path, "rb") as f:
-                data = f.read()
-            text = _as_text(data)
-            if text is None:
-                if explicit:
-                    raise PoelmError(f"{path}: not UTF-8 text (binary file?); expected a text or .jsonl file")
-                self.skipped.append(path)
-            elif text:
-                self.n_docs += 1
-                yield text
-            on_bytes(len(data))
-
-    def _jsonl(self, path: str, on_bytes) -> Iterator[str]:
-        with open(path, "rb") as f:  # line by line: JSONL corpora can be larger than memory
-            for lineno, raw in enumerate(f, start=1):
-                on_bytes(len(raw))
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    raise PoelmError(f"{path}:{lineno}: not UTF-8; expected one JSON object per line") from None
-                except json.JSONDecodeError as e:
-                    raise PoelmError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    got = f"keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
-                    raise PoelmError(f"{path}:{lineno}: expected an object with a 'text' string field, got {got}")
-                if record["text"]:
-                    self.n_docs += 1
-                    yield record["text"]
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
-
-
-class _Progress:
-    """Bytes-read progress: tqdm on a terminal, a few plain lines elsewhere, nothing when off."""
-
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.enabled, self.total, self.done, self.label = enabled, max(total, 1), 0, label
-        self.bar = None
-        self.next_quarter = 1
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr)
-        elif enabled:
-            self.line(f"{label}: reading {_size(total)}")
-
-    def line(self, text: str) -> None:
-        if self.enabled:
-            print(text, file=sys.stderr, flush=True)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled:
-            while self.next_quarter < 4 and self.done >= self.total * self.next_quarter / 4:
-                self.line(f"{self.label}: read {25 * self.next_quarter}% ({_size(self.done)})")
-                self.next_quarter += 1
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
 
 # ---- training ------------------------------------------------------------------------------------
 
@@ -162,8 +48,9 @@ def train_tokenizer(paths: list[str], vocab_size: int, progress: bool | None = N
             f"vocab_size must be an int > {256 + n_special} (256 single bytes + {n_special} special tokens), "
             f"got {vocab_size!r}"
         )
-    corpus = _Corpus(paths)
-    report = _Progress(progress is not False, corpus.total_bytes, "tokenizer")
+    corpus = read_documents(paths)
+    report = ByteProgress(progress is not False, corpus.total_bytes, "tokenizer")
+    corpus.on_bytes = report.update
     t0 = time.perf_counter()
     trainer = rustbpe.Tokenizer()
     # rustbpe logs a line per 1% of merges through Python logging: keep it to warnings so a
@@ -173,7 +60,7 @@ def train_tokenizer(paths: list[str], vocab_size: int, progress: bool | None = N
     rust_log.setLevel(logging.WARNING)
     try:
         trainer.train_from_iterator(
-            corpus.documents(report.update), vocab_size=vocab_size - n_special, pattern=SPLIT_PATTERN
+            (doc.text for doc in corpus), vocab_size=vocab_size - n_special, pattern=SPLIT_PATTERN
         )
     finally:
         rust_log.setLevel(level)
@@ -185,8 +72,6 @@ def train_tokenizer(paths: list[str], vocab_size: int, progress: bool | None = N
             file=sys.stderr,
             flush=True,
         )
-    if corpus.n_docs == 0:
-        raise PoelmError(f"train_tokenizer: no text found in {list(map(os.fspath, paths))}")
     ranks = {bytes(k): v for k, v in trainer.get_mergeable_ranks()}
     if len(ranks) != vocab_size - n_special:
         raise PoelmError(
@@ -195,22 +80,23 @@ def train_tokenizer(paths: list[str], vocab_size: int, progress: bool | None = N
         )
     tok = Tokenizer(ranks, pattern=SPLIT_PATTERN)
     report.line(
-        f"tokenizer: trained vocab {tok.vocab_size} on {corpus.n_docs} documents "
-        f"({_size(corpus.total_bytes)}) in {time.perf_counter() - t0:.1f}s"
+        f"tokenizer: trained vocab {tok.vocab_size} on {corpus.documents} documents "
+        f"({format_size(corpus.total_bytes)}) in {time.perf_counter() - t0:.1f}s"
     )
     return tok
 
 
 def stdlib_corpus(max_bytes: int) -> list[str]:
-    """A deterministic corpus: the standard library's own UTF-8 .py files in sorted path order,
-    up to about `max_bytes` in total (the first file that crosses the limit is included)."""
+    """A deterministic corpus: the standard library's own non-empty UTF-8 .py files in sorted path
+    order, up to about `max_bytes` in total (the first file that crosses the limit is included).
+    Empty files (many `__init__.py`) are left out: an empty file named as an input is an error."""
     root = sysconfig.get_paths()["stdlib"]
     out, total = [], 0
-    candidates = _walk(root, prune=frozenset({"site-packages", "dist-packages", "__pycache__"}))
+    candidates = walk_files(root, prune=frozenset({"site-packages", "dist-packages", "__pycache__"}))
     for path in sorted(p for p in candidates if p.endswith(".py")):
         with open(path, "rb") as f:
             data = f.read()
-        if _as_text(data) is None:  # a few test files are deliberately in other encodings
+        if not data or as_text(data) is None:  # a few test files are deliberately in other encodings
             continue
         out.append(path)
         total += len(data)

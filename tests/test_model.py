@@ -213,3 +213,31 @@ def test_model_module_imports_only_torch():
                 assert node.module == "config" and [a.name for a in node.names] == ["PoEConfig"]
             else:
                 assert node.module in allowed, node.module
+
+
+@pytest.mark.parametrize("mode, heads, chunk", [("flat", False, 7), ("flat", True, 64), ("none", False, 5),
+                                                ("none", True, 10_000)])
+def test_fused_head_loss_equals_plain_path(mode, heads, chunk):
+    """The chunked, fused head + cross-entropy (fast path) against materialised logits (slow path)."""
+    m = tiny_model(poe_stage_layers=[1, 1, 2], poe_mode=mode, poe_stage_heads=heads)
+    if heads:
+        with torch.no_grad():
+            for h in m.lm_head_stages.values():
+                h.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(2))
+    x = ids(length=48)
+    y = x.roll(-1, 1)
+    y[0, :9] = -1
+    results = []
+    for fused in (True, False):
+        m.zero_grad(set_to_none=True)
+        out = m(x, targets=y, fused_loss=fused, loss_chunk=chunk, loss_reduction="sum")
+        out.loss.backward()
+        results.append((out.loss.detach(), out.stage_losses.detach(),
+                        {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (l1, s1, g1), (l2, s2, g2) = results
+    assert torch.allclose(l1, l2, rtol=1e-5) and torch.allclose(s1, s2, rtol=1e-5)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], atol=1e-6, rtol=1e-4), name
+    mean = m(x, targets=y, loss_chunk=chunk).loss
+    assert torch.allclose(mean, l1 / (y >= 0).sum(), rtol=1e-5)

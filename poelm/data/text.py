@@ -1,0 +1,501 @@
+"""Pretraining text: documents read from files, a tokenized train/val split, and a row loader for DDP.
+
+Design choices:
+- One reader for every plain-text input in poelm (`read_documents`): tokenizer training and
+  pretraining see the same documents through the same code. Inputs are text files (one file = one
+  document), directories (walked recursively in sorted order, hidden entries and `__pycache__`
+  skipped) and `.jsonl` files (one document per record's "text" string; the source is "path:LINE").
+  Text is whatever decodes as UTF-8 without NUL bytes. A file named explicitly must be non-empty
+  text; inside a directory other files are skipped and listed in `reader.skipped` so the caller can
+  report them, and empty files and empty "text" records are no documents. Malformed JSONL is an
+  error wherever it is, naming file and line.
+- Paths are checked and sized when the reader is made (a typo fails before any work), so progress
+  can count bytes against a known total: tqdm on a terminal, a handful of plain lines otherwise.
+- Each document is tokenized as `[<|bos|>] + encode(text)` and the documents of a split are
+  concatenated in input order into one int32 array (half the memory of int64; ids < 2**31).
+- The train/val split is by document and by content: a document is held out when
+  blake2b(UTF-8 text)[:8] mod 10**6 < val_fraction * 10**6. The same text lands in the same split on
+  every machine and in every input order, and exact duplicates never straddle the split. A tiny
+  corpus still gets one val document (the lowest hash) and keeps one train document.
+- `TokenLoader` cuts the stream into rows of T+1 tokens at stride T, so every token after the first
+  is a target exactly once per epoch. Row order is a permutation drawn from
+  `torch.Generator().manual_seed(seed + epoch)`: reproducible, and the whole position is two ints.
+- DDP shares one global row sequence: each call takes the next world_size*B rows and rank r keeps
+  the r-th block of B. So 2K calls on one process see the rows, in order, that K calls see on two
+  (gradient accumulation equals data parallelism), and the loader state is the same on every rank:
+  rank 0 saves it, every rank loads it.
+- torch is imported inside the loader functions only: tokenizer training reads documents through
+  this module and should not pay torch's import time (about 1.5 s) for nothing.
+
+Long documents and document boundaries: documents are never truncated, padded or dropped. Every
+document starts with <|bos|> and follows the previous one directly in a single token stream; the
+loader cuts that stream into rows of `seq_len` inputs at fixed positions, without regard to where
+documents begin or end. A row may therefore hold the end of one document, a <|bos|>, and the start
+of the next (attention is not masked at the <|bos|>, as in GPT-2 and nanochat pretraining), and a
+document longer than `seq_len` simply continues in the following rows, so its later tokens are
+predicted with at most `seq_len` tokens of context from the start of their row. Every token after
+the first is predicted exactly once per epoch; only the last row of the whole stream can be short,
+and its missing positions are padded and carry no loss (target -1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import PoelmError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..tokenizer import Tokenizer
+
+# ---- reading documents ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: where it came from ("path", or "path:LINE" for a JSONL record) and its text."""
+
+    source: str
+    text: str
+
+
+def as_text(data: bytes) -> str | None:
+    """UTF-8 text without NUL bytes, else None (binary or another encoding)."""
+    if b"\x00" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def walk_files(directory: str, prune: frozenset[str] = frozenset({"__pycache__"})) -> Iterator[str]:
+    """Regular files under `directory` in sorted order (a directory's files, then its subdirectories),
+    skipping hidden entries (.git, .venv) and directories named in `prune`."""
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in prune)
+        yield from (os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
+
+
+class DocumentReader:
+    """An iterator over the documents of some input paths (see `read_documents`).
+
+    Known when made: `inputs`, `files` [(path, named explicitly)], `total_bytes`. Filled while
+    iterating: `documents` (count), `skipped` (non-UTF-8 files inside directories, in order).
+    `on_bytes(n)` is called with the bytes of every file or JSONL line consumed, skipped ones too,
+    so a progress report reaches `total_bytes` exactly.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike] | str | os.PathLike,
+                 on_bytes: Callable[[int], None] | None = None):
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.inputs: list[str] = [os.fspath(p) for p in paths]
+        if not self.inputs:
+            raise PoelmError("no input paths given; expected text files, directories or .jsonl files")
+        self.files: list[tuple[str, bool]] = []
+        for p in self.inputs:
+            if os.path.isdir(p):
+                self.files += [(f, False) for f in walk_files(p)]
+            elif os.path.isfile(p):
+                if os.path.getsize(p) == 0:
+                    raise PoelmError(f"{p}: empty file; expected text or .jsonl records")
+                self.files.append((p, True))
+            else:
+                raise PoelmError(f"{p}: no such file or directory; expected a text file, a directory or a .jsonl file")
+        self.total_bytes: int = sum(os.path.getsize(f) for f, _ in self.files)
+        self.on_bytes = on_bytes
+        self.documents = 0
+        self.skipped: list[str] = []
+        self._it: Iterator[Document] | None = None
+
+    def __iter__(self) -> DocumentReader:
+        return self
+
+    def __next__(self) -> Document:
+        if self._it is None:
+            self._it = self._read()
+        return next(self._it)
+
+    def _consumed(self, n: int) -> None:
+        if self.on_bytes is not None:
+            self.on_bytes(n)
+
+    def _read(self) -> Iterator[Document]:
+        for path, explicit in self.files:
+            if path.endswith(".jsonl"):
+                yield from self._jsonl(path)
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            text = as_text(data)
+            if text is None:
+                if explicit:
+                    raise PoelmError(f"{path}: not UTF-8 text (binary file?); expected a text or .jsonl file")
+                self.skipped.append(path)
+            elif text:
+                self.documents += 1
+                yield Document(path, text)
+            self._consumed(len(data))
+        if self.documents == 0:
+            skipped = f", {len(self.skipped)} non-UTF-8 file(s) skipped" if self.skipped else ""
+            raise PoelmError(f"no documents in {self.inputs} (empty files and records hold none{skipped}); "
+                             f"expected UTF-8 text files or .jsonl records with a non-empty 'text'")
+
+    def _jsonl(self, path: str) -> Iterator[Document]:
+        with open(path, "rb") as f:  # line by line: JSONL corpora can be larger than memory
+            for lineno, raw in enumerate(f, start=1):
+                self._consumed(len(raw))
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise PoelmError(f"{path}:{lineno}: not UTF-8; expected one JSON object per line") from None
+                except json.JSONDecodeError as e:
+                    raise PoelmError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    got = f"keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
+                    raise PoelmError(f"{path}:{lineno}: expected an object with a 'text' string field, got {got}")
+                text = record["text"]
+                try:  # JSON escapes can spell a lone surrogate ("\ud800"), which no tokenizer can encode
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise PoelmError(f"{path}:{lineno}: 'text' has an unpaired surrogate at character {e.start}; "
+                                     f"expected valid Unicode") from None
+                if text:
+                    self.documents += 1
+                    yield Document(f"{path}:{lineno}", text)
+
+
+def read_documents(paths: Sequence[str | os.PathLike] | str | os.PathLike,
+                   on_bytes: Callable[[int], None] | None = None) -> DocumentReader:
+    """The documents of text files, directories and .jsonl files, in input order.
+
+    Raises PoelmError for a missing path or an empty explicit file at once; while iterating, for an
+    explicit file that is not UTF-8 text, for malformed JSONL (naming file:line), and, at the end,
+    when there were no documents at all. After iterating, `.skipped` lists the non-UTF-8 files
+    found inside directories and `.documents` counts what was yielded.
+    """
+    return DocumentReader(paths, on_bytes)
+
+
+# ---- progress ------------------------------------------------------------------------------------
+
+
+def format_size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+class ByteProgress:
+    """Bytes-read progress: tqdm on a terminal, a few plain lines elsewhere (a log is not flooded
+    with carriage-return updates), nothing when disabled."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.enabled, self.total, self.done, self.label = enabled, max(total, 1), 0, label
+        self.bar = None
+        self.next_quarter = 1
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr)
+        elif enabled:
+            self.line(f"{label}: reading {format_size(total)}")
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled:
+            while self.next_quarter < 4 and self.done >= self.total * self.next_quarter / 4:
+                self.line(f"{self.label}: read {25 * self.next_quarter}% ({format_size(self.done)})")
+                self.next_quarter += 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ---- tokenized corpus with a held-out split ------------------------------------------------------
+
+_HASH_BUCKETS = 10**6
+_CHUNK_DOCS, _CHUNK_BYTES = 1024, 8 << 20  # one encode_batch call: enough work for tiktoken's threads
+
+
+def document_hash(text: str | bytes) -> int:
+    """A stable 64-bit hash of a document's text (blake2b of its UTF-8 bytes, first 8 bytes, big-endian):
+    the same on every machine and Python run, unlike `hash()`."""
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+@dataclass(frozen=True)
+class SplitStats:
+    documents: int
+    tokens: int  # including one <|bos|> per document
+    bytes: int  # UTF-8 bytes of the documents' text
+
+
+@dataclass
+class TextCorpus:
+    """A tokenized corpus split by document into train and val streams."""
+
+    train_tokens: np.ndarray  # (N_train,) int32: [bos, doc..., bos, doc..., ...] in input order
+    val_tokens: np.ndarray  # (N_val,) int32, same layout
+    train: SplitStats
+    val: SplitStats
+    skipped: list[str]  # non-UTF-8 files skipped inside input directories
+    inputs: list[str]
+    bos_id: int
+    val_fraction: float
+
+    @classmethod
+    def build(cls, paths: Sequence[str | os.PathLike] | str | os.PathLike, tokenizer: Tokenizer,
+              val_fraction: float = 0.02, progress: bool | None = None) -> TextCorpus:
+        """Read, tokenize and split `paths` (see `read_documents`).
+
+        progress: False is silent; None or True reports bytes read (tqdm on a terminal, plain lines
+        on stderr otherwise) and a closing summary line.
+        """
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+            raise PoelmError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+        reader = read_documents(paths)
+        report = ByteProgress(progress is not False, reader.total_bytes, "data")
+        reader.on_bytes = report.update
+        bos, threshold = tokenizer.bos_id, val_fraction * _HASH_BUCKETS
+
+        chunks: list[np.ndarray] = []  # int32 token chunks of all documents, input order
+        keys: list[tuple[int, int]] = []  # per document: (hash bucket, full hash) orders documents by hash
+        n_tokens: list[int] = []  # per document, bos included
+        n_bytes: list[int] = []
+        first_source = ""
+        batch: list[str] = []
+        batch_bytes = 0
+
+        def flush() -> None:
+            nonlocal batch, batch_bytes
+            ids = tokenizer.encode_batch(batch)
+            n_tokens.extend(len(d) + 1 for d in ids)
+            total = sum(len(d) + 1 for d in ids)
+            flat = itertools.chain.from_iterable(itertools.chain((bos,), d) for d in ids)
+            chunks.append(np.fromiter(flat, dtype=np.int32, count=total))
+            batch, batch_bytes = [], 0
+
+        try:
+            for doc in reader:
+                data = doc.text.encode("utf-8")
+                h = document_hash(data)
+                keys.append((h % _HASH_BUCKETS, h))
+                n_bytes.append(len(data))
+                first_source = first_source or doc.source
+                batch.append(doc.text)
+                batch_bytes += len(data)
+                if len(batch) >= _CHUNK_DOCS or batch_bytes >= _CHUNK_BYTES:
+                    flush()
+            if batch:
+                flush()
+        finally:
+            report.close()
+
+        n = len(keys)
+        if n < 2:
+            raise PoelmError(f"{first_source}: the only document in {reader.inputs}; a held-out split needs at "
+                             f"least two documents (add text, or split it into files or .jsonl records)")
+        is_val = np.fromiter((k[0] < threshold for k in keys), dtype=bool, count=n)
+        if not is_val.any():  # tiny corpus: hold out the document with the lowest hash
+            is_val[min(range(n), key=keys.__getitem__)] = True
+        if is_val.all():  # and keep one for training: the highest hash
+            is_val[max(range(n), key=keys.__getitem__)] = False
+
+        tokens = np.concatenate(chunks)
+        token_is_val = np.repeat(is_val, n_tokens)  # (N,) which split each token's document went to
+        n_tokens_a, n_bytes_a = np.asarray(n_tokens, dtype=np.int64), np.asarray(n_bytes, dtype=np.int64)
+
+        def stats(mask: np.ndarray) -> SplitStats:
+            return SplitStats(int(mask.sum()), int(n_tokens_a[mask].sum()), int(n_bytes_a[mask].sum()))
+
+        corpus = cls(train_tokens=tokens[~token_is_val], val_tokens=tokens[token_is_val],
+                     train=stats(~is_val), val=stats(is_val), skipped=list(reader.skipped),
+                     inputs=list(reader.inputs), bos_id=bos, val_fraction=float(val_fraction))
+        report.line(corpus.summary())
+        return corpus
+
+    def summary(self) -> str:
+        """One log line: documents, tokens and bytes per split, and skipped files."""
+        skipped = (f"; skipped {len(self.skipped)} non-UTF-8 file(s) in input directories (first: {self.skipped[0]})"
+                   if self.skipped else "")
+        return (f"data: train {self.train.documents:,} documents, {self.train.tokens:,} tokens "
+                f"({format_size(self.train.bytes)}); val {self.val.documents:,} documents, {self.val.tokens:,} "
+                f"tokens ({format_size(self.val.bytes)}){skipped}")
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-able facts about the corpus, for run metadata."""
+        return {"inputs": self.inputs, "val_fraction": self.val_fraction, "train": asdict(self.train),
+                "val": asdict(self.val), "skipped_files": len(self.skipped)}
+
+
+# ---- loading rows --------------------------------------------------------------------------------
+
+
+def n_rows(n_tokens: int, seq_len: int) -> int:
+    """Rows of `seq_len` targets in a stream of `n_tokens` (the first token is never a target)."""
+    return -(-(n_tokens - 1) // seq_len)
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise PoelmError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_tokens(tokens: Any, who: str) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.dtype.kind not in "iu" or len(tokens) < 2:
+        raise PoelmError(f"{who}: expected a 1-D integer token array of at least 2 tokens, "
+                         f"got shape {tokens.shape} dtype {tokens.dtype}")
+    return tokens
+
+
+def _rows(tokens: np.ndarray, rows: np.ndarray, seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `rows` (R,) of the stream -> x, y (R, T) int64: x = tokens[i*T : i*T+T], y shifted by one.
+    Positions past the stream's last target are padded: pad_id in x, -1 (ignored) in y."""
+    import torch
+
+    x = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
+    y = np.full((len(rows), seq_len), -1, dtype=np.int64)
+    for b, i in enumerate(rows.tolist()):  # a contiguous slice per row: cheaper than a (R, T) gather
+        row = tokens[i * seq_len : i * seq_len + seq_len + 1]  # T+1 tokens; fewer only in the last row
+        x[b, : len(row) - 1] = row[:-1]
+        y[b, : len(row) - 1] = row[1:]
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class TokenLoader:
+    """Endless (x, y) batches of one rank from a token stream; see the module docstring."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, pad_id: int):
+        self.tokens = _check_tokens(tokens, "TokenLoader")
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seq_len = _check_int("seq_len", seq_len, 1)
+        self.world_size = _check_int("world_size", world_size, 1)
+        self.rank = _check_int("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise PoelmError(f"rank must be in [0, world_size={self.world_size}), got {rank}")
+        self.seed = _check_int("seed", seed, 0)
+        self.shuffle = bool(shuffle)
+        self.pad_id = _check_int("pad_id", pad_id, 0)
+        self._rows = n_rows(len(self.tokens), self.seq_len)
+        self._epoch, self._cursor = 0, 0  # global position: row `cursor` of epoch `epoch`'s order
+        self._orders: dict[int, np.ndarray] = {}
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return self._rows
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def cursor(self) -> int:
+        return self._cursor
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """(rows_per_epoch,) row indices in epoch `epoch`'s order."""
+        if epoch not in self._orders:
+            if self.shuffle:
+                import torch
+
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                self._orders[epoch] = torch.randperm(self._rows, generator=g).numpy()
+            else:
+                self._orders[epoch] = np.arange(self._rows)
+        return self._orders[epoch]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next (x, y), each (batch_size, seq_len) int64; y is -1 where there is no target."""
+        B, R = self.batch_size, self._rows
+        start = self._epoch * R + self._cursor + self.rank * B  # absolute row slot of this rank's first row
+        epochs, slots = np.divmod(start + np.arange(B), R)  # (B,) a batch may straddle epochs (or several)
+        rows = np.empty(B, dtype=np.int64)
+        for e in np.unique(epochs):
+            here = epochs == e
+            rows[here] = self._order(int(e))[slots[here]]
+        self._epoch, self._cursor = divmod(self._epoch * R + self._cursor + self.world_size * B, R)
+        self._orders = {e: o for e, o in self._orders.items() if e >= self._epoch}
+        return _rows(self.tokens, rows, self.seq_len, self.pad_id)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    _SHAPE_KEYS = ("batch_size", "seq_len", "world_size", "rows_per_epoch", "seed", "shuffle")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position, JSON-able and identical on every rank, with the settings it is valid for."""
+        return {"epoch": self._epoch, "cursor": self._cursor, "rows_per_epoch": self._rows,
+                "batch_size": self.batch_size, "seq_len": self.seq_len, "world_size": self.world_size,
+                "seed": self.seed, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
+        """Continue from `state` (from `state_dict`); `source` names where it came from for errors."""
+        if not isinstance(state, dict):
+            raise PoelmError(f"{source}: data loader state is {type(state).__name__}; expected an object")
+        mine = self.state_dict()
+        for key in self._SHAPE_KEYS:
+            if key not in state:
+                raise PoelmError(f"{source}: data loader state lacks '{key}'")
+            if state[key] != mine[key] or isinstance(state[key], bool) != isinstance(mine[key], bool):
+                raise PoelmError(f"{source}: data loader state has {key}={state[key]!r} but this run has "
+                                 f"{key}={mine[key]!r}; resume with the same data, batch size, sequence length, "
+                                 f"world size and seed")
+        for key, high in (("epoch", float("inf")), ("cursor", self._rows)):
+            value = state.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < high:
+                bound = f" and < {high}" if key == "cursor" else ""
+                raise PoelmError(f"{source}: data loader state '{key}' is {value!r}; expected an int >= 0{bound}")
+        self._epoch, self._cursor = state["epoch"], state["cursor"]
+        self._orders = {}
+
+
+def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_rows: int | None = None, rank: int = 0,
+                 world_size: int = 1, *, pad_id: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `max_rows` rows (all when None) of `tokens` in order, rank r taking rows r, r+world, ...,
+    as (x, y) batches of at most `batch_size` rows, padded like `TokenLoader`.
+
+    Ranks can get different numbers of rows (and batches): reduce sums after the loop, not per batch.
+    pad_id only fills input positions after the stream's end, whose targets are ignored; with causal
+    attention it cannot change any scored position.
+    """
+    tokens = _check_tokens(tokens, "eval_batches")
+    B, T = _check_int("batch_size", batch_size, 1), _check_int("seq_len", seq_len, 1)
+    world_size = _check_int("world_size", world_size, 1)
+    rank = _check_int("rank", rank, 0)
+    if rank >= world_size:
+        raise PoelmError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    total = n_rows(len(tokens), T)
+    if max_rows is not None:
+        total = min(total, _check_int("max_rows", max_rows, 1))
+    mine = np.arange(rank, total, world_size)
+    pad = _check_int("pad_id", pad_id, 0)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(mine), B):
+            yield _rows(tokens, mine[i : i + B], T, pad)
+
+    return batches()

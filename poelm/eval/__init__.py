@@ -1,0 +1,1 @@
+"""Evaluation: bits per byte of every stage predictor and of their Log-OP combination."""

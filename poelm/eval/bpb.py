@@ -1,0 +1,54 @@
+"""Bits per byte of every stage predictor and of their Log-OP combination.
+
+Design choices (MODEL.md §2, §4):
+- bpb = sum of target-token NLL (nats) / (ln 2 * sum of the target tokens' UTF-8 bytes). Special
+  tokens count zero bytes and are left out of both sums, as are ignored targets (-1); the measure
+  is therefore comparable across tokenizers.
+- One forward per batch yields every stage's logits; the Log-OP score is renormalised with
+  logsumexp before its NLL is taken, so it is a proper distribution.
+- Sums, not means, are reduced across ranks, so the result does not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from ..model import PoEGPT, logop
+
+
+@torch.no_grad()
+def bpb_sums(model: PoEGPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], token_bytes: torch.Tensor,
+             device: torch.device) -> tuple[list[str], list[float]]:
+    """Per predictor: summed NLL in nats, then one shared byte count; names are stage0.. and logop."""
+    was_training = model.training
+    model.eval()
+    K = model.config.n_stages
+    names = [f"stage{k}" for k in range(K)] + ["logop"]
+    nats = [0.0] * (K + 1)
+    n_bytes = 0.0
+    token_bytes = token_bytes.to(device)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        valid = y >= 0
+        nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0)
+        keep = nbytes > 0  # specials (0 bytes) and ignored targets are left out
+        stage_logits = model(x, return_stages=True).stage_logits
+        scores = [*stage_logits, logop(stage_logits, model.config.poe_alpha)]
+        target = y.clamp(min=0)
+        for i, s in enumerate(scores):
+            nll = F.cross_entropy(s.reshape(-1, s.size(-1)).float(), target.reshape(-1), reduction="none")
+            nats[i] += float((nll * keep.reshape(-1)).sum())
+        n_bytes += float(nbytes.sum())
+    model.train(was_training)
+    return names, nats + [n_bytes]
+
+
+def bpb_from_sums(names: list[str], sums: list[float]) -> dict[str, float]:
+    n_bytes = sums[-1]
+    if n_bytes <= 0:
+        raise ValueError("no target bytes to evaluate (empty evaluation set)")
+    return {name: nats / (math.log(2) * n_bytes) for name, nats in zip(names, sums[:-1])}

@@ -1,0 +1,1 @@
+"""Training loops (pretraining, specialist SFT) over shared distributed, checkpoint and metrics helpers."""

@@ -1,0 +1,72 @@
+"""Run metrics: one JSON object per line in `metrics.jsonl`, and a PNG of val bpb per stage.
+
+Design choices:
+- Append-only JSON lines that any tool can read; every record carries `step` so a resumed run can
+  drop what a killed run logged after its last checkpoint (`truncate_after`), and the file then
+  reads as if the run had never stopped.
+- The plot is redrawn from the file at every evaluation (matplotlib's Agg backend, no display), one
+  line per stage predictor plus the Log-OP combination, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+PLOT = "val_bpb.png"
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / METRICS
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records up to `step` (what the checkpoint being resumed had seen)."""
+        kept = [r for r in self.records() if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def evals(self) -> list[dict[str, Any]]:
+        return [r for r in self.records() if "val_bpb" in r]
+
+
+def plot_val_bpb(run_dir: Path, evals: list[dict[str, Any]], title: str) -> Path | None:
+    """Val bpb of every predictor against step; returns the PNG path (None before the first eval)."""
+    if not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(evals[0]["val_bpb"])
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    steps = [r["step"] for r in evals]
+    for name in names:
+        style = {"linewidth": 2.4, "color": "black"} if name == "logop" else {"linewidth": 1.4}
+        ax.plot(steps, [r["val_bpb"][name] for r in evals], marker="o", markersize=3, label=name, **style)
+    ax.set_xlabel("step")
+    ax.set_ylabel("val bits per byte")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / PLOT
+    tmp = out.with_name(".val_bpb.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

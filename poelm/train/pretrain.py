@@ -1,0 +1,250 @@
+"""`poelm pretrain`: train a PoE base (or its backprop control) on text, one process or many.
+
+setup -> fit -> save, over the shared TrainLoop (loop.py):
+- setup: the model comes from `--init MODELDIR` or is built from a tokenizer and shape flags; the
+  corpus is tokenized with a BOS before every document and split into train and held-out
+  documents; the loader streams rows of `seq_len + 1` tokens; MuonAdamW holds the optimizer state.
+- fit: `poe_mode` decides the loss (MODEL.md §2): `none` is end-to-end backprop on the last
+  boundary (the BP control arm), `flat` one detached loss per stage, `residual_logop` the running
+  Log-OP per stage. Every evaluation reports the val bpb of every stage predictor and of the Log-OP
+  combination, plus a greedy sample.
+- save: `final/` (the last step) and `best/` (lowest Log-OP val bpb) are exported as base model
+  directories with a model card holding the architecture, training and val-bpb tables.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..card import model_card
+from ..config import PoEConfig
+from ..data.text import TextCorpus, TokenLoader, eval_batches
+from ..errors import PoelmError
+from ..eval.bpb import bpb_from_sums, bpb_sums
+from ..eval.sample import greedy_continue
+from ..model import PoEGPT
+from ..modeldir import load_model, load_tokenizer, save_model_dir
+from ..optim import build_optimizer
+from .dist import Dist, all_reduce_sum, close_dist, init_dist, log0
+from .loop import LoopConfig, TrainLoop, prepare_run_dir
+
+SAMPLE_PROMPT = "def "
+
+
+@dataclass
+class PretrainArgs:
+    data: list[str]
+    out: str
+    init: str | None = None
+    tokenizer: str | None = None
+    config: PoEConfig | None = None  # the shape, when not --init
+    poe_mode: str | None = None  # overrides of an --init model's PoE settings
+    poe_alpha: float | None = None
+    poe_stage_layers: list[int] | None = None
+    seq_len: int | None = None
+    steps: int = 1000
+    device_batch_size: int = 8
+    total_batch_tokens: int | None = None
+    eval_every: int = 100
+    eval_tokens: int = 65536
+    save_every: int | None = None
+    resume: bool = False
+    seed: int = 0
+    matrix_lr: float = 0.02
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    scalar_lr: float = 0.5
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.0
+    warmdown_frac: float = 0.4
+    final_lr_frac: float = 0.0
+    val_fraction: float = 0.02
+    sample_tokens: int = 32
+    device: str | None = None
+
+
+def resolve_model(args: PretrainArgs) -> tuple[PoEGPT, Any]:
+    """The model to train and its tokenizer, from --init or from --tokenizer and a shape."""
+    if args.init is not None:
+        model = load_model(args.init)
+        tok = load_tokenizer(args.init, model.config)
+        changes = {k: v for k, v in (("poe_mode", args.poe_mode), ("poe_alpha", args.poe_alpha)) if v is not None}
+        if args.poe_stage_layers is not None:  # re-cut the stages: readouts move, weights do not
+            changes.update(poe_stage_layers=args.poe_stage_layers, poe_backout_stages=None)
+            if model.config.poe_stage_heads:
+                raise PoelmError("--poe-stage-layers cannot re-cut a model with per-stage heads")
+        if changes:
+            config = PoEConfig.from_dict({**model.config.to_dict(), **changes})
+            state = model.state_dict()
+            model = PoEGPT(config)
+            model.load_state_dict(state)
+        return model, tok
+    if args.tokenizer is None or args.config is None:
+        raise PoelmError("pretrain needs --init MODELDIR, or --tokenizer TOKDIR with --depth")
+    tok = load_tokenizer(args.tokenizer)
+    model = PoEGPT(args.config)
+    model.init_weights(seed=args.seed)
+    return model, tok
+
+
+def batch_geometry(args: PretrainArgs, seq_len: int, world: int) -> tuple[int, int]:
+    """(tokens per step, accumulation steps); the step's tokens do not depend on the world size."""
+    per_micro = args.device_batch_size * seq_len * world
+    total = args.total_batch_tokens or per_micro
+    if total % per_micro:
+        raise PoelmError(f"--total-batch-tokens {total} is not divisible by device batch {args.device_batch_size} x "
+                         f"seq len {seq_len} x world size {world} = {per_micro}")
+    return total, total // per_micro
+
+
+def run_config(args: PretrainArgs, config: PoEConfig, seq_len: int, tokens_per_step: int) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues (data, model, batch, schedule, seed)."""
+    keep = ("data", "steps", "device_batch_size", "seed", "matrix_lr", "embedding_lr", "unembedding_lr",
+            "scalar_lr", "weight_decay", "warmup_frac", "warmdown_frac", "final_lr_frac", "val_fraction",
+            "eval_every", "eval_tokens")
+    return {"command": "pretrain", **{k: getattr(args, k) for k in keep}, "seq_len": seq_len,
+            "total_batch_tokens": tokens_per_step, "model": config.to_dict()}
+
+
+def pretrain(args: PretrainArgs) -> dict[str, Any]:
+    d = init_dist(args.device)
+    try:
+        return _pretrain(d, args)
+    finally:
+        close_dist(d)
+
+
+def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
+    # ---------------------------------------------------------------------------------- setup
+    torch.manual_seed(args.seed)
+    model, tok = resolve_model(args)
+    config = model.config
+    seq_len = args.seq_len or config.sequence_len
+    if not 1 < seq_len <= config.sequence_len:
+        raise PoelmError(f"--seq-len {seq_len}: this model takes sequences of 2..{config.sequence_len} tokens "
+                         "(its sequence_len)")
+    for name in ("steps", "device_batch_size", "eval_every", "eval_tokens"):
+        if getattr(args, name) < 1:
+            raise PoelmError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
+    tokens_per_step, accum = batch_geometry(args, seq_len, d.world_size)
+    run_dir = Path(args.out)
+    ckpt = prepare_run_dir(d, run_dir, run_config(args, config, seq_len, tokens_per_step), args.resume,
+                           ignore=("eval_every",))
+    corpus = TextCorpus.build(args.data, tok, val_fraction=args.val_fraction, progress=d.is_main)
+    log0(d, f"data: {corpus.summary()}")
+    log0(d, f"model: {config.n_layer} layers in stages {config.poe_stage_layers}, width {config.n_embd}, "
+            f"{model.num_params():,} parameters, poe_mode {config.poe_mode}; {tokens_per_step:,} tokens/step = "
+            f"{args.device_batch_size} x {seq_len} x {d.world_size} process(es) x {accum} accumulation")
+    model.to(d.device)
+    loader = TokenLoader(corpus.train_tokens, args.device_batch_size, seq_len, rank=d.rank,
+                         world_size=d.world_size, seed=args.seed, pad_id=tok.bos_id)
+    optimizer = build_optimizer(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
+                                unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr,
+                                weight_decay=args.weight_decay)
+    ddp_model = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        unused = config.poe_mode == "none" and config.poe_stage_heads
+        ddp_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                        find_unused_parameters=unused)
+    token_bytes = torch.tensor(tok.token_bytes, dtype=torch.int64)
+    eval_rows = max(1, args.eval_tokens // seq_len)
+    stop = {tok.bos_id, tok.token_id("<|assistant_end|>")}
+    prompt = [tok.bos_id] + tok.encode(SAMPLE_PROMPT)
+
+    def loss_fn(m, x, y):
+        with autocast(d.device):
+            out = m(x, targets=y, loss_reduction="sum")
+        return out.loss, out.stage_losses
+
+    def evaluate(step: int) -> dict[str, Any]:
+        batches = eval_batches(corpus.val_tokens, args.device_batch_size, seq_len, max_rows=eval_rows,
+                               rank=d.rank, world_size=d.world_size, pad_id=tok.bos_id)
+        with autocast(d.device):
+            names, sums = bpb_sums(model, batches, token_bytes, d.device)
+        result: dict[str, Any] = {"val_bpb": bpb_from_sums(names, all_reduce_sum(d, sums))}
+        if d.is_main and args.sample_tokens > 0:
+            with autocast(d.device):
+                ids = greedy_continue(model, prompt, args.sample_tokens, stop, d.device)
+            result["sample"] = SAMPLE_PROMPT + tok.decode(ids)
+        return result
+
+    loop_cfg = LoopConfig(
+        run_dir=run_dir, steps=args.steps, accum_steps=accum, tokens_per_step=tokens_per_step,
+        eval_every=args.eval_every, save_every=args.save_every or args.eval_every,
+        warmup_frac=args.warmup_frac, warmdown_frac=args.warmdown_frac, final_lr_frac=args.final_lr_frac,
+        best_key="logop", resume=args.resume, title=f"{run_dir.name}: val bpb ({config.poe_mode})")
+    loop = TrainLoop(d, loop_cfg, model=model, ddp_model=ddp_model, optimizer=optimizer, loader=loader,
+                     loss_fn=loss_fn, evaluate=evaluate, trainable=lambda: dict(model.state_dict()),
+                     count_fn=lambda y: int((y >= 0).sum()))
+    start = loop.restore(ckpt) if ckpt is not None else 0
+    if ckpt is not None:
+        log0(d, f"resumed from {ckpt} (step {start})")
+
+    # ------------------------------------------------------------------------------------ fit
+    result = loop.run(start)
+
+    # ----------------------------------------------------------------------------------- save
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": result.step, "best_step": result.best_step,
+                               "best_val_bpb": result.best_value}
+    if d.is_main:
+        evals = result.evals
+        training = training_rows(args, config, corpus, seq_len, tokens_per_step, d.world_size, result)
+        cpu_model = model.to("cpu")
+        final_state = {k: v.clone() for k, v in cpu_model.state_dict().items()}
+        for name, weights, step in (("final", final_state, result.step),
+                                    ("best", loop.best_weights(), result.best_step)):
+            cpu_model.load_state_dict(weights)
+            card = model_card(cpu_model, f"{run_dir.name}/{name}", training=training + [("Exported step", step)],
+                              evals=evals, best_step=result.best_step,
+                              summary=f"A poelm PoE base pretrained with poelm ({config.poe_mode} mode). "
+                                      f"This is the {name} checkpoint (step {step}).")
+            save_model_dir(cpu_model, run_dir / name, tok, card=card, overwrite=True,
+                           extra_config={"training": {"run_dir": str(run_dir), "step": step,
+                                                      "val_bpb": next((e["val_bpb"] for e in evals
+                                                                       if e["step"] == step), None)}})
+        summary["val_bpb"] = [[e["step"], e["val_bpb"]] for e in evals]
+        log0(d, f"done: {result.step} steps in {result.seconds:.0f}s; best Log-OP val bpb "
+                f"{result.best_value:.4f} at step {result.best_step}; exported {run_dir / 'final'} and "
+                f"{run_dir / 'best'}")
+    return summary
+
+
+OBJECTIVES = {
+    "none": "end-to-end cross-entropy on the last stage (the BP control)",
+    "flat": "one cross-entropy per stage, residual stream detached between stages",
+    "residual_logop": "per stage, cross-entropy of the running Log-OP of stages 0..k",
+}
+
+
+def training_rows(args: PretrainArgs, config: PoEConfig, corpus: TextCorpus, seq_len: int, tokens_per_step: int,
+                  world: int, result) -> list[tuple[str, Any]]:
+    return [
+        ("Objective", OBJECTIVES[config.poe_mode] + f" (poe_alpha {config.poe_alpha})"),
+        ("Data", ", ".join(args.data)),
+        ("Documents (train / val)", f"{corpus.train.documents:,} / {corpus.val.documents:,}"),
+        ("Tokens (train / val)", f"{corpus.train.tokens:,} / {corpus.val.tokens:,}"),
+        ("Sequence length", seq_len),
+        ("Per-device batch", f"{args.device_batch_size} x {seq_len}"),
+        ("World size", world),
+        ("Tokens per step", f"{tokens_per_step:,}"),
+        ("Steps", result.step),
+        ("Optimizer", f"MuonAdamW (matrix LR {args.matrix_lr}, embedding LR {args.embedding_lr}, "
+                      f"unembedding LR {args.unembedding_lr}, scalar LR {args.scalar_lr})"),
+        ("Warmup / warmdown / final LR", f"{args.warmup_frac:.0%} / {args.warmdown_frac:.0%} / {args.final_lr_frac}"),
+        ("Eval / save cadence", f"every {args.eval_every} / {args.save_every or args.eval_every} steps"),
+        ("Best checkpoint", f"step {result.best_step}, Log-OP val bpb {result.best_value:.4f}"),
+    ]
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU so CPU runs are bit-reproducible."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
