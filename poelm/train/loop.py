@@ -78,9 +78,8 @@ class LoopResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare_run_dir(d: Dist, run_dir: Path, run_config: dict[str, Any], resume: bool,
-                    ignore: tuple[str, ...] = ()) -> Path | None:
-    """Check the run folder against --resume; returns the checkpoint to resume from, if any.
+def check_run_dir(run_dir: Path, run_config: dict[str, Any], resume: bool, ignore: tuple[str, ...] = ()) -> Path | None:
+    """Check the run folder against --resume; returns the checkpoint to resume from, if any. Writes nothing.
 
     A fresh run refuses a folder that already holds a run; a resumed run refuses a checkpoint made
     with a different configuration (fields in `ignore` may differ), naming the first field that
@@ -102,14 +101,18 @@ def prepare_run_dir(d: Dist, run_dir: Path, run_config: dict[str, Any], resume: 
         return ckpt
     if recorded.exists() or ckpt is not None or (run_dir / "final").exists():
         raise PoelmError(f"{run_dir}: already holds a run (pass --resume to continue it, or choose another --out)")
+    return None
+
+
+def record_run(d: Dist, run_dir: Path, run_config: dict[str, Any]) -> None:
+    """Create the run folder and its run.json, once the inputs have been checked (rank 0 writes)."""
     barrier(d)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / f".{RUN_CONFIG}.tmp"
         write_json(tmp, run_config)
-        os.replace(tmp, recorded)
+        os.replace(tmp, run_dir / RUN_CONFIG)
     barrier(d)
-    return None
 
 
 class TrainLoop:

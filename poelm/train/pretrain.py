@@ -31,7 +31,7 @@ from ..model import PoEGPT
 from ..modeldir import load_model, load_tokenizer, save_model_dir
 from ..optim import build_optimizer
 from .dist import Dist, all_reduce_sum, close_dist, init_dist, log0
-from .loop import LoopConfig, TrainLoop, prepare_run_dir
+from .loop import LoopConfig, TrainLoop, check_run_dir, record_run
 
 SAMPLE_PROMPT = "def "
 
@@ -133,10 +133,12 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
             raise PoelmError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
     tokens_per_step, accum = batch_geometry(args, seq_len, d.world_size)
     run_dir = Path(args.out)
-    ckpt = prepare_run_dir(d, run_dir, run_config(args, config, seq_len, tokens_per_step), args.resume,
-                           ignore=("eval_every",))
+    recorded = run_config(args, config, seq_len, tokens_per_step)
+    ckpt = check_run_dir(run_dir, recorded, args.resume, ignore=("eval_every",))
     corpus = TextCorpus.build(args.data, tok, val_fraction=args.val_fraction, progress=d.is_main)
-    log0(d, f"data: {corpus.summary()}")
+    if ckpt is None:
+        record_run(d, run_dir, recorded)
+    log0(d, corpus.summary())
     log0(d, f"model: {config.n_layer} layers in stages {config.poe_stage_layers}, width {config.n_embd}, "
             f"{model.num_params():,} parameters, poe_mode {config.poe_mode}; {tokens_per_step:,} tokens/step = "
             f"{args.device_batch_size} x {seq_len} x {d.world_size} process(es) x {accum} accumulation")

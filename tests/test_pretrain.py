@@ -1,0 +1,210 @@
+"""Pretraining: accumulation == one big batch, checkpoints and bit-exact resume (also after SIGKILL),
+two processes == one, run-folder outputs, and every bad input as one clear error."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from poelm.config import PoEConfig
+from poelm.errors import PoelmError
+from poelm.train.pretrain import PretrainArgs, pretrain
+
+from conftest import tiny_corpus_text
+
+# 3 layers: with 2, the backout layer (n_layer // 2) is the last layer, where the norm cancels the
+# backout exactly and its gradient is pure float noise.
+SHAPE = dict(n_layer=3, n_head=2, n_kv_head=1, n_embd=64, sequence_len=64, poe_stage_layers=[2, 1])
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    text = tiny_corpus_text()
+    lines = text.splitlines(keepends=True)
+    for i in range(12):  # 12 documents, so the held-out split has something to hold
+        (d / f"doc{i:02d}.txt").write_text("".join(lines[i * 120:(i + 1) * 120]), encoding="utf-8")
+    return d
+
+
+def args(tmp_path, tiny_tokenizer_dir, corpus_dir, name="run", **changes):
+    base = dict(data=[str(corpus_dir)], out=str(tmp_path / name), tokenizer=str(tiny_tokenizer_dir),
+                config=PoEConfig(vocab_size=512, **SHAPE), steps=6, device_batch_size=4, eval_every=3,
+                eval_tokens=512, seq_len=32, sample_tokens=4, val_fraction=0.1, device="cpu")
+    base.update(changes)
+    return PretrainArgs(**base)
+
+
+def weights(run_dir, which="final"):
+    return load_file(str(Path(run_dir) / which / "model.safetensors"))
+
+
+def test_run_folder_outputs(tmp_path, tiny_tokenizer_dir, corpus_dir):
+    a = args(tmp_path, tiny_tokenizer_dir, corpus_dir, steps=6)
+    summary = pretrain(a)
+    run = Path(a.out)
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 6]
+    evals = [r for r in records if "val_bpb" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert set(evals[0]["val_bpb"]) == {"stage0", "stage1", "logop"}
+    for r in records[1:]:
+        assert {"tokens", "lr", "train_loss", "stage_losses", "tok_per_s"} <= set(r)
+    assert records[-1]["tokens"] == 6 * 4 * 32
+    assert (run / "val_bpb.png").stat().st_size > 1000
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["000003", "000006", "best"]
+    card = (run / "best" / "README.md").read_text()
+    assert "## Training" in card and "## Validation bpb trajectory" in card and "← best" in card
+    best = json.loads((run / "best" / "config.json").read_text())["training"]
+    assert best["step"] == summary["best_step"]
+    assert summary["best_val_bpb"] == min(e["val_bpb"]["logop"] for e in evals)
+
+
+@pytest.fixture(scope="module")
+def moved_base(tmp_path_factory, tiny_tokenizer):
+    """A base moved off its init. At init every block is the identity, so some scalars (the backout)
+    have an exactly-zero gradient whose float noise Adam would blow up into full-size steps, and runs
+    that differ only in summation order would then differ visibly."""
+    from poelm.model import PoEGPT
+    from poelm.modeldir import save_model_dir
+    from util import perturb_
+
+    model = PoEGPT(PoEConfig(vocab_size=512, **SHAPE))
+    model.init_weights(0)
+    return save_model_dir(perturb_(model, seed=3, scale=0.1), tmp_path_factory.mktemp("base") / "moved",
+                          tiny_tokenizer)
+
+
+def test_accumulation_equals_one_big_batch(tmp_path, tiny_tokenizer_dir, corpus_dir, moved_base):
+    common = dict(init=str(moved_base), tokenizer=None, config=None, steps=3)
+    big = args(tmp_path, tiny_tokenizer_dir, corpus_dir, "big", device_batch_size=8, **common)
+    small = args(tmp_path, tiny_tokenizer_dir, corpus_dir, "small", device_batch_size=4,
+                 total_batch_tokens=8 * 32, **common)
+    pretrain(big)
+    pretrain(small)
+    a, b = weights(big.out), weights(small.out)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_resume_is_bitwise(tmp_path, tiny_tokenizer_dir, corpus_dir):
+    full = args(tmp_path, tiny_tokenizer_dir, corpus_dir, "full", steps=6, save_every=2)
+    pretrain(full)
+    part = args(tmp_path, tiny_tokenizer_dir, corpus_dir, "part", steps=6, save_every=2)
+    pretrain(part)
+    # Roll the finished run back to its step-2 checkpoint, as if it had died there, and resume.
+    run = Path(part.out)
+    for name in ("000004", "000006"):
+        import shutil
+        shutil.rmtree(run / "checkpoints" / name)
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "best")
+    pretrain(args(tmp_path, tiny_tokenizer_dir, corpus_dir, "part", steps=6, save_every=2, resume=True))
+    a, b = weights(full.out), weights(part.out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(7))  # nothing logged twice
+
+
+def cli(*argv, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "poelm", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def pretrain_argv(tokenizer_dir, corpus_dir, out, *extra):
+    return ["pretrain", "--tokenizer", str(tokenizer_dir), "--depth", "3", "--n-embd", "64", "--n-head", "2",
+            "--n-kv-head", "1", "--seq-len", "32", "--poe-stage-layers", "2,1", "--data", str(corpus_dir),
+            "--out", str(out), "--device-batch-size", "4", "--eval-every", "10", "--eval-tokens", "256",
+            "--sample-tokens", "0", "--val-fraction", "0.1", "--device", "cpu", *extra]
+
+
+def test_sigkill_then_resume_is_bitwise(tmp_path, tiny_tokenizer_dir, corpus_dir):
+    steps = ["--steps", "200", "--save-every", "20"]
+    ref = cli(*pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "ref", *steps))
+    victim = cli(*pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "victim", *steps))
+    marker = tmp_path / "victim" / "checkpoints" / "000020" / "state.json"
+    deadline = time.time() + 120
+    while not marker.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert marker.exists() and not (tmp_path / "victim" / "final").exists(), "the run was not killed mid-way"
+    resumed = cli(*pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "victim", *steps, "--resume"))
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed from" in err
+    _, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err
+    a, b = weights(tmp_path / "ref"), weights(tmp_path / "victim")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_equal_one(tmp_path, tiny_tokenizer_dir, corpus_dir):
+    common = ["--steps", "4", "--total-batch-tokens", str(8 * 32)]
+    one = cli(*pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "one", *common))
+    _, err = one.communicate(timeout=300)
+    assert one.returncode == 0, err
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "poelm", *pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "two", *common)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x 2 process(es) x 1 accumulation" in r.stderr
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-4, k
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(seq_len=128), "--seq-len 128: this model takes sequences of 2..64"),
+    (dict(total_batch_tokens=100), "--total-batch-tokens 100 is not divisible by device batch 4 x seq len 32"),
+    (dict(resume=True), "--resume: no complete checkpoint"),
+    (dict(data=["/nonexistent/corpus"]), "/nonexistent/corpus"),
+])
+def test_bad_input(tmp_path, tiny_tokenizer_dir, corpus_dir, changes, message):
+    with pytest.raises(PoelmError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        pretrain(args(tmp_path, tiny_tokenizer_dir, corpus_dir, **changes))
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_bad_files_are_named(tmp_path, tiny_tokenizer_dir, corpus_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(PoelmError, match="empty.txt"):
+        pretrain(args(tmp_path, tiny_tokenizer_dir, corpus_dir, data=[str(empty)]))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 ol\xe9".encode("latin-1"))
+    with pytest.raises(PoelmError, match="latin.txt"):
+        pretrain(args(tmp_path, tiny_tokenizer_dir, corpus_dir, data=[str(latin)]))
+
+
+def test_existing_run_and_changed_config(tmp_path, tiny_tokenizer_dir, corpus_dir):
+    a = args(tmp_path, tiny_tokenizer_dir, corpus_dir, steps=2, eval_every=2)
+    pretrain(a)
+    before = weights(a.out)
+    with pytest.raises(PoelmError, match="already holds a run"):
+        pretrain(a)
+    with pytest.raises(PoelmError, match=r"--resume: .*run.json was made with seed=0, this run has seed=5"):
+        pretrain(args(tmp_path, tiny_tokenizer_dir, corpus_dir, steps=2, eval_every=2, resume=True, seed=5))
+    after = weights(a.out)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing overwritten
+
+
+def test_init_dir_and_bp_control(tmp_path, tiny_tokenizer_dir, corpus_dir, capsys):
+    from poelm.cli import main
+
+    assert main(["init", "--tokenizer", str(tiny_tokenizer_dir), "--depth", "3", "--n-embd", "64", "--n-head", "2",
+                 "--poe-stage-layers", "2,1", "--seq-len", "64", "--out", str(tmp_path / "base")]) == 0
+    a = args(tmp_path, tiny_tokenizer_dir, corpus_dir, init=str(tmp_path / "base"), tokenizer=None, config=None,
+             poe_mode="none", steps=2, eval_every=2)
+    pretrain(a)
+    config = json.loads((Path(a.out) / "final" / "config.json").read_text())
+    assert config["poe_mode"] == "none" and config["poe_stage_layers"] == [2, 1]
