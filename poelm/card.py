@@ -55,7 +55,7 @@ def trajectory_table(evals: list[dict[str, Any]], best_step: int | None, key: st
 
 def model_card(model: PoEGPT, name: str, *, summary: str | None = None,
                training: list[tuple[str, Any]] | None = None, evals: list[dict[str, Any]] | None = None,
-               best_step: int | None = None) -> str:
+               best_step: int | None = None, best_key: str = "logop") -> str:
     params = table(("Group", "Parameters"), [(k, f"{v:,}") for k, v in model.param_table()])
     parts = [
         "---\nlibrary_name: transformers\ntags: [poelm, product-of-experts]\n---",
@@ -71,5 +71,5 @@ def model_card(model: PoEGPT, name: str, *, summary: str | None = None,
     if training:
         parts.append("## Training\n" + table(("Setting", "Value"), training))
     if evals:
-        parts.append("## Validation bpb trajectory\n" + trajectory_table(evals, best_step))
+        parts.append("## Validation bpb trajectory\n" + trajectory_table(evals, best_step, best_key))
     return "\n\n".join(parts) + "\n"

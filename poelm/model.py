@@ -346,7 +346,7 @@ class PoEGPT(nn.Module):
         return_stages: bool = False,
         loss_reduction: str = "mean",
         fused_loss: bool = True,
-        loss_chunk: int = 2048,
+        loss_chunk: int | None = None,
     ) -> PoEOutput:
         """Run stages 0..exit_stage (default: all) on idx (B, T).
 
@@ -354,7 +354,9 @@ class PoEGPT(nn.Module):
         config default) or the Log-OP of all computed stages (`output="logop"`, log-probabilities).
         Training (targets (B, T), -1 = ignore): `loss` per `poe_mode` and `stage_losses`. In `none`
         and `flat` mode the head and cross-entropy run fused in chunks of `loss_chunk` tokens
-        (HeadCrossEntropy); `fused_loss=False` takes the plain path the tests compare it with.
+        (HeadCrossEntropy; default: about 4M logits, 16 MB in float32, per chunk: small enough to stay
+        in cache and out of the allocator's page-faulting path on a CPU); `fused_loss=False` takes the
+        plain path the tests compare it with.
         """
         c = self.config
         last = c.n_stages - 1 if exit_stage is None else exit_stage
@@ -399,7 +401,8 @@ class PoEGPT(nn.Module):
             out = logop(logits, c.poe_alpha) if output == "logop" else logits[-1]
             return PoEOutput(logits=out, stage_logits=logits if return_stages else None)
         if fused:
-            return self._fused_loss(logits, readouts, targets, mode, loss_reduction, loss_chunk)
+            chunk = loss_chunk or max(64, (1 << 22) // c.padded_vocab_size)
+            return self._fused_loss(logits, readouts, targets, mode, loss_reduction, chunk)
         return self._loss(logits, targets, mode, loss_reduction)
 
     def _fused_loss(self, hidden, readouts, targets, mode, reduction, chunk) -> PoEOutput:

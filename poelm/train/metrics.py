@@ -56,10 +56,11 @@ def plot_val_bpb(run_dir: Path, evals: list[dict[str, Any]], title: str) -> Path
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     steps = [r["step"] for r in evals]
     for name in names:
-        style = {"linewidth": 2.4, "color": "black"} if name == "logop" else {"linewidth": 1.4}
+        style = {"linewidth": 1.8, "color": "black", "linestyle": "--"} if name == "logop" else {"linewidth": 1.6}
         ax.plot(steps, [r["val_bpb"][name] for r in evals], marker="o", markersize=3, label=name, **style)
     ax.set_xlabel("step")
-    ax.set_ylabel("val bits per byte")
+    ax.set_ylabel("val bits per byte (log scale)")
+    ax.set_yscale("log")  # the untrained step-0 point would otherwise flatten the curves that matter
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -92,6 +92,11 @@ def resolve_model(args: PretrainArgs) -> tuple[PoEGPT, Any]:
     return model, tok
 
 
+def best_key(config: PoEConfig) -> str:
+    """The predictor a run is judged by: the Log-OP of all stages for PoE modes, the last stage for BP."""
+    return f"stage{config.n_stages - 1}" if config.poe_mode == "none" else "logop"
+
+
 def batch_geometry(args: PretrainArgs, seq_len: int, world: int) -> tuple[int, int]:
     """(tokens per step, accumulation steps); the step's tokens do not depend on the world size."""
     per_micro = args.device_batch_size * seq_len * world
@@ -138,7 +143,6 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
     corpus = TextCorpus.build(args.data, tok, val_fraction=args.val_fraction, progress=d.is_main)
     if ckpt is None:
         record_run(d, run_dir, recorded)
-    log0(d, corpus.summary())
     log0(d, f"model: {config.n_layer} layers in stages {config.poe_stage_layers}, width {config.n_embd}, "
             f"{model.num_params():,} parameters, poe_mode {config.poe_mode}; {tokens_per_step:,} tokens/step = "
             f"{args.device_batch_size} x {seq_len} x {d.world_size} process(es) x {accum} accumulation")
@@ -181,7 +185,7 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
         run_dir=run_dir, steps=args.steps, accum_steps=accum, tokens_per_step=tokens_per_step,
         eval_every=args.eval_every, save_every=args.save_every or args.eval_every,
         warmup_frac=args.warmup_frac, warmdown_frac=args.warmdown_frac, final_lr_frac=args.final_lr_frac,
-        best_key="logop", resume=args.resume, title=f"{run_dir.name}: val bpb ({config.poe_mode})")
+        best_key=best_key(config), resume=args.resume, title=f"{run_dir.name}: val bpb ({config.poe_mode})")
     loop = TrainLoop(d, loop_cfg, model=model, ddp_model=ddp_model, optimizer=optimizer, loader=loader,
                      loss_fn=loss_fn, evaluate=evaluate, trainable=lambda: dict(model.state_dict()),
                      count_fn=lambda y: int((y >= 0).sum()))
@@ -194,7 +198,7 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
 
     # ----------------------------------------------------------------------------------- save
     summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": result.step, "best_step": result.best_step,
-                               "best_val_bpb": result.best_value}
+                               "best_key": loop_cfg.best_key, "best_val_bpb": result.best_value}
     if d.is_main:
         evals = result.evals
         training = training_rows(args, config, corpus, seq_len, tokens_per_step, d.world_size, result)
@@ -204,7 +208,7 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
                                     ("best", loop.best_weights(), result.best_step)):
             cpu_model.load_state_dict(weights)
             card = model_card(cpu_model, f"{run_dir.name}/{name}", training=training + [("Exported step", step)],
-                              evals=evals, best_step=result.best_step,
+                              evals=evals, best_step=result.best_step, best_key=loop_cfg.best_key,
                               summary=f"A poelm PoE base pretrained with poelm ({config.poe_mode} mode). "
                                       f"This is the {name} checkpoint (step {step}).")
             save_model_dir(cpu_model, run_dir / name, tok, card=card, overwrite=True,
@@ -212,7 +216,7 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
                                                       "val_bpb": next((e["val_bpb"] for e in evals
                                                                        if e["step"] == step), None)}})
         summary["val_bpb"] = [[e["step"], e["val_bpb"]] for e in evals]
-        log0(d, f"done: {result.step} steps in {result.seconds:.0f}s; best Log-OP val bpb "
+        log0(d, f"done: {result.step} steps in {result.seconds:.0f}s; best val bpb ({loop_cfg.best_key}) "
                 f"{result.best_value:.4f} at step {result.best_step}; exported {run_dir / 'final'} and "
                 f"{run_dir / 'best'}")
     return summary
@@ -241,7 +245,7 @@ def training_rows(args: PretrainArgs, config: PoEConfig, corpus: TextCorpus, seq
                       f"unembedding LR {args.unembedding_lr}, scalar LR {args.scalar_lr})"),
         ("Warmup / warmdown / final LR", f"{args.warmup_frac:.0%} / {args.warmdown_frac:.0%} / {args.final_lr_frac}"),
         ("Eval / save cadence", f"every {args.eval_every} / {args.save_every or args.eval_every} steps"),
-        ("Best checkpoint", f"step {result.best_step}, Log-OP val bpb {result.best_value:.4f}"),
+        ("Best checkpoint", f"step {result.best_step}, val bpb ({best_key(config)}) {result.best_value:.4f}"),
     ]
 
 

@@ -1,0 +1,83 @@
+"""Throughput of PoE `flat` training against the end-to-end `none` control, measured side by side.
+
+Same model shape, batch, data and optimizer; the two modes alternate in rounds so machine noise hits
+both alike, and the median step time of each is reported. Prints one JSON line:
+{"shape": ..., "tokens_per_step": ..., "none_tok_per_s": ..., "flat_tok_per_s": ..., "ratio": none/flat}
+(ratio = how much slower flat is; the paper paid 1.33x). A benchmark, not a test: never asserts a time.
+
+    python benchmarks/pretrain_overhead.py [--depth 4 --n-embd 128 --vocab 8192 --stages 2,2 --seq-len 256
+                                            --batch 8 --rounds 5 --device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from poelm.config import PoEConfig
+from poelm.model import PoEGPT
+from poelm.optim import build_optimizer
+
+
+def step_time(model, optimizer, x, y, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = model(x, targets=y)
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--n-head", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--stages", default="2,2")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps-per-round", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    stages = [int(s) for s in args.stages.split(",")]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=g).to(device)
+    y = x.roll(-1, 1)
+    runs = {}
+    for mode in ("none", "flat"):
+        config = PoEConfig(vocab_size=args.vocab, n_layer=args.depth, n_head=args.n_head, n_kv_head=args.n_head,
+                           n_embd=args.n_embd, sequence_len=args.seq_len, poe_stage_layers=stages, poe_mode=mode)
+        model = PoEGPT(config).to(device)
+        model.init_weights(0)
+        optimizer = build_optimizer(model)
+        step_time(model, optimizer, x, y, device)  # warm-up
+        runs[mode] = (model, optimizer, [])
+    for _ in range(args.rounds):
+        for mode, (model, optimizer, times) in runs.items():
+            times += [step_time(model, optimizer, x, y, device) for _ in range(args.steps_per_round)]
+    tokens = args.batch * args.seq_len
+    rate = {mode: tokens / statistics.median(times) for mode, (_, _, times) in runs.items()}
+    print(json.dumps({
+        "shape": {"depth": args.depth, "n_embd": args.n_embd, "vocab": args.vocab, "stages": stages,
+                  "seq_len": args.seq_len, "batch": args.batch, "device": str(device),
+                  "threads": torch.get_num_threads()},
+        "tokens_per_step": tokens,
+        "none_tok_per_s": round(rate["none"], 1),
+        "flat_tok_per_s": round(rate["flat"], 1),
+        "ratio": round(rate["none"] / rate["flat"], 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
