@@ -45,6 +45,9 @@ HF_CONFIG_KEYS = frozenset({
 })
 # Provenance poelm records in config.json beside the model fields (facts, not structure).
 PROVENANCE_KEYS = frozenset({"converted_from", "poelm_version", "training"})
+# A stage directory's own fields (FORMATS.md): where its parent is and what it was trained on.
+STAGE_KEYS = frozenset({"base_model_name_or_path", "stage_name", "stage_layers", "parent_fingerprint",
+                        "chat_rows", "chat_rows_initialized"})
 
 
 def short_window(sequence_len: int) -> int:
@@ -99,6 +102,10 @@ class PoEConfig:
     poe_stage_heads: bool = False
     poe_backout_stages: list[int] | None = None
     poe_output: str = "last"
+    # --- specialist stages (MODEL.md §3): stages >= n_base_stages were appended to a frozen base ---
+    n_base_stages: int | None = None
+    stage_head: bool = False  # `lm_head_stage`: the leaf specialist's additive head, at the last boundary
+    head_fold: bool = False  # `lm_head_fold`: the ancestors' stage heads, summed, at specialist boundaries
 
     def __post_init__(self) -> None:
         self._check_shape()
@@ -112,6 +119,8 @@ class PoEConfig:
             self.poe_stage_layers = [self.n_layer]
         if self.poe_backout_stages is None:
             self.poe_backout_stages = [len(self.poe_stage_layers) - 1] if self.backout else []
+        if self.n_base_stages is None:
+            self.n_base_stages = len(self.poe_stage_layers)
         self.layer_windows = [int(w) for w in self.layer_windows]
         self.value_embed_layers = [int(i) for i in self.value_embed_layers]
         self.poe_stage_layers = [int(n) for n in self.poe_stage_layers]
@@ -165,6 +174,11 @@ class PoEConfig:
             self._fail("poe_backout_stages", f"sorted, distinct stage indices in [0, {k_stages})")
         if backout_stages and not self.backout:
             self._fail("poe_backout_stages", "empty when backout is off")
+        if not 1 <= self.n_base_stages <= k_stages:
+            self._fail("n_base_stages", f"an integer in [1, {k_stages}] (the stages of the root base)")
+        if (self.stage_head or self.head_fold) and self.n_base_stages == k_stages:
+            self._fail("stage_head" if self.stage_head else "head_fold",
+                       "false for a base without specialist stages (n_base_stages == number of stages)")
         if backout_stages:
             first_boundary = self.stage_ends[backout_stages[0]]
             if self.backout_layer is None or not 0 <= self.backout_layer <= first_boundary:
@@ -194,6 +208,11 @@ class PoEConfig:
         return ends
 
     @property
+    def n_base_layers(self) -> int:
+        """Layers of the root base: everything before the first specialist stage."""
+        return sum(self.poe_stage_layers[: self.n_base_stages])
+
+    @property
     def stage_starts(self) -> list[int]:
         return [end - n + 1 for end, n in zip(self.stage_ends, self.poe_stage_layers)]
 
@@ -208,8 +227,11 @@ class PoEConfig:
         n = self.stage_ends[stage] + 1
         backout_stages = [k for k in self.poe_backout_stages if k <= stage]
         keeps_backout = self.backout and self.backout_layer is not None and self.backout_layer < n
+        specialist = stage >= self.n_base_stages
         return dataclasses.replace(
-            self, n_layer=n, layer_windows=self.layer_windows[:n],
+            self, n_base_stages=min(self.n_base_stages, stage + 1),
+            stage_head=self.stage_head and stage == self.n_stages - 1, head_fold=self.head_fold and specialist,
+            n_layer=n, layer_windows=self.layer_windows[:n],
             value_embed_layers=[i for i in self.value_embed_layers if i < n],
             backout=keeps_backout, backout_layer=self.backout_layer if keeps_backout else None,
             poe_stage_layers=self.poe_stage_layers[: stage + 1], poe_backout_stages=backout_stages,
@@ -226,7 +248,8 @@ class PoEConfig:
             raise PoelmError(f"{source}: expected a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in data if k not in names and k not in HF_CONFIG_KEYS
-                         and k not in PROVENANCE_KEYS and not k.startswith("_"))
+                         and k not in PROVENANCE_KEYS and k not in STAGE_KEYS
+                         and not k.startswith("_"))
         if unknown:
             raise PoelmError(f"{source}: unknown config field(s) {', '.join(unknown)}")
         try:

@@ -253,6 +253,10 @@ class PoEGPT(nn.Module):
         self.lm_head = Linear(d, V)
         if config.poe_stage_heads:  # optional per-stage additive heads, zero-initialised
             self.lm_head_stages = nn.ModuleDict({str(k): Linear(d, V) for k in range(config.n_stages)})
+        if config.head_fold:  # the ancestors' specialist heads, folded into one (MODEL.md §3, chaining)
+            self.lm_head_fold = Linear(d, V)
+        if config.stage_head:  # the leaf specialist's additive head, zero-initialised
+            self.lm_head_stage = Linear(d, V)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         if config.smear:
@@ -294,6 +298,10 @@ class PoEGPT(nn.Module):
         if c.poe_stage_heads:
             for head in self.lm_head_stages.values():
                 nn.init.zeros_(head.weight)
+        if c.head_fold:
+            nn.init.zeros_(self.lm_head_fold.weight)
+        if c.stage_head:
+            nn.init.zeros_(self.lm_head_stage.weight)
 
     # ---------------------------------------------------------------------------- pieces
     def embed(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
@@ -319,20 +327,42 @@ class PoEGPT(nn.Module):
             h = h - self.backout_lambda.to(h.dtype) * x_backout
         return norm(h)
 
+    def heads(self, stage: int) -> list[Linear]:
+        """The heads stage `stage` reads out through, summed: the shared head, then its additive heads.
+
+        Base stages: `lm_head` (+ `lm_head_stages[k]`). Specialist stages also add `lm_head_fold`
+        (the ancestors' stage heads); the last stage of a specialist adds `lm_head_stage`.
+        """
+        c = self.config
+        heads = [self.lm_head]
+        if c.poe_stage_heads:
+            heads.append(self.lm_head_stages[str(stage)])
+        if c.head_fold and stage >= c.n_base_stages:
+            heads.append(self.lm_head_fold)
+        if c.stage_head and stage == c.n_stages - 1:
+            heads.append(self.lm_head_stage)
+        return heads
+
     def head_weight(self, stage: int) -> torch.Tensor:
-        """The stage's effective head: the shared head plus its additive head, if any."""
-        if self.config.poe_stage_heads:
-            return self.lm_head.weight + self.lm_head_stages[str(stage)].weight
-        return self.lm_head.weight
+        """The stage's effective head weight (the sum of `heads(stage)`), for the fused loss."""
+        heads = self.heads(stage)
+        w = heads[0].weight
+        for head in heads[1:]:
+            w = w + head.weight
+        return w
 
     def stage_logits(self, h: torch.Tensor, stage: int, x_backout: torch.Tensor | None) -> torch.Tensor:
-        """Stage `stage`'s predictor from the residual after its last layer: (B, T, vocab) float32."""
-        c = self.config
+        """Stage `stage`'s predictor from the residual after its last layer: (B, T, vocab) float32.
+
+        The heads are applied one by one and their logits added (not their weights), so a stage
+        whose extra heads are zero gives exactly the logits of the model without them.
+        """
         h = self.stage_hidden(h, stage, x_backout)
-        logits = self.lm_head(h)
-        if c.poe_stage_heads:
-            logits = logits + self.lm_head_stages[str(stage)](h)
-        return softcap(logits[..., : c.vocab_size], c.softcap)
+        heads = self.heads(stage)
+        logits = heads[0](h)
+        for head in heads[1:]:
+            logits = logits + head(h)
+        return softcap(logits[..., : self.config.vocab_size], self.config.softcap)
 
     # --------------------------------------------------------------------------- forward
     def forward(
@@ -347,6 +377,7 @@ class PoEGPT(nn.Module):
         loss_reduction: str = "mean",
         fused_loss: bool = True,
         loss_chunk: int | None = None,
+        frozen_layers: int = 0,
     ) -> PoEOutput:
         """Run stages 0..exit_stage (default: all) on idx (B, T).
 
@@ -357,6 +388,9 @@ class PoEGPT(nn.Module):
         (HeadCrossEntropy; default: about 4M logits, 16 MB in float32, per chunk: small enough to stay
         in cache and out of the allocator's page-faulting path on a CPU); `fused_loss=False` takes the
         plain path the tests compare it with.
+        `frozen_layers=n`: the embedding and layers 0..n-1 run without autograd and their outputs enter
+        layer n detached (a specialist stage trains on a frozen trunk: one trunk forward, no trunk
+        backward). The values are the same as with autograd; only the graph is not built.
         """
         c = self.config
         last = c.n_stages - 1 if exit_stage is None else exit_stage
@@ -372,7 +406,9 @@ class PoEGPT(nn.Module):
 
         B, T = idx.shape
         start = cache.get_seq_length() if cache is not None else 0
-        x = self.embed(idx, cache)
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and frozen_layers == 0):
+            x = self.embed(idx, cache)
         cos, sin = rotary_tables(start, T, c.head_dim, c.rope_base, x.device, x.dtype)
         x0 = x
         x_backout = None
@@ -382,9 +418,13 @@ class PoEGPT(nn.Module):
         for i in range(c.stage_ends[last] + 1):
             if mode != "none" and i in stage_starts:
                 x = x.detach()  # local learning: stage k's layers learn only from their own loss
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-            x = self.transformer.h[i](x, ve, cos, sin, cache)
+            if 0 < frozen_layers == i:  # the trunk's outputs enter the trained layers as constants
+                x, x0 = x.detach(), x0.detach()
+                x_backout = x_backout.detach() if x_backout is not None else None
+            with torch.set_grad_enabled(grad and i >= frozen_layers):
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+                ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+                x = self.transformer.h[i](x, ve, cos, sin, cache)
             if i == c.backout_layer:
                 x_backout = x
             k = stage_of_end.get(i)
@@ -462,6 +502,10 @@ class PoEGPT(nn.Module):
         rows.append(("lm_head", self.lm_head.weight.numel()))
         if c.poe_stage_heads:
             rows.append(("lm_head_stages", sum(p.numel() for p in self.lm_head_stages.parameters())))
+        if c.head_fold:
+            rows.append(("lm_head_fold", self.lm_head_fold.weight.numel()))
+        if c.stage_head:
+            rows.append(("lm_head_stage", self.lm_head_stage.weight.numel()))
         scalars = self.resid_lambdas.numel() + self.x0_lambdas.numel()
         scalars += (25 if c.smear else 0) + (1 if c.backout else 0)
         rows.append(("scalars", scalars))

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .card import model_card
+from .cascade import check_state_dict, load_chain, load_safetensors  # noqa: F401 (re-exported)
 from .config import PoEConfig
 from .errors import PoelmError
 from .model import PoEGPT
@@ -34,7 +34,8 @@ from .tokenizer import Tokenizer
 from .tokenizer_files import TOKENIZER_CODE_FILES, write_hf_tokenizer_files
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-MODEL_CODE_FILES = ("configuration_poelm.py", "modeling_poelm.py", "config.py", "model.py", "errors.py")
+MODEL_CODE_FILES = ("configuration_poelm.py", "modeling_poelm.py", "config.py", "model.py", "cascade.py",
+                    "errors.py")
 REMOTE_CODE_FILES = tuple(dict.fromkeys(MODEL_CODE_FILES + tuple(TOKENIZER_CODE_FILES)))
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -142,45 +143,11 @@ def read_config(directory: str | os.PathLike) -> PoEConfig:
     return PoEConfig.from_json_file(path)
 
 
-def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a missing, truncated or corrupt file is a one-line error naming it."""
-    if not Path(path).is_file():
-        raise PoelmError(f"{path}: missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise PoelmError(f"{path}: unreadable safetensors file ({e})") from None
-
-
-def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
-    """Names and shapes must match exactly; the message names the first offending tensor."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    if missing:
-        raise PoelmError(f"{source}: missing tensor {missing[0]!r}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if unexpected:
-        raise PoelmError(f"{source}: unexpected tensor {unexpected[0]!r}"
-                         + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    for k, v in expected.items():
-        if tuple(found[k].shape) != tuple(v.shape):
-            raise PoelmError(f"{source}: tensor {k!r} has shape {list(found[k].shape)}, expected {list(v.shape)}")
-
-
 def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> PoEGPT:
-    """Build the PoEGPT of a base model directory and load its weights strictly."""
-    config = read_config(directory)
-    path = Path(directory) / WEIGHTS_NAME
-    tensors = load_safetensors(path)
-    with torch.device("meta"):
-        model = PoEGPT(config)
-    check_state_dict(model.state_dict(), tensors, str(path))
-    model = model.to_empty(device=device)
-    model.load_state_dict(tensors, strict=True)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval()
+    """The model of any base or stage directory (a stage brings its whole chain), loaded strictly."""
+    read_config(directory)  # the directory's own config first: its errors name it
+    return load_chain(directory, device=device, dtype=dtype)
 
 
 def load_tokenizer(directory: str | os.PathLike, config: PoEConfig | None = None) -> Tokenizer:

@@ -29,6 +29,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .cascade import CONFIG, read_json
 from .configuration_poelm import PoelmConfig
 from .model import PoEGPT
 
@@ -87,6 +88,45 @@ class PoelmForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.poe = PoEGPT(config.to_poe_config())
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Base directories load the usual way; a stage directory is assembled by the cascade loader.
+
+        A stage holds `delta.safetensors` and names its parent in `base_model_name_or_path`; its
+        chain is resolved, fingerprint-checked and folded (cascade.py), and the assembled weights are
+        put into this class, so `generate()`, pipelines and the seed card's quick start work alike.
+        Honoured: `dtype`/`torch_dtype` and `device_map` ("auto", a device, or None).
+        """
+        from pathlib import Path
+
+        path = Path(str(pretrained_model_name_or_path))
+        if not path.is_dir():
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(pretrained_model_name_or_path)))
+        if read_json(path / CONFIG).get("base_model_name_or_path") is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        from transformers import GenerationConfig
+
+        from .cascade import load_chain
+
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        device_map = kwargs.get("device_map")
+        poe = load_chain(path)
+        config = cls.config_class.from_pretrained(str(path))
+        with torch.device("meta"):
+            model = cls(config)
+        model.poe = poe
+        if dtype not in (None, "auto"):
+            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        if device_map == "auto":
+            model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+        elif isinstance(device_map, (str, torch.device)):
+            model = model.to(device_map)
+        if (path / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(str(path))
+        return model.eval()
 
     def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
         """Save under the network's own (nanochat) tensor names, the format every poelm directory uses."""

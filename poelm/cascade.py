@@ -1,0 +1,256 @@
+"""The cascade loader: resolve a chain of stage directories and assemble one model (FORMATS.md).
+
+Design choices:
+- Ships beside the model in every directory (torch, safetensors and the standard library only, plus
+  relative imports of config/model/errors), so poelm and `transformers` (through modeling_poelm.py)
+  assemble chains with the same code.
+- A directory is a base (`model.safetensors`, no `base_model_name_or_path`) or a stage
+  (`delta.safetensors` and `base_model_name_or_path`: an absolute path, a path relative to the stage
+  directory, or a hub id, fetched only when it is not a local path and the hub is reachable).
+  Resolution walks parents to the root, refusing a cycle or a missing parent.
+- Every stage records `parent_fingerprint`: a digest of the parent's tensors (names, dtypes, shapes,
+  bytes; for a stage parent, chained with its own parent's fingerprint). A parent that changed since
+  the stage was trained is refused; so is a delta whose tensor names or shapes do not fit, a stage
+  config that does not extend its parent's structure, or a tokenizer that differs from the parent's.
+- Assembly: the root's weights, then each stage's blocks, lambdas and changed embedding rows in
+  order; every ancestor's `lm_head_stage` is added (as weights) into `lm_head_fold`, and only the
+  leaf keeps its own `lm_head_stage`. Nothing is returned unless every check passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import PoEConfig
+from .errors import PoelmError
+from .model import PoEGPT
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+DELTA = "delta.safetensors"
+TOKENIZER = "poelm_tokenizer.json"
+BLOCK_TENSORS = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight",
+                 "mlp.c_fc.weight", "mlp.c_proj.weight")
+ROWS_IDS, ROWS_VALUES = "wte_rows.ids", "wte_rows.values"
+
+
+# ------------------------------------------------------------------------------------ files
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PoelmError(f"{path}: missing (a poelm model directory has a config.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PoelmError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise PoelmError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing, truncated or corrupt file is a one-line error naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise PoelmError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PoelmError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def check_state_dict(expected: dict[str, Any], found: dict[str, torch.Tensor], source: str) -> None:
+    """Names and shapes must match exactly; the message names the first offending tensor."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    if missing:
+        raise PoelmError(f"{source}: missing tensor {missing[0]!r}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise PoelmError(f"{source}: unexpected tensor {unexpected[0]!r}"
+                         + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k, v in expected.items():
+        shape = tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+        if tuple(found[k].shape) != shape:
+            raise PoelmError(f"{source}: tensor {k!r} has shape {list(found[k].shape)}, expected {list(shape)}")
+
+
+def fingerprint_tensors(tensors: dict[str, torch.Tensor], parent: str = "") -> str:
+    """blake2b-128 of the parent fingerprint and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "blake2b-128:" + h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------- chain
+@dataclass
+class Link:
+    """One directory of a chain: its path, its config.json, and whether it is a stage."""
+
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def is_stage(self) -> bool:
+        return self.data.get("base_model_name_or_path") is not None
+
+    @property
+    def config(self) -> PoEConfig:
+        return PoEConfig.from_dict(self.data, source=str(self.path / CONFIG))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return load_safetensors(self.path / (DELTA if self.is_stage else WEIGHTS))
+
+    def fingerprint(self, parent: str = "") -> str:
+        return fingerprint_tensors(self.tensors(), parent if self.is_stage else "")
+
+
+def locate(reference: str, stage_dir: Path) -> Path:
+    """A parent reference: absolute path, path relative to the stage, or a hub id (if reachable)."""
+    candidates = [Path(reference)] if os.path.isabs(reference) else [stage_dir / reference, Path(reference)]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    if not os.path.isabs(reference) and reference.count("/") == 1 and not reference.startswith("."):
+        try:  # a hub id: only when it is not a local path, and only if the hub answers
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(reference))
+        except Exception as e:  # offline, unknown repo, no permission: say so, with the reason
+            raise PoelmError(f"{stage_dir / CONFIG}: parent {reference!r} is not a local directory and could "
+                             f"not be fetched from the hub ({type(e).__name__})") from None
+    raise PoelmError(f"{stage_dir / CONFIG}: parent {reference!r} not found "
+                     f"(looked in {', '.join(str(c) for c in candidates)})")
+
+
+def resolve_chain(directory: str | os.PathLike) -> list[Link]:
+    """The chain from the root base to `directory`, root first."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise PoelmError(f"{path}: not a directory (expected a poelm model directory)")
+    chain: list[Link] = []
+    seen: dict[Path, Path] = {}
+    while True:
+        real = path.resolve()
+        if real in seen:
+            raise PoelmError(f"{chain[-1].path / CONFIG}: base_model_name_or_path leads back to {path}: "
+                             "the chain is a cycle")
+        seen[real] = path
+        link = Link(path, read_json(path / CONFIG))
+        chain.append(link)
+        if not link.is_stage:
+            if not (path / WEIGHTS).is_file():
+                raise PoelmError(f"{path}: neither {WEIGHTS} (a base) nor base_model_name_or_path (a stage) "
+                                 "in config.json")
+            return chain[::-1]
+        path = locate(str(link.data["base_model_name_or_path"]), path)
+
+
+def expected_delta(parent: PoEConfig, config: PoEConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors a stage delta must hold (embedding rows are optional and checked apart)."""
+    d, V = config.n_embd, config.padded_vocab_size
+    shapes = {"attn.c_q.weight": (config.n_head * config.head_dim, d),
+              "attn.c_k.weight": (config.n_kv_head * config.head_dim, d),
+              "attn.c_v.weight": (config.n_kv_head * config.head_dim, d), "attn.c_proj.weight": (d, d),
+              "mlp.c_fc.weight": (4 * d, d), "mlp.c_proj.weight": (d, 4 * d)}
+    n_new = config.n_layer - parent.n_layer
+    out = {f"transformer.h.{i}.{name}": shape for i in range(parent.n_layer, config.n_layer)
+           for name, shape in shapes.items()}
+    out.update({"resid_lambdas": (n_new,), "x0_lambdas": (n_new,), "lm_head_stage.weight": (V, d)})
+    return out
+
+
+def check_extends(parent: PoEConfig, config: PoEConfig, source: str) -> None:
+    """A stage's config must keep every structural fact of its parent and append one stage."""
+    same = ("vocab_size", "n_head", "n_kv_head", "n_embd", "sequence_len", "rope_base", "softcap", "pad_vocab_to",
+            "smear", "backout", "backout_layer", "value_embed_layers", "n_base_stages", "poe_stage_heads")
+    for name in same:
+        if getattr(parent, name) != getattr(config, name):
+            raise PoelmError(f"{source}: {name} = {getattr(config, name)!r}, but its parent has "
+                             f"{getattr(parent, name)!r}")
+    if config.poe_stage_layers[:-1] != parent.poe_stage_layers or config.layer_windows[:parent.n_layer] != \
+            parent.layer_windows or config.n_layer != parent.n_layer + config.poe_stage_layers[-1]:
+        raise PoelmError(f"{source}: poe_stage_layers/layer_windows do not extend the parent's by one stage")
+    if not config.stage_head or config.head_fold != (parent.stage_head or parent.head_fold):
+        raise PoelmError(f"{source}: stage_head must be true and head_fold {parent.stage_head or parent.head_fold} "
+                         "for a stage on this parent")
+
+
+def check_tokenizer(parent: Path, stage: Path) -> None:
+    a, b = parent / TOKENIZER, stage / TOKENIZER
+    if a.is_file() and b.is_file() and json.loads(a.read_text("utf-8")) != json.loads(b.read_text("utf-8")):
+        raise PoelmError(f"{b}: the stage's tokenizer differs from its parent's ({a})")
+
+
+def assemble(chain: list[Link]) -> tuple[PoEConfig, dict[str, torch.Tensor], list[str]]:
+    """Check every link and build the leaf's state dict; returns (config, tensors, fingerprints)."""
+    root = chain[0]
+    config = root.config  # a root may carry specialist stages when it is a merged export
+    tensors = root.tensors()
+    with torch.device("meta"):
+        expected = PoEGPT(config).state_dict()
+    check_state_dict(expected, tensors, str(root.path / WEIGHTS))
+    prints = [fingerprint_tensors(tensors)]
+    fold: torch.Tensor | None = None
+    for parent, link in zip(chain, chain[1:]):
+        source = str(link.path / CONFIG)
+        stage_config = link.config
+        recorded = link.data.get("parent_fingerprint")
+        if recorded != prints[-1]:
+            raise PoelmError(f"{source}: parent {parent.path} has fingerprint {prints[-1]}, but this stage was "
+                             f"trained on {recorded}: the parent is not the model this stage was made for")
+        check_extends(config, stage_config, source)
+        check_tokenizer(parent.path, link.path)
+        delta = link.tensors()
+        own_print = fingerprint_tensors(delta, prints[-1])
+        delta_path = str(link.path / DELTA)
+        rows = {k: delta.pop(k) for k in (ROWS_IDS, ROWS_VALUES) if k in delta}
+        check_state_dict(expected_delta(config, stage_config), delta, delta_path)
+        if config.stage_head:  # the parent's own head joins the fold; the new leaf keeps its own
+            head = tensors.pop("lm_head_stage.weight")
+            fold = head if fold is None else fold + head
+            tensors.pop("lm_head_fold.weight", None)
+        for name in ("resid_lambdas", "x0_lambdas"):
+            tensors[name] = torch.cat([tensors[name], delta.pop(name).to(tensors[name].dtype)])
+        if rows:
+            ids, values = rows.get(ROWS_IDS), rows.get(ROWS_VALUES)
+            wte = tensors["transformer.wte.weight"]
+            if ids is None or values is None or ids.ndim != 1 or tuple(values.shape) != (len(ids), wte.size(1)) \
+                    or (len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < wte.size(0))):
+                raise PoelmError(f"{delta_path}: {ROWS_IDS}/{ROWS_VALUES} must be ids (n,) in [0, {wte.size(0)}) and "
+                                 f"rows (n, {wte.size(1)})")
+            wte = wte.clone()
+            wte[ids.long()] = values.to(wte.dtype)
+            tensors["transformer.wte.weight"] = wte
+        tensors.update(delta)
+        if fold is not None:
+            tensors["lm_head_fold.weight"] = fold
+        config = stage_config
+        prints.append(own_print)
+    return config, tensors, prints
+
+
+def load_chain(directory: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> PoEGPT:
+    """The assembled model of any base or stage directory, checked link by link."""
+    config, tensors, _ = assemble(resolve_chain(directory))
+    with torch.device("meta"):
+        model = PoEGPT(config)
+    check_state_dict(model.state_dict(), tensors, f"{directory} (assembled chain)")
+    model = model.to_empty(device=device)
+    model.load_state_dict(tensors, strict=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

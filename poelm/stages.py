@@ -1,0 +1,214 @@
+"""Specialist stages: attach new blocks and a zero-initialised head to a frozen parent, and ship the
+result as a delta (MODEL.md §3, FORMATS.md).
+
+Design choices:
+- Attaching appends one PoE stage of N blocks after the parent's last layer. The new blocks carry no
+  value embeddings, their `c_proj` weights start at zero and their lambdas at resid 1, x0 0, so each
+  is the identity; `lm_head_stage` starts at zero. Every structural fact of the parent (windows,
+  value-embedding layers, backout layer) is kept as recorded; the new layers' windows continue the
+  pattern by their global index, the last new layer full-context as in nanochat. Right after
+  attaching to a base, the assembled model's logits equal the base's bit for bit.
+- On a stage parent, the parent's `lm_head_stage` is added into `lm_head_fold` (the ancestors'
+  heads) and the new stage gets its own zero head. Folding sums weights, so there the logits equal
+  the parent's to float rounding, not bit for bit.
+- Chat tokens: a base pretrained on plain text never saw `<|user_start|>` and its siblings, so their
+  embedding rows are warm-initialised from related text ("User", "\\n", "Assistant", "```",
+  "Output") unless an ancestor already did it. The delta carries only the rows it changed, with their
+  ids; inputs without chat tokens see the base bit for bit.
+- The delta (`delta.safetensors`) holds exactly what the stage changed: its blocks, its layers'
+  lambdas, `lm_head_stage`, and the changed embedding rows. Provenance (parent fingerprint, name,
+  layer counts) goes in config.json and in the safetensors metadata.
+- What trains (`stage_parameter_names`): the new blocks' matrices, `lm_head_stage`, and the new
+  layers' lambdas (entries of the shared lambda vectors; a training loop masks the rest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .card import model_card
+from .cascade import CONFIG, DELTA, ROWS_IDS, ROWS_VALUES, Link, assemble, check_extends, read_json, resolve_chain
+from .config import PoEConfig, windows_from_pattern
+from .errors import PoelmError
+from .model import PoEGPT
+from .modeldir import MODEL_CODE_FILES, PACKAGE_DIR, AtomicDir, hf_config_dict, load_model, load_tokenizer, write_json
+from .tokenizer import Tokenizer
+from .tokenizer_files import write_hf_tokenizer_files
+
+# Where each chat token's embedding row is warm-initialised from (MODEL.md §3).
+CHAT_ROW_SOURCES = {
+    "<|user_start|>": "User", "<|user_end|>": "\n", "<|assistant_start|>": "Assistant",
+    "<|assistant_end|>": "\n", "<|python_start|>": "```", "<|python_end|>": "```",
+    "<|output_start|>": "Output", "<|output_end|>": "\n",
+}
+
+
+def stage_config(parent: PoEConfig, n_layers: int) -> PoEConfig:
+    """The assembled config: the parent's, plus one stage of `n_layers` blocks."""
+    if n_layers < 1:
+        raise PoelmError(f"--layers {n_layers}: a stage adds at least one block")
+    n = parent.n_layer + n_layers
+    new_windows = windows_from_pattern(parent.window_pattern, n, parent.sequence_len)[parent.n_layer:]
+    k = parent.n_stages
+    return dataclasses.replace(
+        parent, n_layer=n, layer_windows=parent.layer_windows + new_windows,
+        poe_stage_layers=parent.poe_stage_layers + [n_layers],
+        poe_backout_stages=parent.poe_backout_stages + ([k] if parent.backout else []),
+        stage_head=True, head_fold=parent.stage_head or parent.head_fold, poe_mode="none")
+
+
+def chat_rows_done(chain: list[Link]) -> bool:
+    return any(link.data.get("chat_rows_initialized") for link in chain)
+
+
+@torch.no_grad()
+def warm_init_chat_rows(model: PoEGPT, tok: Tokenizer) -> list[int]:
+    """Set each chat token's embedding row to the mean row of its source text; returns the ids."""
+    wte = model.transformer.wte.weight
+    ids = []
+    for name, text in CHAT_ROW_SOURCES.items():
+        source = tok.encode(text)
+        wte[tok.token_id(name)] = wte[source].mean(dim=0)
+        ids.append(tok.token_id(name))
+    return ids
+
+
+@torch.no_grad()
+def attach(parent_dir: str | os.PathLike, n_layers: int, seed: int = 0,
+           chat_rows: bool = True) -> tuple[PoEGPT, dict[str, Any]]:
+    """Assemble the parent and append a stage; returns the model and the facts `save_stage` records."""
+    chain = resolve_chain(parent_dir)
+    parent_config, tensors, prints = assemble(chain)
+    parent = PoEGPT(parent_config)
+    parent.load_state_dict(tensors)
+    tok = load_tokenizer(parent_dir, parent_config)
+    config = stage_config(parent_config, n_layers)
+    model = PoEGPT(config)
+    model.init_weights(seed)  # new blocks get nanochat's init (c_proj zero); everything else is copied
+    own = model.state_dict()
+    P = parent_config.n_layer
+    for name, value in parent.state_dict().items():
+        if name in ("resid_lambdas", "x0_lambdas"):
+            own[name][:P] = value
+            own[name][P:] = 1.0 if name == "resid_lambdas" else 0.0
+        elif name not in ("lm_head_stage.weight", "lm_head_fold.weight"):
+            own[name].copy_(value)
+    if parent_config.stage_head:  # the parent's head joins the ancestors' fold (the order cascade uses)
+        head = parent.lm_head_stage.weight
+        model.lm_head_fold.weight.copy_(head if not parent_config.head_fold else parent.lm_head_fold.weight + head)
+    model.lm_head_stage.weight.zero_()
+    initialised: list[int] = []
+    if chat_rows and not chat_rows_done(chain):
+        initialised = warm_init_chat_rows(model, tok)
+    return model, {"parent_dir": str(parent_dir), "parent_fingerprint": prints[-1], "parent_layers": P,
+                   "stage_layers": n_layers, "chat_rows": initialised,
+                   "chat_rows_initialized": bool(initialised) or chat_rows_done(chain)}
+
+
+def stage_parameter_names(model: PoEGPT) -> list[str]:
+    """Names of the leaf stage's own parameters (blocks and head); its lambdas are entries of
+    `resid_lambdas`/`x0_lambdas` from index `config.n_layer - poe_stage_layers[-1]` on."""
+    c = model.config
+    if not c.stage_head:
+        raise PoelmError("this model has no specialist stage (stage_head is false)")
+    first = c.n_layer - c.poe_stage_layers[-1]
+    names = [f"transformer.h.{i}.{n}" for i in range(first, c.n_layer) for n, _ in
+             model.transformer.h[i].named_parameters()]
+    return names + ["lm_head_stage.weight"]
+
+
+def delta_tensors(model: PoEGPT, parent: PoEGPT) -> dict[str, torch.Tensor]:
+    """Exactly what the stage changed against its assembled parent."""
+    c = model.config
+    P = parent.config.n_layer
+    state = model.state_dict()
+    delta = {name: state[name] for name in stage_parameter_names(model)}
+    delta["resid_lambdas"] = state["resid_lambdas"][P:]
+    delta["x0_lambdas"] = state["x0_lambdas"][P:]
+    wte, parent_wte = state["transformer.wte.weight"], parent.state_dict()["transformer.wte.weight"]
+    changed = (wte != parent_wte).any(dim=1).nonzero().flatten()
+    if len(changed):
+        delta[ROWS_IDS] = changed.to(torch.int64)
+        delta[ROWS_VALUES] = wte[changed]
+    # Everything else must be the parent's, or the delta would not reproduce the model.
+    for name, value in parent.state_dict().items():
+        if name in ("transformer.wte.weight", "resid_lambdas", "x0_lambdas", "lm_head_stage.weight",
+                    "lm_head_fold.weight"):
+            continue
+        if not torch.equal(state[name], value):
+            raise PoelmError(f"tensor {name!r} of the parent changed: a stage may change only its own blocks, "
+                             "lambdas, head and the chat-token embedding rows")
+    if not torch.equal(state["resid_lambdas"][:P], parent.state_dict()["resid_lambdas"]) or \
+            not torch.equal(state["x0_lambdas"][:P], parent.state_dict()["x0_lambdas"]):
+        raise PoelmError("the parent's layer lambdas changed: a stage may change only its own layers' lambdas")
+    return {k: v.detach().to("cpu").contiguous() for k, v in delta.items()}
+
+
+def save_stage(model: PoEGPT, parent_dir: str | os.PathLike, out: str | os.PathLike, name: str, *,
+               overwrite: bool = False, card: str | None = None, extra_config: dict[str, Any] | None = None,
+               chat_rows_initialized: bool | None = None) -> Path:
+    """Write a stage directory (FORMATS.md) for `model`, a stage on `parent_dir`, atomically."""
+    chain = resolve_chain(parent_dir)
+    parent_config, tensors, prints = assemble(chain)
+    parent = PoEGPT(parent_config)
+    parent.load_state_dict(tensors)
+    check_extends(parent_config, model.config, f"the model to save as a stage on {parent_dir}")
+    tok = load_tokenizer(parent_dir, parent_config)
+    delta = delta_tensors(model.to("cpu"), parent)
+    out = Path(out)
+    reference = os.path.relpath(Path(parent_dir).resolve(), out.resolve().parent / out.name)
+    done = chat_rows_done(chain) or ROWS_IDS in delta if chat_rows_initialized is None else chat_rows_initialized
+    stage_fields = {
+        "base_model_name_or_path": reference, "stage_name": name, "stage_layers": model.config.poe_stage_layers[-1],
+        "parent_fingerprint": prints[-1], "chat_rows": delta[ROWS_IDS].tolist() if ROWS_IDS in delta else [],
+        "chat_rows_initialized": bool(done),
+    }
+    with AtomicDir(out, overwrite) as tmp:
+        save_file(delta, str(tmp / DELTA), metadata={
+            "format": "pt", "poelm": "stage-delta/1", "stage_name": name,
+            "parent_fingerprint": prints[-1], "parent_layers": str(parent_config.n_layer),
+            "stage_layers": str(model.config.poe_stage_layers[-1])})
+        write_json(tmp / CONFIG, hf_config_dict(model.config, tok, extra={**stage_fields, **(extra_config or {})}))
+        write_json(tmp / "generation_config.json", read_json(Path(parent_dir) / "generation_config.json")
+                   if (Path(parent_dir) / "generation_config.json").is_file() else {})
+        write_hf_tokenizer_files(tmp, tok)
+        for f in MODEL_CODE_FILES:
+            shutil.copyfile(PACKAGE_DIR / f, tmp / f)
+        (tmp / "README.md").write_text(card or stage_card(model, name, parent_dir, delta), encoding="utf-8")
+    return out
+
+
+def stage_card(model: PoEGPT, name: str, parent_dir: str | os.PathLike, delta: dict[str, torch.Tensor],
+               **kw) -> str:
+    c = model.config
+    first = c.n_layer - c.poe_stage_layers[-1]
+    trainable = sum(model.get_parameter(n).numel() for n in stage_parameter_names(model)) + 2 * c.poe_stage_layers[-1]
+    rows = [("Parent", str(parent_dir)), ("New transformer layers", f"{c.poe_stage_layers[-1]} appended at positions "
+            f"{first}-{c.n_layer - 1} (d{first} -> d{c.n_layer})"), ("Frozen layers", f"{first} (all parent layers)"),
+            ("Dual head", f"yes - additive lm_head_stage ({c.padded_vocab_size} x {c.n_embd}, zero-init)"),
+            ("Final projection", "logits = lm_head_base(x) + lm_head_stage(x)"
+             + (" (+ lm_head_fold(x), the ancestors' heads)" if c.head_fold else "")),
+            ("Total params", f"{model.num_params():,}"), ("Trainable params", f"{trainable:,}"),
+            ("Shipped delta", f"{len(delta)} tensors, {sum(t.numel() for t in delta.values()):,} params")]
+    from .card import table
+    return model_card(model, name, summary=f"A poelm specialist stage on `{parent_dir}`.\n\n"
+                      + table(("Component", "Detail"), rows), **kw)
+
+
+def export_merged(directory: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Any chain as one standalone directory: the assembled weights in model.safetensors."""
+    from .modeldir import save_model_dir
+
+    model = load_model(directory)
+    tok = load_tokenizer(directory, model.config)
+    data = read_json(Path(directory) / CONFIG)
+    provenance = {"exported_from": {k: data.get(k) for k in ("stage_name", "base_model_name_or_path",
+                                                               "parent_fingerprint") if data.get(k) is not None}}
+    return save_model_dir(model, out, tok, overwrite=overwrite, extra_config={"training": provenance})
