@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 import sys
 import time
@@ -131,21 +132,81 @@ def cmd_convert_nanochat(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .modeldir import load_model, load_tokenizer, read_config
+    from .modeldir import load_tokenizer, read_config
+    from .stages import describe_chain
 
     config = read_config(args.model)
     load_tokenizer(args.model, config)
-    model = load_model(args.model)
+    info = describe_chain(args.model)
     files = {p.name: p.stat().st_size for p in sorted(Path(args.model).iterdir()) if p.is_file()}
     if args.json:
-        print(json.dumps({"config": config.to_dict(), "parameters": dict(model.param_table()), "files": files},
-                         indent=2))
+        print(json.dumps({**info, "files": files}, indent=2))
         return 0
-    print(f"{args.model}: base model, {config.n_layer} layers in stages {config.poe_stage_layers}, "
-          f"{config.n_embd} wide, vocab {config.vocab_size}")
-    print_param_table(model)
-    for name, size in files.items():
-        print(f"  {name:<28} {size:>12,} bytes")
+    c = info["config"]
+    print(f"{args.model}: {c['n_layer']} layers in stages {c['poe_stage_layers']}, {c['n_embd']} wide, "
+          f"vocab {c['vocab_size']}, {info['assembled_params']:,} parameters assembled")
+    for i, link in enumerate(info["links"]):
+        print(f"  [{i}] {link['kind']} {link['name']!r} at {link['path']}: {link['n_layer']} layers, "
+              f"{link['tensors']} tensors, {link['tensor_params']:,} params, {link['bytes_on_disk']:,} bytes; "
+              f"fingerprint {link['fingerprint']} (verified)")
+        if link["kind"] == "stage":
+            print(f"      +{link['new_layers']} layers on {link['parent']}; trainable {link['trainable_params']:,} "
+                  f"+ {link['changed_embedding_rows']} changed embedding rows ({link['changed_embedding_params']:,} "
+                  f"params) = delta {link['tensor_params'] - link['changed_embedding_rows']:,} params "
+                  f"(+{link['changed_embedding_rows']} row ids)")
+    from .modeldir import load_model
+
+    print_param_table(load_model(args.model))
+    return 0
+
+
+def cmd_stage_attach(args: argparse.Namespace) -> int:
+    from .modeldir import check_out
+    from .stages import attach, save_stage
+
+    check_out(args.out, args.overwrite)
+    model, info = attach(args.parent, args.layers, seed=args.seed, chat_rows=not args.no_chat_rows)
+    out = save_stage(model, args.parent, args.out, args.name, overwrite=args.overwrite)
+    rows = f"; warm-initialised chat rows {info['chat_rows']}" if info["chat_rows"] else ""
+    print(f"attached stage {args.name!r}: {args.layers} blocks after layer {info['parent_layers'] - 1} "
+          f"(d{info['parent_layers']} -> d{model.config.n_layer}){rows} -> {out}")
+    return 0
+
+
+def cmd_check_preservation(args: argparse.Namespace) -> int:
+    from .stages import check_preservation
+
+    r = check_preservation(args.base, args.stage)
+    verdict = "bit-identical" if r["bit_identical"] else "CHANGED"
+    print(f"base path of {args.stage} vs {args.base} over {r['tokens']} tokens: max |Δlogit| = "
+          f"{r['max_abs_diff']:.6g} ({verdict})")
+    return 0 if r["bit_identical"] else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .modeldir import check_out
+    from .stages import export_merged
+
+    check_out(args.out, args.overwrite)
+    print(f"wrote {export_merged(args.model, args.out, overwrite=args.overwrite)}")
+    return 0
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    import torch
+
+    from .compose import Composition
+    from .modeldir import load_tokenizer
+
+    comp = Composition(args.stages, args.weights)
+    tok = load_tokenizer(args.stages[0])
+    ids = [tok.bos_id] + tok.encode(args.prompt)
+    logp = comp.log_probs(torch.tensor([ids]))[0, -1]
+    top = torch.topk(logp, args.top_k)
+    print(f"composition of {len(args.stages)} sibling(s), weights {comp.weights}, over one trunk pass "
+          f"({comp.trunk_layers} shared layers); next token after {args.prompt!r}:")
+    for v, i in zip(top.values.tolist(), top.indices.tolist()):
+        print(f"  {tok.decode([i])!r:>20}  p={math.exp(v):.4f}")
     return 0
 
 
@@ -246,7 +307,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_convert_nanochat)
 
-    p = sub.add_parser("inspect", help="describe a model directory")
+    stage = sub.add_parser("stage", help="specialist stages").add_subparsers(dest="stage_command", required=True)
+    p = stage.add_parser("attach", help="append a specialist stage (new blocks + zero head) to a frozen parent")
+    p.add_argument("parent", metavar="PARENTDIR", help="a base or stage directory")
+    p.add_argument("--layers", type=int, required=True, help="blocks to append")
+    p.add_argument("--name", required=True, help="the stage's name, e.g. code")
+    p.add_argument("--out", required=True, metavar="STAGEDIR")
+    p.add_argument("--seed", type=int, default=0, help="init of the new blocks")
+    p.add_argument("--no-chat-rows", action="store_true", help="skip the chat-token embedding warm init")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_stage_attach)
+
+    p = sub.add_parser("check-preservation", help="exit 0 only if a stage's base path equals the base bit for bit")
+    p.add_argument("base", metavar="BASEDIR")
+    p.add_argument("stage", metavar="STAGEDIR")
+    p.set_defaults(func=cmd_check_preservation)
+
+    p = sub.add_parser("export", help="write any chain as one standalone model directory")
+    p.add_argument("model", metavar="MODELDIR")
+    p.add_argument("--out", required=True, metavar="MODELDIR")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compose", help="sibling stages over one trunk pass, combined in log space")
+    p.add_argument("stages", nargs="+", metavar="STAGEDIR")
+    p.add_argument("--weights", type=lambda t: [float(v) for v in t.split(",")], help="one weight per stage")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=cmd_compose)
+
+    p = sub.add_parser("inspect", help="describe a model directory (a stage: its whole chain)")
     p.add_argument("model", metavar="MODELDIR")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)

@@ -364,6 +364,36 @@ class PoEGPT(nn.Module):
             logits = logits + head(h)
         return softcap(logits[..., : self.config.vocab_size], self.config.softcap)
 
+    def layer(self, i: int, x, x0, idx, cos, sin, cache=None) -> torch.Tensor:
+        """Layer i: mix in the embedding (resid/x0 lambdas), then the block (with its value embedding)."""
+        x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+        ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+        return self.transformer.h[i](x, ve, cos, sin, cache)
+
+    @torch.no_grad()
+    def trunk(self, idx: torch.Tensor, n_layers: int) -> dict[str, torch.Tensor | None]:
+        """Embedding and layers 0..n_layers-1 (inference): the state a sibling stage continues from."""
+        c = self.config
+        x = self.embed(idx)
+        cos, sin = rotary_tables(0, idx.size(1), c.head_dim, c.rope_base, x.device, x.dtype)
+        x0, x_backout = x, None
+        for i in range(n_layers):
+            x = self.layer(i, x, x0, idx, cos, sin)
+            if i == c.backout_layer:
+                x_backout = x
+        return {"x": x, "x0": x0, "x_backout": x_backout, "cos": cos, "sin": sin, "layers": n_layers}
+
+    @torch.no_grad()
+    def continue_from(self, idx: torch.Tensor, state: dict) -> torch.Tensor:
+        """The last stage's logits, running only the layers after `state` (from `trunk`)."""
+        c = self.config
+        x, x0, x_backout = state["x"], state["x0"], state["x_backout"]
+        for i in range(state["layers"], c.n_layer):
+            x = self.layer(i, x, x0, idx, state["cos"], state["sin"])
+            if i == c.backout_layer:
+                x_backout = x
+        return self.stage_logits(x, c.n_stages - 1, x_backout)
+
     # --------------------------------------------------------------------------- forward
     def forward(
         self,
@@ -422,9 +452,7 @@ class PoEGPT(nn.Module):
                 x, x0 = x.detach(), x0.detach()
                 x_backout = x_backout.detach() if x_backout is not None else None
             with torch.set_grad_enabled(grad and i >= frozen_layers):
-                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-                ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-                x = self.transformer.h[i](x, ve, cos, sin, cache)
+                x = self.layer(i, x, x0, idx, cos, sin, cache)
             if i == c.backout_layer:
                 x_backout = x
             k = stage_of_end.get(i)

@@ -212,3 +212,71 @@ def export_merged(directory: str | os.PathLike, out: str | os.PathLike, overwrit
     provenance = {"exported_from": {k: data.get(k) for k in ("stage_name", "base_model_name_or_path",
                                                                "parent_fingerprint") if data.get(k) is not None}}
     return save_model_dir(model, out, tok, overwrite=overwrite, extra_config={"training": provenance})
+
+
+@torch.no_grad()
+def check_preservation(base_dir: str | os.PathLike, stage_dir: str | os.PathLike, n_inputs: int = 4,
+                       length: int = 96, seed: int = 0) -> dict[str, Any]:
+    """Run the stage's base path (the base's layers and head, no stage blocks or heads) and BASEDIR's
+    model on the same inputs without chat tokens; report whether the logits are bitwise equal."""
+    base = load_model(base_dir)
+    stage = load_model(stage_dir)
+    bc, sc = base.config, stage.config
+    if sc.n_stages <= bc.n_stages or sc.poe_stage_layers[: bc.n_stages] != bc.poe_stage_layers or \
+            sc.vocab_size != bc.vocab_size or sc.n_embd != bc.n_embd:
+        raise PoelmError(f"{stage_dir} is not a stage on a model shaped like {base_dir} "
+                         f"(stages {sc.poe_stage_layers} vs {bc.poe_stage_layers})")
+    tok = load_tokenizer(base_dir, bc)
+    g = torch.Generator().manual_seed(seed)
+    length = min(length, bc.sequence_len)
+    plain = torch.randint(0, tok.n_merges, (n_inputs, length), generator=g)  # ordinary tokens only
+    plain[:, 0] = tok.bos_id
+    text = [tok.bos_id] + tok.encode("def add(a, b):\n    return a + b  # 12345 tokens, no chat markup\n")
+    diffs, tokens = [], 0
+    for x in (plain, torch.tensor([text[:length]])):
+        want = base(x).logits
+        got = stage(x, exit_stage=bc.n_stages - 1).logits
+        diffs.append(0.0 if torch.equal(want, got) else float((want - got).abs().max()))
+        tokens += x.numel()
+    return {"max_abs_diff": max(diffs), "bit_identical": max(diffs) == 0.0 and all(d == 0.0 for d in diffs),
+            "tokens": tokens, "base_stages": bc.n_stages}
+
+
+def describe_chain(directory: str | os.PathLike) -> dict[str, Any]:
+    """For `poelm inspect`: every link of the chain with its parameters, tensors, bytes and fingerprint."""
+    chain = resolve_chain(directory)
+    config, _, prints = assemble(chain)  # verifies every fingerprint, name and shape on the way
+    links = []
+    prev = None
+    for link, fp in zip(chain, prints):
+        c = link.config
+        tensors = link.tensors()
+        path = link.path / (DELTA if link.is_stage else "model.safetensors")
+        entry = {"path": str(link.path), "kind": "stage" if link.is_stage else "base",
+                 "name": link.data.get("stage_name", link.path.name), "n_layer": c.n_layer,
+                 "stages": c.poe_stage_layers, "tensors": len(tensors),
+                 "tensor_params": sum(t.numel() for t in tensors.values()),
+                 "bytes_on_disk": path.stat().st_size, "fingerprint": fp, "fingerprint_verified": True}
+        if link.is_stage:
+            n_new = c.n_layer - prev.n_layer
+            d, V = c.n_embd, c.padded_vocab_size
+            block = sum(int(torch.Size(s).numel()) for s in expected_delta_shapes(c, prev).values())
+            rows = int(tensors[ROWS_VALUES].numel()) if ROWS_VALUES in tensors else 0
+            entry.update(parent=link.data["base_model_name_or_path"], parent_fingerprint=link.data["parent_fingerprint"],
+                         new_layers=n_new, trainable_params=block, changed_embedding_rows=len(tensors.get(ROWS_IDS, [])),
+                         changed_embedding_params=rows,
+                         delta_params_expected=block + rows + (len(tensors[ROWS_IDS]) if ROWS_IDS in tensors else 0))
+            del d, V
+        else:
+            entry["total_params"] = sum(t.numel() for t in tensors.values())
+        links.append(entry)
+        prev = c
+    with torch.device("meta"):
+        total = PoEGPT(config).num_params()
+    return {"directory": str(directory), "links": links, "assembled_params": total, "config": config.to_dict()}
+
+
+def expected_delta_shapes(config: PoEConfig, parent: PoEConfig) -> dict[str, tuple[int, ...]]:
+    from .cascade import expected_delta
+
+    return expected_delta(parent, config)

@@ -1,0 +1,56 @@
+"""Parallel composition: sibling specialist stages over one shared pass of the trunk, combined in
+log space (the paper's composition of stages as a product of experts).
+
+Design choices:
+- Siblings are stages whose parents are the same model: every sibling's config records the same
+  `parent_fingerprint`, and the parent's layers are run once; each sibling then runs only its own
+  blocks and heads from that state.
+- Combination is a weighted Log-OP: score = sum_i w_i log_softmax(logits_i), renormalised with
+  logsumexp; with one sibling (any weight) it is exactly that sibling's distribution.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .cascade import CONFIG, read_json
+from .errors import PoelmError
+from .modeldir import load_model
+
+
+class Composition:
+    """Sibling stages sharing one trunk pass. `weights` default to 1 each."""
+
+    def __init__(self, stage_dirs: list[str | os.PathLike], weights: list[float] | None = None,
+                 device: str | torch.device = "cpu"):
+        if not stage_dirs:
+            raise PoelmError("--compose needs at least one stage directory")
+        self.weights = list(weights) if weights is not None else [1.0] * len(stage_dirs)
+        if len(self.weights) != len(stage_dirs):
+            raise PoelmError(f"{len(self.weights)} weights for {len(stage_dirs)} stages")
+        parents = []
+        for d in stage_dirs:
+            data = read_json(Path(d) / CONFIG)
+            if data.get("parent_fingerprint") is None:
+                raise PoelmError(f"{Path(d) / CONFIG}: not a stage directory (no parent_fingerprint)")
+            parents.append(data["parent_fingerprint"])
+        if len(set(parents)) != 1:
+            raise PoelmError(f"{stage_dirs[parents.index(parents[-1])]}: not a sibling of {stage_dirs[0]} "
+                             "(their parents differ); composition needs stages on the same parent")
+        self.models = [load_model(d, device=device) for d in stage_dirs]
+        c = self.models[0].config
+        self.trunk_layers = c.n_layer - c.poe_stage_layers[-1]  # the shared parent's layers
+
+    @torch.no_grad()
+    def log_probs(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T, vocab) log-probabilities of the weighted Log-OP of the siblings."""
+        state = self.models[0].trunk(idx, self.trunk_layers)
+        score = None
+        for w, model in zip(self.weights, self.models):
+            part = w * F.log_softmax(model.continue_from(idx, state), dim=-1)
+            score = part if score is None else score + part
+        return F.log_softmax(score, dim=-1)
