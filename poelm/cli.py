@@ -157,6 +157,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .modeldir import load_model
 
     print_param_table(load_model(args.model))
+    for name, size in files.items():
+        print(f"  {name:<28} {size:>12,} bytes")
     return 0
 
 

@@ -119,13 +119,20 @@ class HeadCrossEntropy(torch.autograd.Function):
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias that computes in the activation's dtype (fp32 master weights)."""
+    """nn.Linear without bias that computes in the activation's dtype (fp32 master weights).
+
+    The input is flattened to 2-D first, so every call is one plain matrix product: a 3-D
+    `F.linear` goes through `matmul`, whose kernel choice depends on which tensors require grad,
+    and a frozen specialist trunk would then round differently from the base it must equal bit for
+    bit.
+    """
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(dtype=x.dtype))
+        y = F.linear(x.reshape(-1, x.size(-1)), self.weight.to(dtype=x.dtype))
+        return y.view(*x.shape[:-1], y.size(-1))
 
 
 class KVCache:

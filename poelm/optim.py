@@ -99,12 +99,15 @@ def param_groups(
     weight_decay: float = 0.0,
     stage_head_lr: float = 1e-4,
     stage_head_weight_decay: float = 0.1,
+    no_decay: frozenset[str] | set[str] | tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """Every trainable parameter of `model` in exactly one group (table in the module docstring).
 
     `weight_decay` is the Muon groups'; the AdamW groups keep nanochat's fixed decays, except the
-    specialist head's (`stage_head_weight_decay`). Raises PoelmError naming a trainable parameter
-    that matches no rule.
+    specialist head's (`stage_head_weight_decay`). Groups holding a parameter named in `no_decay` get
+    no weight decay: a partly frozen tensor (a specialist's layer lambdas, the chat rows of the
+    embedding, both trained through gradient masks) must not have its frozen entries decayed.
+    Raises PoelmError naming a trainable parameter that matches no rule.
     """
     s = adamw_lr_scale(model.config.n_embd)
     adamw = {
@@ -148,6 +151,9 @@ def param_groups(
         adamw[key]["params"].append(p)
         adamw[key]["param_names"].append(name)
     groups = [g for g in adamw.values() if g["params"]] + [muon[k] for k in sorted(muon)]
+    for g in groups:
+        if any(n in no_decay for n in g["param_names"]):
+            g["weight_decay"] = 0.0
     placed = [id(p) for g in groups for p in g["params"]]
     assert len(placed) == len(set(placed)) == len(trainable), "every trainable parameter in exactly one group"
     return groups

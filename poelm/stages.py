@@ -124,6 +124,32 @@ def stage_parameter_names(model: PoEGPT) -> list[str]:
     return names + ["lm_head_stage.weight"]
 
 
+def freeze_for_stage(model: PoEGPT, train_rows: list[int] | None = None) -> list[str]:
+    """Make only the leaf stage trainable; returns the partly frozen parameters (no weight decay!).
+
+    Requires grad: the stage's blocks and `lm_head_stage`; `resid_lambdas`/`x0_lambdas` with a
+    gradient mask that keeps only the stage's layers; with `train_rows`, the embedding with a mask
+    that keeps only those rows (the chat tokens). Everything else of the parent is frozen. Run the
+    forward with `frozen_layers=config.n_layer - poe_stage_layers[-1]` so the trunk builds no graph;
+    training rows needs the backward through the (frozen) trunk instead, so keep `frozen_layers=0`.
+    """
+    c = model.config
+    first = c.n_layer - c.poe_stage_layers[-1]
+    own = set(stage_parameter_names(model))
+    partial = ["resid_lambdas", "x0_lambdas"] + (["transformer.wte.weight"] if train_rows else [])
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in own or name in partial)
+    layer_mask = torch.zeros(c.n_layer)
+    layer_mask[first:] = 1.0
+    for name in ("resid_lambdas", "x0_lambdas"):
+        model.get_parameter(name).register_hook(lambda g, m=layer_mask: g * m.to(g.device, g.dtype))
+    if train_rows:
+        row_mask = torch.zeros(c.padded_vocab_size, 1)
+        row_mask[train_rows] = 1.0
+        model.transformer.wte.weight.register_hook(lambda g, m=row_mask: g * m.to(g.device, g.dtype))
+    return partial
+
+
 def delta_tensors(model: PoEGPT, parent: PoEGPT) -> dict[str, torch.Tensor]:
     """Exactly what the stage changed against its assembled parent."""
     c = model.config

@@ -92,10 +92,11 @@ def test_overwrite_replaces_atomically(tmp_path, tiny_tokenizer_dir, model_dir, 
 
 def test_inspect(model_dir, capsys):
     code, out, _ = run(capsys, "inspect", str(model_dir))
-    assert code == 0 and "base model, 2 layers in stages [1, 1]" in out and "model.safetensors" in out
+    assert code == 0 and "2 layers in stages [1, 1]" in out and "[0] base" in out and "model.safetensors" in out
     code, out, _ = run(capsys, "inspect", str(model_dir), "--json")
     data = json.loads(out)
-    assert data["config"]["n_layer"] == 2 and data["parameters"]["total"] > 0
+    assert data["config"]["n_layer"] == 2 and data["assembled_params"] > 0
+    assert data["links"][0]["fingerprint"].startswith("blake2b-128:")
 
 
 def test_bad_model_directories(tmp_path, model_dir, capsys):

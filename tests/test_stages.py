@@ -275,3 +275,32 @@ def test_bad_stage_directories(base_dir, tmp_path, capsys):
     assert "config.json: missing" in one_line_error(capsys, "stage", "attach", str(tmp_path / "not-a-model"),
                                                     "--layers", "2", "--name", "x", "--out", str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("train_rows", [False, True])
+def test_training_a_frozen_stage_keeps_the_base_path(base_dir, train_rows):
+    from poelm.optim import build_optimizer
+    from poelm.stages import freeze_for_stage
+
+    base = load_model(base_dir)
+    model, info = attach(base_dir, 2, seed=1)
+    partial = freeze_for_stage(model, info["chat_rows"] if train_rows else None)
+    optimizer = build_optimizer(model, no_decay=set(partial))
+    assert all(g["weight_decay"] == 0 for g in optimizer.param_groups if set(g["param_names"]) & set(partial))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in range(3):
+        x = plain_ids(length=40, seed=step)
+        x[:, 5] = VOCAB - 8  # a chat token, so its row gets a gradient
+        # Chat rows sit under the trunk: training them needs the backward through it (frozen weights).
+        model(x, targets=x.roll(-1, 1), frozen_layers=0 if train_rows else 4).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed >= set(stage_parameter_names(model))
+    assert ("transformer.wte.weight" in changed) == train_rows
+    assert torch.equal(model.resid_lambdas[:4], before["resid_lambdas"][:4])
+    wte = model.transformer.wte.weight
+    assert torch.equal(wte[: VOCAB - 8], before["transformer.wte.weight"][: VOCAB - 8])
+    with torch.no_grad():
+        x = plain_ids()
+        assert torch.equal(model(x, exit_stage=1).logits, base(x).logits)
