@@ -9,7 +9,9 @@ What it does today (each later feature adds a step):
    metrics.jsonl, a val-bpb plot, checkpoints, and `final/` and `best/` model directories.
 4. Reloads `best/` with plain `transformers` (trust_remote_code) in a fresh process, checks its
    logits against poelm's, and shows each stage's predictions for a prompt.
-5. Writes everything it printed to `summary.json` in the run folder (atomically).
+5. Attaches a 2-block specialist stage (new blocks, zero-initialised head) to the trained base, saves
+   it as a delta directory, and checks that the base path is preserved bit for bit.
+6. Writes everything it printed to `summary.json` in the run folder (atomically).
 
 Design choices: the demo is a linear script over the library (no logic of its own beyond
 reporting); it owns its output folder and replaces the previous demo's results; the vocabulary is
@@ -34,7 +36,8 @@ import torch
 from .config import PoEConfig
 from .errors import PoelmError
 from .model import PoEGPT
-from .modeldir import AtomicDir, load_model, save_model_dir, write_json
+from .modeldir import AtomicDir, load_model, load_safetensors, save_model_dir, write_json
+from .stages import attach, check_preservation, save_stage
 from .tokenizer_files import write_hf_tokenizer_files
 from .tokenizer_train import stdlib_corpus, train_tokenizer
 from .train.pretrain import PretrainArgs, pretrain
@@ -82,7 +85,7 @@ def run_demo(out: Path) -> dict:
     # 1. Tokenizer ----------------------------------------------------------------------------
     paths = stdlib_corpus(CORPUS_BYTES)
     corpus_bytes = sum(os.path.getsize(p) for p in paths)
-    say(f"[1/5] tokenizer: training {VOCAB_SIZE}-token BPE on {len(paths)} stdlib files "
+    say(f"[1/6] tokenizer: training {VOCAB_SIZE}-token BPE on {len(paths)} stdlib files "
         f"({corpus_bytes / 1e6:.1f} MB)")
     t0 = time.time()
     tok = train_tokenizer(paths, VOCAB_SIZE)
@@ -109,7 +112,7 @@ def run_demo(out: Path) -> dict:
     model = PoEGPT(config)
     model.init_weights(seed=0)
     init_dir = save_model_dir(model, out / "base-init", tok, overwrite=True)
-    say(f"[2/5] model: PoE base, {config.n_layer} layers in stages {config.poe_stage_layers}, width "
+    say(f"[2/6] model: PoE base, {config.n_layer} layers in stages {config.poe_stage_layers}, width "
         f"{config.n_embd}, {model.num_params():,} parameters -> {init_dir}")
     table = model.param_table()
     width = max(len(n) for n, _ in table)
@@ -120,7 +123,7 @@ def run_demo(out: Path) -> dict:
     # 3. Pretrain it (flat: one detached loss per stage) -----------------------------------------
     run_dir = out / "pretrain"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its folder: start the run afresh
-    say(f"[3/5] pretraining (flat) for {PRETRAIN_STEPS} steps of {PRETRAIN_BATCH} x {SEQ_LEN} tokens on the same "
+    say(f"[3/6] pretraining (flat) for {PRETRAIN_STEPS} steps of {PRETRAIN_BATCH} x {SEQ_LEN} tokens on the same "
         f"source; progress on stderr")
     t0 = time.time()
     result = pretrain(PretrainArgs(
@@ -143,14 +146,14 @@ def run_demo(out: Path) -> dict:
         out_poe = trained(torch.tensor([prompt_ids]), return_stages=True)
     hf = hf_logits_in_fresh_process(best_dir, prompt_ids)
     diff = (hf - out_poe.logits).abs().max().item()
-    say(f"[4/5] transformers (fresh process, trust_remote_code=True) reloads {best_dir}: "
+    say(f"[4/6] transformers (fresh process, trust_remote_code=True) reloads {best_dir}: "
         f"max |logit difference| = {diff:.2e}")
     if diff > 1e-4:
         raise PoelmError(f"transformers logits differ from poelm's by {diff}")
     summary["hf_roundtrip_max_abs_diff"] = diff
 
     # 5. Each stage's prediction --------------------------------------------------------------
-    say(f"[5/5] each stage's top next tokens after {PROMPT!r}:")
+    say(f"[5/6] each stage's top next tokens after {PROMPT!r}:")
     stages = []
     for k, logits in enumerate(out_poe.stage_logits):
         top = torch.topk(logits[0, -1].softmax(-1), 5)
@@ -158,6 +161,23 @@ def run_demo(out: Path) -> dict:
         say(f"      stage {k}: " + "  ".join(f"{t!r} {v:.2f}" for t, v in pairs))
         stages.append({"stage": k, "top5": pairs})
     summary["stage_predictions"] = stages
+
+    # 6. A specialist stage on the frozen base ----------------------------------------------
+    stage_model, info = attach(best_dir, 2, seed=0)
+    stage_dir = save_stage(stage_model, best_dir, out / "stage-code", "code", overwrite=True)
+    with torch.no_grad():
+        x = torch.tensor([prompt_ids])
+        same = torch.equal(stage_model(x).logits, trained(x).logits)
+    kept = check_preservation(best_dir, stage_dir)
+    n_delta = sum(t.numel() for t in load_safetensors(stage_dir / "delta.safetensors").values())
+    say(f"[6/6] specialist stage: attached 2 blocks + a zero head to {best_dir.name} -> {stage_dir} "
+        f"(delta {n_delta:,} params; chat rows warm-initialised: {len(info['chat_rows'])}); logits right after "
+        f"attaching equal the base's bit for bit: {'yes' if same else 'NO'}; check-preservation max |Δlogit| = "
+        f"{kept['max_abs_diff']}")
+    if not (same and kept["bit_identical"]):
+        raise PoelmError("the attached stage does not preserve the base")
+    summary["stage"] = {"dir": str(stage_dir), "delta_params": n_delta, "attach_bit_identical": same,
+                        "preservation_max_abs_diff": kept["max_abs_diff"]}
 
     summary["seconds"] = round(time.time() - t_start, 1)
     tmp = out / ".summary.json.tmp"
