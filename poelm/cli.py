@@ -175,6 +175,22 @@ def cmd_stage_attach(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stage_train(args: argparse.Namespace) -> int:
+    from .train.sft import StageTrainArgs, stage_train
+
+    stage_train(StageTrainArgs(
+        stage=args.stage, data=args.data, out=args.out, steps=args.steps, epochs=args.epochs,
+        val_conversations=args.val_conversations, seq_len=args.seq_len, device_batch_size=args.device_batch_size,
+        total_batch_tokens=args.total_batch_tokens, eval_every=args.eval_every, save_every=args.save_every,
+        resume=args.resume, seed=args.seed, matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
+        stage_head_lr=args.stage_head_lr, stage_head_weight_decay=args.stage_head_weight_decay,
+        weight_decay=args.weight_decay, warmup_frac=args.warmup_frac, warmdown_frac=args.warmdown_frac,
+        final_lr_frac=args.final_lr_frac, label_smoothing=args.label_smoothing,
+        end_token_weight=args.end_token_weight, case_augment=args.case_augment, skip_invalid=args.skip_invalid,
+        document_masking=not args.no_document_masking, train_chat_rows=args.train_chat_rows, device=args.device))
+    return 0
+
+
 def cmd_check_preservation(args: argparse.Namespace) -> int:
     from .stages import check_preservation
 
@@ -319,6 +335,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-rows", action="store_true", help="skip the chat-token embedding warm init")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_stage_attach)
+
+    p = stage.add_parser("train", help="SFT of a stage on conversations (only the stage trains)")
+    p.add_argument("stage", metavar="STAGEDIR")
+    p.add_argument("--data", nargs="+", required=True, metavar="SPEC",
+                   help="PATH[:EPOCHS]: JSONL file or directory of them (messages, Alpaca, Magicoder, ShareGPT)")
+    p.add_argument("--out", required=True, metavar="RUNDIR")
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int)
+    length.add_argument("--epochs", type=float, help="passes over the (repeated) training mixture")
+    p.add_argument("--val-conversations", type=int, default=512, help="held out before repetition")
+    p.add_argument("--seq-len", type=int, help="row length (default: the model's sequence_len)")
+    p.add_argument("--device-batch-size", type=int, default=8)
+    p.add_argument("--total-batch-tokens", type=int, help="tokens per step, whatever the world size")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, help="checkpoint cadence (default: --eval-every)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the new blocks")
+    p.add_argument("--scalar-lr", type=float, default=0.5)
+    p.add_argument("--stage-head-lr", type=float, default=1e-4)
+    p.add_argument("--stage-head-weight-decay", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
+    p.add_argument("--warmup-frac", type=float, default=0.05)
+    p.add_argument("--warmdown-frac", type=float, default=0.9)
+    p.add_argument("--final-lr-frac", type=float, default=0.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--end-token-weight", type=float, default=1.0, help="loss weight of <|assistant_end|>")
+    p.add_argument("--case-augment", action="store_true", help="duplicate greetings with their case perturbed")
+    p.add_argument("--skip-invalid", action="store_true", help="skip bad records (counted per file and reason)")
+    p.add_argument("--no-document-masking", action="store_true", help="let packed conversations see each other")
+    p.add_argument("--train-chat-rows", action="store_true", help="also train the chat tokens' embedding rows")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_stage_train)
 
     p = sub.add_parser("check-preservation", help="exit 0 only if a stage's base path equals the base bit for bit")
     p.add_argument("base", metavar="BASEDIR")

@@ -51,6 +51,14 @@ def rotary_tables(start: int, length: int, head_dim: int, base: float, device, d
     return freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
 
 
+def rotary_at(positions: torch.Tensor, head_dim: int, base: float, dtype):
+    """cos, sin for per-token positions (B, T) -> (B, T, 1, head_dim / 2): restarted per document."""
+    channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)
+    inv_freq = 1.0 / (base ** (channels / head_dim))
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    return freqs.cos().to(dtype).unsqueeze(2), freqs.sin().to(dtype).unsqueeze(2)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of each head: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos (nanochat's sign)."""
     d = x.size(-1) // 2
@@ -175,7 +183,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(d, d)
         self.ve_gate = Linear(12, config.n_kv_head) if has_ve else None
 
-    def forward(self, x, ve, cos, sin, cache):
+    def forward(self, x, ve, cos, sin, cache, doc_ids=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -188,22 +196,27 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        y = attend(q, k, v, self.window)
+        y = attend(q, k, v, self.window, doc_ids)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+           doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention over a window: query at absolute position i sees keys i - window .. i.
 
-    q (B, H, Tq, D) holds the last Tq positions of the Tk keys in k, v (B, H_kv, Tk, D).
+    q (B, H, Tq, D) holds the last Tq positions of the Tk keys in k, v (B, H_kv, Tk, D). With
+    `doc_ids` (B, T) a query also sees only keys of its own document (packed conversations).
     """
     Tq, Tk = q.size(2), k.size(2)
     offset = Tk - Tq
-    if offset == 0 and window >= Tq - 1:  # plain causal: the window reaches back to position 0
+    if doc_ids is None and offset == 0 and window >= Tq - 1:  # plain causal: the window reaches position 0
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     i = torch.arange(offset, Tk, device=q.device)[:, None]
     j = torch.arange(Tk, device=q.device)[None, :]
     mask = (j <= i) & (j >= i - window)  # (Tq, Tk), True = attend
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, -Tq:, None] == doc_ids[:, None, :])  # (B, Tq, Tk)
+        mask = mask.unsqueeze(1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
@@ -223,8 +236,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx, has_ve)
         self.mlp = MLP(config.n_embd)
 
-    def forward(self, x, ve, cos, sin, cache):
-        x = x + self.attn(norm(x), ve, cos, sin, cache)
+    def forward(self, x, ve, cos, sin, cache, doc_ids=None):
+        x = x + self.attn(norm(x), ve, cos, sin, cache, doc_ids)
         return x + self.mlp(norm(x))
 
 
@@ -311,7 +324,7 @@ class PoEGPT(nn.Module):
             nn.init.zeros_(self.lm_head_stage.weight)
 
     # ---------------------------------------------------------------------------- pieces
-    def embed(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, cache=None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Normed token embedding plus the smear of the previous token's embedding: (B, T, d)."""
         x = norm(self.transformer.wte(idx))
         if not self.config.smear:
@@ -326,6 +339,8 @@ class PoEGPT(nn.Module):
             return x
         start = x.size(1) - prev.size(1)  # 1 for a fresh sequence, 0 when the cache holds the predecessor
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, start:, :24]))
+        if doc_ids is not None:  # a document's first token has no predecessor to smear in
+            gate = gate * (doc_ids[:, start:] == doc_ids[:, :-1]).unsqueeze(-1).to(gate.dtype)
         return torch.cat([x[:, :start], x[:, start:] + gate * prev], dim=1)
 
     def stage_hidden(self, h: torch.Tensor, stage: int, x_backout: torch.Tensor | None) -> torch.Tensor:
@@ -371,11 +386,11 @@ class PoEGPT(nn.Module):
             logits = logits + head(h)
         return softcap(logits[..., : self.config.vocab_size], self.config.softcap)
 
-    def layer(self, i: int, x, x0, idx, cos, sin, cache=None) -> torch.Tensor:
+    def layer(self, i: int, x, x0, idx, cos, sin, cache=None, doc_ids=None) -> torch.Tensor:
         """Layer i: mix in the embedding (resid/x0 lambdas), then the block (with its value embedding)."""
         x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
         ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-        return self.transformer.h[i](x, ve, cos, sin, cache)
+        return self.transformer.h[i](x, ve, cos, sin, cache, doc_ids)
 
     @torch.no_grad()
     def trunk(self, idx: torch.Tensor, n_layers: int) -> dict[str, torch.Tensor | None]:
@@ -415,6 +430,8 @@ class PoEGPT(nn.Module):
         fused_loss: bool = True,
         loss_chunk: int | None = None,
         frozen_layers: int = 0,
+        doc_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> PoEOutput:
         """Run stages 0..exit_stage (default: all) on idx (B, T).
 
@@ -428,6 +445,9 @@ class PoEGPT(nn.Module):
         `frozen_layers=n`: the embedding and layers 0..n-1 run without autograd and their outputs enter
         layer n detached (a specialist stage trains on a frozen trunk: one trunk forward, no trunk
         backward). The values are the same as with autograd; only the graph is not built.
+        `doc_ids` (B, T) and `positions` (B, T): packed documents (conversations) that must not see each
+        other: attention stays within a document, the smear does not cross into one, and rotary
+        positions restart, so each document is computed as if it were alone in the row.
         """
         c = self.config
         last = c.n_stages - 1 if exit_stage is None else exit_stage
@@ -445,8 +465,11 @@ class PoEGPT(nn.Module):
         start = cache.get_seq_length() if cache is not None else 0
         grad = torch.is_grad_enabled()
         with torch.set_grad_enabled(grad and frozen_layers == 0):
-            x = self.embed(idx, cache)
-        cos, sin = rotary_tables(start, T, c.head_dim, c.rope_base, x.device, x.dtype)
+            x = self.embed(idx, cache, doc_ids)
+        if positions is not None:
+            cos, sin = rotary_at(positions, c.head_dim, c.rope_base, x.dtype)
+        else:
+            cos, sin = rotary_tables(start, T, c.head_dim, c.rope_base, x.device, x.dtype)
         x0 = x
         x_backout = None
         stage_of_end = {end: k for k, end in enumerate(c.stage_ends)}
@@ -459,7 +482,7 @@ class PoEGPT(nn.Module):
                 x, x0 = x.detach(), x0.detach()
                 x_backout = x_backout.detach() if x_backout is not None else None
             with torch.set_grad_enabled(grad and i >= frozen_layers):
-                x = self.layer(i, x, x0, idx, cos, sin, cache)
+                x = self.layer(i, x, x0, idx, cos, sin, cache, doc_ids)
             if i == c.backout_layer:
                 x_backout = x
             k = stage_of_end.get(i)

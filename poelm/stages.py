@@ -179,7 +179,7 @@ def delta_tensors(model: PoEGPT, parent: PoEGPT) -> dict[str, torch.Tensor]:
 
 def save_stage(model: PoEGPT, parent_dir: str | os.PathLike, out: str | os.PathLike, name: str, *,
                overwrite: bool = False, card: str | None = None, extra_config: dict[str, Any] | None = None,
-               chat_rows_initialized: bool | None = None) -> Path:
+               chat_rows_initialized: bool | None = None, card_kw: dict[str, Any] | None = None) -> Path:
     """Write a stage directory (FORMATS.md) for `model`, a stage on `parent_dir`, atomically."""
     chain = resolve_chain(parent_dir)
     parent_config, tensors, prints = assemble(chain)
@@ -207,7 +207,8 @@ def save_stage(model: PoEGPT, parent_dir: str | os.PathLike, out: str | os.PathL
         write_hf_tokenizer_files(tmp, tok)
         for f in MODEL_CODE_FILES:
             shutil.copyfile(PACKAGE_DIR / f, tmp / f)
-        (tmp / "README.md").write_text(card or stage_card(model, name, parent_dir, delta), encoding="utf-8")
+        (tmp / "README.md").write_text(card or stage_card(model, name, parent_dir, delta, **(card_kw or {})),
+                                       encoding="utf-8")
     return out
 
 

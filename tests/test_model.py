@@ -241,3 +241,21 @@ def test_fused_head_loss_equals_plain_path(mode, heads, chunk):
         assert torch.allclose(g1[name], g2[name], atol=1e-6, rtol=1e-4), name
     mean = m(x, targets=y, loss_chunk=chunk).loss
     assert torch.allclose(mean, l1 / (y >= 0).sum(), rtol=1e-5)
+
+
+def test_document_masking_computes_each_document_alone():
+    """Packed documents with doc_ids and restarted positions == each document run on its own."""
+    m = tiny_model().eval()
+    a, b = ids(batch=1, length=37, seed=1), ids(batch=1, length=50, seed=2)
+    row = torch.cat([a, b], 1)
+    doc = torch.tensor([[0] * 37 + [1] * 50])
+    pos = torch.tensor([list(range(37)) + list(range(50))])
+    with torch.no_grad():
+        packed = m(row, doc_ids=doc, positions=pos, return_stages=True).stage_logits
+        alone_a = m(a, return_stages=True).stage_logits
+        alone_b = m(b, return_stages=True).stage_logits
+        for k in range(2):
+            assert torch.allclose(packed[k][:, :37], alone_a[k], atol=1e-5)
+            assert torch.allclose(packed[k][:, 37:], alone_b[k], atol=1e-5)
+        unmasked = m(row).logits
+        assert not torch.allclose(unmasked[:, 37:], alone_b[1], atol=1e-3)  # without masking b sees a

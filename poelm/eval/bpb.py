@@ -21,9 +21,12 @@ from ..model import PoEGPT, logop
 
 
 @torch.no_grad()
-def bpb_sums(model: PoEGPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], token_bytes: torch.Tensor,
+def bpb_sums(model: PoEGPT, batches: Iterable[tuple[torch.Tensor, ...]], token_bytes: torch.Tensor,
              device: torch.device) -> tuple[list[str], list[float]]:
-    """Per predictor: summed NLL in nats, then one shared byte count; names are stage0.. and logop."""
+    """Per predictor: summed NLL in nats, then one shared byte count; names are stage0.. and logop.
+
+    A batch is (inputs, targets) or, for packed conversations, (inputs, targets, doc_ids, positions).
+    """
     was_training = model.training
     model.eval()
     K = model.config.n_stages
@@ -31,12 +34,13 @@ def bpb_sums(model: PoEGPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     nats = [0.0] * (K + 1)
     n_bytes = 0.0
     token_bytes = token_bytes.to(device)
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
+    for batch in batches:
+        x, y, *extra = (t.to(device) for t in batch)
+        kwargs = {"doc_ids": extra[0], "positions": extra[1]} if extra else {}  # packed conversations
         valid = y >= 0
         nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0)
         keep = nbytes > 0  # specials (0 bytes) and ignored targets are left out
-        stage_logits = model(x, return_stages=True).stage_logits
+        stage_logits = model(x, return_stages=True, **kwargs).stage_logits
         scores = [*stage_logits, logop(stage_logits, model.config.poe_alpha)]
         target = y.clamp(min=0)
         for i, s in enumerate(scores):

@@ -46,7 +46,7 @@ BEST = "best"
 
 
 class Loader(Protocol):
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def next_batch(self) -> tuple[torch.Tensor, ...]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict, source: str) -> None: ...
 
@@ -118,8 +118,9 @@ def record_run(d: Dist, run_dir: Path, run_config: dict[str, Any]) -> None:
 class TrainLoop:
     """Runs `steps` optimizer steps of `ddp_model` (the model, or its DDP wrapper) with callbacks.
 
-    loss_fn(model, x, y) -> (sum of per-token losses (scalar tensor), per-stage sums (1-D tensor))
-    count_fn(y) -> the number of supervised tokens in a micro-batch's targets
+    loss_fn(model, *batch) -> (sum of per-token losses (scalar tensor), per-stage sums (1-D tensor)); a
+        batch is the loader's tuple, inputs first, targets second (then e.g. doc_ids, positions)
+    count_fn(targets) -> the number of supervised tokens in a micro-batch
     evaluate(step) -> dict with at least `val_bpb` ({name: bpb}); may add other fields (e.g. a sample)
     trainable() -> the weights a checkpoint saves (name -> tensor)
     """
@@ -163,18 +164,18 @@ class TrainLoop:
     def train_step(self) -> tuple[float, list[float]]:
         """One optimizer step; returns the mean per-token loss and per-stage mean losses of the step."""
         batches = [self.loader.next_batch() for _ in range(self.cfg.accum_steps)]
-        local = sum(self.count_fn(y) for _, y in batches)
+        local = sum(self.count_fn(batch[1]) for batch in batches)
         (count,) = all_reduce_sum(self.d, [float(local)])
         if count == 0:
             raise PoelmError("a training step has no supervised tokens (every target is masked)")
         scale = self.d.world_size / count  # DDP averages gradients over ranks: undo it
         loss_sum, stage_sums = 0.0, None
-        for i, (x, y) in enumerate(batches):
-            x, y = x.to(self.d.device), y.to(self.d.device)
+        for i, batch in enumerate(batches):
+            batch = tuple(t.to(self.d.device) for t in batch)
             last = i == len(batches) - 1
             sync = self.ddp_model.no_sync() if (self.d.enabled and not last) else nullcontext()
             with sync:
-                total, stages = self.loss_fn(self.ddp_model, x, y)
+                total, stages = self.loss_fn(self.ddp_model, *batch)
                 (total * scale).backward()
             loss_sum += float(total.detach())
             s = stages.detach().float().tolist()

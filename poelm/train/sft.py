@@ -1,0 +1,254 @@
+"""`poelm stage train`: supervised fine-tuning of a specialist stage on conversations.
+
+setup -> fit -> save, over the same TrainLoop as pretraining (loop.py: accumulation, schedule,
+evaluation, metrics, checkpoints, resume, DDP):
+- setup: the stage directory's chain is assembled; everything but the leaf stage is frozen
+  (`freeze_for_stage`), the parent's layers run without autograd (`frozen_layers`); conversations are
+  read in any supported shape, mixed (each source repeated EPOCHS times; the validation
+  conversations are held out of the shuffled pool before repetition), rendered with the chat format,
+  and packed best-fit into rows with document masking.
+- fit: cross-entropy on assistant tokens only (the chat mask), as the mean over the supervised
+  tokens of the optimizer step; optional label smoothing and a weight on `<|assistant_end|>`. The
+  stage head is its own AdamW group (LR 1e-4, weight decay 0.1 by default), the new blocks Muon.
+  Every evaluation reports the val bpb of every predictor on assistant tokens and checks that the
+  base path is still bit-identical (max |Δlogit| must be 0.0, or the run stops with an error).
+- save: `final/` and `best/` (lowest val bpb of the stage) are exported as stage directories on the
+  original parent, with the seed card's tables.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..cascade import CONFIG, locate, read_json
+from ..data.chat import ChatLoader, build_mixture, eval_batches, load_conversations, pack, render_conversations
+from ..errors import PoelmError
+from ..eval.bpb import bpb_from_sums, bpb_sums
+from ..modeldir import load_model, load_tokenizer
+from ..optim import build_optimizer
+from ..stages import freeze_for_stage, save_stage
+from .dist import Dist, all_reduce_sum, close_dist, init_dist, log0
+from .loop import LoopConfig, TrainLoop, check_run_dir, record_run
+
+
+@dataclass
+class StageTrainArgs:
+    stage: str
+    data: list[str]
+    out: str
+    steps: int | None = None
+    epochs: float | None = None
+    val_conversations: int = 512
+    seq_len: int | None = None
+    device_batch_size: int = 8
+    total_batch_tokens: int | None = None
+    eval_every: int = 200
+    save_every: int | None = None
+    resume: bool = False
+    seed: int = 0
+    matrix_lr: float = 0.02
+    scalar_lr: float = 0.5
+    stage_head_lr: float = 1e-4
+    stage_head_weight_decay: float = 0.1
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.05
+    warmdown_frac: float = 0.9
+    final_lr_frac: float = 0.0
+    label_smoothing: float = 0.0
+    end_token_weight: float = 1.0
+    case_augment: bool = False
+    skip_invalid: bool = False
+    document_masking: bool = True
+    train_chat_rows: bool = False
+    device: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parent_of(stage_dir: str | Path) -> Path:
+    """The directory the stage was attached to (its base_model_name_or_path, resolved)."""
+    data = read_json(Path(stage_dir) / CONFIG)
+    if data.get("base_model_name_or_path") is None:
+        raise PoelmError(f"{Path(stage_dir) / CONFIG}: not a stage directory (attach one with `poelm stage attach`)")
+    return locate(str(data["base_model_name_or_path"]), Path(stage_dir)).resolve()
+
+
+def stage_train(args: StageTrainArgs) -> dict[str, Any]:
+    d = init_dist(args.device)
+    try:
+        return _stage_train(d, args)
+    finally:
+        close_dist(d)
+
+
+def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
+    # ---------------------------------------------------------------------------------- setup
+    torch.manual_seed(args.seed)
+    parent_dir = parent_of(args.stage)
+    model = load_model(args.stage)
+    config = model.config
+    tok = load_tokenizer(args.stage, config)
+    seq_len = args.seq_len or config.sequence_len
+    if not 1 < seq_len <= config.sequence_len:
+        raise PoelmError(f"--seq-len {seq_len}: this model takes sequences of 2..{config.sequence_len} tokens")
+    if (args.steps is None) == (args.epochs is None):
+        raise PoelmError("give exactly one of --steps and --epochs")
+    world = d.world_size
+    per_micro = args.device_batch_size * seq_len * world
+    tokens_per_step = args.total_batch_tokens or per_micro
+    if tokens_per_step % per_micro:
+        raise PoelmError(f"--total-batch-tokens {tokens_per_step} is not divisible by device batch "
+                         f"{args.device_batch_size} x seq len {seq_len} x world size {world} = {per_micro}")
+    accum = tokens_per_step // per_micro
+    sources, report = load_conversations(args.data, skip_invalid=args.skip_invalid)
+    mixture = build_mixture(sources, args.val_conversations, args.seed, case_augment=args.case_augment)
+    log0(d, report.summary())
+    log0(d, mixture.summary())
+    if args.val_conversations < 1:
+        raise PoelmError(f"--val-conversations {args.val_conversations}: the run needs held-out conversations "
+                         "to measure val bpb and choose best/")
+    train_rows = pack(render_conversations(mixture.train, tok), seq_len, tok.bos_id)
+    val_rows = pack(render_conversations(mixture.val, tok), seq_len, tok.bos_id)
+    log0(d, f"packed: train {train_rows.stats.summary()}; val {val_rows.stats.summary()}")
+    rows_per_step = args.device_batch_size * world * accum
+    steps = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * train_rows.n_rows / rows_per_step))
+    run_dir = Path(args.out)
+    recorded = {"command": "stage train", "stage": str(Path(args.stage).resolve()), "data": args.data,
+                "steps": steps, "seq_len": seq_len, "total_batch_tokens": tokens_per_step, "seed": args.seed,
+                **{k: getattr(args, k) for k in ("val_conversations", "device_batch_size", "matrix_lr", "scalar_lr",
+                                                 "stage_head_lr", "stage_head_weight_decay", "weight_decay",
+                                                 "warmup_frac", "warmdown_frac", "final_lr_frac", "label_smoothing",
+                                                 "end_token_weight", "case_augment", "document_masking",
+                                                 "train_chat_rows")}}
+    ckpt = check_run_dir(run_dir, recorded, args.resume, ignore=("eval_every",))
+    if ckpt is None:
+        record_run(d, run_dir, recorded)
+    first = config.n_layer - config.poe_stage_layers[-1]
+    rows = read_json(Path(args.stage) / CONFIG).get("chat_rows") or None
+    partial = freeze_for_stage(model, rows if args.train_chat_rows else None)
+    frozen = 0 if args.train_chat_rows else first  # chat rows learn only through the trunk's backward
+    model.to(d.device)
+    optimizer = build_optimizer(model, matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
+                                weight_decay=args.weight_decay, stage_head_lr=args.stage_head_lr,
+                                stage_head_weight_decay=args.stage_head_weight_decay, no_decay=set(partial))
+    ddp_model = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    loader = ChatLoader(train_rows, args.device_batch_size, rank=d.rank, world_size=world, seed=args.seed)
+    log0(d, f"stage: {config.poe_stage_layers[-1]} blocks on {first} frozen layers; "
+            f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters; "
+            f"{train_rows.n_rows:,} train rows, {val_rows.n_rows:,} val rows of {seq_len} tokens; {steps} steps of "
+            f"{tokens_per_step:,} tokens = {args.device_batch_size} x {seq_len} x {world} x {accum}")
+
+    end_id = tok.token_id("<|assistant_end|>")
+    token_bytes = torch.tensor(tok.token_bytes, dtype=torch.int64)
+    K = config.n_stages
+    probe = preservation_inputs(tok, min(seq_len, 96))
+    with torch.no_grad():
+        base_logits = model(probe.to(d.device), exit_stage=config.n_base_stages - 1).logits
+
+    def masking(doc, pos):
+        return {"doc_ids": doc, "positions": pos} if args.document_masking else {}
+
+    def loss_fn(m, x, y, doc, pos):
+        if args.label_smoothing == 0 and args.end_token_weight == 1:
+            out = m(x, targets=y, loss_reduction="sum", frozen_layers=frozen, **masking(doc, pos))
+            return out.loss, out.stage_losses
+        logits = m(x, frozen_layers=frozen, **masking(doc, pos)).logits
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1,
+                              reduction="none", label_smoothing=args.label_smoothing)
+        weights = torch.where(y.reshape(-1) == end_id, args.end_token_weight, 1.0)
+        total = (nll * weights).sum()
+        return total, total.detach().reshape(1)
+
+    def evaluate(step: int) -> dict[str, Any]:
+        batches = eval_batches(val_rows, args.device_batch_size, rank=d.rank, world_size=world)
+        if not args.document_masking:
+            batches = ((b[0], b[1]) for b in batches)
+        names, sums = bpb_sums(model, batches, token_bytes, d.device)
+        bpb = bpb_from_sums(names, all_reduce_sum(d, sums))
+        with torch.no_grad():
+            now = model(probe.to(d.device), exit_stage=config.n_base_stages - 1).logits
+        diff = 0.0 if torch.equal(now, base_logits) else float((now - base_logits).abs().max())
+        if diff != 0.0:
+            raise PoelmError(f"step {step}: the base path changed (max |Δlogit| = {diff}); a stage must leave "
+                             "its parent bit-identical")
+        val = {"stage": bpb[f"stage{K - 1}"], "base": bpb[f"stage{config.n_base_stages - 1}"]}
+        return {"val_bpb": val, "val_bpb_all": bpb, "preservation_max_abs_diff": diff}
+
+    loop_cfg = LoopConfig(
+        run_dir=run_dir, steps=steps, accum_steps=accum, tokens_per_step=tokens_per_step,
+        eval_every=args.eval_every, save_every=args.save_every or args.eval_every,
+        warmup_frac=args.warmup_frac, warmdown_frac=args.warmdown_frac, final_lr_frac=args.final_lr_frac,
+        best_key="stage", resume=args.resume, title=f"{run_dir.name}: val bpb on assistant tokens")
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    loop = TrainLoop(d, loop_cfg, model=model, ddp_model=ddp_model, optimizer=optimizer, loader=loader,
+                     loss_fn=loss_fn, evaluate=evaluate,
+                     trainable=lambda: {n: model.get_parameter(n) for n in trainable_names},
+                     count_fn=lambda y: int((y >= 0).sum()))
+    start = loop.restore(ckpt) if ckpt is not None else 0
+    if ckpt is not None:
+        log0(d, f"resumed from {ckpt} (step {start})")
+
+    # ------------------------------------------------------------------------------------ fit
+    result = loop.run(start)
+
+    # ----------------------------------------------------------------------------------- save
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": result.step, "best_step": result.best_step,
+                               "best_val_bpb": result.best_value}
+    if d.is_main:
+        evals = result.evals
+        cpu = model.to("cpu")
+        final = {n: cpu.get_parameter(n).detach().clone() for n in trainable_names}
+        training = training_rows(args, mixture, train_rows, seq_len, tokens_per_step, world, result)
+        name = read_json(Path(args.stage) / CONFIG).get("stage_name", Path(args.stage).name)
+        for which, weights, step in (("final", final, result.step), ("best", loop.best_weights(), result.best_step)):
+            with torch.no_grad():
+                for n, v in weights.items():
+                    cpu.get_parameter(n).copy_(v)
+            save_stage(cpu, parent_dir, run_dir / which, name, overwrite=True,
+                       card_kw={"training": training + [("Exported step", step)], "evals": evals,
+                                "best_step": result.best_step, "best_key": "stage"},
+                       extra_config={"training": {"run_dir": str(run_dir), "step": step}})
+        summary["val_bpb"] = [[e["step"], e["val_bpb"]["stage"]] for e in evals]
+        summary["preservation_max_abs_diff"] = max(e["preservation_max_abs_diff"] for e in evals)
+        log0(d, f"done: {result.step} steps in {result.seconds:.0f}s; best stage val bpb {result.best_value:.4f} "
+                f"at step {result.best_step}; base path preserved exactly; exported {run_dir / 'final'} and "
+                f"{run_dir / 'best'}")
+    return summary
+
+
+def preservation_inputs(tok, length: int, n: int = 2, seed: int = 0) -> torch.Tensor:
+    """Fixed inputs without chat tokens: the base path must give the base's logits on them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, tok.n_merges, (n, length), generator=g)
+    x[:, 0] = tok.bos_id
+    return x
+
+
+def training_rows(args: StageTrainArgs, mixture, train_rows, seq_len, tokens_per_step, world, result):
+    return [
+        ("Objective", "cross-entropy over assistant turns only (user turns and padding masked out)"
+         + (f", label smoothing {args.label_smoothing}" if args.label_smoothing else "")
+         + (f", <|assistant_end|> weight {args.end_token_weight}" if args.end_token_weight != 1 else "")),
+        ("Data", "; ".join(args.data)),
+        ("Conversations (train after repetition / held-out val)", f"{len(mixture.train):,} / {len(mixture.val):,}"),
+        ("Case augmentation", "yes" if args.case_augment else "no"),
+        ("Packing", f"best-fit into {train_rows.n_rows:,} rows of {seq_len}; document masking "
+                    f"{'on' if args.document_masking else 'off'}"),
+        ("Sequence length", seq_len), ("Per-device batch", f"{args.device_batch_size} x {seq_len}"),
+        ("World size", world), ("Tokens per step", f"{tokens_per_step:,}"), ("Steps", result.step),
+        ("Optimizer", f"MuonAdamW (new blocks Muon LR {args.matrix_lr}; lambdas AdamW)"),
+        ("lm_head_stage LR", f"{args.stage_head_lr}, weight decay {args.stage_head_weight_decay}"),
+        ("Warmup / warmdown", f"{args.warmup_frac:.0%} / {args.warmdown_frac:.0%}"),
+        ("Eval / save cadence", f"every {args.eval_every} / {args.save_every or args.eval_every} steps"),
+        ("Best checkpoint", f"step {result.best_step}, val bpb {result.best_value:.4f}"),
+    ]
+
