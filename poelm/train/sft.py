@@ -107,7 +107,6 @@ def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
     accum = tokens_per_step // per_micro
     sources, report = load_conversations(args.data, skip_invalid=args.skip_invalid)
     mixture = build_mixture(sources, args.val_conversations, args.seed, case_augment=args.case_augment)
-    log0(d, report.summary())
     log0(d, mixture.summary())
     if args.val_conversations < 1:
         raise PoelmError(f"--val-conversations {args.val_conversations}: the run needs held-out conversations "
