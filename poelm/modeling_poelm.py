@@ -57,7 +57,7 @@ class PoECache(DynamicCache):
             self.prev_embedding = self.prev_embedding[indices]
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError(
+        raise RuntimeError(
             "PoECache cannot be cropped: the smear needs the embedding of the new last token; "
             "use poelm's engine for speculative decoding")
 

@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from ..errors import PoelmError
-from .text import ByteProgress, _check_int, as_text, format_size, walk_files
+from .text import ByteProgress, RowLoader, _check_int, as_text, format_size, walk_files
 
 if TYPE_CHECKING:
     import torch
@@ -702,89 +702,25 @@ def _check_rank(rank: Any, world_size: Any) -> tuple[int, int]:
     return rank, world_size
 
 
-class ChatLoader:
-    """Endless ChatBatch batches of one rank from packed rows; mirrors `text.TokenLoader`."""
+class ChatLoader(RowLoader):
+    """Endless ChatBatch batches of one rank from packed rows (the row order of `text.RowLoader`)."""
+
+    _SHAPE_KEYS = RowLoader._SHAPE_KEYS + ("data",)
+    _RESUME_HINT = ("resume with the same data, mixture seed, tokenizer, batch size, sequence length, world size "
+                    "and seed")
 
     def __init__(self, rows: PackedRows, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True):
         self.rows = _check_rows(rows, "ChatLoader")
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.rank, self.world_size = _check_rank(rank, world_size)
-        self.seed = _check_int("seed", seed, 0)
-        self.shuffle = bool(shuffle)
-        self.seq_len = rows.seq_len
-        self._rows = len(rows)
-        self._epoch, self._cursor = 0, 0  # global position: row `cursor` of epoch `epoch`'s order
-        self._orders: dict[int, np.ndarray] = {}
-
-    @property
-    def rows_per_epoch(self) -> int:
-        return self._rows
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @property
-    def cursor(self) -> int:
-        return self._cursor
-
-    def _order(self, epoch: int) -> np.ndarray:
-        """(rows_per_epoch,) row indices in epoch `epoch`'s order."""
-        if epoch not in self._orders:
-            if self.shuffle:
-                import torch
-
-                g = torch.Generator().manual_seed(self.seed + epoch)
-                self._orders[epoch] = torch.randperm(self._rows, generator=g).numpy()
-            else:
-                self._orders[epoch] = np.arange(self._rows)
-        return self._orders[epoch]
+        super().__init__(len(rows), batch_size, rows.seq_len, rank=rank, world_size=world_size, seed=seed,
+                         shuffle=shuffle)
 
     def next_batch(self) -> ChatBatch:
         """This rank's next (inputs, targets, doc_ids, positions), each (batch_size, seq_len) int64."""
-        B, R = self.batch_size, self._rows
-        start = self._epoch * R + self._cursor + self.rank * B  # absolute row slot of this rank's first row
-        epochs, slots = np.divmod(start + np.arange(B), R)  # (B,) a batch may straddle epochs (or several)
-        index = np.empty(B, dtype=np.int64)
-        for e in np.unique(epochs):
-            here = epochs == e
-            index[here] = self._order(int(e))[slots[here]]
-        self._epoch, self._cursor = divmod(self._epoch * R + self._cursor + self.world_size * B, R)
-        self._orders = {e: o for e, o in self._orders.items() if e >= self._epoch}
-        return _batch(self.rows, index)
-
-    def __iter__(self) -> Iterator[ChatBatch]:
-        while True:
-            yield self.next_batch()
-
-    _SHAPE_KEYS = ("batch_size", "seq_len", "world_size", "rows_per_epoch", "seed", "shuffle", "data")
+        return _batch(self.rows, self.next_indices())
 
     def state_dict(self) -> dict[str, Any]:
-        """The position, JSON-able and identical on every rank, with the settings and data it is valid for."""
-        return {"epoch": self._epoch, "cursor": self._cursor, "rows_per_epoch": self._rows,
-                "batch_size": self.batch_size, "seq_len": self.seq_len, "world_size": self.world_size,
-                "seed": self.seed, "shuffle": self.shuffle, "data": self.rows.fingerprint}
-
-    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
-        """Continue from `state` (from `state_dict`); `source` names where it came from for errors."""
-        if not isinstance(state, dict):
-            raise PoelmError(f"{source}: data loader state is {type(state).__name__}; expected an object")
-        mine = self.state_dict()
-        for key in self._SHAPE_KEYS:
-            if key not in state:
-                raise PoelmError(f"{source}: data loader state lacks '{key}'")
-            if state[key] != mine[key] or isinstance(state[key], bool) != isinstance(mine[key], bool):
-                raise PoelmError(f"{source}: data loader state has {key}={state[key]!r} but this run has "
-                                 f"{key}={mine[key]!r}; resume with the same data, mixture seed, tokenizer, batch "
-                                 f"size, sequence length, world size and seed")
-        for key, high in (("epoch", float("inf")), ("cursor", self._rows)):
-            value = state.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < high:
-                bound = f" and < {high}" if key == "cursor" else ""
-                raise PoelmError(f"{source}: data loader state '{key}' is {value!r}; expected an int >= 0{bound}")
-        self._epoch, self._cursor = state["epoch"], state["cursor"]
-        self._orders = {}
+        return {**super().state_dict(), "data": self.rows.fingerprint}
 
 
 def eval_batches(rows: PackedRows, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[ChatBatch]:

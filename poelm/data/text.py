@@ -384,12 +384,21 @@ def _rows(tokens: np.ndarray, rows: np.ndarray, seq_len: int, pad_id: int) -> tu
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-class TokenLoader:
-    """Endless (x, y) batches of one rank from a token stream; see the module docstring."""
+class RowLoader:
+    """The row order every loader shares: per epoch a seeded permutation of the rows (or the rows in
+    order), one global sequence for all ranks. Each `next_indices()` on rank r returns rows
+    [cursor + r*B, cursor + (r+1)*B) of that sequence and advances the cursor by world_size*B, so N
+    calls on one process see exactly the rows that N/world calls see across `world_size` processes
+    (gradient accumulation on one process equals one step on many). A batch may straddle epochs.
+    The position (epoch, cursor) is identical on every rank and resumes exactly.
+    Subclasses turn indices into tensors (`next_batch`) and may add facts to check on resume.
+    """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, pad_id: int):
-        self.tokens = _check_tokens(tokens, "TokenLoader")
+    _SHAPE_KEYS = ("batch_size", "seq_len", "world_size", "rows_per_epoch", "seed", "shuffle")
+    _RESUME_HINT = "resume with the same data, batch size, sequence length, world size and seed"
+
+    def __init__(self, n: int, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True):
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.seq_len = _check_int("seq_len", seq_len, 1)
         self.world_size = _check_int("world_size", world_size, 1)
@@ -398,8 +407,7 @@ class TokenLoader:
             raise PoelmError(f"rank must be in [0, world_size={self.world_size}), got {rank}")
         self.seed = _check_int("seed", seed, 0)
         self.shuffle = bool(shuffle)
-        self.pad_id = _check_int("pad_id", pad_id, 0)
-        self._rows = n_rows(len(self.tokens), self.seq_len)
+        self._rows = n
         self._epoch, self._cursor = 0, 0  # global position: row `cursor` of epoch `epoch`'s order
         self._orders: dict[int, np.ndarray] = {}
 
@@ -427,8 +435,8 @@ class TokenLoader:
                 self._orders[epoch] = np.arange(self._rows)
         return self._orders[epoch]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's next (x, y), each (batch_size, seq_len) int64; y is -1 where there is no target."""
+    def next_indices(self) -> np.ndarray:
+        """This rank's next `batch_size` row indices, and advance the shared position."""
         B, R = self.batch_size, self._rows
         start = self._epoch * R + self._cursor + self.rank * B  # absolute row slot of this rank's first row
         epochs, slots = np.divmod(start + np.arange(B), R)  # (B,) a batch may straddle epochs (or several)
@@ -438,13 +446,11 @@ class TokenLoader:
             rows[here] = self._order(int(e))[slots[here]]
         self._epoch, self._cursor = divmod(self._epoch * R + self._cursor + self.world_size * B, R)
         self._orders = {e: o for e, o in self._orders.items() if e >= self._epoch}
-        return _rows(self.tokens, rows, self.seq_len, self.pad_id)
+        return rows
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self):
         while True:
-            yield self.next_batch()
-
-    _SHAPE_KEYS = ("batch_size", "seq_len", "world_size", "rows_per_epoch", "seed", "shuffle")
+            yield self.next_batch()  # each subclass makes its tensors from next_indices()
 
     def state_dict(self) -> dict[str, Any]:
         """The position, JSON-able and identical on every rank, with the settings it is valid for."""
@@ -462,8 +468,7 @@ class TokenLoader:
                 raise PoelmError(f"{source}: data loader state lacks '{key}'")
             if state[key] != mine[key] or isinstance(state[key], bool) != isinstance(mine[key], bool):
                 raise PoelmError(f"{source}: data loader state has {key}={state[key]!r} but this run has "
-                                 f"{key}={mine[key]!r}; resume with the same data, batch size, sequence length, "
-                                 f"world size and seed")
+                                 f"{key}={mine[key]!r}; {self._RESUME_HINT}")
         for key, high in (("epoch", float("inf")), ("cursor", self._rows)):
             value = state.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < high:
@@ -471,6 +476,21 @@ class TokenLoader:
                 raise PoelmError(f"{source}: data loader state '{key}' is {value!r}; expected an int >= 0{bound}")
         self._epoch, self._cursor = state["epoch"], state["cursor"]
         self._orders = {}
+
+
+class TokenLoader(RowLoader):
+    """Endless (x, y) batches of one rank from a token stream; see the module docstring."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, pad_id: int):
+        self.tokens = _check_tokens(tokens, "TokenLoader")
+        self.pad_id = _check_int("pad_id", pad_id, 0)
+        super().__init__(n_rows(len(self.tokens), _check_int("seq_len", seq_len, 1)), batch_size, seq_len,
+                         rank=rank, world_size=world_size, seed=seed, shuffle=shuffle)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next (x, y), each (batch_size, seq_len) int64; y is -1 where there is no target."""
+        return _rows(self.tokens, self.next_indices(), self.seq_len, self.pad_id)
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_rows: int | None = None, rank: int = 0,

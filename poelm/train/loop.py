@@ -78,6 +78,17 @@ class LoopResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def batch_geometry(device_batch_size: int, total_batch_tokens: int | None, seq_len: int,
+                   world: int) -> tuple[int, int]:
+    """(tokens per step, accumulation steps): the step's tokens do not depend on the world size."""
+    per_micro = device_batch_size * seq_len * world
+    total = total_batch_tokens or per_micro
+    if total % per_micro:
+        raise PoelmError(f"--total-batch-tokens {total} is not divisible by device batch {device_batch_size} x "
+                         f"seq len {seq_len} x world size {world} = {per_micro}")
+    return total, total // per_micro
+
+
 def check_run_dir(run_dir: Path, run_config: dict[str, Any], resume: bool, ignore: tuple[str, ...] = ()) -> Path | None:
     """Check the run folder against --resume; returns the checkpoint to resume from, if any. Writes nothing.
 

@@ -31,7 +31,7 @@ from ..model import PoEGPT
 from ..modeldir import load_model, load_tokenizer, save_model_dir
 from ..optim import build_optimizer
 from .dist import Dist, all_reduce_sum, close_dist, init_dist, log0
-from .loop import LoopConfig, TrainLoop, check_run_dir, record_run
+from .loop import LoopConfig, TrainLoop, batch_geometry, check_run_dir, record_run
 
 SAMPLE_PROMPT = "def "
 
@@ -97,16 +97,6 @@ def best_key(config: PoEConfig) -> str:
     return f"stage{config.n_stages - 1}" if config.poe_mode == "none" else "logop"
 
 
-def batch_geometry(args: PretrainArgs, seq_len: int, world: int) -> tuple[int, int]:
-    """(tokens per step, accumulation steps); the step's tokens do not depend on the world size."""
-    per_micro = args.device_batch_size * seq_len * world
-    total = args.total_batch_tokens or per_micro
-    if total % per_micro:
-        raise PoelmError(f"--total-batch-tokens {total} is not divisible by device batch {args.device_batch_size} x "
-                         f"seq len {seq_len} x world size {world} = {per_micro}")
-    return total, total // per_micro
-
-
 def run_config(args: PretrainArgs, config: PoEConfig, seq_len: int, tokens_per_step: int) -> dict[str, Any]:
     """What a resumed run must share with the run it continues (data, model, batch, schedule, seed)."""
     keep = ("data", "steps", "device_batch_size", "seed", "matrix_lr", "embedding_lr", "unembedding_lr",
@@ -136,7 +126,7 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
     for name in ("steps", "device_batch_size", "eval_every", "eval_tokens"):
         if getattr(args, name) < 1:
             raise PoelmError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
-    tokens_per_step, accum = batch_geometry(args, seq_len, d.world_size)
+    tokens_per_step, accum = batch_geometry(args.device_batch_size, args.total_batch_tokens, seq_len, d.world_size)
     run_dir = Path(args.out)
     recorded = run_config(args, config, seq_len, tokens_per_step)
     ckpt = check_run_dir(run_dir, recorded, args.resume, ignore=("eval_every",))

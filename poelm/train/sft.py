@@ -34,7 +34,7 @@ from ..modeldir import load_model, load_tokenizer
 from ..optim import build_optimizer
 from ..stages import freeze_for_stage, save_stage
 from .dist import Dist, all_reduce_sum, close_dist, init_dist, log0
-from .loop import LoopConfig, TrainLoop, check_run_dir, record_run
+from .loop import LoopConfig, TrainLoop, batch_geometry, check_run_dir, record_run
 
 
 @dataclass
@@ -99,12 +99,7 @@ def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
     if (args.steps is None) == (args.epochs is None):
         raise PoelmError("give exactly one of --steps and --epochs")
     world = d.world_size
-    per_micro = args.device_batch_size * seq_len * world
-    tokens_per_step = args.total_batch_tokens or per_micro
-    if tokens_per_step % per_micro:
-        raise PoelmError(f"--total-batch-tokens {tokens_per_step} is not divisible by device batch "
-                         f"{args.device_batch_size} x seq len {seq_len} x world size {world} = {per_micro}")
-    accum = tokens_per_step // per_micro
+    tokens_per_step, accum = batch_geometry(args.device_batch_size, args.total_batch_tokens, seq_len, world)
     sources, report = load_conversations(args.data, skip_invalid=args.skip_invalid)
     mixture = build_mixture(sources, args.val_conversations, args.seed, case_augment=args.case_augment)
     log0(d, mixture.summary())
