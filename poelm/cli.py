@@ -228,6 +228,82 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_params(args: argparse.Namespace, seed_offset: int = 0):
+    from .infer import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed + seed_offset)
+
+
+def _load_engine(args: argparse.Namespace):
+    from .infer import Engine
+    from .modeldir import load_model, load_tokenizer, read_config
+
+    config = read_config(args.model)  # a missing or bad directory fails here, naming it
+    if args.exit_stage is not None and not 0 <= args.exit_stage < config.n_stages:
+        raise PoelmError(f"--exit-stage {args.exit_stage}: {args.model} has stages 0..{config.n_stages - 1}")
+    tok = load_tokenizer(args.model, config)
+    model = load_model(args.model).eval()
+    return Engine(model, tok), tok
+
+
+def _stream_answer(engine, tok, ids: list[int], params, exit_stage) -> list[int]:
+    """Print the answer as it comes (whole characters only; stop tokens not printed); its ids back."""
+    decoder, out = tok.stream_decoder(), []
+    for token in engine.stream(ids, params, exit_stage):
+        if token in engine.stop_ids:
+            continue  # the stream ends right after it
+        out.append(token)
+        sys.stdout.write(decoder.push(token))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.flush() + "\n")
+    sys.stdout.flush()
+    s = engine.last_stats
+    print(f"{s.generated_tokens} tokens in {s.seconds:.2f}s ({s.tokens_per_s:.1f} tok/s; prompt "
+          f"{s.prompt_tokens} tokens)", file=sys.stderr)
+    return out
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)  # bad flags fail before the model loads
+    engine, tok = _load_engine(args)
+    if args.chat:
+        ids = tok.render_prompt([{"role": "user", "content": args.prompt}])
+    else:
+        ids = [tok.bos_id] + tok.encode(args.prompt)
+    _stream_answer(engine, tok, ids, params, args.exit_stage)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    _sampling_params(args)
+    engine, tok = _load_engine(args)
+    interactive = sys.stdin.isatty()
+    messages: list[dict] = []
+    turn = 0
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":  # EOF or /quit
+            return 0
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        ids = tok.render_prompt(messages)
+        # Past the context: drop the oldest exchange (user + assistant) until the prompt leaves room.
+        while len(ids) >= engine.config.sequence_len and len(messages) > 1:
+            messages = messages[2:]
+            ids = tok.render_prompt(messages)
+        # A new seed per turn, so repeated questions do not replay the same random stream.
+        answer = _stream_answer(engine, tok, ids, _sampling_params(args, turn), args.exit_stage)
+        messages.append({"role": "assistant", "content": tok.decode(answer)})
+        turn += 1
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train.pretrain import PretrainArgs, pretrain
 
@@ -386,6 +462,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--top-k", type=int, default=5)
     p.set_defaults(func=cmd_compose)
+
+    def add_generation_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", metavar="MODELDIR", help="a base or stage directory")
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+        p.add_argument("--top-k", type=int, help="sample among the K most likely tokens")
+        p.add_argument("--top-p", type=float, help="nucleus: the fewest tokens with probability >= P")
+        p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' semantics (1: off)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--exit-stage", type=int, help="stop after stage K and read its predictor (default: last)")
+
+    p = sub.add_parser("generate", help="continue a prompt (or answer it with --chat), streaming to stdout")
+    add_generation_flags(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="render the prompt as one user turn")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="a conversation on stdin/stdout (EOF or /quit ends it)")
+    add_generation_flags(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("inspect", help="describe a model directory (a stage: its whole chain)")
     p.add_argument("model", metavar="MODELDIR")

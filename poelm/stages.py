@@ -223,7 +223,9 @@ def stage_card(model: PoEGPT, name: str, parent_dir: str | os.PathLike, delta: d
             ("Final projection", "logits = lm_head_base(x) + lm_head_stage(x)"
              + (" (+ lm_head_fold(x), the ancestors' heads)" if c.head_fold else "")),
             ("Total params", f"{model.num_params():,}"), ("Trainable params", f"{trainable:,}"),
-            ("Shipped delta", f"{len(delta)} tensors, {sum(t.numel() for t in delta.values()):,} params")]
+            ("Shipped delta", f"{len(delta)} tensors, {sum(t.numel() for t in delta.values()):,} params, "
+                              f"{sum(t.numel() * t.element_size() for t in delta.values()) / 1e6:.1f} MB "
+                              f"({next(iter(delta.values())).dtype if delta else 'n/a'})")]
     from .card import table
     return model_card(model, name, summary=f"A poelm specialist stage on `{parent_dir}`.\n\n"
                       + table(("Component", "Detail"), rows), **kw)
