@@ -272,11 +272,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tok.render_prompt([{"role": "user", "content": args.prompt}])
     else:
         ids = [tok.bos_id] + tok.encode(args.prompt)
+    if args.speculative is not None:
+        return _speculative(args, engine, tok, ids, params)
     _stream_answer(engine, tok, ids, params, args.exit_stage)
     return 0
 
 
+def _speculative(args: argparse.Namespace, engine, tok, ids: list[int], params) -> int:
+    """--speculative K --draft-stage S: greedy self-speculative decoding (same tokens as plain greedy)."""
+    import time
+
+    from .infer.speculative import SpeculativeDecoder
+
+    if params.temperature != 0 or params.repetition_penalty != 1 or args.exit_stage is not None:
+        raise PoelmError("--speculative decodes greedily with the full model: drop --temperature, "
+                         "--repetition-penalty and --exit-stage (speculative sampling is not built yet)")
+    if args.draft_stage is None:
+        raise PoelmError("--speculative K needs --draft-stage S")
+    dec = SpeculativeDecoder(engine.model, args.draft_stage, args.speculative, engine.stop_ids)
+    t0 = time.time()
+    out = dec.generate(ids, params.max_new_tokens)
+    seconds = time.time() - t0
+    print(tok.decode([t for t in out if t not in engine.stop_ids]))
+    s = dec.stats
+    print(f"{len(out)} tokens in {seconds:.2f}s ({len(out) / max(seconds, 1e-9):.1f} tok/s); draft stage "
+          f"{args.draft_stage}, K={args.speculative}: acceptance {s.acceptance:.1%}, "
+          f"{s.tokens_per_verification:.2f} tokens per verification", file=sys.stderr)
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.speculative is not None or args.draft_stage is not None:
+        raise PoelmError("--speculative/--draft-stage work with `poelm generate` only, for now")
     _sampling_params(args)
     engine, tok = _load_engine(args)
     interactive = sys.stdin.isatty()
@@ -472,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' semantics (1: off)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--exit-stage", type=int, help="stop after stage K and read its predictor (default: last)")
+        p.add_argument("--speculative", type=int, metavar="K",
+                       help="greedy self-speculative decoding: draft K tokens per round with --draft-stage")
+        p.add_argument("--draft-stage", type=int, metavar="S", help="the stage that drafts (with --speculative)")
 
     p = sub.add_parser("generate", help="continue a prompt (or answer it with --chat), streaming to stdout")
     add_generation_flags(p)

@@ -1,0 +1,67 @@
+"""Self-speculative greedy decoding == plain greedy decoding of the full model, for several K and S."""
+
+import pytest
+import torch
+
+from poelm.errors import PoelmError
+from poelm.infer.speculative import SpeculativeDecoder
+
+from util import tiny_model
+
+
+def plain_greedy(model, prompt, n):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("stages, draft_stage, k", [([1, 1, 2], 0, 1), ([1, 1, 2], 0, 3), ([1, 1, 2], 1, 4),
+                                                    ([2, 2], 0, 2), ([3, 1], 0, 5)])
+def test_speculative_greedy_equals_plain_greedy(stages, draft_stage, k):
+    model = tiny_model(poe_stage_layers=stages, window_pattern="SL").eval()
+    prompt = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    want = plain_greedy(model, prompt, 40)
+    dec = SpeculativeDecoder(model, draft_stage, k)
+    got = dec.generate(prompt, 40)
+    assert got == want
+    assert dec.stats.rounds > 0 and 0 <= dec.stats.acceptance <= 1
+
+
+def test_a_draft_equal_to_the_model_accepts_everything():
+    # Zero the deeper stage's blocks: it then adds nothing and every draft is accepted.
+    model = tiny_model(poe_stage_layers=[2, 2], backout=False, poe_backout_stages=[]).eval()
+    with torch.no_grad():
+        for i in (2, 3):
+            model.transformer.h[i].attn.c_proj.weight.zero_()
+            model.transformer.h[i].mlp.c_proj.weight.zero_()
+            model.resid_lambdas[i] = 1.0
+            model.x0_lambdas[i] = 0.0
+    dec = SpeculativeDecoder(model, 0, 4)
+    prompt = [1, 2, 3, 4, 5]
+    assert dec.generate(prompt, 21) == plain_greedy(model, prompt, 21)
+    assert dec.stats.acceptance == 1.0 and dec.stats.tokens_per_verification == 4.0
+
+
+def test_bad_settings():
+    model = tiny_model(poe_stage_layers=[2, 2])
+    with pytest.raises(PoelmError, match="--draft-stage 1"):
+        SpeculativeDecoder(model, 1, 2)
+    with pytest.raises(PoelmError, match="--speculative 0"):
+        SpeculativeDecoder(model, 0, 0)
+
+
+def test_cli_speculative_matches_plain_greedy(trained_like_model_dir, capsys):
+    from poelm.cli import main
+
+    argv = ["generate", str(trained_like_model_dir), "--prompt", "def f(x):", "--max-new-tokens", "24"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out.strip()
+    assert main(argv + ["--speculative", "3", "--draft-stage", "0"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == plain and "acceptance" in out.err
+    assert main(argv + ["--speculative", "3"]) == 2
+    assert "needs --draft-stage" in capsys.readouterr().err
+    assert main(argv + ["--speculative", "3", "--draft-stage", "0", "--temperature", "0.7"]) == 2
+    assert main(["chat", str(trained_like_model_dir), "--speculative", "2", "--draft-stage", "0"]) == 2
