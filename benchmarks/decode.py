@@ -1,0 +1,105 @@
+"""Decoding speed of one model, measured side by side: transformers' generate, the engine at full
+depth, each exit stage (prefix pruning), and self-speculative greedy decoding for several K and S.
+
+Greedy, the same prompts, median of rounds. Prints a table (or one JSON line with --json) with tokens/s,
+the ratio to transformers' generate, the engine's ratio, speculative acceptance and tokens per
+verification, and whether every speculative setting produced exactly the plain greedy tokens.
+A benchmark, not a test. Adaptive depth is not built yet and is not measured.
+
+    python benchmarks/decode.py MODELDIR [--json] [--new-tokens 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from poelm.infer.engine import Engine, SamplingParams
+from poelm.infer.speculative import SpeculativeDecoder
+from poelm.modeldir import load_model, load_tokenizer
+
+PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self", "import os\n\ndef walk(", "    return self."]
+
+
+def timed(fn, rounds: int) -> tuple[float, list]:
+    times, out = [], None
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    prompts = [[tok.bos_id] + tok.encode(t) for t in PROMPTS]
+    n = args.new_tokens
+    engine = Engine(model, tok, stop_ids=set())  # no early stop: every setting decodes n tokens
+    greedy = SamplingParams(max_new_tokens=n)
+    rows, reference = {}, None
+
+    def all_prompts(fn):
+        return [fn(ids) for ids in prompts]
+
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
+
+    def hf_generate(ids):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=tok.token_id("<|assistant_end|>"))
+        return out[0, len(ids):].tolist()
+
+    seconds, _ = timed(lambda: all_prompts(hf_generate), args.rounds)
+    rows["transformers generate"] = {"tok_per_s": n * len(prompts) / seconds}
+    seconds, reference = timed(lambda: all_prompts(lambda ids: engine.generate(ids, greedy)), args.rounds)
+    rows["engine (full depth)"] = {"tok_per_s": n * len(prompts) / seconds}
+    for k in range(model.config.n_stages - 1):
+        seconds, _ = timed(lambda: all_prompts(lambda ids: engine.generate(ids, greedy, exit_stage=k)), args.rounds)
+        rows[f"engine exit stage {k}"] = {"tok_per_s": n * len(prompts) / seconds}
+    for s in range(model.config.n_stages - 1):
+        for k in (2, 4, 6):
+            def spec(ids, s=s, k=k):
+                dec = SpeculativeDecoder(model, s, k)
+                out = dec.generate(ids, n)
+                stats.append(dec.stats)
+                return out
+            stats: list = []
+            seconds, outs = timed(lambda: all_prompts(spec), args.rounds)
+            drafted = sum(st.drafted for st in stats)
+            rows[f"speculative S={s} K={k}"] = {
+                "tok_per_s": n * len(prompts) / seconds,
+                "acceptance": sum(st.accepted for st in stats) / max(drafted, 1),
+                "tokens_per_verification": sum(st.emitted for st in stats) / max(sum(st.rounds for st in stats), 1),
+                "greedy_identical": outs == reference}
+    base = rows["transformers generate"]["tok_per_s"]
+    for r in rows.values():
+        r["x_transformers"] = r["tok_per_s"] / base
+    engine_rate = rows["engine (full depth)"]["tok_per_s"]
+    for r in rows.values():
+        r["x_engine"] = r["tok_per_s"] / engine_rate
+    result = {"model": args.model, "new_tokens": n, "prompts": len(prompts), "threads": torch.get_num_threads(),
+              "rows": {k: {kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()}
+                       for k, v in rows.items()}}
+    if args.json:
+        print(json.dumps(result))
+        return
+    for name, r in rows.items():
+        extra = (f"  acceptance {r['acceptance']:.1%}, {r['tokens_per_verification']:.2f} tok/verify, "
+                 f"identical {r['greedy_identical']}" if "acceptance" in r else "")
+        print(f"{name:<26} {r['tok_per_s']:8.1f} tok/s  {r['x_transformers']:5.2f}x hf  {r['x_engine']:5.2f}x engine{extra}")
+
+
+if __name__ == "__main__":
+    main()
