@@ -14,7 +14,9 @@ What it does today (each later feature adds a step):
 6. Trains that stage (SFT, assistant tokens only) on a code-instruction set built from the standard
    library's documented functions, with a held-out split, the base path checked at every evaluation.
 7. Runs the seed card's quick start through `transformers` on the trained stage.
-8. Writes everything it printed to `summary.json` in the run folder (atomically).
+8. Decodes with the base at full depth, with stage 0 alone (prefix pruning) and self-speculatively
+   (draft with stage 0, verify with all), and reports tokens/s, acceptance and greedy identity.
+9. Writes everything it printed to `summary.json` in the run folder (atomically).
 
 Design choices: the demo is a linear script over the library (no logic of its own beyond
 reporting); it owns its output folder and replaces the previous demo's results; the vocabulary is
@@ -38,6 +40,8 @@ import torch
 
 from .config import PoEConfig
 from .errors import PoelmError
+from .infer.engine import Engine, SamplingParams
+from .infer.speculative import SpeculativeDecoder
 from .model import PoEGPT
 from .modeldir import AtomicDir, load_model, load_safetensors, save_model_dir, write_json
 from .data.stdlib_code import code_instructions, write_jsonl
@@ -119,7 +123,7 @@ def run_demo(out: Path) -> dict:
     # 1. Tokenizer ----------------------------------------------------------------------------
     paths = stdlib_corpus(CORPUS_BYTES)
     corpus_bytes = sum(os.path.getsize(p) for p in paths)
-    say(f"[1/8] tokenizer: training {VOCAB_SIZE}-token BPE on {len(paths)} stdlib files "
+    say(f"[1/9] tokenizer: training {VOCAB_SIZE}-token BPE on {len(paths)} stdlib files "
         f"({corpus_bytes / 1e6:.1f} MB)")
     t0 = time.time()
     tok = train_tokenizer(paths, VOCAB_SIZE)
@@ -146,7 +150,7 @@ def run_demo(out: Path) -> dict:
     model = PoEGPT(config)
     model.init_weights(seed=0)
     init_dir = save_model_dir(model, out / "base-init", tok, overwrite=True)
-    say(f"[2/8] model: PoE base, {config.n_layer} layers in stages {config.poe_stage_layers}, width "
+    say(f"[2/9] model: PoE base, {config.n_layer} layers in stages {config.poe_stage_layers}, width "
         f"{config.n_embd}, {model.num_params():,} parameters -> {init_dir}")
     table = model.param_table()
     width = max(len(n) for n, _ in table)
@@ -157,7 +161,7 @@ def run_demo(out: Path) -> dict:
     # 3. Pretrain it (flat: one detached loss per stage) -----------------------------------------
     run_dir = out / "pretrain"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its folder: start the run afresh
-    say(f"[3/8] pretraining (flat) for {PRETRAIN_STEPS} steps of {PRETRAIN_BATCH} x {SEQ_LEN} tokens on the same "
+    say(f"[3/9] pretraining (flat) for {PRETRAIN_STEPS} steps of {PRETRAIN_BATCH} x {SEQ_LEN} tokens on the same "
         f"source; progress on stderr")
     t0 = time.time()
     result = pretrain(PretrainArgs(
@@ -180,14 +184,14 @@ def run_demo(out: Path) -> dict:
         out_poe = trained(torch.tensor([prompt_ids]), return_stages=True)
     hf = hf_logits_in_fresh_process(best_dir, prompt_ids)
     diff = (hf - out_poe.logits).abs().max().item()
-    say(f"[4/8] transformers (fresh process, trust_remote_code=True) reloads {best_dir}: "
+    say(f"[4/9] transformers (fresh process, trust_remote_code=True) reloads {best_dir}: "
         f"max |logit difference| = {diff:.2e}")
     if diff > 1e-4:
         raise PoelmError(f"transformers logits differ from poelm's by {diff}")
     summary["hf_roundtrip_max_abs_diff"] = diff
 
     # 5. Each stage's prediction --------------------------------------------------------------
-    say(f"[5/8] each stage's top next tokens after {PROMPT!r}:")
+    say(f"[5/9] each stage's top next tokens after {PROMPT!r}:")
     stages = []
     for k, logits in enumerate(out_poe.stage_logits):
         top = torch.topk(logits[0, -1].softmax(-1), 5)
@@ -204,7 +208,7 @@ def run_demo(out: Path) -> dict:
         same = torch.equal(stage_model(x).logits, trained(x).logits)
     kept = check_preservation(best_dir, stage_dir)
     n_delta = sum(t.numel() for t in load_safetensors(stage_dir / "delta.safetensors").values())
-    say(f"[6/8] specialist stage: attached 2 blocks + a zero head to {best_dir.name} -> {stage_dir} "
+    say(f"[6/9] specialist stage: attached 2 blocks + a zero head to {best_dir.name} -> {stage_dir} "
         f"(delta {n_delta:,} params; chat rows warm-initialised: {len(info['chat_rows'])}); logits right after "
         f"attaching equal the base's bit for bit: {'yes' if same else 'NO'}; check-preservation max |Δlogit| = "
         f"{kept['max_abs_diff']}")
@@ -219,7 +223,7 @@ def run_demo(out: Path) -> dict:
     data = write_jsonl(records, out / "data" / "stdlib-code.jsonl")
     sft_dir = out / "sft"
     shutil.rmtree(sft_dir, ignore_errors=True)
-    say(f"[7/8] stage SFT: {len(records)} code instructions from the stdlib's documented functions -> {data}; "
+    say(f"[7/9] stage SFT: {len(records)} code instructions from the stdlib's documented functions -> {data}; "
         f"{SFT_STEPS} steps, {SFT_VAL} conversations held out; progress on stderr")
     t0 = time.time()
     sft = stage_train(StageTrainArgs(
@@ -235,9 +239,30 @@ def run_demo(out: Path) -> dict:
 
     # 8. The seed card's quick start through transformers, on the trained stage -----------------
     answer = quick_start_answer(sft_dir / "best", tok)
-    say(f"[8/8] the seed card's quick start (transformers, fresh process) on {sft_dir / 'best'}:\n"
+    say(f"[8/9] the seed card's quick start (transformers, fresh process) on {sft_dir / 'best'}:\n"
         + textwrap.indent(answer.strip() or "(empty)", "      | "))
     summary["sample"] = answer
+
+    # 9. What the stage predictors buy at inference -------------------------------------------
+    engine = Engine(trained, tok, stop_ids=set())
+    greedy = SamplingParams(max_new_tokens=48)
+    prompts = [[tok.bos_id] + tok.encode(t) for t in ("def fibonacci(n):", "class Stack:\n    def __init__(self")]
+    timings, outputs = {}, {}
+    for name, run in (("full depth", lambda ids: engine.generate(ids, greedy)),
+                      ("exit stage 0", lambda ids: engine.generate(ids, greedy, exit_stage=0)),
+                      ("speculative S=0 K=4", lambda ids: spec.generate(ids, 48))):
+        run(prompts[0])  # warm-up, untimed
+        spec = SpeculativeDecoder(trained, 0, 4)
+        t0 = time.perf_counter()
+        outputs[name] = [run(ids) for ids in prompts]
+        timings[name] = 48 * len(prompts) / (time.perf_counter() - t0)
+    identical = outputs["speculative S=0 K=4"] == outputs["full depth"]
+    say("[9/9] decoding the base (greedy, 2 prompts x 48 tokens): " + "; ".join(
+        f"{k} {v:.0f} tok/s ({v / timings['full depth']:.2f}x)" for k, v in timings.items())
+        + f"; speculative acceptance {spec.stats.acceptance:.0%}, output identical to plain greedy: "
+        f"{'yes' if identical else 'NO'}")
+    summary["decode"] = {"tok_per_s": {k: round(v, 1) for k, v in timings.items()},
+                         "speculative_acceptance": spec.stats.acceptance, "speculative_identical": identical}
 
     summary["seconds"] = round(time.time() - t_start, 1)
     tmp = out / ".summary.json.tmp"
