@@ -19,7 +19,6 @@ Design choices:
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .cascade import read_json
 from .config import PoEConfig
 from .errors import PoelmError
 from .model import PoEGPT
@@ -71,10 +71,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def read_meta(path: Path) -> dict:
     if not path.is_file():
         raise PoelmError(f"{path}: missing (nanochat writes it beside model_NNNNNN.pt)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise PoelmError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    meta = read_json(path)
     if not isinstance(meta.get("model_config"), dict):
         raise PoelmError(f"{path}: no 'model_config' object")
     return meta
