@@ -279,17 +279,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _speculative(args: argparse.Namespace, engine, tok, ids: list[int], params) -> int:
-    """--speculative K --draft-stage S: greedy self-speculative decoding (same tokens as plain greedy)."""
+    """--speculative K --draft-stage S: self-speculative decoding; greedy gives plain greedy's tokens,
+    sampling follows the full model's distribution (the speculative sampling rule)."""
     import time
 
     from .infer.speculative import SpeculativeDecoder
 
-    if params.temperature != 0 or params.repetition_penalty != 1 or args.exit_stage is not None:
-        raise PoelmError("--speculative decodes greedily with the full model: drop --temperature, "
-                         "--repetition-penalty and --exit-stage (speculative sampling is not built yet)")
+    if params.top_k is not None or params.top_p is not None or params.repetition_penalty != 1 \
+            or args.exit_stage is not None:
+        raise PoelmError("--speculative takes --temperature only (greedy at 0, the speculative sampling rule "
+                         "above): drop --top-k, --top-p, --repetition-penalty and --exit-stage")
     if args.draft_stage is None:
         raise PoelmError("--speculative K needs --draft-stage S")
-    dec = SpeculativeDecoder(engine.model, args.draft_stage, args.speculative, engine.stop_ids)
+    dec = SpeculativeDecoder(engine.model, args.draft_stage, args.speculative, engine.stop_ids,
+                             temperature=params.temperature, seed=params.seed)
     t0 = time.time()
     out = dec.generate(ids, params.max_new_tokens)
     seconds = time.time() - t0

@@ -63,5 +63,36 @@ def test_cli_speculative_matches_plain_greedy(trained_like_model_dir, capsys):
     assert out.out.strip() == plain and "acceptance" in out.err
     assert main(argv + ["--speculative", "3"]) == 2
     assert "needs --draft-stage" in capsys.readouterr().err
-    assert main(argv + ["--speculative", "3", "--draft-stage", "0", "--temperature", "0.7"]) == 2
+    assert main(argv + ["--speculative", "3", "--draft-stage", "0", "--temperature", "0.7"]) == 0
+    assert main(argv + ["--speculative", "3", "--draft-stage", "0", "--top-k", "5"]) == 2
     assert main(["chat", str(trained_like_model_dir), "--speculative", "2", "--draft-stage", "0"]) == 2
+
+
+def test_speculative_sampling_rule_gives_the_target_distribution():
+    """Draft d ~ q, accept with min(1, p/q), else resample from max(p - q, 0): the result is ~ p."""
+    from poelm.infer.speculative import accept_or_resample
+
+    p = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.07, 0.03])
+    q = torch.tensor([0.10, 0.10, 0.30, 0.30, 0.15, 0.05])  # a poor draft: the rule must correct it
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.zeros(6)
+    drafts = torch.multinomial(q, n, replacement=True, generator=g).tolist()
+    accepted = 0
+    for d in drafts:
+        ok, token = accept_or_resample(p, q, d, g)
+        counts[token] += 1
+        accepted += ok
+    tv = 0.5 * (counts / n - p).abs().sum().item()
+    assert tv < 0.015, tv
+    assert 0.5 * (q - p).abs().sum().item() > 0.3  # the test has power: sampling q alone would fail it
+    expected_acceptance = torch.minimum(p, q).sum().item()  # P(accept) = sum_x min(p, q)
+    assert abs(accepted / n - expected_acceptance) < 0.015
+
+
+def test_speculative_sampling_end_to_end_is_seeded():
+    model = tiny_model(poe_stage_layers=[1, 1, 2]).eval()
+    prompt = [5, 6, 7, 8]
+    runs = [SpeculativeDecoder(model, 0, 3, temperature=1.0, seed=s).generate(prompt, 20) for s in (1, 1, 2)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    assert len(runs[0]) == 20

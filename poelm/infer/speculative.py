@@ -12,6 +12,11 @@ Design choices:
   one-row matmuls, which can flip an exact tie and nothing else.
 - Rollback: the cache is cropped to the accepted inputs and the smear's previous embedding is reset
   to the last accepted input's normed embedding (the smear reads it for the next token).
+- Sampling (temperature > 0): the speculative sampling rule (Leviathan et al., Chen et al.): draft
+  d ~ q (stage S's tempered distribution), accept it with probability min(1, p(d) / q(d)) where p is
+  the full model's, otherwise emit a sample of normalise(max(p - q, 0)) and end the round. Every
+  emitted token is then distributed exactly as the full model's sampling (tested statistically). One
+  seeded generator drives drafts, acceptances and resamples.
 - Reports acceptance (accepted / drafted) and tokens per verification.
 """
 
@@ -23,6 +28,19 @@ import torch
 
 from ..errors import PoelmError
 from ..model import KVCache, PoEGPT, norm, rotary_tables
+
+
+def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int,
+                       generator: torch.Generator) -> tuple[bool, int]:
+    """One step of the speculative sampling rule: (accepted, token). p, q: (vocab,) probabilities."""
+    u = torch.rand((), generator=generator, device=p.device)
+    if float(u) * float(q[draft]) <= float(p[draft]):  # u <= p/q without dividing by a tiny q
+        return True, draft
+    residual = (p - q).clamp(min=0)
+    total = residual.sum()
+    if float(total) <= 0:  # p == q up to rounding: any rejection then is a rounding artefact
+        residual, total = p, p.sum()
+    return False, int(torch.multinomial(residual / total, 1, generator=generator))
 
 
 @dataclass
@@ -44,7 +62,8 @@ class SpeculativeStats:
 class SpeculativeDecoder:
     """Greedy self-speculative decoding of `model`, drafting `k` tokens per round with `draft_stage`."""
 
-    def __init__(self, model: PoEGPT, draft_stage: int, k: int, stop_ids: set[int] | None = None):
+    def __init__(self, model: PoEGPT, draft_stage: int, k: int, stop_ids: set[int] | None = None,
+                 temperature: float = 0.0, seed: int = 0):
         c = model.config
         if not 0 <= draft_stage < c.n_stages - 1:
             raise PoelmError(f"--draft-stage {draft_stage}: expected a stage in 0..{c.n_stages - 2} "
@@ -54,6 +73,8 @@ class SpeculativeDecoder:
         self.model, self.stage, self.k = model, draft_stage, k
         self.split = c.stage_ends[draft_stage] + 1  # layers [0, split) draft; [split, n_layer) verify
         self.stop_ids = stop_ids or set()
+        self.temperature = temperature
+        self.generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
         self.stats = SpeculativeStats()
 
     def _draft_step(self, token: int, cache: KVCache) -> tuple[int, dict]:
@@ -68,11 +89,16 @@ class SpeculativeDecoder:
             x = m.layer(i, x, x0, idx, cos, sin, cache)
             if i == c.backout_layer:
                 x_backout = x
-        logits = m.stage_logits(x, self.stage, x_backout)
-        return int(logits[0, -1].argmax()), {"idx": idx, "x": x, "x0": x0, "x_backout": x_backout}
+        logits = m.stage_logits(x, self.stage, x_backout)[0, -1]
+        if self.temperature > 0:
+            q = torch.softmax(logits / self.temperature, dim=-1)
+            token = int(torch.multinomial(q, 1, generator=self.generator))
+        else:
+            q, token = None, int(logits.argmax())
+        return token, {"idx": idx, "x": x, "x0": x0, "x_backout": x_backout, "q": q}
 
-    def _verify(self, states: list[dict], cache: KVCache) -> list[int]:
-        """The deeper layers over all drafted positions at once: the full model's argmax at each."""
+    def _verify(self, states: list[dict], cache: KVCache) -> torch.Tensor:
+        """The deeper layers over all drafted positions at once: the full model's logits (K, vocab)."""
         m, c = self.model, self.model.config
         cat = lambda key: torch.cat([s[key] for s in states], dim=1)  # noqa: E731  (1, K, ...)
         idx, x, x0 = cat("idx"), cat("x"), cat("x0")
@@ -83,7 +109,26 @@ class SpeculativeDecoder:
             x = m.layer(i, x, x0, idx, cos, sin, cache)
             if i == c.backout_layer:
                 x_backout = x
-        return m.stage_logits(x, c.n_stages - 1, x_backout)[0].argmax(-1).tolist()
+        return m.stage_logits(x, c.n_stages - 1, x_backout)[0]
+
+    def _pick(self, logits: torch.Tensor) -> int:
+        """The full model's own choice: argmax, or a sample at the temperature."""
+        if self.temperature > 0:
+            return int(torch.multinomial(torch.softmax(logits / self.temperature, -1), 1, generator=self.generator))
+        return int(logits.argmax())
+
+    def _accept(self, drafts: list[int], states: list[dict], logits: torch.Tensor) -> tuple[int, int | None]:
+        """How many drafts stand, and the full model's token at the first rejection (None if none)."""
+        for i, d in enumerate(drafts):
+            if self.temperature > 0:
+                p = torch.softmax(logits[i] / self.temperature, dim=-1)
+                ok, token = accept_or_resample(p, states[i]["q"], d, self.generator)
+            else:
+                token = int(logits[i].argmax())
+                ok = token == d
+            if not ok:
+                return i, token
+        return len(drafts), None
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -92,7 +137,7 @@ class SpeculativeDecoder:
             raise PoelmError(f"the prompt must hold 1..{c.sequence_len - 1} tokens, got {len(prompt_ids)}")
         cache = KVCache()
         device = m.lm_head.weight.device
-        pending = int(m(torch.tensor([prompt_ids], device=device), cache=cache).logits[0, -1].argmax())
+        pending = self._pick(m(torch.tensor([prompt_ids], device=device), cache=cache).logits[0, -1])
         out = [pending]
         while len(out) < max_new_tokens and pending not in self.stop_ids and \
                 cache.get_seq_length() + self.k < c.sequence_len:
@@ -102,11 +147,9 @@ class SpeculativeDecoder:
                 token, state = self._draft_step(token, cache)
                 drafts.append(token)
                 states.append(state)
-            preds = self._verify(states, cache)
-            n = 0
-            while n < self.k and drafts[n] == preds[n]:
-                n += 1
-            emitted = drafts[:n] + ([preds[n]] if n < self.k else [])
+            logits = self._verify(states, cache)
+            n, correction = self._accept(drafts, states, logits)
+            emitted = drafts[:n] + ([correction] if correction is not None else [])
             kept_inputs = [pending] + drafts[: n]  # inputs whose keys stay: positions base .. base + len - 1
             kept_inputs = kept_inputs[: len(emitted)]
             cache.crop(base + len(kept_inputs))
