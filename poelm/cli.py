@@ -272,9 +272,65 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tok.render_prompt([{"role": "user", "content": args.prompt}])
     else:
         ids = [tok.bos_id] + tok.encode(args.prompt)
+    if sum([args.speculative is not None, args.adaptive, bool(args.compose)]) > 1:
+        raise PoelmError("choose one of --speculative, --adaptive and --compose")
+    if args.compose:
+        from .compose import Composition, generate_composed
+
+        comp = Composition([args.model, *args.compose], args.compose_weights)
+        out = generate_composed(comp, ids, params, engine.stop_ids)
+        print(tok.decode([t for t in out if t not in engine.stop_ids]))
+        print(f"{len(out)} tokens from {len(comp.models)} siblings over one trunk pass per token "
+              f"(weights {comp.weights})", file=sys.stderr)
+        return 0
     if args.speculative is not None:
         return _speculative(args, engine, tok, ids, params)
+    if args.adaptive:
+        return _adaptive(args, engine, tok, ids, params)
     _stream_answer(engine, tok, ids, params, args.exit_stage)
+    return 0
+
+
+def _adaptive(args: argparse.Namespace, engine, tok, ids: list[int], params) -> int:
+    """--adaptive: per-token early exit with the bounds `poelm calibrate` stored beside the model."""
+    import time
+
+    from .infer.adaptive import AdaptiveDecoder, load_calibration
+
+    if params.temperature != 0 or params.top_k is not None or params.top_p is not None \
+            or params.repetition_penalty != 1 or args.exit_stage is not None:
+        raise PoelmError("--adaptive decodes the Log-OP greedily: drop the sampling flags and --exit-stage")
+    dec = AdaptiveDecoder(engine.model, load_calibration(args.model, engine.model.config.n_stages), engine.stop_ids)
+    t0 = time.time()
+    out = dec.generate(ids, params.max_new_tokens)
+    seconds = time.time() - t0
+    print(tok.decode([t for t in out if t not in engine.stop_ids]))
+    print(f"{len(out)} tokens in {seconds:.2f}s ({len(out) / max(seconds, 1e-9):.1f} tok/s); exits per stage "
+          f"{dec.stats.histogram()}", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .data.text import eval_batches, read_documents
+    from .infer.adaptive import calibrate, save_calibration
+    from .modeldir import load_model, load_tokenizer
+
+    model = load_model(args.model)
+    tok = load_tokenizer(args.model, model.config)
+    tokens: list[int] = []
+    for doc in read_documents(args.data):
+        tokens += [tok.bos_id] + tok.encode(doc.text)
+        if len(tokens) >= args.max_tokens:
+            break
+    import numpy as np
+
+    seq = min(256, model.config.sequence_len)
+    rows = max(1, min(len(tokens), args.max_tokens) // seq)
+    batches = eval_batches(np.array(tokens, dtype=np.int64), 4, seq, max_rows=rows, pad_id=tok.bos_id)
+    bounds = calibrate(model, batches, args.percentile)
+    path = save_calibration(args.model, bounds, args.percentile, rows * seq)
+    print(f"bounds per stage (the {args.percentile}th percentile of how far each later stage moves the top-1 "
+          f"margin, over {rows * seq:,} tokens): {[round(b, 4) for b in bounds]} -> {path}")
     return 0
 
 
@@ -305,8 +361,8 @@ def _speculative(args: argparse.Namespace, engine, tok, ids: list[int], params) 
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    if args.speculative is not None or args.draft_stage is not None:
-        raise PoelmError("--speculative/--draft-stage work with `poelm generate` only, for now")
+    if args.speculative is not None or args.draft_stage is not None or args.adaptive:
+        raise PoelmError("--speculative/--draft-stage/--adaptive work with `poelm generate` only, for now")
     _sampling_params(args)
     engine, tok = _load_engine(args)
     interactive = sys.stdin.isatty()
@@ -505,12 +561,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--speculative", type=int, metavar="K",
                        help="greedy self-speculative decoding: draft K tokens per round with --draft-stage")
         p.add_argument("--draft-stage", type=int, metavar="S", help="the stage that drafts (with --speculative)")
+        p.add_argument("--adaptive", action="store_true",
+                       help="per-token early exit of the Log-OP (bounds from `poelm calibrate`)")
 
     p = sub.add_parser("generate", help="continue a prompt (or answer it with --chat), streaming to stdout")
     add_generation_flags(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="render the prompt as one user turn")
+    p.add_argument("--compose", nargs="+", metavar="STAGEDIR",
+                   help="sibling stages of MODELDIR: decode from their log-space combination")
+    p.add_argument("--compose-weights", type=lambda t: [float(v) for v in t.split(",")],
+                   help="one weight per stage, MODELDIR first (default: all 1)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("calibrate", help="bounds for --adaptive, stored beside the model (adaptive.json)")
+    p.add_argument("model", metavar="MODELDIR")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="calibration text")
+    p.add_argument("--percentile", type=float, default=99.9)
+    p.add_argument("--max-tokens", type=int, default=65536)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("chat", help="a conversation on stdin/stdout (EOF or /quit ends it)")
     add_generation_flags(p)

@@ -54,3 +54,24 @@ class Composition:
             part = w * F.log_softmax(model.continue_from(idx, state), dim=-1)
             score = part if score is None else score + part
         return F.log_softmax(score, dim=-1)
+
+
+@torch.no_grad()
+def generate_composed(comp: Composition, prompt_ids: list[int], params, stop_ids: set[int]) -> list[int]:
+    """Decode from the composition: every step runs the shared trunk once and each sibling's own
+    blocks, combines in log space, and picks with the engine's sampling rules (no KV cache: the
+    siblings' caches would have to share the trunk's, which is left for later)."""
+    from .infer.engine import sample_next
+
+    device = comp.models[0].lm_head.weight.device
+    g = torch.Generator(device=device).manual_seed(params.seed)
+    seq, out = list(prompt_ids), []
+    limit = comp.models[0].config.sequence_len
+    while len(out) < params.max_new_tokens and len(seq) < limit:
+        scores = comp.log_probs(torch.tensor([seq], device=device))[0, -1]
+        token = sample_next(scores, torch.tensor(seq, device=device), params, g)
+        out.append(token)
+        seq.append(token)
+        if token in stop_ids:
+            break
+    return out

@@ -1,0 +1,116 @@
+"""Adaptive depth: infinite bounds == full-depth Log-OP greedy; zero bounds == stage 0 greedy;
+calibration writes bounds beside the model; the CLI runs it."""
+
+import math
+
+import pytest
+import torch
+
+from poelm.errors import PoelmError
+from poelm.infer.adaptive import AdaptiveDecoder, calibrate, load_calibration, save_calibration
+
+from util import tiny_model
+
+
+def greedy(model, prompt, n, **kw):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]), **kw).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("stages", [[1, 1, 2], [2, 2], [1, 3]])
+def test_infinite_bounds_are_full_depth(stages):
+    model = tiny_model(poe_stage_layers=stages, window_pattern="SL").eval()
+    prompt = torch.randint(0, 300, (16,), generator=torch.Generator().manual_seed(1)).tolist()
+    dec = AdaptiveDecoder(model, [math.inf] * len(stages))
+    assert dec.generate(prompt, 30) == greedy(model, prompt, 30, output="logop")
+    assert dec.stats.exits[-1] == 29 and sum(dec.stats.exits[:-1]) == 0
+
+
+def test_zero_bounds_exit_at_stage_zero_with_exact_deferred_keys():
+    model = tiny_model(poe_stage_layers=[1, 1, 2]).eval()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    dec = AdaptiveDecoder(model, [0.0, 0.0, 0.0])
+    got = dec.generate(prompt, 25)
+    # Every token exits at stage 0 (margin > 0 unless tied), so the output is stage 0's greedy decoding
+    # (Log-OP of one stage = that stage), computed over keys the skipped layers still fill later.
+    assert got[1:] == greedy(model, prompt + got[:1], 24, exit_stage=0)
+    assert dec.stats.exits[0] == 24
+
+
+def test_mixed_exits_fill_the_skipped_keys_exactly():
+    """Tokens that exit early still get every layer's keys (deferred): the cache equals a full forward's."""
+    from poelm.model import KVCache
+
+    model = tiny_model(poe_stage_layers=[1, 1, 2]).eval()
+    prompt = [7, 7, 8, 9, 10, 11]
+    for bound in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0):
+        dec = AdaptiveDecoder(model, [0.0, bound, bound])
+        cache, pending = KVCache(), []
+        with torch.no_grad():
+            token = int(model(torch.tensor([prompt]), cache=cache, output="logop").logits[0, -1].argmax())
+            inputs = list(prompt)
+            for _ in range(30):
+                inputs.append(token)
+                token = dec._step(token, cache, pending)
+        if 0 < dec.stats.exits[-1] < 30:
+            break
+    else:
+        pytest.fail("no bound gave a mix of early and full-depth exits")
+    ref = KVCache()
+    with torch.no_grad():
+        model(torch.tensor([inputs]), cache=ref)
+    for layer in range(model.config.n_layer):
+        n = cache.get_seq_length(layer)
+        assert n >= len(prompt)
+        assert torch.allclose(cache.keys[layer], ref.keys[layer][:, :, :n], atol=1e-5), layer
+
+
+def test_calibration_file_round_trip(tmp_path):
+    model = tiny_model(poe_stage_layers=[2, 2]).eval()
+    x = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    bounds = calibrate(model, [(x,)], 99.0)
+    assert bounds[0] == 0.0 and bounds[1] > 0
+    save_calibration(tmp_path, bounds, 99.0, x.numel())
+    assert load_calibration(tmp_path, 2) == bounds
+    with pytest.raises(PoelmError, match="2 bounds for a model of 3 stages"):
+        load_calibration(tmp_path, 3)
+    with pytest.raises(PoelmError, match="run `poelm calibrate"):
+        load_calibration(tmp_path / "nope", 2)
+
+
+def test_cli_adaptive_and_compose(trained_like_model_dir, tmp_path, capsys):
+    """calibrate + generate --adaptive, and generate --compose with two siblings."""
+    from poelm.cli import main
+    from poelm.stages import attach, save_stage
+
+    text = tmp_path / "calib.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 40)
+    import shutil
+    model_dir = tmp_path / "m"
+    shutil.copytree(trained_like_model_dir, model_dir)
+    assert main(["calibrate", str(model_dir), "--data", str(text), "--max-tokens", "512"]) == 0
+    assert (model_dir / "adaptive.json").is_file()
+    assert main(["generate", str(model_dir), "--prompt", "def f(", "--max-new-tokens", "8", "--adaptive"]) == 0
+    assert "exits per stage" in capsys.readouterr().err
+    a = save_stage(attach(model_dir, 1, seed=1)[0], model_dir, tmp_path / "a", "a")
+    b = save_stage(attach(model_dir, 1, seed=2)[0], model_dir, tmp_path / "b", "b")
+    assert main(["generate", str(a), "--prompt", "def f(", "--max-new-tokens", "6", "--compose", str(b),
+                 "--compose-weights", "1,0.5"]) == 0
+    assert "2 siblings over one trunk pass" in capsys.readouterr().err
+    assert main(["generate", str(a), "--prompt", "x", "--adaptive", "--compose", str(b)]) == 2
+
+
+def test_composition_of_one_sibling_decodes_as_that_sibling(trained_like_model_dir, tmp_path):
+    from poelm.compose import Composition, generate_composed
+    from poelm.infer.engine import Engine, SamplingParams
+    from poelm.modeldir import load_model
+    from poelm.stages import attach, save_stage
+
+    a = save_stage(attach(trained_like_model_dir, 1, seed=1)[0], trained_like_model_dir, tmp_path / "a", "a")
+    params = SamplingParams(max_new_tokens=10)
+    prompt = [32759, 100, 200, 300]
+    want = Engine(load_model(a), stop_ids=set()).generate(prompt, params)
+    assert generate_composed(Composition([a]), prompt, params, set()) == want
