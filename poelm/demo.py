@@ -14,8 +14,9 @@ What it does today (each later feature adds a step):
 6. Trains that stage (SFT, assistant tokens only) on a code-instruction set built from the standard
    library's documented functions, with a held-out split, the base path checked at every evaluation.
 7. Runs the seed card's quick start through `transformers` on the trained stage.
-8. Decodes with the base at full depth, with stage 0 alone (prefix pruning) and self-speculatively
-   (draft with stage 0, verify with all), and reports tokens/s, acceptance and greedy identity.
+8. Decodes with the base at full depth, with stage 0 alone (prefix pruning), self-speculatively (draft
+   with stage 0, verify with all) and with adaptive depth (bounds calibrated on stdlib text), and
+   reports tokens/s, acceptance, greedy identity and top-1 agreement.
 9. Writes everything it printed to `summary.json` in the run folder (atomically).
 
 Design choices: the demo is a linear script over the library (no logic of its own beyond
@@ -36,10 +37,13 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import PoEConfig
 from .errors import PoelmError
+from .data.text import eval_batches
+from .infer.adaptive import AdaptiveDecoder, calibrate, save_calibration
 from .infer.engine import Engine, SamplingParams
 from .infer.speculative import SpeculativeDecoder
 from .model import PoEGPT
@@ -88,6 +92,15 @@ def hf_logits_in_fresh_process(model_dir: Path, ids: list[int]) -> torch.Tensor:
             raise PoelmError(f"transformers could not load {model_dir}: {r.stderr.strip().splitlines()[-1]}")
         from safetensors.torch import load_file
         return load_file(str(out))["logits"]
+
+
+@torch.no_grad()
+def logop_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Full-depth greedy decoding of the Log-OP (what adaptive depth aims to reproduce), uncached."""
+    seq = list(ids)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq]), output="logop").logits[0, -1].argmax()))
+    return seq[len(ids):]
 
 
 def quick_start_answer(model_dir: Path, tok) -> str:
@@ -247,22 +260,34 @@ def run_demo(out: Path) -> dict:
     engine = Engine(trained, tok, stop_ids=set())
     greedy = SamplingParams(max_new_tokens=48)
     prompts = [[tok.bos_id] + tok.encode(t) for t in ("def fibonacci(n):", "class Stack:\n    def __init__(self")]
+    calib = np.array([t for p in paths[-20:] for t in [tok.bos_id] + tok.encode(Path(p).read_text("utf-8"))])
+    bounds = calibrate(trained, eval_batches(calib, 4, SEQ_LEN, max_rows=64, pad_id=tok.bos_id))
+    save_calibration(best_dir, bounds, 99.9, 64 * SEQ_LEN)
     timings, outputs = {}, {}
     for name, run in (("full depth", lambda ids: engine.generate(ids, greedy)),
                       ("exit stage 0", lambda ids: engine.generate(ids, greedy, exit_stage=0)),
-                      ("speculative S=0 K=4", lambda ids: spec.generate(ids, 48))):
+                      ("speculative S=0 K=4", lambda ids: spec.generate(ids, 48)),
+                      ("Log-OP full depth", lambda ids: logop_greedy(trained, ids, 48)),
+                      ("adaptive", lambda ids: adapt.generate(ids, 48))):
         run(prompts[0])  # warm-up, untimed
-        spec = SpeculativeDecoder(trained, 0, 4)
+        spec, adapt = SpeculativeDecoder(trained, 0, 4), AdaptiveDecoder(trained, bounds)
         t0 = time.perf_counter()
         outputs[name] = [run(ids) for ids in prompts]
         timings[name] = 48 * len(prompts) / (time.perf_counter() - t0)
     identical = outputs["speculative S=0 K=4"] == outputs["full depth"]
+    pairs = [(a, b) for o, r in zip(outputs["adaptive"], outputs["Log-OP full depth"]) for a, b in zip(o, r)]
+    agreement = sum(a == b for a, b in pairs) / len(pairs)
     say("[9/9] decoding the base (greedy, 2 prompts x 48 tokens): " + "; ".join(
-        f"{k} {v:.0f} tok/s ({v / timings['full depth']:.2f}x)" for k, v in timings.items())
-        + f"; speculative acceptance {spec.stats.acceptance:.0%}, output identical to plain greedy: "
-        f"{'yes' if identical else 'NO'}")
+        f"{k} {v:.0f} tok/s" for k, v in timings.items())
+        + f". Prefix pruning (stage 0): {timings['exit stage 0'] / timings['full depth']:.2f}x; self-speculative: "
+        f"{timings['speculative S=0 K=4'] / timings['full depth']:.2f}x at {spec.stats.acceptance:.0%} acceptance, "
+        f"identical to plain greedy: {'yes' if identical else 'NO'}; adaptive (bounds {[round(b, 3) for b in bounds]}):"
+        f" {timings['adaptive'] / timings['Log-OP full depth']:.2f}x the full-depth Log-OP at {agreement:.0%} top-1 "
+        f"agreement, exits per stage {adapt.stats.exits}")
     summary["decode"] = {"tok_per_s": {k: round(v, 1) for k, v in timings.items()},
-                         "speculative_acceptance": spec.stats.acceptance, "speculative_identical": identical}
+                         "speculative_acceptance": spec.stats.acceptance, "speculative_identical": identical,
+                         "adaptive_agreement": agreement, "adaptive_exits": adapt.stats.exits,
+                         "adaptive_bounds": bounds}
 
     summary["seconds"] = round(time.time() - t_start, 1)
     tmp = out / ".summary.json.tmp"
