@@ -248,65 +248,92 @@ def _load_engine(args: argparse.Namespace):
     return Engine(model, tok), tok
 
 
-def _stream_answer(engine, tok, ids: list[int], params, exit_stage) -> list[int]:
+def _make_decoder(args: argparse.Namespace, engine):
+    """The chosen decoding mode as `decode(ids, params) -> (token stream, stats line)`, built once
+    (sibling models for --compose and calibration bounds for --adaptive are loaded here)."""
+    modes = [args.speculative is not None, args.adaptive, bool(getattr(args, "compose", None))]
+    if sum(modes) > 1:
+        raise PoelmError("choose one of --speculative, --adaptive and --compose")
+    if args.draft_stage is not None and args.speculative is None:
+        raise PoelmError("--draft-stage goes with --speculative K")
+    greedy_only = "drop --top-k, --top-p, --repetition-penalty and --exit-stage"
+    if args.speculative is not None:
+        from .infer.speculative import SpeculativeDecoder
+
+        if args.top_k is not None or args.top_p is not None or args.repetition_penalty != 1 or \
+                args.exit_stage is not None:
+            raise PoelmError(f"--speculative takes --temperature only (greedy at 0, else the speculative sampling "
+                             f"rule): {greedy_only}")
+        if args.draft_stage is None:
+            raise PoelmError("--speculative K needs --draft-stage S")
+        SpeculativeDecoder(engine.model, args.draft_stage, args.speculative)  # check S and K before any prompt
+
+        def decode(ids, params):
+            dec = SpeculativeDecoder(engine.model, args.draft_stage, args.speculative, engine.stop_ids,
+                                     temperature=params.temperature, seed=params.seed)
+            return dec.stream(ids, params.max_new_tokens), lambda: (
+                f"draft stage {args.draft_stage}, K={args.speculative}: acceptance {dec.stats.acceptance:.1%}, "
+                f"{dec.stats.tokens_per_verification:.2f} tokens per verification")
+        return decode
+    if args.adaptive:
+        from .infer.adaptive import AdaptiveDecoder, load_calibration
+
+        if args.temperature != 0 or args.top_k is not None or args.top_p is not None or \
+                args.repetition_penalty != 1 or args.exit_stage is not None:
+            raise PoelmError(f"--adaptive decodes the Log-OP greedily: drop --temperature too; {greedy_only}")
+        bounds = load_calibration(args.model, engine.model.config.n_stages)
+
+        def decode(ids, params):
+            dec = AdaptiveDecoder(engine.model, bounds, engine.stop_ids)
+            return dec.stream(ids, params.max_new_tokens), lambda: f"exits per stage {dec.stats.histogram()}"
+        return decode
+    if getattr(args, "compose", None):
+        from .compose import Composition, stream_composed
+
+        comp = Composition([args.model, *args.compose], args.compose_weights)
+
+        def decode(ids, params):
+            return stream_composed(comp, ids, params, engine.stop_ids), lambda: (
+                f"{len(comp.models)} siblings over one trunk pass per token, weights {comp.weights}")
+        return decode
+
+    def decode(ids, params):
+        return engine.stream(ids, params, args.exit_stage), lambda: (
+            f"prompt {engine.last_stats.prompt_tokens} tokens" + (f", exit stage {args.exit_stage}"
+                                                                 if args.exit_stage is not None else ""))
+    return decode
+
+
+def _stream_answer(decode, tok, stop_ids: set[int], ids: list[int], params) -> list[int]:
     """Print the answer as it comes (whole characters only; stop tokens not printed); its ids back."""
-    decoder, out = tok.stream_decoder(), []
-    for token in engine.stream(ids, params, exit_stage):
-        if token in engine.stop_ids:
+    import time
+
+    t0 = time.time()
+    stream, stats = decode(ids, params)
+    decoder, out, n = tok.stream_decoder(), [], 0
+    for token in stream:
+        n += 1
+        if token in stop_ids:
             continue  # the stream ends right after it
         out.append(token)
         sys.stdout.write(decoder.push(token))
         sys.stdout.flush()
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()
-    s = engine.last_stats
-    print(f"{s.generated_tokens} tokens in {s.seconds:.2f}s ({s.tokens_per_s:.1f} tok/s; prompt "
-          f"{s.prompt_tokens} tokens)", file=sys.stderr)
+    seconds = time.time() - t0
+    print(f"{n} tokens in {seconds:.2f}s ({n / max(seconds, 1e-9):.1f} tok/s); {stats()}", file=sys.stderr)
     return out
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling_params(args)  # bad flags fail before the model loads
     engine, tok = _load_engine(args)
+    decode = _make_decoder(args, engine)
     if args.chat:
         ids = tok.render_prompt([{"role": "user", "content": args.prompt}])
     else:
         ids = [tok.bos_id] + tok.encode(args.prompt)
-    if sum([args.speculative is not None, args.adaptive, bool(args.compose)]) > 1:
-        raise PoelmError("choose one of --speculative, --adaptive and --compose")
-    if args.compose:
-        from .compose import Composition, generate_composed
-
-        comp = Composition([args.model, *args.compose], args.compose_weights)
-        out = generate_composed(comp, ids, params, engine.stop_ids)
-        print(tok.decode([t for t in out if t not in engine.stop_ids]))
-        print(f"{len(out)} tokens from {len(comp.models)} siblings over one trunk pass per token "
-              f"(weights {comp.weights})", file=sys.stderr)
-        return 0
-    if args.speculative is not None:
-        return _speculative(args, engine, tok, ids, params)
-    if args.adaptive:
-        return _adaptive(args, engine, tok, ids, params)
-    _stream_answer(engine, tok, ids, params, args.exit_stage)
-    return 0
-
-
-def _adaptive(args: argparse.Namespace, engine, tok, ids: list[int], params) -> int:
-    """--adaptive: per-token early exit with the bounds `poelm calibrate` stored beside the model."""
-    import time
-
-    from .infer.adaptive import AdaptiveDecoder, load_calibration
-
-    if params.temperature != 0 or params.top_k is not None or params.top_p is not None \
-            or params.repetition_penalty != 1 or args.exit_stage is not None:
-        raise PoelmError("--adaptive decodes the Log-OP greedily: drop the sampling flags and --exit-stage")
-    dec = AdaptiveDecoder(engine.model, load_calibration(args.model, engine.model.config.n_stages), engine.stop_ids)
-    t0 = time.time()
-    out = dec.generate(ids, params.max_new_tokens)
-    seconds = time.time() - t0
-    print(tok.decode([t for t in out if t not in engine.stop_ids]))
-    print(f"{len(out)} tokens in {seconds:.2f}s ({len(out) / max(seconds, 1e-9):.1f} tok/s); exits per stage "
-          f"{dec.stats.histogram()}", file=sys.stderr)
+    _stream_answer(decode, tok, engine.stop_ids, ids, params)
     return 0
 
 
@@ -334,37 +361,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speculative(args: argparse.Namespace, engine, tok, ids: list[int], params) -> int:
-    """--speculative K --draft-stage S: self-speculative decoding; greedy gives plain greedy's tokens,
-    sampling follows the full model's distribution (the speculative sampling rule)."""
-    import time
-
-    from .infer.speculative import SpeculativeDecoder
-
-    if params.top_k is not None or params.top_p is not None or params.repetition_penalty != 1 \
-            or args.exit_stage is not None:
-        raise PoelmError("--speculative takes --temperature only (greedy at 0, the speculative sampling rule "
-                         "above): drop --top-k, --top-p, --repetition-penalty and --exit-stage")
-    if args.draft_stage is None:
-        raise PoelmError("--speculative K needs --draft-stage S")
-    dec = SpeculativeDecoder(engine.model, args.draft_stage, args.speculative, engine.stop_ids,
-                             temperature=params.temperature, seed=params.seed)
-    t0 = time.time()
-    out = dec.generate(ids, params.max_new_tokens)
-    seconds = time.time() - t0
-    print(tok.decode([t for t in out if t not in engine.stop_ids]))
-    s = dec.stats
-    print(f"{len(out)} tokens in {seconds:.2f}s ({len(out) / max(seconds, 1e-9):.1f} tok/s); draft stage "
-          f"{args.draft_stage}, K={args.speculative}: acceptance {s.acceptance:.1%}, "
-          f"{s.tokens_per_verification:.2f} tokens per verification", file=sys.stderr)
-    return 0
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
-    if args.speculative is not None or args.draft_stage is not None or args.adaptive:
-        raise PoelmError("--speculative/--draft-stage/--adaptive work with `poelm generate` only, for now")
     _sampling_params(args)
     engine, tok = _load_engine(args)
+    decode = _make_decoder(args, engine)
     interactive = sys.stdin.isatty()
     messages: list[dict] = []
     turn = 0
@@ -385,7 +385,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = messages[2:]
             ids = tok.render_prompt(messages)
         # A new seed per turn, so repeated questions do not replay the same random stream.
-        answer = _stream_answer(engine, tok, ids, _sampling_params(args, turn), args.exit_stage)
+        answer = _stream_answer(decode, tok, engine.stop_ids, ids, _sampling_params(args, turn))
         messages.append({"role": "assistant", "content": tok.decode(answer)})
         turn += 1
 
@@ -563,15 +563,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--draft-stage", type=int, metavar="S", help="the stage that drafts (with --speculative)")
         p.add_argument("--adaptive", action="store_true",
                        help="per-token early exit of the Log-OP (bounds from `poelm calibrate`)")
+        p.add_argument("--compose", nargs="+", metavar="STAGEDIR",
+                       help="sibling stages of MODELDIR: decode from their log-space combination")
+        p.add_argument("--compose-weights", type=lambda t: [float(v) for v in t.split(",")],
+                       help="one weight per stage, MODELDIR first (default: all 1)")
 
     p = sub.add_parser("generate", help="continue a prompt (or answer it with --chat), streaming to stdout")
     add_generation_flags(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="render the prompt as one user turn")
-    p.add_argument("--compose", nargs="+", metavar="STAGEDIR",
-                   help="sibling stages of MODELDIR: decode from their log-space combination")
-    p.add_argument("--compose-weights", type=lambda t: [float(v) for v in t.split(",")],
-                   help="one weight per stage, MODELDIR first (default: all 1)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("calibrate", help="bounds for --adaptive, stored beside the model (adaptive.json)")

@@ -56,22 +56,26 @@ class Composition:
         return F.log_softmax(score, dim=-1)
 
 
-@torch.no_grad()
 def generate_composed(comp: Composition, prompt_ids: list[int], params, stop_ids: set[int]) -> list[int]:
-    """Decode from the composition: every step runs the shared trunk once and each sibling's own
-    blocks, combines in log space, and picks with the engine's sampling rules (no KV cache: the
-    siblings' caches would have to share the trunk's, which is left for later)."""
+    return list(stream_composed(comp, prompt_ids, params, stop_ids))
+
+
+def stream_composed(comp: Composition, prompt_ids: list[int], params, stop_ids: set[int]):
+    """Decode from the composition, yielding each token: every step runs the shared trunk once and
+    each sibling's own blocks, combines in log space, and picks with the engine's sampling rules (no
+    KV cache: the siblings' caches would have to share the trunk's, which is left for later)."""
     from .infer.engine import sample_next
 
     device = comp.models[0].lm_head.weight.device
     g = torch.Generator(device=device).manual_seed(params.seed)
-    seq, out = list(prompt_ids), []
+    seq, produced = list(prompt_ids), 0
     limit = comp.models[0].config.sequence_len
-    while len(out) < params.max_new_tokens and len(seq) < limit:
-        scores = comp.log_probs(torch.tensor([seq], device=device))[0, -1]
+    while produced < params.max_new_tokens and len(seq) < limit:
+        with torch.no_grad():
+            scores = comp.log_probs(torch.tensor([seq], device=device))[0, -1]
         token = sample_next(scores, torch.tensor(seq, device=device), params, g)
-        out.append(token)
         seq.append(token)
+        produced += 1
+        yield token
         if token in stop_ids:
-            break
-    return out
+            return

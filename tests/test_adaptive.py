@@ -114,3 +114,16 @@ def test_composition_of_one_sibling_decodes_as_that_sibling(trained_like_model_d
     prompt = [32759, 100, 200, 300]
     want = Engine(load_model(a), stop_ids=set()).generate(prompt, params)
     assert generate_composed(Composition([a]), prompt, params, set()) == want
+
+
+def test_modes_on_a_stage_directory(trained_like_model_dir, tmp_path, capsys):
+    """The PoE modes work on a stage directory (its whole chain) as on a base."""
+    from poelm.cli import main
+    from poelm.stages import attach, save_stage
+
+    stage = save_stage(attach(trained_like_model_dir, 1, seed=1)[0], trained_like_model_dir, tmp_path / "s", "s")
+    (tmp_path / "c.txt").write_text("print('hello world')\n" * 40)
+    assert main(["calibrate", str(stage), "--data", str(tmp_path / "c.txt"), "--max-tokens", "256"]) == 0
+    for mode in (["--speculative", "2", "--draft-stage", "1"], ["--adaptive"], ["--exit-stage", "1"]):
+        assert main(["generate", str(stage), "--prompt", "def f(", "--max-new-tokens", "5", *mode]) == 0, mode
+    assert capsys.readouterr().err.count("tokens in") == 3

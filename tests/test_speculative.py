@@ -65,7 +65,24 @@ def test_cli_speculative_matches_plain_greedy(trained_like_model_dir, capsys):
     assert "needs --draft-stage" in capsys.readouterr().err
     assert main(argv + ["--speculative", "3", "--draft-stage", "0", "--temperature", "0.7"]) == 0
     assert main(argv + ["--speculative", "3", "--draft-stage", "0", "--top-k", "5"]) == 2
-    assert main(["chat", str(trained_like_model_dir), "--speculative", "2", "--draft-stage", "0"]) == 2
+    assert main(["chat", str(trained_like_model_dir), "--speculative", "2"]) == 2  # no --draft-stage
+
+
+def test_chat_streams_with_each_mode(trained_like_model_dir, tmp_path, capsys, monkeypatch):
+    import io
+    import shutil
+
+    from poelm.cli import main
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(trained_like_model_dir, model_dir)
+    (tmp_path / "c.txt").write_text("def add(a, b):\n    return a + b\n" * 30)
+    assert main(["calibrate", str(model_dir), "--data", str(tmp_path / "c.txt"), "--max-tokens", "256"]) == 0
+    for mode in (["--speculative", "2", "--draft-stage", "0"], ["--adaptive"], ["--exit-stage", "0"], []):
+        monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhow are you?\n"))
+        assert main(["chat", str(model_dir), "--max-new-tokens", "6", *mode]) == 0, mode
+        out = capsys.readouterr()
+        assert out.err.count("tokens in") == 2, out.err  # two turns, each streamed with its stats line
 
 
 def test_speculative_sampling_rule_gives_the_target_distribution():

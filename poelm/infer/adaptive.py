@@ -127,18 +127,26 @@ class AdaptiveDecoder:
                 return int(score.argmax())
         raise AssertionError("unreachable: the last stage always exits")
 
-    @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        m, c = self.model, self.model.config
+        return list(self.stream(prompt_ids, max_new_tokens))
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int):
+        """Yield each token as it is decided."""
+        c = self.model.config
         if not prompt_ids or len(prompt_ids) >= c.sequence_len:
             raise PoelmError(f"the prompt must hold 1..{c.sequence_len - 1} tokens, got {len(prompt_ids)}")
+        return self._stream(prompt_ids, max_new_tokens)
+
+    def _stream(self, prompt_ids: list[int], max_new_tokens: int):
+        m, c = self.model, self.model.config
         cache, pending = KVCache(), []
         device = m.lm_head.weight.device
-        out = m(torch.tensor([prompt_ids], device=device), cache=cache, output="logop")
-        token = int(out.logits[0, -1].argmax())
-        result = [token]
-        while len(result) < max_new_tokens and token not in self.stop_ids and \
-                len(prompt_ids) + len(result) < c.sequence_len:
-            token = self._step(token, cache, pending)
-            result.append(token)
-        return result
+        with torch.no_grad():
+            token = int(m(torch.tensor([prompt_ids], device=device), cache=cache, output="logop").logits[0, -1].argmax())
+        produced = 1
+        yield token
+        while produced < max_new_tokens and token not in self.stop_ids and len(prompt_ids) + produced < c.sequence_len:
+            with torch.no_grad():
+                token = self._step(token, cache, pending)
+            produced += 1
+            yield token

@@ -130,38 +130,47 @@ class SpeculativeDecoder:
                 return i, token
         return len(drafts), None
 
-    @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        return list(self.stream(prompt_ids, max_new_tokens))
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int):
+        """Yield tokens as rounds complete (a verified round yields up to K tokens at once)."""
         m, c = self.model, self.model.config
         if not prompt_ids or len(prompt_ids) >= c.sequence_len:
             raise PoelmError(f"the prompt must hold 1..{c.sequence_len - 1} tokens, got {len(prompt_ids)}")
+        return self._stream(prompt_ids, max_new_tokens)
+
+    def _stream(self, prompt_ids: list[int], max_new_tokens: int):
+        m, c = self.model, self.model.config
         cache = KVCache()
         device = m.lm_head.weight.device
-        pending = self._pick(m(torch.tensor([prompt_ids], device=device), cache=cache).logits[0, -1])
-        out = [pending]
-        while len(out) < max_new_tokens and pending not in self.stop_ids and \
+        with torch.no_grad():
+            pending = self._pick(m(torch.tensor([prompt_ids], device=device), cache=cache).logits[0, -1])
+        produced = 1
+        yield pending
+        while produced < max_new_tokens and pending not in self.stop_ids and \
                 cache.get_seq_length() + self.k < c.sequence_len:
-            base = cache.get_seq_length()
-            drafts, states, token = [], [], pending
-            for _ in range(self.k):
-                token, state = self._draft_step(token, cache)
-                drafts.append(token)
-                states.append(state)
-            logits = self._verify(states, cache)
-            n, correction = self._accept(drafts, states, logits)
-            emitted = drafts[:n] + ([correction] if correction is not None else [])
-            kept_inputs = [pending] + drafts[: n]  # inputs whose keys stay: positions base .. base + len - 1
-            kept_inputs = kept_inputs[: len(emitted)]
-            cache.crop(base + len(kept_inputs))
-            last = torch.tensor([[kept_inputs[-1]]], device=device)
-            cache.prev_embedding = norm(m.transformer.wte(last))  # what the smear reads next
+            with torch.no_grad():
+                base = cache.get_seq_length()
+                drafts, states, token = [], [], pending
+                for _ in range(self.k):
+                    token, state = self._draft_step(token, cache)
+                    drafts.append(token)
+                    states.append(state)
+                logits = self._verify(states, cache)
+                n, correction = self._accept(drafts, states, logits)
+                emitted = drafts[:n] + ([correction] if correction is not None else [])
+                kept_inputs = ([pending] + drafts[:n])[: len(emitted)]  # inputs whose keys stay in the cache
+                cache.crop(base + len(kept_inputs))
+                last = torch.tensor([[kept_inputs[-1]]], device=device)
+                cache.prev_embedding = norm(m.transformer.wte(last))  # what the smear reads next
             self.stats.rounds += 1
             self.stats.drafted += self.k
             self.stats.accepted += n
             self.stats.emitted += len(emitted)
             for t in emitted:
-                out.append(t)
-                if t in self.stop_ids or len(out) >= max_new_tokens:
-                    return out
+                produced += 1
+                yield t
+                if t in self.stop_ids or produced >= max_new_tokens:
+                    return
             pending = emitted[-1]
-        return out
