@@ -113,3 +113,31 @@ def test_speculative_sampling_end_to_end_is_seeded():
     runs = [SpeculativeDecoder(model, 0, 3, temperature=1.0, seed=s).generate(prompt, 20) for s in (1, 1, 2)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
     assert len(runs[0]) == 20
+
+
+def test_speculative_sampling_matches_the_full_models_distribution():
+    """End to end on a tiny vocabulary: the joint law of two sampled tokens (the second drafted by a
+    very different stage 0 and corrected by the rule) equals the full model's, computed exactly."""
+    from poelm.config import PoEConfig
+    from poelm.model import PoEGPT
+    from util import perturb_
+
+    m = PoEGPT(PoEConfig(vocab_size=8, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, sequence_len=64,
+                         poe_stage_layers=[1, 1], pad_vocab_to=8))
+    m.init_weights(0)
+    perturb_(m, seed=4, scale=1.0).eval()
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        p1 = torch.softmax(m(torch.tensor([prompt])).logits[0, -1], -1)
+        exact, draft_only = torch.zeros(8, 8), torch.zeros(8, 8)
+        for t in range(8):
+            x = torch.tensor([prompt + [t]])
+            exact[t] = p1[t] * torch.softmax(m(x).logits[0, -1], -1)
+            draft_only[t] = p1[t] * torch.softmax(m(x, exit_stage=0).logits[0, -1], -1)
+    n = 2000
+    counts = torch.zeros(8, 8)
+    for seed in range(n):
+        a, b = SpeculativeDecoder(m, 0, 1, temperature=1.0, seed=seed).generate(prompt, 2)
+        counts[a, b] += 1
+    assert 0.5 * (draft_only - exact).abs().sum() > 0.5  # the draft alone is far from the target
+    assert 0.5 * (counts / n - exact).abs().sum() < 0.05
