@@ -244,7 +244,7 @@ def run_demo(out: Path) -> dict:
         seq_len=SEQ_LEN, device_batch_size=PRETRAIN_BATCH, eval_every=SFT_STEPS // 4, seed=0,
         stage_head_lr=SFT_HEAD_LR))
     traj = sft["val_bpb"]
-    say(f"      stage val bpb (assistant tokens): " + " -> ".join(f"{b:.4f}" for _, b in traj)
+    say("      stage val bpb (assistant tokens): " + " -> ".join(f"{b:.4f}" for _, b in traj)
         + f"; base path max |Δlogit| over all evals = {sft['preservation_max_abs_diff']}; {time.time() - t0:.0f}s")
     summary["stage_val_bpb"] = traj
     summary["preservation_max_abs_diff"] = sft["preservation_max_abs_diff"]

@@ -152,7 +152,6 @@ def freeze_for_stage(model: PoEGPT, train_rows: list[int] | None = None) -> list
 
 def delta_tensors(model: PoEGPT, parent: PoEGPT) -> dict[str, torch.Tensor]:
     """Exactly what the stage changed against its assembled parent."""
-    c = model.config
     P = parent.config.n_layer
     state = model.state_dict()
     delta = {name: state[name] for name in stage_parameter_names(model)}

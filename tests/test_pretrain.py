@@ -3,10 +3,8 @@ two processes == one, run-folder outputs, and every bad input as one clear error
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from poelm.errors import PoelmError
 from poelm.train.pretrain import PretrainArgs, pretrain
 
 from conftest import tiny_corpus_text
+from util import kill_at
 
 # 3 layers: with 2, the backout layer (n_layer // 2) is the last layer, where the norm cancels the
 # backout exactly and its gradient is pure float noise.
@@ -131,11 +130,7 @@ def test_sigkill_then_resume_is_bitwise(tmp_path, tiny_tokenizer_dir, corpus_dir
     ref = cli(*pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "ref", *steps))
     victim = cli(*pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "victim", *steps))
     marker = tmp_path / "victim" / "checkpoints" / "000020" / "state.json"
-    deadline = time.time() + 120
-    while not marker.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    kill_at(victim, marker)
     assert marker.exists() and not (tmp_path / "victim" / "final").exists(), "the run was not killed mid-way"
     resumed = cli(*pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "victim", *steps, "--resume"))
     _, err = resumed.communicate(timeout=300)

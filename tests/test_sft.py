@@ -3,10 +3,8 @@ SIGKILL + resume == uninterrupted, and bad data as one-line errors with nothing 
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from poelm.modeldir import load_model, save_model_dir
 from poelm.stages import attach, save_stage
 from poelm.train.sft import StageTrainArgs, stage_train
 
-from util import perturb_
+from util import kill_at, perturb_
 
 QUESTIONS = ["add two numbers", "reverse a list", "count the words", "sum a list", "find the maximum",
              "sort the items", "join the strings", "square a number", "check a prime", "read a file"]
@@ -146,11 +144,7 @@ def test_sigkill_then_resume_is_bitwise(stage, chat_data, tmp_path):
     ref = popen(*cli_argv(stage_dir, chat_data, tmp_path / "ref", *steps))
     victim = popen(*cli_argv(stage_dir, chat_data, tmp_path / "victim", *steps))
     marker = tmp_path / "victim" / "checkpoints" / "000010" / "state.json"
-    deadline = time.time() + 120
-    while not marker.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    kill_at(victim, marker)
     assert marker.exists() and not (tmp_path / "victim" / "final").exists(), "the run was not killed mid-way"
     resumed = popen(*cli_argv(stage_dir, chat_data, tmp_path / "victim", *steps, "--resume"))
     _, err = resumed.communicate(timeout=300)

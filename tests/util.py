@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import time
+from pathlib import Path
+
 import torch
 
 from poelm.config import PoEConfig
@@ -42,3 +46,12 @@ def cut_model(model: PoEGPT, stage: int) -> PoEGPT:
     own["resid_lambdas"], own["x0_lambdas"] = own["resid_lambdas"][:n], own["x0_lambdas"][:n]
     cut.load_state_dict({k: own[k] for k in cut.state_dict()}, strict=True)
     return cut
+
+
+def kill_at(victim, marker: Path, timeout: float = 120.0) -> None:
+    """SIGKILL `victim` (a Popen) as soon as `marker` (a checkpoint's state.json) exists."""
+    deadline = time.time() + timeout
+    while not marker.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()

@@ -135,7 +135,7 @@ class SpeculativeDecoder:
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int):
         """Yield tokens as rounds complete (a verified round yields up to K tokens at once)."""
-        m, c = self.model, self.model.config
+        c = self.model.config
         if not prompt_ids or len(prompt_ids) >= c.sequence_len:
             raise PoelmError(f"the prompt must hold 1..{c.sequence_len - 1} tokens, got {len(prompt_ids)}")
         return self._stream(prompt_ids, max_new_tokens)

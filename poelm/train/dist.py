@@ -51,6 +51,15 @@ def init_dist(device: str | None = None) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
+def run_distributed(device: str | None, fn, *args):
+    """Join the process group, run `fn(dist, *args)`, and always leave the group again."""
+    d = init_dist(device)
+    try:
+        return fn(d, *args)
+    finally:
+        close_dist(d)
+
+
 def close_dist(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()

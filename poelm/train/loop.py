@@ -78,6 +78,14 @@ class LoopResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def resolve_seq_len(requested: int | None, model_len: int) -> int:
+    """--seq-len, or the model's sequence_len; longer than the model takes is an error."""
+    seq_len = requested or model_len
+    if not 1 < seq_len <= model_len:
+        raise PoelmError(f"--seq-len {seq_len}: this model takes sequences of 2..{model_len} tokens (its sequence_len)")
+    return seq_len
+
+
 def batch_geometry(device_batch_size: int, total_batch_tokens: int | None, seq_len: int,
                    world: int) -> tuple[int, int]:
     """(tokens per step, accumulation steps): the step's tokens do not depend on the world size."""

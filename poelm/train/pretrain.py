@@ -30,8 +30,8 @@ from ..eval.sample import greedy_continue
 from ..model import PoEGPT
 from ..modeldir import load_model, load_tokenizer, save_model_dir
 from ..optim import build_optimizer
-from .dist import Dist, all_reduce_sum, close_dist, init_dist, log0
-from .loop import LoopConfig, TrainLoop, batch_geometry, check_run_dir, record_run
+from .dist import Dist, all_reduce_sum, log0, run_distributed
+from .loop import LoopConfig, TrainLoop, batch_geometry, check_run_dir, record_run, resolve_seq_len
 
 SAMPLE_PROMPT = "def "
 
@@ -107,11 +107,7 @@ def run_config(args: PretrainArgs, config: PoEConfig, seq_len: int, tokens_per_s
 
 
 def pretrain(args: PretrainArgs) -> dict[str, Any]:
-    d = init_dist(args.device)
-    try:
-        return _pretrain(d, args)
-    finally:
-        close_dist(d)
+    return run_distributed(args.device, _pretrain, args)
 
 
 def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
@@ -119,10 +115,7 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model, tok = resolve_model(args)
     config = model.config
-    seq_len = args.seq_len or config.sequence_len
-    if not 1 < seq_len <= config.sequence_len:
-        raise PoelmError(f"--seq-len {seq_len}: this model takes sequences of 2..{config.sequence_len} tokens "
-                         "(its sequence_len)")
+    seq_len = resolve_seq_len(args.seq_len, config.sequence_len)
     for name in ("steps", "device_batch_size", "eval_every", "eval_tokens"):
         if getattr(args, name) < 1:
             raise PoelmError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")

@@ -33,8 +33,8 @@ from ..eval.bpb import bpb_from_sums, bpb_sums
 from ..modeldir import load_model, load_tokenizer
 from ..optim import build_optimizer
 from ..stages import freeze_for_stage, save_stage
-from .dist import Dist, all_reduce_sum, close_dist, init_dist, log0
-from .loop import LoopConfig, TrainLoop, batch_geometry, check_run_dir, record_run
+from .dist import Dist, all_reduce_sum, log0, run_distributed
+from .loop import LoopConfig, TrainLoop, batch_geometry, check_run_dir, record_run, resolve_seq_len
 
 
 @dataclass
@@ -79,11 +79,7 @@ def parent_of(stage_dir: str | Path) -> Path:
 
 
 def stage_train(args: StageTrainArgs) -> dict[str, Any]:
-    d = init_dist(args.device)
-    try:
-        return _stage_train(d, args)
-    finally:
-        close_dist(d)
+    return run_distributed(args.device, _stage_train, args)
 
 
 def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
@@ -93,9 +89,7 @@ def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
     model = load_model(args.stage)
     config = model.config
     tok = load_tokenizer(args.stage, config)
-    seq_len = args.seq_len or config.sequence_len
-    if not 1 < seq_len <= config.sequence_len:
-        raise PoelmError(f"--seq-len {seq_len}: this model takes sequences of 2..{config.sequence_len} tokens")
+    seq_len = resolve_seq_len(args.seq_len, config.sequence_len)
     if (args.steps is None) == (args.epochs is None):
         raise PoelmError("give exactly one of --steps and --epochs")
     world = d.world_size
