@@ -2,16 +2,24 @@
 
 Design choices:
 - Ships beside the model in every directory (torch, safetensors and the standard library only, plus
-  relative imports of config/model/errors), so poelm and `transformers` (through modeling_poelm.py)
-  assemble chains with the same code.
+  relative imports of config/model/errors/digests), so poelm and `transformers` (through
+  modeling_poelm.py) assemble chains with the same code.
 - A directory is a base (`model.safetensors`, no `base_model_name_or_path`) or a stage
   (`delta.safetensors` and `base_model_name_or_path`: an absolute path, a path relative to the stage
   directory, or a hub id, fetched only when it is not a local path and the hub is reachable).
   Resolution walks parents to the root, refusing a cycle or a missing parent.
+- Content: every file read here (each link's config.json and tensor file, root and leaf included) is
+  checked against its directory's `digests.json` (digests.py) before it is used, so a flipped bit
+  anywhere in the chain is an error naming the file. A directory without digests loads with a
+  warning. `verify=False` skips the digests (for measuring what they cost; nothing else uses it).
 - Every stage records `parent_fingerprint`: a digest of the parent's tensors (names, dtypes, shapes,
-  bytes; for a stage parent, chained with its own parent's fingerprint). A parent that changed since
-  the stage was trained is refused; so is a delta whose tensor names or shapes do not fit, a stage
-  config that does not extend its parent's structure, or a tokenizer that differs from the parent's.
+  bytes; for a stage parent, chained with its own parent's fingerprint). A directory's own
+  fingerprint is recorded in its `digests.json` when it is written, so a verified load compares
+  recorded values and hashes every byte once (xxh3); directories without digests have it computed
+  from their tensors. A parent that changed since the stage was trained is refused; so is a delta
+  whose tensor names, shapes or dtypes do not fit (floating tensors in the `dtype` config.json
+  declares, row ids int64), a stage config that does not extend its parent's structure, or a
+  tokenizer that differs from the parent's.
 - Assembly: the root's weights, then each stage's blocks, lambdas and changed embedding rows in
   order; every ancestor's `lm_head_stage` is added (as weights) into `lm_head_fold`, and only the
   leaf keeps its own `lm_head_stage`. Nothing is returned unless every check passed.
@@ -29,6 +37,7 @@ from typing import Any
 import torch
 
 from .config import PoEConfig
+from .digests import read_manifest, verify as verify_file, warn_unverified
 from .errors import PoelmError
 from .model import PoEGPT
 
@@ -39,36 +48,47 @@ TOKENIZER = "poelm_tokenizer.json"
 BLOCK_TENSORS = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight",
                  "mlp.c_fc.weight", "mlp.c_proj.weight")
 ROWS_IDS, ROWS_VALUES = "wte_rows.ids", "wte_rows.values"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------ files
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, verify: bool = True) -> dict[str, Any]:
+    """A JSON object from a file, checked against its directory's digests first (when it has them)."""
     if not path.is_file():
-        raise PoelmError(f"{path}: missing (a poelm model directory has a config.json)")
+        raise PoelmError(f"{path}: missing")
+    if verify:
+        verify_file(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise PoelmError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise PoelmError(f"{path}: not UTF-8 text; expected JSON") from None
     if not isinstance(data, dict):
         raise PoelmError(f"{path}: expected a JSON object")
     return data
 
 
-def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a missing, truncated or corrupt file is a one-line error naming it."""
+def load_safetensors(path: str | os.PathLike, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, checked against its directory's digests first (when it has them); a
+    missing, truncated or corrupt file is a one-line error naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
         raise PoelmError(f"{path}: missing")
+    if verify:
+        verify_file(path)
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise PoelmError(f"{path}: unreadable safetensors file ({e})") from None
 
 
-def check_state_dict(expected: dict[str, Any], found: dict[str, torch.Tensor], source: str) -> None:
-    """Names and shapes must match exactly; the message names the first offending tensor."""
+def check_state_dict(expected: dict[str, Any], found: dict[str, torch.Tensor], source: str,
+                     dtype: torch.dtype | None = None) -> None:
+    """Names and shapes must match exactly, and with `dtype` every tensor must have it; the message
+    names the first offending tensor."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     if missing:
@@ -81,6 +101,9 @@ def check_state_dict(expected: dict[str, Any], found: dict[str, torch.Tensor], s
         shape = tuple(v.shape) if hasattr(v, "shape") else tuple(v)
         if tuple(found[k].shape) != shape:
             raise PoelmError(f"{source}: tensor {k!r} has shape {list(found[k].shape)}, expected {list(shape)}")
+        if dtype is not None and found[k].dtype != dtype:
+            raise PoelmError(f"{source}: tensor {k!r} has dtype {str(found[k].dtype).removeprefix('torch.')}, "
+                             f"expected {str(dtype).removeprefix('torch.')} (the dtype config.json declares)")
 
 
 def fingerprint_tensors(tensors: dict[str, torch.Tensor], parent: str = "") -> str:
@@ -90,17 +113,18 @@ def fingerprint_tensors(tensors: dict[str, torch.Tensor], parent: str = "") -> s
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
     return "blake2b-128:" + h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------- chain
 @dataclass
 class Link:
-    """One directory of a chain: its path, its config.json, and whether it is a stage."""
+    """One directory of a chain: its path, its config.json, and its digests (None: none recorded)."""
 
     path: Path
     data: dict[str, Any]
+    manifest: dict[str, Any] | None = None
 
     @property
     def is_stage(self) -> bool:
@@ -110,11 +134,25 @@ class Link:
     def config(self) -> PoEConfig:
         return PoEConfig.from_dict(self.data, source=str(self.path / CONFIG))
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return load_safetensors(self.path / (DELTA if self.is_stage else WEIGHTS))
+    @property
+    def tensor_file(self) -> Path:
+        return self.path / (DELTA if self.is_stage else WEIGHTS)
 
-    def fingerprint(self, parent: str = "") -> str:
-        return fingerprint_tensors(self.tensors(), parent if self.is_stage else "")
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype config.json declares for the floating tensors (float32 when it says none)."""
+        name = self.data.get("dtype", self.data.get("torch_dtype")) or "float32"
+        if name not in DTYPES:
+            raise PoelmError(f"{self.path / CONFIG}: dtype {name!r}: expected one of {', '.join(DTYPES)}")
+        return DTYPES[name]
+
+    def tensors(self, verify: bool = True) -> dict[str, torch.Tensor]:
+        return load_safetensors(self.tensor_file, verify)
+
+    def fingerprint(self, tensors: dict[str, torch.Tensor], parent: str = "") -> str:
+        """The recorded fingerprint (its content verified by the digests), else computed from `tensors`."""
+        recorded = self.manifest.get("fingerprint") if self.manifest else None
+        return recorded or fingerprint_tensors(tensors, parent if self.is_stage else "")
 
 
 def locate(reference: str, stage_dir: Path) -> Path:
@@ -122,7 +160,7 @@ def locate(reference: str, stage_dir: Path) -> Path:
     candidates = [Path(reference)] if os.path.isabs(reference) else [stage_dir / reference, Path(reference)]
     for c in candidates:
         if c.is_dir():
-            return c
+            return c.resolve()  # a parent named relative to its stage: one plain absolute path
     if not os.path.isabs(reference) and reference.count("/") == 1 and not reference.startswith("."):
         try:  # a hub id: only when it is not a local path, and only if the hub answers
             from huggingface_hub import snapshot_download
@@ -135,8 +173,8 @@ def locate(reference: str, stage_dir: Path) -> Path:
                      f"(looked in {', '.join(str(c) for c in candidates)})")
 
 
-def resolve_chain(directory: str | os.PathLike) -> list[Link]:
-    """The chain from the root base to `directory`, root first."""
+def resolve_chain(directory: str | os.PathLike, verify: bool = True) -> list[Link]:
+    """The chain from the root base to `directory`, root first; each config.json verified."""
     path = Path(directory)
     if not path.is_dir():
         raise PoelmError(f"{path}: not a directory (expected a poelm model directory)")
@@ -148,7 +186,10 @@ def resolve_chain(directory: str | os.PathLike) -> list[Link]:
             raise PoelmError(f"{chain[-1].path / CONFIG}: base_model_name_or_path leads back to {path}: "
                              "the chain is a cycle")
         seen[real] = path
-        link = Link(path, read_json(path / CONFIG))
+        manifest = read_manifest(path) if verify else None
+        if verify and manifest is None:
+            warn_unverified(path, "model")
+        link = Link(path, read_json(path / CONFIG, verify), manifest)
         chain.append(link)
         if not link.is_stage:
             if not (path / WEIGHTS).is_file():
@@ -188,21 +229,27 @@ def check_extends(parent: PoEConfig, config: PoEConfig, source: str) -> None:
                          "for a stage on this parent")
 
 
-def check_tokenizer(parent: Path, stage: Path) -> None:
+def check_tokenizer(parent: Path, stage: Path, verify: bool = True) -> None:
     a, b = parent / TOKENIZER, stage / TOKENIZER
-    if a.is_file() and b.is_file() and json.loads(a.read_text("utf-8")) != json.loads(b.read_text("utf-8")):
+    if not (a.is_file() and b.is_file()):
+        return
+    if verify:
+        verify_file(a)
+        verify_file(b)
+    same = a.read_bytes() == b.read_bytes() or read_json(a, verify=False) == read_json(b, verify=False)
+    if not same:
         raise PoelmError(f"{b}: the stage's tokenizer differs from its parent's ({a})")
 
 
-def assemble(chain: list[Link]) -> tuple[PoEConfig, dict[str, torch.Tensor], list[str]]:
+def assemble(chain: list[Link], verify: bool = True) -> tuple[PoEConfig, dict[str, torch.Tensor], list[str]]:
     """Check every link and build the leaf's state dict; returns (config, tensors, fingerprints)."""
     root = chain[0]
     config = root.config  # a root may carry specialist stages when it is a merged export
-    tensors = root.tensors()
+    tensors = root.tensors(verify)
     with torch.device("meta"):
         expected = PoEGPT(config).state_dict()
-    check_state_dict(expected, tensors, str(root.path / WEIGHTS))
-    prints = [fingerprint_tensors(tensors)]
+    check_state_dict(expected, tensors, str(root.tensor_file), root.dtype)
+    prints = [root.fingerprint(tensors)]
     fold: torch.Tensor | None = None
     for parent, link in zip(chain, chain[1:]):
         source = str(link.path / CONFIG)
@@ -212,12 +259,12 @@ def assemble(chain: list[Link]) -> tuple[PoEConfig, dict[str, torch.Tensor], lis
             raise PoelmError(f"{source}: parent {parent.path} has fingerprint {prints[-1]}, but this stage was "
                              f"trained on {recorded}: the parent is not the model this stage was made for")
         check_extends(config, stage_config, source)
-        check_tokenizer(parent.path, link.path)
-        delta = link.tensors()
-        own_print = fingerprint_tensors(delta, prints[-1])
-        delta_path = str(link.path / DELTA)
+        check_tokenizer(parent.path, link.path, verify)
+        delta = link.tensors(verify)
+        own_print = link.fingerprint(delta, prints[-1])
+        delta_path = str(link.tensor_file)
         rows = {k: delta.pop(k) for k in (ROWS_IDS, ROWS_VALUES) if k in delta}
-        check_state_dict(expected_delta(config, stage_config), delta, delta_path)
+        check_state_dict(expected_delta(config, stage_config), delta, delta_path, link.dtype)
         if config.stage_head:  # the parent's own head joins the fold; the new leaf keeps its own
             head = tensors.pop("lm_head_stage.weight")
             fold = head if fold is None else fold + head
@@ -227,12 +274,13 @@ def assemble(chain: list[Link]) -> tuple[PoEConfig, dict[str, torch.Tensor], lis
         if rows:
             ids, values = rows.get(ROWS_IDS), rows.get(ROWS_VALUES)
             wte = tensors["transformer.wte.weight"]
-            if ids is None or values is None or ids.ndim != 1 or tuple(values.shape) != (len(ids), wte.size(1)) \
+            if ids is None or values is None or ids.dtype != torch.int64 or values.dtype != link.dtype \
+                    or ids.ndim != 1 or tuple(values.shape) != (len(ids), wte.size(1)) \
                     or (len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < wte.size(0))):
-                raise PoelmError(f"{delta_path}: {ROWS_IDS}/{ROWS_VALUES} must be ids (n,) in [0, {wte.size(0)}) and "
-                                 f"rows (n, {wte.size(1)})")
+                raise PoelmError(f"{delta_path}: {ROWS_IDS}/{ROWS_VALUES} must be int64 ids (n,) in [0, {wte.size(0)}) "
+                                 f"and {str(link.dtype).removeprefix('torch.')} rows (n, {wte.size(1)})")
             wte = wte.clone()
-            wte[ids.long()] = values.to(wte.dtype)
+            wte[ids] = values.to(wte.dtype)
             tensors["transformer.wte.weight"] = wte
         tensors.update(delta)
         if fold is not None:
@@ -243,9 +291,9 @@ def assemble(chain: list[Link]) -> tuple[PoEConfig, dict[str, torch.Tensor], lis
 
 
 def load_chain(directory: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> PoEGPT:
-    """The assembled model of any base or stage directory, checked link by link."""
-    config, tensors, _ = assemble(resolve_chain(directory))
+               dtype: torch.dtype | None = None, verify: bool = True) -> PoEGPT:
+    """The assembled model of any base or stage directory, checked link by link (content included)."""
+    config, tensors, _ = assemble(resolve_chain(directory, verify), verify)
     with torch.device("meta"):
         model = PoEGPT(config)
     check_state_dict(model.state_dict(), tensors, f"{directory} (assembled chain)")

@@ -35,15 +35,18 @@ def _int_list(text: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------- commands
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from .modeldir import AtomicDir, check_out
+    from .digests import write_manifest
+    from .outputs import AtomicDir, check_output
     from .tokenizer_files import write_hf_tokenizer_files
     from .tokenizer_train import train_tokenizer
 
-    check_out(args.out, args.overwrite)
+    inputs = [("input", path) for path in args.input]
+    check_output(args.out, inputs, args.overwrite)
     t0 = time.time()
     tok = train_tokenizer(args.input, args.vocab_size)
-    with AtomicDir(args.out, overwrite=args.overwrite) as tmp:
+    with AtomicDir(args.out, args.overwrite, inputs) as tmp:
         write_hf_tokenizer_files(tmp, tok)
+        write_manifest(tmp)
     ids = tok.special_ids
     print(f"tokenizer: {tok.vocab_size} tokens ({tok.vocab_size - len(ids)} merged + {len(ids)} special) "
           f"in {time.time() - t0:.1f}s -> {args.out}")
@@ -98,14 +101,16 @@ def add_shape_flags(p: argparse.ArgumentParser, for_init: bool = True) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from .model import PoEGPT
-    from .modeldir import check_out, load_tokenizer, save_model_dir
+    from .modeldir import load_tokenizer, save_model_dir
+    from .outputs import check_output
 
-    check_out(args.out, args.overwrite)
+    inputs = [("tokenizer", args.tokenizer)]
+    check_output(args.out, inputs, args.overwrite)
     tok = load_tokenizer(args.tokenizer)
     config = build_config(args, tok.vocab_size)
     model = PoEGPT(config)
     model.init_weights(seed=args.seed)
-    save_model_dir(model, args.out, tok, overwrite=args.overwrite)
+    save_model_dir(model, args.out, tok, overwrite=args.overwrite, inputs=inputs)
     print_param_table(model)
     print(f"wrote {args.out}")
     return 0
@@ -120,9 +125,7 @@ def print_param_table(model) -> None:
 
 def cmd_convert_nanochat(args: argparse.Namespace) -> int:
     from .convert import convert_nanochat
-    from .modeldir import check_out
 
-    check_out(args.out, args.overwrite)
     out, migrations = convert_nanochat(args.checkpoint, args.out, step=args.step, tokenizer=args.tokenizer,
                                        overwrite=args.overwrite)
     for m in migrations:
@@ -148,7 +151,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for i, link in enumerate(info["links"]):
         print(f"  [{i}] {link['kind']} {link['name']!r} at {link['path']}: {link['n_layer']} layers, "
               f"{link['tensors']} tensors, {link['tensor_params']:,} params, {link['bytes_on_disk']:,} bytes; "
-              f"fingerprint {link['fingerprint']} (verified)")
+              f"fingerprint {link['fingerprint']}; "
+              + (f"{link['files_verified']} files match digests.json" if link["files_verified"] is not None
+                 else "no digests.json: content unverified"))
         if link["kind"] == "stage":
             print(f"      +{link['new_layers']} layers on {link['parent']}; trainable {link['trainable_params']:,} "
                   f"+ {link['changed_embedding_rows']} changed embedding rows ({link['changed_embedding_params']:,} "
@@ -162,11 +167,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_digest(args: argparse.Namespace) -> int:
+    from .modeldir import record_digests
+
+    for directory in args.dirs:
+        data = record_digests(directory)
+        print(f"{directory}: recorded {len(data['files'])} files"
+              + (f", fingerprint {data['fingerprint']}" if "fingerprint" in data else "") + " in digests.json")
+    return 0
+
+
 def cmd_stage_attach(args: argparse.Namespace) -> int:
-    from .modeldir import check_out
+    from .outputs import chain_inputs, check_output
     from .stages import attach, save_stage
 
-    check_out(args.out, args.overwrite)
+    check_output(args.out, chain_inputs(args.parent, "parent"), args.overwrite)
     model, info = attach(args.parent, args.layers, seed=args.seed, chat_rows=not args.no_chat_rows)
     out = save_stage(model, args.parent, args.out, args.name, overwrite=args.overwrite)
     rows = f"; warm-initialised chat rows {info['chat_rows']}" if info["chat_rows"] else ""
@@ -202,10 +217,8 @@ def cmd_check_preservation(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .modeldir import check_out
     from .stages import export_merged
 
-    check_out(args.out, args.overwrite)
     print(f"wrote {export_merged(args.model, args.out, overwrite=args.overwrite)}")
     return 0
 
@@ -245,7 +258,7 @@ def _load_engine(args: argparse.Namespace):
         raise PoelmError(f"--exit-stage {args.exit_stage}: {args.model} has stages 0..{config.n_stages - 1}")
     tok = load_tokenizer(args.model, config)
     model = load_model(args.model).eval()
-    return Engine(model, tok), tok
+    return Engine(model, tok, output=args.poe_output), tok
 
 
 def _make_decoder(args: argparse.Namespace, engine):
@@ -270,7 +283,7 @@ def _make_decoder(args: argparse.Namespace, engine):
 
         def decode(ids, params):
             dec = SpeculativeDecoder(engine.model, args.draft_stage, args.speculative, engine.stop_ids,
-                                     temperature=params.temperature, seed=params.seed)
+                                     temperature=params.temperature, seed=params.seed, output=engine.output)
             return dec.stream(ids, params.max_new_tokens), lambda: (
                 f"draft stage {args.draft_stage}, K={args.speculative}: acceptance {dec.stats.acceptance:.1%}, "
                 f"{dec.stats.tokens_per_verification:.2f} tokens per verification")
@@ -279,18 +292,19 @@ def _make_decoder(args: argparse.Namespace, engine):
         from .infer.adaptive import AdaptiveDecoder, load_calibration
 
         if args.temperature != 0 or args.top_k is not None or args.top_p is not None or \
-                args.repetition_penalty != 1 or args.exit_stage is not None:
-            raise PoelmError(f"--adaptive decodes the Log-OP greedily: drop --temperature too; {greedy_only}")
+                args.repetition_penalty != 1 or args.exit_stage is not None or args.poe_output == "last":
+            raise PoelmError(f"--adaptive decodes the Log-OP greedily: drop --temperature and --poe-output last "
+                             f"too; {greedy_only}")
         bounds = load_calibration(args.model, engine.model.config.n_stages)
 
         def decode(ids, params):
             dec = AdaptiveDecoder(engine.model, bounds, engine.stop_ids)
-            return dec.stream(ids, params.max_new_tokens), lambda: f"exits per stage {dec.stats.histogram()}"
+            return dec.stream(ids, params.max_new_tokens), lambda: f"Log-OP, exits per stage {dec.stats.histogram()}"
         return decode
     if getattr(args, "compose", None):
         from .compose import Composition, stream_composed
 
-        comp = Composition([args.model, *args.compose], args.compose_weights)
+        comp = Composition([args.model, *args.compose], args.compose_weights, output=engine.output)
 
         def decode(ids, params):
             return stream_composed(comp, ids, params, engine.stop_ids), lambda: (
@@ -340,8 +354,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .data.text import eval_batches, read_documents
     from .infer.adaptive import calibrate, save_calibration
+    from .infer.adaptive import CALIBRATION
     from .modeldir import load_model, load_tokenizer
+    from .outputs import check_output
 
+    # adaptive.json is written into MODELDIR by design; the calibration text must not be or hold it.
+    check_output(Path(args.model) / CALIBRATION, [("data", path) for path in args.data], overwrite=True)
     model = load_model(args.model)
     tok = load_tokenizer(args.model, model.config)
     tokens: list[int] = []
@@ -558,6 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' semantics (1: off)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--exit-stage", type=int, help="stop after stage K and read its predictor (default: last)")
+        p.add_argument("--poe-output", choices=("last", "logop"),
+                       help="decode the last stage or the Log-OP of the stages (default: the model's poe_output; "
+                            "--adaptive always decodes the Log-OP)")
         p.add_argument("--speculative", type=int, metavar="K",
                        help="greedy self-speculative decoding: draft K tokens per round with --draft-stage")
         p.add_argument("--draft-stage", type=int, metavar="S", help="the stage that drafts (with --speculative)")
@@ -589,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODELDIR")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("digest", help="re-record a directory's digests.json from its files as they are now")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="a model, stage or tokenizer directory poelm wrote")
+    p.set_defaults(func=cmd_digest)
 
     p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")
     p.add_argument("--out", default="runs/demo", metavar="DIR")

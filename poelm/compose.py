@@ -1,12 +1,21 @@
-"""Parallel composition: sibling specialist stages over one shared pass of the trunk, combined in
-log space (the paper's composition of stages as a product of experts).
+"""Parallel composition: sibling specialist stages over shared passes of the trunk, combined in log
+space (the paper's composition of stages as a product of experts).
 
 Design choices:
 - Siblings are stages whose parents are the same model: every sibling's config records the same
-  `parent_fingerprint`, and the parent's layers are run once; each sibling then runs only its own
-  blocks and heads from that state.
-- Combination is a weighted Log-OP: score = sum_i w_i log_softmax(logits_i), renormalised with
-  logsumexp; with one sibling (any weight) it is exactly that sibling's distribution.
+  `parent_fingerprint`, so the parent's layers, lambdas and heads are the same in all of them. Each
+  sibling runs only its own blocks and heads from a trunk walk (the model's own layer walk:
+  `begin`/`run_layers`/`readout`/`predictor`).
+- The one thing siblings may not share is the embedding: a stage carries its own chat-token rows
+  (warm-initialised or trained). Siblings with identical embedding tables form a group that shares
+  one trunk pass; when the input holds none of the ids whose rows differ between groups, one trunk
+  pass serves every sibling. The result equals each sibling run alone (tested).
+- Each sibling contributes the predictor the engine would decode for it (`output`: the last stage,
+  or the Log-OP of its stages under `poe_output="logop"`). They combine as a weighted Log-OP:
+  score = sum_i w_i log_softmax(predictor_i), renormalised with logsumexp; with one sibling (any
+  weight) it is exactly that sibling's distribution.
+- Decoding (`stream_composed`) is uncached: the siblings' caches would have to share the trunk's.
+  Requests are checked by the engine's `check_request`.
 """
 
 from __future__ import annotations
@@ -18,20 +27,23 @@ import torch
 import torch.nn.functional as F
 
 from .cascade import CONFIG, read_json
+from .config import POE_OUTPUTS
 from .errors import PoelmError
 from .modeldir import load_model
 
 
 class Composition:
-    """Sibling stages sharing one trunk pass. `weights` default to 1 each."""
+    """Sibling stages sharing trunk passes. `weights` default to 1 each."""
 
     def __init__(self, stage_dirs: list[str | os.PathLike], weights: list[float] | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", output: str | None = None):
         if not stage_dirs:
             raise PoelmError("--compose needs at least one stage directory")
         self.weights = list(weights) if weights is not None else [1.0] * len(stage_dirs)
         if len(self.weights) != len(stage_dirs):
             raise PoelmError(f"{len(self.weights)} weights for {len(stage_dirs)} stages")
+        if output is not None and output not in POE_OUTPUTS:
+            raise PoelmError(f"output={output!r}: expected one of {', '.join(POE_OUTPUTS)}")
         parents = []
         for d in stage_dirs:
             data = read_json(Path(d) / CONFIG)
@@ -43,16 +55,44 @@ class Composition:
                              "(their parents differ); composition needs stages on the same parent")
         self.models = [load_model(d, device=device) for d in stage_dirs]
         c = self.models[0].config
+        self.output = output or c.poe_output
         self.trunk_layers = c.n_layer - c.poe_stage_layers[-1]  # the shared parent's layers
+        self.trunk_stages = c.n_stages - 1
+        # Group siblings by embedding table; `differing` holds the ids whose rows are not all equal.
+        tables = [m.transformer.wte.weight for m in self.models]
+        self.groups: list[list[int]] = []
+        for i, table in enumerate(tables):
+            group = next((g for g in self.groups if torch.equal(tables[g[0]], table)), None)
+            if group is None:
+                self.groups.append([i])
+            else:
+                group.append(i)
+        rows = torch.zeros(tables[0].size(0), dtype=torch.bool, device=tables[0].device)
+        for table in tables[1:]:
+            rows |= (table != tables[0]).any(dim=1)
+        self.differing = rows.nonzero().flatten()
 
     @torch.no_grad()
     def log_probs(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T, vocab) log-probabilities of the weighted Log-OP of the siblings."""
-        state = self.models[0].trunk(idx, self.trunk_layers)
+        """(B, T, vocab) log-probabilities of the weighted Log-OP of the siblings' predictors."""
+        shared = not bool(torch.isin(idx, self.differing).any())
+        groups = [list(range(len(self.models)))] if shared else self.groups
         score = None
-        for w, model in zip(self.weights, self.models):
-            part = w * F.log_softmax(model.continue_from(idx, state), dim=-1)
-            score = part if score is None else score + part
+        for group in groups:
+            first = self.models[group[0]]
+            c = first.config
+            reads = first.readout_stages(c.n_stages - 1, self.output)  # the same for every sibling
+            walk, trunk_logits = first.begin(idx), []
+            for k in range(self.trunk_stages):  # the parent's stages: one pass for the group
+                walk = first.run_layers(walk, c.stage_ends[k] + 1)
+                if k in reads:
+                    trunk_logits.append(first.readout(walk, k))
+            for i in group:  # each sibling's own blocks and head on top
+                model = self.models[i]
+                own = model.run_layers(walk, model.config.n_layer)
+                logits = trunk_logits + [model.readout(own, model.config.n_stages - 1)]
+                part = self.weights[i] * F.log_softmax(model.predictor(logits, self.output), dim=-1)
+                score = part if score is None else score + part
         return F.log_softmax(score, dim=-1)
 
 
@@ -61,9 +101,16 @@ def generate_composed(comp: Composition, prompt_ids: list[int], params, stop_ids
 
 
 def stream_composed(comp: Composition, prompt_ids: list[int], params, stop_ids: set[int]):
-    """Decode from the composition, yielding each token: every step runs the shared trunk once and
-    each sibling's own blocks, combines in log space, and picks with the engine's sampling rules (no
-    KV cache: the siblings' caches would have to share the trunk's, which is left for later)."""
+    """Decode from the composition, yielding each token: every step runs the trunk once per group and
+    each sibling's own blocks, combines in log space, and picks with the engine's sampling rules."""
+    from .infer.engine import check_request
+
+    prompt_ids = list(prompt_ids)
+    check_request(comp.models[0].config, prompt_ids, params.max_new_tokens)
+    return _stream(comp, prompt_ids, params, stop_ids)
+
+
+def _stream(comp: Composition, prompt_ids: list[int], params, stop_ids: set[int]):
     from .infer.engine import sample_next
 
     device = comp.models[0].lm_head.weight.device

@@ -31,6 +31,7 @@ from .config import PoEConfig
 from .errors import PoelmError
 from .model import PoEGPT
 from .modeldir import check_state_dict, save_model_dir
+from .outputs import check_output
 from .tokenizer import Tokenizer
 from .tokenizer_train import load_nanochat_tokenizer
 
@@ -71,7 +72,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def read_meta(path: Path) -> dict:
     if not path.is_file():
         raise PoelmError(f"{path}: missing (nanochat writes it beside model_NNNNNN.pt)")
-    meta = read_json(path)
+    meta = read_json(path, verify=False)  # nanochat's file: no digests to check against
     if not isinstance(meta.get("model_config"), dict):
         raise PoelmError(f"{path}: no 'model_config' object")
     return meta
@@ -130,8 +131,11 @@ def find_tokenizer(checkpoint_dir: Path, tokenizer_dir: str | None) -> Tokenizer
 
 def convert_nanochat(checkpoint: str | Path, out: str | Path, step: int | None = None,
                      tokenizer: str | None = None, overwrite: bool = False) -> tuple[Path, list[str]]:
-    """Write a poelm base directory from a nanochat checkpoint; returns it and the migrations applied."""
+    """Write a poelm base directory from a nanochat checkpoint; returns it and the migrations applied.
+    `out` may not overlap the checkpoint folder or the tokenizer folder."""
     checkpoint = Path(checkpoint)
+    inputs = [("checkpoint", checkpoint)] + ([("tokenizer", tokenizer)] if tokenizer is not None else [])
+    check_output(out, inputs, overwrite)
     step = find_step(checkpoint, step)
     model_path = checkpoint / f"model_{step:06d}.pt"
     meta_path = checkpoint / f"meta_{step:06d}.json"
@@ -151,4 +155,4 @@ def convert_nanochat(checkpoint: str | Path, out: str | Path, step: int | None =
         raise PoelmError(f"tokenizer has {tok.vocab_size} tokens but {meta_path} says vocab_size {config.vocab_size}")
     extra = {"converted_from": {"format": "nanochat", "checkpoint": str(model_path.resolve()), "step": step,
                                 "migrations": migrations}}
-    return save_model_dir(model, out, tok, overwrite=overwrite, extra_config=extra), migrations
+    return save_model_dir(model, out, tok, overwrite=overwrite, extra_config=extra, inputs=inputs), migrations

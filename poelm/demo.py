@@ -47,7 +47,9 @@ from .infer.adaptive import AdaptiveDecoder, calibrate, save_calibration
 from .infer.engine import Engine, SamplingParams
 from .infer.speculative import SpeculativeDecoder
 from .model import PoEGPT
-from .modeldir import AtomicDir, load_model, load_safetensors, save_model_dir, write_json
+from .digests import write_manifest
+from .modeldir import load_model, load_safetensors, save_model_dir, write_json
+from .outputs import AtomicDir, check_output
 from .data.stdlib_code import code_instructions, write_jsonl
 from .stages import attach, check_preservation, save_stage
 from .train.sft import StageTrainArgs, stage_train
@@ -130,6 +132,9 @@ def quick_start_answer(model_dir: Path, tok) -> str:
 
 def run_demo(out: Path) -> dict:
     t_start = time.time()
+    import sysconfig
+
+    check_output(out, [("standard library", sysconfig.get_paths()["stdlib"])], overwrite=True)  # what it reads
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"out": str(out)}
 
@@ -143,6 +148,7 @@ def run_demo(out: Path) -> dict:
     train_s = time.time() - t0
     with AtomicDir(out / "tokenizer", overwrite=True) as tmp:
         write_hf_tokenizer_files(tmp, tok)
+        write_manifest(tmp)
     texts = [Path(p).read_text(encoding="utf-8") for p in paths]
     encoded = tok.encode_batch(texts)
     bad = [p for p, text, ids in zip(paths, texts, encoded) if tok.decode(ids) != text]

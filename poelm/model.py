@@ -18,6 +18,11 @@ Design choices (MODEL.md §1-2):
 - Rotary tables are computed per forward from the positions in use (no buffers): a model built on
   the meta device by `from_pretrained` has nothing left uninitialised, and the values equal
   nanochat's precomputed table row for row.
+- One layer walk. `begin` (embedding, smear, rotary positions) makes a `Walk`, `run_layers` carries it
+  through a range of layers (cache, backout and the training detach rules included) and `readout`
+  reads one stage's predictor from it; `predictor` turns stage logits into what is decoded (the
+  last stage, or the Log-OP under `poe_output="logop"`). The forward and every decoder (engine,
+  speculative, adaptive, composition) are built from these four, so they cannot drift apart.
 - Decoding uses any cache with `update(k, v, layer_idx) -> (k_all, v_all)` in (B, H_kv, T, D),
   `get_seq_length()`, and a `prev_embedding` attribute holding the last token's normed embedding for
   the smear: `KVCache` below, or the `DynamicCache` subclass of the Hugging Face wrapper.
@@ -26,6 +31,7 @@ Design choices (MODEL.md §1-2):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -242,6 +248,48 @@ class Block(nn.Module):
 
 
 @dataclass
+class Walk:
+    """The residual stream of some positions between two layers: what the next layer continues from.
+
+    idx (B, T) token ids (value embeddings read them); x (B, T, d) the residual after `layer` layers;
+    x0 (B, T, d) the normed embedding every layer mixes back in; x_backout the residual after
+    `backout_layer` once it has run (else None); cos, sin the rotary tables of these positions
+    (B or 1, T, 1, D/2); doc_ids (B, T) packed documents, or None. Positions travel with the walk, so
+    walks of consecutive positions concatenate (`cat`) and split (`part`) freely.
+    """
+
+    idx: torch.Tensor
+    x: torch.Tensor
+    x0: torch.Tensor
+    x_backout: torch.Tensor | None
+    cos: torch.Tensor
+    sin: torch.Tensor
+    doc_ids: torch.Tensor | None = None
+    layer: int = 0
+
+    @staticmethod
+    def cat(walks: list["Walk"]) -> "Walk":
+        """Walks of consecutive positions at the same layer, as one (along T)."""
+        if len({w.layer for w in walks}) != 1:
+            raise ValueError(f"cat: walks at different layers {[w.layer for w in walks]}")
+        if len(walks) == 1:
+            return walks[0]
+
+        def join(name: str):
+            parts = [getattr(w, name) for w in walks]
+            return None if parts[0] is None else torch.cat(parts, dim=1)
+
+        return Walk(**{f.name: join(f.name) for f in dataclasses.fields(Walk) if f.name != "layer"},
+                    layer=walks[0].layer)
+
+    def part(self, start: int, stop: int) -> "Walk":
+        """Positions [start, stop) of this walk."""
+        cut = lambda t: None if t is None else t[:, start:stop]  # noqa: E731
+        return Walk(idx=cut(self.idx), x=cut(self.x), x0=cut(self.x0), x_backout=cut(self.x_backout),
+                    cos=cut(self.cos), sin=cut(self.sin), doc_ids=cut(self.doc_ids), layer=self.layer)
+
+
+@dataclass
 class PoEOutput:
     """What a forward returns.
 
@@ -392,29 +440,78 @@ class PoEGPT(nn.Module):
         ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
         return self.transformer.h[i](x, ve, cos, sin, cache, doc_ids)
 
-    @torch.no_grad()
-    def trunk(self, idx: torch.Tensor, n_layers: int) -> dict[str, torch.Tensor | None]:
-        """Embedding and layers 0..n_layers-1 (inference): the state a sibling stage continues from."""
+    # ------------------------------------------------------------------------- the layer walk
+    def begin(self, idx: torch.Tensor, cache=None, doc_ids: torch.Tensor | None = None,
+              positions: torch.Tensor | None = None) -> Walk:
+        """The walk of `idx` (B, T) before layer 0: embedding with the smear (continuing the cache's
+        previous token), rotary tables at `positions` (B, T), else right after the cache's length."""
         c = self.config
-        x = self.embed(idx)
-        cos, sin = rotary_tables(0, idx.size(1), c.head_dim, c.rope_base, x.device, x.dtype)
-        x0, x_backout = x, None
-        for i in range(n_layers):
-            x = self.layer(i, x, x0, idx, cos, sin)
-            if i == c.backout_layer:
-                x_backout = x
-        return {"x": x, "x0": x0, "x_backout": x_backout, "cos": cos, "sin": sin, "layers": n_layers}
+        x = self.embed(idx, cache, doc_ids)
+        if positions is not None:
+            cos, sin = rotary_at(positions, c.head_dim, c.rope_base, x.dtype)
+        else:
+            start = cache.get_seq_length() if cache is not None else 0
+            cos, sin = rotary_tables(start, idx.size(1), c.head_dim, c.rope_base, x.device, x.dtype)
+        return Walk(idx=idx, x=x, x0=x, x_backout=None, cos=cos, sin=sin, doc_ids=doc_ids, layer=0)
 
-    @torch.no_grad()
-    def continue_from(self, idx: torch.Tensor, state: dict) -> torch.Tensor:
-        """The last stage's logits, running only the layers after `state` (from `trunk`)."""
+    def run_layers(self, walk: Walk, stop: int, cache=None, *, detach_stages: bool = False,
+                   frozen_layers: int = 0) -> Walk:
+        """Carry `walk` through layers walk.layer .. stop-1 (writing each layer's keys and values into
+        `cache`), recording the backout residual when its layer runs.
+
+        Training rules: `detach_stages` detaches the residual where each stage after the first begins
+        (local losses); `frozen_layers=n` runs layers below n without autograd and detaches what enters
+        layer n (a frozen trunk).
+        """
         c = self.config
-        x, x0, x_backout = state["x"], state["x0"], state["x_backout"]
-        for i in range(state["layers"], c.n_layer):
-            x = self.layer(i, x, x0, idx, state["cos"], state["sin"])
+        x, x0, x_backout = walk.x, walk.x0, walk.x_backout
+        grad = torch.is_grad_enabled()
+        starts = c.stage_starts[1:] if detach_stages else ()
+        for i in range(walk.layer, stop):
+            if i in starts:
+                x = x.detach()  # local learning: stage k's layers learn only from their own loss
+            if 0 < frozen_layers == i:  # the trunk's outputs enter the trained layers as constants
+                x, x0 = x.detach(), x0.detach()
+                x_backout = x_backout.detach() if x_backout is not None else None
+            with torch.set_grad_enabled(grad and i >= frozen_layers):
+                x = self.layer(i, x, x0, walk.idx, walk.cos, walk.sin, cache, walk.doc_ids)
             if i == c.backout_layer:
                 x_backout = x
-        return self.stage_logits(x, c.n_stages - 1, x_backout)
+        return dataclasses.replace(walk, x=x, x0=x0, x_backout=x_backout, layer=max(stop, walk.layer))
+
+    def _backout(self, walk: Walk, stage: int, detach: bool) -> torch.Tensor | None:
+        """The backout residual stage `stage` subtracts; detached when it comes from an earlier stage
+        and `detach` (local losses: no gradient back into another stage's layers)."""
+        c = self.config
+        if detach and walk.x_backout is not None and c.backout_layer < c.stage_starts[stage]:
+            return walk.x_backout.detach()
+        return walk.x_backout
+
+    def readout(self, walk: Walk, stage: int, detach_backout: bool = False) -> torch.Tensor:
+        """Stage `stage`'s logits (B, T, vocab) float32 from a walk that has just run its last layer."""
+        if walk.layer != self.config.stage_ends[stage] + 1:
+            raise ValueError(f"readout of stage {stage} needs the walk after layer {self.config.stage_ends[stage]}, "
+                             f"it has run {walk.layer} layers")
+        return self.stage_logits(walk.x, stage, self._backout(walk, stage, detach_backout))
+
+    def rollback(self, cache, length: int, last_token) -> None:
+        """Roll a decoding cache back to its first `length` positions: keys and values cropped, and the
+        smear's previous embedding set to that of `last_token` (B,) (the token at position length - 1),
+        so the next token is computed as if nothing after it had been fed."""
+        cache.crop(length)
+        if self.config.smear:
+            ids = torch.as_tensor(last_token, device=self.transformer.wte.weight.device).reshape(-1, 1)
+            cache.prev_embedding = norm(self.transformer.wte(ids))  # what `embed` keeps: (B, 1, d)
+
+    def readout_stages(self, last: int, output: str | None = None) -> list[int]:
+        """The stages whose logits `predictor` needs to decode stage `last` under `output`."""
+        return list(range(last + 1)) if (output or self.config.poe_output) == "logop" else [last]
+
+    def predictor(self, stage_logits: list[torch.Tensor], output: str | None = None) -> torch.Tensor:
+        """What is decoded from the logits of `readout_stages(k, output)`: the last one
+        (`output="last"`), or their Log-OP as log-probabilities (`"logop"`)."""
+        output = output or self.config.poe_output
+        return logop(stage_logits, self.config.poe_alpha) if output == "logop" else stage_logits[-1]
 
     # --------------------------------------------------------------------------- forward
     def forward(
@@ -456,47 +553,26 @@ class PoEGPT(nn.Module):
         output = output or c.poe_output
         training = targets is not None
         mode = c.poe_mode if training else "none"
-        # Which boundaries need a predictor: all of them for local losses or Log-OP, else the last.
-        read_all = return_stages or mode != "none" or output == "logop"
-        readouts = set(range(last + 1)) if read_all else {last}
+        # Which boundaries need a predictor: all of them for local losses, Log-OP or return_stages.
+        readouts = set(range(last + 1)) if return_stages or mode != "none" else set(self.readout_stages(last, output))
         fused = training and fused_loss and mode in ("none", "flat")
+        local = mode != "none"
 
-        B, T = idx.shape
-        start = cache.get_seq_length() if cache is not None else 0
-        grad = torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad and frozen_layers == 0):
-            x = self.embed(idx, cache, doc_ids)
-        if positions is not None:
-            cos, sin = rotary_at(positions, c.head_dim, c.rope_base, x.dtype)
-        else:
-            cos, sin = rotary_tables(start, T, c.head_dim, c.rope_base, x.device, x.dtype)
-        x0 = x
-        x_backout = None
-        stage_of_end = {end: k for k, end in enumerate(c.stage_ends)}
-        stage_starts = set(c.stage_starts[1:])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_layers == 0):
+            walk = self.begin(idx, cache, doc_ids, positions)
         logits: list[torch.Tensor] = []  # per read-out stage: logits, or (fused) the normed hidden
-        for i in range(c.stage_ends[last] + 1):
-            if mode != "none" and i in stage_starts:
-                x = x.detach()  # local learning: stage k's layers learn only from their own loss
-            if 0 < frozen_layers == i:  # the trunk's outputs enter the trained layers as constants
-                x, x0 = x.detach(), x0.detach()
-                x_backout = x_backout.detach() if x_backout is not None else None
-            with torch.set_grad_enabled(grad and i >= frozen_layers):
-                x = self.layer(i, x, x0, idx, cos, sin, cache, doc_ids)
-            if i == c.backout_layer:
-                x_backout = x
-            k = stage_of_end.get(i)
-            if k is not None and k in readouts:
-                backout = x_backout
-                if mode != "none" and x_backout is not None and c.backout_layer < c.stage_starts[k]:
-                    backout = x_backout.detach()  # an earlier stage's residual: no gradient back into it
-                if fused:
-                    logits.append(self.stage_hidden(x, k, backout))
-                else:
-                    logits.append(self.stage_logits(x, k, backout))
+        for k in range(last + 1):
+            walk = self.run_layers(walk, c.stage_ends[k] + 1, cache, detach_stages=local,
+                                   frozen_layers=frozen_layers)
+            if k not in readouts:
+                continue
+            if fused:
+                logits.append(self.stage_hidden(walk.x, k, self._backout(walk, k, local)))
+            else:
+                logits.append(self.readout(walk, k, detach_backout=local))
 
         if not training:
-            out = logop(logits, c.poe_alpha) if output == "logop" else logits[-1]
+            out = self.predictor(logits, output)
             return PoEOutput(logits=out, stage_logits=logits if return_stages else None)
         if fused:
             chunk = loss_chunk or max(64, (1 << 22) // c.padded_vocab_size)

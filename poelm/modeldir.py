@@ -5,12 +5,14 @@ Design choices (FORMATS.md):
   `model.safetensors` under nanochat's names, the tokenizer files, the remote-code files copied
   verbatim from this package (the same model.py that poelm trains with), `generation_config.json`
   and a generated `README.md` model card.
-- Writing is atomic: everything goes to a temporary sibling folder that is renamed into place at the
-  end, so a failure never leaves a half-written model. An existing target is replaced only when the
-  caller asks (`overwrite=True`), and then only after the new folder is complete.
-- Reading is strict and pickle-free: unknown config fields, missing or unexpected tensors and shape
-  or dtype mismatches are errors that name the file and the tensor; a tokenizer whose vocabulary
-  does not match the config is refused.
+- Writing is atomic (outputs.AtomicDir): everything goes to a temporary sibling folder that is
+  renamed into place at the end, so a failure never leaves a half-written model. An existing target
+  is replaced only when the caller asks (`overwrite=True`), and then only once the new folder is
+  complete. The last file written is `digests.json` (digests.py): the size and digest of every file
+  and the model's content fingerprint, which every later read checks.
+- Reading is strict and pickle-free: every file is checked against the digests, and unknown config
+  fields, missing or unexpected tensors and shape or dtype mismatches are errors that name the file
+  and the tensor; a tokenizer whose vocabulary does not match the config is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +27,22 @@ import torch
 from safetensors.torch import save_file
 
 from .card import model_card
-from .cascade import check_state_dict, load_chain, load_safetensors  # noqa: F401 (re-exported)
+from .cascade import CONFIG, DTYPES, WEIGHTS, fingerprint_tensors, load_chain, read_json
+from .cascade import check_state_dict, load_safetensors  # noqa: F401 (re-exported)
 from .config import PoEConfig
+from .digests import write_manifest
 from .errors import PoelmError
 from .model import PoEGPT
+from .outputs import AtomicDir, Inputs
 from .tokenizer import Tokenizer
 from .tokenizer_files import TOKENIZER_CODE_FILES, write_hf_tokenizer_files
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_CODE_FILES = ("configuration_poelm.py", "modeling_poelm.py", "config.py", "model.py", "cascade.py",
-                    "errors.py")
+                    "digests.py", "errors.py")
 REMOTE_CODE_FILES = tuple(dict.fromkeys(MODEL_CODE_FILES + tuple(TOKENIZER_CODE_FILES)))
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHTS_NAME = WEIGHTS
+CONFIG_NAME = CONFIG
 
 
 # --------------------------------------------------------------------------------------- writing
@@ -70,53 +73,17 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         f.write("\n")
 
 
-def check_out(out: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse an existing output before any work is done (AtomicDir checks again at the end)."""
-    if Path(out).exists() and not overwrite:
-        raise PoelmError(f"{out}: already exists (choose another --out, or pass --overwrite)")
-
-
-class AtomicDir:
-    """Build a directory under a temporary name, then rename it into place on success.
-
-    Usage: `with AtomicDir(out, overwrite) as tmp: ...write into tmp...`. On an exception the
-    temporary folder is removed and `out` is untouched.
-    """
-
-    def __init__(self, out: str | os.PathLike, overwrite: bool = False):
-        self.out = Path(out)
-        self.overwrite = overwrite
-
-    def __enter__(self) -> Path:
-        check_out(self.out, self.overwrite)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        self.tmp.chmod(0o755)
-        if self.out.exists():  # replace only now that the new folder is complete
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            os.replace(self.out, old / "x")
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out)
-
-
 def save_model_dir(model: PoEGPT, out: str | os.PathLike, tokenizer: Tokenizer, *,
                    card: str | None = None, dtype: str = "float32", overwrite: bool = False,
-                   extra_config: dict[str, Any] | None = None) -> Path:
-    """Write a complete, self-contained base model directory (FORMATS.md) atomically."""
+                   extra_config: dict[str, Any] | None = None, inputs: Inputs = ()) -> Path:
+    """Write a complete, self-contained base model directory (FORMATS.md) atomically; `out` must not
+    overlap `inputs` (outputs.check_output)."""
     config = model.config
     if tokenizer.vocab_size != config.vocab_size:
         raise PoelmError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {config.vocab_size}")
     if dtype not in DTYPES:
         raise PoelmError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    with AtomicDir(out, overwrite) as tmp:
+    with AtomicDir(out, overwrite, inputs) as tmp:
         tensors = {k: v.detach().to("cpu", DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -130,24 +97,46 @@ def save_model_dir(model: PoEGPT, out: str | os.PathLike, tokenizer: Tokenizer, 
         for name in MODEL_CODE_FILES:
             shutil.copyfile(PACKAGE_DIR / name, tmp / name)
         (tmp / "README.md").write_text(card if card is not None else model_card(model, tmp.name), encoding="utf-8")
+        write_manifest(tmp, fingerprint=fingerprint_tensors(tensors))
     return Path(out)
 
 
 # --------------------------------------------------------------------------------------- reading
 def read_config(directory: str | os.PathLike) -> PoEConfig:
-    path = Path(directory) / CONFIG_NAME
+    """The directory's own config.json (checked against its digests), as a PoEConfig."""
     if not Path(directory).is_dir():
         raise PoelmError(f"{directory}: not a directory (expected a poelm model directory)")
-    if not path.is_file():
-        raise PoelmError(f"{path}: missing (a poelm model directory has a config.json)")
-    return PoEConfig.from_json_file(path)
+    path = Path(directory) / CONFIG_NAME
+    return PoEConfig.from_dict(read_json(path), source=str(path))
 
 
 def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> PoEGPT:
-    """The model of any base or stage directory (a stage brings its whole chain), loaded strictly."""
+               dtype: torch.dtype | None = None, verify: bool = True) -> PoEGPT:
+    """The model of any base or stage directory (a stage brings its whole chain), loaded strictly and
+    with every file of the chain checked against its digests (`verify=False` skips only that)."""
     read_config(directory)  # the directory's own config first: its errors name it
-    return load_chain(directory, device=device, dtype=dtype)
+    return load_chain(directory, device=device, dtype=dtype, verify=verify)
+
+
+def record_digests(directory: str | os.PathLike) -> dict[str, Any]:
+    """Re-record `digests.json` from the directory's files as they are now: after a deliberate edit, or
+    for a directory written before poelm recorded digests. A stage's fingerprint chains its parent's,
+    so the parent's chain is loaded (and verified) for it."""
+    from .cascade import DELTA, assemble, locate, resolve_chain
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PoelmError(f"{directory}: not a directory")
+    fingerprint = None
+    if (directory / CONFIG_NAME).is_file():
+        data = read_json(directory / CONFIG_NAME, verify=False)
+        if data.get("base_model_name_or_path") is not None:
+            parent = locate(str(data["base_model_name_or_path"]), directory)
+            parent_print = assemble(resolve_chain(parent))[2][-1]
+            fingerprint = fingerprint_tensors(load_safetensors(directory / DELTA, verify=False), parent_print)
+        else:
+            fingerprint = fingerprint_tensors(load_safetensors(directory / WEIGHTS_NAME, verify=False))
+    return write_manifest(directory, fingerprint=fingerprint)
 
 
 def load_tokenizer(directory: str | os.PathLike, config: PoEConfig | None = None) -> Tokenizer:

@@ -19,6 +19,10 @@ Design choices:
   position (a left-padded batch) raises an error instead of computing a silently different result.
 - `exit_stage=k` (forward or `generate(..., exit_stage=k)`) reads out stage k's predictor (prefix
   pruning); `poe_output="logop"` in the config or the call combines all stages in log space.
+- Trust: `from_pretrained` checks every file it reads against the directory's `digests.json` before
+  transformers or the cascade loader touch it (digests.py; `verify=False` skips that), and
+  `save_pretrained` records the digests of what it wrote. A model assembled from a stage chain is
+  saved as one standalone directory (its stage fields dropped), as `poelm export` writes it.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cascade import CONFIG, read_json
+from .cascade import CONFIG, WEIGHTS, fingerprint_tensors, load_safetensors, read_json
+from .config import STAGE_KEYS
 from .configuration_poelm import PoelmConfig
+from .digests import listed_files, read_manifest, verify as verify_file, warn_unverified, write_manifest
 from .model import PoEGPT
 
 
@@ -90,13 +96,14 @@ class PoelmForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, verify: bool = True, **kwargs):
         """Base directories load the usual way; a stage directory is assembled by the cascade loader.
 
+        Every file read is first checked against the directory's digests (`verify=False` skips it).
         A stage holds `delta.safetensors` and names its parent in `base_model_name_or_path`; its
-        chain is resolved, fingerprint-checked and folded (cascade.py), and the assembled weights are
-        put into this class, so `generate()`, pipelines and the seed card's quick start work alike.
-        Honoured: `dtype`/`torch_dtype` and `device_map` ("auto", a device, or None).
+        chain is resolved, verified, fingerprint-checked and folded (cascade.py), and the assembled
+        weights are put into this class, so `generate()`, pipelines and the seed card's quick start
+        work alike. Honoured: `dtype`/`torch_dtype` and `device_map` ("auto", a device, or None).
         """
         from pathlib import Path
 
@@ -105,7 +112,16 @@ class PoelmForCausalLM(PreTrainedModel, GenerationMixin):
             from huggingface_hub import snapshot_download
 
             path = Path(snapshot_download(str(pretrained_model_name_or_path)))
-        if read_json(path / CONFIG).get("base_model_name_or_path") is None:
+        if read_json(path / CONFIG, verify).get("base_model_name_or_path") is None:
+            if verify:  # what transformers is about to read: config, generation config, weights
+                manifest = read_manifest(path)
+                if manifest is None:
+                    warn_unverified(path, "model")
+                else:
+                    for name in listed_files(path):
+                        if name == CONFIG or name == "generation_config.json" or name.endswith(".safetensors") \
+                                or name.endswith(".safetensors.index.json"):
+                            verify_file(path / name, manifest)
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         from transformers import GenerationConfig
 
@@ -113,7 +129,7 @@ class PoelmForCausalLM(PreTrainedModel, GenerationMixin):
 
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         device_map = kwargs.get("device_map")
-        poe = load_chain(path)
+        poe = load_chain(path, verify=verify)
         config = cls.config_class.from_pretrained(str(path))
         with torch.device("meta"):
             model = cls(config)
@@ -125,14 +141,31 @@ class PoelmForCausalLM(PreTrainedModel, GenerationMixin):
         elif isinstance(device_map, (str, torch.device)):
             model = model.to(device_map)
         if (path / "generation_config.json").is_file():
+            if verify:
+                verify_file(path / "generation_config.json")
             model.generation_config = GenerationConfig.from_pretrained(str(path))
         return model.eval()
 
     def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
-        """Save under the network's own (nanochat) tensor names, the format every poelm directory uses."""
+        """Save under the network's own (nanochat) tensor names, the format every poelm directory uses,
+        then record the digests (and the content fingerprint) of what was written. An assembled stage
+        chain is written as a standalone model: its stage fields are not carried into config.json."""
+        from pathlib import Path
+
         if state_dict is None:
             state_dict = self.poe.state_dict()
-        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        stage_fields = {k: getattr(self.config, k) for k in STAGE_KEYS if hasattr(self.config, k)}
+        for k in stage_fields:
+            delattr(self.config, k)
+        try:
+            result = super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        finally:
+            for k, v in stage_fields.items():
+                setattr(self.config, k, v)
+        weights = Path(save_directory) / WEIGHTS
+        fingerprint = fingerprint_tensors(load_safetensors(weights, verify=False)) if weights.is_file() else None
+        write_manifest(save_directory, fingerprint=fingerprint)
+        return result
 
     def _init_weights(self, module) -> None:
         if isinstance(module, PoEGPT) and not module.lm_head.weight.is_meta:

@@ -34,11 +34,14 @@ import torch
 from safetensors.torch import save_file
 
 from .card import model_card
-from .cascade import CONFIG, DELTA, ROWS_IDS, ROWS_VALUES, Link, assemble, check_extends, read_json, resolve_chain
+from .cascade import (CONFIG, DELTA, ROWS_IDS, ROWS_VALUES, Link, assemble, check_extends, fingerprint_tensors,
+                      read_json, resolve_chain)
 from .config import PoEConfig, windows_from_pattern
+from .digests import verify_all, write_manifest
 from .errors import PoelmError
 from .model import PoEGPT
-from .modeldir import MODEL_CODE_FILES, PACKAGE_DIR, AtomicDir, hf_config_dict, load_model, load_tokenizer, write_json
+from .modeldir import MODEL_CODE_FILES, PACKAGE_DIR, hf_config_dict, load_model, load_tokenizer, write_json
+from .outputs import AtomicDir, chain_inputs, check_output
 from .tokenizer import Tokenizer
 from .tokenizer_files import write_hf_tokenizer_files
 
@@ -179,7 +182,10 @@ def delta_tensors(model: PoEGPT, parent: PoEGPT) -> dict[str, torch.Tensor]:
 def save_stage(model: PoEGPT, parent_dir: str | os.PathLike, out: str | os.PathLike, name: str, *,
                overwrite: bool = False, card: str | None = None, extra_config: dict[str, Any] | None = None,
                chat_rows_initialized: bool | None = None, card_kw: dict[str, Any] | None = None) -> Path:
-    """Write a stage directory (FORMATS.md) for `model`, a stage on `parent_dir`, atomically."""
+    """Write a stage directory (FORMATS.md) for `model`, a stage on `parent_dir`, atomically; `out` may
+    not overlap any directory of the parent's chain (outputs.check_output)."""
+    inputs = chain_inputs(parent_dir, "parent")
+    check_output(out, inputs, overwrite)
     chain = resolve_chain(parent_dir)
     parent_config, tensors, prints = assemble(chain)
     parent = PoEGPT(parent_config)
@@ -195,7 +201,7 @@ def save_stage(model: PoEGPT, parent_dir: str | os.PathLike, out: str | os.PathL
         "parent_fingerprint": prints[-1], "chat_rows": delta[ROWS_IDS].tolist() if ROWS_IDS in delta else [],
         "chat_rows_initialized": bool(done),
     }
-    with AtomicDir(out, overwrite) as tmp:
+    with AtomicDir(out, overwrite, inputs) as tmp:
         save_file(delta, str(tmp / DELTA), metadata={
             "format": "pt", "poelm": "stage-delta/1", "stage_name": name,
             "parent_fingerprint": prints[-1], "parent_layers": str(parent_config.n_layer),
@@ -208,6 +214,7 @@ def save_stage(model: PoEGPT, parent_dir: str | os.PathLike, out: str | os.PathL
             shutil.copyfile(PACKAGE_DIR / f, tmp / f)
         (tmp / "README.md").write_text(card or stage_card(model, name, parent_dir, delta, **(card_kw or {})),
                                        encoding="utf-8")
+        write_manifest(tmp, fingerprint=fingerprint_tensors(delta, prints[-1]))
     return out
 
 
@@ -231,15 +238,18 @@ def stage_card(model: PoEGPT, name: str, parent_dir: str | os.PathLike, delta: d
 
 
 def export_merged(directory: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Any chain as one standalone directory: the assembled weights in model.safetensors."""
+    """Any chain as one standalone directory: the assembled weights in model.safetensors; `out` may not
+    overlap any directory of the chain."""
     from .modeldir import save_model_dir
 
+    inputs = chain_inputs(directory)
+    check_output(out, inputs, overwrite)
     model = load_model(directory)
     tok = load_tokenizer(directory, model.config)
     data = read_json(Path(directory) / CONFIG)
     provenance = {"exported_from": {k: data.get(k) for k in ("stage_name", "base_model_name_or_path",
                                                                "parent_fingerprint") if data.get(k) is not None}}
-    return save_model_dir(model, out, tok, overwrite=overwrite, extra_config={"training": provenance})
+    return save_model_dir(model, out, tok, overwrite=overwrite, extra_config={"training": provenance}, inputs=inputs)
 
 
 @torch.no_grad()
@@ -280,7 +290,8 @@ def describe_chain(directory: str | os.PathLike) -> dict[str, Any]:
         c = link.config
         tensors = link.tensors()
         path = link.path / (DELTA if link.is_stage else "model.safetensors")
-        entry = {"path": str(link.path), "kind": "stage" if link.is_stage else "base",
+        verified = verify_all(link.path)  # every file the directory records, not only what a load reads
+        entry = {"path": str(link.path), "kind": "stage" if link.is_stage else "base", "files_verified": verified,
                  "name": link.data.get("stage_name", link.path.name), "n_layer": c.n_layer,
                  "stages": c.poe_stage_layers, "tensors": len(tensors),
                  "tensor_params": sum(t.numel() for t in tensors.values()),

@@ -24,6 +24,7 @@ from typing import Any
 
 from transformers import AddedToken, PreTrainedTokenizer
 
+from .digests import listed_files, read_manifest, update_manifest, verify as verify_file
 from .tokenizer import SPECIAL_TOKENS, TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
 
 
@@ -54,7 +55,11 @@ class PoelmTokenizer(PreTrainedTokenizer):
         **kwargs: Any,
     ):
         self.vocab_file = vocab_file
-        self.poelm = Tokenizer.from_file(vocab_file)
+        self.poelm = Tokenizer.from_file(vocab_file)  # checked against the directory's digests
+        here = os.path.dirname(os.path.abspath(vocab_file))
+        for name in (TOKEN_BYTES_FILE, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            if os.path.isfile(os.path.join(here, name)):  # what transformers read beside it
+                verify_file(os.path.join(here, name))
         byte_char = _bytes_to_unicode()
         self._byte_decoder = {c: b for b, c in byte_char.items()}
         self._id_to_str = ["".join(byte_char[b] for b in self.poelm.id_to_bytes(i)) for i in range(self.poelm.n_merges)]
@@ -136,6 +141,19 @@ class PoelmTokenizer(PreTrainedTokenizer):
         if clean_up_tokenization_spaces:
             text = self.clean_up_tokenization(text)
         return text
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> tuple[str, ...]:
+        """transformers' save, then the digests of the files written are recorded (digests.py): merged
+        into the directory's digests.json, or a new one when the directory holds nothing else."""
+        from pathlib import Path
+
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        directory = Path(save_directory)
+        names = {Path(f).name for f in files if Path(f).parent.resolve() == directory.resolve() and Path(f).is_file()}
+        names &= set(listed_files(directory))
+        if read_manifest(directory) is not None or set(listed_files(directory)) <= names:
+            update_manifest(directory, sorted(names))
+        return files
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
         # poelm's file names are fixed (the loader looks for them), so filename_prefix is not applied.

@@ -2,8 +2,9 @@
 
 Design choices:
 - This file ships unchanged as Hugging Face remote code in every model directory, so it imports only
-  the standard library, `tiktoken` and its sibling `errors.py` (relative import). numpy arrays and
-  torch tensors are accepted by duck typing (`.tolist()`), never imported.
+  the standard library, `tiktoken` and its siblings `errors.py` and `digests.py` (relative imports).
+  numpy arrays and torch tensors are accepted by duck typing (`.tolist()`), never imported.
+- Its files are checked against the directory's `digests.json` when read (digests.py).
 - GPT-4-style byte-level BPE with nanochat's split pattern: digits split into groups of at most two,
   so every number is a short, regular token sequence; encode/decode round-trips any str exactly
   (lone surrogates excepted: tiktoken replaces them).
@@ -33,6 +34,7 @@ from typing import Any, Iterable, Sequence
 
 import tiktoken
 
+from .digests import read_manifest, verify as verify_file, warn_unverified
 from .errors import PoelmError
 
 # nanochat's pre-tokenization regex (GPT-4's, with numbers in groups of 1-2 digits).
@@ -88,6 +90,12 @@ def _check_ranks(ranks: Any, where: str) -> None:
         )
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """A bounded one-line repr of a bad value for an error message (numpy/torch reprs span lines)."""
+    text = " ".join(line.strip() for line in repr(value).splitlines())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _as_ids(ids: Any) -> list[int]:
     """Normalise a model's output (list, tuple, numpy array/scalar, torch tensor, int) to list[int]."""
     if hasattr(ids, "tolist"):  # numpy arrays and scalars, torch tensors (0-d gives a plain int)
@@ -101,7 +109,7 @@ def _as_ids(ids: Any) -> list[int]:
         if hasattr(x, "tolist"):  # numpy integer scalars inside a Python list
             x = x.tolist()
         if not isinstance(x, int):
-            kind = "a nested sequence (decode one sequence at a time)" if isinstance(x, list) else repr(x)
+            kind = "a nested sequence (decode one sequence at a time)" if isinstance(x, (list, tuple)) else _show(x)
             raise PoelmError(f"decode: element {i} is {kind}; expected an integer token id")
         out.append(x)
     return out
@@ -238,17 +246,17 @@ class Tokenizer:
             if not isinstance(m, dict):
                 raise PoelmError(f"message {i}: expected a dict with 'role' and 'content', got {type(m).__name__}")
             if "role" not in m or "content" not in m:
-                raise PoelmError(f"message {i}: expected keys 'role' and 'content', got {sorted(m)}")
+                raise PoelmError(f"message {i}: expected keys 'role' and 'content', got {_show(sorted(m, key=repr))}")
             role, content = m["role"], m["content"]
             if not isinstance(content, str):
                 raise PoelmError(f"message {i}: 'content' must be a str, got {type(content).__name__}")
+            if not isinstance(role, str) or role not in ("system", "user", "assistant"):
+                raise PoelmError(f"message {i}: unknown role {_show(role)}; expected 'user' or 'assistant'")
             if role == "system":
                 if i != 0:
                     raise PoelmError(f"message {i}: role 'system' is only allowed as the first message")
                 system = content
                 continue
-            if role not in ("user", "assistant"):
-                raise PoelmError(f"message {i}: unknown role {role!r}; expected 'user' or 'assistant'")
             expected = "user" if not turns or turns[-1][0] == "assistant" else "assistant"
             if role != expected:
                 after = f"after {turns[-1][0]!r}" if turns else ("after 'system'" if system is not None else "first")
@@ -366,7 +374,10 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Tokenizer":
-        """Read a directory written by `save`, checking token_bytes.json against the ranks."""
+        """Read a directory written by `save`, checking token_bytes.json against the ranks (and both
+        files against the directory's digests, when it has them)."""
+        if read_manifest(directory) is None:
+            warn_unverified(directory, "tokenizer")
         tok = cls.from_file(os.path.join(directory, TOKENIZER_FILE))
         path = os.path.join(directory, TOKEN_BYTES_FILE)
         doc = _read_json(path)
@@ -401,7 +412,7 @@ class StreamDecoder:
         if hasattr(token_id, "tolist"):
             token_id = token_id.tolist()
         if not isinstance(token_id, int):
-            raise PoelmError(f"StreamDecoder.push: expected an integer token id, got {token_id!r}")
+            raise PoelmError(f"StreamDecoder.push: expected an integer token id, got {_show(token_id)}")
         if 0 <= token_id < self._tok.vocab_size:
             return self._utf8.decode(self._tok.id_to_bytes(token_id), final=False)
         # Out-of-vocabulary id: same rule as Tokenizer.decode (bytes so far end here, then U+FFFD).
@@ -426,7 +437,9 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _read_json(path: str) -> dict:
+    """A JSON object, checked against its directory's digests first (when it has them)."""
     try:
+        verify_file(path)
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
     except FileNotFoundError:

@@ -21,7 +21,7 @@ import shutil
 
 from .tokenizer import SPECIAL_TOKENS, TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
 
-TOKENIZER_CODE_FILES = ("tokenization_poelm.py", "tokenizer.py", "errors.py")
+TOKENIZER_CODE_FILES = ("tokenization_poelm.py", "tokenizer.py", "digests.py", "errors.py")
 
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|assistant_end|>"

@@ -100,9 +100,16 @@ def test_inspect(model_dir, capsys):
 
 
 def test_bad_model_directories(tmp_path, model_dir, capsys):
+    """Each damaged file is named in one line: first by its digest; then, with the edit's digest
+    re-recorded (a deliberate edit), by the check that reads its content."""
+    from poelm.digests import update_manifest
+
     weights = model_dir / "model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 2])
+    code, _, err = run(capsys, "inspect", str(model_dir))
+    assert_one_line_error(code, err, "model.safetensors", "content does not match digests.json", "truncated")
+    update_manifest(model_dir, ["model.safetensors"])
     code, _, err = run(capsys, "inspect", str(model_dir))
     assert_one_line_error(code, err, "model.safetensors", "unreadable")
 
@@ -110,22 +117,28 @@ def test_bad_model_directories(tmp_path, model_dir, capsys):
     tensors = load_file(str(weights))
     tensors["lm_head.weight"] = torch.zeros(512, 7)
     save_file(tensors, str(weights))
+    update_manifest(model_dir, ["model.safetensors"])
     code, _, err = run(capsys, "inspect", str(model_dir))
     assert_one_line_error(code, err, "model.safetensors", "'lm_head.weight' has shape [512, 7], expected [512, 128]")
 
     tensors["lm_head.weight"] = torch.zeros(512, 128)
     tensors["stowaway"] = torch.zeros(1)
     save_file(tensors, str(weights))
+    update_manifest(model_dir, ["model.safetensors"])
     code, _, err = run(capsys, "inspect", str(model_dir))
     assert_one_line_error(code, err, "unexpected tensor 'stowaway'")
 
     del tensors["stowaway"], tensors["smear_lambda"]
     save_file(tensors, str(weights))
+    update_manifest(model_dir, ["model.safetensors"])
     code, _, err = run(capsys, "inspect", str(model_dir))
     assert_one_line_error(code, err, "missing tensor 'smear_lambda'")
 
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "vocab_size": 600}))
+    code, _, err = run(capsys, "inspect", str(model_dir))
+    assert_one_line_error(code, err, "config.json", "content does not match digests.json")
+    update_manifest(model_dir, ["config.json"])
     code, _, err = run(capsys, "inspect", str(model_dir))
     assert_one_line_error(code, err, "tokenizer has 512 tokens but config.json says vocab_size 600")
 

@@ -58,7 +58,11 @@ def test_run_folder_outputs(tmp_path, tiny_tokenizer_dir, corpus_dir):
         assert {"tokens", "lr", "train_loss", "stage_losses", "tok_per_s"} <= set(r)
     assert records[-1]["tokens"] == 6 * 4 * 32
     assert (run / "val_bpb.png").stat().st_size > 1000
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["000003", "000006", "best"]
+    # Every complete checkpoint keeps the best weights it records (best-NNNNNN); `best` points at the newest.
+    recorded = sorted({f"best-{json.loads((run / 'checkpoints' / c / 'state.json').read_text())['best_step']:06d}"
+                       for c in ("000003", "000006")})
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["000003", "000006", "best", *recorded]
+    assert os.readlink(run / "checkpoints" / "best") == f"best-{summary['best_step']:06d}"
     card = (run / "best" / "README.md").read_text()
     assert "## Training" in card and "## Validation bpb trajectory" in card and "← best" in card
     best = json.loads((run / "best" / "config.json").read_text())["training"]

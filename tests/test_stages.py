@@ -159,6 +159,10 @@ def test_check_preservation_cli(base_dir, tmp_path, capsys):
     w = load_file(str(changed / "model.safetensors"))
     w["transformer.h.1.mlp.c_fc.weight"][3, 5] += 0.01
     save_file(w, str(changed / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["check-preservation", str(changed), str(out)]) == 2  # the edit is caught by its digest
+    assert "model.safetensors: content does not match digests.json" in capsys.readouterr().err
+    assert main(["digest", str(changed)]) == 0  # a deliberate edit: record it, then compare
+    capsys.readouterr()
     assert main(["check-preservation", str(changed), str(out)]) == 1
     assert "CHANGED" in capsys.readouterr().out
     assert check_preservation(base_dir, out)["bit_identical"]
@@ -227,25 +231,43 @@ def one_line_error(capsys, *argv):
 
 
 def test_bad_stage_directories(base_dir, tmp_path, capsys):
+    """Each damaged file is named in one line: first by its digest; then, with the edit's digest
+    re-recorded (a deliberate edit), by the check that reads its content."""
+    from poelm.digests import update_manifest
+
     out, _ = stage_dir(base_dir, tmp_path)
     delta = out / "delta.safetensors"
     good = delta.read_bytes()
 
+    def edited(name):  # the digest of a deliberate edit, recorded as `poelm digest` would
+        update_manifest(out, [name])
+
     delta.write_bytes(good[: len(good) // 3])  # truncated
+    assert "delta.safetensors: content does not match digests.json" in one_line_error(capsys, "inspect", str(out))
+    edited("delta.safetensors")
     assert "delta.safetensors: unreadable safetensors" in one_line_error(capsys, "inspect", str(out))
     delta.write_bytes(good)
 
     tensors = load_file(str(delta))
     bad = dict(tensors, **{"lm_head_stage.weight": torch.zeros(VOCAB, 7)})
     save_file(bad, str(delta))
+    edited("delta.safetensors")
     assert "'lm_head_stage.weight' has shape [512, 7], expected [512, 64]" in one_line_error(capsys, "inspect", str(out))
     bad = dict(tensors, **{"transformer.h.9.mlp.c_fc.weight": torch.zeros(2)})
     save_file(bad, str(delta))
+    edited("delta.safetensors")
     assert "unexpected tensor 'transformer.h.9.mlp.c_fc.weight'" in one_line_error(capsys, "inspect", str(out))
+    bad = dict(tensors, **{"lm_head_stage.weight": tensors["lm_head_stage.weight"].double()})
+    save_file(bad, str(delta))
+    edited("delta.safetensors")
+    assert "'lm_head_stage.weight' has dtype float64, expected float32" in one_line_error(capsys, "inspect", str(out))
     delta.write_bytes(good)
+    edited("delta.safetensors")
 
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")}))
+    assert "config.json: content does not match digests.json" in one_line_error(capsys, "inspect", str(out))
+    edited("config.json")
     message = one_line_error(capsys, "inspect", str(out))
     assert "parent" in message and "gone" in message and "not found" in message
 
@@ -254,16 +276,21 @@ def test_bad_stage_directories(base_dir, tmp_path, capsys):
     from poelm.modeldir import load_tokenizer
     save_model_dir(m, other, load_tokenizer(base_dir))
     (out / "config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(other)}))
+    edited("config.json")
     assert "fingerprint" in one_line_error(capsys, "inspect", str(out))
 
     (out / "config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(out)}))
+    edited("config.json")
     assert "cycle" in one_line_error(capsys, "inspect", str(out))
 
     (out / "config.json").write_text(json.dumps(config))
+    edited("config.json")
     tok = json.loads((out / "poelm_tokenizer.json").read_text())
     tok["mergeable_ranks"][300], tok["mergeable_ranks"][301] = tok["mergeable_ranks"][301], tok["mergeable_ranks"][300]
     tok["mergeable_ranks"][300][1], tok["mergeable_ranks"][301][1] = 300, 301
     (out / "poelm_tokenizer.json").write_text(json.dumps(tok))
+    assert "poelm_tokenizer.json: content does not match" in one_line_error(capsys, "inspect", str(out))
+    edited("poelm_tokenizer.json")
     assert "tokenizer differs from its parent's" in one_line_error(capsys, "inspect", str(out))
 
     (out / "config.json").unlink()

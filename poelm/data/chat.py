@@ -157,7 +157,7 @@ def _message_list(record: dict, key: str, role_key: str, text_key: str, where: s
                              BAD_CONVERSATION)
         role = m[role_key]
         if key == "conversations":
-            if role not in _SHAREGPT_ROLES:
+            if not isinstance(role, str) or role not in _SHAREGPT_ROLES:  # a list or object is unhashable
                 raise _BadRecord(f"{at}: unknown 'from' {role!r}; expected one of {sorted(_SHAREGPT_ROLES)}",
                                  BAD_CONVERSATION)
             role = _SHAREGPT_ROLES[role]
@@ -328,6 +328,8 @@ def _read_jsonl(path: str, skip_invalid: bool, report: LoadReport, progress: Byt
                             if lineno == 1 and text.strip() == "[" else "")
                     raise _BadRecord(f"{where}: not valid JSON ({e.msg} at column {e.colno}){hint}",
                                      INVALID_JSON) from None
+                except (ValueError, RecursionError) as e:  # an integer over Python's 4300 digits, deep nesting
+                    raise _BadRecord(f"{where}: JSON too large to parse ({e})", INVALID_JSON) from None
                 out.append(Conversation(where, to_messages(record, where)))
             except _BadRecord as e:
                 if not skip_invalid:

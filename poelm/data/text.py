@@ -163,6 +163,8 @@ class DocumentReader:
                     raise PoelmError(f"{path}:{lineno}: not UTF-8; expected one JSON object per line") from None
                 except json.JSONDecodeError as e:
                     raise PoelmError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                except (ValueError, RecursionError) as e:  # an integer over Python's 4300 digits, deep nesting
+                    raise PoelmError(f"{path}:{lineno}: JSON too large to parse ({e})") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     got = f"keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
                     raise PoelmError(f"{path}:{lineno}: expected an object with a 'text' string field, got {got}")

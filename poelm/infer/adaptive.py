@@ -13,7 +13,11 @@ Design choices:
   residual state, and the next token that goes deeper first carries every pending token through each
   layer it needs, in one block with itself (the same computation the full model would have done, in
   a block). So later tokens always attend to exact keys; skipping saves work only until a deeper
-  token comes, and the exit histogram says how much.
+  token comes, and the exit histogram says how much. Every token's state is a `Walk` of the model's
+  own layer walk, so a pending token carries its rotary positions and backout residual with it.
+- It decodes the Log-OP predictor only (`output="logop"`; asked for "last" it refuses): the early
+  exit bounds how later stages move a Log-OP. Compare it with the engine decoding the Log-OP.
+- Requests are checked by the engine's `check_request`; prompts up to `sequence_len - 1` tokens.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cascade import read_json
+from ..digests import read_manifest, update_manifest
 from ..errors import PoelmError
-from ..model import KVCache, PoEGPT, rotary_tables
+from ..model import KVCache, PoEGPT, Walk
+from .engine import check_request
 
 CALIBRATION = "adaptive.json"
 
@@ -54,10 +61,13 @@ def calibrate(model: PoEGPT, batches, percentile: float = 99.9) -> list[float]:
 
 
 def save_calibration(directory: str | os.PathLike, bounds: list[float], percentile: float, tokens: int) -> Path:
+    """Write `adaptive.json` beside the model (atomically) and record it in the directory's digests."""
     path = Path(directory) / CALIBRATION
     tmp = path.with_name(f".{CALIBRATION}.tmp")
     tmp.write_text(json.dumps({"bounds": bounds, "percentile": percentile, "tokens": tokens}, indent=2) + "\n")
     os.replace(tmp, path)
+    if read_manifest(directory) is not None:  # a directory without digests gets none for one file
+        update_manifest(directory, [CALIBRATION])
     return path
 
 
@@ -65,10 +75,10 @@ def load_calibration(directory: str | os.PathLike, n_stages: int) -> list[float]
     path = Path(directory) / CALIBRATION
     if not path.is_file():
         raise PoelmError(f"{path}: missing; run `poelm calibrate {directory} --data ...` first")
-    try:
-        bounds = json.loads(path.read_text())["bounds"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise PoelmError(f"{path}: expected a JSON object with 'bounds'") from None
+    bounds = read_json(path).get("bounds")  # checked against the directory's digests
+    if not isinstance(bounds, list) or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                               and not math.isnan(b) and b >= 0 for b in bounds):
+        raise PoelmError(f"{path}: expected 'bounds', a list of non-negative numbers (one per stage)")
     if len(bounds) != n_stages:
         raise PoelmError(f"{path}: {len(bounds)} bounds for a model of {n_stages} stages")
     return [float(b) for b in bounds]
@@ -85,44 +95,43 @@ class AdaptiveStats:
 class AdaptiveDecoder:
     """Greedy adaptive-depth decoding of the Log-OP predictor with per-stage bounds."""
 
-    def __init__(self, model: PoEGPT, bounds: list[float], stop_ids: set[int] | None = None):
+    def __init__(self, model: PoEGPT, bounds: list[float], stop_ids: set[int] | None = None,
+                 output: str | None = "logop"):
         if len(bounds) != model.config.n_stages:
             raise PoelmError(f"{len(bounds)} bounds for a model of {model.config.n_stages} stages")
+        if output != "logop":
+            raise PoelmError(f"adaptive depth decodes the Log-OP of the stages (output='logop'), not {output!r}")
         self.model, self.bounds = model, bounds
         self.remaining = [sum(bounds[k + 1:]) for k in range(len(bounds))]  # what stages after k can move
         self.stop_ids = stop_ids or set()
         self.stats = AdaptiveStats(exits=[0] * model.config.n_stages)
 
-    def _step(self, token: int, cache: KVCache, pending: list[dict]) -> int:
-        """Decode one position; tokens that exit early join `pending` for a deferred fill."""
+    def _through(self, me: Walk, stop: int, cache: KVCache, pending: list[Walk]) -> Walk:
+        """Carry `me` through layers me.layer .. stop-1; at each layer the pending tokens that still
+        lack it (earlier positions, so they go first) run in one block with `me`."""
+        m = self.model
+        for i in range(me.layer, stop):
+            waiting = [j for j, p in enumerate(pending) if p.layer == i]
+            block = m.run_layers(Walk.cat([pending[j] for j in waiting] + [me]), i + 1, cache)
+            for n, j in enumerate(waiting):
+                pending[j] = block.part(n, n + 1)
+            me = block.part(len(waiting), len(waiting) + 1)
+        pending[:] = [p for p in pending if p.layer < m.config.n_layer]
+        return me
+
+    def _step(self, token: int, cache: KVCache, pending: list[Walk]) -> int:
+        """Decode one position; a token that exits early joins `pending` for a deferred fill."""
         m, c = self.model, self.model.config
-        device = m.lm_head.weight.device
-        idx = torch.tensor([[token]], device=device)
-        x = m.embed(idx, cache)
-        me = {"idx": idx, "x": x, "x0": x, "x_backout": None}
+        me = m.begin(torch.tensor([[token]], device=m.lm_head.weight.device), cache)
         score = None
-        ends = {end: k for k, end in enumerate(c.stage_ends)}
-        for i in range(c.n_layer):
-            block = [p for p in pending if p["done"] == i - 1] + [me]  # pending tokens needing layer i
-            start = cache.get_seq_length(i)
-            cos, sin = rotary_tables(start, len(block), c.head_dim, c.rope_base, x.device, x.dtype)
-            cat = lambda key: torch.cat([b[key] for b in block], dim=1)  # noqa: E731
-            out = m.layer(i, cat("x"), cat("x0"), cat("idx"), cos, sin, cache)
-            for j, b in enumerate(block):
-                b["x"] = out[:, j:j + 1]
-                if i == c.backout_layer:
-                    b["x_backout"] = b["x"]
-                b["done"] = i
-            pending[:] = [p for p in pending if p["done"] < c.n_layer - 1]
-            k = ends.get(i)
-            if k is None:
-                continue
-            logp = F.log_softmax(m.stage_logits(me["x"], k, me["x_backout"])[0, -1], -1)
+        for k, end in enumerate(c.stage_ends):
+            me = self._through(me, end + 1, cache, pending)
+            logp = F.log_softmax(m.readout(me, k)[0, -1], -1)
             score = logp if score is None else score + logp
             top2 = score.topk(2).values
             if float(top2[0] - top2[1]) > self.remaining[k] or k == c.n_stages - 1:
                 self.stats.exits[k] += 1
-                if i < c.n_layer - 1:
+                if me.layer < c.n_layer:
                     pending.append(me)  # its deeper layers are filled when a later token goes deeper
                 return int(score.argmax())
         raise AssertionError("unreachable: the last stage always exits")
@@ -132,9 +141,8 @@ class AdaptiveDecoder:
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int):
         """Yield each token as it is decided."""
-        c = self.model.config
-        if not prompt_ids or len(prompt_ids) >= c.sequence_len:
-            raise PoelmError(f"the prompt must hold 1..{c.sequence_len - 1} tokens, got {len(prompt_ids)}")
+        prompt_ids = list(prompt_ids)
+        check_request(self.model.config, prompt_ids, max_new_tokens)
         return self._stream(prompt_ids, max_new_tokens)
 
     def _stream(self, prompt_ids: list[int], max_new_tokens: int):

@@ -19,6 +19,11 @@ Design choices:
   inference mode into the caller's code between tokens.
 - Stats (`Engine.last_stats`) are recorded in a `finally`, so a stream the caller stops early
   (closes) still reports what it produced.
+- One request check for every decoder (`check_request`: prompt ids in the vocabulary, room left in
+  the context, `max_new_tokens >= 1`, the exit stage and the predictor `output`), and one predictor:
+  every decoder decodes what `PoEGPT.predictor` gives for its `output` (the model's `poe_output`
+  unless the caller names one), so speculative, adaptive and composed decoding produce what the
+  engine produces for the same request.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..config import POE_OUTPUTS
 from ..errors import PoelmError
 from ..model import KVCache
 
@@ -129,48 +135,60 @@ def sample_next(scores: torch.Tensor, seen_ids: torch.Tensor, params: SamplingPa
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+# ---- the request check every decoder shares -------------------------------------------------------
+
+def check_request(config: Any, prompt_ids: list[int], max_new_tokens: int, exit_stage: int | None = None,
+                  output: str | None = None) -> None:
+    """Raise PoelmError unless a decoder can serve this request on a model with `config`."""
+    if exit_stage is not None and (isinstance(exit_stage, bool) or not isinstance(exit_stage, int)
+                                   or not 0 <= exit_stage < config.n_stages):
+        raise PoelmError(f"exit_stage={exit_stage!r}: this model has stages 0..{config.n_stages - 1}")
+    if output is not None and output not in POE_OUTPUTS:
+        raise PoelmError(f"output={output!r}: expected one of {', '.join(POE_OUTPUTS)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise PoelmError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
+    if not prompt_ids:
+        raise PoelmError("prompt: no tokens; expected at least one (e.g. <|bos|>)")
+    bad = [i for i in prompt_ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < config.vocab_size]
+    if bad:
+        raise PoelmError(f"prompt: token ids {bad[:5]} are not in [0, {config.vocab_size})")
+    if len(prompt_ids) >= config.sequence_len:
+        raise PoelmError(f"prompt: {len(prompt_ids)} tokens leave no room to generate within the model's "
+                         f"sequence_len {config.sequence_len}")
+
+
 # ---- the engine -----------------------------------------------------------------------------------
 
 class Engine:
     """KV-cached generation for one `PoEGPT`.
 
     `tokenizer` supplies the default stop ids (`<|assistant_end|>`, `<|bos|>`); `stop_ids` overrides
-    them (a test can pass a set and no tokenizer). `last_stats` describes the last call.
+    them (a test can pass a set and no tokenizer). `output` names the predictor decoded ("last" or
+    "logop"; default: the model's `poe_output`). `last_stats` describes the last call.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any | None = None, *,
-                 stop_ids: set[int] | None = None):
+                 stop_ids: set[int] | None = None, output: str | None = None):
         self.model = model
         self.config = model.config
+        if output is not None and output not in POE_OUTPUTS:
+            raise PoelmError(f"output={output!r}: expected one of {', '.join(POE_OUTPUTS)}")
+        self.output = output or model.config.poe_output
         if stop_ids is None:
             stop_ids = set() if tokenizer is None else {tokenizer.token_id("assistant_end"), tokenizer.bos_id}
         self.stop_ids: frozenset[int] = frozenset(int(i) for i in stop_ids)
         self.last_stats: GenerationStats | None = None
 
-    def _check(self, prompt_ids: list[int], exit_stage: int | None) -> None:
-        c = self.config
-        if exit_stage is not None and (isinstance(exit_stage, bool) or not isinstance(exit_stage, int)
-                                       or not 0 <= exit_stage < c.n_stages):
-            raise PoelmError(f"exit_stage={exit_stage!r}: this model has stages 0..{c.n_stages - 1}")
-        if not prompt_ids:
-            raise PoelmError("prompt: no tokens; expected at least one (e.g. <|bos|>)")
-        bad = [i for i in prompt_ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < c.vocab_size]
-        if bad:
-            raise PoelmError(f"prompt: token ids {bad[:5]} are not in [0, {c.vocab_size})")
-        if len(prompt_ids) >= c.sequence_len:
-            raise PoelmError(f"prompt: {len(prompt_ids)} tokens leave no room to generate within the model's "
-                             f"sequence_len {c.sequence_len}")
-
     def _logits(self, ids: torch.Tensor, cache: KVCache, exit_stage: int | None) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model(ids, cache=cache, exit_stage=exit_stage).logits[0, -1].float()  # (V,)
+            return self.model(ids, cache=cache, exit_stage=exit_stage, output=self.output).logits[0, -1].float()
 
     def stream(self, prompt_ids: list[int], params: SamplingParams | None = None,
                exit_stage: int | None = None) -> Iterator[int]:
         """Yield generated token ids one by one (a stop token is yielded, then the stream ends)."""
         params = params or SamplingParams()
         prompt_ids = list(prompt_ids)
-        self._check(prompt_ids, exit_stage)  # before the first next(): errors surface here, not mid-stream
+        check_request(self.config, prompt_ids, params.max_new_tokens, exit_stage)  # errors before the first next()
         return self._stream(prompt_ids, params, exit_stage)
 
     def _stream(self, prompt_ids: list[int], params: SamplingParams, exit_stage: int | None) -> Iterator[int]:

@@ -1,23 +1,34 @@
-"""Self-speculative greedy decoding: draft with an early stage, verify with the whole model.
+"""Self-speculative decoding: draft with an early stage, verify with the whole model.
 
 Design choices:
-- No extra parameters: stage S of the same model is the draft. Each round drafts K tokens one at a
-  time through layers 0..end(S) only (into the shared KV cache), then verifies all K in ONE forward of
-  the deeper layers that reuses what drafting computed: the draft's keys and values for layers up to
-  end(S) stay in the cache, and the draft's boundary states (the residual, the embedding mix `x0`,
-  the backout residual) are the deeper layers' input. Nothing of the shallow part runs twice.
+- No extra parameters: stage S of the same model is the draft. The draft decodes what the engine
+  decodes with `exit_stage=S` (the model's predictor over stages 0..S: stage S, or the Log-OP of
+  0..S under `poe_output="logop"`); the verifier decodes what the engine decodes at full depth.
+- Each round drafts k tokens one at a time through layers 0..end(S) only (into the shared KV cache),
+  then verifies all k in ONE pass of the deeper layers that reuses what drafting computed: the
+  draft's keys and values for layers up to end(S) stay in the cache, and the draft's walks (the
+  residual, the embedding mix `x0`, the backout residual, their rotary positions) are the deeper
+  layers' input. Nothing of the shallow part runs twice. All of it is the model's own layer walk
+  (`PoEGPT.begin/run_layers/readout/predictor`).
+- k = min(K, tokens still wanted, room left in the context): near `sequence_len` or the end of the
+  budget rounds shrink, so the output is as long as the engine's (the engine stops when prompt +
+  output reaches `sequence_len`).
 - Acceptance (greedy): the longest prefix of drafts that equals the full model's argmax is kept, plus
-  the full model's token at the first mismatch. The output is therefore plain greedy decoding of the
-  full model (tested token for token); only the float rounding of a K-row matmul differs from K
-  one-row matmuls, which can flip an exact tie and nothing else.
-- Rollback: the cache is cropped to the accepted inputs and the smear's previous embedding is reset
-  to the last accepted input's normed embedding (the smear reads it for the next token).
+  the full model's token at the first mismatch. Every emitted token is the full model's argmax given
+  the tokens before it — computed over a k-row block instead of one row per token. In float32 the
+  two agree except where the top two logits are within float32 rounding (never seen in the tests,
+  which compare with the engine token for token); in bfloat16 near-ties are common and the outputs
+  can part at such a position, after which both continue correctly from different prefixes
+  (`benchmarks/decode.py` reports the agreement).
+- Rollback: `PoEGPT.rollback` crops the cache to the accepted inputs and resets the smear's previous
+  embedding to the last accepted input's.
 - Sampling (temperature > 0): the speculative sampling rule (Leviathan et al., Chen et al.): draft
-  d ~ q (stage S's tempered distribution), accept it with probability min(1, p(d) / q(d)) where p is
+  d ~ q (the draft's tempered distribution), accept it with probability min(1, p(d) / q(d)) where p is
   the full model's, otherwise emit a sample of normalise(max(p - q, 0)) and end the round. Every
-  emitted token is then distributed exactly as the full model's sampling (tested statistically). One
-  seeded generator drives drafts, acceptances and resamples.
-- Reports acceptance (accepted / drafted) and tokens per verification.
+  emitted token is then distributed exactly as the full model's sampling (tested statistically).
+  One seeded generator drives drafts, acceptances and resamples.
+- Requests are checked by the engine's `check_request`; stats report acceptance (accepted / drafted)
+  and tokens per verification.
 """
 
 from __future__ import annotations
@@ -26,8 +37,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import POE_OUTPUTS
 from ..errors import PoelmError
-from ..model import KVCache, PoEGPT, norm, rotary_tables
+from ..model import KVCache, PoEGPT, Walk
+from .engine import Engine, SamplingParams, check_request
 
 
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int,
@@ -59,73 +72,80 @@ class SpeculativeStats:
         return self.emitted / self.rounds if self.rounds else 0.0
 
 
+@dataclass
+class Draft:
+    """One drafted position: its token, its walk at the draft boundary, the draft stages' logits
+    (1, vocab) each, and (sampling) the draft's distribution q."""
+
+    token: int
+    walk: Walk
+    logits: list[torch.Tensor]
+    q: torch.Tensor | None
+
+
 class SpeculativeDecoder:
-    """Greedy self-speculative decoding of `model`, drafting `k` tokens per round with `draft_stage`."""
+    """Self-speculative decoding of `model`, drafting up to `k` tokens per round with `draft_stage`."""
 
     def __init__(self, model: PoEGPT, draft_stage: int, k: int, stop_ids: set[int] | None = None,
-                 temperature: float = 0.0, seed: int = 0):
+                 temperature: float = 0.0, seed: int = 0, output: str | None = None):
         c = model.config
         if not 0 <= draft_stage < c.n_stages - 1:
             raise PoelmError(f"--draft-stage {draft_stage}: expected a stage in 0..{c.n_stages - 2} "
                              f"(an earlier stage than the last of {c.n_stages})")
-        if k < 1:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise PoelmError(f"--speculative {k}: expected at least one draft token per round")
+        if output is not None and output not in POE_OUTPUTS:
+            raise PoelmError(f"output={output!r}: expected one of {', '.join(POE_OUTPUTS)}")
         self.model, self.stage, self.k = model, draft_stage, k
-        self.split = c.stage_ends[draft_stage] + 1  # layers [0, split) draft; [split, n_layer) verify
+        self.output = output or c.poe_output
+        self.draft_reads = model.readout_stages(draft_stage, self.output)  # the draft's predictor
+        self.full_reads = model.readout_stages(c.n_stages - 1, self.output)  # the verifier's
         self.stop_ids = stop_ids or set()
         self.temperature = temperature
         self.generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
         self.stats = SpeculativeStats()
 
-    def _draft_step(self, token: int, cache: KVCache) -> tuple[int, dict]:
-        """One token through the draft layers; returns the draft's argmax and the boundary state."""
-        m, c = self.model, self.model.config
-        idx = torch.tensor([[token]], device=m.lm_head.weight.device)
-        pos = cache.get_seq_length()
-        x = m.embed(idx, cache)
-        cos, sin = rotary_tables(pos, 1, c.head_dim, c.rope_base, x.device, x.dtype)
-        x0, x_backout = x, None
-        for i in range(self.split):
-            x = m.layer(i, x, x0, idx, cos, sin, cache)
-            if i == c.backout_layer:
-                x_backout = x
-        logits = m.stage_logits(x, self.stage, x_backout)[0, -1]
+    def _choose(self, scores: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """A token from (vocab,) scores: argmax, or a sample of the tempered distribution (returned too)."""
         if self.temperature > 0:
-            q = torch.softmax(logits / self.temperature, dim=-1)
-            token = int(torch.multinomial(q, 1, generator=self.generator))
-        else:
-            q, token = None, int(logits.argmax())
-        return token, {"idx": idx, "x": x, "x0": x0, "x_backout": x_backout, "q": q}
+            probs = torch.softmax(scores / self.temperature, dim=-1)
+            return int(torch.multinomial(probs, 1, generator=self.generator)), probs
+        return int(scores.argmax()), None
 
-    def _verify(self, states: list[dict], cache: KVCache) -> torch.Tensor:
-        """The deeper layers over all drafted positions at once: the full model's logits (K, vocab)."""
+    def _draft_step(self, token: int, cache: KVCache) -> Draft:
+        """One token through the draft stages: the draft's choice and everything verification reuses."""
+        m, ends = self.model, self.model.config.stage_ends
+        walk = m.begin(torch.tensor([[token]], device=m.lm_head.weight.device), cache)
+        logits = []
+        for k in range(self.stage + 1):
+            walk = m.run_layers(walk, ends[k] + 1, cache)
+            if k in self.draft_reads:
+                logits.append(m.readout(walk, k)[0])  # (1, vocab)
+        choice, q = self._choose(m.predictor(logits, self.output)[-1])
+        return Draft(choice, walk, logits, q)
+
+    def _verify(self, drafts: list[Draft], cache: KVCache) -> torch.Tensor:
+        """The deeper stages over all drafted positions at once: the full predictor (k, vocab)."""
         m, c = self.model, self.model.config
-        cat = lambda key: torch.cat([s[key] for s in states], dim=1)  # noqa: E731  (1, K, ...)
-        idx, x, x0 = cat("idx"), cat("x"), cat("x0")
-        x_backout = cat("x_backout") if states[0]["x_backout"] is not None else None
-        start = cache.get_seq_length(self.split)  # the deeper layers' cache lags the draft's by K
-        cos, sin = rotary_tables(start, idx.size(1), c.head_dim, c.rope_base, x.device, x.dtype)
-        for i in range(self.split, c.n_layer):
-            x = m.layer(i, x, x0, idx, cos, sin, cache)
-            if i == c.backout_layer:
-                x_backout = x
-        return m.stage_logits(x, c.n_stages - 1, x_backout)[0]
+        walk = Walk.cat([d.walk for d in drafts])  # (1, k, ...): the deeper layers' cache lags by k
+        deeper = []
+        for stage in range(self.stage + 1, c.n_stages):
+            walk = m.run_layers(walk, c.stage_ends[stage] + 1, cache)
+            if stage in self.full_reads:
+                deeper.append(m.readout(walk, stage)[0])  # (k, vocab)
+        shallow = [torch.cat([d.logits[j] for d in drafts]) for j, stage in enumerate(self.draft_reads)
+                   if stage in self.full_reads]  # the draft stages the full predictor reads: (k, vocab)
+        return m.predictor(shallow + deeper, self.output)
 
-    def _pick(self, logits: torch.Tensor) -> int:
-        """The full model's own choice: argmax, or a sample at the temperature."""
-        if self.temperature > 0:
-            return int(torch.multinomial(torch.softmax(logits / self.temperature, -1), 1, generator=self.generator))
-        return int(logits.argmax())
-
-    def _accept(self, drafts: list[int], states: list[dict], logits: torch.Tensor) -> tuple[int, int | None]:
+    def _accept(self, drafts: list[Draft], scores: torch.Tensor) -> tuple[int, int | None]:
         """How many drafts stand, and the full model's token at the first rejection (None if none)."""
         for i, d in enumerate(drafts):
             if self.temperature > 0:
-                p = torch.softmax(logits[i] / self.temperature, dim=-1)
-                ok, token = accept_or_resample(p, states[i]["q"], d, self.generator)
+                p = torch.softmax(scores[i] / self.temperature, dim=-1)
+                ok, token = accept_or_resample(p, d.q, d.token, self.generator)
             else:
-                token = int(logits[i].argmax())
-                ok = token == d
+                token = int(scores[i].argmax())
+                ok = token == d.token
             if not ok:
                 return i, token
         return len(drafts), None
@@ -135,9 +155,8 @@ class SpeculativeDecoder:
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int):
         """Yield tokens as rounds complete (a verified round yields up to K tokens at once)."""
-        c = self.model.config
-        if not prompt_ids or len(prompt_ids) >= c.sequence_len:
-            raise PoelmError(f"the prompt must hold 1..{c.sequence_len - 1} tokens, got {len(prompt_ids)}")
+        prompt_ids = list(prompt_ids)
+        check_request(self.model.config, prompt_ids, max_new_tokens)
         return self._stream(prompt_ids, max_new_tokens)
 
     def _stream(self, prompt_ids: list[int], max_new_tokens: int):
@@ -145,32 +164,80 @@ class SpeculativeDecoder:
         cache = KVCache()
         device = m.lm_head.weight.device
         with torch.no_grad():
-            pending = self._pick(m(torch.tensor([prompt_ids], device=device), cache=cache).logits[0, -1])
+            pending, _ = self._choose(m(torch.tensor([prompt_ids], device=device), cache=cache,
+                                        output=self.output).logits[0, -1])
         produced = 1
         yield pending
-        while produced < max_new_tokens and pending not in self.stop_ids and \
-                cache.get_seq_length() + self.k < c.sequence_len:
+        while pending not in self.stop_ids:
+            # The cache holds prompt + output minus `pending`; a round emits at most k tokens.
+            k = min(self.k, max_new_tokens - produced, c.sequence_len - (len(prompt_ids) + produced))
+            if k < 1:
+                return
             with torch.no_grad():
                 base = cache.get_seq_length()
-                drafts, states, token = [], [], pending
-                for _ in range(self.k):
-                    token, state = self._draft_step(token, cache)
-                    drafts.append(token)
-                    states.append(state)
-                logits = self._verify(states, cache)
-                n, correction = self._accept(drafts, states, logits)
-                emitted = drafts[:n] + ([correction] if correction is not None else [])
-                kept_inputs = ([pending] + drafts[:n])[: len(emitted)]  # inputs whose keys stay in the cache
-                cache.crop(base + len(kept_inputs))
-                last = torch.tensor([[kept_inputs[-1]]], device=device)
-                cache.prev_embedding = norm(m.transformer.wte(last))  # what the smear reads next
+                drafts, token = [], pending
+                for _ in range(k):
+                    drafts.append(self._draft_step(token, cache))
+                    token = drafts[-1].token
+                n, correction = self._accept(drafts, self._verify(drafts, cache))
+                emitted = [d.token for d in drafts[:n]] + ([correction] if correction is not None else [])
+                kept_inputs = ([pending] + [d.token for d in drafts[:n]])[: len(emitted)]  # keys that stay
+                m.rollback(cache, base + len(kept_inputs), kept_inputs[-1])
             self.stats.rounds += 1
-            self.stats.drafted += self.k
+            self.stats.drafted += k
             self.stats.accepted += n
             self.stats.emitted += len(emitted)
             for t in emitted:
                 produced += 1
                 yield t
-                if t in self.stop_ids or produced >= max_new_tokens:
+                if t in self.stop_ids:
                     return
             pending = emitted[-1]
+
+
+# ---- how far the promise holds: speculative greedy against the engine's greedy ----------------------
+
+@dataclass
+class Divergence:
+    """Where a speculative output first parts from the engine's: the prompt's index, the position in
+    the output, and the engine's margin there (its top logit minus that of the token chosen instead)."""
+
+    prompt: int
+    position: int
+    engine_margin: float
+
+
+@dataclass
+class Agreement:
+    prompts: int
+    identical: int
+    divergences: list[Divergence]
+    tokens: int  # output tokens compared
+    agreeing: int  # of those, the ones before the first divergence of their prompt
+
+
+@torch.no_grad()
+def compare_with_engine(model: PoEGPT, prompts: list[list[int]], max_new_tokens: int, draft_stage: int, k: int,
+                        output: str | None = None) -> Agreement:
+    """Greedy speculative decoding against the engine's greedy decoding, prompt by prompt, in the
+    model's own dtype: how many outputs are identical, and at each divergence the engine's margin
+    (recomputed exactly as the engine computes that step: prefill, then one token at a time)."""
+    engine = Engine(model, stop_ids=set(), output=output)
+    result = Agreement(prompts=len(prompts), identical=0, divergences=[], tokens=0, agreeing=0)
+    device = model.lm_head.weight.device
+    for p, prompt in enumerate(prompts):
+        want = engine.generate(prompt, SamplingParams(max_new_tokens=max_new_tokens))
+        got = SpeculativeDecoder(model, draft_stage, k, output=output).generate(prompt, max_new_tokens)
+        result.tokens += len(want)
+        if got == want:
+            result.identical += 1
+            result.agreeing += len(want)
+            continue
+        i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        result.agreeing += i
+        cache = KVCache()
+        logits = engine._logits(torch.tensor([prompt], device=device), cache, None)
+        for t in want[:i]:
+            logits = engine._logits(torch.tensor([[t]], device=device), cache, None)
+        result.divergences.append(Divergence(p, i, float(logits[want[i]] - logits[got[i]])))
+    return result

@@ -9,6 +9,8 @@ Design choices (FORMATS.md "Training checkpoints"):
   after every rank has finished, so a folder named `NNNNNN` is always complete; a run killed while
   saving leaves only a `.tmp` folder, which the next save or resume removes.
 - Tensors go to safetensors and facts to JSON; nothing is ever unpickled on resume.
+- Rank 0 records every file's digest (`digests.json`, digests.py) last, before the rename; a resume
+  checks each file it reads against it, so a damaged checkpoint is an error naming the file.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import PoelmError
+from ..cascade import read_json as read_verified_json
+from ..digests import read_manifest, warn_unverified, write_manifest
 from ..modeldir import load_safetensors, write_json
 from ..optim import load_optimizer_state, optimizer_state
 from .dist import Dist, barrier
@@ -79,6 +83,7 @@ def save_checkpoint(d: Dist, run_dir: Path, step: int, *, weights: dict[str, tor
     barrier(d)
     if d.is_main:
         write_json(tmp / STATE, {**state, "step": step, "world_size": d.world_size})
+        write_manifest(tmp)
         if final.exists():  # a checkpoint of the same step from an earlier, superseded attempt
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -87,16 +92,16 @@ def save_checkpoint(d: Dist, run_dir: Path, step: int, *, weights: dict[str, tor
 
 
 def read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PoelmError(f"{path}: missing (incomplete checkpoint)") from None
-    except json.JSONDecodeError as e:
-        raise PoelmError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    """A checkpoint's JSON file, checked against the checkpoint's digests (when it has them)."""
+    if not Path(path).is_file():
+        raise PoelmError(f"{path}: missing (incomplete checkpoint)")
+    return read_verified_json(Path(path))
 
 
 def load_checkpoint(d: Dist, path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
     """Read checkpoint `path` for this rank: (weights, state, rank_state); restores optimizer and RNG."""
+    if read_manifest(path) is None:
+        warn_unverified(path, "checkpoint")
     state = read_json(path / STATE)
     if state.get("world_size") != d.world_size:
         # Optimizer state is replicated, so any rank's copy serves; loader positions are per rank.

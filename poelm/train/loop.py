@@ -14,14 +14,27 @@ Design choices:
 - Resume restores weights, optimizer state, loader position and RNG from the newest complete
   checkpoint, drops metrics logged after it, and continues; on CPU the result is bitwise equal to a
   run that never stopped (tested).
-- The best weights (lowest `best_key` metric) are kept atomically in `checkpoints/best/` while the
-  run goes, and exported (with `final/`) only when the run completes: a failed run leaves no
-  `final/` or `best/` behind.
+- The best weights (lowest `best_key` metric) are kept while the run goes in versioned folders, and
+  exported (with `final/`) only when the run completes: a failed run leaves no `final/` or `best/`
+  behind. A new best at step s is written to `checkpoints/.best-NNNNNN.tmp/` (model.safetensors and
+  best.json {step, value, key}) and renamed to `checkpoints/best-NNNNNN/`, complete once it has that
+  name; `checkpoints/best` is a symlink (relative target `best-NNNNNN`) switched atomically by
+  `os.replace`-ing a fresh symlink over it. So at every instant `checkpoints/best/model.safetensors`
+  is one complete best, the previous one until the switch. Only rank 0 touches these folders.
+- Once a checkpoint is complete, every `best-*` folder is removed but the one `best` points to (the
+  best step this checkpoint's state.json records) and those the other complete checkpoints record,
+  so every complete checkpoint can be resumed, also after newer ones were deleted. Resume points
+  `best` at the restored state's best step and removes the `best-*` folders no complete checkpoint
+  records (bests found after the restored one, lost with the steps that found them, which the
+  resumed run re-trains and re-evaluates); a missing `best-NNNNNN` is an error. A run folder of an
+  earlier poelm, whose `checkpoints/best` is a real folder, is migrated when its best.json holds the
+  recorded best step, and refused otherwise.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from contextlib import nullcontext
 import time
@@ -33,16 +46,23 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import PoelmError
+from ..digests import write_manifest
 from ..modeldir import load_safetensors, write_json
 from ..optim import apply_schedule
 from ..schedule import lr_multiplier, muon_momentum
-from .checkpoint import CHECKPOINTS, latest_checkpoint, load_checkpoint, read_json, save_checkpoint
-from .dist import Dist, all_reduce_sum, barrier
+from .checkpoint import CHECKPOINTS, STATE, latest_checkpoint, load_checkpoint, read_json, save_checkpoint
+from .dist import Dist, all_reduce_sum, barrier, broadcast_flag
 from .metrics import MetricsLog, plot_val_bpb
 from .progress import Progress
 
 RUN_CONFIG = "run.json"
 BEST = "best"
+BEST_INFO = "best.json"
+
+
+def best_name(step: int) -> str:
+    """The folder (beside the checkpoints) holding the best weights found at `step`."""
+    return f"{BEST}-{step:06d}"
 
 
 class Loader(Protocol):
@@ -169,9 +189,44 @@ class TrainLoop:
         self.loader.load_state_dict(rank_state["loader"], source=str(ckpt / f"rank{self.d.rank}.json"))
         self.best_step, self.best_value = state.get("best_step"), state.get("best_value")
         self.tokens = state["tokens"]
+        error = None
+        if self.d.is_main:
+            try:
+                self._restore_best(ckpt, self.best_step)
+            except PoelmError as e:
+                error = e
+        if not broadcast_flag(self.d, error is None):
+            raise error or PoelmError(f"{self.best_dir}: rank 0 could not restore the best weights of {ckpt}")
         if self.d.is_main:
             self.metrics.truncate_after(state["step"])
         return state["step"]
+
+    def _restore_best(self, ckpt: Path, step: int | None) -> None:
+        """Point `checkpoints/best` at the best step `ckpt` records; drop bests found after it (rank 0)."""
+        root, link = self.best_dir.parent, self.best_dir
+        if step is None:  # nothing evaluated before the checkpoint: no best yet
+            if link.is_symlink():
+                link.unlink()
+            elif link.is_dir():
+                shutil.rmtree(link)
+            self._prune_best(keep=self._recorded_bests())
+            return
+        name = best_name(step)
+        if link.is_dir() and not link.is_symlink():  # written by an earlier poelm: a real folder
+            info = link / BEST_INFO
+            found = read_json(info).get("step")
+            if found != step:
+                raise PoelmError(f"{info}: holds the best weights of step {found}, but {ckpt / STATE} records "
+                                 f"the best step {step}; the run folder's best weights do not match its checkpoint")
+            if (root / name).exists():
+                raise PoelmError(f"{root / name}: already exists beside the folder {link} of an earlier poelm; "
+                                 f"expected only one copy of the best weights of step {step}")
+            os.rename(link, root / name)  # killed here: no `best`, and the next resume links best-NNNNNN
+        if not (root / name / "model.safetensors").is_file():
+            raise PoelmError(f"{root / name}: missing or incomplete; {ckpt / STATE} records the best weights at "
+                             f"step {step}, which should be kept there (model.safetensors)")
+        self._point_best(name)
+        self._prune_best(keep=self._recorded_bests() | {name})
 
     # ------------------------------------------------------------------------------- steps
     def set_lr(self, step: int) -> float:
@@ -239,8 +294,8 @@ class TrainLoop:
         record = {**record, "step": step, **result}
         value = result["val_bpb"][self.cfg.best_key]
         if self.best_value is None or value < self.best_value:
-            self.best_step, self.best_value = step, value
             self._save_best(step, value)
+            self.best_step, self.best_value = step, value
         if self.d.is_main:
             self.metrics.append(record)
             plot_val_bpb(self.cfg.run_dir, self.metrics.evals(), self.cfg.title)
@@ -248,16 +303,51 @@ class TrainLoop:
             progress.write(f"step {step}: val bpb {bpbs}" + (f" | {result['sample']!r}" if "sample" in result else ""))
 
     def _save_best(self, step: int, value: float) -> None:
+        """Write the best weights of `step` to `best-NNNNNN/`, then switch `checkpoints/best` to it."""
         if not self.d.is_main:
             return
-        tmp = self.best_dir.with_name(f".{BEST}.tmp")
+        name = best_name(step)
+        final = self.best_dir.with_name(name)
+        tmp = final.with_name(f".{name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({k: v.detach().to("cpu").contiguous() for k, v in self.trainable().items()},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "best.json", {"step": step, "value": value, "key": self.cfg.best_key})
-        shutil.rmtree(self.best_dir, ignore_errors=True)
+        write_json(tmp / BEST_INFO, {"step": step, "value": value, "key": self.cfg.best_key})
+        write_manifest(tmp)
+        # A folder of this step left by an attempt that died after its last checkpoint: never the one
+        # `best` points to (that step is at most the restored checkpoint's, and steps only grow).
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self._point_best(name)
+
+    def _point_best(self, name: str) -> None:
+        """Make `checkpoints/best` a symlink to `name`, atomically (a fresh link renamed over it)."""
+        tmp = self.best_dir.with_name(f".{BEST}.link.tmp")
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(name, tmp)
         os.replace(tmp, self.best_dir)
+
+    def _recorded_bests(self) -> set[str]:
+        """The best folders the complete checkpoints record (their state.json `best_step`)."""
+        names = set()
+        for path in self.best_dir.parent.iterdir():
+            if re.fullmatch(r"\d{6}", path.name) and (path / STATE).is_file():
+                try:
+                    step = read_json(path / STATE).get("best_step")
+                except PoelmError:  # unreadable: that checkpoint cannot be resumed anyway
+                    continue
+                if step is not None:
+                    names.add(best_name(step))
+        return names
+
+    def _prune_best(self, keep: set[str]) -> None:
+        """Remove every `best-NNNNNN` folder (and unfinished `.best-NNNNNN.tmp`) not in `keep`."""
+        for path in self.best_dir.parent.iterdir():
+            if path.name not in keep and re.fullmatch(rf"{BEST}-\d{{6}}|\.{BEST}-\d{{6}}\.tmp", path.name):
+                shutil.rmtree(path)
 
     def best_weights(self) -> dict[str, torch.Tensor]:
         return load_safetensors(self.best_dir / "model.safetensors")
@@ -266,3 +356,6 @@ class TrainLoop:
         save_checkpoint(self.d, self.cfg.run_dir, step, weights=self.trainable(), optimizer=self.optimizer,
                         rank_state={"loader": self.loader.state_dict()},
                         state={"tokens": self.tokens, "best_step": self.best_step, "best_value": self.best_value})
+        if self.d.is_main and self.best_dir.is_symlink():
+            # This checkpoint records the best step `best` points to; older checkpoints record theirs.
+            self._prune_best(keep=self._recorded_bests() | {os.readlink(self.best_dir)})

@@ -30,6 +30,7 @@ from ..eval.sample import greedy_continue
 from ..model import PoEGPT
 from ..modeldir import load_model, load_tokenizer, save_model_dir
 from ..optim import build_optimizer
+from ..outputs import chain_inputs, check_output
 from .dist import Dist, all_reduce_sum, log0, run_distributed
 from .loop import LoopConfig, TrainLoop, batch_geometry, check_run_dir, record_run, resolve_seq_len
 
@@ -113,6 +114,10 @@ def pretrain(args: PretrainArgs) -> dict[str, Any]:
 def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------- setup
     torch.manual_seed(args.seed)
+    # The run folder holds checkpoints (resume) and final/ + best/: never inside or around an input.
+    inputs = chain_inputs(args.init, "--init model") if args.init is not None else []
+    inputs += [("tokenizer", args.tokenizer)] if args.tokenizer is not None else []
+    check_output(args.out, inputs + [("data", path) for path in args.data], overwrite=True)
     model, tok = resolve_model(args)
     config = model.config
     seq_len = resolve_seq_len(args.seq_len, config.sequence_len)

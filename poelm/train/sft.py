@@ -27,11 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from ..cascade import CONFIG, locate, read_json
-from ..data.chat import ChatLoader, build_mixture, eval_batches, load_conversations, pack, render_conversations
+from ..data.chat import (ChatLoader, build_mixture, eval_batches, load_conversations, pack, parse_spec,
+                         render_conversations)
 from ..errors import PoelmError
 from ..eval.bpb import bpb_from_sums, bpb_sums
 from ..modeldir import load_model, load_tokenizer
 from ..optim import build_optimizer
+from ..outputs import chain_inputs, check_output
 from ..stages import freeze_for_stage, save_stage
 from .dist import Dist, all_reduce_sum, log0, run_distributed
 from .loop import LoopConfig, TrainLoop, batch_geometry, check_run_dir, record_run, resolve_seq_len
@@ -85,6 +87,9 @@ def stage_train(args: StageTrainArgs) -> dict[str, Any]:
 def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------- setup
     torch.manual_seed(args.seed)
+    # The run folder holds checkpoints (resume) and final/ + best/: never inside or around an input.
+    check_output(args.out, chain_inputs(args.stage, "stage") + [("data", parse_spec(s)[0]) for s in args.data],
+                 overwrite=True)
     parent_dir = parent_of(args.stage)
     model = load_model(args.stage)
     config = model.config

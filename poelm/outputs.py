@@ -1,0 +1,128 @@
+"""How poelm writes what a command produces: never over its inputs, never half-written.
+
+Design choices:
+- Inputs first: before any work, `check_output` refuses an output path that is, contains, or lies
+  inside any of the command's inputs (the model and every link of its chain, data paths, the
+  tokenizer), compared as resolved real paths so symlinks and `..` cannot hide an overlap; and an
+  existing output unless the caller passed `overwrite`. Each command lists its inputs where it
+  starts (`chain_inputs` for a model directory's chain).
+- Then atomically: `AtomicDir` builds a directory under a temporary sibling name and renames it into
+  place only when complete; on an exception the temporary folder is removed and the target is
+  untouched. An existing target (with `overwrite`) is swapped with the new folder in one
+  `renameat2(RENAME_EXCHANGE)` on Linux, so the path always names one complete directory; elsewhere
+  (or on a file system without the call) it is moved aside and the new one renamed in, and a failure
+  of that second rename moves the old one back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from .errors import PoelmError
+
+Inputs = Iterable[tuple[str, "str | os.PathLike"]]
+
+
+def overlap(out: str | os.PathLike, path: str | os.PathLike) -> str | None:
+    """How `out` overlaps `path` ("is", "contains", "lies inside"), or None."""
+    o, p = Path(out).resolve(), Path(path).resolve()
+    if o == p:
+        return "is"
+    if o in p.parents:
+        return "contains"
+    if p in o.parents:
+        return "lies inside"
+    return None
+
+
+def check_output(out: str | os.PathLike, inputs: Inputs = (), overwrite: bool = False) -> None:
+    """Refuse `out` before anything is written: overlapping an input, or existing without overwrite."""
+    for label, path in inputs:
+        how = overlap(out, path)
+        if how is not None:
+            raise PoelmError(f"{out}: the output {how} the {label} {path}; a command never writes over its own "
+                             "inputs (choose another output path)")
+    if Path(out).exists() and not overwrite:
+        raise PoelmError(f"{out}: already exists (choose another --out, or pass --overwrite)")
+
+
+def chain_inputs(model_dir: str | os.PathLike, label: str = "model") -> list[tuple[str, Path]]:
+    """Every directory of a model's chain (the model, then its parents to the root) as inputs."""
+    from .cascade import resolve_chain
+
+    chain = resolve_chain(model_dir, verify=False)  # locations only; the load that follows verifies
+    return [(label if link.path == chain[-1].path else f"{label}'s ancestor", link.path) for link in chain[::-1]]
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one system call (Linux renameat2 RENAME_EXCHANGE); False where the
+    platform or the file system does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the complete directory `new` at `target`, replacing what is there."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if _exchange(new, target):  # `new` now holds the old directory
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, aside / "x")
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside / "x", target)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+class AtomicDir:
+    """Build a directory under a temporary name, then rename it into place on success.
+
+    Usage: `with AtomicDir(out, overwrite, inputs) as tmp: ...write into tmp...`. `inputs` are checked
+    again here (commands check them first, before their work). On an exception the temporary folder
+    is removed and `out` is untouched.
+    """
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False, inputs: Inputs = ()):
+        self.out = Path(out)
+        self.overwrite = overwrite
+        self.inputs = list(inputs)
+
+    def __enter__(self) -> Path:
+        check_output(self.out, self.inputs, self.overwrite)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        self.tmp.chmod(0o755)
+        try:
+            replace_dir(self.tmp, self.out)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
