@@ -109,11 +109,19 @@ def test_speculative_logop_first_token_and_later_tokens_agree():
     """Issue 9 #4: with poe_output="logop" the verified tokens are the Log-OP's too, not the last stage's."""
     model = masking_model("logop")
     prompt = prompt_of(20, seed=7)
+    assert SpeculativeDecoder(model, 0, 3).generate(prompt, 30) == uncached_greedy(model, prompt, 30)
+
+
+def test_every_decoder_decodes_the_predictor_it_is_asked_for():
+    model = masking_model("logop")
+    prompt = prompt_of(20, seed=7)
     logop = engine_greedy(model, prompt, 30)
     last = engine_greedy(model, prompt, 30, output="last")
     assert logop != last  # the two predictors really differ on this model
+    assert last == uncached_greedy(model, prompt, 30, output="last")
     assert SpeculativeDecoder(model, 0, 3).generate(prompt, 30) == logop
     assert SpeculativeDecoder(model, 0, 3, output="last").generate(prompt, 30) == last
+    assert AdaptiveDecoder(model, [math.inf] * 3).generate(prompt, 30) == logop
 
 
 def identity_deeper_model() -> PoEGPT:
@@ -289,27 +297,46 @@ def siblings(tmp_path_factory, tiny_tokenizer):
     return dirs, tiny_tokenizer
 
 
-@pytest.mark.parametrize("output", ["last", "logop"])
-def test_composition_equals_the_siblings_run_one_by_one(siblings, output):
+def composition_reference(models, weights, ids, output=None):
+    with torch.no_grad():
+        score = sum(w * F.log_softmax(m(ids, output=output).logits, -1) for w, m in zip(weights, models))
+    return F.log_softmax(score, -1)
+
+
+def test_composition_equals_the_siblings_run_one_by_one(siblings):
     """Issue 9 #5: each sibling sees its own chat-token rows; the composition is the weighted Log-OP
-    of the siblings' own predictors, on inputs with and without chat tokens."""
+    of the siblings run alone, on inputs with and without chat tokens."""
     from poelm.compose import Composition
     from poelm.modeldir import load_model
 
     dirs, tok = siblings
-    weights = [1.0, 0.5]
-    comp = Composition(dirs, weights, output=output)
+    comp = Composition(dirs, [1.0, 0.5])
     a, b = (load_model(d) for d in dirs)
     chat_rows = torch.tensor(sorted(set(tok.special_ids.values()) - {tok.bos_id}))
     assert not torch.equal(a.transformer.wte.weight[chat_rows], b.transformer.wte.weight[chat_rows])
-    assert len(comp.groups) == 2
     chat = torch.tensor([tok.render_prompt([{"role": "user", "content": "def add(a, b): return a + b"}])])
     plain = torch.tensor([[tok.bos_id] + tok.encode("the model of the stage")])
     for ids in (chat, plain):
-        with torch.no_grad():
-            score = sum(w * F.log_softmax(m(ids, output=output).logits, -1) for w, m in zip(weights, (a, b)))
-            want = F.log_softmax(score, -1)
-            torch.testing.assert_close(comp.log_probs(ids), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(comp.log_probs(ids), composition_reference((a, b), [1.0, 0.5], ids),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_composition_of_each_predictor_and_its_trunk_sharing(siblings):
+    """With poe_output "logop" each sibling contributes its own Log-OP; siblings with other chat rows
+    are two trunk groups, and an input without those ids runs one trunk for both."""
+    from poelm.compose import Composition
+    from poelm.modeldir import load_model
+
+    dirs, tok = siblings
+    comp = Composition(dirs, [0.7, 1.3], output="logop")
+    models = [load_model(d) for d in dirs]
+    assert len(comp.groups) == 2 and len(comp.differing) == 8  # the eight chat tokens' rows
+    chat = torch.tensor([tok.render_prompt([{"role": "user", "content": "hello"}])])
+    plain = torch.tensor([[tok.bos_id] + tok.encode("the model of the stage")])
+    for ids in (chat, plain):
+        torch.testing.assert_close(comp.log_probs(ids), composition_reference(models, [0.7, 1.3], ids, "logop"),
+                                   rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(comp.log_probs(chat), Composition(dirs, [0.7, 1.3]).log_probs(chat), atol=1e-4)
 
 
 def test_composed_decoding_follows_the_composition(siblings):
