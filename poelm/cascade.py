@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .config import PoEConfig
-from .digests import read_manifest, verify as verify_file, warn_unverified
+from .digests import read_manifest, verify as verify_file, verifying, warn_unverified
 from .errors import PoelmError
 from .model import PoEGPT
 
@@ -77,12 +77,11 @@ def load_safetensors(path: str | os.PathLike, verify: bool = True) -> dict[str, 
 
     if not Path(path).is_file():
         raise PoelmError(f"{path}: missing")
-    if verify:
-        verify_file(path)
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise PoelmError(f"{path}: unreadable safetensors file ({e})") from None
+    with verifying([path] if verify else []):  # hashed while it loads; returned only if it matched
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise PoelmError(f"{path}: unreadable safetensors file ({e})") from None
 
 
 def check_state_dict(expected: dict[str, Any], found: dict[str, torch.Tensor], source: str,
@@ -186,7 +185,7 @@ def resolve_chain(directory: str | os.PathLike, verify: bool = True) -> list[Lin
             raise PoelmError(f"{chain[-1].path / CONFIG}: base_model_name_or_path leads back to {path}: "
                              "the chain is a cycle")
         seen[real] = path
-        manifest = read_manifest(path) if verify else None
+        manifest = read_manifest(path)  # its recorded fingerprint serves unverified loads too
         if verify and manifest is None:
             warn_unverified(path, "model")
         link = Link(path, read_json(path / CONFIG, verify), manifest)

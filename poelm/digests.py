@@ -15,6 +15,9 @@ Design choices:
   `digests.json` (written before poelm recorded digests, or by another tool) has nothing to verify
   against: `verify` reports False and the callers that load models, tokenizers and checkpoints say
   so in a warning naming the directory and the command that records digests (`poelm digest`).
+- A large file is hashed in a background thread while the caller loads it (`verifying`; xxhash
+  releases the GIL), and the caller's result is used only once the digest matched: the check costs
+  one extra pass over memory, overlapped with the load instead of added to it.
 - Writers record the manifest last, from the files as written, and write it atomically.
 - Ships beside the model in every directory (the cascade loader and the tokenizer verify through it):
   standard library, `xxhash`, and the sibling `errors.py` only.
@@ -26,8 +29,10 @@ import json
 import mmap
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import xxhash
 
@@ -146,6 +151,22 @@ def verify(path: str | os.PathLike, manifest: dict[str, Any] | None = None) -> b
                 f"{ALGORITHM} {found[ALGORITHM]}, {entry[ALGORITHM]} recorded (corrupted)")
         raise PoelmError(f"{path}: content does not match {MANIFEST}: {what}")
     return True
+
+
+@contextmanager
+def verifying(paths: Iterable[str | os.PathLike], manifest: dict[str, Any] | None = None) -> Iterator[None]:
+    """Check `paths` (see `verify`) in a background thread while the body reads them. Leaving the block
+    waits for the check: a mismatch is raised even when the body succeeded, and replaces the body's
+    own error when both fail (a corrupt file is the cause worth naming)."""
+    paths = [Path(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="poelm-verify") as pool:
+        check = pool.submit(lambda: [verify(p, manifest) for p in paths])
+        try:
+            yield
+        except BaseException:
+            check.result()
+            raise
+        check.result()
 
 
 def verify_all(directory: str | os.PathLike) -> int | None:

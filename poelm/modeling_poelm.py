@@ -36,7 +36,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .cascade import CONFIG, WEIGHTS, fingerprint_tensors, load_safetensors, read_json
 from .config import STAGE_KEYS
 from .configuration_poelm import PoelmConfig
-from .digests import listed_files, read_manifest, verify as verify_file, warn_unverified, write_manifest
+from .digests import listed_files, read_manifest, verify as verify_file, verifying, warn_unverified, write_manifest
 from .model import PoEGPT
 
 
@@ -113,16 +113,13 @@ class PoelmForCausalLM(PreTrainedModel, GenerationMixin):
 
             path = Path(snapshot_download(str(pretrained_model_name_or_path)))
         if read_json(path / CONFIG, verify).get("base_model_name_or_path") is None:
-            if verify:  # what transformers is about to read: config, generation config, weights
-                manifest = read_manifest(path)
-                if manifest is None:
-                    warn_unverified(path, "model")
-                else:
-                    for name in listed_files(path):
-                        if name == CONFIG or name == "generation_config.json" or name.endswith(".safetensors") \
-                                or name.endswith(".safetensors.index.json"):
-                            verify_file(path / name, manifest)
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            manifest = read_manifest(path) if verify else None
+            if verify and manifest is None:
+                warn_unverified(path, "model")
+            reads = [path / n for n in listed_files(path) if manifest is not None and (
+                n == "generation_config.json" or n.endswith((".safetensors", ".safetensors.index.json")))]
+            with verifying(reads, manifest):  # what transformers reads, hashed while it loads
+                return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         from transformers import GenerationConfig
 
         from .cascade import load_chain
