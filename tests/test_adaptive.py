@@ -1,6 +1,7 @@
 """Adaptive depth: infinite bounds == full-depth Log-OP greedy; zero bounds == stage 0 greedy;
 calibration writes bounds beside the model; the CLI runs it."""
 
+import json
 import math
 
 import pytest
@@ -92,9 +93,13 @@ def test_cli_adaptive_and_compose(trained_like_model_dir, tmp_path, capsys):
     model_dir = tmp_path / "m"
     shutil.copytree(trained_like_model_dir, model_dir)
     assert main(["calibrate", str(model_dir), "--data", str(text), "--max-tokens", "512"]) == 0
-    assert (model_dir / "adaptive.json").is_file()
+    written = json.loads((model_dir / "adaptive.json").read_text())
+    assert len(written["bounds"]) == 2 and written["bounds"][0] == 0.0 and written["bounds"][1] > 0
+    assert f"-> {model_dir / 'adaptive.json'}" in capsys.readouterr().out
+    assert "adaptive.json" in json.loads((model_dir / "digests.json").read_text())["files"]  # recorded, verified
     assert main(["generate", str(model_dir), "--prompt", "def f(", "--max-new-tokens", "8", "--adaptive"]) == 0
-    assert "exits per stage" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert out.out.strip() and "Log-OP, exits per stage" in out.err
     a = save_stage(attach(model_dir, 1, seed=1)[0], model_dir, tmp_path / "a", "a")
     b = save_stage(attach(model_dir, 1, seed=2)[0], model_dir, tmp_path / "b", "b")
     assert main(["generate", str(a), "--prompt", "def f(", "--max-new-tokens", "6", "--compose", str(b),

@@ -81,13 +81,35 @@ def test_init_errors(tmp_path, tiny_tokenizer_dir, model_dir, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 
-def test_overwrite_replaces_atomically(tmp_path, tiny_tokenizer_dir, model_dir, capsys):
-    before = load_file(str(model_dir / "model.safetensors"))
-    code, _, _ = run(capsys, "init", "--tokenizer", str(tiny_tokenizer_dir), "--depth", "2", "--seq-len", "256",
-                     "--seed", "9", "--out", str(model_dir), "--overwrite")
-    assert code == 0
+def test_overwrite_replaces_atomically(tmp_path, tiny_tokenizer_dir, model_dir, capsys, monkeypatch):
+    """--overwrite: a failure at the last step of writing (the digests) leaves the old directory whole;
+    a successful run replaces it completely, with nothing left beside it."""
+    argv = ["init", "--tokenizer", str(tiny_tokenizer_dir), "--depth", "2", "--seq-len", "256", "--seed", "9",
+            "--out", str(model_dir), "--overwrite"]
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("poelm.modeldir.write_manifest", fail)
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and "disk full" in err and "wrote" not in out
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    monkeypatch.undo()
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and f"wrote {model_dir}" in out
     after = load_file(str(model_dir / "model.safetensors"))
-    assert not torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])
+    assert not torch.equal(load_file_bytes(before["model.safetensors"])["transformer.wte.weight"],
+                           after["transformer.wte.weight"])
+    assert load_model(model_dir).config.n_layer == 2  # complete, and its digests match
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def load_file_bytes(data: bytes) -> dict:
+    from safetensors.torch import load
+
+    return load(data)
 
 
 def test_inspect(model_dir, capsys):

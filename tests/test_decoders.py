@@ -23,7 +23,7 @@ from poelm.infer.engine import Engine, SamplingParams
 from poelm.infer.speculative import SpeculativeDecoder
 from poelm.model import KVCache, PoEGPT
 
-from util import perturb_, tiny_model
+from util import identity_deeper_model, perturb_, tiny_model
 
 SEQ = 64
 WINDOWS = [8, SEQ, 16, SEQ]  # layers 0 and 2 see 8 and 16 tokens back: every prompt past 16 is masked
@@ -124,21 +124,8 @@ def test_every_decoder_decodes_the_predictor_it_is_asked_for():
     assert AdaptiveDecoder(model, [math.inf] * 3).generate(prompt, 30) == logop
 
 
-def identity_deeper_model() -> PoEGPT:
-    """Stage 1 adds nothing (zero blocks, neutral lambdas, no backout): every draft is accepted."""
-    model = tiny_model(poe_stage_layers=[2, 2], backout=False, poe_backout_stages=[], sequence_len=SEQ,
-                       layer_windows=WINDOWS).eval()
-    with torch.no_grad():
-        for i in (2, 3):
-            model.transformer.h[i].attn.c_proj.weight.zero_()
-            model.transformer.h[i].mlp.c_proj.weight.zero_()
-            model.resid_lambdas[i] = 1.0
-            model.x0_lambdas[i] = 0.0
-    return model
-
-
 def test_stop_token_inside_an_accepted_draft():
-    model = identity_deeper_model()
+    model = identity_deeper_model(sequence_len=SEQ, layer_windows=WINDOWS)
     prompt = prompt_of(10, seed=2)
     free = engine_greedy(model, prompt, 20)
     stop = free[4]  # emitted inside the first round of 6 accepted drafts
@@ -314,8 +301,9 @@ def test_composition_equals_the_siblings_run_one_by_one(siblings):
     a, b = (load_model(d) for d in dirs)
     chat_rows = torch.tensor(sorted(set(tok.special_ids.values()) - {tok.bos_id}))
     assert not torch.equal(a.transformer.wte.weight[chat_rows], b.transformer.wte.weight[chat_rows])
-    chat = torch.tensor([tok.render_prompt([{"role": "user", "content": "def add(a, b): return a + b"}])])
-    plain = torch.tensor([[tok.bos_id] + tok.encode("the model of the stage")])
+    chat = torch.tensor([tok.render_prompt([{"role": "user", "content": "def add(a, b): return a + b\n" * 4}])])
+    plain = torch.tensor([[tok.bos_id] + tok.encode("the model of the stage " * 8)])
+    assert min(chat.size(1), plain.size(1)) > 2 * 16  # the 16-token windows mask
     for ids in (chat, plain):
         torch.testing.assert_close(comp.log_probs(ids), composition_reference((a, b), [1.0, 0.5], ids),
                                    rtol=1e-5, atol=1e-5)
@@ -331,8 +319,8 @@ def test_composition_of_each_predictor_and_its_trunk_sharing(siblings):
     comp = Composition(dirs, [0.7, 1.3], output="logop")
     models = [load_model(d) for d in dirs]
     assert len(comp.groups) == 2 and len(comp.differing) == 8  # the eight chat tokens' rows
-    chat = torch.tensor([tok.render_prompt([{"role": "user", "content": "hello"}])])
-    plain = torch.tensor([[tok.bos_id] + tok.encode("the model of the stage")])
+    chat = torch.tensor([tok.render_prompt([{"role": "user", "content": "hello there, the model " * 6}])])
+    plain = torch.tensor([[tok.bos_id] + tok.encode("the model of the stage " * 8)])
     for ids in (chat, plain):
         torch.testing.assert_close(comp.log_probs(ids), composition_reference(models, [0.7, 1.3], ids, "logop"),
                                    rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """The PoE GPT: init, stage predictors, prefix property, detach rules, losses, KV cache."""
 
+import dataclasses
 import math
 
 import pytest
@@ -38,10 +39,17 @@ def test_init_weights_follows_the_table():
 
 
 def test_logits_shape_float32_and_softcapped():
+    """The logits are 15 tanh(raw / 15) of the uncapped ones: checked where raw logits exceed the cap."""
     m = tiny_model()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(200.0)  # push raw logits well past 15, so the cap has work to do
     out = m(ids()).logits
     assert out.shape == (2, T, 300) and out.dtype == torch.float32  # padding rows 300..319 cropped
-    assert out.abs().max() < 15
+    uncapped = PoEGPT(dataclasses.replace(m.config, softcap=1e9))
+    uncapped.load_state_dict(m.state_dict())
+    raw = uncapped(ids()).logits
+    assert raw.abs().max() > 30
+    torch.testing.assert_close(out, 15 * torch.tanh(raw / 15), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("stages", [[2, 2], [1, 3], [1, 1, 1, 1], [3, 1]])

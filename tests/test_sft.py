@@ -75,7 +75,9 @@ def test_short_run_learns_preserves_and_exports(stage, chat_data, tmp_path, caps
     for which in ("final", "best"):
         cfg = json.loads((run / which / "config.json").read_text())
         assert (run / which / cfg["base_model_name_or_path"]).resolve() == Path(base).resolve()
+    capsys.readouterr()
     assert main(["check-preservation", str(base), str(run / "best")]) == 0
+    assert "max |Δlogit| = 0 (bit-identical)" in capsys.readouterr().out
     x = torch.randint(0, 500, (1, 40))
     with torch.no_grad():
         assert not torch.equal(load_model(run / "best")(x).logits, load_model(base)(x).logits)

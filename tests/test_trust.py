@@ -372,6 +372,27 @@ def test_no_command_writes_over_its_inputs(chain, tiny_tokenizer_dir, tmp_path, 
         assert snapshot(work) == before, argv  # nothing written, nothing removed, anywhere
 
 
+@pytest.mark.parametrize("relation", ["is", "contains", "lies inside"])
+def test_convert_never_writes_over_its_checkpoint_or_tokenizer(tmp_path, tiny_tokenizer_dir, capsys, relation):
+    import nanochat_ref as ref
+
+    ckpt = tmp_path / "c" / "ckpt"
+    ref.save_nanochat_checkpoint(ref.build_model(ref.GPTConfig(vocab_size=512, n_layer=2, n_head=2, n_kv_head=1,
+                                                               n_embd=64, sequence_len=64), seed=1), ckpt, 10)
+    tok = tmp_path / "t" / "tok"
+    shutil.copytree(tiny_tokenizer_dir, tok)
+    before = snapshot(tmp_path)
+    for protected in (ckpt, tok):
+        out = {"is": protected, "contains": protected.parent, "lies inside": protected / "out"}[relation]
+        message = one_line_error(capsys, "convert", "nanochat", "--checkpoint", ckpt, "--tokenizer", tok,
+                                 "--out", out, "--overwrite")
+        assert "never writes over its own inputs" in message and str(protected) in message
+        assert snapshot(tmp_path) == before
+    assert main(["convert", "nanochat", "--checkpoint", str(ckpt), "--tokenizer", str(tok),
+                 "--out", str(tmp_path / "converted")]) == 0  # elsewhere it converts
+    assert (tmp_path / "converted" / "digests.json").is_file()
+
+
 def test_the_audited_data_loss_is_refused(chain, tmp_path, capsys):
     """Issue 9 #1 as found: `stage attach BASE ... --out BASE --overwrite` used to leave BASE holding
     only delta.safetensors."""

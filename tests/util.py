@@ -38,6 +38,19 @@ def tiny_model(seed: int = 0, perturb: bool = True, **changes) -> PoEGPT:
     return perturb_(model, seed + 1) if perturb else model
 
 
+@torch.no_grad()
+def identity_deeper_model(**changes) -> PoEGPT:
+    """Stages (2, 2) where stage 1 adds nothing (zero blocks, neutral lambdas, no backout): a draft from
+    stage 0 equals the full model, so every speculative draft is accepted."""
+    model = tiny_model(poe_stage_layers=[2, 2], backout=False, poe_backout_stages=[], **changes).eval()
+    for i in (2, 3):
+        model.transformer.h[i].attn.c_proj.weight.zero_()
+        model.transformer.h[i].mlp.c_proj.weight.zero_()
+        model.resid_lambdas[i] = 1.0
+        model.x0_lambdas[i] = 0.0
+    return model
+
+
 def cut_model(model: PoEGPT, stage: int) -> PoEGPT:
     """A separate model holding only stages 0..stage of `model`, with the same weights."""
     cut = PoEGPT(model.config.truncated(stage))
