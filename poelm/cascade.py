@@ -185,10 +185,9 @@ def resolve_chain(directory: str | os.PathLike, verify: bool = True) -> list[Lin
             raise PoelmError(f"{chain[-1].path / CONFIG}: base_model_name_or_path leads back to {path}: "
                              "the chain is a cycle")
         seen[real] = path
-        manifest = read_manifest(path)  # its recorded fingerprint serves unverified loads too
-        if verify and manifest is None:
+        link = Link(path, read_json(path / CONFIG, verify), read_manifest(path))  # its recorded fingerprint
+        if verify and link.manifest is None:                                      # serves unverified loads too
             warn_unverified(path, "model")
-        link = Link(path, read_json(path / CONFIG, verify), manifest)
         chain.append(link)
         if not link.is_stage:
             if not (path / WEIGHTS).is_file():

@@ -99,6 +99,17 @@ def update_manifest(directory: str | os.PathLike, names: Iterable[str],
     return data
 
 
+def record_files(directory: str | os.PathLike, names: Iterable[str]) -> bool:
+    """Record files just written into a directory: merged into its manifest, or a new manifest when
+    they are all the directory holds (a directory of other, unrecorded files gets none: listing only
+    some of its files would make the rest unreadable). Returns whether they were recorded."""
+    names = set(names)
+    if read_manifest(directory) is None and not set(listed_files(directory)) <= names:
+        return False
+    update_manifest(directory, sorted(names & set(listed_files(directory))))
+    return True
+
+
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     """The directory's manifest, checked for shape; None when it has none."""
     path = Path(directory) / MANIFEST

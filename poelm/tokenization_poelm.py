@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import AddedToken, PreTrainedTokenizer
 
-from .digests import listed_files, read_manifest, update_manifest, verify as verify_file
+from .digests import record_files, verify as verify_file
 from .tokenizer import SPECIAL_TOKENS, TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
 
 
@@ -149,10 +149,8 @@ class PoelmTokenizer(PreTrainedTokenizer):
 
         files = super().save_pretrained(save_directory, *args, **kwargs)
         directory = Path(save_directory)
-        names = {Path(f).name for f in files if Path(f).parent.resolve() == directory.resolve() and Path(f).is_file()}
-        names &= set(listed_files(directory))
-        if read_manifest(directory) is not None or set(listed_files(directory)) <= names:
-            update_manifest(directory, sorted(names))
+        record_files(directory, {Path(f).name for f in files
+                                 if Path(f).parent.resolve() == directory.resolve() and Path(f).is_file()})
         return files
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 import tiktoken
 
-from .digests import read_manifest, verify as verify_file, warn_unverified
+from .digests import read_manifest, record_files, verify as verify_file, warn_unverified
 from .errors import PoelmError
 
 # nanochat's pre-tokenization regex (GPT-4's, with numbers in groups of 1-2 digits).
@@ -300,7 +300,8 @@ class Tokenizer:
     # ---- files ----------------------------------------------------------------------------------
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write poelm_tokenizer.json and token_bytes.json into `directory` (created if needed)."""
+        """Write poelm_tokenizer.json and token_bytes.json into `directory` (created if needed), and record
+        their digests (digests.record_files)."""
         os.makedirs(directory, exist_ok=True)
         ordered = sorted(self._ranks.items(), key=lambda kv: kv[1])
         head = {
@@ -324,6 +325,7 @@ class Tokenizer:
             "token_bytes": self.token_bytes,
         }
         _write_text(os.path.join(directory, TOKEN_BYTES_FILE), json.dumps(tb) + "\n")
+        record_files(directory, [TOKENIZER_FILE, TOKEN_BYTES_FILE])  # digests, read back on every load
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -376,9 +378,9 @@ class Tokenizer:
     def load(cls, directory: str | os.PathLike) -> "Tokenizer":
         """Read a directory written by `save`, checking token_bytes.json against the ranks (and both
         files against the directory's digests, when it has them)."""
+        tok = cls.from_file(os.path.join(directory, TOKENIZER_FILE))
         if read_manifest(directory) is None:
             warn_unverified(directory, "tokenizer")
-        tok = cls.from_file(os.path.join(directory, TOKENIZER_FILE))
         path = os.path.join(directory, TOKEN_BYTES_FILE)
         doc = _read_json(path)
         field = _field_reader(doc, path, TOKEN_BYTES_FORMAT_NAME)

@@ -57,10 +57,12 @@ def tiny_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tiny_tokenizer, tmp_path_factory):
+    from poelm.digests import write_manifest
     from poelm.tokenizer_files import write_hf_tokenizer_files
 
     directory = tmp_path_factory.mktemp("tiny_tokenizer_dir")
     write_hf_tokenizer_files(directory, tiny_tokenizer)
+    write_manifest(directory)  # as `poelm tokenizer train` writes it
     return directory
 
 
@@ -93,8 +95,11 @@ def seed_model_dir(seed_vocab_tokenizer, tmp_path_factory):
     from poelm.cli import main
     from poelm.tokenizer_files import write_hf_tokenizer_files
 
+    from poelm.digests import write_manifest
+
     tok_dir = tmp_path_factory.mktemp("seed_tokenizer")
     write_hf_tokenizer_files(tok_dir, seed_vocab_tokenizer)
+    write_manifest(tok_dir)
     out = tmp_path_factory.mktemp("models") / "init"
     code = main(["init", "--tokenizer", str(tok_dir), "--depth", "2", "--n-embd", "64", "--n-head", "2",
                  "--n-kv-head", "1", "--seq-len", "256", "--out", str(out)])
