@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from poelm.config import PoEConfig
+from poelm.core.config import PoEConfig
 from poelm.modeldir import load_tokenizer
 from poelm.train.pretrain import PretrainArgs, pretrain
 

@@ -26,7 +26,7 @@ import torch
 
 from poelm.infer.adaptive import AdaptiveDecoder, load_calibration
 from poelm.infer.engine import Engine, SamplingParams
-from poelm.errors import PoelmError
+from poelm.core.errors import PoelmError
 from poelm.infer.speculative import SpeculativeDecoder, compare_with_engine
 from poelm.modeldir import load_model, load_tokenizer
 

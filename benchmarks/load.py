@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from poelm.config import PoEConfig
-from poelm.model import PoEGPT
+from poelm.core.config import PoEConfig
+from poelm.core.model import PoEGPT
 from poelm.modeldir import load_model, save_model_dir
 from poelm.stages import attach, save_stage
-from poelm.tokenizer import SPECIAL_TOKENS, Tokenizer
+from poelm.core.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 VOCAB = 4096
 

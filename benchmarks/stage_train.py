@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from poelm.config import PoEConfig
-from poelm.model import PoEGPT
+from poelm.core.config import PoEConfig
+from poelm.core.model import PoEGPT
 from poelm.optim import build_optimizer
 from poelm.stages import freeze_for_stage, stage_config
 

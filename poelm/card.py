@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .model import PoEGPT
+from .core.model import PoEGPT
 
 
 def table(header: tuple[str, str], rows: list[tuple[str, Any]]) -> str:

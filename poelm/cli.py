@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import PoelmError
+from .core.errors import PoelmError
 
 
 def _int_list(text: str) -> list[int]:
@@ -35,7 +35,7 @@ def _int_list(text: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------- commands
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from .digests import write_manifest
+    from .core.digests import write_manifest
     from .outputs import AtomicDir, check_output
     from .tokenizer_files import write_hf_tokenizer_files
     from .tokenizer_train import train_tokenizer
@@ -56,7 +56,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def build_config(args: argparse.Namespace, vocab_size: int):
     """A PoEConfig from init/pretrain shape flags; with only --depth, nanochat's derived shape."""
-    from .config import PoEConfig, nanochat_shape, split_stages
+    from .core.config import PoEConfig, nanochat_shape, split_stages
 
     shape = nanochat_shape(args.depth)
     derived = []
@@ -100,7 +100,7 @@ def add_shape_flags(p: argparse.ArgumentParser, for_init: bool = True) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from .model import PoEGPT
+    from .core.model import PoEGPT
     from .modeldir import load_tokenizer, save_model_dir
     from .outputs import check_output
 

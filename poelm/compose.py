@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cascade import CONFIG, read_json
-from .config import POE_OUTPUTS
-from .errors import PoelmError
+from .core.cascade import CONFIG, read_json
+from .core.config import POE_OUTPUTS
+from .core.errors import PoelmError
 from .modeldir import load_model
 
 

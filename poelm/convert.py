@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from .cascade import read_json
-from .config import PoEConfig
-from .errors import PoelmError
-from .model import PoEGPT
+from .core.cascade import read_json
+from .core.config import PoEConfig
+from .core.errors import PoelmError
+from .core.model import PoEGPT
 from .modeldir import check_state_dict, save_model_dir
 from .outputs import check_output
-from .tokenizer import Tokenizer
+from .core.tokenizer import Tokenizer
 from .tokenizer_train import load_nanochat_tokenizer
 
 log = logging.getLogger("poelm.convert")

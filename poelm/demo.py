@@ -40,14 +40,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import PoEConfig
-from .errors import PoelmError
+from .core.config import PoEConfig
+from .core.errors import PoelmError
 from .data.text import eval_batches
 from .infer.adaptive import AdaptiveDecoder, calibrate, save_calibration
 from .infer.engine import Engine, SamplingParams
 from .infer.speculative import SpeculativeDecoder
-from .model import PoEGPT
-from .digests import write_manifest
+from .core.model import PoEGPT
+from .core.digests import write_manifest
 from .modeldir import load_model, load_safetensors, save_model_dir, write_json
 from .outputs import AtomicDir, check_output
 from .data.stdlib_code import code_instructions, write_jsonl

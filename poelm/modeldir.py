@@ -27,22 +27,30 @@ import torch
 from safetensors.torch import save_file
 
 from .card import model_card
-from .cascade import CONFIG, DTYPES, WEIGHTS, fingerprint_tensors, load_chain, read_json
-from .cascade import check_state_dict, load_safetensors  # noqa: F401 (re-exported)
-from .config import PoEConfig
-from .digests import write_manifest
-from .errors import PoelmError
-from .model import PoEGPT
+from .core.cascade import CONFIG, DTYPES, WEIGHTS, fingerprint_tensors, load_chain, read_json
+from .core.cascade import check_state_dict, load_safetensors  # noqa: F401 (re-exported)
+from .core.config import PoEConfig
+from .core.digests import write_manifest
+from .core.errors import PoelmError
+from .core.model import PoEGPT
 from .outputs import AtomicDir, Inputs
-from .tokenizer import Tokenizer
-from .tokenizer_files import TOKENIZER_CODE_FILES, write_hf_tokenizer_files
+from .core.tokenizer import Tokenizer
+from .tokenizer_files import write_hf_tokenizer_files
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-MODEL_CODE_FILES = ("configuration_poelm.py", "modeling_poelm.py", "config.py", "model.py", "cascade.py",
-                    "digests.py", "errors.py")
-REMOTE_CODE_FILES = tuple(dict.fromkeys(MODEL_CODE_FILES + tuple(TOKENIZER_CODE_FILES)))
+SHIPPED_DIR = Path(__file__).resolve().parent / "core"
 WEIGHTS_NAME = WEIGHTS
 CONFIG_NAME = CONFIG
+
+
+def shipped_code_files() -> list[Path]:
+    """The files every directory ships: all of `poelm/core` but its `__init__.py`."""
+    return sorted(p for p in SHIPPED_DIR.glob("*.py") if p.name != "__init__.py")
+
+
+def copy_shipped_code(directory: str | os.PathLike) -> None:
+    """Copy the shipped code into a directory, as it is (transformers imports it from there)."""
+    for path in shipped_code_files():
+        shutil.copyfile(path, Path(directory) / path.name)
 
 
 # --------------------------------------------------------------------------------------- writing
@@ -94,8 +102,7 @@ def save_model_dir(model: PoEGPT, out: str | os.PathLike, tokenizer: Tokenizer, 
             "pad_token_id": tokenizer.token_id("<|assistant_end|>"),  # = eos, as the tokenizer: no BOS ever masked
         })
         write_hf_tokenizer_files(tmp, tokenizer)
-        for name in MODEL_CODE_FILES:
-            shutil.copyfile(PACKAGE_DIR / name, tmp / name)
+        copy_shipped_code(tmp)
         (tmp / "README.md").write_text(card if card is not None else model_card(model, tmp.name), encoding="utf-8")
         write_manifest(tmp, fingerprint=fingerprint_tensors(tensors))
     return Path(out)
@@ -122,7 +129,7 @@ def record_digests(directory: str | os.PathLike) -> dict[str, Any]:
     """Re-record `digests.json` from the directory's files as they are now: after a deliberate edit, or
     for a directory written before poelm recorded digests. A stage's fingerprint chains its parent's,
     so the parent's chain is loaded (and verified) for it."""
-    from .cascade import DELTA, assemble, locate, resolve_chain
+    from .core.cascade import DELTA, assemble, locate, resolve_chain
 
     directory = Path(directory)
     if not directory.is_dir():

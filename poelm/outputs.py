@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from .errors import PoelmError
+from .core.errors import PoelmError
 
 Inputs = Iterable[tuple[str, "str | os.PathLike"]]
 
@@ -55,7 +55,7 @@ def check_output(out: str | os.PathLike, inputs: Inputs = (), overwrite: bool = 
 
 def chain_inputs(model_dir: str | os.PathLike, label: str = "model") -> list[tuple[str, Path]]:
     """Every directory of a model's chain (the model, then its parents to the root) as inputs."""
-    from .cascade import resolve_chain
+    from .core.cascade import resolve_chain
 
     chain = resolve_chain(model_dir, verify=False)  # locations only; the load that follows verifies
     return [(label if link.path == chain[-1].path else f"{label}'s ancestor", link.path) for link in chain[::-1]]

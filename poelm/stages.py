@@ -34,15 +34,15 @@ import torch
 from safetensors.torch import save_file
 
 from .card import model_card
-from .cascade import (CONFIG, DELTA, ROWS_IDS, ROWS_VALUES, Link, assemble, check_extends, fingerprint_tensors,
+from .core.cascade import (CONFIG, DELTA, ROWS_IDS, ROWS_VALUES, Link, assemble, check_extends, fingerprint_tensors,
                       read_json, resolve_chain)
-from .config import PoEConfig, windows_from_pattern
-from .digests import verify_all, write_manifest
-from .errors import PoelmError
-from .model import PoEGPT
-from .modeldir import MODEL_CODE_FILES, PACKAGE_DIR, hf_config_dict, load_model, load_tokenizer, write_json
+from .core.config import PoEConfig, windows_from_pattern
+from .core.digests import verify_all, write_manifest
+from .core.errors import PoelmError
+from .core.model import PoEGPT
+from .modeldir import copy_shipped_code, hf_config_dict, load_model, load_tokenizer, write_json
 from .outputs import AtomicDir, chain_inputs, check_output
-from .tokenizer import Tokenizer
+from .core.tokenizer import Tokenizer
 from .tokenizer_files import write_hf_tokenizer_files
 
 # Where each chat token's embedding row is warm-initialised from (MODEL.md §3).
@@ -210,8 +210,7 @@ def save_stage(model: PoEGPT, parent_dir: str | os.PathLike, out: str | os.PathL
         write_json(tmp / "generation_config.json", read_json(Path(parent_dir) / "generation_config.json")
                    if (Path(parent_dir) / "generation_config.json").is_file() else {})
         write_hf_tokenizer_files(tmp, tok)
-        for f in MODEL_CODE_FILES:
-            shutil.copyfile(PACKAGE_DIR / f, tmp / f)
+        copy_shipped_code(tmp)
         (tmp / "README.md").write_text(card or stage_card(model, name, parent_dir, delta, **(card_kw or {})),
                                        encoding="utf-8")
         write_manifest(tmp, fingerprint=fingerprint_tensors(delta, prints[-1]))
@@ -316,6 +315,6 @@ def describe_chain(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def expected_delta_shapes(config: PoEConfig, parent: PoEConfig) -> dict[str, tuple[int, ...]]:
-    from .cascade import expected_delta
+    from .core.cascade import expected_delta
 
     return expected_delta(parent, config)

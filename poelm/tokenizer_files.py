@@ -19,9 +19,8 @@ import json
 import os
 import shutil
 
-from .tokenizer import SPECIAL_TOKENS, TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
+from .core.tokenizer import SPECIAL_TOKENS, TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
 
-TOKENIZER_CODE_FILES = ("tokenization_poelm.py", "tokenizer.py", "digests.py", "errors.py")
 
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|assistant_end|>"
@@ -99,8 +98,7 @@ def write_hf_tokenizer_files(
     )
     with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
         f.write(CHAT_TEMPLATE)
-    package = os.path.dirname(os.path.abspath(__file__))
-    for name in TOKENIZER_CODE_FILES:
-        shutil.copyfile(os.path.join(package, name), os.path.join(directory, name))
-    written = [TOKENIZER_FILE, TOKEN_BYTES_FILE, "tokenizer_config.json", "special_tokens_map.json"]
-    return written + ["chat_template.jinja", *TOKENIZER_CODE_FILES]
+    from .modeldir import copy_shipped_code
+
+    copy_shipped_code(directory)
+    return [TOKENIZER_FILE, TOKEN_BYTES_FILE, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]

@@ -27,8 +27,8 @@ import time
 from typing import Any
 
 from .data.text import ByteProgress, as_text, format_size, read_documents, walk_files
-from .errors import PoelmError
-from .tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from .core.errors import PoelmError
+from .core.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 # ---- training ------------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from poelm.errors import PoelmError
+from poelm.core.errors import PoelmError
 from poelm.infer.adaptive import AdaptiveDecoder, calibrate, load_calibration, save_calibration
 
 from util import tiny_model
@@ -43,7 +43,7 @@ def test_zero_bounds_exit_at_stage_zero_with_exact_deferred_keys():
 
 def test_mixed_exits_fill_the_skipped_keys_exactly():
     """Tokens that exit early still get every layer's keys (deferred): the cache equals a full forward's."""
-    from poelm.model import KVCache
+    from poelm.core.model import KVCache
 
     model = tiny_model(poe_stage_layers=[1, 1, 2]).eval()
     prompt = [7, 7, 8, 9, 10, 11]

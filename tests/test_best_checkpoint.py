@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from poelm.config import PoEConfig
-from poelm.errors import PoelmError
+from poelm.core.config import PoEConfig
+from poelm.core.errors import PoelmError
 from poelm.train.dist import Dist
 from poelm.train.loop import LoopConfig, TrainLoop
 from poelm.train.pretrain import PretrainArgs, pretrain

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from poelm.errors import PoelmError
+from poelm.core.errors import PoelmError
 
 
 def _ids(tok):

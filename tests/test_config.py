@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from poelm.config import PoEConfig, nanochat_shape, short_window, split_stages, windows_from_pattern
-from poelm.errors import PoelmError
+from poelm.core.config import PoEConfig, nanochat_shape, short_window, split_stages, windows_from_pattern
+from poelm.core.errors import PoelmError
 
 
 def test_derived_structure_matches_nanochat():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from poelm.convert import convert_nanochat
-from poelm.errors import PoelmError
+from poelm.core.errors import PoelmError
 from poelm.modeldir import load_model
 
 try:

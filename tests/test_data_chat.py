@@ -28,7 +28,7 @@ from poelm.data.chat import (
     render_conversations,
     to_messages,
 )
-from poelm.errors import PoelmError
+from poelm.core.errors import PoelmError
 
 
 def _write(path, lines) -> str:

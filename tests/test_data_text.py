@@ -20,7 +20,7 @@ from poelm.data.text import (
     n_rows,
     read_documents,
 )
-from poelm.errors import PoelmError
+from poelm.core.errors import PoelmError
 
 # ---- reading documents ---------------------------------------------------------------------------
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from poelm.config import PoEConfig
-from poelm.errors import PoelmError
+from poelm.core.config import PoEConfig
+from poelm.core.errors import PoelmError
 from poelm.infer.adaptive import AdaptiveDecoder
 from poelm.infer.engine import Engine, SamplingParams
 from poelm.infer.speculative import SpeculativeDecoder
-from poelm.model import KVCache, PoEGPT
+from poelm.core.model import KVCache, PoEGPT
 
 from util import identity_deeper_model, perturb_, tiny_model
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from poelm.errors import PoelmError
+from poelm.core.errors import PoelmError
 from poelm.infer import Engine, SamplingParams, apply_repetition_penalty, top_k_filter, top_p_filter
 from util import cut_model, tiny_model
 

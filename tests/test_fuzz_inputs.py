@@ -34,8 +34,8 @@ from poelm.data.chat import (
     parse_spec,
 )
 from poelm.data.text import Document, read_documents
-from poelm.errors import PoelmError
-from poelm.tokenizer import SPECIAL_TOKENS
+from poelm.core.errors import PoelmError
+from poelm.core.tokenizer import SPECIAL_TOKENS
 
 REPLACEMENT = "\ufffd"
 
@@ -417,7 +417,7 @@ def test_render_conversation_and_prompt_render_exactly_or_name_the_bad_message(
 @pytest.fixture(scope="module")
 def hf_tokenizer(tiny_tokenizer_dir):
     pytest.importorskip("transformers")
-    from poelm.tokenization_poelm import PoelmTokenizer
+    from poelm.core.tokenization_poelm import PoelmTokenizer
 
     return PoelmTokenizer.from_pretrained(str(tiny_tokenizer_dir))
 

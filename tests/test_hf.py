@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from poelm.model import KVCache
+from poelm.core.model import KVCache
 from poelm.modeldir import load_model
 
 # The seed card's quick start, verbatim but for the model id (filled in by format()).
@@ -140,19 +140,22 @@ def test_fresh_process_logits_generate_pipeline_and_save(trained_like_model_dir,
 
 def test_directory_contents(seed_model_dir):
     names = {p.name for p in seed_model_dir.iterdir()}
-    for f in ("config.json", "model.safetensors", "generation_config.json", "README.md", "modeling_poelm.py",
-              "configuration_poelm.py", "model.py", "config.py", "errors.py", "tokenization_poelm.py",
-              "tokenizer.py", "poelm_tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    from poelm.modeldir import shipped_code_files
+
+    code = {p.name for p in shipped_code_files()}
+    assert {"modeling_poelm.py", "configuration_poelm.py", "tokenization_poelm.py", "model.py", "config.py",
+            "cascade.py", "digests.py", "errors.py", "tokenizer.py"} <= code and "__init__.py" not in code
+    for f in ("config.json", "model.safetensors", "generation_config.json", "README.md", "poelm_tokenizer.json",
+              "tokenizer_config.json", "special_tokens_map.json", "digests.json", *code):
         assert f in names, f
+    for p in shipped_code_files():  # every shipped file is the package's own, byte for byte
+        assert (seed_model_dir / p.name).read_bytes() == p.read_bytes(), p.name
     assert not any(n.endswith((".pkl", ".pt", ".bin")) for n in names)
     config = json.loads((seed_model_dir / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_poelm.PoelmConfig",
                                   "AutoModelForCausalLM": "modeling_poelm.PoelmForCausalLM"}
     assert "AutoTokenizer" not in json.dumps(config)  # belongs in tokenizer_config.json (HF_NOTES.md)
     assert config["bos_token_id"] == 32759 and config["poe_stage_layers"] == [1, 1]
-    # The shipped model code is the package's own file, byte for byte.
-    import poelm.model
-    assert (seed_model_dir / "model.py").read_bytes() == open(poelm.model.__file__, "rb").read()
 
 
 def test_padded_batch_is_refused_not_silently_wrong(trained_like_model_dir):

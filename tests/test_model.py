@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from poelm.model import KVCache, PoEGPT, logop
+from poelm.core.model import KVCache, PoEGPT, logop
 
 from util import cut_model, tiny_config, tiny_model
 
@@ -209,9 +209,9 @@ def test_model_module_imports_only_torch():
     library, and its config only for type checking."""
     import ast
 
-    import poelm.model
+    import poelm.core.model
 
-    tree = ast.parse(open(poelm.model.__file__).read())
+    tree = ast.parse(open(poelm.core.model.__file__).read())
     allowed = {"torch", "torch.nn", "torch.nn.functional", "dataclasses", "typing", "__future__", "math"}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

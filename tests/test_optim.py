@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from poelm.config import PoEConfig
-from poelm.errors import PoelmError
-from poelm.model import Linear, PoEGPT
+from poelm.core.config import PoEConfig
+from poelm.core.errors import PoelmError
+from poelm.core.model import Linear, PoEGPT
 from poelm.optim import (MuonAdamW, apply_schedule, build_optimizer, load_optimizer_state, optimizer_state,
                          orthogonalize, param_groups)
 from poelm.schedule import lr_multiplier, muon_momentum

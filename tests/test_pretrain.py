@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from poelm.config import PoEConfig
-from poelm.errors import PoelmError
+from poelm.core.config import PoEConfig
+from poelm.core.errors import PoelmError
 from poelm.train.pretrain import PretrainArgs, pretrain
 
 from conftest import tiny_corpus_text
@@ -75,7 +75,7 @@ def moved_base(tmp_path_factory, tiny_tokenizer):
     """A base moved off its init. At init every block is the identity, so some scalars (the backout)
     have an exactly-zero gradient whose float noise Adam would blow up into full-size steps, and runs
     that differ only in summation order would then differ visibly."""
-    from poelm.model import PoEGPT
+    from poelm.core.model import PoEGPT
     from poelm.modeldir import save_model_dir
     from util import perturb_
 

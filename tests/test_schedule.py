@@ -2,7 +2,7 @@
 
 import pytest
 
-from poelm.errors import PoelmError
+from poelm.core.errors import PoelmError
 from poelm.schedule import lr_multiplier, muon_momentum
 
 

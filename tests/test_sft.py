@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from poelm.cli import main
-from poelm.config import PoEConfig
-from poelm.model import PoEGPT
+from poelm.core.config import PoEConfig
+from poelm.core.model import PoEGPT
 from poelm.modeldir import load_model, save_model_dir
 from poelm.stages import attach, save_stage
 from poelm.train.sft import StageTrainArgs, stage_train

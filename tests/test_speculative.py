@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from poelm.errors import PoelmError
+from poelm.core.errors import PoelmError
 from poelm.infer.speculative import SpeculativeDecoder
 
 from util import identity_deeper_model, tiny_model
@@ -115,8 +115,8 @@ def test_speculative_sampling_end_to_end_is_seeded():
 def test_speculative_sampling_matches_the_full_models_distribution():
     """End to end on a tiny vocabulary: the joint law of two sampled tokens (the second drafted by a
     very different stage 0 and corrected by the rule) equals the full model's, computed exactly."""
-    from poelm.config import PoEConfig
-    from poelm.model import PoEGPT
+    from poelm.core.config import PoEConfig
+    from poelm.core.model import PoEGPT
     from util import perturb_
 
     m = PoEGPT(PoEConfig(vocab_size=8, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, sequence_len=64,

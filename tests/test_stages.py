@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from poelm.cli import main
 from poelm.compose import Composition
-from poelm.config import PoEConfig
-from poelm.errors import PoelmError
-from poelm.model import PoEGPT
+from poelm.core.config import PoEConfig
+from poelm.core.errors import PoelmError
+from poelm.core.model import PoEGPT
 from poelm.modeldir import load_model, save_model_dir
 from poelm.stages import attach, check_preservation, save_stage, stage_parameter_names
 
@@ -233,7 +233,7 @@ def one_line_error(capsys, *argv):
 def test_bad_stage_directories(base_dir, tmp_path, capsys):
     """Each damaged file is named in one line: first by its digest; then, with the edit's digest
     re-recorded (a deliberate edit), by the check that reads its content."""
-    from poelm.digests import update_manifest
+    from poelm.core.digests import update_manifest
 
     out, _ = stage_dir(base_dir, tmp_path)
     delta = out / "delta.safetensors"

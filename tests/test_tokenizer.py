@@ -18,9 +18,9 @@ import pytest
 import tiktoken
 import torch
 
-from poelm.errors import PoelmError
-from poelm.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, TOKEN_BYTES_FILE, TOKENIZER_FILE, StreamDecoder, Tokenizer
-from poelm.tokenizer_files import TOKENIZER_CODE_FILES
+from poelm.core.errors import PoelmError
+from poelm.core.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, TOKEN_BYTES_FILE, TOKENIZER_FILE, StreamDecoder, Tokenizer
+from poelm.modeldir import shipped_code_files
 from poelm.tokenizer_train import load_nanochat_tokenizer, stdlib_corpus, train_tokenizer
 
 STDLIB = sysconfig.get_paths()["stdlib"]
@@ -446,7 +446,7 @@ HF_SCRIPT = textwrap.dedent(
 
 def test_hf_auto_tokenizer_fresh_process(tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
     tok = tiny_tokenizer
-    assert set(TOKENIZER_CODE_FILES) <= set(os.listdir(tiny_tokenizer_dir))
+    assert {p.name for p in shipped_code_files()} <= set(os.listdir(tiny_tokenizer_dir))
     config = json.loads((tiny_tokenizer_dir / "tokenizer_config.json").read_text())
     assert config["auto_map"] == {"AutoTokenizer": ["tokenization_poelm.PoelmTokenizer", None]}
     texts = [_stdlib_text("textwrap.py")[:3000], MIXED.replace("<|bos|><|assistant_end|>", ""), "3.14159 1234567890 007"]

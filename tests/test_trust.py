@@ -24,9 +24,9 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from poelm.cli import main
-from poelm.config import PoEConfig
-from poelm.errors import PoelmError
-from poelm.model import PoEGPT
+from poelm.core.config import PoEConfig
+from poelm.core.errors import PoelmError
+from poelm.core.model import PoEGPT
 from poelm.modeldir import load_model, load_tokenizer, save_model_dir
 from poelm.stages import attach, save_stage
 
@@ -142,7 +142,7 @@ def test_a_flipped_bit_in_a_base_is_named_by_from_pretrained(chain, tmp_path):
 def test_every_written_directory_records_its_files(chain, tiny_tokenizer_dir, tmp_path, capsys):
     """Model, stage, merged export and tokenizer directories list every data file; the recorded
     fingerprint of a stage is the one its child records as parent_fingerprint."""
-    from poelm.digests import listed_files, read_manifest
+    from poelm.core.digests import listed_files, read_manifest
 
     assert main(["tokenizer", "train", "--input", str(tiny_tokenizer_dir / "poelm_tokenizer.json"),
                  "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 0
@@ -161,7 +161,7 @@ def test_every_written_directory_records_its_files(chain, tiny_tokenizer_dir, tm
 def test_recorded_fingerprints_equal_computed_ones(chain):
     """The verified load reads fingerprints from digests.json; they equal the ones computed from the
     tensors (the path a directory without digests takes)."""
-    from poelm.cascade import assemble, fingerprint_tensors, resolve_chain
+    from poelm.core.cascade import assemble, fingerprint_tensors, resolve_chain
 
     chain_links = resolve_chain(chain["leaf"])
     _, _, recorded = assemble(chain_links)

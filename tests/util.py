@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from poelm.config import PoEConfig
-from poelm.model import PoEGPT
+from poelm.core.config import PoEConfig
+from poelm.core.model import PoEGPT
 
 
 def tiny_config(**changes) -> PoEConfig:

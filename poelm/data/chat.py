@@ -73,13 +73,13 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from ..errors import PoelmError
+from ..core.errors import PoelmError
 from .text import ByteProgress, RowLoader, _check_int, as_text, format_size, walk_files
 
 if TYPE_CHECKING:
     import torch
 
-    from ..tokenizer import Tokenizer
+    from ..core.tokenizer import Tokenizer
 
 Messages = list[dict[str, str]]
 

@@ -50,12 +50,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import PoelmError
+from ..core.errors import PoelmError
 
 if TYPE_CHECKING:
     import torch
 
-    from ..tokenizer import Tokenizer
+    from ..core.tokenizer import Tokenizer
 
 # ---- reading documents ---------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from ..model import PoEGPT, logop
+from ..core.model import PoEGPT, logop
 
 
 @torch.no_grad()

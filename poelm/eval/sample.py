@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import KVCache, PoEGPT
+from ..core.model import KVCache, PoEGPT
 
 
 @torch.no_grad()

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..cascade import read_json
-from ..digests import read_manifest, update_manifest
-from ..errors import PoelmError
-from ..model import KVCache, PoEGPT, Walk
+from ..core.cascade import read_json
+from ..core.digests import read_manifest, update_manifest
+from ..core.errors import PoelmError
+from ..core.model import KVCache, PoEGPT, Walk
 from .engine import check_request
 
 CALIBRATION = "adaptive.json"

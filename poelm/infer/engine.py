@@ -35,9 +35,9 @@ from typing import Any, Iterator
 
 import torch
 
-from ..config import POE_OUTPUTS
-from ..errors import PoelmError
-from ..model import KVCache
+from ..core.config import POE_OUTPUTS
+from ..core.errors import PoelmError
+from ..core.model import KVCache
 
 
 @dataclass

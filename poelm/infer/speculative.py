@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import POE_OUTPUTS
-from ..errors import PoelmError
-from ..model import KVCache, PoEGPT, Walk
+from ..core.config import POE_OUTPUTS
+from ..core.errors import PoelmError
+from ..core.model import KVCache, PoEGPT, Walk
 from .engine import Engine, SamplingParams, check_request
 
 

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..errors import PoelmError
-from ..cascade import read_json as read_verified_json
-from ..digests import read_manifest, warn_unverified, write_manifest
+from ..core.errors import PoelmError
+from ..core.cascade import read_json as read_verified_json
+from ..core.digests import read_manifest, warn_unverified, write_manifest
 from ..modeldir import load_safetensors, write_json
 from ..optim import load_optimizer_state, optimizer_state
 from .dist import Dist, barrier

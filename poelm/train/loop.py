@@ -45,8 +45,8 @@ from typing import Any, Callable, Protocol
 import torch
 from safetensors.torch import save_file
 
-from ..errors import PoelmError
-from ..digests import write_manifest
+from ..core.errors import PoelmError
+from ..core.digests import write_manifest
 from ..modeldir import load_safetensors, write_json
 from ..optim import apply_schedule
 from ..schedule import lr_multiplier, muon_momentum

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 
 from ..card import model_card
-from ..config import PoEConfig
+from ..core.config import PoEConfig
 from ..data.text import TextCorpus, TokenLoader, eval_batches
-from ..errors import PoelmError
+from ..core.errors import PoelmError
 from ..eval.bpb import bpb_from_sums, bpb_sums
 from ..eval.sample import greedy_continue
-from ..model import PoEGPT
+from ..core.model import PoEGPT
 from ..modeldir import load_model, load_tokenizer, save_model_dir
 from ..optim import build_optimizer
 from ..outputs import chain_inputs, check_output

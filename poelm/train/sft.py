@@ -26,10 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..cascade import CONFIG, locate, read_json
+from ..core.cascade import CONFIG, locate, read_json
 from ..data.chat import (ChatLoader, build_mixture, eval_batches, load_conversations, pack, parse_spec,
                          render_conversations)
-from ..errors import PoelmError
+from ..core.errors import PoelmError
 from ..eval.bpb import bpb_from_sums, bpb_sums
 from ..modeldir import load_model, load_tokenizer
 from ..optim import build_optimizer
