@@ -35,7 +35,7 @@ def _int_list(text: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------- commands
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from .core.digests import write_manifest
+    from .core.files import write_manifest
     from .outputs import AtomicDir, check_output
     from .tokenizer_files import write_hf_tokenizer_files
     from .tokenizer_train import train_tokenizer

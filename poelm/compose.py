@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .core.cascade import CONFIG, read_json
+from .core.cascade import CONFIG
+from .core.files import read_json
 from .core.config import POE_OUTPUTS
 from .core.errors import PoelmError
 from .modeldir import load_model

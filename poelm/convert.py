@@ -26,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .core.cascade import read_json
+from .core.files import read_json
 from .core.config import PoEConfig
 from .core.errors import PoelmError
 from .core.model import PoEGPT
-from .modeldir import check_state_dict, save_model_dir
+from .core.cascade import check_state_dict
+from .modeldir import save_model_dir
 from .outputs import check_output
 from .core.tokenizer import Tokenizer
 from .tokenizer_train import load_nanochat_tokenizer

@@ -47,8 +47,10 @@ from .infer.adaptive import AdaptiveDecoder, calibrate, save_calibration
 from .infer.engine import Engine, SamplingParams
 from .infer.speculative import SpeculativeDecoder
 from .core.model import PoEGPT
-from .core.digests import write_manifest
-from .modeldir import load_model, load_safetensors, save_model_dir, write_json
+from .core.files import write_manifest
+from .core.cascade import load_safetensors
+from .core.files import write_json
+from .modeldir import load_model, save_model_dir
 from .outputs import AtomicDir, check_output
 from .data.stdlib_code import code_instructions, write_jsonl
 from .stages import attach, check_preservation, save_stage
@@ -299,8 +301,6 @@ def run_demo(out: Path) -> dict:
                          "adaptive_bounds": bounds}
 
     summary["seconds"] = round(time.time() - t_start, 1)
-    tmp = out / ".summary.json.tmp"
-    write_json(tmp, summary)
-    os.replace(tmp, out / "summary.json")
+    write_json(out / "summary.json", summary)
     say(f"done in {summary['seconds']}s; summary -> {out / 'summary.json'}")
     return summary

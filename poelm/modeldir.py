@@ -8,7 +8,7 @@ Design choices (FORMATS.md):
 - Writing is atomic (outputs.AtomicDir): everything goes to a temporary sibling folder that is
   renamed into place at the end, so a failure never leaves a half-written model. An existing target
   is replaced only when the caller asks (`overwrite=True`), and then only once the new folder is
-  complete. The last file written is `digests.json` (digests.py): the size and digest of every file
+  complete. The last file written is `digests.json` (files.py): the size and digest of every file
   and the model's content fingerprint, which every later read checks.
 - Reading is strict and pickle-free: every file is checked against the digests, and unknown config
   fields, missing or unexpected tensors and shape or dtype mismatches are errors that name the file
@@ -17,7 +17,6 @@ Design choices (FORMATS.md):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -27,10 +26,9 @@ import torch
 from safetensors.torch import save_file
 
 from .card import model_card
-from .core.cascade import CONFIG, DTYPES, WEIGHTS, fingerprint_tensors, load_chain, read_json
-from .core.cascade import check_state_dict, load_safetensors  # noqa: F401 (re-exported)
+from .core.cascade import CONFIG, DTYPES, WEIGHTS, fingerprint_tensors, load_chain, load_safetensors
 from .core.config import PoEConfig
-from .core.digests import write_manifest
+from .core.files import read_json, write_json, write_manifest
 from .core.errors import PoelmError
 from .core.model import PoEGPT
 from .outputs import AtomicDir, Inputs
@@ -73,12 +71,6 @@ def hf_config_dict(config: PoEConfig, tokenizer: Tokenizer | None, dtype: str = 
     data.update(config.to_dict())
     data.update(extra or {})
     return data
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
 
 
 def save_model_dir(model: PoEGPT, out: str | os.PathLike, tokenizer: Tokenizer, *,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +36,11 @@ from .card import model_card
 from .core.cascade import (CONFIG, DELTA, ROWS_IDS, ROWS_VALUES, Link, assemble, check_extends, fingerprint_tensors,
                       read_json, resolve_chain)
 from .core.config import PoEConfig, windows_from_pattern
-from .core.digests import verify_all, write_manifest
+from .core.files import verify_all, write_manifest
 from .core.errors import PoelmError
 from .core.model import PoEGPT
-from .modeldir import copy_shipped_code, hf_config_dict, load_model, load_tokenizer, write_json
+from .core.files import write_json
+from .modeldir import copy_shipped_code, hf_config_dict, load_model, load_tokenizer
 from .outputs import AtomicDir, chain_inputs, check_output
 from .core.tokenizer import Tokenizer
 from .tokenizer_files import write_hf_tokenizer_files
@@ -297,14 +297,12 @@ def describe_chain(directory: str | os.PathLike) -> dict[str, Any]:
                  "bytes_on_disk": path.stat().st_size, "fingerprint": fp, "fingerprint_verified": True}
         if link.is_stage:
             n_new = c.n_layer - prev.n_layer
-            d, V = c.n_embd, c.padded_vocab_size
             block = sum(int(torch.Size(s).numel()) for s in expected_delta_shapes(c, prev).values())
             rows = int(tensors[ROWS_VALUES].numel()) if ROWS_VALUES in tensors else 0
             entry.update(parent=link.data["base_model_name_or_path"], parent_fingerprint=link.data["parent_fingerprint"],
                          new_layers=n_new, trainable_params=block, changed_embedding_rows=len(tensors.get(ROWS_IDS, [])),
                          changed_embedding_params=rows,
                          delta_params_expected=block + rows + (len(tensors[ROWS_IDS]) if ROWS_IDS in tensors else 0))
-            del d, V
         else:
             entry["total_params"] = sum(t.numel() for t in tensors.values())
         links.append(entry)

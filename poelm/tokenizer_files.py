@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 from .core.tokenizer import SPECIAL_TOKENS, TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
 

@@ -57,7 +57,7 @@ def tiny_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tiny_tokenizer, tmp_path_factory):
-    from poelm.core.digests import write_manifest
+    from poelm.core.files import write_manifest
     from poelm.tokenizer_files import write_hf_tokenizer_files
 
     directory = tmp_path_factory.mktemp("tiny_tokenizer_dir")
@@ -95,7 +95,7 @@ def seed_model_dir(seed_vocab_tokenizer, tmp_path_factory):
     from poelm.cli import main
     from poelm.tokenizer_files import write_hf_tokenizer_files
 
-    from poelm.core.digests import write_manifest
+    from poelm.core.files import write_manifest
 
     tok_dir = tmp_path_factory.mktemp("seed_tokenizer")
     write_hf_tokenizer_files(tok_dir, seed_vocab_tokenizer)

@@ -124,7 +124,7 @@ def test_inspect(model_dir, capsys):
 def test_bad_model_directories(tmp_path, model_dir, capsys):
     """Each damaged file is named in one line: first by its digest; then, with the edit's digest
     re-recorded (a deliberate edit), by the check that reads its content."""
-    from poelm.core.digests import update_manifest
+    from poelm.core.files import update_manifest
 
     weights = model_dir / "model.safetensors"
     good = weights.read_bytes()

@@ -108,7 +108,7 @@ def corrupt(tmp_path, tiny_tokenizer_dir, edit):
     (lambda pt, meta: meta.unlink(), r"meta_001500.json: missing"),
     (lambda pt, meta: meta.write_text('{"model_config": {"n_layer": 4, "mystery": 1}}'),
      r"meta_001500.json: model_config field\(s\) poelm cannot reproduce: mystery"),
-    (lambda pt, meta: meta.write_text('{"model_config": {"n_layer": 4,'), r"meta_001500.json: invalid JSON"),
+    (lambda pt, meta: meta.write_text('{"model_config": {"n_layer": 4,'), r"meta_001500.json: not valid JSON"),
 ])
 def test_bad_checkpoints_name_file_and_tensor(tmp_path, tiny_tokenizer_dir, edit, message):
     ckpt = corrupt(tmp_path, tiny_tokenizer_dir, edit)

@@ -144,7 +144,7 @@ def test_directory_contents(seed_model_dir):
 
     code = {p.name for p in shipped_code_files()}
     assert {"modeling_poelm.py", "configuration_poelm.py", "tokenization_poelm.py", "model.py", "config.py",
-            "cascade.py", "digests.py", "errors.py", "tokenizer.py"} <= code and "__init__.py" not in code
+            "cascade.py", "files.py", "errors.py", "tokenizer.py"} <= code and "__init__.py" not in code
     for f in ("config.json", "model.safetensors", "generation_config.json", "README.md", "poelm_tokenizer.json",
               "tokenizer_config.json", "special_tokens_map.json", "digests.json", *code):
         assert f in names, f

@@ -233,7 +233,7 @@ def one_line_error(capsys, *argv):
 def test_bad_stage_directories(base_dir, tmp_path, capsys):
     """Each damaged file is named in one line: first by its digest; then, with the edit's digest
     re-recorded (a deliberate edit), by the check that reads its content."""
-    from poelm.core.digests import update_manifest
+    from poelm.core.files import update_manifest
 
     out, _ = stage_dir(base_dir, tmp_path)
     delta = out / "delta.safetensors"

@@ -216,7 +216,7 @@ def _dup_rank(doc):
 @pytest.mark.parametrize(
     "file, damage, expected",
     [
-        (TOKENIZER_FILE, lambda p: p.unlink(), "poelm_tokenizer.json: file not found"),
+        (TOKENIZER_FILE, lambda p: p.unlink(), "poelm_tokenizer.json: missing"),
         (TOKENIZER_FILE, lambda p: p.write_text('{"format": "poelm-tokenizer",\n oops}'), r"not valid JSON \(line 2"),
         (TOKENIZER_FILE, lambda p: p.write_text("[1, 2]"), "expected a JSON object"),
         (TOKENIZER_FILE, lambda p: _edit(p, lambda d: d.update(format="other")), "field 'format' is 'other'"),
@@ -233,7 +233,7 @@ def _dup_rank(doc):
         (TOKENIZER_FILE, lambda p: _edit(p, lambda d: d["special_tokens"].update({"<|user_end|>": 504})), "'<|user_end|>' has id 504, expected 505"),
         (TOKENIZER_FILE, lambda p: _edit(p, lambda d: d["special_tokens"].update({"<|eot|>": 512})), r"unexpected entries \['<\|eot\|>'\]"),
         (TOKENIZER_FILE, lambda p: _edit(p, lambda d: d.update(vocab_size=1000)), "field 'vocab_size' is 1000"),
-        (TOKEN_BYTES_FILE, lambda p: p.unlink(), "token_bytes.json: file not found"),
+        (TOKEN_BYTES_FILE, lambda p: p.unlink(), "token_bytes.json: missing"),
         (TOKEN_BYTES_FILE, lambda p: p.write_text("{"), "token_bytes.json: not valid JSON"),
         (TOKEN_BYTES_FILE, lambda p: _edit(p, lambda d: d.pop("token_bytes")), "field 'token_bytes' is missing"),
         (TOKEN_BYTES_FILE, lambda p: _edit(p, lambda d: d.update(format="x")), "field 'format' is 'x'"),
@@ -257,7 +257,7 @@ def test_load_errors_name_file_and_field(tiny_tokenizer, tmp_path, file, damage,
 
 
 def test_load_missing_directory(tmp_path):
-    with pytest.raises(PoelmError, match="file not found"):
+    with pytest.raises(PoelmError, match="poelm_tokenizer.json: missing"):
         Tokenizer.load(tmp_path / "nope")
 
 

@@ -142,7 +142,7 @@ def test_a_flipped_bit_in_a_base_is_named_by_from_pretrained(chain, tmp_path):
 def test_every_written_directory_records_its_files(chain, tiny_tokenizer_dir, tmp_path, capsys):
     """Model, stage, merged export and tokenizer directories list every data file; the recorded
     fingerprint of a stage is the one its child records as parent_fingerprint."""
-    from poelm.core.digests import listed_files, read_manifest
+    from poelm.core.files import listed_files, read_manifest
 
     assert main(["tokenizer", "train", "--input", str(tiny_tokenizer_dir / "poelm_tokenizer.json"),
                  "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 0

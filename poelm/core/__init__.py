@@ -1,7 +1,7 @@
 """What ships: exactly the files copied, as they are, into every model directory poelm writes.
 
 The model (`model.py`, the one definition training, every decoder and transformers run), its config
-(`config.py`), the cascade loader (`cascade.py`), content digests (`digests.py`), the runtime tokenizer
+(`config.py`), the cascade loader (`cascade.py`), files written whole and read verified (`files.py`), the runtime tokenizer
 (`tokenizer.py`), the error type (`errors.py`) and the transformers wrappers (`configuration_poelm.py`,
 `modeling_poelm.py`, `tokenization_poelm.py`). They import each other relatively (the same import works
 here and inside a model directory) and nothing else but the standard library, torch, transformers,

@@ -9,7 +9,7 @@ Design choices:
   directory, or a hub id, fetched only when it is not a local path and the hub is reachable).
   Resolution walks parents to the root, refusing a cycle or a missing parent.
 - Content: every file read here (each link's config.json and tensor file, root and leaf included) is
-  checked against its directory's `digests.json` (digests.py) before it is used, so a flipped bit
+  checked against its directory's `digests.json` (files.py) before it is used, so a flipped bit
   anywhere in the chain is an error naming the file. A directory without digests loads with a
   warning. `verify=False` skips the digests (for measuring what they cost; nothing else uses it).
 - Every stage records `parent_fingerprint`: a digest of the parent's tensors (names, dtypes, shapes,
@@ -28,7 +28,6 @@ Design choices:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 
 from .config import PoEConfig
-from .digests import read_manifest, verify as verify_file, verifying, warn_unverified
+from .files import read_json, read_manifest, verify_file, verifying, warn_unverified
 from .errors import PoelmError
 from .model import PoEGPT
 
@@ -52,23 +51,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ------------------------------------------------------------------------------------ files
-def read_json(path: Path, verify: bool = True) -> dict[str, Any]:
-    """A JSON object from a file, checked against its directory's digests first (when it has them)."""
-    if not path.is_file():
-        raise PoelmError(f"{path}: missing")
-    if verify:
-        verify_file(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise PoelmError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError:
-        raise PoelmError(f"{path}: not UTF-8 text; expected JSON") from None
-    if not isinstance(data, dict):
-        raise PoelmError(f"{path}: expected a JSON object")
-    return data
-
-
 def load_safetensors(path: str | os.PathLike, verify: bool = True) -> dict[str, torch.Tensor]:
     """Read a safetensors file, checked against its directory's digests first (when it has them); a
     missing, truncated or corrupt file is a one-line error naming it."""

@@ -20,7 +20,6 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -261,14 +260,9 @@ class PoEConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "PoEConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise PoelmError(f"{path}: no such file (expected a poelm config.json)") from None
-        except json.JSONDecodeError as e:
-            raise PoelmError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        return cls.from_dict(data, source=str(path))
+        from .files import read_json
+
+        return cls.from_dict(read_json(path), source=str(path))
 
 
 def nanochat_shape(depth: int, aspect_ratio: int = 64, head_dim: int = 128) -> dict[str, int]:

@@ -20,7 +20,7 @@ Design choices:
 - `exit_stage=k` (forward or `generate(..., exit_stage=k)`) reads out stage k's predictor (prefix
   pruning); `poe_output="logop"` in the config or the call combines all stages in log space.
 - Trust: `from_pretrained` checks every file it reads against the directory's `digests.json` before
-  transformers or the cascade loader touch it (digests.py; `verify=False` skips that), and
+  transformers or the cascade loader touch it (files.py; `verify=False` skips that), and
   `save_pretrained` records the digests of what it wrote. A model assembled from a stage chain is
   saved as one standalone directory (its stage fields dropped), as `poelm export` writes it.
 """
@@ -33,10 +33,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cascade import CONFIG, WEIGHTS, fingerprint_tensors, load_safetensors, read_json
+from .cascade import CONFIG, WEIGHTS, fingerprint_tensors, load_safetensors
 from .config import STAGE_KEYS
 from .configuration_poelm import PoelmConfig
-from .digests import listed_files, read_manifest, verify as verify_file, verifying, warn_unverified, write_manifest
+from .files import listed_files, read_json, read_manifest, verify_file, verifying, warn_unverified, write_manifest
 from .model import PoEGPT
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import AddedToken, PreTrainedTokenizer
 
-from .digests import record_files, verify as verify_file
+from .files import record_files, verify_file
 from .tokenizer import SPECIAL_TOKENS, TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
 
 
@@ -143,7 +143,7 @@ class PoelmTokenizer(PreTrainedTokenizer):
         return text
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> tuple[str, ...]:
-        """transformers' save, then the digests of the files written are recorded (digests.py): merged
+        """transformers' save, then the digests of the files written are recorded (files.py): merged
         into the directory's digests.json, or a new one when the directory holds nothing else."""
         from pathlib import Path
 

@@ -2,9 +2,9 @@
 
 Design choices:
 - This file ships unchanged as Hugging Face remote code in every model directory, so it imports only
-  the standard library, `tiktoken` and its siblings `errors.py` and `digests.py` (relative imports).
+  the standard library, `tiktoken` and its siblings `errors.py` and `files.py` (relative imports).
   numpy arrays and torch tensors are accepted by duck typing (`.tolist()`), never imported.
-- Its files are checked against the directory's `digests.json` when read (digests.py).
+- Its files are checked against the directory's `digests.json` when read (files.py).
 - GPT-4-style byte-level BPE with nanochat's split pattern: digits split into groups of at most two,
   so every number is a short, regular token sequence; encode/decode round-trips any str exactly
   (lone surrogates excepted: tiktoken replaces them).
@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 import tiktoken
 
-from .digests import read_manifest, record_files, verify as verify_file, warn_unverified
+from .files import read_json, read_manifest, record_files, warn_unverified, write_text
 from .errors import PoelmError
 
 # nanochat's pre-tokenization regex (GPT-4's, with numbers in groups of 1-2 digits).
@@ -317,21 +317,21 @@ class Tokenizer:
         lines = json.dumps(head, indent=1, ensure_ascii=False)[:-2] + ',\n "mergeable_ranks": [\n'
         lines += ",\n".join(json.dumps([base64.b64encode(t).decode("ascii"), r]) for t, r in ordered)
         lines += "\n ]\n}\n"
-        _write_text(os.path.join(directory, TOKENIZER_FILE), lines)
+        write_text(os.path.join(directory, TOKENIZER_FILE), lines)
         tb = {
             "format": TOKEN_BYTES_FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "vocab_size": self.vocab_size,
             "token_bytes": self.token_bytes,
         }
-        _write_text(os.path.join(directory, TOKEN_BYTES_FILE), json.dumps(tb) + "\n")
+        write_text(os.path.join(directory, TOKEN_BYTES_FILE), json.dumps(tb) + "\n")
         record_files(directory, [TOKENIZER_FILE, TOKEN_BYTES_FILE])  # digests, read back on every load
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
         """Read poelm_tokenizer.json alone (what the Hugging Face class downloads)."""
         path = os.fspath(path)
-        doc = _read_json(path)
+        doc = read_json(path)
         field = _field_reader(doc, path, FORMAT_NAME)
         pattern = field("pattern", str)
         name = doc.get("name", "poelm")
@@ -382,7 +382,7 @@ class Tokenizer:
         if read_manifest(directory) is None:
             warn_unverified(directory, "tokenizer")
         path = os.path.join(directory, TOKEN_BYTES_FILE)
-        doc = _read_json(path)
+        doc = read_json(path)
         field = _field_reader(doc, path, TOKEN_BYTES_FORMAT_NAME)
         lengths = field("token_bytes", list)
         expected = tok.token_bytes
@@ -428,31 +428,6 @@ class StreamDecoder:
 
 
 # ---- file helpers -------------------------------------------------------------------------------
-
-
-def _write_text(path: str, text: str) -> None:
-    # Write then rename, so a crash never leaves a half-written tokenizer behind.
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _read_json(path: str) -> dict:
-    """A JSON object, checked against its directory's digests first (when it has them)."""
-    try:
-        verify_file(path)
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise PoelmError(f"{path}: file not found (write it with poelm's Tokenizer.save)") from None
-    except json.JSONDecodeError as e:
-        raise PoelmError(f"{path}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
-    except UnicodeDecodeError:
-        raise PoelmError(f"{path}: not UTF-8 text; expected JSON") from None
-    if not isinstance(doc, dict):
-        raise PoelmError(f"{path}: expected a JSON object at the top level, got {type(doc).__name__}")
-    return doc
 
 
 def _field_reader(doc: dict, path: str, format_name: str):

@@ -15,6 +15,8 @@ import os
 import re
 from pathlib import Path
 
+from ..core.files import write_text
+
 
 def first_sentence(doc: str) -> str | None:
     text = " ".join(doc.strip().split("\n\n")[0].split())
@@ -50,9 +52,5 @@ def code_instructions(paths: list[str], max_chars: int = 900) -> list[dict[str, 
 
 def write_jsonl(records: list[dict[str, str]], out: str | os.PathLike) -> Path:
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, out)
+    write_text(out, "".join(json.dumps(r) + "\n" for r in records))
     return out

@@ -22,7 +22,6 @@ Design choices:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -31,8 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..core.cascade import read_json
-from ..core.digests import read_manifest, update_manifest
+from ..core.files import read_json, read_manifest, update_manifest, write_json
 from ..core.errors import PoelmError
 from ..core.model import KVCache, PoEGPT, Walk
 from .engine import check_request
@@ -63,9 +61,7 @@ def calibrate(model: PoEGPT, batches, percentile: float = 99.9) -> list[float]:
 def save_calibration(directory: str | os.PathLike, bounds: list[float], percentile: float, tokens: int) -> Path:
     """Write `adaptive.json` beside the model (atomically) and record it in the directory's digests."""
     path = Path(directory) / CALIBRATION
-    tmp = path.with_name(f".{CALIBRATION}.tmp")
-    tmp.write_text(json.dumps({"bounds": bounds, "percentile": percentile, "tokens": tokens}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, {"bounds": bounds, "percentile": percentile, "tokens": tokens})
     if read_manifest(directory) is not None:  # a directory without digests gets none for one file
         update_manifest(directory, [CALIBRATION])
     return path

@@ -9,13 +9,12 @@ Design choices (FORMATS.md "Training checkpoints"):
   after every rank has finished, so a folder named `NNNNNN` is always complete; a run killed while
   saving leaves only a `.tmp` folder, which the next save or resume removes.
 - Tensors go to safetensors and facts to JSON; nothing is ever unpickled on resume.
-- Rank 0 records every file's digest (`digests.json`, digests.py) last, before the rename; a resume
+- Rank 0 records every file's digest (`digests.json`, files.py) last, before the rename; a resume
   checks each file it reads against it, so a damaged checkpoint is an error naming the file.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -26,9 +25,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..core.errors import PoelmError
-from ..core.cascade import read_json as read_verified_json
-from ..core.digests import read_manifest, warn_unverified, write_manifest
-from ..modeldir import load_safetensors, write_json
+from ..core.files import read_json, read_manifest, warn_unverified, write_json, write_manifest
+from ..core.cascade import load_safetensors
 from ..optim import load_optimizer_state, optimizer_state
 from .dist import Dist, barrier
 
@@ -89,13 +87,6 @@ def save_checkpoint(d: Dist, run_dir: Path, step: int, *, weights: dict[str, tor
         os.replace(tmp, final)
     barrier(d)
     return final
-
-
-def read_json(path: Path) -> Any:
-    """A checkpoint's JSON file, checked against the checkpoint's digests (when it has them)."""
-    if not Path(path).is_file():
-        raise PoelmError(f"{path}: missing (incomplete checkpoint)")
-    return read_verified_json(Path(path))
 
 
 def load_checkpoint(d: Dist, path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:

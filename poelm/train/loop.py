@@ -46,11 +46,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..core.errors import PoelmError
-from ..core.digests import write_manifest
-from ..modeldir import load_safetensors, write_json
+from ..core.files import read_json, write_json, write_manifest
+from ..core.cascade import load_safetensors
 from ..optim import apply_schedule
 from ..schedule import lr_multiplier, muon_momentum
-from .checkpoint import CHECKPOINTS, STATE, latest_checkpoint, load_checkpoint, read_json, save_checkpoint
+from .checkpoint import CHECKPOINTS, STATE, latest_checkpoint, load_checkpoint, save_checkpoint
 from .dist import Dist, all_reduce_sum, barrier, broadcast_flag
 from .metrics import MetricsLog, plot_val_bpb
 from .progress import Progress
@@ -148,9 +148,7 @@ def record_run(d: Dist, run_dir: Path, run_config: dict[str, Any]) -> None:
     barrier(d)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / f".{RUN_CONFIG}.tmp"
-        write_json(tmp, run_config)
-        os.replace(tmp, run_dir / RUN_CONFIG)
+        write_json(run_dir / RUN_CONFIG, run_config)
     barrier(d)
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from ..core.files import write_text
 from typing import Any
 
 METRICS = "metrics.jsonl"
@@ -35,9 +37,7 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Keep only records up to `step` (what the checkpoint being resumed had seen)."""
         kept = [r for r in self.records() if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def evals(self) -> list[dict[str, Any]]:
         return [r for r in self.records() if "val_bpb" in r]

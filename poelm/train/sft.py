@@ -26,7 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..core.cascade import CONFIG, locate, read_json
+from ..core.cascade import CONFIG, locate
+from ..core.files import read_json
 from ..data.chat import (ChatLoader, build_mixture, eval_batches, load_conversations, pack, parse_spec,
                          render_conversations)
 from ..core.errors import PoelmError

@@ -1,6 +1,9 @@
-"""Content digests: recorded when poelm writes a directory, verified whenever a file of it is read.
+"""Files: written whole, and read only if they are what was written.
 
 Design choices:
+- One way to write a file (`write_text`, `write_json`): into a hidden temporary sibling, then renamed
+  over the target, so a reader never sees half a file. One JSON reader (`read_json`) with one set of
+  errors naming the file: missing, not UTF-8, not valid JSON (line and column), not an object.
 - Every directory poelm writes (a model, a stage, a tokenizer, a training checkpoint) holds
   `digests.json`: for each data file its size and xxh3-128 digest, and for a model directory the
   content fingerprint its stages record as `parent_fingerprint`. Not listed: `README.md` (the card,
@@ -46,6 +49,38 @@ UNLISTED_SUFFIXES = (".py", ".tmp")
 UNLISTED_NAMES = frozenset({MANIFEST, "README.md"})
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through a temporary sibling renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
+    """A JSON object from a file, checked against its directory's digests first (when it has them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PoelmError(f"{path}: missing")
+    if verify:
+        verify_file(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PoelmError(f"{path}: not UTF-8 text; expected JSON") from None
+    except json.JSONDecodeError as e:
+        raise PoelmError(f"{path}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+    except (ValueError, RecursionError) as e:  # an integer past Python's digit limit, deep nesting
+        raise PoelmError(f"{path}: JSON too large to parse ({e})") from None
+    if not isinstance(data, dict):
+        raise PoelmError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def digest_bytes(data: bytes | memoryview) -> str:
     return xxhash.xxh3_128(data).hexdigest()
 
@@ -69,9 +104,7 @@ def listed_files(directory: str | os.PathLike) -> list[str]:
 
 
 def _write(directory: Path, data: dict[str, Any]) -> None:
-    tmp = directory / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / MANIFEST)
+    write_text(directory / MANIFEST, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_manifest(directory: str | os.PathLike, fingerprint: str | None = None) -> dict[str, Any]:
@@ -138,7 +171,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     return data
 
 
-def verify(path: str | os.PathLike, manifest: dict[str, Any] | None = None) -> bool:
+def verify_file(path: str | os.PathLike, manifest: dict[str, Any] | None = None) -> bool:
     """Check one file against its directory's manifest (read here unless given).
 
     True: listed and identical. False: the directory has no manifest (nothing to verify against).
@@ -166,12 +199,12 @@ def verify(path: str | os.PathLike, manifest: dict[str, Any] | None = None) -> b
 
 @contextmanager
 def verifying(paths: Iterable[str | os.PathLike], manifest: dict[str, Any] | None = None) -> Iterator[None]:
-    """Check `paths` (see `verify`) in a background thread while the body reads them. Leaving the block
+    """Check `paths` (see `verify_file`) in a background thread while the body reads them. Leaving the block
     waits for the check: a mismatch is raised even when the body succeeded, and replaces the body's
     own error when both fail (a corrupt file is the cause worth naming)."""
     paths = [Path(p) for p in paths]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="poelm-verify") as pool:
-        check = pool.submit(lambda: [verify(p, manifest) for p in paths])
+        check = pool.submit(lambda: [verify_file(p, manifest) for p in paths])
         try:
             yield
         except BaseException:
@@ -186,7 +219,7 @@ def verify_all(directory: str | os.PathLike) -> int | None:
     if manifest is None:
         return None
     for name in sorted(manifest["files"]):
-        verify(Path(directory) / name, manifest)
+        verify_file(Path(directory) / name, manifest)
     return len(manifest["files"])
 
 
