@@ -35,18 +35,15 @@ def _int_list(text: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------- commands
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from .core.files import write_manifest
-    from .outputs import AtomicDir, check_output
-    from .tokenizer_files import write_hf_tokenizer_files
+    from .modeldir import save_tokenizer_dir
+    from .outputs import check_output
     from .tokenizer_train import train_tokenizer
 
     inputs = [("input", path) for path in args.input]
     check_output(args.out, inputs, args.overwrite)
     t0 = time.time()
     tok = train_tokenizer(args.input, args.vocab_size)
-    with AtomicDir(args.out, args.overwrite, inputs) as tmp:
-        write_hf_tokenizer_files(tmp, tok)
-        write_manifest(tmp)
+    save_tokenizer_dir(tok, args.out, overwrite=args.overwrite, inputs=inputs)
     ids = tok.special_ids
     print(f"tokenizer: {tok.vocab_size} tokens ({tok.vocab_size - len(ids)} merged + {len(ids)} special) "
           f"in {time.time() - t0:.1f}s -> {args.out}")
@@ -136,11 +133,11 @@ def cmd_convert_nanochat(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .modeldir import load_tokenizer, read_config
-    from .stages import describe_chain
+    from .stages import as_chain, describe_chain
 
-    config = read_config(args.model)
-    load_tokenizer(args.model, config)
-    info = describe_chain(args.model)
+    load_tokenizer(args.model, read_config(args.model))  # the directory's own files first: errors name them
+    chain = as_chain(args.model)
+    info = describe_chain(chain)
     files = {p.name: p.stat().st_size for p in sorted(Path(args.model).iterdir()) if p.is_file()}
     if args.json:
         print(json.dumps({**info, "files": files}, indent=2))
@@ -159,9 +156,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   f"+ {link['changed_embedding_rows']} changed embedding rows ({link['changed_embedding_params']:,} "
                   f"params) = delta {link['tensor_params'] - link['changed_embedding_rows']:,} params "
                   f"(+{link['changed_embedding_rows']} row ids)")
-    from .modeldir import load_model
-
-    print_param_table(load_model(args.model))
+    print_param_table(chain.model())
     for name, size in files.items():
         print(f"  {name:<28} {size:>12,} bytes")
     return 0
@@ -179,11 +174,12 @@ def cmd_digest(args: argparse.Namespace) -> int:
 
 def cmd_stage_attach(args: argparse.Namespace) -> int:
     from .outputs import chain_inputs, check_output
-    from .stages import attach, save_stage
+    from .stages import as_chain, attach, save_stage
 
-    check_output(args.out, chain_inputs(args.parent, "parent"), args.overwrite)
-    model, info = attach(args.parent, args.layers, seed=args.seed, chat_rows=not args.no_chat_rows)
-    out = save_stage(model, args.parent, args.out, args.name, overwrite=args.overwrite)
+    check_output(args.out, chain_inputs(args.parent, "parent"), args.overwrite)  # before reading anything big
+    parent = as_chain(args.parent)
+    model, info = attach(parent, args.layers, seed=args.seed, chat_rows=not args.no_chat_rows)
+    out = save_stage(model, parent, args.out, args.name, overwrite=args.overwrite)
     rows = f"; warm-initialised chat rows {info['chat_rows']}" if info["chat_rows"] else ""
     print(f"attached stage {args.name!r}: {args.layers} blocks after layer {info['parent_layers'] - 1} "
           f"(d{info['parent_layers']} -> d{model.config.n_layer}){rows} -> {out}")

@@ -47,16 +47,15 @@ from .infer.adaptive import AdaptiveDecoder, calibrate, save_calibration
 from .infer.engine import Engine, SamplingParams
 from .infer.speculative import SpeculativeDecoder
 from .core.model import PoEGPT
-from .core.files import write_manifest
 from .core.cascade import load_safetensors
 from .core.files import write_json
-from .modeldir import load_model, save_model_dir
-from .outputs import AtomicDir, check_output
-from .data.stdlib_code import code_instructions, write_jsonl
+from .modeldir import load_model, save_model_dir, save_tokenizer_dir
+from .outputs import check_output
+from .data.stdlib import code_instructions, write_jsonl
 from .stages import attach, check_preservation, save_stage
 from .train.sft import StageTrainArgs, stage_train
-from .tokenizer_files import write_hf_tokenizer_files
-from .tokenizer_train import stdlib_corpus, train_tokenizer
+from .data.stdlib import stdlib_corpus
+from .tokenizer_train import train_tokenizer
 from .train.pretrain import PretrainArgs, pretrain
 
 CORPUS_BYTES = 5_000_000
@@ -148,9 +147,7 @@ def run_demo(out: Path) -> dict:
     t0 = time.time()
     tok = train_tokenizer(paths, VOCAB_SIZE)
     train_s = time.time() - t0
-    with AtomicDir(out / "tokenizer", overwrite=True) as tmp:
-        write_hf_tokenizer_files(tmp, tok)
-        write_manifest(tmp)
+    save_tokenizer_dir(tok, out / "tokenizer", overwrite=True)
     texts = [Path(p).read_text(encoding="utf-8") for p in paths]
     encoded = tok.encode_batch(texts)
     bad = [p for p, text, ids in zip(paths, texts, encoded) if tok.decode(ids) != text]

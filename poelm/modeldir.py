@@ -1,18 +1,23 @@
-"""Model directories: write and read the Hugging Face style folder every poelm model lives in.
+"""Model directories: the one module that knows their layout, and writes and reads them.
 
-Design choices (FORMATS.md):
-- A directory holds `config.json` (every PoEConfig field plus the `transformers` keys), weights in
-  `model.safetensors` under nanochat's names, the tokenizer files, the remote-code files copied
-  verbatim from this package (the same model.py that poelm trains with), `generation_config.json`
-  and a generated `README.md` model card.
-- Writing is atomic (outputs.AtomicDir): everything goes to a temporary sibling folder that is
-  renamed into place at the end, so a failure never leaves a half-written model. An existing target
-  is replaced only when the caller asks (`overwrite=True`), and then only once the new folder is
-  complete. The last file written is `digests.json` (files.py): the size and digest of every file
-  and the model's content fingerprint, which every later read checks.
+Design choices (docs/formats.md):
+- A directory holds `config.json` (every PoEConfig field plus the `transformers` keys), its tensors
+  (`model.safetensors` for a base, `delta.safetensors` for a stage) under nanochat's names, the
+  tokenizer's files, `generation_config.json`, the shipped code (`poelm/core`, copied as a folder: the
+  same model.py poelm trains with), a generated `README.md` card, and last `digests.json`. Bases,
+  stages and tokenizer-only directories are written by one function (`write_directory`).
+- File names are defined once, in core/files.py (the shipped loaders need them too).
+- Writing is atomic (outputs.AtomicDir): everything goes to a temporary sibling folder renamed into
+  place at the end, so a failure never leaves a half-written model; an existing target is replaced
+  only when the caller asks (`overwrite=True`).
 - Reading is strict and pickle-free: every file is checked against the digests, and unknown config
   fields, missing or unexpected tensors and shape or dtype mismatches are errors that name the file
   and the tensor; a tokenizer whose vocabulary does not match the config is refused.
+- The tokenizer's transformers files (`tokenizer_config.json` with auto_map as the `[slow, fast]` list
+  transformers 5 unpacks, `special_tokens_map.json`, `chat_template.jinja`) are written by hand, so
+  their content is fixed by poelm rather than by a transformers version; the chat template renders the
+  chat format (docs/model.md) as text with literal special tokens, which PoelmTokenizer splits back
+  into ids, so `apply_chat_template(..., add_generation_prompt=True)` equals `Tokenizer.render_prompt`.
 """
 
 from __future__ import annotations
@@ -26,20 +31,50 @@ import torch
 from safetensors.torch import save_file
 
 from .card import model_card
-from .core.cascade import CONFIG, DTYPES, WEIGHTS, fingerprint_tensors, load_chain, load_safetensors
+from .core.cascade import DTYPES, fingerprint_tensors, load_chain, load_safetensors, open_chain
 from .core.config import PoEConfig
-from .core.files import read_json, write_json, write_manifest
 from .core.errors import PoelmError
+from .core.files import (CARD, CHAT_TEMPLATE_FILE, CONFIG, DELTA, GENERATION_CONFIG, SPECIAL_TOKENS_MAP,
+                         TOKEN_BYTES_FILE, TOKENIZER_CONFIG, TOKENIZER_FILE, WEIGHTS, read_json, write_json,
+                         write_manifest, write_text)
 from .core.model import PoEGPT
+from .core.tokenizer import SPECIAL_TOKENS, Tokenizer
 from .outputs import AtomicDir, Inputs
-from .core.tokenizer import Tokenizer
-from .tokenizer_files import write_hf_tokenizer_files
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "core"
-WEIGHTS_NAME = WEIGHTS
-CONFIG_NAME = CONFIG
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|assistant_end|>"
+PAD_TOKEN = "<|assistant_end|>"  # = eos: generate() then never masks a BOS (core/tokenization_poelm.py)
+
+CHAT_TEMPLATE = """\
+{%- set ns = namespace(system='', expect='user') -%}
+<|bos|>
+{%- for message in messages -%}
+    {%- if message['role'] == 'system' -%}
+        {%- if not loop.first -%}
+            {{- raise_exception('message ' ~ loop.index0 ~ ": role 'system' is only allowed as the first message") -}}
+        {%- endif -%}
+        {%- set ns.system = message['content'] + '\\n\\n' -%}
+    {%- elif message['role'] != ns.expect -%}
+        {{- raise_exception('message ' ~ loop.index0 ~ ": expected role '" ~ ns.expect ~ "', got '"
+                            ~ message['role'] ~ "'") -}}
+    {%- elif message['role'] == 'user' -%}
+        {{- '<|user_start|>' + ns.system + message['content'] + '<|user_end|>' -}}
+        {%- set ns.system = '' -%}
+        {%- set ns.expect = 'assistant' -%}
+    {%- else -%}
+        {{- '<|assistant_start|>' + message['content'] + '<|assistant_end|>' -}}
+        {%- set ns.expect = 'user' -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|assistant_start|>' -}}
+{%- endif -%}
+"""
 
 
+
+# --------------------------------------------------------------------------------------- writing
 def shipped_code_files() -> list[Path]:
     """The files every directory ships: all of `poelm/core` but its `__init__.py`."""
     return sorted(p for p in SHIPPED_DIR.glob("*.py") if p.name != "__init__.py")
@@ -51,7 +86,6 @@ def copy_shipped_code(directory: str | os.PathLike) -> None:
         shutil.copyfile(path, Path(directory) / path.name)
 
 
-# --------------------------------------------------------------------------------------- writing
 def hf_config_dict(config: PoEConfig, tokenizer: Tokenizer | None, dtype: str = "float32",
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """config.json: the poelm fields plus what `transformers` needs to find the remote code."""
@@ -73,11 +107,82 @@ def hf_config_dict(config: PoEConfig, tokenizer: Tokenizer | None, dtype: str = 
     return data
 
 
+def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
+    end = tokenizer.token_id("<|assistant_end|>")
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": [end, tokenizer.bos_id], "pad_token_id": end}
+
+
+def write_tokenizer_files(
+    directory: str | os.PathLike, tokenizer: Tokenizer, model_max_length: int | None = None
+) -> list[str]:
+    """Write the tokenizer's files into a directory (not its code, not its digests); return their names.
+
+    model_max_length: the model's context length, recorded for transformers' truncation warnings.
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save(directory)
+    specials = tokenizer.special_ids
+    named = {BOS_TOKEN, EOS_TOKEN, PAD_TOKEN}
+    extra = [t for t in SPECIAL_TOKENS if t not in named]
+    config = {
+        "tokenizer_class": "PoelmTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_poelm.PoelmTokenizer", None]},
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "extra_special_tokens": extra,
+        # Specials keep their ids and are never stripped or normalised (they split text verbatim).
+        "added_tokens_decoder": {
+            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                     "special": True}
+            for t, i in specials.items()
+        },
+        "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],
+    }
+    if model_max_length is not None:
+        config["model_max_length"] = int(model_max_length)
+    write_json(os.path.join(directory, TOKENIZER_CONFIG), config)
+    write_json(
+        os.path.join(directory, SPECIAL_TOKENS_MAP),
+        {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "extra_special_tokens": extra},
+    )
+    write_text(os.path.join(directory, CHAT_TEMPLATE_FILE), CHAT_TEMPLATE)
+    return [TOKENIZER_FILE, TOKEN_BYTES_FILE, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE_FILE]
+
+
+def write_directory(tmp: Path, tokenizer: Tokenizer, *, tensors_file: str | None = None,
+                    tensors: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
+                    config: dict[str, Any] | None = None, card: str | None = None,
+                    fingerprint: str | None = None) -> None:
+    """Fill a (temporary) directory: tensors, config and generation config (a model), the tokenizer's
+    files, the shipped code, the card, and last the digests of it all."""
+    if tensors is not None:
+        save_file(tensors, str(tmp / tensors_file), metadata={"format": "pt", **(metadata or {})})
+    if config is not None:
+        write_json(tmp / CONFIG, config)
+        write_json(tmp / GENERATION_CONFIG, generation_config(tokenizer))
+    write_tokenizer_files(tmp, tokenizer)
+    copy_shipped_code(tmp)
+    if card is not None:
+        write_text(tmp / CARD, card)
+    write_manifest(tmp, fingerprint=fingerprint)
+
+
+def save_tokenizer_dir(tokenizer: Tokenizer, out: str | os.PathLike, *, overwrite: bool = False,
+                       inputs: Inputs = ()) -> Path:
+    """A directory holding only a tokenizer (what `poelm tokenizer train` writes), atomically."""
+    with AtomicDir(out, overwrite, inputs) as tmp:
+        write_directory(tmp, tokenizer)
+    return Path(out)
+
+
 def save_model_dir(model: PoEGPT, out: str | os.PathLike, tokenizer: Tokenizer, *,
                    card: str | None = None, dtype: str = "float32", overwrite: bool = False,
                    extra_config: dict[str, Any] | None = None, inputs: Inputs = ()) -> Path:
-    """Write a complete, self-contained base model directory (FORMATS.md) atomically; `out` must not
-    overlap `inputs` (outputs.check_output)."""
+    """Write a complete, self-contained base model directory (docs/formats.md) atomically; `out` must
+    not overlap `inputs` (outputs.check_output)."""
     config = model.config
     if tokenizer.vocab_size != config.vocab_size:
         raise PoelmError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {config.vocab_size}")
@@ -86,17 +191,10 @@ def save_model_dir(model: PoEGPT, out: str | os.PathLike, tokenizer: Tokenizer, 
     with AtomicDir(out, overwrite, inputs) as tmp:
         tensors = {k: v.detach().to("cpu", DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        write_json(tmp / CONFIG_NAME, hf_config_dict(config, tokenizer, dtype, extra_config))
-        write_json(tmp / "generation_config.json", {
-            "bos_token_id": tokenizer.bos_id,
-            "eos_token_id": [tokenizer.token_id("<|assistant_end|>"), tokenizer.bos_id],
-            "pad_token_id": tokenizer.token_id("<|assistant_end|>"),  # = eos, as the tokenizer: no BOS ever masked
-        })
-        write_hf_tokenizer_files(tmp, tokenizer)
-        copy_shipped_code(tmp)
-        (tmp / "README.md").write_text(card if card is not None else model_card(model, tmp.name), encoding="utf-8")
-        write_manifest(tmp, fingerprint=fingerprint_tensors(tensors))
+        write_directory(tmp, tokenizer, tensors_file=WEIGHTS, tensors=tensors,
+                        config=hf_config_dict(config, tokenizer, dtype, extra_config),
+                        card=card if card is not None else model_card(model, Path(out).name),
+                        fingerprint=fingerprint_tensors(tensors))
     return Path(out)
 
 
@@ -105,7 +203,7 @@ def read_config(directory: str | os.PathLike) -> PoEConfig:
     """The directory's own config.json (checked against its digests), as a PoEConfig."""
     if not Path(directory).is_dir():
         raise PoelmError(f"{directory}: not a directory (expected a poelm model directory)")
-    path = Path(directory) / CONFIG_NAME
+    path = Path(directory) / CONFIG
     return PoEConfig.from_dict(read_json(path), source=str(path))
 
 
@@ -117,27 +215,6 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
     return load_chain(directory, device=device, dtype=dtype, verify=verify)
 
 
-def record_digests(directory: str | os.PathLike) -> dict[str, Any]:
-    """Re-record `digests.json` from the directory's files as they are now: after a deliberate edit, or
-    for a directory written before poelm recorded digests. A stage's fingerprint chains its parent's,
-    so the parent's chain is loaded (and verified) for it."""
-    from .core.cascade import DELTA, assemble, locate, resolve_chain
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise PoelmError(f"{directory}: not a directory")
-    fingerprint = None
-    if (directory / CONFIG_NAME).is_file():
-        data = read_json(directory / CONFIG_NAME, verify=False)
-        if data.get("base_model_name_or_path") is not None:
-            parent = locate(str(data["base_model_name_or_path"]), directory)
-            parent_print = assemble(resolve_chain(parent))[2][-1]
-            fingerprint = fingerprint_tensors(load_safetensors(directory / DELTA, verify=False), parent_print)
-        else:
-            fingerprint = fingerprint_tensors(load_safetensors(directory / WEIGHTS_NAME, verify=False))
-    return write_manifest(directory, fingerprint=fingerprint)
-
-
 def load_tokenizer(directory: str | os.PathLike, config: PoEConfig | None = None) -> Tokenizer:
     """The directory's tokenizer, checked against the model's vocabulary when a config is given."""
     tok = Tokenizer.load(directory)
@@ -145,3 +222,23 @@ def load_tokenizer(directory: str | os.PathLike, config: PoEConfig | None = None
         raise PoelmError(f"{directory}: tokenizer has {tok.vocab_size} tokens but config.json says "
                          f"vocab_size {config.vocab_size}")
     return tok
+
+
+def record_digests(directory: str | os.PathLike) -> dict[str, Any]:
+    """Re-record `digests.json` from the directory's files as they are now: after a deliberate edit, or
+    for a directory written before poelm recorded digests. A stage's fingerprint chains its parent's,
+    so the parent's chain is loaded (and verified) for it."""
+    from .core.cascade import locate
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PoelmError(f"{directory}: not a directory")
+    fingerprint = None
+    if (directory / CONFIG).is_file():
+        data = read_json(directory / CONFIG, verify=False)
+        if data.get("base_model_name_or_path") is not None:
+            parent = open_chain(locate(str(data["base_model_name_or_path"]), directory))
+            fingerprint = fingerprint_tensors(load_safetensors(directory / DELTA, verify=False), parent.fingerprint)
+        else:
+            fingerprint = fingerprint_tensors(load_safetensors(directory / WEIGHTS, verify=False))
+    return write_manifest(directory, fingerprint=fingerprint)

@@ -53,12 +53,13 @@ def check_output(out: str | os.PathLike, inputs: Inputs = (), overwrite: bool = 
         raise PoelmError(f"{out}: already exists (choose another --out, or pass --overwrite)")
 
 
-def chain_inputs(model_dir: str | os.PathLike, label: str = "model") -> list[tuple[str, Path]]:
-    """Every directory of a model's chain (the model, then its parents to the root) as inputs."""
-    from .core.cascade import resolve_chain
+def chain_inputs(model, label: str = "model") -> list[tuple[str, Path]]:
+    """Every directory of a model's chain (the model, then its parents to the root) as inputs; `model`
+    is a chain value (core/cascade.Chain) or a directory, whose links are then only located."""
+    from .core.cascade import Chain, resolve_chain
 
-    chain = resolve_chain(model_dir, verify=False)  # locations only; the load that follows verifies
-    return [(label if link.path == chain[-1].path else f"{label}'s ancestor", link.path) for link in chain[::-1]]
+    links = model.links if isinstance(model, Chain) else resolve_chain(model, verify=False)
+    return [(label if link.path == links[-1].path else f"{label}'s ancestor", link.path) for link in links[::-1]]
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -30,20 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from .card import model_card
-from .core.cascade import (CONFIG, DELTA, ROWS_IDS, ROWS_VALUES, Link, assemble, check_extends, fingerprint_tensors,
-                      read_json, resolve_chain)
+from .card import model_card, table
+from .core.cascade import ROWS_IDS, ROWS_VALUES, Chain, Link, check_extends, expected_delta, fingerprint_tensors, open_chain
 from .core.config import PoEConfig, windows_from_pattern
-from .core.files import verify_all, write_manifest
 from .core.errors import PoelmError
+from .core.files import DELTA, verify_all
 from .core.model import PoEGPT
-from .core.files import write_json
-from .modeldir import copy_shipped_code, hf_config_dict, load_model, load_tokenizer
-from .outputs import AtomicDir, chain_inputs, check_output
 from .core.tokenizer import Tokenizer
-from .tokenizer_files import write_hf_tokenizer_files
+from .modeldir import hf_config_dict, load_model, load_tokenizer, write_directory
+from .outputs import AtomicDir, chain_inputs, check_output
 
 # Where each chat token's embedding row is warm-initialised from (MODEL.md §3).
 CHAT_ROW_SOURCES = {
@@ -83,15 +79,20 @@ def warm_init_chat_rows(model: PoEGPT, tok: Tokenizer) -> list[int]:
     return ids
 
 
+def as_chain(chain: Chain | str | os.PathLike) -> Chain:
+    """A chain value, opened (and checked) once when given as a directory."""
+    return chain if isinstance(chain, Chain) else open_chain(chain)
+
+
 @torch.no_grad()
-def attach(parent_dir: str | os.PathLike, n_layers: int, seed: int = 0,
+def attach(parent: Chain | str | os.PathLike, n_layers: int, seed: int = 0,
            chat_rows: bool = True) -> tuple[PoEGPT, dict[str, Any]]:
-    """Assemble the parent and append a stage; returns the model and the facts `save_stage` records."""
-    chain = resolve_chain(parent_dir)
-    parent_config, tensors, prints = assemble(chain)
-    parent = PoEGPT(parent_config)
-    parent.load_state_dict(tensors)
-    tok = load_tokenizer(parent_dir, parent_config)
+    """Append a stage to the parent (a chain, or its directory); returns the model and the facts
+    `save_stage` records."""
+    chain = as_chain(parent)
+    parent_config = chain.config
+    parent = chain.model()
+    tok = chain.tokenizer()
     config = stage_config(parent_config, n_layers)
     model = PoEGPT(config)
     model.init_weights(seed)  # new blocks get nanochat's init (c_proj zero); everything else is copied
@@ -108,11 +109,11 @@ def attach(parent_dir: str | os.PathLike, n_layers: int, seed: int = 0,
         model.lm_head_fold.weight.copy_(head if not parent_config.head_fold else parent.lm_head_fold.weight + head)
     model.lm_head_stage.weight.zero_()
     initialised: list[int] = []
-    if chat_rows and not chat_rows_done(chain):
+    if chat_rows and not chat_rows_done(chain.links):
         initialised = warm_init_chat_rows(model, tok)
-    return model, {"parent_dir": str(parent_dir), "parent_fingerprint": prints[-1], "parent_layers": P,
+    return model, {"parent_dir": str(chain.path), "parent_fingerprint": chain.fingerprint, "parent_layers": P,
                    "stage_layers": n_layers, "chat_rows": initialised,
-                   "chat_rows_initialized": bool(initialised) or chat_rows_done(chain)}
+                   "chat_rows_initialized": bool(initialised) or chat_rows_done(chain.links)}
 
 
 def stage_parameter_names(model: PoEGPT) -> list[str]:
@@ -179,41 +180,34 @@ def delta_tensors(model: PoEGPT, parent: PoEGPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in delta.items()}
 
 
-def save_stage(model: PoEGPT, parent_dir: str | os.PathLike, out: str | os.PathLike, name: str, *,
+def save_stage(model: PoEGPT, parent: Chain | str | os.PathLike, out: str | os.PathLike, name: str, *,
                overwrite: bool = False, card: str | None = None, extra_config: dict[str, Any] | None = None,
                chat_rows_initialized: bool | None = None, card_kw: dict[str, Any] | None = None) -> Path:
-    """Write a stage directory (FORMATS.md) for `model`, a stage on `parent_dir`, atomically; `out` may
-    not overlap any directory of the parent's chain (outputs.check_output)."""
-    inputs = chain_inputs(parent_dir, "parent")
+    """Write a stage directory (docs/formats.md) for `model`, a stage on `parent` (a chain, or its
+    directory), atomically; `out` may not overlap any directory of the parent's chain."""
+    chain = as_chain(parent)
+    inputs = chain_inputs(chain, "parent")
     check_output(out, inputs, overwrite)
-    chain = resolve_chain(parent_dir)
-    parent_config, tensors, prints = assemble(chain)
-    parent = PoEGPT(parent_config)
-    parent.load_state_dict(tensors)
-    check_extends(parent_config, model.config, f"the model to save as a stage on {parent_dir}")
-    tok = load_tokenizer(parent_dir, parent_config)
-    delta = delta_tensors(model.to("cpu"), parent)
+    check_extends(chain.config, model.config, f"the model to save as a stage on {chain.path}")
+    tok = chain.tokenizer()
+    parent_model = chain.model()
+    delta = delta_tensors(model.to("cpu"), parent_model)
     out = Path(out)
-    reference = os.path.relpath(Path(parent_dir).resolve(), out.resolve().parent / out.name)
-    done = chat_rows_done(chain) or ROWS_IDS in delta if chat_rows_initialized is None else chat_rows_initialized
+    reference = os.path.relpath(chain.path.resolve(), out.resolve().parent / out.name)
+    done = chat_rows_done(chain.links) or ROWS_IDS in delta if chat_rows_initialized is None else chat_rows_initialized
     stage_fields = {
         "base_model_name_or_path": reference, "stage_name": name, "stage_layers": model.config.poe_stage_layers[-1],
-        "parent_fingerprint": prints[-1], "chat_rows": delta[ROWS_IDS].tolist() if ROWS_IDS in delta else [],
+        "parent_fingerprint": chain.fingerprint, "chat_rows": delta[ROWS_IDS].tolist() if ROWS_IDS in delta else [],
         "chat_rows_initialized": bool(done),
     }
     with AtomicDir(out, overwrite, inputs) as tmp:
-        save_file(delta, str(tmp / DELTA), metadata={
-            "format": "pt", "poelm": "stage-delta/1", "stage_name": name,
-            "parent_fingerprint": prints[-1], "parent_layers": str(parent_config.n_layer),
-            "stage_layers": str(model.config.poe_stage_layers[-1])})
-        write_json(tmp / CONFIG, hf_config_dict(model.config, tok, extra={**stage_fields, **(extra_config or {})}))
-        write_json(tmp / "generation_config.json", read_json(Path(parent_dir) / "generation_config.json")
-                   if (Path(parent_dir) / "generation_config.json").is_file() else {})
-        write_hf_tokenizer_files(tmp, tok)
-        copy_shipped_code(tmp)
-        (tmp / "README.md").write_text(card or stage_card(model, name, parent_dir, delta, **(card_kw or {})),
-                                       encoding="utf-8")
-        write_manifest(tmp, fingerprint=fingerprint_tensors(delta, prints[-1]))
+        write_directory(
+            tmp, tok, tensors_file=DELTA, tensors=delta,
+            metadata={"poelm": "stage-delta/1", "stage_name": name, "parent_fingerprint": chain.fingerprint,
+                      "parent_layers": str(chain.config.n_layer), "stage_layers": str(model.config.poe_stage_layers[-1])},
+            config=hf_config_dict(model.config, tok, extra={**stage_fields, **(extra_config or {})}),
+            card=card or stage_card(model, name, chain.path, delta, **(card_kw or {})),
+            fingerprint=fingerprint_tensors(delta, chain.fingerprint))
     return out
 
 
@@ -231,24 +225,23 @@ def stage_card(model: PoEGPT, name: str, parent_dir: str | os.PathLike, delta: d
             ("Shipped delta", f"{len(delta)} tensors, {sum(t.numel() for t in delta.values()):,} params, "
                               f"{sum(t.numel() * t.element_size() for t in delta.values()) / 1e6:.1f} MB "
                               f"({next(iter(delta.values())).dtype if delta else 'n/a'})")]
-    from .card import table
     return model_card(model, name, summary=f"A poelm specialist stage on `{parent_dir}`.\n\n"
                       + table(("Component", "Detail"), rows), **kw)
 
 
-def export_merged(directory: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+def export_merged(directory: Chain | str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Any chain as one standalone directory: the assembled weights in model.safetensors; `out` may not
     overlap any directory of the chain."""
     from .modeldir import save_model_dir
 
-    inputs = chain_inputs(directory)
+    chain = as_chain(directory)
+    inputs = chain_inputs(chain)
     check_output(out, inputs, overwrite)
-    model = load_model(directory)
-    tok = load_tokenizer(directory, model.config)
-    data = read_json(Path(directory) / CONFIG)
+    data = chain.links[-1].data
     provenance = {"exported_from": {k: data.get(k) for k in ("stage_name", "base_model_name_or_path",
                                                                "parent_fingerprint") if data.get(k) is not None}}
-    return save_model_dir(model, out, tok, overwrite=overwrite, extra_config={"training": provenance}, inputs=inputs)
+    return save_model_dir(chain.model(), out, chain.tokenizer(), overwrite=overwrite,
+                          extra_config={"training": provenance}, inputs=inputs)
 
 
 @torch.no_grad()
@@ -279,25 +272,24 @@ def check_preservation(base_dir: str | os.PathLike, stage_dir: str | os.PathLike
             "tokens": tokens, "base_stages": bc.n_stages}
 
 
-def describe_chain(directory: str | os.PathLike) -> dict[str, Any]:
+def describe_chain(directory: Chain | str | os.PathLike) -> dict[str, Any]:
     """For `poelm inspect`: every link of the chain with its parameters, tensors, bytes and fingerprint."""
-    chain = resolve_chain(directory)
-    config, _, prints = assemble(chain)  # verifies every fingerprint, name and shape on the way
+    chain = as_chain(directory)  # verifies every file, fingerprint, name and shape on the way
     links = []
     prev = None
-    for link, fp in zip(chain, prints):
+    for link, fp in zip(chain.links, chain.fingerprints):
         c = link.config
-        tensors = link.tensors()
-        path = link.path / (DELTA if link.is_stage else "model.safetensors")
+        tensors = link.tensors(verify=False)  # verified when the chain was opened
+        path = link.tensor_file
         verified = verify_all(link.path)  # every file the directory records, not only what a load reads
         entry = {"path": str(link.path), "kind": "stage" if link.is_stage else "base", "files_verified": verified,
                  "name": link.data.get("stage_name", link.path.name), "n_layer": c.n_layer,
                  "stages": c.poe_stage_layers, "tensors": len(tensors),
                  "tensor_params": sum(t.numel() for t in tensors.values()),
-                 "bytes_on_disk": path.stat().st_size, "fingerprint": fp, "fingerprint_verified": True}
+                 "bytes_on_disk": path.stat().st_size, "fingerprint": fp}
         if link.is_stage:
             n_new = c.n_layer - prev.n_layer
-            block = sum(int(torch.Size(s).numel()) for s in expected_delta_shapes(c, prev).values())
+            block = sum(int(torch.Size(s).numel()) for s in expected_delta(prev, c).values())
             rows = int(tensors[ROWS_VALUES].numel()) if ROWS_VALUES in tensors else 0
             entry.update(parent=link.data["base_model_name_or_path"], parent_fingerprint=link.data["parent_fingerprint"],
                          new_layers=n_new, trainable_params=block, changed_embedding_rows=len(tensors.get(ROWS_IDS, [])),
@@ -308,11 +300,5 @@ def describe_chain(directory: str | os.PathLike) -> dict[str, Any]:
         links.append(entry)
         prev = c
     with torch.device("meta"):
-        total = PoEGPT(config).num_params()
-    return {"directory": str(directory), "links": links, "assembled_params": total, "config": config.to_dict()}
-
-
-def expected_delta_shapes(config: PoEConfig, parent: PoEConfig) -> dict[str, tuple[int, ...]]:
-    from .core.cascade import expected_delta
-
-    return expected_delta(parent, config)
+        total = PoEGPT(chain.config).num_params()
+    return {"directory": str(chain.path), "links": links, "assembled_params": total, "config": chain.config.to_dict()}

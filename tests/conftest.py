@@ -2,7 +2,7 @@
 
 - `tiny_tokenizer` (session): a poelm Tokenizer, vocab 512 (503 BPE tokens + 9 specials, so
   <|bos|> = 503), trained on a fixed generated corpus; identical on every run.
-- `tiny_tokenizer_dir` (session): a directory written by `write_hf_tokenizer_files` for it
+- `tiny_tokenizer_dir` (session): a tokenizer directory written by `save_tokenizer_dir` for it
   (AutoTokenizer-loadable with trust_remote_code=True; no model files).
 """
 
@@ -57,13 +57,9 @@ def tiny_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tiny_tokenizer, tmp_path_factory):
-    from poelm.core.files import write_manifest
-    from poelm.tokenizer_files import write_hf_tokenizer_files
+    from poelm.modeldir import save_tokenizer_dir
 
-    directory = tmp_path_factory.mktemp("tiny_tokenizer_dir")
-    write_hf_tokenizer_files(directory, tiny_tokenizer)
-    write_manifest(directory)  # as `poelm tokenizer train` writes it
-    return directory
+    return save_tokenizer_dir(tiny_tokenizer, tmp_path_factory.mktemp("tiny_tokenizer_dir"), overwrite=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,13 +89,9 @@ def seed_vocab_tokenizer(tiny_tokenizer):
 def seed_model_dir(seed_vocab_tokenizer, tmp_path_factory):
     """`poelm init` itself (the command's code path), on the seed-vocabulary tokenizer."""
     from poelm.cli import main
-    from poelm.tokenizer_files import write_hf_tokenizer_files
+    from poelm.modeldir import save_tokenizer_dir
 
-    from poelm.core.files import write_manifest
-
-    tok_dir = tmp_path_factory.mktemp("seed_tokenizer")
-    write_hf_tokenizer_files(tok_dir, seed_vocab_tokenizer)
-    write_manifest(tok_dir)
+    tok_dir = save_tokenizer_dir(seed_vocab_tokenizer, tmp_path_factory.mktemp("seed_tokenizer"), overwrite=True)
     out = tmp_path_factory.mktemp("models") / "init"
     code = main(["init", "--tokenizer", str(tok_dir), "--depth", "2", "--n-embd", "64", "--n-head", "2",
                  "--n-kv-head", "1", "--seq-len", "256", "--out", str(out)])

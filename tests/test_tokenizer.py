@@ -21,7 +21,9 @@ import torch
 from poelm.core.errors import PoelmError
 from poelm.core.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, TOKEN_BYTES_FILE, TOKENIZER_FILE, StreamDecoder, Tokenizer
 from poelm.modeldir import shipped_code_files
-from poelm.tokenizer_train import load_nanochat_tokenizer, stdlib_corpus, train_tokenizer
+from poelm.convert import load_nanochat_tokenizer
+from poelm.data.stdlib import stdlib_corpus
+from poelm.tokenizer_train import train_tokenizer
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 MIXED = "naïve café — 日本語 данные 😀👍🏽 \t\r\n  x=3.14159; y = 1234567890 + 007\n<|bos|><|assistant_end|>"

@@ -36,16 +36,12 @@ from typing import Any
 import torch
 
 from .config import PoEConfig
-from .files import read_json, read_manifest, verify_file, verifying, warn_unverified
+from .files import (CONFIG, DELTA, TOKENIZER_FILE, WEIGHTS, read_json, read_manifest, verify_file, verifying,
+                    warn_unverified)
 from .errors import PoelmError
 from .model import PoEGPT
+from .tokenizer import Tokenizer
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
-DELTA = "delta.safetensors"
-TOKENIZER = "poelm_tokenizer.json"
-BLOCK_TENSORS = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight",
-                 "mlp.c_fc.weight", "mlp.c_proj.weight")
 ROWS_IDS, ROWS_VALUES = "wte_rows.ids", "wte_rows.values"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -210,7 +206,7 @@ def check_extends(parent: PoEConfig, config: PoEConfig, source: str) -> None:
 
 
 def check_tokenizer(parent: Path, stage: Path, verify: bool = True) -> None:
-    a, b = parent / TOKENIZER, stage / TOKENIZER
+    a, b = parent / TOKENIZER_FILE, stage / TOKENIZER_FILE
     if not (a.is_file() and b.is_file()):
         return
     if verify:
@@ -270,15 +266,52 @@ def assemble(chain: list[Link], verify: bool = True) -> tuple[PoEConfig, dict[st
     return config, tensors, prints
 
 
+@dataclass
+class Chain:
+    """A resolved, checked chain, built once and passed along: its links (root first), the assembled
+    config and tensors, and every link's fingerprint (the last is the leaf's own)."""
+
+    links: list[Link]
+    config: PoEConfig
+    tensors: dict[str, torch.Tensor]
+    fingerprints: list[str]
+
+    @property
+    def path(self) -> Path:
+        return self.links[-1].path
+
+    @property
+    def fingerprint(self) -> str:
+        return self.fingerprints[-1]
+
+    def model(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> PoEGPT:
+        """The assembled model (a fresh module each call; the tensors are copied in)."""
+        with torch.device("meta"):
+            model = PoEGPT(self.config)
+        check_state_dict(model.state_dict(), self.tensors, f"{self.path} (assembled chain)")
+        model = model.to_empty(device=device)
+        model.load_state_dict(self.tensors, strict=True)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.eval()
+
+    def tokenizer(self) -> Tokenizer:
+        """The leaf's tokenizer (checked against its digests), which must fit the model's vocabulary."""
+        tok = Tokenizer.load(self.path)
+        if tok.vocab_size != self.config.vocab_size:
+            raise PoelmError(f"{self.path}: tokenizer has {tok.vocab_size} tokens but config.json says "
+                             f"vocab_size {self.config.vocab_size}")
+        return tok
+
+
+def open_chain(directory: str | os.PathLike, verify: bool = True) -> Chain:
+    """Resolve and assemble any base or stage directory, every link checked (content included)."""
+    links = resolve_chain(directory, verify)
+    config, tensors, prints = assemble(links, verify)
+    return Chain(links, config, tensors, prints)
+
+
 def load_chain(directory: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, verify: bool = True) -> PoEGPT:
     """The assembled model of any base or stage directory, checked link by link (content included)."""
-    config, tensors, _ = assemble(resolve_chain(directory, verify), verify)
-    with torch.device("meta"):
-        model = PoEGPT(config)
-    check_state_dict(model.state_dict(), tensors, f"{directory} (assembled chain)")
-    model = model.to_empty(device=device)
-    model.load_state_dict(tensors, strict=True)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval()
+    return open_chain(directory, verify).model(device, dtype)

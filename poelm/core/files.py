@@ -41,12 +41,23 @@ import xxhash
 
 from .errors import PoelmError
 
+# The files of a poelm directory (docs/formats.md), named here once.
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"  # a base's tensors
+DELTA = "delta.safetensors"  # a stage's tensors
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_FILE = "poelm_tokenizer.json"
+TOKEN_BYTES_FILE = "token_bytes.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CARD = "README.md"
 MANIFEST = "digests.json"
 FORMAT = "poelm-digests"
 FORMAT_VERSION = 1
 ALGORITHM = "xxh3_128"
 UNLISTED_SUFFIXES = (".py", ".tmp")
-UNLISTED_NAMES = frozenset({MANIFEST, "README.md"})
+UNLISTED_NAMES = frozenset({MANIFEST, CARD})
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 import tiktoken
 
-from .files import read_json, read_manifest, record_files, warn_unverified, write_text
+from .files import TOKEN_BYTES_FILE, TOKENIZER_FILE, read_json, read_manifest, record_files, warn_unverified, write_text
 from .errors import PoelmError
 
 # nanochat's pre-tokenization regex (GPT-4's, with numbers in groups of 1-2 digits).
@@ -55,8 +55,6 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|output_end|>",
 )
 
-TOKENIZER_FILE = "poelm_tokenizer.json"
-TOKEN_BYTES_FILE = "token_bytes.json"
 FORMAT_NAME = "poelm-tokenizer"
 TOKEN_BYTES_FORMAT_NAME = "poelm-token-bytes"
 FORMAT_VERSION = 1

@@ -26,13 +26,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..core.cascade import CONFIG, locate
-from ..core.files import read_json
+from ..core.cascade import open_chain
+from ..core.files import CONFIG
 from ..data.chat import (ChatLoader, build_mixture, eval_batches, load_conversations, pack, parse_spec,
                          render_conversations)
 from ..core.errors import PoelmError
 from ..eval.bpb import bpb_from_sums, bpb_sums
-from ..modeldir import load_model, load_tokenizer
 from ..optim import build_optimizer
 from ..outputs import chain_inputs, check_output
 from ..stages import freeze_for_stage, save_stage
@@ -73,14 +72,6 @@ class StageTrainArgs:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def parent_of(stage_dir: str | Path) -> Path:
-    """The directory the stage was attached to (its base_model_name_or_path, resolved)."""
-    data = read_json(Path(stage_dir) / CONFIG)
-    if data.get("base_model_name_or_path") is None:
-        raise PoelmError(f"{Path(stage_dir) / CONFIG}: not a stage directory (attach one with `poelm stage attach`)")
-    return locate(str(data["base_model_name_or_path"]), Path(stage_dir)).resolve()
-
-
 def stage_train(args: StageTrainArgs) -> dict[str, Any]:
     return run_distributed(args.device, _stage_train, args)
 
@@ -91,10 +82,13 @@ def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
     # The run folder holds checkpoints (resume) and final/ + best/: never inside or around an input.
     check_output(args.out, chain_inputs(args.stage, "stage") + [("data", parse_spec(s)[0]) for s in args.data],
                  overwrite=True)
-    parent_dir = parent_of(args.stage)
-    model = load_model(args.stage)
+    chain = open_chain(args.stage)  # the stage and its whole chain, checked once
+    stage = chain.links[-1]
+    if not stage.is_stage:
+        raise PoelmError(f"{stage.path / CONFIG}: not a stage directory (attach one with `poelm stage attach`)")
+    model = chain.model()
     config = model.config
-    tok = load_tokenizer(args.stage, config)
+    tok = chain.tokenizer()
     seq_len = resolve_seq_len(args.seq_len, config.sequence_len)
     if (args.steps is None) == (args.epochs is None):
         raise PoelmError("give exactly one of --steps and --epochs")
@@ -123,7 +117,7 @@ def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
     if ckpt is None:
         record_run(d, run_dir, recorded)
     first = config.n_layer - config.poe_stage_layers[-1]
-    rows = read_json(Path(args.stage) / CONFIG).get("chat_rows") or None
+    rows = stage.data.get("chat_rows") or None
     partial = freeze_for_stage(model, rows if args.train_chat_rows else None)
     frozen = 0 if args.train_chat_rows else first  # chat rows learn only through the trunk's backward
     model.to(d.device)
@@ -202,12 +196,13 @@ def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
         cpu = model.to("cpu")
         final = {n: cpu.get_parameter(n).detach().clone() for n in trainable_names}
         training = training_rows(args, mixture, train_rows, seq_len, tokens_per_step, world, result)
-        name = read_json(Path(args.stage) / CONFIG).get("stage_name", Path(args.stage).name)
+        name = stage.data.get("stage_name", stage.path.name)
+        parent = open_chain(chain.links[-2].path)  # what final/ and best/ are deltas against
         for which, weights, step in (("final", final, result.step), ("best", loop.best_weights(), result.best_step)):
             with torch.no_grad():
                 for n, v in weights.items():
                     cpu.get_parameter(n).copy_(v)
-            save_stage(cpu, parent_dir, run_dir / which, name, overwrite=True,
+            save_stage(cpu, parent, run_dir / which, name, overwrite=True,
                        card_kw={"training": training + [("Exported step", step)], "evals": evals,
                                 "best_step": result.best_step, "best_key": "stage"},
                        extra_config={"training": {"run_dir": str(run_dir), "step": step}})

@@ -1,6 +1,7 @@
-"""A code-instruction set built from the Python standard library itself (the demo's SFT data).
+"""The Python standard library as the embedded default data: present on any machine with Python, offline.
 
-Every module-level function with a docstring becomes one conversation in the Magicoder /
+- `stdlib_corpus`: its own source files as a text corpus (the demo's tokenizer and pretraining text).
+- `code_instructions`: a code-instruction set (the demo's SFT data). Every module-level function with a docstring becomes one conversation in the Magicoder /
 Evol-Instruct shape: instruction "Write a Python function `name(args)` that <the docstring's first
 sentence>", response: the function's source. Deterministic (sorted files, source order), offline,
 present on any machine with Python. Functions whose source is longer than `max_chars` are skipped so
@@ -13,9 +14,30 @@ import ast
 import json
 import os
 import re
+import sysconfig
 from pathlib import Path
 
 from ..core.files import write_text
+from .text import as_text, walk_files
+
+
+def stdlib_corpus(max_bytes: int) -> list[str]:
+    """A deterministic corpus: the standard library's own non-empty UTF-8 .py files in sorted path
+    order, up to about `max_bytes` in total (the first file that crosses the limit is included).
+    Empty files (many `__init__.py`) are left out: an empty file named as an input is an error."""
+    root = sysconfig.get_paths()["stdlib"]
+    out, total = [], 0
+    candidates = walk_files(root, prune=frozenset({"site-packages", "dist-packages", "__pycache__"}))
+    for path in sorted(p for p in candidates if p.endswith(".py")):
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data or as_text(data) is None:  # a few test files are deliberately in other encodings
+            continue
+        out.append(path)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    return out
 
 
 def first_sentence(doc: str) -> str | None:
