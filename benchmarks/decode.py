@@ -24,10 +24,10 @@ import time
 
 import torch
 
-from poelm.infer.adaptive import AdaptiveDecoder, load_calibration
-from poelm.infer.engine import Engine, SamplingParams
 from poelm.core.errors import PoelmError
-from poelm.infer.speculative import SpeculativeDecoder, compare_with_engine
+from poelm.infer import DecodeMode, SamplingParams, make_decoder
+from poelm.infer.adaptive import AdaptiveDecoder, load_calibration
+from poelm.infer.speculative import compare_with_engine
 from poelm.modeldir import load_model, load_tokenizer
 
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self", "import os\n\ndef walk(", "    return self."]
@@ -52,12 +52,14 @@ def main() -> None:
     model, tok = load_model(args.model), load_tokenizer(args.model)
     prompts = [[tok.bos_id] + tok.encode(t) for t in PROMPTS]
     n = args.new_tokens
-    engine = Engine(model, tok, stop_ids=set())  # no early stop: every setting decodes n tokens
     greedy = SamplingParams(max_new_tokens=n)
-    rows, reference = {}, None
+    rows = {}
 
-    def all_prompts(fn):
-        return [fn(ids) for ids in prompts]
+    def decoder(mode: DecodeMode):  # no early stop: every setting decodes n tokens
+        return make_decoder(model, mode, stop_ids=set(), model_dir=args.model)
+
+    def all_prompts(dec):
+        return [dec.generate(ids, greedy) for ids in prompts]
 
     from transformers import AutoModelForCausalLM
 
@@ -69,51 +71,34 @@ def main() -> None:
                               pad_token_id=tok.token_id("<|assistant_end|>"))
         return out[0, len(ids):].tolist()
 
-    seconds, _ = timed(lambda: all_prompts(hf_generate), args.rounds)
+    seconds, _ = timed(lambda: [hf_generate(ids) for ids in prompts], args.rounds)
     rows["transformers generate"] = {"tok_per_s": n * len(prompts) / seconds}
-    seconds, reference = timed(lambda: all_prompts(lambda ids: engine.generate(ids, greedy)), args.rounds)
+    engine = decoder(DecodeMode())
+    seconds, reference = timed(lambda: all_prompts(engine), args.rounds)
     rows["engine (full depth)"] = {"tok_per_s": n * len(prompts) / seconds}
     for k in range(model.config.n_stages - 1):
-        seconds, _ = timed(lambda: all_prompts(lambda ids: engine.generate(ids, greedy, exit_stage=k)), args.rounds)
+        exit_k = decoder(DecodeMode(exit_stage=k))
+        seconds, _ = timed(lambda: all_prompts(exit_k), args.rounds)
         rows[f"engine exit stage {k}"] = {"tok_per_s": n * len(prompts) / seconds}
     for s in range(model.config.n_stages - 1):
         for k in (2, 4, 6):
-            def spec(ids, s=s, k=k):
-                dec = SpeculativeDecoder(model, s, k)
-                out = dec.generate(ids, n)
-                stats.append(dec.stats)
-                return out
-            stats: list = []
+            spec = decoder(DecodeMode(speculative=k, draft_stage=s))  # its stats accumulate over the rounds
             seconds, outs = timed(lambda: all_prompts(spec), args.rounds)
-            drafted = sum(st.drafted for st in stats)
+            st = spec.stats
             rows[f"speculative S={s} K={k}"] = {
-                "tok_per_s": n * len(prompts) / seconds,
-                "acceptance": sum(st.accepted for st in stats) / max(drafted, 1),
-                "tokens_per_verification": sum(st.emitted for st in stats) / max(sum(st.rounds for st in stats), 1),
-                "greedy_identical": outs == reference}
-    def logop_greedy(ids):
-        seq = list(ids)
-        with torch.no_grad():
-            for _ in range(n):
-                seq.append(int(model(torch.tensor([seq]), output="logop").logits[0, -1].argmax()))
-        return seq[len(ids):]
-
-    logop_reference = all_prompts(logop_greedy)
+                "tok_per_s": n * len(prompts) / seconds, "acceptance": st.acceptance,
+                "tokens_per_verification": st.tokens_per_verification, "greedy_identical": outs == reference}
+    logop_reference = all_prompts(decoder(DecodeMode(output="logop")))
     try:
         bounds = load_calibration(args.model, model.config.n_stages)
     except PoelmError as e:
         print(f"adaptive rows skipped: {e}")
         bounds = None
     for scale in (1, 2, 4) if bounds is not None else ():
-        def adaptive(ids, scale=scale):
-            dec = AdaptiveDecoder(model, [b * scale for b in bounds])
-            out = dec.generate(ids, n)
-            hist.append(dec.stats.exits)
-            return out
-        hist: list = []
+        adaptive = AdaptiveDecoder(model, [b * scale for b in bounds], set())  # scaled: built here, not from a mode
         seconds, outs = timed(lambda: all_prompts(adaptive), args.rounds)
         same = sum(a == b for o, r in zip(outs, logop_reference) for a, b in zip(o, r))
-        exits = [sum(h[k] for h in hist) for k in range(model.config.n_stages)]
+        exits = [e // args.rounds for e in adaptive.stats.exits]
         rows[f"adaptive bounds x{scale}"] = {"tok_per_s": n * len(prompts) / seconds,
                                              "top1_agreement": same / (n * len(prompts)), "exits": exits}
     bf16 = load_model(args.model, dtype=torch.bfloat16)

@@ -245,105 +245,55 @@ def _sampling_params(args: argparse.Namespace, seed_offset: int = 0):
                           seed=args.seed + seed_offset)
 
 
-def _load_engine(args: argparse.Namespace):
-    from .infer import Engine
+def _decode_mode(args: argparse.Namespace):
+    from .infer import DecodeMode
+
+    return DecodeMode(exit_stage=args.exit_stage, speculative=args.speculative, draft_stage=args.draft_stage,
+                      adaptive=args.adaptive, compose=tuple(args.compose or ()),
+                      compose_weights=tuple(args.compose_weights) if args.compose_weights else None,
+                      output=args.poe_output)
+
+
+def _load_decoder(args: argparse.Namespace, params):
+    """The model, its tokenizer and the decoder the flags name; bad flags fail before the model loads."""
+    from .infer import make_decoder
     from .modeldir import load_model, load_tokenizer, read_config
 
+    mode = _decode_mode(args)
+    mode.check(params)
     config = read_config(args.model)  # a missing or bad directory fails here, naming it
-    if args.exit_stage is not None and not 0 <= args.exit_stage < config.n_stages:
-        raise PoelmError(f"--exit-stage {args.exit_stage}: {args.model} has stages 0..{config.n_stages - 1}")
     tok = load_tokenizer(args.model, config)
-    model = load_model(args.model).eval()
-    return Engine(model, tok, output=args.poe_output), tok
+    return make_decoder(load_model(args.model), mode, tokenizer=tok, model_dir=args.model), tok
 
 
-def _make_decoder(args: argparse.Namespace, engine):
-    """The chosen decoding mode as `decode(ids, params) -> (token stream, stats line)`, built once
-    (sibling models for --compose and calibration bounds for --adaptive are loaded here)."""
-    modes = [args.speculative is not None, args.adaptive, bool(getattr(args, "compose", None))]
-    if sum(modes) > 1:
-        raise PoelmError("choose one of --speculative, --adaptive and --compose")
-    if args.draft_stage is not None and args.speculative is None:
-        raise PoelmError("--draft-stage goes with --speculative K")
-    greedy_only = "drop --top-k, --top-p, --repetition-penalty and --exit-stage"
-    if args.speculative is not None:
-        from .infer.speculative import SpeculativeDecoder
-
-        if args.top_k is not None or args.top_p is not None or args.repetition_penalty != 1 or \
-                args.exit_stage is not None:
-            raise PoelmError(f"--speculative takes --temperature only (greedy at 0, else the speculative sampling "
-                             f"rule): {greedy_only}")
-        if args.draft_stage is None:
-            raise PoelmError("--speculative K needs --draft-stage S")
-        SpeculativeDecoder(engine.model, args.draft_stage, args.speculative)  # check S and K before any prompt
-
-        def decode(ids, params):
-            dec = SpeculativeDecoder(engine.model, args.draft_stage, args.speculative, engine.stop_ids,
-                                     temperature=params.temperature, seed=params.seed, output=engine.output)
-            return dec.stream(ids, params.max_new_tokens), lambda: (
-                f"draft stage {args.draft_stage}, K={args.speculative}: acceptance {dec.stats.acceptance:.1%}, "
-                f"{dec.stats.tokens_per_verification:.2f} tokens per verification")
-        return decode
-    if args.adaptive:
-        from .infer.adaptive import AdaptiveDecoder, load_calibration
-
-        if args.temperature != 0 or args.top_k is not None or args.top_p is not None or \
-                args.repetition_penalty != 1 or args.exit_stage is not None or args.poe_output == "last":
-            raise PoelmError(f"--adaptive decodes the Log-OP greedily: drop --temperature and --poe-output last "
-                             f"too; {greedy_only}")
-        bounds = load_calibration(args.model, engine.model.config.n_stages)
-
-        def decode(ids, params):
-            dec = AdaptiveDecoder(engine.model, bounds, engine.stop_ids)
-            return dec.stream(ids, params.max_new_tokens), lambda: f"Log-OP, exits per stage {dec.stats.histogram()}"
-        return decode
-    if getattr(args, "compose", None):
-        from .compose import Composition, stream_composed
-
-        comp = Composition([args.model, *args.compose], args.compose_weights, output=engine.output)
-
-        def decode(ids, params):
-            return stream_composed(comp, ids, params, engine.stop_ids), lambda: (
-                f"{len(comp.models)} siblings over one trunk pass per token, weights {comp.weights}")
-        return decode
-
-    def decode(ids, params):
-        return engine.stream(ids, params, args.exit_stage), lambda: (
-            f"prompt {engine.last_stats.prompt_tokens} tokens" + (f", exit stage {args.exit_stage}"
-                                                                 if args.exit_stage is not None else ""))
-    return decode
-
-
-def _stream_answer(decode, tok, stop_ids: set[int], ids: list[int], params) -> list[int]:
+def _stream_answer(decoder, tok, ids: list[int], params) -> list[int]:
     """Print the answer as it comes (whole characters only; stop tokens not printed); its ids back."""
     import time
 
     t0 = time.time()
-    stream, stats = decode(ids, params)
-    decoder, out, n = tok.stream_decoder(), [], 0
-    for token in stream:
+    text, out, n = tok.stream_decoder(), [], 0
+    for token in decoder.stream(ids, params):
         n += 1
-        if token in stop_ids:
+        if token in decoder.stop_ids:
             continue  # the stream ends right after it
         out.append(token)
-        sys.stdout.write(decoder.push(token))
+        sys.stdout.write(text.push(token))
         sys.stdout.flush()
-    sys.stdout.write(decoder.flush() + "\n")
+    sys.stdout.write(text.flush() + "\n")
     sys.stdout.flush()
     seconds = time.time() - t0
-    print(f"{n} tokens in {seconds:.2f}s ({n / max(seconds, 1e-9):.1f} tok/s); {stats()}", file=sys.stderr)
+    print(f"{n} tokens in {seconds:.2f}s ({n / max(seconds, 1e-9):.1f} tok/s); {decoder.describe()}", file=sys.stderr)
     return out
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling_params(args)  # bad flags fail before the model loads
-    engine, tok = _load_engine(args)
-    decode = _make_decoder(args, engine)
+    decoder, tok = _load_decoder(args, params)
     if args.chat:
         ids = tok.render_prompt([{"role": "user", "content": args.prompt}])
     else:
         ids = [tok.bos_id] + tok.encode(args.prompt)
-    _stream_answer(decode, tok, engine.stop_ids, ids, params)
+    _stream_answer(decoder, tok, ids, params)
     return 0
 
 
@@ -376,9 +326,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    _sampling_params(args)
-    engine, tok = _load_engine(args)
-    decode = _make_decoder(args, engine)
+    decoder, tok = _load_decoder(args, _sampling_params(args))
     interactive = sys.stdin.isatty()
     messages: list[dict] = []
     turn = 0
@@ -395,11 +343,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": text})
         ids = tok.render_prompt(messages)
         # Past the context: drop the oldest exchange (user + assistant) until the prompt leaves room.
-        while len(ids) >= engine.config.sequence_len and len(messages) > 1:
+        while len(ids) >= decoder.config.sequence_len and len(messages) > 1:
             messages = messages[2:]
             ids = tok.render_prompt(messages)
         # A new seed per turn, so repeated questions do not replay the same random stream.
-        answer = _stream_answer(decode, tok, engine.stop_ids, ids, _sampling_params(args, turn))
+        answer = _stream_answer(decoder, tok, ids, _sampling_params(args, turn))
         messages.append({"role": "assistant", "content": tok.decode(answer)})
         turn += 1
 

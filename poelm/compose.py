@@ -14,8 +14,8 @@ Design choices:
   or the Log-OP of its stages under `poe_output="logop"`). They combine as a weighted Log-OP:
   score = sum_i w_i log_softmax(predictor_i), renormalised with logsumexp; with one sibling (any
   weight) it is exactly that sibling's distribution.
-- Decoding (`stream_composed`) is uncached: the siblings' caches would have to share the trunk's.
-  Requests are checked by the engine's `check_request`.
+- Decoding (`ComposedDecoder`) follows the decoder protocol; it is uncached: the siblings' caches
+  would have to share the trunk's.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import torch.nn.functional as F
 
 from .core.cascade import CONFIG
 from .core.files import read_json
-from .core.config import POE_OUTPUTS
 from .core.errors import PoelmError
+from .infer.decoder import Decoder, check_output_name
+from .infer.sampling import SamplingParams, sample_next
 from .modeldir import load_model
 
 
@@ -43,8 +44,7 @@ class Composition:
         self.weights = list(weights) if weights is not None else [1.0] * len(stage_dirs)
         if len(self.weights) != len(stage_dirs):
             raise PoelmError(f"{len(self.weights)} weights for {len(stage_dirs)} stages")
-        if output is not None and output not in POE_OUTPUTS:
-            raise PoelmError(f"output={output!r}: expected one of {', '.join(POE_OUTPUTS)}")
+        check_output_name(output)
         parents = []
         for d in stage_dirs:
             data = read_json(Path(d) / CONFIG)
@@ -97,33 +97,25 @@ class Composition:
         return F.log_softmax(score, dim=-1)
 
 
-def generate_composed(comp: Composition, prompt_ids: list[int], params, stop_ids: set[int]) -> list[int]:
-    return list(stream_composed(comp, prompt_ids, params, stop_ids))
+class ComposedDecoder(Decoder):
+    """Decoding from a composition (the decoder protocol, infer/decoder.py): every step runs the trunk
+    once per group and each sibling's own blocks, combines in log space, and picks with the engine's
+    sampling rules. Uncached: the siblings' caches would have to share the trunk's."""
 
+    def __init__(self, comp: Composition, tokenizer=None, stop_ids: set[int] | None = None):
+        super().__init__(comp.models[0], tokenizer, stop_ids=stop_ids, output=comp.output)
+        self.comp = comp
+        self.name = f"{len(comp.models)} siblings over one trunk pass per token, weights {comp.weights}"
 
-def stream_composed(comp: Composition, prompt_ids: list[int], params, stop_ids: set[int]):
-    """Decode from the composition, yielding each token: every step runs the trunk once per group and
-    each sibling's own blocks, combines in log space, and picks with the engine's sampling rules."""
-    from .infer.engine import check_request
-
-    prompt_ids = list(prompt_ids)
-    check_request(comp.models[0].config, prompt_ids, params.max_new_tokens)
-    return _stream(comp, prompt_ids, params, stop_ids)
-
-
-def _stream(comp: Composition, prompt_ids: list[int], params, stop_ids: set[int]):
-    from .infer.engine import sample_next
-
-    device = comp.models[0].lm_head.weight.device
-    g = torch.Generator(device=device).manual_seed(params.seed)
-    seq, produced = list(prompt_ids), 0
-    limit = comp.models[0].config.sequence_len
-    while produced < params.max_new_tokens and len(seq) < limit:
-        with torch.no_grad():
-            scores = comp.log_probs(torch.tensor([seq], device=device))[0, -1]
-        token = sample_next(scores, torch.tensor(seq, device=device), params, g)
-        seq.append(token)
-        produced += 1
-        yield token
-        if token in stop_ids:
-            return
+    def _stream(self, prompt_ids: list[int], params: SamplingParams):
+        generator = self._generator(params)
+        seq, produced = list(prompt_ids), 0
+        while produced < params.max_new_tokens and len(seq) < self.config.sequence_len:
+            with torch.no_grad():
+                scores = self.comp.log_probs(torch.tensor([seq], device=self.device))[0, -1]
+            token = sample_next(scores, torch.tensor(seq, device=self.device), params, generator)
+            seq.append(token)
+            produced += 1
+            yield token
+            if token in self.stop_ids:
+                return

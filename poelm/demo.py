@@ -43,9 +43,8 @@ import torch
 from .core.config import PoEConfig
 from .core.errors import PoelmError
 from .data.text import eval_batches
-from .infer.adaptive import AdaptiveDecoder, calibrate, save_calibration
-from .infer.engine import Engine, SamplingParams
-from .infer.speculative import SpeculativeDecoder
+from .infer import DecodeMode, SamplingParams, make_decoder
+from .infer.adaptive import calibrate, save_calibration
 from .core.model import PoEGPT
 from .core.cascade import load_safetensors
 from .core.files import write_json
@@ -262,25 +261,25 @@ def run_demo(out: Path) -> dict:
     summary["sample"] = answer
 
     # 9. What the stage predictors buy at inference -------------------------------------------
-    engine = Engine(trained, tok, stop_ids=set())
     greedy = SamplingParams(max_new_tokens=48)
     prompts = [[tok.bos_id] + tok.encode(t) for t in ("def fibonacci(n):", "class Stack:\n    def __init__(self")]
     calib = np.array([t for p in paths[-20:] for t in [tok.bos_id] + tok.encode(Path(p).read_text("utf-8"))])
     bounds = calibrate(trained, eval_batches(calib, 4, SEQ_LEN, max_rows=64, pad_id=tok.bos_id))
     save_calibration(best_dir, bounds, 99.9, 64 * SEQ_LEN)
-    timings, outputs = {}, {}
-    spec, adapt = SpeculativeDecoder(trained, 0, 4), AdaptiveDecoder(trained, bounds)
-    modes = (("full depth", lambda ids: engine.generate(ids, greedy)),
-             ("exit stage 0", lambda ids: engine.generate(ids, greedy, exit_stage=0)),
-             ("speculative S=0 K=4", lambda ids: spec.generate(ids, 48)),
-             ("adaptive", lambda ids: adapt.generate(ids, 48)))
-    for name, run in modes:
-        run(prompts[0])  # warm-up, untimed (its statistics are reset below)
-    spec, adapt = SpeculativeDecoder(trained, 0, 4), AdaptiveDecoder(trained, bounds)
-    for name, run in modes:
+    modes = {"full depth": DecodeMode(), "exit stage 0": DecodeMode(exit_stage=0),
+             "speculative S=0 K=4": DecodeMode(speculative=4, draft_stage=0), "adaptive": DecodeMode(adaptive=True)}
+
+    def decoders():  # fresh ones: their statistics count only what they decode
+        return {name: make_decoder(trained, mode, stop_ids=set(), model_dir=best_dir) for name, mode in modes.items()}
+
+    for decoder in decoders().values():
+        decoder.generate(prompts[0], greedy)  # warm-up, untimed
+    timings, outputs, timed = {}, {}, decoders()
+    for name, decoder in timed.items():
         t0 = time.perf_counter()
-        outputs[name] = [run(ids) for ids in prompts]
+        outputs[name] = [decoder.generate(ids, greedy) for ids in prompts]
         timings[name] = 48 * len(prompts) / (time.perf_counter() - t0)
+    spec, adapt = timed["speculative S=0 K=4"], timed["adaptive"]
     outputs["Log-OP full depth"] = [logop_greedy(trained, ids, 48) for ids in prompts]  # the adaptive target
     identical = outputs["speculative S=0 K=4"] == outputs["full depth"]
     pairs = [(a, b) for o, r in zip(outputs["adaptive"], outputs["Log-OP full depth"]) for a, b in zip(o, r)]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from poelm.core.errors import PoelmError
+from poelm.infer import SamplingParams
 from poelm.infer.adaptive import AdaptiveDecoder, calibrate, load_calibration, save_calibration
 
 from util import tiny_model
@@ -26,7 +27,7 @@ def test_infinite_bounds_are_full_depth(stages):
     model = tiny_model(poe_stage_layers=stages, window_pattern="SL").eval()
     prompt = torch.randint(0, 300, (16,), generator=torch.Generator().manual_seed(1)).tolist()
     dec = AdaptiveDecoder(model, [math.inf] * len(stages))
-    assert dec.generate(prompt, 30) == greedy(model, prompt, 30, output="logop")
+    assert dec.generate(prompt, SamplingParams(max_new_tokens=30)) == greedy(model, prompt, 30, output="logop")
     assert dec.stats.exits[-1] == 29 and sum(dec.stats.exits[:-1]) == 0
 
 
@@ -34,7 +35,7 @@ def test_zero_bounds_exit_at_stage_zero_with_exact_deferred_keys():
     model = tiny_model(poe_stage_layers=[1, 1, 2]).eval()
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     dec = AdaptiveDecoder(model, [0.0, 0.0, 0.0])
-    got = dec.generate(prompt, 25)
+    got = dec.generate(prompt, SamplingParams(max_new_tokens=25))
     # Every token exits at stage 0 (margin > 0 unless tied), so the output is stage 0's greedy decoding
     # (Log-OP of one stage = that stage), computed over keys the skipped layers still fill later.
     assert got[1:] == greedy(model, prompt + got[:1], 24, exit_stage=0)
@@ -109,7 +110,7 @@ def test_cli_adaptive_and_compose(trained_like_model_dir, tmp_path, capsys):
 
 
 def test_composition_of_one_sibling_decodes_as_that_sibling(trained_like_model_dir, tmp_path):
-    from poelm.compose import Composition, generate_composed
+    from poelm.compose import ComposedDecoder, Composition
     from poelm.infer.engine import Engine, SamplingParams
     from poelm.modeldir import load_model
     from poelm.stages import attach, save_stage
@@ -118,7 +119,7 @@ def test_composition_of_one_sibling_decodes_as_that_sibling(trained_like_model_d
     params = SamplingParams(max_new_tokens=10)
     prompt = [32759, 100, 200, 300]
     want = Engine(load_model(a), stop_ids=set()).generate(prompt, params)
-    assert generate_composed(Composition([a]), prompt, params, set()) == want
+    assert ComposedDecoder(Composition([a]), stop_ids=set()).generate(prompt, params) == want
 
 
 def test_modes_on_a_stage_directory(trained_like_model_dir, tmp_path, capsys):

@@ -85,7 +85,7 @@ def test_speculative_equals_engine_up_to_the_context_limit(output, stages, draft
         want = engine_greedy(model, prompt, 100)
         for k in (1, 4, 14):
             dec = SpeculativeDecoder(model, draft, k)
-            assert dec.generate(prompt, 100) == want, (length, k)
+            assert dec.generate(prompt, SamplingParams(max_new_tokens=100)) == want, (length, k)
             assert dec.stats.drafted >= dec.stats.accepted and dec.stats.emitted == len(want) - 1
 
 
@@ -95,21 +95,21 @@ def test_speculative_near_the_limit_as_audited():
     prompt = prompt_of(50, seed=3)
     want = uncached_greedy(model, prompt, 14)
     for k in (1, 4, 14):
-        assert SpeculativeDecoder(model, 0, k).generate(prompt, 100) == want
+        assert SpeculativeDecoder(model, 0, k).generate(prompt, SamplingParams(max_new_tokens=100)) == want
 
 
 def test_speculative_budget_smaller_than_k():
     model = masking_model()
     prompt = prompt_of(12, seed=1)
     for n in (1, 2, 3, 5):
-        assert SpeculativeDecoder(model, 0, 6).generate(prompt, n) == engine_greedy(model, prompt, n)
+        assert SpeculativeDecoder(model, 0, 6).generate(prompt, SamplingParams(max_new_tokens=n)) == engine_greedy(model, prompt, n)
 
 
 def test_speculative_logop_first_token_and_later_tokens_agree():
     """Issue 9 #4: with poe_output="logop" the verified tokens are the Log-OP's too, not the last stage's."""
     model = masking_model("logop")
     prompt = prompt_of(20, seed=7)
-    assert SpeculativeDecoder(model, 0, 3).generate(prompt, 30) == uncached_greedy(model, prompt, 30)
+    assert SpeculativeDecoder(model, 0, 3).generate(prompt, SamplingParams(max_new_tokens=30)) == uncached_greedy(model, prompt, 30)
 
 
 def test_every_decoder_decodes_the_predictor_it_is_asked_for():
@@ -119,9 +119,9 @@ def test_every_decoder_decodes_the_predictor_it_is_asked_for():
     last = engine_greedy(model, prompt, 30, output="last")
     assert logop != last  # the two predictors really differ on this model
     assert last == uncached_greedy(model, prompt, 30, output="last")
-    assert SpeculativeDecoder(model, 0, 3).generate(prompt, 30) == logop
-    assert SpeculativeDecoder(model, 0, 3, output="last").generate(prompt, 30) == last
-    assert AdaptiveDecoder(model, [math.inf] * 3).generate(prompt, 30) == logop
+    assert SpeculativeDecoder(model, 0, 3).generate(prompt, SamplingParams(max_new_tokens=30)) == logop
+    assert SpeculativeDecoder(model, 0, 3, output="last").generate(prompt, SamplingParams(max_new_tokens=30)) == last
+    assert AdaptiveDecoder(model, [math.inf] * 3).generate(prompt, SamplingParams(max_new_tokens=30)) == logop
 
 
 def test_stop_token_inside_an_accepted_draft():
@@ -131,7 +131,7 @@ def test_stop_token_inside_an_accepted_draft():
     stop = free[4]  # emitted inside the first round of 6 accepted drafts
     want = free[: free.index(stop) + 1]
     dec = SpeculativeDecoder(model, 0, 6, stop_ids={stop})
-    assert dec.generate(prompt, 20) == want == engine_greedy(model, prompt, 20, stop=[stop])
+    assert dec.generate(prompt, SamplingParams(max_new_tokens=20)) == want == engine_greedy(model, prompt, 20, stop=[stop])
     assert dec.stats.acceptance == 1.0 and dec.stats.rounds == 1
 
 
@@ -142,7 +142,7 @@ def test_adaptive_infinite_bounds_is_engine_logop_at_every_length(stages):
         prompt = prompt_of(length, seed=length)
         want = engine_greedy(model, prompt, 100, output="logop")
         dec = AdaptiveDecoder(model, [math.inf] * len(stages))
-        assert dec.generate(prompt, 100) == want, length
+        assert dec.generate(prompt, SamplingParams(max_new_tokens=100)) == want, length
         assert sum(dec.stats.exits[:-1]) == 0
 
 
@@ -238,9 +238,9 @@ def test_speculative_sampling_chain_with_k_above_one_has_the_joint_law():
                 draft[a, b] = p1[a] * q2[b] * law(prompt + [a, b], exit_stage=0)
     n = 3000
     counts = torch.zeros(V, V, V, dtype=torch.float64)
-    dec = SpeculativeDecoder(m, 0, 2, temperature=1.0, seed=0)  # one generator across runs: independent draws
-    for _ in range(n):
-        a, b, c = dec.generate(prompt, 3)
+    dec = SpeculativeDecoder(m, 0, 2)  # its stats accumulate over the runs
+    for seed in range(n):
+        a, b, c = dec.generate(prompt, SamplingParams(max_new_tokens=3, temperature=1.0, seed=seed))
         counts[a, b, c] += 1
     assert dec.stats.rounds > n * 1.1  # rounds do end early on a rejection (both branches are exercised)
     assert 0.5 * (draft - exact).abs().sum() > 0.2  # the draft alone is far from the target...
@@ -328,12 +328,12 @@ def test_composition_of_each_predictor_and_its_trunk_sharing(siblings):
 
 
 def test_composed_decoding_follows_the_composition(siblings):
-    from poelm.compose import Composition, generate_composed
+    from poelm.compose import ComposedDecoder, Composition
 
     dirs, tok = siblings
     comp = Composition(dirs, [1.0, 0.5])
     prompt = tok.render_prompt([{"role": "user", "content": "hello"}])
-    got = generate_composed(comp, prompt, SamplingParams(max_new_tokens=6), set())
+    got = ComposedDecoder(comp, stop_ids=set()).generate(prompt, SamplingParams(max_new_tokens=6))
     seq = list(prompt)
     for _ in range(6):
         seq.append(int(comp.log_probs(torch.tensor([seq]))[0, -1].argmax()))
@@ -344,7 +344,7 @@ def test_composed_decoding_follows_the_composition(siblings):
 
 @pytest.mark.parametrize("mode", ["engine", "speculative", "adaptive", "compose"])
 def test_every_decoder_checks_its_request(mode, siblings):
-    from poelm.compose import Composition, generate_composed
+    from poelm.compose import ComposedDecoder, Composition
     from poelm.modeldir import load_model
 
     dirs, _ = siblings
@@ -353,12 +353,12 @@ def test_every_decoder_checks_its_request(mode, siblings):
     if mode == "engine":
         run = lambda ids, n: Engine(model, stop_ids=set()).generate(ids, _Params(n))  # noqa: E731
     if mode == "speculative":
-        run = lambda ids, n: SpeculativeDecoder(model, 0, 2).generate(ids, n)  # noqa: E731
+        run = lambda ids, n: SpeculativeDecoder(model, 0, 2).generate(ids, _Params(n))  # noqa: E731
     if mode == "adaptive":
-        run = lambda ids, n: AdaptiveDecoder(model, [0.0] * config.n_stages).generate(ids, n)  # noqa: E731
+        run = lambda ids, n: AdaptiveDecoder(model, [0.0] * config.n_stages).generate(ids, _Params(n))  # noqa: E731
     if mode == "compose":
         comp = Composition(dirs[:1])
-        run = lambda ids, n: generate_composed(comp, ids, _Params(n), set())  # noqa: E731
+        run = lambda ids, n: ComposedDecoder(comp, stop_ids=set()).generate(ids, _Params(n))  # noqa: E731
     ok = [5, 6, 7]
     for ids, n, message in (([5, config.vocab_size], 4, "not in \\[0, 512\\)"), ([5, -1], 4, "not in"),
                             ([], 4, "no tokens"), (list(range(config.sequence_len)), 4, "sequence_len"),
@@ -369,7 +369,7 @@ def test_every_decoder_checks_its_request(mode, siblings):
 
 
 class _Params:
-    """SamplingParams without its own check, so the decoder's request check is what answers."""
+    """Greedy SamplingParams without its own check, so the decoder's request check is what answers."""
 
     def __init__(self, n: int):
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = n, 0.0, None, None
@@ -393,3 +393,52 @@ def test_bfloat16_speculative_parts_from_the_engine_only_at_near_ties():
     assert bf16.prompts == len(prompts) and bf16.identical + len(bf16.divergences) == len(prompts)
     for d in bf16.divergences:
         assert d.engine_margin <= 0.25, d  # a few bfloat16 ulps of a logit near the softcap (2**-4 at 8..16)
+
+
+# ---- one factory from a mode spec -------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, message", [
+    (dict(speculative=2, draft_stage=0, adaptive=True), "choose one of"),
+    (dict(adaptive=True, compose=("x",)), "choose one of"),
+    (dict(draft_stage=0), "--draft-stage goes with --speculative"),
+    (dict(speculative=2), "needs --draft-stage"),
+    (dict(exit_stage=0, adaptive=True), "--exit-stage decodes one stage"),
+    (dict(adaptive=True, output="last"), "drop --poe-output last"),
+    (dict(compose_weights=(1.0,)), "--compose-weights goes with --compose"),
+    (dict(output="mean"), "output='mean'"),
+])
+def test_decode_mode_rules(mode, message):
+    from poelm.infer import DecodeMode
+
+    with pytest.raises(PoelmError, match=message):
+        DecodeMode(**mode).check()
+
+
+def test_decode_mode_sampling_rules_and_factory(tmp_path):
+    """Which sampling settings each decoder takes is checked before a model exists; the factory
+    builds the decoder the mode names, with the stage numbers checked against the model."""
+    from poelm.infer import DecodeMode, make_decoder
+    from poelm.infer.adaptive import save_calibration
+
+    top_k = SamplingParams(temperature=0.7, top_k=5)
+    DecodeMode().check(top_k)
+    DecodeMode(exit_stage=0).check(top_k)
+    DecodeMode(speculative=2, draft_stage=0).check(SamplingParams(temperature=0.7))
+    with pytest.raises(PoelmError, match="takes --temperature only"):
+        DecodeMode(speculative=2, draft_stage=0).check(top_k)
+    with pytest.raises(PoelmError, match="greedily"):
+        DecodeMode(adaptive=True).check(SamplingParams(temperature=0.7))
+    model = masking_model()
+    save_calibration(tmp_path, [0.0, 1.0, 1.0], 99.0, 10)
+    built = {name: make_decoder(model, mode, stop_ids=set(), model_dir=tmp_path) for name, mode in {
+        "Engine": DecodeMode(exit_stage=1), "SpeculativeDecoder": DecodeMode(speculative=3, draft_stage=1),
+        "AdaptiveDecoder": DecodeMode(adaptive=True)}.items()}
+    assert {name: type(d).__name__ for name, d in built.items()} == {n: n for n in built}
+    assert built["Engine"].exit_stage == 1 and built["SpeculativeDecoder"].k == 3
+    prompt = prompt_of(9)
+    assert built["Engine"].generate(prompt, SamplingParams(max_new_tokens=5)) == \
+        uncached_greedy(model, prompt, 5, exit_stage=1)
+    with pytest.raises(PoelmError, match="--exit-stage 3"):
+        make_decoder(model, DecodeMode(exit_stage=3))
+    with pytest.raises(PoelmError, match="--draft-stage 2"):
+        make_decoder(model, DecodeMode(speculative=2, draft_stage=2))

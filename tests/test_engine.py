@@ -45,11 +45,11 @@ def test_cached_greedy_equals_uncached_greedy(model):
 
 def test_exit_stage_equals_cut_model(model):
     params = SamplingParams(max_new_tokens=16)
-    early = Engine(model, stop_ids=set()).generate(PROMPT, params, exit_stage=0)
+    early = Engine(model, stop_ids=set(), exit_stage=0).generate(PROMPT, params)
     cut = Engine(cut_model(model, 0).eval(), stop_ids=set()).generate(PROMPT, params)
     assert early == cut == plain_greedy(model, PROMPT, 16, exit_stage=0)
-    with pytest.raises(PoelmError, match="exit_stage=2"):
-        Engine(model, stop_ids=set()).generate(PROMPT, params, exit_stage=2)
+    with pytest.raises(PoelmError, match="--exit-stage 2: this model has stages 0..1"):
+        Engine(model, stop_ids=set(), exit_stage=2)
 
 
 def test_seeded_sampling_is_reproducible(model):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from poelm.core.errors import PoelmError
+from poelm.infer import SamplingParams
 from poelm.infer.speculative import SpeculativeDecoder
 
 from util import identity_deeper_model, tiny_model
@@ -24,7 +25,7 @@ def test_speculative_greedy_equals_plain_greedy(stages, draft_stage, k):
     prompt = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(3)).tolist()
     want = plain_greedy(model, prompt, 40)
     dec = SpeculativeDecoder(model, draft_stage, k)
-    got = dec.generate(prompt, 40)
+    got = dec.generate(prompt, SamplingParams(max_new_tokens=40))
     assert got == want
     s = dec.stats  # every token after the first comes from a round; a round emits at most k of them
     assert s.emitted == len(got) - 1 and s.rounds >= -(-(len(got) - 1) // k)
@@ -35,7 +36,7 @@ def test_a_draft_equal_to_the_model_accepts_everything():
     model = identity_deeper_model()
     dec = SpeculativeDecoder(model, 0, 4)
     prompt = [1, 2, 3, 4, 5]
-    assert dec.generate(prompt, 21) == plain_greedy(model, prompt, 21)
+    assert dec.generate(prompt, SamplingParams(max_new_tokens=21)) == plain_greedy(model, prompt, 21)
     assert dec.stats.acceptance == 1.0 and dec.stats.tokens_per_verification == 4.0
 
 
@@ -107,7 +108,7 @@ def test_speculative_sampling_rule_gives_the_target_distribution():
 def test_speculative_sampling_end_to_end_is_seeded():
     model = tiny_model(poe_stage_layers=[1, 1, 2]).eval()
     prompt = [5, 6, 7, 8]
-    runs = [SpeculativeDecoder(model, 0, 3, temperature=1.0, seed=s).generate(prompt, 20) for s in (1, 1, 2)]
+    runs = [SpeculativeDecoder(model, 0, 3).generate(prompt, SamplingParams(max_new_tokens=20, temperature=1.0, seed=s)) for s in (1, 1, 2)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
     assert len(runs[0]) == 20
 
@@ -134,7 +135,7 @@ def test_speculative_sampling_matches_the_full_models_distribution():
     n = 2000
     counts = torch.zeros(8, 8)
     for seed in range(n):
-        a, b = SpeculativeDecoder(m, 0, 1, temperature=1.0, seed=seed).generate(prompt, 2)
+        a, b = SpeculativeDecoder(m, 0, 1).generate(prompt, SamplingParams(max_new_tokens=2, temperature=1.0, seed=seed))
         counts[a, b] += 1
     assert 0.5 * (draft_only - exact).abs().sum() > 0.5  # the draft alone is far from the target
     assert 0.5 * (counts / n - exact).abs().sum() < 0.05

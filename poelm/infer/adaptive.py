@@ -17,7 +17,7 @@ Design choices:
   own layer walk, so a pending token carries its rotary positions and backout residual with it.
 - It decodes the Log-OP predictor only (`output="logop"`; asked for "last" it refuses): the early
   exit bounds how later stages move a Log-OP. Compare it with the engine decoding the Log-OP.
-- Requests are checked by the engine's `check_request`; prompts up to `sequence_len - 1` tokens.
+- The decoder protocol (decoder.py); greedy only; exit counts accumulate over calls.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from ..core.files import read_json, read_manifest, update_manifest, write_json
 from ..core.errors import PoelmError
 from ..core.model import KVCache, PoEGPT, Walk
-from .engine import check_request
+from .decoder import Decoder
+from .sampling import SamplingParams
 
 CALIBRATION = "adaptive.json"
 
@@ -88,19 +89,31 @@ class AdaptiveStats:
         return {k: n for k, n in enumerate(self.exits)}
 
 
-class AdaptiveDecoder:
+class AdaptiveDecoder(Decoder):
     """Greedy adaptive-depth decoding of the Log-OP predictor with per-stage bounds."""
 
+    name = "adaptive depth (Log-OP)"
+
     def __init__(self, model: PoEGPT, bounds: list[float], stop_ids: set[int] | None = None,
-                 output: str | None = "logop"):
-        if len(bounds) != model.config.n_stages:
-            raise PoelmError(f"{len(bounds)} bounds for a model of {model.config.n_stages} stages")
+                 output: str | None = "logop", tokenizer=None):
         if output != "logop":
             raise PoelmError(f"adaptive depth decodes the Log-OP of the stages (output='logop'), not {output!r}")
-        self.model, self.bounds = model, bounds
+        super().__init__(model, tokenizer, stop_ids=stop_ids, output=output)
+        if len(bounds) != model.config.n_stages:
+            raise PoelmError(f"{len(bounds)} bounds for a model of {model.config.n_stages} stages")
+        self.bounds = bounds
         self.remaining = [sum(bounds[k + 1:]) for k in range(len(bounds))]  # what stages after k can move
-        self.stop_ids = stop_ids or set()
         self.stats = AdaptiveStats(exits=[0] * model.config.n_stages)
+
+    @classmethod
+    def check_params(cls, params: SamplingParams) -> None:
+        if params.temperature != 0 or params.top_k is not None or params.top_p is not None \
+                or params.repetition_penalty != 1:
+            raise PoelmError("adaptive depth decodes the Log-OP greedily: drop --temperature, --top-k, --top-p "
+                             "and --repetition-penalty")
+
+    def describe(self) -> str:
+        return f"Log-OP, exits per stage {self.stats.histogram()}"
 
     def _through(self, me: Walk, stop: int, cache: KVCache, pending: list[Walk]) -> Walk:
         """Carry `me` through layers me.layer .. stop-1; at each layer the pending tokens that still
@@ -118,7 +131,7 @@ class AdaptiveDecoder:
     def _step(self, token: int, cache: KVCache, pending: list[Walk]) -> int:
         """Decode one position; a token that exits early joins `pending` for a deferred fill."""
         m, c = self.model, self.model.config
-        me = m.begin(torch.tensor([[token]], device=m.lm_head.weight.device), cache)
+        me = m.begin(torch.tensor([[token]], device=self.device), cache)
         score = None
         for k, end in enumerate(c.stage_ends):
             me = self._through(me, end + 1, cache, pending)
@@ -132,24 +145,14 @@ class AdaptiveDecoder:
                 return int(score.argmax())
         raise AssertionError("unreachable: the last stage always exits")
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        return list(self.stream(prompt_ids, max_new_tokens))
-
-    def stream(self, prompt_ids: list[int], max_new_tokens: int):
-        """Yield each token as it is decided."""
-        prompt_ids = list(prompt_ids)
-        check_request(self.model.config, prompt_ids, max_new_tokens)
-        return self._stream(prompt_ids, max_new_tokens)
-
-    def _stream(self, prompt_ids: list[int], max_new_tokens: int):
+    def _stream(self, prompt_ids: list[int], params: SamplingParams):
         m, c = self.model, self.model.config
         cache, pending = KVCache(), []
-        device = m.lm_head.weight.device
         with torch.no_grad():
-            token = int(m(torch.tensor([prompt_ids], device=device), cache=cache, output="logop").logits[0, -1].argmax())
+            token = int(m(torch.tensor([prompt_ids], device=self.device), cache=cache, output="logop").logits[0, -1].argmax())
         produced = 1
         yield token
-        while produced < max_new_tokens and token not in self.stop_ids and len(prompt_ids) + produced < c.sequence_len:
+        while produced < params.max_new_tokens and token not in self.stop_ids and len(prompt_ids) + produced < c.sequence_len:
             with torch.no_grad():
                 token = self._step(token, cache, pending)
             produced += 1

@@ -26,9 +26,10 @@ Design choices:
   d ~ q (the draft's tempered distribution), accept it with probability min(1, p(d) / q(d)) where p is
   the full model's, otherwise emit a sample of normalise(max(p - q, 0)) and end the round. Every
   emitted token is then distributed exactly as the full model's sampling (tested statistically).
-  One seeded generator drives drafts, acceptances and resamples.
-- Requests are checked by the engine's `check_request`; stats report acceptance (accepted / drafted)
-  and tokens per verification.
+  One generator per call, seeded from the params, drives drafts, acceptances and resamples. It takes
+  the temperature only (top-k, top-p and the repetition penalty would change p and q per position).
+- The decoder protocol (decoder.py); stats (accumulated over calls) report acceptance (accepted /
+  drafted) and tokens per verification.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.config import POE_OUTPUTS
 from ..core.errors import PoelmError
 from ..core.model import KVCache, PoEGPT, Walk
-from .engine import Engine, SamplingParams, check_request
+from .decoder import Decoder
+from .engine import Engine
+from .sampling import SamplingParams
 
 
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int,
@@ -83,27 +85,34 @@ class Draft:
     q: torch.Tensor | None
 
 
-class SpeculativeDecoder:
+class SpeculativeDecoder(Decoder):
     """Self-speculative decoding of `model`, drafting up to `k` tokens per round with `draft_stage`."""
 
     def __init__(self, model: PoEGPT, draft_stage: int, k: int, stop_ids: set[int] | None = None,
-                 temperature: float = 0.0, seed: int = 0, output: str | None = None):
+                 output: str | None = None, tokenizer=None):
+        super().__init__(model, tokenizer, stop_ids=stop_ids, output=output)
         c = model.config
-        if not 0 <= draft_stage < c.n_stages - 1:
+        if isinstance(draft_stage, bool) or not isinstance(draft_stage, int) or not 0 <= draft_stage < c.n_stages - 1:
             raise PoelmError(f"--draft-stage {draft_stage}: expected a stage in 0..{c.n_stages - 2} "
                              f"(an earlier stage than the last of {c.n_stages})")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise PoelmError(f"--speculative {k}: expected at least one draft token per round")
-        if output is not None and output not in POE_OUTPUTS:
-            raise PoelmError(f"output={output!r}: expected one of {', '.join(POE_OUTPUTS)}")
-        self.model, self.stage, self.k = model, draft_stage, k
-        self.output = output or c.poe_output
+        self.stage, self.k = draft_stage, k
+        self.name = f"speculative S={draft_stage} K={k}"
         self.draft_reads = model.readout_stages(draft_stage, self.output)  # the draft's predictor
         self.full_reads = model.readout_stages(c.n_stages - 1, self.output)  # the verifier's
-        self.stop_ids = stop_ids or set()
-        self.temperature = temperature
-        self.generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
         self.stats = SpeculativeStats()
+        self.temperature, self.generator = 0.0, None  # of the call in progress
+
+    @classmethod
+    def check_params(cls, params: SamplingParams) -> None:
+        if params.top_k is not None or params.top_p is not None or params.repetition_penalty != 1:
+            raise PoelmError("speculative decoding takes --temperature only (greedy at 0, else the speculative "
+                             "sampling rule): drop --top-k, --top-p and --repetition-penalty")
+
+    def describe(self) -> str:
+        return (f"{self.name}: acceptance {self.stats.acceptance:.1%}, "
+                f"{self.stats.tokens_per_verification:.2f} tokens per verification")
 
     def _choose(self, scores: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         """A token from (vocab,) scores: argmax, or a sample of the tempered distribution (returned too)."""
@@ -115,7 +124,7 @@ class SpeculativeDecoder:
     def _draft_step(self, token: int, cache: KVCache) -> Draft:
         """One token through the draft stages: the draft's choice and everything verification reuses."""
         m, ends = self.model, self.model.config.stage_ends
-        walk = m.begin(torch.tensor([[token]], device=m.lm_head.weight.device), cache)
+        walk = m.begin(torch.tensor([[token]], device=self.device), cache)
         logits = []
         for k in range(self.stage + 1):
             walk = m.run_layers(walk, ends[k] + 1, cache)
@@ -150,21 +159,13 @@ class SpeculativeDecoder:
                 return i, token
         return len(drafts), None
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        return list(self.stream(prompt_ids, max_new_tokens))
-
-    def stream(self, prompt_ids: list[int], max_new_tokens: int):
-        """Yield tokens as rounds complete (a verified round yields up to K tokens at once)."""
-        prompt_ids = list(prompt_ids)
-        check_request(self.model.config, prompt_ids, max_new_tokens)
-        return self._stream(prompt_ids, max_new_tokens)
-
-    def _stream(self, prompt_ids: list[int], max_new_tokens: int):
+    def _stream(self, prompt_ids: list[int], params: SamplingParams):
         m, c = self.model, self.model.config
+        self.temperature, self.generator = params.temperature, self._generator(params)
+        max_new_tokens = params.max_new_tokens
         cache = KVCache()
-        device = m.lm_head.weight.device
         with torch.no_grad():
-            pending, _ = self._choose(m(torch.tensor([prompt_ids], device=device), cache=cache,
+            pending, _ = self._choose(m(torch.tensor([prompt_ids], device=self.device), cache=cache,
                                         output=self.output).logits[0, -1])
         produced = 1
         yield pending
@@ -224,10 +225,10 @@ def compare_with_engine(model: PoEGPT, prompts: list[list[int]], max_new_tokens:
     (recomputed exactly as the engine computes that step: prefill, then one token at a time)."""
     engine = Engine(model, stop_ids=set(), output=output)
     result = Agreement(prompts=len(prompts), identical=0, divergences=[], tokens=0, agreeing=0)
-    device = model.lm_head.weight.device
+    device, params = engine.device, SamplingParams(max_new_tokens=max_new_tokens)
     for p, prompt in enumerate(prompts):
-        want = engine.generate(prompt, SamplingParams(max_new_tokens=max_new_tokens))
-        got = SpeculativeDecoder(model, draft_stage, k, output=output).generate(prompt, max_new_tokens)
+        want = engine.generate(prompt, params)
+        got = SpeculativeDecoder(model, draft_stage, k, output=output).generate(prompt, params)
         result.tokens += len(want)
         if got == want:
             result.identical += 1
@@ -236,8 +237,8 @@ def compare_with_engine(model: PoEGPT, prompts: list[list[int]], max_new_tokens:
         i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
         result.agreeing += i
         cache = KVCache()
-        logits = engine._logits(torch.tensor([prompt], device=device), cache, None)
+        logits = engine._logits(torch.tensor([prompt], device=device), cache)
         for t in want[:i]:
-            logits = engine._logits(torch.tensor([[t]], device=device), cache, None)
+            logits = engine._logits(torch.tensor([[t]], device=device), cache)
         result.divergences.append(Divergence(p, i, float(logits[want[i]] - logits[got[i]])))
     return result

@@ -1,0 +1,120 @@
+"""What every decoder is: one protocol, one request check, one way to count what was produced.
+
+Design choices:
+- A decoder decodes one prompt at a time from a `PoEGPT`: `stream(prompt_ids, params)` yields token
+  ids (a stop token is yielded, then the stream ends; so is the last token before `max_new_tokens`
+  or the context limit), `generate` returns them as a list. Every decoder decodes the predictor its
+  `output` names (`PoEGPT.predictor`: the model's `poe_output` unless the caller names one), so
+  speculative, adaptive and composed decoding produce what the engine produces for that request.
+- `check_params(params)` (a classmethod, so a command can check its flags before loading a model)
+  says which sampling settings a decoder takes; `check_request` is the one check of a request
+  (prompt ids in the vocabulary, room left in the context, `max_new_tokens >= 1`, the exit stage).
+  Both run before the first token: errors surface when `stream` is called, not mid-stream.
+- `last_stats` (prompt and generated tokens, seconds) is recorded in a `finally`, so a stream the
+  caller stops early still reports what it produced; `describe()` is one line of the decoder's own
+  statistics for logs and the CLI.
+- Stop tokens default to `<|assistant_end|>` and `<|bos|>` when a tokenizer is given.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from ..core.config import POE_OUTPUTS
+from ..core.errors import PoelmError
+from .sampling import SamplingParams
+
+
+@dataclass
+class GenerationStats:
+    """What the last `stream`/`generate` call did; `seconds` covers prefill and decoding."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def check_request(config: Any, prompt_ids: list[int], max_new_tokens: int, exit_stage: int | None = None) -> None:
+    """Raise PoelmError unless a decoder can serve this request on a model with `config`."""
+    if exit_stage is not None and (isinstance(exit_stage, bool) or not isinstance(exit_stage, int)
+                                   or not 0 <= exit_stage < config.n_stages):
+        raise PoelmError(f"--exit-stage {exit_stage!r}: this model has stages 0..{config.n_stages - 1}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise PoelmError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
+    if not prompt_ids:
+        raise PoelmError("prompt: no tokens; expected at least one (e.g. <|bos|>)")
+    bad = [i for i in prompt_ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < config.vocab_size]
+    if bad:
+        raise PoelmError(f"prompt: token ids {bad[:5]} are not in [0, {config.vocab_size})")
+    if len(prompt_ids) >= config.sequence_len:
+        raise PoelmError(f"prompt: {len(prompt_ids)} tokens leave no room to generate within the model's "
+                         f"sequence_len {config.sequence_len}")
+
+
+def check_output_name(output: str | None) -> None:
+    if output is not None and output not in POE_OUTPUTS:
+        raise PoelmError(f"output={output!r}: expected one of {', '.join(POE_OUTPUTS)}")
+
+
+class Decoder(ABC):
+    """The decoding protocol (see the module docstring); each decoder implements `_stream`."""
+
+    name = "decoder"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any | None = None, *,
+                 stop_ids: set[int] | None = None, output: str | None = None):
+        check_output_name(output)
+        self.model, self.config = model, model.config
+        self.output = output or model.config.poe_output
+        if stop_ids is None:
+            stop_ids = set() if tokenizer is None else {tokenizer.token_id("assistant_end"), tokenizer.bos_id}
+        self.stop_ids: frozenset[int] = frozenset(int(i) for i in stop_ids)
+        self.last_stats: GenerationStats | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def check_params(cls, params: SamplingParams) -> None:
+        """Raise PoelmError unless this decoder takes these sampling settings (all, by default)."""
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[int]:
+        params = params or SamplingParams()
+        prompt_ids = list(prompt_ids)
+        self.check_params(params)
+        check_request(self.config, prompt_ids, params.max_new_tokens, getattr(self, "exit_stage", None))
+        return self._counted(prompt_ids, params)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> list[int]:
+        """All of `stream`'s tokens as a list (a final stop token included)."""
+        return list(self.stream(prompt_ids, params))
+
+    def describe(self) -> str:
+        return self.name
+
+    def _counted(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+        t0, n = time.perf_counter(), 0
+        try:
+            for token in self._stream(prompt_ids, params):
+                n += 1
+                yield token
+        finally:
+            self.last_stats = GenerationStats(len(prompt_ids), n, time.perf_counter() - t0)
+
+    @abstractmethod
+    def _stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
+        """The tokens of one checked request."""
+
+    def _generator(self, params: SamplingParams) -> torch.Generator | None:
+        """The one source of randomness of a call, seeded from the params (None when greedy)."""
+        return torch.Generator(device=self.device).manual_seed(params.seed) if params.temperature > 0 else None

@@ -1,0 +1,101 @@
+"""How the next token is picked from a predictor's scores: the sampling settings and the filters.
+
+Design choices:
+- The order follows transformers' `generate`: repetition penalty on the raw logits (exactly
+  `RepetitionPenaltyLogitsProcessor`, also under greedy), then temperature, top-k, top-p, then
+  `torch.multinomial`. `temperature == 0` is greedy argmax (top-k/top-p cannot change the argmax).
+- The only randomness is the generator the caller passes (every decoder seeds one per call from
+  `SamplingParams.seed`): the same prompt and params give the same tokens, whatever ran before.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..core.errors import PoelmError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token. `temperature == 0` is greedy; the others are off at their defaults."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def fail(field: str, expected: str) -> None:
+            raise PoelmError(f"SamplingParams.{field}={getattr(self, field)!r}: expected {expected}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            fail("max_new_tokens", "an integer >= 1")
+        if not is_real(self.temperature) or self.temperature < 0:
+            fail("temperature", "a finite number >= 0 (0 = greedy)")
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
+            fail("top_k", "None or an integer >= 1")
+        if self.top_p is not None and (not is_real(self.top_p) or not 0 < self.top_p <= 1):
+            fail("top_p", "None or a number in (0, 1]")
+        if not is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            fail("repetition_penalty", "a finite number > 0 (1 = off)")
+        if not is_int(self.seed):
+            fail("seed", "an integer")
+
+
+# ---- logits processors (each takes and returns (V,) float32 scores of one position) ------------
+
+def apply_repetition_penalty(scores: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: for each id in `seen_ids` (duplicates are fine),
+    a negative score is multiplied by `penalty`, any other divided by it (CTRL, Keskar et al. 2019)."""
+    if penalty == 1.0 or seen_ids.numel() == 0:
+        return scores
+    picked = scores.gather(-1, seen_ids)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(-1, seen_ids, picked)
+
+
+def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest scores (ties at the k-th value kept too), the rest -inf."""
+    if k >= scores.size(-1):
+        return scores
+    kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus (Holtzman et al. 2020): keep the smallest set of highest-probability tokens whose
+    cumulative probability is >= p, never fewer than one; the rest -inf."""
+    if p >= 1.0:  # keep all: the cumulative sum's rounding could otherwise drop tail tokens
+        return scores
+    probs, order = torch.softmax(scores, dim=-1).sort(dim=-1, descending=True)
+    before = probs.cumsum(dim=-1) - probs  # probability mass strictly above each token
+    drop_sorted = before >= p  # the set already reached p without this token; the top one is never dropped
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def sample_next(scores: torch.Tensor, seen_ids: torch.Tensor, params: SamplingParams,
+                generator: torch.Generator | None) -> int:
+    """One next-token id from (V,) float32 scores; `seen_ids` are prompt + generated ids so far."""
+    scores = apply_repetition_penalty(scores.float(), seen_ids, params.repetition_penalty)
+    if params.temperature == 0:
+        return int(scores.argmax(dim=-1))
+    scores = scores / params.temperature
+    if params.top_k is not None:
+        scores = top_k_filter(scores, params.top_k)
+    if params.top_p is not None:
+        scores = top_p_filter(scores, params.top_p)
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
