@@ -187,18 +187,10 @@ def cmd_stage_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_stage_train(args: argparse.Namespace) -> int:
+    from .options import from_namespace
     from .train.sft import StageTrainArgs, stage_train
 
-    stage_train(StageTrainArgs(
-        stage=args.stage, data=args.data, out=args.out, steps=args.steps, epochs=args.epochs,
-        val_conversations=args.val_conversations, seq_len=args.seq_len, device_batch_size=args.device_batch_size,
-        total_batch_tokens=args.total_batch_tokens, eval_every=args.eval_every, save_every=args.save_every,
-        resume=args.resume, seed=args.seed, matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
-        stage_head_lr=args.stage_head_lr, stage_head_weight_decay=args.stage_head_weight_decay,
-        weight_decay=args.weight_decay, warmup_frac=args.warmup_frac, warmdown_frac=args.warmdown_frac,
-        final_lr_frac=args.final_lr_frac, label_smoothing=args.label_smoothing,
-        end_token_weight=args.end_token_weight, case_augment=args.case_augment, skip_invalid=args.skip_invalid,
-        document_masking=not args.no_document_masking, train_chat_rows=args.train_chat_rows, device=args.device))
+    stage_train(from_namespace(StageTrainArgs, args))
     return 0
 
 
@@ -353,6 +345,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .options import from_namespace
     from .train.pretrain import PretrainArgs, pretrain
 
     if args.init is None and (args.tokenizer is None or args.depth is None):
@@ -367,16 +360,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         args.poe_mode = args.poe_mode or "flat"
         args.poe_alpha = 0.0 if args.poe_alpha is None else args.poe_alpha
         config = build_config(args, load_tokenizer(args.tokenizer).vocab_size)
-    pretrain(PretrainArgs(
-        data=args.data, out=args.out, init=args.init, tokenizer=args.tokenizer, config=config,
-        poe_mode=args.poe_mode if args.init else None, poe_alpha=args.poe_alpha if args.init else None,
-        poe_stage_layers=args.poe_stage_layers if args.init else None, seq_len=args.seq_len,
-        steps=args.steps, device_batch_size=args.device_batch_size, total_batch_tokens=args.total_batch_tokens,
-        eval_every=args.eval_every, eval_tokens=args.eval_tokens, save_every=args.save_every, resume=args.resume,
-        seed=args.seed, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
-        unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr, weight_decay=args.weight_decay,
-        warmup_frac=args.warmup_frac, warmdown_frac=args.warmdown_frac, final_lr_frac=args.final_lr_frac,
-        val_fraction=args.val_fraction, sample_tokens=args.sample_tokens, device=args.device))
+    pretrain(from_namespace(PretrainArgs, args, config=config, seq_len=args.seq_len,
+                            poe_mode=args.poe_mode if args.init else None,
+                            poe_alpha=args.poe_alpha if args.init else None,
+                            poe_stage_layers=args.poe_stage_layers if args.init else None))
     return 0
 
 
@@ -389,6 +376,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .options import add_options
+    from .train.pretrain import PretrainArgs
+    from .train.sft import StageTrainArgs
+
     parser = argparse.ArgumentParser(prog="poelm", description="Modular Product-of-Experts language models.")
     parser.add_argument("--version", action="version", version=f"poelm {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -410,33 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("pretrain", help="pretrain a PoE base (or the BP control) on text")
-    src = p.add_argument_group("model (one of)")
-    src.add_argument("--init", metavar="MODELDIR", help="start from this base directory")
-    src.add_argument("--tokenizer", metavar="TOKDIR", help="build a new model with this tokenizer and --depth")
+    p = sub.add_parser("pretrain", help="pretrain a PoE base (or the BP control) on text (--init MODELDIR, or "
+                       "--tokenizer TOKDIR with shape flags)")
+    add_options(p, PretrainArgs)
     add_shape_flags(p, for_init=False)
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files, directories, JSONL (text)")
-    p.add_argument("--out", required=True, metavar="RUNDIR")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--device-batch-size", type=int, default=8, help="rows per micro-batch per process")
-    p.add_argument("--total-batch-tokens", type=int, help="tokens per optimizer step, whatever the world size "
-                   "(default: one micro-batch per process)")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens per evaluation")
-    p.add_argument("--save-every", type=int, help="checkpoint cadence (default: --eval-every)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--scalar-lr", type=float, default=0.5)
-    p.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
-    p.add_argument("--warmup-frac", type=float, default=0.0)
-    p.add_argument("--warmdown-frac", type=float, default=0.4)
-    p.add_argument("--final-lr-frac", type=float, default=0.0)
-    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out")
-    p.add_argument("--sample-tokens", type=int, default=32, help="greedy sample length at each eval (0: none)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_pretrain)
 
     conv = sub.add_parser("convert", help="convert a checkpoint from another format").add_subparsers(
@@ -461,36 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stage_attach)
 
     p = stage.add_parser("train", help="SFT of a stage on conversations (only the stage trains)")
-    p.add_argument("stage", metavar="STAGEDIR")
-    p.add_argument("--data", nargs="+", required=True, metavar="SPEC",
-                   help="PATH[:EPOCHS]: JSONL file or directory of them (messages, Alpaca, Magicoder, ShareGPT)")
-    p.add_argument("--out", required=True, metavar="RUNDIR")
-    length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--steps", type=int)
-    length.add_argument("--epochs", type=float, help="passes over the (repeated) training mixture")
-    p.add_argument("--val-conversations", type=int, default=512, help="held out before repetition")
-    p.add_argument("--seq-len", type=int, help="row length (default: the model's sequence_len)")
-    p.add_argument("--device-batch-size", type=int, default=8)
-    p.add_argument("--total-batch-tokens", type=int, help="tokens per step, whatever the world size")
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--save-every", type=int, help="checkpoint cadence (default: --eval-every)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the new blocks")
-    p.add_argument("--scalar-lr", type=float, default=0.5)
-    p.add_argument("--stage-head-lr", type=float, default=1e-4)
-    p.add_argument("--stage-head-weight-decay", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
-    p.add_argument("--warmup-frac", type=float, default=0.05)
-    p.add_argument("--warmdown-frac", type=float, default=0.9)
-    p.add_argument("--final-lr-frac", type=float, default=0.0)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--end-token-weight", type=float, default=1.0, help="loss weight of <|assistant_end|>")
-    p.add_argument("--case-augment", action="store_true", help="duplicate greetings with their case perturbed")
-    p.add_argument("--skip-invalid", action="store_true", help="skip bad records (counted per file and reason)")
-    p.add_argument("--no-document-masking", action="store_true", help="let packed conversations see each other")
-    p.add_argument("--train-chat-rows", action="store_true", help="also train the chat tokens' embedding rows")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_options(p, StageTrainArgs)
     p.set_defaults(func=cmd_stage_train)
 
     p = sub.add_parser("check-preservation", help="exit 0 only if a stage's base path equals the base bit for bit")

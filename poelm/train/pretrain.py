@@ -30,6 +30,7 @@ from ..eval.sample import greedy_continue
 from ..core.model import PoEGPT
 from ..modeldir import load_model, load_tokenizer, save_model_dir
 from ..optim import build_optimizer
+from ..options import free_on_resume, option, run_record
 from ..outputs import chain_inputs, check_output
 from .dist import Dist, all_reduce_sum, log0, run_distributed
 from .loop import LoopConfig, TrainLoop, batch_geometry, check_run_dir, record_run, resolve_seq_len
@@ -39,34 +40,38 @@ SAMPLE_PROMPT = "def "
 
 @dataclass
 class PretrainArgs:
-    data: list[str]
-    out: str
-    init: str | None = None
-    tokenizer: str | None = None
-    config: PoEConfig | None = None  # the shape, when not --init
-    poe_mode: str | None = None  # overrides of an --init model's PoE settings
+    """`poelm pretrain`'s arguments (options.py: each option field is a flag, and run.json records it)."""
+
+    data: list[str] = option(help="text files, directories, JSONL (text)", metavar="PATH")
+    out: str = option(help="the run folder", metavar="RUNDIR", resume=None)
+    init: str | None = option(None, "start from this base directory", metavar="MODELDIR", resume=None)
+    tokenizer: str | None = option(None, "build a new model with this tokenizer and --depth", metavar="TOKDIR",
+                                   resume=None)
+    config: PoEConfig | None = None  # the shape, when not --init (from the shape flags)
+    poe_mode: str | None = None  # overrides of an --init model's PoE settings (from the shape flags)
     poe_alpha: float | None = None
     poe_stage_layers: list[int] | None = None
-    seq_len: int | None = None
-    steps: int = 1000
-    device_batch_size: int = 8
-    total_batch_tokens: int | None = None
-    eval_every: int = 100
-    eval_tokens: int = 65536
-    save_every: int | None = None
-    resume: bool = False
-    seed: int = 0
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.0
-    warmup_frac: float = 0.0
-    warmdown_frac: float = 0.4
-    final_lr_frac: float = 0.0
-    val_fraction: float = 0.02
-    sample_tokens: int = 32
-    device: str | None = None
+    seq_len: int | None = None  # (a shape flag; recorded as resolved)
+    steps: int = option(1000, "optimizer steps")
+    device_batch_size: int = option(8, "rows per micro-batch per process")
+    total_batch_tokens: int | None = option(None, "tokens per optimizer step, whatever the world size (default: one "
+                                            "micro-batch per process)", resume=None)  # recorded as resolved
+    eval_every: int = option(100, "evaluation cadence in steps", resume="free")
+    eval_tokens: int = option(65536, "held-out tokens per evaluation")
+    save_every: int | None = option(None, "checkpoint cadence (default: --eval-every)", resume=None)
+    resume: bool = option(False, "continue from the newest complete checkpoint", resume=None)
+    seed: int = option(0, "seed of the init, the row order and sampling")
+    matrix_lr: float = option(0.02, "Muon LR of the block matrices")
+    embedding_lr: float = option(0.2, "AdamW LR of the embeddings")
+    unembedding_lr: float = option(0.004, "AdamW LR of the head")
+    scalar_lr: float = option(0.5, "AdamW LR of the scalars")
+    weight_decay: float = option(0.0, "Muon weight decay")
+    warmup_frac: float = option(0.0, "share of steps warming up")
+    warmdown_frac: float = option(0.4, "share of steps warming down")
+    final_lr_frac: float = option(0.0, "LR multiplier at the end of warmdown")
+    val_fraction: float = option(0.02, "share of documents held out")
+    sample_tokens: int = option(32, "greedy sample length at each eval (0: none)", resume=None)
+    device: str | None = option(None, "cpu or cuda (default: cuda when available)", resume=None)
 
 
 def resolve_model(args: PretrainArgs) -> tuple[PoEGPT, Any]:
@@ -100,11 +105,8 @@ def best_key(config: PoEConfig) -> str:
 
 def run_config(args: PretrainArgs, config: PoEConfig, seq_len: int, tokens_per_step: int) -> dict[str, Any]:
     """What a resumed run must share with the run it continues (data, model, batch, schedule, seed)."""
-    keep = ("data", "steps", "device_batch_size", "seed", "matrix_lr", "embedding_lr", "unembedding_lr",
-            "scalar_lr", "weight_decay", "warmup_frac", "warmdown_frac", "final_lr_frac", "val_fraction",
-            "eval_every", "eval_tokens")
-    return {"command": "pretrain", **{k: getattr(args, k) for k in keep}, "seq_len": seq_len,
-            "total_batch_tokens": tokens_per_step, "model": config.to_dict()}
+    return {"command": "pretrain", **run_record(args), "seq_len": seq_len, "total_batch_tokens": tokens_per_step,
+            "model": config.to_dict()}
 
 
 def pretrain(args: PretrainArgs) -> dict[str, Any]:
@@ -127,7 +129,7 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
     tokens_per_step, accum = batch_geometry(args.device_batch_size, args.total_batch_tokens, seq_len, d.world_size)
     run_dir = Path(args.out)
     recorded = run_config(args, config, seq_len, tokens_per_step)
-    ckpt = check_run_dir(run_dir, recorded, args.resume, ignore=("eval_every",))
+    ckpt = check_run_dir(run_dir, recorded, args.resume, ignore=free_on_resume(PretrainArgs))
     corpus = TextCorpus.build(args.data, tok, val_fraction=args.val_fraction, progress=d.is_main)
     if ckpt is None:
         record_run(d, run_dir, recorded)

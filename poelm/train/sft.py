@@ -33,6 +33,7 @@ from ..data.chat import (ChatLoader, build_mixture, eval_batches, load_conversat
 from ..core.errors import PoelmError
 from ..eval.bpb import bpb_from_sums, bpb_sums
 from ..optim import build_optimizer
+from ..options import free_on_resume, option, run_record
 from ..outputs import chain_inputs, check_output
 from ..stages import freeze_for_stage, save_stage
 from .dist import Dist, all_reduce_sum, log0, run_distributed
@@ -41,34 +42,37 @@ from .loop import LoopConfig, TrainLoop, batch_geometry, check_run_dir, record_r
 
 @dataclass
 class StageTrainArgs:
-    stage: str
-    data: list[str]
-    out: str
-    steps: int | None = None
-    epochs: float | None = None
-    val_conversations: int = 512
-    seq_len: int | None = None
-    device_batch_size: int = 8
-    total_batch_tokens: int | None = None
-    eval_every: int = 200
-    save_every: int | None = None
-    resume: bool = False
-    seed: int = 0
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.5
-    stage_head_lr: float = 1e-4
-    stage_head_weight_decay: float = 0.1
-    weight_decay: float = 0.0
-    warmup_frac: float = 0.05
-    warmdown_frac: float = 0.9
-    final_lr_frac: float = 0.0
-    label_smoothing: float = 0.0
-    end_token_weight: float = 1.0
-    case_augment: bool = False
-    skip_invalid: bool = False
-    document_masking: bool = True
-    train_chat_rows: bool = False
-    device: str | None = None
+    """`poelm stage train`'s arguments (options.py: each option field is a flag, and run.json records it)."""
+
+    stage: str = option(help="the stage directory to train", positional=True, metavar="STAGEDIR", resume=None)
+    data: list[str] = option(help="PATH[:EPOCHS]: JSONL file or directory of them (messages, Alpaca, Magicoder, "
+                                  "ShareGPT)", metavar="SPEC")
+    out: str = option(help="the run folder", metavar="RUNDIR", resume=None)
+    steps: int | None = option(None, "optimizer steps (or --epochs)", resume=None)  # recorded as resolved
+    epochs: float | None = option(None, "passes over the (repeated) training mixture (or --steps)", resume=None)
+    val_conversations: int = option(512, "held out before repetition")
+    seq_len: int | None = option(None, "row length (default: the model's sequence_len)", resume=None)
+    device_batch_size: int = option(8, "rows per micro-batch per process")
+    total_batch_tokens: int | None = option(None, "tokens per step, whatever the world size", resume=None)
+    eval_every: int = option(200, "evaluation cadence in steps", resume="free")
+    save_every: int | None = option(None, "checkpoint cadence (default: --eval-every)", resume=None)
+    resume: bool = option(False, "continue from the newest complete checkpoint", resume=None)
+    seed: int = option(0, "seed of the mixture, the row order and the new blocks' init")
+    matrix_lr: float = option(0.02, "Muon LR of the new blocks")
+    scalar_lr: float = option(0.5, "AdamW LR of the new layers' lambdas")
+    stage_head_lr: float = option(1e-4, "AdamW LR of the stage head")
+    stage_head_weight_decay: float = option(0.1, "AdamW weight decay of the stage head")
+    weight_decay: float = option(0.0, "Muon weight decay")
+    warmup_frac: float = option(0.05, "share of steps warming up")
+    warmdown_frac: float = option(0.9, "share of steps warming down")
+    final_lr_frac: float = option(0.0, "LR multiplier at the end of warmdown")
+    label_smoothing: float = option(0.0, "label smoothing of the assistant-token loss")
+    end_token_weight: float = option(1.0, "loss weight of <|assistant_end|>")
+    case_augment: bool = option(False, "duplicate greetings with their case perturbed")
+    skip_invalid: bool = option(False, "skip bad records (counted per file and reason)", resume=None)
+    document_masking: bool = option(True, "let packed conversations see each other (--no-document-masking)")
+    train_chat_rows: bool = option(False, "also train the chat tokens' embedding rows")
+    device: str | None = option(None, "cpu or cuda (default: cuda when available)", resume=None)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -78,6 +82,8 @@ def stage_train(args: StageTrainArgs) -> dict[str, Any]:
 
 def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------- setup
+    if (args.steps is None) == (args.epochs is None):
+        raise PoelmError("give exactly one of --steps and --epochs")
     torch.manual_seed(args.seed)
     # The run folder holds checkpoints (resume) and final/ + best/: never inside or around an input.
     check_output(args.out, chain_inputs(args.stage, "stage") + [("data", parse_spec(s)[0]) for s in args.data],
@@ -90,8 +96,6 @@ def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
     config = model.config
     tok = chain.tokenizer()
     seq_len = resolve_seq_len(args.seq_len, config.sequence_len)
-    if (args.steps is None) == (args.epochs is None):
-        raise PoelmError("give exactly one of --steps and --epochs")
     world = d.world_size
     tokens_per_step, accum = batch_geometry(args.device_batch_size, args.total_batch_tokens, seq_len, world)
     sources, report = load_conversations(args.data, skip_invalid=args.skip_invalid)
@@ -106,14 +110,9 @@ def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
     rows_per_step = args.device_batch_size * world * accum
     steps = args.steps if args.steps is not None else max(1, math.ceil(args.epochs * train_rows.n_rows / rows_per_step))
     run_dir = Path(args.out)
-    recorded = {"command": "stage train", "stage": str(Path(args.stage).resolve()), "data": args.data,
-                "steps": steps, "seq_len": seq_len, "total_batch_tokens": tokens_per_step, "seed": args.seed,
-                **{k: getattr(args, k) for k in ("val_conversations", "device_batch_size", "matrix_lr", "scalar_lr",
-                                                 "stage_head_lr", "stage_head_weight_decay", "weight_decay",
-                                                 "warmup_frac", "warmdown_frac", "final_lr_frac", "label_smoothing",
-                                                 "end_token_weight", "case_augment", "document_masking",
-                                                 "train_chat_rows")}}
-    ckpt = check_run_dir(run_dir, recorded, args.resume, ignore=("eval_every",))
+    recorded = {"command": "stage train", **run_record(args), "stage": str(Path(args.stage).resolve()),
+                "steps": steps, "seq_len": seq_len, "total_batch_tokens": tokens_per_step}
+    ckpt = check_run_dir(run_dir, recorded, args.resume, ignore=free_on_resume(StageTrainArgs))
     if ckpt is None:
         record_run(d, run_dir, recorded)
     first = config.n_layer - config.poe_stage_layers[-1]

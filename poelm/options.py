@@ -1,0 +1,94 @@
+"""Command options declared once: a dataclass field is the flag, the run record and the resume check.
+
+Design choices:
+- A training command's arguments are one dataclass (`PretrainArgs`, `StageTrainArgs`). A field made
+  with `option(...)` carries its help text and how a resumed run treats it: `resume="same"` (recorded
+  in run.json, and `--resume` refuses a different value), `"free"` (recorded, may change on resume:
+  evaluation cadence) or None (not part of the run: output paths, device, logging).
+- `add_options(parser, cls)` generates the argparse flags from those fields: the flag is the field's
+  name with dashes, the type comes from the annotation (int, float, str, `list[str]` as nargs="+",
+  `X | None`), a bool is a switch (`store_true`, or `store_false` under a `--no-...` flag for a field
+  that defaults to True), and `positional=True` makes a positional argument. Fields without option
+  metadata (computed values) get no flag. `from_namespace(cls, ns)` builds the dataclass back.
+- `run_record(args)` is what run.json records, and `free_on_resume(cls)` what `--resume` may change,
+  so the parser, the record and the resume check cannot drift apart (litgpt derives its CLI from its
+  `setup()` signatures for the same reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+RESUME = ("same", "free", None)
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, resume: str | None = "same",
+           positional: bool = False, metavar: str | None = None, flag: str | None = None) -> Any:
+    """A dataclass field that is also a command-line option (see the module docstring)."""
+    if resume not in RESUME:
+        raise ValueError(f"resume={resume!r}: expected one of {RESUME}")
+    meta = {"option": True, "help": help, "resume": resume, "positional": positional, "metavar": metavar,
+            "flag": flag}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _options(cls) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("option")]
+
+
+def _base(annotation: Any) -> tuple[Any, bool]:
+    """(the type inside `X | None`, whether None is allowed)."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], len(rest) < len(args)
+    return annotation, False
+
+
+def add_options(parser: argparse.ArgumentParser, cls) -> None:
+    """Add a flag (or positional argument) for every option field of dataclass `cls`."""
+    for f, annotation in _options(cls):
+        kind, _ = _base(annotation)
+        required = f.default is dataclasses.MISSING
+        meta = f.metadata
+        help_text = meta["help"]
+        if not required and f.default not in (None, False, True) and "default" not in help_text:
+            help_text = f"{help_text} (default {f.default})".strip()
+        kw: dict[str, Any] = {"help": help_text, "dest": f.name}
+        if kind is bool:
+            flag = meta["flag"] or ("--no-" if f.default is True else "--") + f.name.replace("_", "-")
+            parser.add_argument(flag, action="store_false" if f.default is True else "store_true", **kw)
+            continue
+        if typing.get_origin(kind) is list:
+            kw["nargs"] = "+"
+            kind = typing.get_args(kind)[0]
+        kw.update(type=kind, metavar=meta["metavar"])
+        if meta["positional"]:
+            parser.add_argument(f.name, **{k: v for k, v in kw.items() if k != "dest"})
+            continue
+        if required:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+        parser.add_argument(meta["flag"] or "--" + f.name.replace("_", "-"), **kw)
+
+
+def from_namespace(cls, namespace: argparse.Namespace, **computed: Any):
+    """The dataclass from parsed flags (its option fields) plus `computed` values for the others."""
+    values = {f.name: getattr(namespace, f.name) for f, _ in _options(cls)}
+    return cls(**values, **computed)
+
+
+def run_record(args) -> dict[str, Any]:
+    """The option values a run records in run.json (those with resume "same" or "free")."""
+    return {f.name: getattr(args, f.name) for f, _ in _options(type(args)) if f.metadata["resume"] is not None}
+
+
+def free_on_resume(cls) -> tuple[str, ...]:
+    """The recorded options `--resume` lets change."""
+    return tuple(f.name for f, _ in _options(cls) if f.metadata["resume"] == "free")
