@@ -1,7 +1,7 @@
 """The paper's comparison at small scale: a PoE base (`flat`) against its backprop control (`none`),
 same data, tokens, shape and seed; prints the bpb gap as one JSON line.
 
-The paper (1.3B, MODEL.md §2): PoE 0.7209 vs BP 0.6768 val bpb, a 6.52% gap. Each arm is judged by
+The paper (1.3B, docs/model.md §2): PoE 0.7209 vs BP 0.6768 val bpb, a 6.52% gap. Each arm is judged by
 its own predictor: the Log-OP of all stages for `flat`, the last stage for `none` (its early stages
 are never trained to predict). Runs go to OUT/none and OUT/flat (resumable with --resume).
 

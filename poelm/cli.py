@@ -1,4 +1,4 @@
-"""The `poelm` command line (CLI.md): argparse subcommands, each a thin call into the library.
+"""The `poelm` command line (docs/cli.md): argparse subcommands, each a thin call into the library.
 
 Design choices:
 - Bad input raises `PoelmError` inside the library; here it becomes one line on stderr and exit

@@ -16,7 +16,7 @@ Design choices:
                    backout_lambda
     lm_head_stage  lm_head_stage.weight               adamw  stage_head_lr     (0.8, 0.96)  wd stage_head_wd
     muon RxC       2-D params under transformer.h.    muon   matrix_lr, momentum 0.95, 5 steps, beta2 0.95, wd
-  (eps 1e-10 everywhere). The specialist head's LR is not scaled: MODEL.md §5 gives it as 1e-4 flat.
+  (eps 1e-10 everywhere). The specialist head's LR is not scaled: the released code specialist used 1e-4 flat.
   One Muon group per distinct shape (sorted), so its matrices orthogonalise as one batched matmul.
   Empty groups are omitted. Each group carries `name`, `kind`, `lr`, `initial_lr` (= lr; the trainer
   sets lr = initial_lr * lr_multiplier) and `param_names` (same order as `params`; torch's

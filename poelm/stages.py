@@ -1,5 +1,5 @@
 """Specialist stages: attach new blocks and a zero-initialised head to a frozen parent, and ship the
-result as a delta (MODEL.md §3, FORMATS.md).
+result as a delta (docs/model.md §3, docs/formats.md).
 
 Design choices:
 - Attaching appends one PoE stage of N blocks after the parent's last layer. The new blocks carry no
@@ -41,7 +41,7 @@ from .core.tokenizer import Tokenizer
 from .modeldir import hf_config_dict, load_model, load_tokenizer, write_directory
 from .outputs import AtomicDir, chain_inputs, check_output
 
-# Where each chat token's embedding row is warm-initialised from (MODEL.md §3).
+# Where each chat token's embedding row is warm-initialised from (docs/model.md §3).
 CHAT_ROW_SOURCES = {
     "<|user_start|>": "User", "<|user_end|>": "\n", "<|assistant_start|>": "Assistant",
     "<|assistant_end|>": "\n", "<|python_start|>": "```", "<|python_end|>": "```",

@@ -2,7 +2,7 @@
 
 What it is
     An independent re-implementation of the GPT of the `nanochat` project (2026 vintage) as
-    /work/shared/design/MODEL.md section 1 specifies it, written in nanochat's own structure
+    docs/model.md §1 specifies it, written in nanochat's own structure
     (`GPTConfig`, `CausalSelfAttention`, `MLP`, `Block`, `GPT`, `init_weights()`) and with
     nanochat's parameter names, so its `state_dict()` is a nanochat state dict. Beside the model:
     a writer for the files nanochat's `base_train` leaves behind (`model_NNNNNN.pt`,
@@ -23,7 +23,7 @@ Design choices (simple and obviously correct, not fast)
     - Attention is written out: an explicit boolean (T, T) mask for "causal within the window",
       an explicit `repeat_interleave` of the kv heads (query head h uses kv head
       h // (n_head // n_kv_head)), scores, softmax, weighted sum. No SDPA, no flash kernels.
-    - The forward is an explicit loop over layers, numbered like MODEL.md section 1.
+    - The forward is an explicit loop over layers, numbered like docs/model.md §1.
     - Feature switches in `GPTConfig` (`smear`, `backout`, `value_embeds`, `lambdas`,
       `sliding_window`) build the OLDER nanochat variants: a switched-off feature has no tensors
       and no meta field (no `window_pattern` without sliding windows), exactly like an old
@@ -31,7 +31,7 @@ Design choices (simple and obviously correct, not fast)
       which equals the neutral values resid 1, x0 0, smear 0, backout 0, value embeds 0, window L.
     - Randomness is explicit: `init_weights(generator)` and `perturb_(model, generator)`.
 
-The numbered forward (MODEL.md section 1; norm = F.rms_norm over the last dim, no weight):
+The numbered forward (docs/model.md §1; norm = F.rms_norm over the last dim, no weight):
     1. x = norm(wte(idx))
     2. smear (t >= 1): x[t] += smear_lambda * sigmoid(smear_gate(x[t][:24])) * x[t-1], both
        operands taken from the pre-smear x
@@ -120,7 +120,7 @@ def padded_vocab_size(vocab_size: int, multiple: int = PAD_VOCAB_TO) -> int:
 
 
 def has_ve(layer_idx: int, n_layer: int) -> bool:
-    """Value-embedding layers alternate and always include the last layer (MODEL.md 1.6)."""
+    """Value-embedding layers alternate and always include the last layer (docs/model.md §1, point 6)."""
     return layer_idx % 2 == (n_layer - 1) % 2
 
 
@@ -135,7 +135,7 @@ def short_window(sequence_len: int) -> int:
 
 
 def compute_window_sizes(config: GPTConfig) -> list[int]:
-    """Per-layer left window W (MODEL.md 1.7): pattern tiled, S/L mapped, last layer always L."""
+    """Per-layer left window W (docs/model.md §1, point 7): pattern tiled, S/L mapped, last layer always L."""
     long_window = config.sequence_len
     if not config.sliding_window:
         return [long_window] * config.n_layer
@@ -285,7 +285,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Every tensor initialised in one place, per the table in MODEL.md section 1."""
+        """Every tensor initialised in one place, per the table in docs/model.md §1."""
         g = generator
         cfg = self.config
         d = cfg.n_embd
@@ -348,7 +348,7 @@ class GPT(nn.Module):
 
 
 def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """The state dict nanochat writes for `config`, key -> shape, written out from MODEL.md's table."""
+    """The state dict nanochat writes for `config`, key -> shape, written out from the table of docs/model.md §1."""
     Vp, d, hd, L = config.padded_vocab_size, config.n_embd, config.head_dim, config.n_layer
     kv = config.n_kv_head * hd
     shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (Vp, d)}

@@ -154,7 +154,7 @@ def test_directory_contents(seed_model_dir):
     config = json.loads((seed_model_dir / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_poelm.PoelmConfig",
                                   "AutoModelForCausalLM": "modeling_poelm.PoelmForCausalLM"}
-    assert "AutoTokenizer" not in json.dumps(config)  # belongs in tokenizer_config.json (HF_NOTES.md)
+    assert "AutoTokenizer" not in json.dumps(config)  # belongs in tokenizer_config.json (docs/transformers.md)
     assert config["bos_token_id"] == 32759 and config["poe_stage_layers"] == [1, 1]
 
 

@@ -1,6 +1,6 @@
 """Self-checks of the nanochat reference (tests/nanochat_ref.py), before anything is compared to it.
 
-Each test pins one clause of MODEL.md section 1 with a property the clause implies (causality,
+Each test pins one clause of docs/model.md §1 with a property the clause implies (causality,
 window reach, GQA = duplicated MHA, relative rotary, neutral values of old variants, closed form at
 init) or checks the file format. Tiny configs, CPU, float32, seeded generators.
 """

@@ -1,4 +1,4 @@
-"""The cascade loader: resolve a chain of stage directories and assemble one model (FORMATS.md).
+"""The cascade loader: resolve a chain of stage directories and assemble one model (docs/formats.md).
 
 Design choices:
 - Ships beside the model in every directory (torch, safetensors and the standard library only, plus

@@ -1,15 +1,15 @@
 """PoEConfig: the shape and structure of a PoE GPT, validated when built, saved as JSON.
 
 Design choices:
-- One dataclass holds nanochat's GPT fields (MODEL.md §1) plus the Product-of-Experts fields
-  (MODEL.md §2). It imports no torch: it ships beside the model in every exported directory and is
+- One dataclass holds nanochat's GPT fields (docs/model.md §1) plus the Product-of-Experts fields
+  (docs/model.md §2). It imports no torch: it ships beside the model in every exported directory and is
   read by tools that never build a model.
 - Structure is derived once, then recorded explicitly: each layer's attention window
   (`layer_windows`), the layers that carry value embeddings (`value_embed_layers`), the layer whose
   residual is backed out (`backout_layer`) and the stage boundaries that apply the backout
   (`poe_backout_stages`). nanochat recomputes these from `n_layer`; recording them means appending
   specialist blocks later can never move a base layer's window, value embedding or backout point
-  (the trap of MODEL.md §3: `n_layer // 2` and "the last layer" change when layers are appended).
+  (the trap of docs/model.md §3: `n_layer // 2` and "the last layer" change when layers are appended).
 - Parts that older nanochat checkpoints lack are switches (`smear`, `backout`, an empty
   `value_embed_layers`, windows all "L"); the residual lambdas are always present and a conversion
   fills them with their neutral values (resid 1, x0 0).
@@ -44,7 +44,7 @@ HF_CONFIG_KEYS = frozenset({
 })
 # Provenance poelm records in config.json beside the model fields (facts, not structure).
 PROVENANCE_KEYS = frozenset({"converted_from", "poelm_version", "training"})
-# A stage directory's own fields (FORMATS.md): where its parent is and what it was trained on.
+# A stage directory's own fields (docs/formats.md): where its parent is and what it was trained on.
 STAGE_KEYS = frozenset({"base_model_name_or_path", "stage_name", "stage_layers", "parent_fingerprint",
                         "chat_rows", "chat_rows_initialized"})
 
@@ -77,7 +77,7 @@ def split_stages(n_layer: int, n_stages: int) -> list[int]:
 class PoEConfig:
     """Shape, structure and PoE settings of one model. Fields left None are derived on build."""
 
-    # --- nanochat GPT (MODEL.md §1) ---
+    # --- nanochat GPT (docs/model.md §1) ---
     vocab_size: int = 32768
     n_layer: int = 12
     n_head: int = 6
@@ -94,14 +94,14 @@ class PoEConfig:
     layer_windows: list[int] | None = None
     value_embed_layers: list[int] | None = None
     backout_layer: int | None = None
-    # --- Product of Experts (MODEL.md §2) ---
+    # --- Product of Experts (docs/model.md §2) ---
     poe_stage_layers: list[int] | None = None
     poe_mode: str = "flat"
     poe_alpha: float = 0.0
     poe_stage_heads: bool = False
     poe_backout_stages: list[int] | None = None
     poe_output: str = "last"
-    # --- specialist stages (MODEL.md §3): stages >= n_base_stages were appended to a frozen base ---
+    # --- specialist stages (docs/model.md §3): stages >= n_base_stages were appended to a frozen base ---
     n_base_stages: int | None = None
     stage_head: bool = False  # `lm_head_stage`: the leaf specialist's additive head, at the last boundary
     head_fold: bool = False  # `lm_head_fold`: the ancestors' stage heads, summed, at specialist boundaries

@@ -6,7 +6,7 @@ Design choices:
   load and inspect them, and hands a `PoEConfig` to the model.
 - `attribute_map` gives the standard names `transformers` looks for (`num_hidden_layers` is what
   `DynamicCache(config=...)` needs inside `generate()`).
-- No `AutoTokenizer` entry here: it belongs in tokenizer_config.json (HF_NOTES.md).
+- No `AutoTokenizer` entry here: it belongs in tokenizer_config.json (docs/transformers.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The PoE GPT: nanochat's trunk cut into stages, every stage boundary a next-token predictor.
 
-Design choices (MODEL.md §1-2):
+Design choices (docs/model.md §1-2):
 - One definition. This file imports only torch (and the standard library); it ships unchanged as
   Hugging Face remote code beside `modeling_poelm.py`, so training, poelm's own inference and
   `transformers` all run this code. Parameter names are nanochat's, so a nanochat state dict loads
@@ -307,7 +307,7 @@ class PoEOutput:
 
 
 class PoEGPT(nn.Module):
-    """nanochat's GPT with a next-token predictor at every stage boundary (MODEL.md §1-2)."""
+    """nanochat's GPT with a next-token predictor at every stage boundary (docs/model.md §1-2)."""
 
     def __init__(self, config: "PoEConfig"):
         super().__init__()
@@ -321,7 +321,7 @@ class PoEGPT(nn.Module):
         self.lm_head = Linear(d, V)
         if config.poe_stage_heads:  # optional per-stage additive heads, zero-initialised
             self.lm_head_stages = nn.ModuleDict({str(k): Linear(d, V) for k in range(config.n_stages)})
-        if config.head_fold:  # the ancestors' specialist heads, folded into one (MODEL.md §3, chaining)
+        if config.head_fold:  # the ancestors' specialist heads, folded into one (docs/model.md §3, chaining)
             self.lm_head_fold = Linear(d, V)
         if config.stage_head:  # the leaf specialist's additive head, zero-initialised
             self.lm_head_stage = Linear(d, V)
@@ -338,7 +338,7 @@ class PoEGPT(nn.Module):
     # ------------------------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Initialise every tensor here, in one place, from one explicit generator (MODEL.md §1 table)."""
+        """Initialise every tensor here, in one place, from one explicit generator (docs/model.md §1 table)."""
         g = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
         c = self.config
         s = 3**0.5 * c.n_embd**-0.5  # uniform bound with the std of N(0, 1/d)

@@ -14,7 +14,7 @@ Design choices:
   `past_key_values` are accepted.
 - Positions come from the cache length, as in nanochat; `position_ids` is accepted and ignored.
   The attention mask is honoured only where it cannot change the answer: `generate(...,
-  pad_token_id=BOS)` on a prompt that starts with BOS marks that BOS as padding (HF_NOTES.md), and
+  pad_token_id=BOS)` on a prompt that starts with BOS marks that BOS as padding (docs/transformers.md), and
   a leading masked BOS is a document start, so it is treated as a real token. Any other masked
   position (a left-padded batch) raises an error instead of computing a silently different result.
 - `exit_stage=k` (forward or `generate(..., exit_stage=k)`) reads out stage k's predictor (prefix

@@ -14,7 +14,7 @@ Design choices:
   `skip_special_tokens=True` drops the nine specials. No tokenization-space clean-up.
 - bos `<|bos|>`, eos `<|assistant_end|>`, pad `<|assistant_end|>`: padding with eos means
   generate() never infers an attention mask that hides the BOS every prompt starts with (the
-  quick-start trap in HF_NOTES), and eos never starts a prompt.
+  quick-start trap in docs/transformers.md), and eos never starts a prompt.
 """
 
 from __future__ import annotations

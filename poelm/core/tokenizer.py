@@ -19,7 +19,7 @@ Design choices:
 - Files are JSON, never pickle: `poelm_tokenizer.json` (pattern, ranks as base64 bytes, specials,
   format version) and `token_bytes.json` (UTF-8 length of every id, for bits-per-byte). The name
   avoids `tokenizer.json`, which transformers would read as a fast-tokenizer file.
-- Chat format (MODEL.md §4): `<|bos|>`, then `<|user_start|> text <|user_end|>` /
+- Chat format (docs/model.md §4): `<|bos|>`, then `<|user_start|> text <|user_end|>` /
   `<|assistant_start|> text <|assistant_end|>`; the loss mask is 1 exactly on assistant text and its
   `<|assistant_end|>`. A leading system message is merged into the first user message.
 """
@@ -42,7 +42,7 @@ SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 
-# Order matters: ids are n_merges + index (MODEL.md §4).
+# Order matters: ids are n_merges + index (docs/model.md §4).
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|bos|>",
     "<|user_start|>",

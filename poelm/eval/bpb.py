@@ -1,6 +1,6 @@
 """Bits per byte of every stage predictor and of their Log-OP combination.
 
-Design choices (MODEL.md §2, §4):
+Design choices (docs/model.md §2, §4):
 - bpb = sum of target-token NLL (nats) / (ln 2 * sum of the target tokens' UTF-8 bytes). Special
   tokens count zero bytes and are left out of both sums, as are ignored targets (-1); the measure
   is therefore comparable across tokenizers.

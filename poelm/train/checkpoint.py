@@ -1,6 +1,6 @@
 """Training checkpoints: complete, atomic, pickle-free, resumable bit for bit.
 
-Design choices (FORMATS.md "Training checkpoints"):
+Design choices (docs/formats.md, "A training run folder"):
 - One folder per save, `RUNDIR/checkpoints/NNNNNN/`, holding the trainable weights
   (`model.safetensors`), each rank's optimizer state (`optimizer_rankR.safetensors` + `.json`), each
   rank's data-loader position and RNG state (`rankR.json`, `rng_rankR.safetensors`), and

@@ -4,7 +4,7 @@ setup -> fit -> save, over the shared TrainLoop (loop.py):
 - setup: the model comes from `--init MODELDIR` or is built from a tokenizer and shape flags; the
   corpus is tokenized with a BOS before every document and split into train and held-out
   documents; the loader streams rows of `seq_len + 1` tokens; MuonAdamW holds the optimizer state.
-- fit: `poe_mode` decides the loss (MODEL.md §2): `none` is end-to-end backprop on the last
+- fit: `poe_mode` decides the loss (docs/model.md §2): `none` is end-to-end backprop on the last
   boundary (the BP control arm), `flat` one detached loss per stage, `residual_logop` the running
   Log-OP per stage. Every evaluation reports the val bpb of every stage predictor and of the Log-OP
   combination, plus a greedy sample.
