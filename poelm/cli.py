@@ -231,19 +231,16 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
 def _sampling_params(args: argparse.Namespace, seed_offset: int = 0):
     from .infer import SamplingParams
+    from .options import from_namespace
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed + seed_offset)
+    return from_namespace(SamplingParams, args, seed=args.seed + seed_offset)
 
 
 def _decode_mode(args: argparse.Namespace):
     from .infer import DecodeMode
+    from .options import from_namespace
 
-    return DecodeMode(exit_stage=args.exit_stage, speculative=args.speculative, draft_stage=args.draft_stage,
-                      adaptive=args.adaptive, compose=tuple(args.compose or ()),
-                      compose_weights=tuple(args.compose_weights) if args.compose_weights else None,
-                      output=args.poe_output)
+    return from_namespace(DecodeMode, args)
 
 
 def _load_decoder(args: argparse.Namespace, params):
@@ -376,6 +373,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .infer import DecodeMode, SamplingParams
     from .options import add_options
     from .train.pretrain import PretrainArgs
     from .train.sft import StageTrainArgs
@@ -452,25 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_generation_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("model", metavar="MODELDIR", help="a base or stage directory")
-        p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-        p.add_argument("--top-k", type=int, help="sample among the K most likely tokens")
-        p.add_argument("--top-p", type=float, help="nucleus: the fewest tokens with probability >= P")
-        p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' semantics (1: off)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--exit-stage", type=int, help="stop after stage K and read its predictor (default: last)")
-        p.add_argument("--poe-output", choices=("last", "logop"),
-                       help="decode the last stage or the Log-OP of the stages (default: the model's poe_output; "
-                            "--adaptive always decodes the Log-OP)")
-        p.add_argument("--speculative", type=int, metavar="K",
-                       help="greedy self-speculative decoding: draft K tokens per round with --draft-stage")
-        p.add_argument("--draft-stage", type=int, metavar="S", help="the stage that drafts (with --speculative)")
-        p.add_argument("--adaptive", action="store_true",
-                       help="per-token early exit of the Log-OP (bounds from `poelm calibrate`)")
-        p.add_argument("--compose", nargs="+", metavar="STAGEDIR",
-                       help="sibling stages of MODELDIR: decode from their log-space combination")
-        p.add_argument("--compose-weights", type=lambda t: [float(v) for v in t.split(",")],
-                       help="one weight per stage, MODELDIR first (default: all 1)")
+        add_options(p, SamplingParams, defaults={"max_new_tokens": 256})
+        add_options(p, DecodeMode)
 
     p = sub.add_parser("generate", help="continue a prompt (or answer it with --chat), streaming to stdout")
     add_generation_flags(p)

@@ -1,13 +1,14 @@
 """Command options declared once: a dataclass field is the flag, the run record and the resume check.
 
 Design choices:
-- A training command's arguments are one dataclass (`PretrainArgs`, `StageTrainArgs`). A field made
+- A command's arguments are dataclasses: a training command's one (`PretrainArgs`, `StageTrainArgs`),
+  a decoding command's `SamplingParams` and `DecodeMode`. A training command's arguments are one dataclass (`PretrainArgs`, `StageTrainArgs`). A field made
   with `option(...)` carries its help text and how a resumed run treats it: `resume="same"` (recorded
   in run.json, and `--resume` refuses a different value), `"free"` (recorded, may change on resume:
   evaluation cadence) or None (not part of the run: output paths, device, logging).
 - `add_options(parser, cls)` generates the argparse flags from those fields: the flag is the field's
-  name with dashes, the type comes from the annotation (int, float, str, `list[str]` as nargs="+",
-  `X | None`), a bool is a switch (`store_true`, or `store_false` under a `--no-...` flag for a field
+  name with dashes, the type comes from the annotation (int, float, str, `list[X]`/`tuple[X, ...]` as
+  nargs="+", `X | None`) or from `parse`, a bool is a switch (`store_true`, or `store_false` under a `--no-...` flag for a field
   that defaults to True), and `positional=True` makes a positional argument. Fields without option
   metadata (computed values) get no flag. `from_namespace(cls, ns)` builds the dataclass back.
 - `run_record(args)` is what run.json records, and `free_on_resume(cls)` what `--resume` may change,
@@ -27,12 +28,14 @@ RESUME = ("same", "free", None)
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, resume: str | None = "same",
-           positional: bool = False, metavar: str | None = None, flag: str | None = None) -> Any:
-    """A dataclass field that is also a command-line option (see the module docstring)."""
+           positional: bool = False, metavar: str | None = None, flag: str | None = None,
+           choices: tuple | None = None, parse: Any = None) -> Any:
+    """A dataclass field that is also a command-line option (see the module docstring). `parse`
+    turns the flag's text into the value when the annotation's type cannot (e.g. "1,0.5")."""
     if resume not in RESUME:
         raise ValueError(f"resume={resume!r}: expected one of {RESUME}")
     meta = {"option": True, "help": help, "resume": resume, "positional": positional, "metavar": metavar,
-            "flag": flag}
+            "flag": flag, "choices": choices, "parse": parse}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -50,38 +53,48 @@ def _base(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def add_options(parser: argparse.ArgumentParser, cls) -> None:
-    """Add a flag (or positional argument) for every option field of dataclass `cls`."""
+def add_options(parser: argparse.ArgumentParser, cls, defaults: dict[str, Any] | None = None) -> None:
+    """Add a flag (or positional argument) for every option field of dataclass `cls`; `defaults`
+    replaces a field's default on this command line only."""
     for f, annotation in _options(cls):
         kind, _ = _base(annotation)
-        required = f.default is dataclasses.MISSING
+        default = (defaults or {}).get(f.name, f.default)
+        required = default is dataclasses.MISSING
         meta = f.metadata
         help_text = meta["help"]
-        if not required and f.default not in (None, False, True) and "default" not in help_text:
-            help_text = f"{help_text} (default {f.default})".strip()
+        shown = not (default is None or isinstance(default, bool) or default == ())
+        if not required and shown and "default" not in help_text:
+            help_text = f"{help_text} (default {default})".strip()
         kw: dict[str, Any] = {"help": help_text, "dest": f.name}
         if kind is bool:
             flag = meta["flag"] or ("--no-" if f.default is True else "--") + f.name.replace("_", "-")
             parser.add_argument(flag, action="store_false" if f.default is True else "store_true", **kw)
             continue
-        if typing.get_origin(kind) is list:
+        if meta["parse"] is not None:
+            kind = meta["parse"]
+        elif typing.get_origin(kind) in (list, tuple):
             kw["nargs"] = "+"
             kind = typing.get_args(kind)[0]
-        kw.update(type=kind, metavar=meta["metavar"])
+        kw.update(type=kind, metavar=meta["metavar"], choices=meta["choices"])
         if meta["positional"]:
             parser.add_argument(f.name, **{k: v for k, v in kw.items() if k != "dest"})
             continue
         if required:
             kw["required"] = True
         else:
-            kw["default"] = f.default
+            kw["default"] = default
         parser.add_argument(meta["flag"] or "--" + f.name.replace("_", "-"), **kw)
 
 
 def from_namespace(cls, namespace: argparse.Namespace, **computed: Any):
     """The dataclass from parsed flags (its option fields) plus `computed` values for the others."""
-    values = {f.name: getattr(namespace, f.name) for f, _ in _options(cls)}
-    return cls(**values, **computed)
+    values = {}
+    for f, annotation in _options(cls):
+        value = getattr(namespace, f.name)
+        if typing.get_origin(_base(annotation)[0]) is tuple and isinstance(value, list):
+            value = tuple(value)
+        values[f.name] = value
+    return cls(**{**values, **computed})
 
 
 def run_record(args) -> dict[str, Any]:

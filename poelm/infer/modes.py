@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import PoelmError
+from ..options import option
 from .adaptive import AdaptiveDecoder, load_calibration
 from .decoder import Decoder, check_output_name
 from .engine import Engine
@@ -33,13 +34,20 @@ from .speculative import SpeculativeDecoder
 class DecodeMode:
     """How to decode (see the module docstring). The default is the engine at full depth."""
 
-    exit_stage: int | None = None
-    speculative: int | None = None  # K draft tokens per round
-    draft_stage: int | None = None
-    adaptive: bool = False
-    compose: tuple[str, ...] = ()  # sibling stage directories of the model's
-    compose_weights: tuple[float, ...] | None = None  # the model's first, then the siblings'
-    output: str | None = None
+    exit_stage: int | None = option(None, "stop after stage K and decode its predictor (default: the last)",
+                                    metavar="K", resume=None)
+    speculative: int | None = option(None, "self-speculative decoding: draft K tokens per round with --draft-stage",
+                                     metavar="K", resume=None)
+    draft_stage: int | None = option(None, "the stage that drafts (with --speculative)", metavar="S", resume=None)
+    adaptive: bool = option(False, "per-token early exit of the Log-OP (bounds from `poelm calibrate`)", resume=None)
+    compose: tuple[str, ...] = option((), "sibling stages of MODELDIR: decode from their log-space combination",
+                                      metavar="STAGEDIR", resume=None)
+    compose_weights: tuple[float, ...] | None = option(
+        None, "one weight per stage, MODELDIR first (default: all 1)", metavar="W,W,...", resume=None,
+        parse=lambda text: tuple(float(v) for v in text.split(",")))
+    output: str | None = option(None, "decode the last stage or the Log-OP of the stages (default: the model's "
+                                "poe_output; --adaptive always decodes the Log-OP)", flag="--poe-output",
+                                choices=("last", "logop"), resume=None)
 
     @property
     def decoder_class(self) -> type[Decoder]:

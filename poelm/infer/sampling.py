@@ -17,18 +17,19 @@ from typing import Any
 import torch
 
 from ..core.errors import PoelmError
+from ..options import option
 
 
 @dataclass
 class SamplingParams:
     """How to pick each next token. `temperature == 0` is greedy; the others are off at their defaults."""
 
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int = 0
+    max_new_tokens: int = option(64, "tokens to generate at most", resume=None)
+    temperature: float = option(0.0, "0: greedy", resume=None)
+    top_k: int | None = option(None, "sample among the K most likely tokens", metavar="K", resume=None)
+    top_p: float | None = option(None, "nucleus: the fewest tokens with probability >= P", metavar="P", resume=None)
+    repetition_penalty: float = option(1.0, "transformers' semantics (1: off)", resume=None)
+    seed: int = option(0, "the seed of the sampling generator", resume=None)
 
     def __post_init__(self) -> None:
         def fail(field: str, expected: str) -> None:

@@ -49,9 +49,10 @@ from ..core.errors import PoelmError
 from ..core.files import read_json, write_json, write_manifest
 from ..core.cascade import load_safetensors
 from ..optim import apply_schedule
+from ..options import option
 from ..schedule import lr_multiplier, muon_momentum
 from .checkpoint import CHECKPOINTS, STATE, latest_checkpoint, load_checkpoint, save_checkpoint
-from .dist import Dist, all_reduce_sum, barrier, broadcast_flag
+from .dist import Dist, all_reduce_sum, barrier, broadcast_flag, log0
 from .metrics import MetricsLog, plot_val_bpb
 from .progress import Progress
 
@@ -63,6 +64,28 @@ BEST_INFO = "best.json"
 def best_name(step: int) -> str:
     """The folder (beside the checkpoints) holding the best weights found at `step`."""
     return f"{BEST}-{step:06d}"
+
+
+@dataclass(kw_only=True)
+class RunArgs:
+    """The options every training run shares (the loop's own: batch, cadence, schedule, resume, device);
+    `PretrainArgs` and `StageTrainArgs` extend it and may change a default (options.py)."""
+
+    out: str = option(help="the run folder", metavar="RUNDIR", resume=None)
+    device_batch_size: int = option(8, "rows per micro-batch per process")
+    total_batch_tokens: int | None = option(None, "tokens per optimizer step, whatever the world size (default: "
+                                            "one micro-batch per process)", resume=None)  # recorded as resolved
+    eval_every: int = option(100, "evaluation cadence in steps", resume="free")
+    save_every: int | None = option(None, "checkpoint cadence (default: --eval-every)", resume=None)
+    resume: bool = option(False, "continue from the newest complete checkpoint", resume=None)
+    seed: int = option(0, "seed of everything random in the run (init, data order, sampling)")
+    matrix_lr: float = option(0.02, "Muon LR of the block matrices that train")
+    scalar_lr: float = option(0.5, "AdamW LR of the scalars that train")
+    weight_decay: float = option(0.0, "Muon weight decay")
+    warmup_frac: float = option(0.0, "share of steps warming up")
+    warmdown_frac: float = option(0.4, "share of steps warming down")
+    final_lr_frac: float = option(0.0, "LR multiplier at the end of warmdown")
+    device: str | None = option(None, "cpu or cuda (default: cuda when available)", resume=None)
 
 
 class Loader(Protocol):
@@ -225,6 +248,13 @@ class TrainLoop:
                              f"step {step}, which should be kept there (model.safetensors)")
         self._point_best(name)
         self._prune_best(keep=self._recorded_bests() | {name})
+
+    def fit(self, ckpt: Path | None) -> LoopResult:
+        """Restore `ckpt` (a resumed run) or start at step 0, then run to the end."""
+        start = self.restore(ckpt) if ckpt is not None else 0
+        if ckpt is not None:
+            log0(self.d, f"resumed from {ckpt} (step {start})")
+        return self.run(start)
 
     # ------------------------------------------------------------------------------- steps
     def set_lr(self, step: int) -> float:

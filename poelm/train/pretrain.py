@@ -33,17 +33,16 @@ from ..optim import build_optimizer
 from ..options import free_on_resume, option, run_record
 from ..outputs import chain_inputs, check_output
 from .dist import Dist, all_reduce_sum, log0, run_distributed
-from .loop import LoopConfig, TrainLoop, batch_geometry, check_run_dir, record_run, resolve_seq_len
+from .loop import LoopConfig, RunArgs, TrainLoop, batch_geometry, check_run_dir, record_run, resolve_seq_len
 
 SAMPLE_PROMPT = "def "
 
 
-@dataclass
-class PretrainArgs:
+@dataclass(kw_only=True)
+class PretrainArgs(RunArgs):
     """`poelm pretrain`'s arguments (options.py: each option field is a flag, and run.json records it)."""
 
     data: list[str] = option(help="text files, directories, JSONL (text)", metavar="PATH")
-    out: str = option(help="the run folder", metavar="RUNDIR", resume=None)
     init: str | None = option(None, "start from this base directory", metavar="MODELDIR", resume=None)
     tokenizer: str | None = option(None, "build a new model with this tokenizer and --depth", metavar="TOKDIR",
                                    resume=None)
@@ -53,25 +52,11 @@ class PretrainArgs:
     poe_stage_layers: list[int] | None = None
     seq_len: int | None = None  # (a shape flag; recorded as resolved)
     steps: int = option(1000, "optimizer steps")
-    device_batch_size: int = option(8, "rows per micro-batch per process")
-    total_batch_tokens: int | None = option(None, "tokens per optimizer step, whatever the world size (default: one "
-                                            "micro-batch per process)", resume=None)  # recorded as resolved
-    eval_every: int = option(100, "evaluation cadence in steps", resume="free")
     eval_tokens: int = option(65536, "held-out tokens per evaluation")
-    save_every: int | None = option(None, "checkpoint cadence (default: --eval-every)", resume=None)
-    resume: bool = option(False, "continue from the newest complete checkpoint", resume=None)
-    seed: int = option(0, "seed of the init, the row order and sampling")
-    matrix_lr: float = option(0.02, "Muon LR of the block matrices")
     embedding_lr: float = option(0.2, "AdamW LR of the embeddings")
     unembedding_lr: float = option(0.004, "AdamW LR of the head")
-    scalar_lr: float = option(0.5, "AdamW LR of the scalars")
-    weight_decay: float = option(0.0, "Muon weight decay")
-    warmup_frac: float = option(0.0, "share of steps warming up")
-    warmdown_frac: float = option(0.4, "share of steps warming down")
-    final_lr_frac: float = option(0.0, "LR multiplier at the end of warmdown")
     val_fraction: float = option(0.02, "share of documents held out")
     sample_tokens: int = option(32, "greedy sample length at each eval (0: none)", resume=None)
-    device: str | None = option(None, "cpu or cuda (default: cuda when available)", resume=None)
 
 
 def resolve_model(args: PretrainArgs) -> tuple[PoEGPT, Any]:
@@ -179,12 +164,9 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
     loop = TrainLoop(d, loop_cfg, model=model, ddp_model=ddp_model, optimizer=optimizer, loader=loader,
                      loss_fn=loss_fn, evaluate=evaluate, trainable=lambda: dict(model.state_dict()),
                      count_fn=lambda y: int((y >= 0).sum()))
-    start = loop.restore(ckpt) if ckpt is not None else 0
-    if ckpt is not None:
-        log0(d, f"resumed from {ckpt} (step {start})")
 
     # ------------------------------------------------------------------------------------ fit
-    result = loop.run(start)
+    result = loop.fit(ckpt)
 
     # ----------------------------------------------------------------------------------- save
     summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": result.step, "best_step": result.best_step,

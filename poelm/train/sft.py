@@ -37,42 +37,31 @@ from ..options import free_on_resume, option, run_record
 from ..outputs import chain_inputs, check_output
 from ..stages import freeze_for_stage, save_stage
 from .dist import Dist, all_reduce_sum, log0, run_distributed
-from .loop import LoopConfig, TrainLoop, batch_geometry, check_run_dir, record_run, resolve_seq_len
+from .loop import LoopConfig, RunArgs, TrainLoop, batch_geometry, check_run_dir, record_run, resolve_seq_len
 
 
-@dataclass
-class StageTrainArgs:
+@dataclass(kw_only=True)
+class StageTrainArgs(RunArgs):
     """`poelm stage train`'s arguments (options.py: each option field is a flag, and run.json records it)."""
 
     stage: str = option(help="the stage directory to train", positional=True, metavar="STAGEDIR", resume=None)
     data: list[str] = option(help="PATH[:EPOCHS]: JSONL file or directory of them (messages, Alpaca, Magicoder, "
                                   "ShareGPT)", metavar="SPEC")
-    out: str = option(help="the run folder", metavar="RUNDIR", resume=None)
     steps: int | None = option(None, "optimizer steps (or --epochs)", resume=None)  # recorded as resolved
     epochs: float | None = option(None, "passes over the (repeated) training mixture (or --steps)", resume=None)
     val_conversations: int = option(512, "held out before repetition")
     seq_len: int | None = option(None, "row length (default: the model's sequence_len)", resume=None)
-    device_batch_size: int = option(8, "rows per micro-batch per process")
-    total_batch_tokens: int | None = option(None, "tokens per step, whatever the world size", resume=None)
     eval_every: int = option(200, "evaluation cadence in steps", resume="free")
-    save_every: int | None = option(None, "checkpoint cadence (default: --eval-every)", resume=None)
-    resume: bool = option(False, "continue from the newest complete checkpoint", resume=None)
-    seed: int = option(0, "seed of the mixture, the row order and the new blocks' init")
-    matrix_lr: float = option(0.02, "Muon LR of the new blocks")
-    scalar_lr: float = option(0.5, "AdamW LR of the new layers' lambdas")
-    stage_head_lr: float = option(1e-4, "AdamW LR of the stage head")
-    stage_head_weight_decay: float = option(0.1, "AdamW weight decay of the stage head")
-    weight_decay: float = option(0.0, "Muon weight decay")
     warmup_frac: float = option(0.05, "share of steps warming up")
     warmdown_frac: float = option(0.9, "share of steps warming down")
-    final_lr_frac: float = option(0.0, "LR multiplier at the end of warmdown")
+    stage_head_lr: float = option(1e-4, "AdamW LR of the stage head")
+    stage_head_weight_decay: float = option(0.1, "AdamW weight decay of the stage head")
     label_smoothing: float = option(0.0, "label smoothing of the assistant-token loss")
     end_token_weight: float = option(1.0, "loss weight of <|assistant_end|>")
     case_augment: bool = option(False, "duplicate greetings with their case perturbed")
     skip_invalid: bool = option(False, "skip bad records (counted per file and reason)", resume=None)
     document_masking: bool = option(True, "let packed conversations see each other (--no-document-masking)")
     train_chat_rows: bool = option(False, "also train the chat tokens' embedding rows")
-    device: str | None = option(None, "cpu or cuda (default: cuda when available)", resume=None)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -180,12 +169,9 @@ def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
                      loss_fn=loss_fn, evaluate=evaluate,
                      trainable=lambda: {n: model.get_parameter(n) for n in trainable_names},
                      count_fn=lambda y: int((y >= 0).sum()))
-    start = loop.restore(ckpt) if ckpt is not None else 0
-    if ckpt is not None:
-        log0(d, f"resumed from {ckpt} (step {start})")
 
     # ------------------------------------------------------------------------------------ fit
-    result = loop.run(start)
+    result = loop.fit(ckpt)
 
     # ----------------------------------------------------------------------------------- save
     summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": result.step, "best_step": result.best_step,
