@@ -372,9 +372,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------- parser
+def arg(*flags: str, **kw) -> tuple[tuple[str, ...], dict]:
+    """One argparse argument, as data: `add_command` adds it."""
+    return flags, kw
+
+
+def out(metavar: str):
+    return arg("--out", required=True, metavar=metavar)
+
+
+OVERWRITE = arg("--overwrite", action="store_true", help="replace --out if it exists")
+MODEL = arg("model", metavar="MODELDIR", help="a base or stage directory (a stage brings its whole chain)")
+
+
+def add_command(sub, name: str, func, help: str, *args, options: tuple = (), defaults: dict | None = None):
+    """A subcommand: its arguments (`arg(...)`), then the flags generated from option dataclasses."""
+    from .options import add_options
+
+    p = sub.add_parser(name, help=help)
+    for flags, kw in args:
+        p.add_argument(*flags, **kw)
+    for cls in options:
+        add_options(p, cls, defaults)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .infer import DecodeMode, SamplingParams
-    from .options import add_options
     from .train.pretrain import PretrainArgs
     from .train.sft import StageTrainArgs
 
@@ -382,106 +407,59 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"poelm {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
     tok = sub.add_parser("tokenizer", help="train a BPE tokenizer").add_subparsers(dest="tok_command", required=True)
-    p = tok.add_parser("train", help="train byte-level BPE on text files, directories or JSONL")
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH")
-    p.add_argument("--vocab-size", type=int, required=True, help="total vocabulary, the 9 special tokens included")
-    p.add_argument("--out", required=True, metavar="TOKDIR")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=cmd_tokenizer_train)
-
-    p = sub.add_parser("init", help="write a randomly initialised base model directory")
-    p.add_argument("--tokenizer", required=True, metavar="TOKDIR")
-    add_shape_flags(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, metavar="MODELDIR")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=cmd_init)
-
-    p = sub.add_parser("pretrain", help="pretrain a PoE base (or the BP control) on text (--init MODELDIR, or "
-                       "--tokenizer TOKDIR with shape flags)")
-    add_options(p, PretrainArgs)
-    add_shape_flags(p, for_init=False)
-    p.set_defaults(func=cmd_pretrain)
-
     conv = sub.add_parser("convert", help="convert a checkpoint from another format").add_subparsers(
         dest="conv_command", required=True)
-    p = conv.add_parser("nanochat", help="convert a nanochat base_train checkpoint")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="folder with model_NNNNNN.pt and meta_NNNNNN.json")
-    p.add_argument("--step", type=int, help="checkpoint step (default: the latest present)")
-    p.add_argument("--tokenizer", metavar="DIR", help="nanochat tokenizer folder (tokenizer.pkl) or poelm tokenizer")
-    p.add_argument("--out", required=True, metavar="MODELDIR")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=cmd_convert_nanochat)
-
     stage = sub.add_parser("stage", help="specialist stages").add_subparsers(dest="stage_command", required=True)
-    p = stage.add_parser("attach", help="append a specialist stage (new blocks + zero head) to a frozen parent")
-    p.add_argument("parent", metavar="PARENTDIR", help="a base or stage directory")
-    p.add_argument("--layers", type=int, required=True, help="blocks to append")
-    p.add_argument("--name", required=True, help="the stage's name, e.g. code")
-    p.add_argument("--out", required=True, metavar="STAGEDIR")
-    p.add_argument("--seed", type=int, default=0, help="init of the new blocks")
-    p.add_argument("--no-chat-rows", action="store_true", help="skip the chat-token embedding warm init")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=cmd_stage_attach)
+    generation = (SamplingParams, DecodeMode)
 
-    p = stage.add_parser("train", help="SFT of a stage on conversations (only the stage trains)")
-    add_options(p, StageTrainArgs)
-    p.set_defaults(func=cmd_stage_train)
-
-    p = sub.add_parser("check-preservation", help="exit 0 only if a stage's base path equals the base bit for bit")
-    p.add_argument("base", metavar="BASEDIR")
-    p.add_argument("stage", metavar="STAGEDIR")
-    p.set_defaults(func=cmd_check_preservation)
-
-    p = sub.add_parser("export", help="write any chain as one standalone model directory")
-    p.add_argument("model", metavar="MODELDIR")
-    p.add_argument("--out", required=True, metavar="MODELDIR")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("compose", help="sibling stages over one trunk pass, combined in log space")
-    p.add_argument("stages", nargs="+", metavar="STAGEDIR")
-    p.add_argument("--weights", type=lambda t: [float(v) for v in t.split(",")], help="one weight per stage")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--top-k", type=int, default=5)
-    p.set_defaults(func=cmd_compose)
-
-    def add_generation_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("model", metavar="MODELDIR", help="a base or stage directory")
-        add_options(p, SamplingParams, defaults={"max_new_tokens": 256})
-        add_options(p, DecodeMode)
-
-    p = sub.add_parser("generate", help="continue a prompt (or answer it with --chat), streaming to stdout")
-    add_generation_flags(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="render the prompt as one user turn")
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("calibrate", help="bounds for --adaptive, stored beside the model (adaptive.json)")
-    p.add_argument("model", metavar="MODELDIR")
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="calibration text")
-    p.add_argument("--percentile", type=float, default=99.9)
-    p.add_argument("--max-tokens", type=int, default=65536)
-    p.set_defaults(func=cmd_calibrate)
-
-    p = sub.add_parser("chat", help="a conversation on stdin/stdout (EOF or /quit ends it)")
-    add_generation_flags(p)
-    p.set_defaults(func=cmd_chat)
-
-    p = sub.add_parser("inspect", help="describe a model directory (a stage: its whole chain)")
-    p.add_argument("model", metavar="MODELDIR")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_inspect)
-
-    p = sub.add_parser("digest", help="re-record a directory's digests.json from its files as they are now")
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="a model, stage or tokenizer directory poelm wrote")
-    p.set_defaults(func=cmd_digest)
-
-    p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default")
-    p.add_argument("--out", default="runs/demo", metavar="DIR")
-    p.set_defaults(func=cmd_demo)
+    add_command(tok, "train", cmd_tokenizer_train, "train byte-level BPE on text files, directories or JSONL",
+                arg("--input", nargs="+", required=True, metavar="PATH"),
+                arg("--vocab-size", type=int, required=True, help="total vocabulary, the 9 special tokens included"),
+                out("TOKDIR"), OVERWRITE)
+    add_shape_flags(add_command(sub, "init", cmd_init, "write a randomly initialised base model directory",
+                                arg("--tokenizer", required=True, metavar="TOKDIR"), arg("--seed", type=int, default=0),
+                                out("MODELDIR"), OVERWRITE))
+    add_shape_flags(add_command(sub, "pretrain", cmd_pretrain, "pretrain a PoE base (or the BP control) on text "
+                                "(--init MODELDIR, or --tokenizer TOKDIR with shape flags)", options=(PretrainArgs,)),
+                    for_init=False)
+    add_command(conv, "nanochat", cmd_convert_nanochat, "convert a nanochat base_train checkpoint",
+                arg("--checkpoint", required=True, metavar="DIR", help="folder with model_NNNNNN.pt and meta_NNNNNN.json"),
+                arg("--step", type=int, help="checkpoint step (default: the latest present)"),
+                arg("--tokenizer", metavar="DIR", help="nanochat tokenizer folder (tokenizer.pkl) or poelm tokenizer"),
+                out("MODELDIR"), OVERWRITE)
+    add_command(stage, "attach", cmd_stage_attach, "append a specialist stage (new blocks + zero head) to a frozen parent",
+                arg("parent", metavar="PARENTDIR", help="a base or stage directory"),
+                arg("--layers", type=int, required=True, help="blocks to append"),
+                arg("--name", required=True, help="the stage's name, e.g. code"),
+                arg("--seed", type=int, default=0, help="init of the new blocks"),
+                arg("--no-chat-rows", action="store_true", help="skip the chat-token embedding warm init"),
+                out("STAGEDIR"), OVERWRITE)
+    add_command(stage, "train", cmd_stage_train, "SFT of a stage on conversations (only the stage trains)",
+                options=(StageTrainArgs,))
+    add_command(sub, "check-preservation", cmd_check_preservation, "exit 0 only if a stage's base path equals the "
+                "base bit for bit", arg("base", metavar="BASEDIR"), arg("stage", metavar="STAGEDIR"))
+    add_command(sub, "export", cmd_export, "write any chain as one standalone model directory", MODEL,
+                out("MODELDIR"), OVERWRITE)
+    add_command(sub, "compose", cmd_compose, "sibling stages over one trunk pass, combined in log space",
+                arg("stages", nargs="+", metavar="STAGEDIR"),
+                arg("--weights", type=lambda t: [float(v) for v in t.split(",")], help="one weight per stage"),
+                arg("--prompt", required=True), arg("--top-k", type=int, default=5))
+    add_command(sub, "generate", cmd_generate, "continue a prompt (or answer it with --chat), streaming to stdout",
+                MODEL, arg("--prompt", required=True),
+                arg("--chat", action="store_true", help="render the prompt as one user turn"),
+                options=generation, defaults={"max_new_tokens": 256})
+    add_command(sub, "chat", cmd_chat, "a conversation on stdin/stdout (EOF or /quit ends it)", MODEL,
+                options=generation, defaults={"max_new_tokens": 256})
+    add_command(sub, "calibrate", cmd_calibrate, "bounds for --adaptive, stored beside the model (adaptive.json)",
+                MODEL, arg("--data", nargs="+", required=True, metavar="PATH", help="calibration text"),
+                arg("--percentile", type=float, default=99.9), arg("--max-tokens", type=int, default=65536))
+    add_command(sub, "inspect", cmd_inspect, "describe a model directory (a stage: its whole chain)", MODEL,
+                arg("--json", action="store_true"))
+    add_command(sub, "digest", cmd_digest, "re-record a directory's digests.json from its files as they are now",
+                arg("dirs", nargs="+", metavar="DIR", help="a model, stage or tokenizer directory poelm wrote"))
+    add_command(sub, "demo", cmd_demo, "run the pipeline end to end on the embedded default",
+                arg("--out", default="runs/demo", metavar="DIR"))
     return parser
 
 

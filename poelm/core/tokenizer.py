@@ -121,8 +121,8 @@ class Tokenizer:
         if not isinstance(pattern, str) or not pattern:
             raise PoelmError(f"pattern: expected a non-empty regex string, got {pattern!r}")
         self._ranks = dict(mergeable_ranks)
-        self._pattern = pattern
-        self._name = name
+        self.pattern = pattern
+        self.name = name
         n = len(self._ranks)
         self._special_ids = {tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)}
         try:
@@ -139,14 +139,6 @@ class Tokenizer:
             self._id_bytes[i] = tok.encode("utf-8")
 
     # ---- vocabulary -----------------------------------------------------------------------------
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def pattern(self) -> str:
-        return self._pattern
 
     @property
     def n_merges(self) -> int:
@@ -305,8 +297,8 @@ class Tokenizer:
         head = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
-            "name": self._name,
-            "pattern": self._pattern,
+            "name": self.name,
+            "pattern": self.pattern,
             "n_merges": self.n_merges,
             "vocab_size": self.vocab_size,
             "special_tokens": self._special_ids,
@@ -395,7 +387,7 @@ class Tokenizer:
         return tok
 
     def __repr__(self) -> str:
-        return f"Tokenizer(name={self._name!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id})"
+        return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id})"
 
 
 class StreamDecoder:

@@ -409,13 +409,9 @@ class RowLoader:
             raise PoelmError(f"rank must be in [0, world_size={self.world_size}), got {rank}")
         self.seed = _check_int("seed", seed, 0)
         self.shuffle = bool(shuffle)
-        self._rows = n
+        self.rows_per_epoch = n  # fixed by the data
         self._epoch, self._cursor = 0, 0  # global position: row `cursor` of epoch `epoch`'s order
         self._orders: dict[int, np.ndarray] = {}
-
-    @property
-    def rows_per_epoch(self) -> int:
-        return self._rows
 
     @property
     def epoch(self) -> int:
@@ -432,14 +428,14 @@ class RowLoader:
                 import torch
 
                 g = torch.Generator().manual_seed(self.seed + epoch)
-                self._orders[epoch] = torch.randperm(self._rows, generator=g).numpy()
+                self._orders[epoch] = torch.randperm(self.rows_per_epoch, generator=g).numpy()
             else:
-                self._orders[epoch] = np.arange(self._rows)
+                self._orders[epoch] = np.arange(self.rows_per_epoch)
         return self._orders[epoch]
 
     def next_indices(self) -> np.ndarray:
         """This rank's next `batch_size` row indices, and advance the shared position."""
-        B, R = self.batch_size, self._rows
+        B, R = self.batch_size, self.rows_per_epoch
         start = self._epoch * R + self._cursor + self.rank * B  # absolute row slot of this rank's first row
         epochs, slots = np.divmod(start + np.arange(B), R)  # (B,) a batch may straddle epochs (or several)
         rows = np.empty(B, dtype=np.int64)
@@ -456,7 +452,7 @@ class RowLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """The position, JSON-able and identical on every rank, with the settings it is valid for."""
-        return {"epoch": self._epoch, "cursor": self._cursor, "rows_per_epoch": self._rows,
+        return {"epoch": self._epoch, "cursor": self._cursor, "rows_per_epoch": self.rows_per_epoch,
                 "batch_size": self.batch_size, "seq_len": self.seq_len, "world_size": self.world_size,
                 "seed": self.seed, "shuffle": self.shuffle}
 
@@ -471,7 +467,7 @@ class RowLoader:
             if state[key] != mine[key] or isinstance(state[key], bool) != isinstance(mine[key], bool):
                 raise PoelmError(f"{source}: data loader state has {key}={state[key]!r} but this run has "
                                  f"{key}={mine[key]!r}; {self._RESUME_HINT}")
-        for key, high in (("epoch", float("inf")), ("cursor", self._rows)):
+        for key, high in (("epoch", float("inf")), ("cursor", self.rows_per_epoch)):
             value = state.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < high:
                 bound = f" and < {high}" if key == "cursor" else ""

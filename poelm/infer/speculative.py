@@ -58,12 +58,11 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int,
     return False, int(torch.multinomial(residual / total, 1, generator=generator))
 
 
-@dataclass
 class SpeculativeStats:
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    emitted: int = 0
+    """Counts over every round a decoder ran."""
+
+    def __init__(self) -> None:
+        self.rounds = self.drafted = self.accepted = self.emitted = 0
 
     @property
     def acceptance(self) -> float:
