@@ -1,7 +1,7 @@
 """Specialist-stage training against full fine-tuning of the same assembled model, side by side.
 
 Stage only: the parent's layers run without autograd (`frozen_layers`), only the new blocks, their
-lambdas and `lm_head_stage` train. Full: every parameter trains, autograd through all layers. Same
+lambdas and the specialist head train. Full: every parameter trains, autograd through all layers. Same
 shape, batch and optimizer family; the two alternate in rounds and the median step time is used.
 Prints one JSON line with both tokens/s and "ratio" (stage / full: how much faster the stage trains).
 The seed's shape (24 frozen + 4 new layers) allows about 3x; a benchmark, not a test.

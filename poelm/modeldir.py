@@ -37,7 +37,7 @@ from .core.errors import PoelmError
 from .core.files import (CARD, CHAT_TEMPLATE_FILE, CONFIG, DELTA, GENERATION_CONFIG, SPECIAL_TOKENS_MAP,
                          TOKEN_BYTES_FILE, TOKENIZER_CONFIG, TOKENIZER_FILE, WEIGHTS, read_json, write_json,
                          write_manifest, write_text)
-from .core.model import PoEGPT
+from .core.model import PoEGPT, to_disk
 from .core.tokenizer import SPECIAL_TOKENS, Tokenizer
 from .outputs import AtomicDir, Inputs
 
@@ -190,7 +190,7 @@ def save_model_dir(model: PoEGPT, out: str | os.PathLike, tokenizer: Tokenizer, 
         raise PoelmError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     with AtomicDir(out, overwrite, inputs) as tmp:
         tensors = {k: v.detach().to("cpu", DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous()
-                   for k, v in model.state_dict().items()}
+                   for k, v in to_disk(model.state_dict()).items()}
         write_directory(tmp, tokenizer, tensors_file=WEIGHTS, tensors=tensors,
                         config=hf_config_dict(config, tokenizer, dtype, extra_config),
                         card=card if card is not None else model_card(model, Path(out).name),

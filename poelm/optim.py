@@ -7,14 +7,14 @@ Design choices:
   naming it, so a new parameter can never silently go untrained or get the wrong optimizer.
 - Groups (nanochat's values; AdamW LRs of the embedding and head scaled by (n_embd / 768) ** -0.5,
   tuned at d=768, 0.7071 at d=1536):
-    lm_head        lm_head.weight, lm_head_stages.*   adamw  unembedding_lr*s  (0.8, 0.96)  wd 0.01
+    lm_head        lm_head.weight, stage_heads.*      adamw  unembedding_lr*s  (0.8, 0.96)  wd 0.01
     wte            transformer.wte.weight             adamw  embedding_lr*s    (0.8, 0.995) wd 0.001
     value_embeds   value_embeds.*                     adamw  embedding_lr*s/2  (0.8, 0.995) wd 0.01
     resid_lambdas  resid_lambdas                      adamw  scalar_lr*0.01    (0.8, 0.95)  wd 0.05
     x0_lambdas     x0_lambdas                         adamw  scalar_lr         (0.96, 0.95) wd 0
     smear          smear_gate.weight, smear_lambda,   adamw  0.2               (0.8, 0.95)  wd 0
                    backout_lambda
-    lm_head_stage  lm_head_stage.weight               adamw  stage_head_lr     (0.8, 0.96)  wd stage_head_wd
+    specialist_head  specialist_head.weight           adamw  stage_head_lr     (0.8, 0.96)  wd stage_head_wd
     muon RxC       2-D params under transformer.h.    muon   matrix_lr, momentum 0.95, 5 steps, beta2 0.95, wd
   (eps 1e-10 everywhere). The specialist head's LR is not scaled: the released code specialist used 1e-4 flat.
   One Muon group per distinct shape (sorted), so its matrices orthogonalise as one batched matmul.
@@ -117,15 +117,15 @@ def param_groups(
         "resid_lambdas": _adamw_group("resid_lambdas", scalar_lr * 0.01, (0.8, 0.95), 0.05),
         "x0_lambdas": _adamw_group("x0_lambdas", scalar_lr, (0.96, 0.95), 0.0),
         "smear": _adamw_group("smear", 0.2, (0.8, 0.95), 0.0),
-        "lm_head_stage": _adamw_group("lm_head_stage", stage_head_lr, (0.8, 0.96), stage_head_weight_decay),
+        "specialist_head": _adamw_group("specialist_head", stage_head_lr, (0.8, 0.96), stage_head_weight_decay),
     }
     muon: dict[tuple[int, ...], dict[str, Any]] = {}
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for name, p in trainable:
-        if name == "lm_head.weight" or name.startswith("lm_head_stages."):
+        if name == "lm_head.weight" or name.startswith("stage_heads."):
             key = "lm_head"
-        elif name == "lm_head_stage.weight":
-            key = "lm_head_stage"
+        elif name == "specialist_head.weight":
+            key = "specialist_head"
         elif name == "transformer.wte.weight":
             key = "wte"
         elif name.startswith("value_embeds."):
@@ -145,8 +145,8 @@ def param_groups(
             continue
         else:
             raise PoelmError(f"parameter '{name}' {tuple(p.shape)} is trainable but matches no optimizer group "
-                             "(expected nanochat names: transformer.wte/h.*, lm_head, lm_head_stages.*, "
-                             "lm_head_stage, value_embeds.*, resid/x0_lambdas, smear_*, backout_lambda; "
+                             "(expected: transformer.wte/h.*, lm_head, stage_heads.*, "
+                             "specialist_head, value_embeds.*, resid/x0_lambdas, smear_*, backout_lambda; "
                              "freeze it or add a rule in poelm/optim.py)")
         adamw[key]["params"].append(p)
         adamw[key]["param_names"].append(name)

@@ -4,11 +4,11 @@ result as a delta (docs/model.md §3, docs/formats.md).
 Design choices:
 - Attaching appends one PoE stage of N blocks after the parent's last layer. The new blocks carry no
   value embeddings, their `c_proj` weights start at zero and their lambdas at resid 1, x0 0, so each
-  is the identity; `lm_head_stage` starts at zero. Every structural fact of the parent (windows,
+  is the identity; the specialist head starts at zero. Every structural fact of the parent (windows,
   value-embedding layers, backout layer) is kept as recorded; the new layers' windows continue the
   pattern by their global index, the last new layer full-context as in nanochat. Right after
   attaching to a base, the assembled model's logits equal the base's bit for bit.
-- On a stage parent, the parent's `lm_head_stage` is added into `lm_head_fold` (the ancestors'
+- On a stage parent, the parent's `specialist_head` is added into `ancestors_head` (the ancestors'
   heads) and the new stage gets its own zero head. Folding sums weights, so there the logits equal
   the parent's to float rounding, not bit for bit.
 - Chat tokens: a base pretrained on plain text never saw `<|user_start|>` and its siblings, so their
@@ -16,9 +16,9 @@ Design choices:
   "Output") unless an ancestor already did it. The delta carries only the rows it changed, with their
   ids; inputs without chat tokens see the base bit for bit.
 - The delta (`delta.safetensors`) holds exactly what the stage changed: its blocks, its layers'
-  lambdas, `lm_head_stage`, and the changed embedding rows. Provenance (parent fingerprint, name,
+  lambdas, its head (`lm_head_stage` on disk), and the changed embedding rows. Provenance (parent fingerprint, name,
   layer counts) goes in config.json and in the safetensors metadata.
-- What trains (`stage_parameter_names`): the new blocks' matrices, `lm_head_stage`, and the new
+- What trains (`stage_parameter_names`): the new blocks' matrices, `specialist_head`, and the new
   layers' lambdas (entries of the shared lambda vectors; a training loop masks the rest).
 """
 
@@ -36,7 +36,7 @@ from .core.cascade import ROWS_IDS, ROWS_VALUES, Chain, Link, check_extends, exp
 from .core.config import PoEConfig, windows_from_pattern
 from .core.errors import PoelmError
 from .core.files import DELTA, verify_all
-from .core.model import PoEGPT
+from .core.model import PoEGPT, to_disk
 from .core.tokenizer import Tokenizer
 from .modeldir import hf_config_dict, load_model, load_tokenizer, write_directory
 from .outputs import AtomicDir, chain_inputs, check_output
@@ -102,12 +102,12 @@ def attach(parent: Chain | str | os.PathLike, n_layers: int, seed: int = 0,
         if name in ("resid_lambdas", "x0_lambdas"):
             own[name][:P] = value
             own[name][P:] = 1.0 if name == "resid_lambdas" else 0.0
-        elif name not in ("lm_head_stage.weight", "lm_head_fold.weight"):
+        elif name not in ("specialist_head.weight", "ancestors_head.weight"):
             own[name].copy_(value)
     if parent_config.stage_head:  # the parent's head joins the ancestors' fold (the order cascade uses)
-        head = parent.lm_head_stage.weight
-        model.lm_head_fold.weight.copy_(head if not parent_config.head_fold else parent.lm_head_fold.weight + head)
-    model.lm_head_stage.weight.zero_()
+        head = parent.specialist_head.weight
+        model.ancestors_head.weight.copy_(head if not parent_config.head_fold else parent.ancestors_head.weight + head)
+    model.specialist_head.weight.zero_()
     initialised: list[int] = []
     if chat_rows and not chat_rows_done(chain.links):
         initialised = warm_init_chat_rows(model, tok)
@@ -125,13 +125,13 @@ def stage_parameter_names(model: PoEGPT) -> list[str]:
     first = c.n_layer - c.poe_stage_layers[-1]
     names = [f"transformer.h.{i}.{n}" for i in range(first, c.n_layer) for n, _ in
              model.transformer.h[i].named_parameters()]
-    return names + ["lm_head_stage.weight"]
+    return names + ["specialist_head.weight"]
 
 
 def freeze_for_stage(model: PoEGPT, train_rows: list[int] | None = None) -> list[str]:
     """Make only the leaf stage trainable; returns the partly frozen parameters (no weight decay!).
 
-    Requires grad: the stage's blocks and `lm_head_stage`; `resid_lambdas`/`x0_lambdas` with a
+    Requires grad: the stage's blocks and `specialist_head`; `resid_lambdas`/`x0_lambdas` with a
     gradient mask that keeps only the stage's layers; with `train_rows`, the embedding with a mask
     that keeps only those rows (the chat tokens). Everything else of the parent is frozen. Run the
     forward with `frozen_layers=config.n_layer - poe_stage_layers[-1]` so the trunk builds no graph;
@@ -168,8 +168,8 @@ def delta_tensors(model: PoEGPT, parent: PoEGPT) -> dict[str, torch.Tensor]:
         delta[ROWS_VALUES] = wte[changed]
     # Everything else must be the parent's, or the delta would not reproduce the model.
     for name, value in parent.state_dict().items():
-        if name in ("transformer.wte.weight", "resid_lambdas", "x0_lambdas", "lm_head_stage.weight",
-                    "lm_head_fold.weight"):
+        if name in ("transformer.wte.weight", "resid_lambdas", "x0_lambdas", "specialist_head.weight",
+                    "ancestors_head.weight"):
             continue
         if not torch.equal(state[name], value):
             raise PoelmError(f"tensor {name!r} of the parent changed: a stage may change only its own blocks, "
@@ -177,7 +177,7 @@ def delta_tensors(model: PoEGPT, parent: PoEGPT) -> dict[str, torch.Tensor]:
     if not torch.equal(state["resid_lambdas"][:P], parent.state_dict()["resid_lambdas"]) or \
             not torch.equal(state["x0_lambdas"][:P], parent.state_dict()["x0_lambdas"]):
         raise PoelmError("the parent's layer lambdas changed: a stage may change only its own layers' lambdas")
-    return {k: v.detach().to("cpu").contiguous() for k, v in delta.items()}
+    return {k: v.detach().to("cpu").contiguous() for k, v in to_disk(delta).items()}  # the file's names
 
 
 def save_stage(model: PoEGPT, parent: Chain | str | os.PathLike, out: str | os.PathLike, name: str, *,
@@ -218,9 +218,10 @@ def stage_card(model: PoEGPT, name: str, parent_dir: str | os.PathLike, delta: d
     trainable = sum(model.get_parameter(n).numel() for n in stage_parameter_names(model)) + 2 * c.poe_stage_layers[-1]
     rows = [("Parent", str(parent_dir)), ("New transformer layers", f"{c.poe_stage_layers[-1]} appended at positions "
             f"{first}-{c.n_layer - 1} (d{first} -> d{c.n_layer})"), ("Frozen layers", f"{first} (all parent layers)"),
-            ("Dual head", f"yes - additive lm_head_stage ({c.padded_vocab_size} x {c.n_embd}, zero-init)"),
-            ("Final projection", "logits = lm_head_base(x) + lm_head_stage(x)"
-             + (" (+ lm_head_fold(x), the ancestors' heads)" if c.head_fold else "")),
+            ("Dual head", f"yes - additive specialist head ({c.padded_vocab_size} x {c.n_embd}, zero-init; "
+                          "`lm_head_stage` in the files)"),
+            ("Final projection", "logits = lm_head(x) + specialist_head(x)"
+             + (" (+ ancestors_head(x), the ancestors' heads)" if c.head_fold else "")),
             ("Total params", f"{model.num_params():,}"), ("Trainable params", f"{trainable:,}"),
             ("Shipped delta", f"{len(delta)} tensors, {sum(t.numel() for t in delta.values()):,} params, "
                               f"{sum(t.numel() * t.element_size() for t in delta.values()) / 1e6:.1f} MB "

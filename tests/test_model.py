@@ -141,7 +141,7 @@ def test_logop_combination():
 
 def test_stage_heads_are_additive_and_zero_initialised():
     m = tiny_model(poe_stage_heads=True, perturb=False)
-    assert all(torch.all(h.weight == 0) for h in m.lm_head_stages.values())
+    assert all(torch.all(h.weight == 0) for h in m.stage_heads.values())
     plain = PoEGPT(tiny_config())
     plain.init_weights(0)
     x = ids(length=16)
@@ -230,7 +230,7 @@ def test_fused_head_loss_equals_plain_path(mode, heads, chunk):
     m = tiny_model(poe_stage_layers=[1, 1, 2], poe_mode=mode, poe_stage_heads=heads)
     if heads:
         with torch.no_grad():
-            for h in m.lm_head_stages.values():
+            for h in m.stage_heads.values():
                 h.weight.normal_(0, 0.01, generator=torch.Generator().manual_seed(2))
     x = ids(length=48)
     y = x.roll(-1, 1)

@@ -47,7 +47,7 @@ def test_every_trainable_parameter_in_exactly_one_group():
     assert sorted(n for n, _ in placed) == sorted(named)
     assert all(named[n] is p for n, p in placed)  # names line up with params
     by_name = {g["name"]: g for g in groups}
-    assert by_name["lm_head"]["param_names"] == ["lm_head.weight", "lm_head_stages.0.weight", "lm_head_stages.1.weight"]
+    assert by_name["lm_head"]["param_names"] == ["lm_head.weight", "stage_heads.0.weight", "stage_heads.1.weight"]
     assert set(by_name["smear"]["param_names"]) == {"smear_gate.weight", "smear_lambda", "backout_lambda"}
     muon = [g for g in groups if g["kind"] == "muon"]
     assert [g["name"] for g in muon] == ["muon 2x12", "muon 32x64", "muon 64x64", "muon 64x256", "muon 256x64"]
@@ -60,13 +60,13 @@ def test_every_trainable_parameter_in_exactly_one_group():
 
 def test_frozen_parameters_excluded_and_stage_head_group():
     model = tiny_model()
-    model.lm_head_stage = Linear(64, model.config.padded_vocab_size)  # the specialist's additive head
+    model.specialist_head = Linear(64, model.config.padded_vocab_size)  # the specialist's additive head
     for name, p in model.named_parameters():  # freeze the "base": everything but layer 3 and the head
-        p.requires_grad = name == "lm_head_stage.weight" or name.startswith("transformer.h.3.")
+        p.requires_grad = name == "specialist_head.weight" or name.startswith("transformer.h.3.")
     groups = param_groups(model, stage_head_lr=1e-4, stage_head_weight_decay=0.1)
     names = [n for g in groups for n in g["param_names"]]
     assert sorted(names) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert [g["name"] for g in groups][0] == "lm_head_stage"  # empty groups (wte, lm_head, ...) omitted
+    assert [g["name"] for g in groups][0] == "specialist_head"  # empty groups (wte, lm_head, ...) omitted
     head = groups[0]
     assert head["lr"] == 1e-4 and head["weight_decay"] == 0.1 and head["betas"] == (0.8, 0.96)  # not scaled
 

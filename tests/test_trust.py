@@ -482,3 +482,33 @@ def test_the_exchange_replaces_in_one_step(tmp_path):
     (a / "x").write_text("a"), (b / "x").write_text("b")
     if outputs._exchange(a, b):  # Linux: both names always exist
         assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
+def test_every_head_keeps_its_file_name(chain, tiny_tokenizer, tmp_path):
+    """In memory the additive heads are `stage_heads`, `specialist_head` and `ancestors_head`; the files
+    keep `lm_head_stages.*`, `lm_head_stage`, `lm_head_fold` (the format), through poelm and transformers."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from poelm.stages import export_merged
+
+    base = PoEGPT(PoEConfig(vocab_size=512, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, sequence_len=64,
+                            poe_stage_layers=[1, 1], poe_stage_heads=True))
+    base.init_weights(0)
+    perturb_(base, seed=3, scale=0.1)
+    base_dir = save_model_dir(base, tmp_path / "heads", tiny_tokenizer)
+    merged = export_merged(chain["leaf"], tmp_path / "merged")
+    x = torch.tensor([[503, 7, 8, 9, 10, 11]])
+    for directory, names in ((base_dir, {"lm_head_stages.0.weight", "lm_head_stages.1.weight"}),
+                             (merged, {"lm_head_stage.weight", "lm_head_fold.weight"})):
+        on_disk = set(load_file(str(directory / "model.safetensors")))
+        assert names <= on_disk and not any(k.startswith(("stage_heads", "specialist_head", "ancestors_head"))
+                                            for k in on_disk)
+        poelm_model = load_model(directory)
+        hf = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=True)
+        with torch.no_grad():
+            want = poelm_model(x, output="logop").logits
+            assert torch.equal(hf.poe(x, output="logop").logits, want)
+        hf.save_pretrained(str(tmp_path / f"resaved-{directory.name}"))
+        assert names <= set(load_file(str(tmp_path / f"resaved-{directory.name}" / "model.safetensors")))
+    assert torch.equal(load_model(merged).specialist_head.weight, load_model(chain["leaf"]).specialist_head.weight)

@@ -39,7 +39,7 @@ from .config import PoEConfig
 from .files import (CONFIG, DELTA, TOKENIZER_FILE, WEIGHTS, read_json, read_manifest, verify_file, verifying,
                     warn_unverified)
 from .errors import PoelmError
-from .model import PoEGPT
+from .model import PoEGPT, from_disk, to_disk
 from .tokenizer import Tokenizer
 
 ROWS_IDS, ROWS_VALUES = "wte_rows.ids", "wte_rows.values"
@@ -223,7 +223,7 @@ def assemble(chain: list[Link], verify: bool = True) -> tuple[PoEConfig, dict[st
     config = root.config  # a root may carry specialist stages when it is a merged export
     tensors = root.tensors(verify)
     with torch.device("meta"):
-        expected = PoEGPT(config).state_dict()
+        expected = to_disk(PoEGPT(config).state_dict())
     check_state_dict(expected, tensors, str(root.tensor_file), root.dtype)
     prints = [root.fingerprint(tensors)]
     fold: torch.Tensor | None = None
@@ -269,7 +269,8 @@ def assemble(chain: list[Link], verify: bool = True) -> tuple[PoEConfig, dict[st
 @dataclass
 class Chain:
     """A resolved, checked chain, built once and passed along: its links (root first), the assembled
-    config and tensors, and every link's fingerprint (the last is the leaf's own)."""
+    config and tensors (under the names the files use), and every link's fingerprint (the last is the
+    leaf's own)."""
 
     links: list[Link]
     config: PoEConfig
@@ -288,9 +289,9 @@ class Chain:
         """The assembled model (a fresh module each call; the tensors are copied in)."""
         with torch.device("meta"):
             model = PoEGPT(self.config)
-        check_state_dict(model.state_dict(), self.tensors, f"{self.path} (assembled chain)")
+        check_state_dict(to_disk(model.state_dict()), self.tensors, f"{self.path} (assembled chain)")
         model = model.to_empty(device=device)
-        model.load_state_dict(self.tensors, strict=True)
+        model.load_state_dict(from_disk(self.tensors), strict=True)
         if dtype is not None:
             model = model.to(dtype)
         return model.eval()

@@ -103,8 +103,8 @@ class PoEConfig:
     poe_output: str = "last"
     # --- specialist stages (docs/model.md §3): stages >= n_base_stages were appended to a frozen base ---
     n_base_stages: int | None = None
-    stage_head: bool = False  # `lm_head_stage`: the leaf specialist's additive head, at the last boundary
-    head_fold: bool = False  # `lm_head_fold`: the ancestors' stage heads, summed, at specialist boundaries
+    stage_head: bool = False  # `specialist_head`: the leaf specialist's additive head, at the last boundary
+    head_fold: bool = False  # `ancestors_head`: the ancestors' specialist heads, summed, at specialist boundaries
 
     def __post_init__(self) -> None:
         self._check_shape()
@@ -205,11 +205,6 @@ class PoEConfig:
             total += n
             ends.append(total - 1)
         return ends
-
-    @property
-    def n_base_layers(self) -> int:
-        """Layers of the root base: everything before the first specialist stage."""
-        return sum(self.poe_stage_layers[: self.n_base_stages])
 
     @property
     def stage_starts(self) -> list[int]:

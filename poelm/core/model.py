@@ -8,7 +8,7 @@ Design choices (docs/model.md §1-2):
 - Structure comes from the config as recorded (`layer_windows`, `value_embed_layers`,
   `backout_layer`, `poe_backout_stages`); nothing is recomputed from `n_layer` here.
 - Stage k's predictor reads the residual after its last layer through the one shared head:
-  `logits_k = softcap(lm_head(norm(h_k)) [+ lm_head_stages[k](norm(h_k))])`, with the backout
+  `logits_k = softcap(lm_head(norm(h_k)) [+ stage_heads[k](norm(h_k))])`, with the backout
   subtracted first at the boundaries listed in `poe_backout_stages` (by default the last one).
 - Training losses per `poe_mode`: `none` backpropagates the last boundary's loss end to end; `flat`
   detaches the residual stream where every stage k > 0 begins and sums the stage losses divided by
@@ -41,6 +41,30 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:  # the model reads its config by attribute; the type is documentation only
     from .config import PoEConfig
+
+
+# The three additive heads are named in memory for what they are; on disk they keep the names the
+# format has always used (docs/formats.md), translated where tensors meet files (`to_disk`/`from_disk`).
+DISK_NAMES = {"stage_heads": "lm_head_stages", "specialist_head": "lm_head_stage", "ancestors_head": "lm_head_fold"}
+_MEMORY_NAMES = {disk: memory for memory, disk in DISK_NAMES.items()}
+
+
+def _rename(tensors: dict, names: dict) -> dict:
+    out = {}
+    for key, value in tensors.items():
+        head, dot, rest = key.partition(".")
+        out[names.get(head, head) + dot + rest] = value
+    return out
+
+
+def to_disk(tensors: dict) -> dict:
+    """A state dict under the names the files use (`specialist_head.weight` -> `lm_head_stage.weight`)."""
+    return _rename(tensors, DISK_NAMES)
+
+
+def from_disk(tensors: dict) -> dict:
+    """Tensors read from a file, under the model's own names."""
+    return _rename(tensors, _MEMORY_NAMES)
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -320,11 +344,11 @@ class PoEGPT(nn.Module):
         })
         self.lm_head = Linear(d, V)
         if config.poe_stage_heads:  # optional per-stage additive heads, zero-initialised
-            self.lm_head_stages = nn.ModuleDict({str(k): Linear(d, V) for k in range(config.n_stages)})
+            self.stage_heads = nn.ModuleDict({str(k): Linear(d, V) for k in range(config.n_stages)})
         if config.head_fold:  # the ancestors' specialist heads, folded into one (docs/model.md §3, chaining)
-            self.lm_head_fold = Linear(d, V)
+            self.ancestors_head = Linear(d, V)
         if config.stage_head:  # the leaf specialist's additive head, zero-initialised
-            self.lm_head_stage = Linear(d, V)
+            self.specialist_head = Linear(d, V)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         if config.smear:
@@ -364,12 +388,12 @@ class PoEGPT(nn.Module):
         if c.backout:
             nn.init.constant_(self.backout_lambda, 0.2)
         if c.poe_stage_heads:
-            for head in self.lm_head_stages.values():
+            for head in self.stage_heads.values():
                 nn.init.zeros_(head.weight)
         if c.head_fold:
-            nn.init.zeros_(self.lm_head_fold.weight)
+            nn.init.zeros_(self.ancestors_head.weight)
         if c.stage_head:
-            nn.init.zeros_(self.lm_head_stage.weight)
+            nn.init.zeros_(self.specialist_head.weight)
 
     # ---------------------------------------------------------------------------- pieces
     def embed(self, idx: torch.Tensor, cache=None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -400,17 +424,17 @@ class PoEGPT(nn.Module):
     def heads(self, stage: int) -> list[Linear]:
         """The heads stage `stage` reads out through, summed: the shared head, then its additive heads.
 
-        Base stages: `lm_head` (+ `lm_head_stages[k]`). Specialist stages also add `lm_head_fold`
-        (the ancestors' stage heads); the last stage of a specialist adds `lm_head_stage`.
+        Base stages: `lm_head` (+ `stage_heads[k]`). Specialist stages also add `ancestors_head`
+        (the ancestors' specialist heads, folded); the last stage of a specialist adds `specialist_head`.
         """
         c = self.config
         heads = [self.lm_head]
         if c.poe_stage_heads:
-            heads.append(self.lm_head_stages[str(stage)])
+            heads.append(self.stage_heads[str(stage)])
         if c.head_fold and stage >= c.n_base_stages:
-            heads.append(self.lm_head_fold)
+            heads.append(self.ancestors_head)
         if c.stage_head and stage == c.n_stages - 1:
-            heads.append(self.lm_head_stage)
+            heads.append(self.specialist_head)
         return heads
 
     def head_weight(self, stage: int) -> torch.Tensor:
@@ -635,11 +659,11 @@ class PoEGPT(nn.Module):
             rows.append((f"stage {k} (layers {a}-{b})", n))
         rows.append(("lm_head", self.lm_head.weight.numel()))
         if c.poe_stage_heads:
-            rows.append(("lm_head_stages", sum(p.numel() for p in self.lm_head_stages.parameters())))
+            rows.append(("stage_heads", sum(p.numel() for p in self.stage_heads.parameters())))
         if c.head_fold:
-            rows.append(("lm_head_fold", self.lm_head_fold.weight.numel()))
+            rows.append(("ancestors_head", self.ancestors_head.weight.numel()))
         if c.stage_head:
-            rows.append(("lm_head_stage", self.lm_head_stage.weight.numel()))
+            rows.append(("specialist_head", self.specialist_head.weight.numel()))
         scalars = self.resid_lambdas.numel() + self.x0_lambdas.numel()
         scalars += (25 if c.smear else 0) + (1 if c.backout else 0)
         rows.append(("scalars", scalars))

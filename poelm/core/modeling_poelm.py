@@ -5,9 +5,9 @@ Design choices:
   poelm's inference run the same code. This class adds only what `transformers` needs: a config
   class, `GenerationMixin`, loss with shifted labels, and cache plumbing.
 - Weight names on disk are nanochat's (`transformer.h.0.attn.c_q.weight`, ...): the network sits
-  under `base_model_prefix = "poe"`, which `from_pretrained` adds when reading, and
-  `save_pretrained` writes the network's own state dict, so `model.safetensors` is the same file for
-  poelm, nanochat conversion and `transformers`.
+  under `base_model_prefix = "poe"`, and `save_pretrained` writes the network's own state dict under
+  the files' names (`to_disk`), so `model.safetensors` is the same file for poelm, nanochat
+  conversion and `transformers`.
 - Caching: `generate()` hands the forward an empty `DynamicCache`; the forward swaps it for a
   `PoECache` (a `DynamicCache` that also keeps the smear's previous-token embedding) and returns it,
   and `generate()` passes that one back on every later step. Both `cache` and the deprecated
@@ -19,8 +19,9 @@ Design choices:
   position (a left-padded batch) raises an error instead of computing a silently different result.
 - `exit_stage=k` (forward or `generate(..., exit_stage=k)`) reads out stage k's predictor (prefix
   pruning); `poe_output="logop"` in the config or the call combines all stages in log space.
-- Trust: `from_pretrained` checks every file it reads against the directory's `digests.json` before
-  transformers or the cascade loader touch it (files.py; `verify=False` skips that), and
+- Loading: every directory, base or stage, is read by the cascade loader (cascade.py), the code poelm
+  itself loads with: every file is checked against the directory's `digests.json` first (files.py;
+  `verify=False` skips that), and
   `save_pretrained` records the digests of what it wrote. A model assembled from a stage chain is
   saved as one standalone directory (its stage fields dropped), as `poelm export` writes it.
 """
@@ -36,8 +37,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .cascade import CONFIG, WEIGHTS, fingerprint_tensors, load_safetensors
 from .config import STAGE_KEYS
 from .configuration_poelm import PoelmConfig
-from .files import listed_files, read_json, read_manifest, verify_file, verifying, warn_unverified, write_manifest
-from .model import PoEGPT
+from .files import GENERATION_CONFIG, read_json, verify_file, write_manifest
+from .model import PoEGPT, to_disk
 
 
 class PoECache(DynamicCache):
@@ -97,33 +98,24 @@ class PoelmForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, verify: bool = True, **kwargs):
-        """Base directories load the usual way; a stage directory is assembled by the cascade loader.
-
-        Every file read is first checked against the directory's digests (`verify=False` skips it).
-        A stage holds `delta.safetensors` and names its parent in `base_model_name_or_path`; its
-        chain is resolved, verified, fingerprint-checked and folded (cascade.py), and the assembled
-        weights are put into this class, so `generate()`, pipelines and the seed card's quick start
-        work alike. Honoured: `dtype`/`torch_dtype` and `device_map` ("auto", a device, or None).
+        """Every directory, base or stage, loads through the cascade loader (cascade.py): the same code
+        poelm loads with. Each file is checked against the directory's digests before it is used
+        (`verify=False` skips that); a stage's chain is resolved, fingerprint-checked and folded. The
+        assembled weights are put into this class, so `generate()`, pipelines and the seed card's quick
+        start work alike. Honoured: `dtype`/`torch_dtype` and `device_map` ("auto", a device, or None).
         """
         from pathlib import Path
+
+        from transformers import GenerationConfig
+
+        from .cascade import load_chain
 
         path = Path(str(pretrained_model_name_or_path))
         if not path.is_dir():
             from huggingface_hub import snapshot_download
 
             path = Path(snapshot_download(str(pretrained_model_name_or_path)))
-        if read_json(path / CONFIG, verify).get("base_model_name_or_path") is None:
-            manifest = read_manifest(path) if verify else None
-            if verify and manifest is None:
-                warn_unverified(path, "model")
-            reads = [path / n for n in listed_files(path) if manifest is not None and (
-                n == "generation_config.json" or n.endswith((".safetensors", ".safetensors.index.json")))]
-            with verifying(reads, manifest):  # what transformers reads, hashed while it loads
-                return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        from transformers import GenerationConfig
-
-        from .cascade import load_chain
-
+        read_json(path / CONFIG, verify)  # checked before transformers reads it
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         device_map = kwargs.get("device_map")
         poe = load_chain(path, verify=verify)
@@ -137,9 +129,9 @@ class PoelmForCausalLM(PreTrainedModel, GenerationMixin):
             model = model.to("cuda" if torch.cuda.is_available() else "cpu")
         elif isinstance(device_map, (str, torch.device)):
             model = model.to(device_map)
-        if (path / "generation_config.json").is_file():
+        if (path / GENERATION_CONFIG).is_file():
             if verify:
-                verify_file(path / "generation_config.json")
+                verify_file(path / GENERATION_CONFIG)
             model.generation_config = GenerationConfig.from_pretrained(str(path))
         return model.eval()
 
@@ -150,7 +142,7 @@ class PoelmForCausalLM(PreTrainedModel, GenerationMixin):
         from pathlib import Path
 
         if state_dict is None:
-            state_dict = self.poe.state_dict()
+            state_dict = to_disk(self.poe.state_dict())  # the names the files use
         stage_fields = {k: getattr(self.config, k) for k in STAGE_KEYS if hasattr(self.config, k)}
         for k in stage_fields:
             delattr(self.config, k)

@@ -88,11 +88,6 @@ def broadcast_flag(d: Dist, flag: bool) -> bool:
     return bool(t.item())
 
 
-def print0(d: Dist, *args, **kwargs) -> None:
-    if d.is_main:
-        print(*args, **kwargs, flush=True)
-
-
 def log0(d: Dist, text: str) -> None:
     """A plain log line on stderr from rank 0."""
     if d.is_main:
