@@ -23,7 +23,7 @@ import torch
 from poelm.core.config import PoEConfig
 from poelm.core.model import PoEGPT
 from poelm.modeldir import load_model, save_model_dir
-from poelm.stages import attach, save_stage
+from poelm.specialist import attach, save_specialist
 from poelm.core.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 VOCAB = 4096
@@ -59,7 +59,7 @@ def main() -> None:
         model = PoEGPT(config)
         model.init_weights(0)
         base = save_model_dir(model, Path(tmp) / "base", synthetic_tokenizer(VOCAB))
-        stage = save_stage(attach(base, 2, seed=1)[0], base, Path(tmp) / "stage", "stage")
+        stage = save_specialist(attach(base, 2, seed=1)[0], base, Path(tmp) / "stage", "stage")
         megabytes = (base / "model.safetensors").stat().st_size / 1e6
         delta_mb = (stage / "delta.safetensors").stat().st_size / 1e6
         loaders = {

@@ -22,16 +22,16 @@ import torch
 from poelm.core.config import PoEConfig
 from poelm.core.model import PoEGPT
 from poelm.optim import build_optimizer
-from poelm.stages import freeze_for_stage, stage_config
+from poelm.specialist import freeze_for_specialist, specialist_config
 
 
 def build(args, stage_only: bool):
     base = PoEConfig(vocab_size=args.vocab, n_layer=args.base_layers, n_head=args.n_embd // 64,
                      n_kv_head=args.n_embd // 64, n_embd=args.n_embd, sequence_len=args.seq_len,
                      poe_stage_layers=[args.base_layers])
-    model = PoEGPT(stage_config(base, args.stage_layers))
+    model = PoEGPT(specialist_config(base, args.stage_layers))
     model.init_weights(0)
-    partial = freeze_for_stage(model) if stage_only else []
+    partial = freeze_for_specialist(model) if stage_only else []
     return model, build_optimizer(model, no_decay=set(partial))
 
 

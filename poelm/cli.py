@@ -133,7 +133,7 @@ def cmd_convert_nanochat(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .modeldir import load_tokenizer, read_config
-    from .stages import as_chain, describe_chain
+    from .specialist import as_chain, describe_chain
 
     load_tokenizer(args.model, read_config(args.model))  # the directory's own files first: errors name them
     chain = as_chain(args.model)
@@ -174,12 +174,12 @@ def cmd_digest(args: argparse.Namespace) -> int:
 
 def cmd_stage_attach(args: argparse.Namespace) -> int:
     from .outputs import chain_inputs, check_output
-    from .stages import as_chain, attach, save_stage
+    from .specialist import as_chain, attach, save_specialist
 
     check_output(args.out, chain_inputs(args.parent, "parent"), args.overwrite)  # before reading anything big
     parent = as_chain(args.parent)
     model, info = attach(parent, args.layers, seed=args.seed, chat_rows=not args.no_chat_rows)
-    out = save_stage(model, parent, args.out, args.name, overwrite=args.overwrite)
+    out = save_specialist(model, parent, args.out, args.name, overwrite=args.overwrite)
     rows = f"; warm-initialised chat rows {info['chat_rows']}" if info["chat_rows"] else ""
     print(f"attached stage {args.name!r}: {args.layers} blocks after layer {info['parent_layers'] - 1} "
           f"(d{info['parent_layers']} -> d{model.config.n_layer}){rows} -> {out}")
@@ -195,7 +195,7 @@ def cmd_stage_train(args: argparse.Namespace) -> int:
 
 
 def cmd_check_preservation(args: argparse.Namespace) -> int:
-    from .stages import check_preservation
+    from .specialist import check_preservation
 
     r = check_preservation(args.base, args.stage)
     verdict = "bit-identical" if r["bit_identical"] else "CHANGED"
@@ -205,7 +205,7 @@ def cmd_check_preservation(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .stages import export_merged
+    from .specialist import export_merged
 
     print(f"wrote {export_merged(args.model, args.out, overwrite=args.overwrite)}")
     return 0

@@ -51,7 +51,7 @@ from .core.files import write_json
 from .modeldir import load_model, save_model_dir, save_tokenizer_dir
 from .outputs import check_output
 from .data.stdlib import code_instructions, write_jsonl
-from .stages import attach, check_preservation, save_stage
+from .specialist import attach, check_preservation, save_specialist
 from .train.sft import StageTrainArgs, stage_train
 from .data.stdlib import stdlib_corpus
 from .tokenizer_train import train_tokenizer
@@ -219,7 +219,7 @@ def run_demo(out: Path) -> dict:
 
     # 6. A specialist stage on the frozen base ----------------------------------------------
     stage_model, info = attach(best_dir, 2, seed=0)
-    stage_dir = save_stage(stage_model, best_dir, out / "stage-code", "code", overwrite=True)
+    stage_dir = save_specialist(stage_model, best_dir, out / "stage-code", "code", overwrite=True)
     with torch.no_grad():
         x = torch.tensor([prompt_ids])
         same = torch.equal(stage_model(x).logits, trained(x).logits)

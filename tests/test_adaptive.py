@@ -86,7 +86,7 @@ def test_calibration_file_round_trip(tmp_path):
 def test_cli_adaptive_and_compose(trained_like_model_dir, tmp_path, capsys):
     """calibrate + generate --adaptive, and generate --compose with two siblings."""
     from poelm.cli import main
-    from poelm.stages import attach, save_stage
+    from poelm.specialist import attach, save_specialist
 
     text = tmp_path / "calib.txt"
     text.write_text("def add(a, b):\n    return a + b\n" * 40)
@@ -101,8 +101,8 @@ def test_cli_adaptive_and_compose(trained_like_model_dir, tmp_path, capsys):
     assert main(["generate", str(model_dir), "--prompt", "def f(", "--max-new-tokens", "8", "--adaptive"]) == 0
     out = capsys.readouterr()
     assert out.out.strip() and "Log-OP, exits per stage" in out.err
-    a = save_stage(attach(model_dir, 1, seed=1)[0], model_dir, tmp_path / "a", "a")
-    b = save_stage(attach(model_dir, 1, seed=2)[0], model_dir, tmp_path / "b", "b")
+    a = save_specialist(attach(model_dir, 1, seed=1)[0], model_dir, tmp_path / "a", "a")
+    b = save_specialist(attach(model_dir, 1, seed=2)[0], model_dir, tmp_path / "b", "b")
     assert main(["generate", str(a), "--prompt", "def f(", "--max-new-tokens", "6", "--compose", str(b),
                  "--compose-weights", "1,0.5"]) == 0
     assert "2 siblings over one trunk pass" in capsys.readouterr().err
@@ -113,9 +113,9 @@ def test_composition_of_one_sibling_decodes_as_that_sibling(trained_like_model_d
     from poelm.compose import ComposedDecoder, Composition
     from poelm.infer.engine import Engine, SamplingParams
     from poelm.modeldir import load_model
-    from poelm.stages import attach, save_stage
+    from poelm.specialist import attach, save_specialist
 
-    a = save_stage(attach(trained_like_model_dir, 1, seed=1)[0], trained_like_model_dir, tmp_path / "a", "a")
+    a = save_specialist(attach(trained_like_model_dir, 1, seed=1)[0], trained_like_model_dir, tmp_path / "a", "a")
     params = SamplingParams(max_new_tokens=10)
     prompt = [32759, 100, 200, 300]
     want = Engine(load_model(a), stop_ids=set()).generate(prompt, params)
@@ -125,9 +125,9 @@ def test_composition_of_one_sibling_decodes_as_that_sibling(trained_like_model_d
 def test_modes_on_a_stage_directory(trained_like_model_dir, tmp_path, capsys):
     """The PoE modes work on a stage directory (its whole chain) as on a base."""
     from poelm.cli import main
-    from poelm.stages import attach, save_stage
+    from poelm.specialist import attach, save_specialist
 
-    stage = save_stage(attach(trained_like_model_dir, 1, seed=1)[0], trained_like_model_dir, tmp_path / "s", "s")
+    stage = save_specialist(attach(trained_like_model_dir, 1, seed=1)[0], trained_like_model_dir, tmp_path / "s", "s")
     (tmp_path / "c.txt").write_text("print('hello world')\n" * 40)
     assert main(["calibrate", str(stage), "--data", str(tmp_path / "c.txt"), "--max-tokens", "256"]) == 0
     for mode in (["--speculative", "2", "--draft-stage", "1"], ["--adaptive"], ["--exit-stage", "1"]):

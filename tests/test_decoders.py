@@ -255,7 +255,7 @@ def test_speculative_sampling_chain_with_k_above_one_has_the_joint_law():
 def siblings(tmp_path_factory, tiny_tokenizer):
     """A base and two siblings whose chat-token embedding rows differ (one trained them)."""
     from poelm.modeldir import save_model_dir
-    from poelm.stages import attach, save_stage
+    from poelm.specialist import attach, save_specialist
 
     root = tmp_path_factory.mktemp("siblings")
     base = PoEGPT(PoEConfig(vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, sequence_len=128,
@@ -280,7 +280,7 @@ def siblings(tmp_path_factory, tiny_tokenizer):
             keep = torch.ones(wte.size(0), dtype=torch.bool)
             keep[rows] = False
             wte[keep] = parent.transformer.wte.weight[keep]  # only the chat rows differ from the parent
-        dirs.append(save_stage(model, base_dir, root / name, name))
+        dirs.append(save_specialist(model, base_dir, root / name, name))
     return dirs, tiny_tokenizer
 
 

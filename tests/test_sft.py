@@ -15,7 +15,7 @@ from poelm.cli import main
 from poelm.core.config import PoEConfig
 from poelm.core.model import PoEGPT
 from poelm.modeldir import load_model, save_model_dir
-from poelm.stages import attach, save_stage
+from poelm.specialist import attach, save_specialist
 from poelm.train.sft import StageTrainArgs, stage_train
 
 from util import kill_at, perturb_
@@ -51,7 +51,7 @@ def stage(tmp_path_factory, tiny_tokenizer):
     model.init_weights(0)
     base = save_model_dir(perturb_(model, seed=3, scale=0.1), root / "base", tiny_tokenizer)
     m, _ = attach(base, 1, seed=0)
-    return base, save_stage(m, base, root / "code", "code")
+    return base, save_specialist(m, base, root / "code", "code")
 
 
 def args(stage_dir, data, out, **kw):

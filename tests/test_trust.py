@@ -28,7 +28,7 @@ from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.core.model import PoEGPT
 from poelm.modeldir import load_model, load_tokenizer, save_model_dir
-from poelm.stages import attach, save_stage
+from poelm.specialist import attach, save_specialist
 
 from util import perturb_
 
@@ -44,8 +44,8 @@ def chain(tmp_path_factory, tiny_tokenizer):
                              poe_stage_layers=[2, 2]))
     model.init_weights(0)
     root = save_model_dir(perturb_(model, seed=1, scale=0.1), root_dir / "root", tiny_tokenizer)
-    mid = save_stage(attach(root, 1, seed=1)[0], root, root_dir / "mid", "mid")
-    leaf = save_stage(attach(mid, 1, seed=2)[0], mid, root_dir / "leaf", "leaf")
+    mid = save_specialist(attach(root, 1, seed=1)[0], root, root_dir / "mid", "mid")
+    leaf = save_specialist(attach(mid, 1, seed=2)[0], mid, root_dir / "leaf", "leaf")
     data = root_dir / "chat.jsonl"
     data.write_text("".join(json.dumps(QUESTION) + "\n" for _ in range(12)))
     return {"root": root, "mid": mid, "leaf": leaf, "data": data}
@@ -358,8 +358,8 @@ def test_no_command_writes_over_its_inputs(chain, tiny_tokenizer_dir, tmp_path, 
     Each input sits alone in its own folder, so "contains" names exactly that input."""
     work = tmp_path / "work"
     root = save_model_dir(load_model(chain["root"]), work / "r" / "root", load_tokenizer(chain["root"]))
-    mid = save_stage(attach(root, 1, seed=1)[0], root, work / "m" / "mid", "mid")
-    leaf = save_stage(attach(mid, 1, seed=2)[0], mid, work / "l" / "leaf", "leaf")
+    mid = save_specialist(attach(root, 1, seed=1)[0], root, work / "m" / "mid", "mid")
+    leaf = save_specialist(attach(mid, 1, seed=2)[0], mid, work / "l" / "leaf", "leaf")
     (work / "d").mkdir()
     shutil.copy(chain["data"], work / "d" / "chat.jsonl")
     shutil.copytree(tiny_tokenizer_dir, work / "t" / "tok")
@@ -406,7 +406,7 @@ def test_the_audited_data_loss_is_refused(chain, tmp_path, capsys):
     assert "the output is the parent" in message
     assert snapshot(tmp_path / "base") == before
     with pytest.raises(PoelmError, match="never writes over its own inputs"):  # the library refuses it too
-        save_stage(attach(tmp_path / "base", 1)[0], tmp_path / "base", tmp_path / "base", "x", overwrite=True)
+        save_specialist(attach(tmp_path / "base", 1)[0], tmp_path / "base", tmp_path / "base", "x", overwrite=True)
     assert snapshot(tmp_path / "base") == before
 
 
@@ -490,7 +490,7 @@ def test_every_head_keeps_its_file_name(chain, tiny_tokenizer, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from poelm.stages import export_merged
+    from poelm.specialist import export_merged
 
     base = PoEGPT(PoEConfig(vocab_size=512, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, sequence_len=64,
                             poe_stage_layers=[1, 1], poe_stage_heads=True))

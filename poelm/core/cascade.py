@@ -229,18 +229,18 @@ def assemble(chain: list[Link], verify: bool = True) -> tuple[PoEConfig, dict[st
     fold: torch.Tensor | None = None
     for parent, link in zip(chain, chain[1:]):
         source = str(link.path / CONFIG)
-        stage_config = link.config
+        specialist_config = link.config
         recorded = link.data.get("parent_fingerprint")
         if recorded != prints[-1]:
             raise PoelmError(f"{source}: parent {parent.path} has fingerprint {prints[-1]}, but this stage was "
                              f"trained on {recorded}: the parent is not the model this stage was made for")
-        check_extends(config, stage_config, source)
+        check_extends(config, specialist_config, source)
         check_tokenizer(parent.path, link.path, verify)
         delta = link.tensors(verify)
         own_print = link.fingerprint(delta, prints[-1])
         delta_path = str(link.tensor_file)
         rows = {k: delta.pop(k) for k in (ROWS_IDS, ROWS_VALUES) if k in delta}
-        check_state_dict(expected_delta(config, stage_config), delta, delta_path, link.dtype)
+        check_state_dict(expected_delta(config, specialist_config), delta, delta_path, link.dtype)
         if config.stage_head:  # the parent's own head joins the fold; the new leaf keeps its own
             head = tensors.pop("lm_head_stage.weight")
             fold = head if fold is None else fold + head
@@ -261,7 +261,7 @@ def assemble(chain: list[Link], verify: bool = True) -> tuple[PoEConfig, dict[st
         tensors.update(delta)
         if fold is not None:
             tensors["lm_head_fold.weight"] = fold
-        config = stage_config
+        config = specialist_config
         prints.append(own_print)
     return config, tensors, prints
 

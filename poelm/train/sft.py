@@ -3,7 +3,7 @@
 setup -> fit -> save, over the same TrainLoop as pretraining (loop.py: accumulation, schedule,
 evaluation, metrics, checkpoints, resume, DDP):
 - setup: the stage directory's chain is assembled; everything but the leaf stage is frozen
-  (`freeze_for_stage`), the parent's layers run without autograd (`frozen_layers`); conversations are
+  (`freeze_for_specialist`), the parent's layers run without autograd (`frozen_layers`); conversations are
   read in any supported shape, mixed (each source repeated EPOCHS times; the validation
   conversations are held out of the shuffled pool before repetition), rendered with the chat format,
   and packed best-fit into rows with document masking.
@@ -35,7 +35,7 @@ from ..eval.bpb import bpb_from_sums, bpb_sums
 from ..optim import build_optimizer
 from ..options import free_on_resume, option, run_record
 from ..outputs import chain_inputs, check_output
-from ..stages import freeze_for_stage, save_stage
+from ..specialist import freeze_for_specialist, save_specialist
 from .dist import Dist, all_reduce_sum, log0, run_distributed
 from .loop import LoopConfig, RunArgs, TrainLoop, batch_geometry, check_run_dir, record_run, resolve_seq_len
 
@@ -106,7 +106,7 @@ def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
         record_run(d, run_dir, recorded)
     first = config.n_layer - config.poe_stage_layers[-1]
     rows = stage.data.get("chat_rows") or None
-    partial = freeze_for_stage(model, rows if args.train_chat_rows else None)
+    partial = freeze_for_specialist(model, rows if args.train_chat_rows else None)
     frozen = 0 if args.train_chat_rows else first  # chat rows learn only through the trunk's backward
     model.to(d.device)
     optimizer = build_optimizer(model, matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
@@ -187,7 +187,7 @@ def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
             with torch.no_grad():
                 for n, v in weights.items():
                     cpu.get_parameter(n).copy_(v)
-            save_stage(cpu, parent, run_dir / which, name, overwrite=True,
+            save_specialist(cpu, parent, run_dir / which, name, overwrite=True,
                        card_kw={"training": training + [("Exported step", step)], "evals": evals,
                                 "best_step": result.best_step, "best_key": "stage"},
                        extra_config={"training": {"run_dir": str(run_dir), "step": step}})

@@ -16,7 +16,7 @@ from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.core.model import PoEGPT
 from poelm.modeldir import load_model, save_model_dir
-from poelm.stages import attach, check_preservation, save_stage, stage_parameter_names
+from poelm.specialist import attach, check_preservation, save_specialist, specialist_parameter_names
 
 from util import perturb_
 
@@ -41,7 +41,7 @@ def plain_ids(n=2, length=80, seed=0):
 @torch.no_grad()
 def perturb_stage_(model, seed=5):
     g = torch.Generator().manual_seed(seed)
-    for name in stage_parameter_names(model):
+    for name in specialist_parameter_names(model):
         p = model.get_parameter(name)
         p.add_(torch.randn(p.shape, generator=g) * 0.05)
     first = model.config.n_layer - model.config.poe_stage_layers[-1]
@@ -55,7 +55,7 @@ def stage_dir(base_dir, tmp_path, name="code", layers=2, perturb=True, parent=No
     model, _ = attach(parent, layers, seed=1)
     if perturb:
         perturb_stage_(model)
-    return save_stage(model, parent, tmp_path / name, name), model
+    return save_specialist(model, parent, tmp_path / name, name), model
 
 
 def test_attach_is_bitwise_the_parent_and_base_path_survives_training(base_dir):
@@ -83,7 +83,7 @@ def test_delta_holds_exactly_what_changed(base_dir, tmp_path):
     blocks = {n for n in names if n.startswith("transformer.h.")}
     assert {int(n.split(".")[2]) for n in blocks} == {4, 5} and len(blocks) == 12
     assert names - blocks == {"resid_lambdas", "x0_lambdas", "lm_head_stage.weight", "wte_rows.ids", "wte_rows.values"}
-    trainable = sum(model.get_parameter(n).numel() for n in stage_parameter_names(model)) + 2 * 2
+    trainable = sum(model.get_parameter(n).numel() for n in specialist_parameter_names(model)) + 2 * 2
     rows = delta["wte_rows.values"].numel()
     assert sum(t.numel() for t in delta.values()) == trainable + rows + len(delta["wte_rows.ids"])
     config = json.loads((out / "config.json").read_text())
@@ -100,10 +100,10 @@ def build_chain(base_dir, tmp_path):
     a_dir, a_mem = stage_dir(base_dir, tmp_path, "a")
     b_mem, _ = attach(a_dir, 1, seed=3)
     perturb_stage_(b_mem, seed=9)
-    b_dir = save_stage(b_mem, a_dir, tmp_path / "b", "b")
+    b_dir = save_specialist(b_mem, a_dir, tmp_path / "b", "b")
     c_mem, _ = attach(b_dir, 1, seed=4)
     perturb_stage_(c_mem, seed=11)
-    c_dir = save_stage(c_mem, b_dir, tmp_path / "c", "c")
+    c_dir = save_specialist(c_mem, b_dir, tmp_path / "c", "c")
     return c_dir, c_mem
 
 
@@ -128,7 +128,7 @@ def test_frozen_trunk_equals_autograd_trunk(base_dir):
         model.zero_grad(set_to_none=True)
         out = model(x, targets=y, frozen_layers=frozen)
         out.loss.backward()
-        grads.append({n: model.get_parameter(n).grad.clone() for n in stage_parameter_names(model)})
+        grads.append({n: model.get_parameter(n).grad.clone() for n in specialist_parameter_names(model)})
         if frozen:
             assert model.transformer.h[0].attn.c_q.weight.grad is None  # the trunk built no graph
     for n in grads[0]:
@@ -145,7 +145,7 @@ def test_siblings_compose_over_one_trunk_pass(base_dir, tmp_path):
     with torch.no_grad():
         la, lb = (torch.log_softmax(load_model(d)(x).logits, -1) for d in (a, b))
     assert torch.allclose(both, torch.log_softmax(la + 0.5 * lb, -1), atol=1e-5)
-    c_dir = save_stage(attach(a, 1)[0], a, tmp_path / "nephew", "n")
+    c_dir = save_specialist(attach(a, 1)[0], a, tmp_path / "nephew", "n")
     with pytest.raises(PoelmError, match="not a sibling"):
         Composition([a, c_dir])
 
@@ -210,7 +210,7 @@ def test_seed_quick_start_on_a_stage(trained_like_model_dir, seed_vocab_tokenize
 
     model, _ = attach(trained_like_model_dir, 2, seed=1)
     perturb_stage_(model)
-    out = save_stage(model, trained_like_model_dir, tmp_path / "code", "code")
+    out = save_specialist(model, trained_like_model_dir, tmp_path / "code", "code")
     code = QUICK_START.format(model_id=out) + "import json\nprint('IDS', json.dumps(out[0, len(ids):].tolist()))\n"
     hf_ids = json.loads([l for l in run(code).splitlines() if l.startswith("IDS ")][-1][4:])
     tok = seed_vocab_tokenizer
@@ -307,11 +307,11 @@ def test_bad_stage_directories(base_dir, tmp_path, capsys):
 @pytest.mark.parametrize("train_rows", [False, True])
 def test_training_a_frozen_stage_keeps_the_base_path(base_dir, train_rows):
     from poelm.optim import build_optimizer
-    from poelm.stages import freeze_for_stage
+    from poelm.specialist import freeze_for_specialist
 
     base = load_model(base_dir)
     model, info = attach(base_dir, 2, seed=1)
-    partial = freeze_for_stage(model, info["chat_rows"] if train_rows else None)
+    partial = freeze_for_specialist(model, info["chat_rows"] if train_rows else None)
     optimizer = build_optimizer(model, no_decay=set(partial))
     assert all(g["weight_decay"] == 0 for g in optimizer.param_groups if set(g["param_names"]) & set(partial))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -323,7 +323,7 @@ def test_training_a_frozen_stage_keeps_the_base_path(base_dir, train_rows):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed >= set(stage_parameter_names(model))
+    assert changed >= set(specialist_parameter_names(model))
     assert ("transformer.wte.weight" in changed) == train_rows
     assert torch.equal(model.resid_lambdas[:4], before["resid_lambdas"][:4])
     wte = model.transformer.wte.weight

@@ -1,5 +1,9 @@
-"""Specialist stages: attach new blocks and a zero-initialised head to a frozen parent, and ship the
-result as a delta (docs/model.md §3, docs/formats.md).
+"""Specialists: attach new blocks and a zero-initialised head to a frozen parent, and ship the result
+as a delta (docs/model.md §3, docs/formats.md).
+
+Names: a *stage* is any cut of consecutive layers with a read-out (the base has K of them); a
+*specialist* is the stage appended to a frozen parent and trained apart, shipped in a "stage
+directory" (the format's and the command line's word, `poelm stage attach|train`).
 
 Design choices:
 - Attaching appends one PoE stage of N blocks after the parent's last layer. The new blocks carry no
@@ -16,9 +20,9 @@ Design choices:
   "Output") unless an ancestor already did it. The delta carries only the rows it changed, with their
   ids; inputs without chat tokens see the base bit for bit.
 - The delta (`delta.safetensors`) holds exactly what the stage changed: its blocks, its layers'
-  lambdas, its head (`lm_head_stage` on disk), and the changed embedding rows. Provenance (parent fingerprint, name,
-  layer counts) goes in config.json and in the safetensors metadata.
-- What trains (`stage_parameter_names`): the new blocks' matrices, `specialist_head`, and the new
+  lambdas, its head (`lm_head_stage` on disk), and the changed embedding rows. Provenance (parent
+  fingerprint, name, layer counts) goes in config.json and in the safetensors metadata.
+- What trains (`specialist_parameter_names`): the new blocks' matrices, `specialist_head`, and the new
   layers' lambdas (entries of the shared lambda vectors; a training loop masks the rest).
 """
 
@@ -49,7 +53,7 @@ CHAT_ROW_SOURCES = {
 }
 
 
-def stage_config(parent: PoEConfig, n_layers: int) -> PoEConfig:
+def specialist_config(parent: PoEConfig, n_layers: int) -> PoEConfig:
     """The assembled config: the parent's, plus one stage of `n_layers` blocks."""
     if n_layers < 1:
         raise PoelmError(f"--layers {n_layers}: a stage adds at least one block")
@@ -88,12 +92,12 @@ def as_chain(chain: Chain | str | os.PathLike) -> Chain:
 def attach(parent: Chain | str | os.PathLike, n_layers: int, seed: int = 0,
            chat_rows: bool = True) -> tuple[PoEGPT, dict[str, Any]]:
     """Append a stage to the parent (a chain, or its directory); returns the model and the facts
-    `save_stage` records."""
+    `save_specialist` records."""
     chain = as_chain(parent)
     parent_config = chain.config
     parent = chain.model()
     tok = chain.tokenizer()
-    config = stage_config(parent_config, n_layers)
+    config = specialist_config(parent_config, n_layers)
     model = PoEGPT(config)
     model.init_weights(seed)  # new blocks get nanochat's init (c_proj zero); everything else is copied
     own = model.state_dict()
@@ -116,7 +120,7 @@ def attach(parent: Chain | str | os.PathLike, n_layers: int, seed: int = 0,
                    "chat_rows_initialized": bool(initialised) or chat_rows_done(chain.links)}
 
 
-def stage_parameter_names(model: PoEGPT) -> list[str]:
+def specialist_parameter_names(model: PoEGPT) -> list[str]:
     """Names of the leaf stage's own parameters (blocks and head); its lambdas are entries of
     `resid_lambdas`/`x0_lambdas` from index `config.n_layer - poe_stage_layers[-1]` on."""
     c = model.config
@@ -128,7 +132,7 @@ def stage_parameter_names(model: PoEGPT) -> list[str]:
     return names + ["specialist_head.weight"]
 
 
-def freeze_for_stage(model: PoEGPT, train_rows: list[int] | None = None) -> list[str]:
+def freeze_for_specialist(model: PoEGPT, train_rows: list[int] | None = None) -> list[str]:
     """Make only the leaf stage trainable; returns the partly frozen parameters (no weight decay!).
 
     Requires grad: the stage's blocks and `specialist_head`; `resid_lambdas`/`x0_lambdas` with a
@@ -139,7 +143,7 @@ def freeze_for_stage(model: PoEGPT, train_rows: list[int] | None = None) -> list
     """
     c = model.config
     first = c.n_layer - c.poe_stage_layers[-1]
-    own = set(stage_parameter_names(model))
+    own = set(specialist_parameter_names(model))
     partial = ["resid_lambdas", "x0_lambdas"] + (["transformer.wte.weight"] if train_rows else [])
     for name, p in model.named_parameters():
         p.requires_grad_(name in own or name in partial)
@@ -158,7 +162,7 @@ def delta_tensors(model: PoEGPT, parent: PoEGPT) -> dict[str, torch.Tensor]:
     """Exactly what the stage changed against its assembled parent."""
     P = parent.config.n_layer
     state = model.state_dict()
-    delta = {name: state[name] for name in stage_parameter_names(model)}
+    delta = {name: state[name] for name in specialist_parameter_names(model)}
     delta["resid_lambdas"] = state["resid_lambdas"][P:]
     delta["x0_lambdas"] = state["x0_lambdas"][P:]
     wte, parent_wte = state["transformer.wte.weight"], parent.state_dict()["transformer.wte.weight"]
@@ -180,7 +184,7 @@ def delta_tensors(model: PoEGPT, parent: PoEGPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in to_disk(delta).items()}  # the file's names
 
 
-def save_stage(model: PoEGPT, parent: Chain | str | os.PathLike, out: str | os.PathLike, name: str, *,
+def save_specialist(model: PoEGPT, parent: Chain | str | os.PathLike, out: str | os.PathLike, name: str, *,
                overwrite: bool = False, card: str | None = None, extra_config: dict[str, Any] | None = None,
                chat_rows_initialized: bool | None = None, card_kw: dict[str, Any] | None = None) -> Path:
     """Write a stage directory (docs/formats.md) for `model`, a stage on `parent` (a chain, or its
@@ -206,16 +210,16 @@ def save_stage(model: PoEGPT, parent: Chain | str | os.PathLike, out: str | os.P
             metadata={"poelm": "stage-delta/1", "stage_name": name, "parent_fingerprint": chain.fingerprint,
                       "parent_layers": str(chain.config.n_layer), "stage_layers": str(model.config.poe_stage_layers[-1])},
             config=hf_config_dict(model.config, tok, extra={**stage_fields, **(extra_config or {})}),
-            card=card or stage_card(model, name, chain.path, delta, **(card_kw or {})),
+            card=card or specialist_card(model, name, chain.path, delta, **(card_kw or {})),
             fingerprint=fingerprint_tensors(delta, chain.fingerprint))
     return out
 
 
-def stage_card(model: PoEGPT, name: str, parent_dir: str | os.PathLike, delta: dict[str, torch.Tensor],
+def specialist_card(model: PoEGPT, name: str, parent_dir: str | os.PathLike, delta: dict[str, torch.Tensor],
                **kw) -> str:
     c = model.config
     first = c.n_layer - c.poe_stage_layers[-1]
-    trainable = sum(model.get_parameter(n).numel() for n in stage_parameter_names(model)) + 2 * c.poe_stage_layers[-1]
+    trainable = sum(model.get_parameter(n).numel() for n in specialist_parameter_names(model)) + 2 * c.poe_stage_layers[-1]
     rows = [("Parent", str(parent_dir)), ("New transformer layers", f"{c.poe_stage_layers[-1]} appended at positions "
             f"{first}-{c.n_layer - 1} (d{first} -> d{c.n_layer})"), ("Frozen layers", f"{first} (all parent layers)"),
             ("Dual head", f"yes - additive specialist head ({c.padded_vocab_size} x {c.n_embd}, zero-init; "
