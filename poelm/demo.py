@@ -19,8 +19,10 @@ What it does today (each later feature adds a step):
    reports tokens/s, acceptance, greedy identity and top-1 agreement.
 9. Writes everything it printed to `summary.json` in the run folder (atomically).
 
-Design choices: the demo is a linear script over the library (no logic of its own beyond
-reporting); it owns its output folder and replaces the previous demo's results; the vocabulary is
+Design choices: the demo is a short list of the same `poelm` commands a user types (`poelm(...)` runs
+each through the command line's own parser and code path, and prints it), plus the checks that show
+what they did (a round trip, a fresh-process transformers reload, the seed's quick start, decoding
+through the one decoder factory); no logic of its own beyond reporting. It owns its output folder and replaces the previous demo's results; the vocabulary is
 8192 rather than the seed's 32768 because on a CPU the output head dominates the cost of a step
 (a 32768 head makes each step ~3x slower); the fresh process is a real subprocess so nothing poelm
 imported can leak into what `transformers` sees.
@@ -37,25 +39,17 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .core.config import PoEConfig
-from .core.errors import PoelmError
-from .data.text import eval_batches
-from .infer import DecodeMode, SamplingParams, make_decoder
-from .infer.adaptive import calibrate, save_calibration
-from .core.model import PoEGPT
 from .core.cascade import load_safetensors
-from .core.files import write_json
-from .modeldir import load_model, save_model_dir, save_tokenizer_dir
+from .core.errors import PoelmError
+from .core.files import read_json, write_json
+from .data.stdlib import code_instructions, stdlib_corpus, write_jsonl
+from .infer import DecodeMode, SamplingParams, make_decoder
+from .infer.adaptive import load_calibration
+from .modeldir import load_model, load_tokenizer
 from .outputs import check_output
-from .data.stdlib import code_instructions, write_jsonl
-from .specialist import attach, check_preservation, save_specialist
-from .train.sft import StageTrainArgs, stage_train
-from .data.stdlib import stdlib_corpus
-from .tokenizer_train import train_tokenizer
-from .train.pretrain import PretrainArgs, pretrain
+from .train.metrics import MetricsLog
 
 CORPUS_BYTES = 5_000_000
 VOCAB_SIZE = 8192
@@ -130,6 +124,20 @@ def quick_start_answer(model_dir: Path, tok) -> str:
     return r.stdout
 
 
+def poelm(*argv) -> None:
+    """One `poelm` command, run exactly as a user would type it (same parser, same code path)."""
+    from .cli import main
+
+    args = [str(a) for a in argv]
+    say("      $ poelm " + " ".join(args if len(args) < 14 else args[:6] + ["..."] + args[-6:]))
+    if main(args) != 0:
+        raise PoelmError(f"`poelm {' '.join(args[:2])}` failed (its error is above)")
+
+
+def evals(run_dir: Path) -> list[dict]:
+    return [r for r in MetricsLog(run_dir).records() if "val_bpb" in r]
+
+
 def run_demo(out: Path) -> dict:
     t_start = time.time()
     import sysconfig
@@ -141,20 +149,19 @@ def run_demo(out: Path) -> dict:
     # 1. Tokenizer ----------------------------------------------------------------------------
     paths = stdlib_corpus(CORPUS_BYTES)
     corpus_bytes = sum(os.path.getsize(p) for p in paths)
-    say(f"[1/9] tokenizer: training {VOCAB_SIZE}-token BPE on {len(paths)} stdlib files "
-        f"({corpus_bytes / 1e6:.1f} MB)")
+    say(f"[1/9] tokenizer: {VOCAB_SIZE}-token BPE on {len(paths)} stdlib files ({corpus_bytes / 1e6:.1f} MB)")
     t0 = time.time()
-    tok = train_tokenizer(paths, VOCAB_SIZE)
+    poelm("tokenizer", "train", "--input", *paths, "--vocab-size", VOCAB_SIZE, "--out", out / "tokenizer",
+          "--overwrite")
     train_s = time.time() - t0
-    save_tokenizer_dir(tok, out / "tokenizer", overwrite=True)
+    tok = load_tokenizer(out / "tokenizer")
     texts = [Path(p).read_text(encoding="utf-8") for p in paths]
     encoded = tok.encode_batch(texts)
     bad = [p for p, text, ids in zip(paths, texts, encoded) if tok.decode(ids) != text]
     n_tokens = sum(map(len, encoded))
     ids = tok.special_ids
-    say(f"      {tok.vocab_size} tokens in {train_s:.1f}s; <|bos|>={ids['<|bos|>']} "
-        f"<|assistant_start|>={ids['<|assistant_start|>']}; the corpus is {n_tokens:,} tokens "
-        f"({corpus_bytes / n_tokens:.2f} bytes/token) and decodes back exactly: {'yes' if not bad else 'NO'}")
+    say(f"      the corpus is {n_tokens:,} tokens ({corpus_bytes / n_tokens:.2f} bytes/token) and decodes back "
+        f"exactly: {'yes' if not bad else 'NO'}")
     if bad:
         raise PoelmError(f"tokenizer round trip failed on {bad[0]}")
     summary["tokenizer"] = {"vocab_size": tok.vocab_size, "files": len(paths), "corpus_bytes": corpus_bytes,
@@ -162,18 +169,12 @@ def run_demo(out: Path) -> dict:
                             "round_trip_exact": not bad}
 
     # 2. A PoE base, initialised --------------------------------------------------------------
-    config = PoEConfig(vocab_size=tok.vocab_size, n_layer=4, n_head=2, n_kv_head=2, n_embd=128,
-                       sequence_len=SEQ_LEN, poe_stage_layers=[2, 2], poe_mode="flat")
-    model = PoEGPT(config)
-    model.init_weights(seed=0)
-    init_dir = save_model_dir(model, out / "base-init", tok, overwrite=True)
-    say(f"[2/9] model: PoE base, {config.n_layer} layers in stages {config.poe_stage_layers}, width "
-        f"{config.n_embd}, {model.num_params():,} parameters -> {init_dir}")
-    table = model.param_table()
-    width = max(len(n) for n, _ in table)
-    for name, n in table:
-        say(f"      {name:<{width}}  {n:>12,}")
-    summary["model"] = {"dir": str(init_dir), "parameters": dict(table), "config": config.to_dict()}
+    init_dir = out / "base-init"
+    say("[2/9] model: a PoE base, 4 layers in two stages, width 128")
+    poelm("init", "--tokenizer", out / "tokenizer", "--depth", 4, "--n-embd", 128, "--n-head", 2,
+          "--seq-len", SEQ_LEN, "--poe-stage-layers", "2,2", "--poe-mode", "flat", "--out", init_dir, "--overwrite")
+    model = load_model(init_dir)
+    summary["model"] = {"dir": str(init_dir), "parameters": dict(model.param_table()), "config": model.config.to_dict()}
 
     # 3. Pretrain it (flat: one detached loss per stage) -----------------------------------------
     run_dir = out / "pretrain"
@@ -181,18 +182,19 @@ def run_demo(out: Path) -> dict:
     say(f"[3/9] pretraining (flat) for {PRETRAIN_STEPS} steps of {PRETRAIN_BATCH} x {SEQ_LEN} tokens on the same "
         f"source; progress on stderr")
     t0 = time.time()
-    result = pretrain(PretrainArgs(
-        data=paths, out=str(run_dir), init=str(init_dir), steps=PRETRAIN_STEPS, device_batch_size=PRETRAIN_BATCH,
-        eval_every=PRETRAIN_STEPS // 4, eval_tokens=32768, sample_tokens=24, seed=0))
-    trajectory = result["val_bpb"]
+    poelm("pretrain", "--init", init_dir, "--data", *paths, "--out", run_dir, "--steps", PRETRAIN_STEPS,
+          "--device-batch-size", PRETRAIN_BATCH, "--eval-every", PRETRAIN_STEPS // 4, "--eval-tokens", 32768,
+          "--sample-tokens", 24, "--seed", 0)
+    trajectory = [[e["step"], e["val_bpb"]] for e in evals(run_dir)]
     first, last = trajectory[0][1], trajectory[-1][1]
     for name in first:
         say(f"      val bpb {name:<7} {first[name]:.4f} -> {last[name]:.4f}")
-    say(f"      {time.time() - t0:.0f}s; metrics {run_dir / 'metrics.jsonl'}, plot {run_dir / 'val_bpb.png'}")
-    summary["pretrain"] = {"run_dir": str(run_dir), "steps": result["steps"], "seconds": round(time.time() - t0, 1),
-                           "val_bpb": trajectory, "best_step": result["best_step"]}
-    summary["base_val_bpb"] = result["best_val_bpb"]
     best_dir = run_dir / "best"
+    best_step = read_json(best_dir / "config.json")["training"]["step"]
+    say(f"      {time.time() - t0:.0f}s; metrics {run_dir / 'metrics.jsonl'}, plot {run_dir / 'val_bpb.png'}")
+    summary["pretrain"] = {"run_dir": str(run_dir), "steps": trajectory[-1][0], "seconds": round(time.time() - t0, 1),
+                           "val_bpb": trajectory, "best_step": best_step}
+    summary["base_val_bpb"] = dict(trajectory)[best_step]["logop"]
 
     # 4. Reload the trained base through transformers in a fresh process ------------------------
     trained = load_model(best_dir)
@@ -217,22 +219,21 @@ def run_demo(out: Path) -> dict:
         stages.append({"stage": k, "top5": pairs})
     summary["stage_predictions"] = stages
 
-    # 6. A specialist stage on the frozen base ----------------------------------------------
-    stage_model, info = attach(best_dir, 2, seed=0)
-    stage_dir = save_specialist(stage_model, best_dir, out / "stage-code", "code", overwrite=True)
+    # 6. A specialist on the frozen base ----------------------------------------------------------
+    stage_dir = out / "stage-code"
+    say("[6/9] a specialist: 2 blocks and a zero head attached to the trained base, saved as a delta")
+    poelm("stage", "attach", best_dir, "--layers", 2, "--name", "code", "--out", stage_dir, "--overwrite")
     with torch.no_grad():
         x = torch.tensor([prompt_ids])
-        same = torch.equal(stage_model(x).logits, trained(x).logits)
-    kept = check_preservation(best_dir, stage_dir)
+        same = torch.equal(load_model(stage_dir)(x).logits, trained(x).logits)
+    poelm("check-preservation", best_dir, stage_dir)  # exits non-zero unless the base path is bit-identical
     n_delta = sum(t.numel() for t in load_safetensors(stage_dir / "delta.safetensors").values())
-    say(f"[6/9] specialist stage: attached 2 blocks + a zero head to {best_dir.name} -> {stage_dir} "
-        f"(delta {n_delta:,} params; chat rows warm-initialised: {len(info['chat_rows'])}); logits right after "
-        f"attaching equal the base's bit for bit: {'yes' if same else 'NO'}; check-preservation max |Δlogit| = "
-        f"{kept['max_abs_diff']}")
-    if not (same and kept["bit_identical"]):
-        raise PoelmError("the attached stage does not preserve the base")
+    say(f"      delta {n_delta:,} params; logits right after attaching equal the base's bit for bit: "
+        f"{'yes' if same else 'NO'}")
+    if not same:
+        raise PoelmError("the attached stage does not equal its base")
     summary["stage"] = {"dir": str(stage_dir), "delta_params": n_delta, "attach_bit_identical": same,
-                        "preservation_max_abs_diff": kept["max_abs_diff"]}
+                        "preservation_max_abs_diff": 0.0}
 
     # 7. Train the stage on code instructions built from the standard library -------------------
     (out / "data").mkdir(exist_ok=True)
@@ -243,16 +244,18 @@ def run_demo(out: Path) -> dict:
     say(f"[7/9] stage SFT: {len(records)} code instructions from the stdlib's documented functions -> {data}; "
         f"{SFT_STEPS} steps, {SFT_VAL} conversations held out; progress on stderr")
     t0 = time.time()
-    sft = stage_train(StageTrainArgs(
-        stage=str(stage_dir), data=[str(data)], out=str(sft_dir), steps=SFT_STEPS, val_conversations=SFT_VAL,
-        seq_len=SEQ_LEN, device_batch_size=PRETRAIN_BATCH, eval_every=SFT_STEPS // 4, seed=0,
-        stage_head_lr=SFT_HEAD_LR))
-    traj = sft["val_bpb"]
+    poelm("stage", "train", stage_dir, "--data", data, "--out", sft_dir, "--steps", SFT_STEPS,
+          "--val-conversations", SFT_VAL, "--seq-len", SEQ_LEN, "--device-batch-size", PRETRAIN_BATCH,
+          "--eval-every", SFT_STEPS // 4, "--seed", 0, "--stage-head-lr", SFT_HEAD_LR)
+    sft = evals(sft_dir)
+    traj = [[e["step"], e["val_bpb"]["stage"]] for e in sft]
+    kept = max(e["preservation_max_abs_diff"] for e in sft)
     say("      stage val bpb (assistant tokens): " + " -> ".join(f"{b:.4f}" for _, b in traj)
-        + f"; base path max |Δlogit| over all evals = {sft['preservation_max_abs_diff']}; {time.time() - t0:.0f}s")
+        + f"; base path max |Δlogit| over all evals = {kept}; {time.time() - t0:.0f}s")
     summary["stage_val_bpb"] = traj
-    summary["preservation_max_abs_diff"] = sft["preservation_max_abs_diff"]
-    summary["sft"] = {"run_dir": str(sft_dir), "records": len(records), "best_step": sft["best_step"]}
+    summary["preservation_max_abs_diff"] = kept
+    summary["sft"] = {"run_dir": str(sft_dir), "records": len(records),
+                      "best_step": read_json(sft_dir / "best" / "config.json")["training"]["step"]}
 
     # 8. The seed card's quick start through transformers, on the trained stage -----------------
     answer = quick_start_answer(sft_dir / "best", tok)
@@ -261,11 +264,11 @@ def run_demo(out: Path) -> dict:
     summary["sample"] = answer
 
     # 9. What the stage predictors buy at inference -------------------------------------------
+    say("[9/9] decoding the base with each mode (adaptive depth's bounds calibrated on stdlib text)")
+    poelm("calibrate", best_dir, "--data", *paths[-20:], "--max-tokens", 64 * SEQ_LEN)
+    bounds = load_calibration(best_dir, trained.config.n_stages)
     greedy = SamplingParams(max_new_tokens=48)
     prompts = [[tok.bos_id] + tok.encode(t) for t in ("def fibonacci(n):", "class Stack:\n    def __init__(self")]
-    calib = np.array([t for p in paths[-20:] for t in [tok.bos_id] + tok.encode(Path(p).read_text("utf-8"))])
-    bounds = calibrate(trained, eval_batches(calib, 4, SEQ_LEN, max_rows=64, pad_id=tok.bos_id))
-    save_calibration(best_dir, bounds, 99.9, 64 * SEQ_LEN)
     modes = {"full depth": DecodeMode(), "exit stage 0": DecodeMode(exit_stage=0),
              "speculative S=0 K=4": DecodeMode(speculative=4, draft_stage=0), "adaptive": DecodeMode(adaptive=True)}
 
@@ -284,7 +287,7 @@ def run_demo(out: Path) -> dict:
     identical = outputs["speculative S=0 K=4"] == outputs["full depth"]
     pairs = [(a, b) for o, r in zip(outputs["adaptive"], outputs["Log-OP full depth"]) for a, b in zip(o, r)]
     agreement = sum(a == b for a, b in pairs) / len(pairs)
-    say("[9/9] decoding the base (greedy, 2 prompts x 48 tokens): " + "; ".join(
+    say("      greedy, 2 prompts x 48 tokens: " + "; ".join(
         f"{k} {v:.0f} tok/s" for k, v in timings.items() if k != "Log-OP full depth")
         + f". Prefix pruning (stage 0): {timings['exit stage 0'] / timings['full depth']:.2f}x; self-speculative: "
         f"{timings['speculative S=0 K=4'] / timings['full depth']:.2f}x at {spec.stats.acceptance:.0%} acceptance, "
