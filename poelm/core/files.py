@@ -1,7 +1,7 @@
 """Files: written whole, and read only if they are what was written.
 
 Design choices:
-- One way to write a file (`write_text`, `write_json`): into a hidden temporary sibling, then renamed
+- One way to write a file (`write_bytes`, `write_text`, `write_json`): into a hidden temporary sibling, then renamed
   over the target, so a reader never sees half a file. One JSON reader (`read_json`) with one set of
   errors naming the file: missing, not UTF-8, not valid JSON (line and column), not an object.
 - Every directory poelm writes (a model, a stage, a tokenizer, a training checkpoint) holds
@@ -60,12 +60,16 @@ UNLISTED_SUFFIXES = (".py", ".tmp")
 UNLISTED_NAMES = frozenset({MANIFEST, CARD})
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` (UTF-8) to `path` through a temporary sibling renamed over it."""
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary sibling renamed over it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -49,6 +49,7 @@ from ..core.errors import PoelmError
 from ..core.files import read_json, write_json, write_manifest
 from ..core.cascade import load_safetensors
 from ..optim import apply_schedule
+from ..outputs import AtomicDir
 from ..options import option
 from ..schedule import lr_multiplier, muon_momentum
 from .checkpoint import CHECKPOINTS, STATE, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -335,19 +336,13 @@ class TrainLoop:
         if not self.d.is_main:
             return
         name = best_name(step)
-        final = self.best_dir.with_name(name)
-        tmp = final.with_name(f".{name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in self.trainable().items()},
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / BEST_INFO, {"step": step, "value": value, "key": self.cfg.best_key})
-        write_manifest(tmp)
-        # A folder of this step left by an attempt that died after its last checkpoint: never the one
-        # `best` points to (that step is at most the restored checkpoint's, and steps only grow).
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        # A folder of this step left by an attempt that died after its last checkpoint is never the one
+        # `best` points to (that step is at most the restored checkpoint's, and steps only grow): replace it.
+        with AtomicDir(self.best_dir.with_name(name), overwrite=True) as tmp:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in self.trainable().items()},
+                      str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            write_json(tmp / BEST_INFO, {"step": step, "value": value, "key": self.cfg.best_key})
+            write_manifest(tmp)
         self._point_best(name)
 
     def _point_best(self, name: str) -> None:
@@ -374,7 +369,7 @@ class TrainLoop:
     def _prune_best(self, keep: set[str]) -> None:
         """Remove every `best-NNNNNN` folder (and unfinished `.best-NNNNNN.tmp`) not in `keep`."""
         for path in self.best_dir.parent.iterdir():
-            if path.name not in keep and re.fullmatch(rf"{BEST}-\d{{6}}|\.{BEST}-\d{{6}}\.tmp", path.name):
+            if path.name not in keep and re.fullmatch(rf"{BEST}-\d{{6}}|\.{BEST}-\d{{6}}\.tmp-\w+", path.name):
                 shutil.rmtree(path)
 
     def best_weights(self) -> dict[str, torch.Tensor]:

@@ -10,11 +10,11 @@ Design choices:
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 
-from ..core.files import write_text
+from ..core.files import write_bytes, write_text
 from typing import Any
 
 METRICS = "metrics.jsonl"
@@ -66,8 +66,8 @@ def plot_val_bpb(run_dir: Path, evals: list[dict[str, Any]], title: str) -> Path
     ax.legend()
     fig.tight_layout()
     out = Path(run_dir) / PLOT
-    tmp = out.with_name(".val_bpb.tmp.png")
-    fig.savefig(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
+    write_bytes(out, png.getvalue())
     return out
