@@ -16,9 +16,9 @@ Design choices:
   run that never stopped (tested).
 - The best weights (lowest `best_key` metric) are kept while the run goes in versioned folders, and
   exported (with `final/`) only when the run completes: a failed run leaves no `final/` or `best/`
-  behind. A new best at step s is written to `checkpoints/.best-NNNNNN.tmp/` (model.safetensors and
-  best.json {step, value, key}) and renamed to `checkpoints/best-NNNNNN/`, complete once it has that
-  name; `checkpoints/best` is a symlink (relative target `best-NNNNNN`) switched atomically by
+  behind. A new best at step s is written through `AtomicDir` (a hidden temporary folder holding
+  model.safetensors, best.json {step, value, key} and digests.json) renamed to
+  `checkpoints/best-NNNNNN/`, complete once it has that name; `checkpoints/best` is a symlink (relative target `best-NNNNNN`) switched atomically by
   `os.replace`-ing a fresh symlink over it. So at every instant `checkpoints/best/model.safetensors`
   is one complete best, the previous one until the switch. Only rank 0 touches these folders.
 - Once a checkpoint is complete, every `best-*` folder is removed but the one `best` points to (the
@@ -367,7 +367,7 @@ class TrainLoop:
         return names
 
     def _prune_best(self, keep: set[str]) -> None:
-        """Remove every `best-NNNNNN` folder (and unfinished `.best-NNNNNN.tmp`) not in `keep`."""
+        """Remove every `best-NNNNNN` folder (and unfinished `.best-NNNNNN.tmp-*`) not in `keep`."""
         for path in self.best_dir.parent.iterdir():
             if path.name not in keep and re.fullmatch(rf"{BEST}-\d{{6}}|\.{BEST}-\d{{6}}\.tmp-\w+", path.name):
                 shutil.rmtree(path)
