@@ -1,9 +1,11 @@
 """Files: written whole, and read only if they are what was written.
 
 Design choices:
-- One way to write a file (`write_bytes`, `write_text`, `write_json`): into a hidden temporary sibling, then renamed
-  over the target, so a reader never sees half a file. One JSON reader (`read_json`) with one set of
-  errors naming the file: missing, not UTF-8, not valid JSON (line and column), not an object.
+- The names of the files of a poelm directory, defined once (docs/formats.md).
+- One way to write a file (`write_bytes`, `write_text`, `write_json`): into a hidden temporary
+  sibling, then renamed over the target, so a reader never sees half a file. One JSON reader
+  (`read_json`) with one set of errors naming the file: missing, not UTF-8, not valid JSON (line and
+  column), not an object.
 - Every directory poelm writes (a model, a stage, a tokenizer, a training checkpoint) holds
   `digests.json`: for each data file its size and xxh3-128 digest, and for a model directory the
   content fingerprint its stages record as `parent_fingerprint`. Not listed: `README.md` (the card,
@@ -16,7 +18,7 @@ Design choices:
 - One rule for every reader: a file read from a directory that has `digests.json` must be listed in
   it and match; anything else is a `PoelmError` naming the file and what differs. A directory without
   `digests.json` (written before poelm recorded digests, or by another tool) has nothing to verify
-  against: `verify` reports False and the callers that load models, tokenizers and checkpoints say
+  against: `verify_file` reports False and the callers that load models, tokenizers and checkpoints say
   so in a warning naming the directory and the command that records digests (`poelm digest`).
 - A large file is hashed in a background thread while the caller loads it (`verifying`; xxhash
   releases the GIL), and the caller's result is used only once the digest matched: the check costs

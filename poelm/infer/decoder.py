@@ -69,6 +69,7 @@ class Decoder(ABC):
     """The decoding protocol (see the module docstring); each decoder implements `_stream`."""
 
     name = "decoder"
+    exit_stage: int | None = None  # the engine's prefix pruning; every other decoder runs all stages
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any | None = None, *,
                  stop_ids: set[int] | None = None, output: str | None = None):
@@ -92,7 +93,7 @@ class Decoder(ABC):
         params = params or SamplingParams()
         prompt_ids = list(prompt_ids)
         self.check_params(params)
-        check_request(self.config, prompt_ids, params.max_new_tokens, getattr(self, "exit_stage", None))
+        check_request(self.config, prompt_ids, params.max_new_tokens, self.exit_stage)
         return self._counted(prompt_ids, params)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> list[int]:
