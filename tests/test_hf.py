@@ -158,16 +158,53 @@ def test_directory_contents(seed_model_dir):
     assert config["bos_token_id"] == 32759 and config["poe_stage_layers"] == [1, 1]
 
 
-def test_padded_batch_is_refused_not_silently_wrong(trained_like_model_dir):
+def test_padded_batches_through_transformers_equal_rows_alone(trained_like_model_dir):
+    """In a fresh process, with plain transformers: the tokenizer pads (left or right) and returns
+    tensors; a right-padded forward without a mask and a left-padded one with it equal the rows alone;
+    greedy `generate` on a left-padded batch gives each prompt's own output (finished rows emit the pad
+    id); `pipeline(..., batch_size=4)` gives each prompt's single-prompt text; seeded sampling on a
+    batch is reproducible."""
     code = textwrap.dedent(f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained("{trained_like_model_dir}", trust_remote_code=True)
-        x = torch.tensor([[5, 6, 7, 8], [32759, 9, 10, 11]])
-        mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-        try:
-            m(x, attention_mask=mask)
-        except ValueError as e:
-            print("REFUSED", e)
+        import json, torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+        d = "{trained_like_model_dir}"
+        tok = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
+        m = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
+        texts = ["def add(a, b):", "The model", "x = [1, 2, 3] and the stage of the model", "import"]
+        res = {{"pad": tok.pad_token_id, "max_len": m.config.max_position_embeddings}}
+        alone = [tok.encode(t) for t in texts]
+        with torch.no_grad():
+            tok.padding_side = "right"
+            right = tok(texts, padding=True, return_tensors="pt")
+            res["right_ok"] = all(torch.allclose(m(right["input_ids"]).logits[r, :len(ids)],
+                                                 m(torch.tensor([ids])).logits[0], atol=1e-4)
+                                  for r, ids in enumerate(alone))
+            tok.padding_side = "left"
+            left = tok(texts, padding=True, return_tensors="pt")
+            res["left_ids"] = left["input_ids"].tolist()
+            res["left_ok"] = all(torch.allclose(m(**left).logits[r, -len(ids):], m(torch.tensor([ids])).logits[0],
+                                                atol=1e-4) for r, ids in enumerate(alone))
+            out = m.generate(**left, max_new_tokens=12, do_sample=False)
+            res["batch"] = [out[r, left["input_ids"].size(1):].tolist() for r in range(len(texts))]
+            res["single"] = [m.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+                             for ids in alone]
+            runs = []
+            for _ in range(2):
+                torch.manual_seed(3)
+                runs.append(m.generate(**left, max_new_tokens=8, do_sample=True, top_k=20).tolist())
+            res["sampling_reproducible"] = runs[0] == runs[1]
+        pipe = pipeline("text-generation", model=m, tokenizer=tok)
+        batched = pipe(texts, batch_size=4, max_new_tokens=8, do_sample=False)
+        single = [pipe(t, max_new_tokens=8, do_sample=False) for t in texts]
+        res["pipeline"] = [b[0]["generated_text"] == s[0]["generated_text"] for b, s in zip(batched, single)]
+        res["decoded"] = tok.batch_decode(out[:, -12:])
+        print(json.dumps(res))
     """)
-    assert "REFUSED attention_mask hides tokens in row 0" in run_python(code)
+    res = json.loads(run_python(code).strip().splitlines()[-1])
+    assert res["pad"] is not None and res["max_len"] == 256
+    assert res["left_ids"][1][0] == res["pad"]  # really left-padded
+    assert res["right_ok"] and res["left_ok"]
+    for got, want in zip(res["batch"], res["single"]):
+        n = len(want)
+        assert got[:n] == want and all(t == res["pad"] for t in got[n:]), (got, want)
+    assert res["sampling_reproducible"] and all(res["pipeline"]) and len(res["decoded"]) == 4

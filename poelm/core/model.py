@@ -174,15 +174,18 @@ class Linear(nn.Linear):
 
 
 class KVCache:
-    """Keys and values per layer, grown by concatenation, plus the smear's previous embedding.
+    """Keys and values per layer, grown by concatenation, plus the smear's previous embedding and (for
+    padded batches) which cached positions are real tokens.
 
-    Shapes: keys and values (B, H_kv, T, D). `crop(n)` rolls every layer back to n positions.
+    Shapes: keys and values (B, H_kv, T, D); attention_mask (B, T) bool or None (all real).
+    `crop(n)` rolls every layer back to n positions.
     """
 
     def __init__(self) -> None:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.prev_embedding: torch.Tensor | None = None
+        self.attention_mask: torch.Tensor | None = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
         if layer_idx in self.keys:
@@ -198,6 +201,8 @@ class KVCache:
         for i in self.keys:
             self.keys[i] = self.keys[i][:, :, :length]
             self.values[i] = self.values[i][:, :, :length]
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask[:, :length]
 
 
 class CausalSelfAttention(nn.Module):
@@ -235,7 +240,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
     """Causal attention over a window: query at absolute position i sees keys i - window .. i.
 
     q (B, H, Tq, D) holds the last Tq positions of the Tk keys in k, v (B, H_kv, Tk, D). With
-    `doc_ids` (B, T) a query also sees only keys of its own document (packed conversations).
+    `doc_ids` (B, Tk), the document of every key position, a query also sees only keys of its own
+    document (packed conversations; padding is document -1, which no real token belongs to).
     """
     Tq, Tk = q.size(2), k.size(2)
     offset = Tk - Tq
@@ -288,7 +294,7 @@ class Walk:
     x_backout: torch.Tensor | None
     cos: torch.Tensor
     sin: torch.Tensor
-    doc_ids: torch.Tensor | None = None
+    doc_ids: torch.Tensor | None = None  # (B, Tk): the document of every key position (cache included)
     layer: int = 0
 
     @staticmethod
@@ -397,7 +403,8 @@ class PoEGPT(nn.Module):
 
     # ---------------------------------------------------------------------------- pieces
     def embed(self, idx: torch.Tensor, cache=None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Normed token embedding plus the smear of the previous token's embedding: (B, T, d)."""
+        """Normed token embedding plus the smear of the previous token's embedding: (B, T, d).
+        `doc_ids` (B, Tk) covers the cached positions and these."""
         x = norm(self.transformer.wte(idx))
         if not self.config.smear:
             return x
@@ -411,8 +418,10 @@ class PoEGPT(nn.Module):
             return x
         start = x.size(1) - prev.size(1)  # 1 for a fresh sequence, 0 when the cache holds the predecessor
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, start:, :24]))
-        if doc_ids is not None:  # a document's first token has no predecessor to smear in
-            gate = gate * (doc_ids[:, start:] == doc_ids[:, :-1]).unsqueeze(-1).to(gate.dtype)
+        if doc_ids is not None:  # a document's first token has no predecessor to smear in (nor padding)
+            first = doc_ids.size(1) - x.size(1) + start  # doc_ids covers the cache's positions too
+            same = doc_ids[:, first:] == doc_ids[:, first - 1:-1]
+            gate = gate * same.unsqueeze(-1).to(gate.dtype)
         return torch.cat([x[:, :start], x[:, start:] + gate * prev], dim=1)
 
     def stage_hidden(self, h: torch.Tensor, stage: int, x_backout: torch.Tensor | None) -> torch.Tensor:
@@ -465,11 +474,41 @@ class PoEGPT(nn.Module):
         return self.transformer.h[i](x, ve, cos, sin, cache, doc_ids)
 
     # ------------------------------------------------------------------------- the layer walk
+    @staticmethod
+    def padding(attention_mask: torch.Tensor, cache, T: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A padded batch as document ids and positions: (doc_ids (B, Tk), positions (B, T)), or
+        (None, None) when nothing is hidden (the plain path, bit for bit).
+
+        `attention_mask` (B, T) or (B, Tk): 1 for real tokens, 0 for padding (left or right); for the
+        cached positions the mask the cache recorded wins (the cache keeps the mask it was fed). Real
+        tokens are document 0 and padding document -1, so a real token never sees padding; each row's
+        rotary positions count its real tokens from 0, so a padded row computes what it computes alone.
+        """
+        mask = attention_mask[:, -T:].bool()
+        past = cache.get_seq_length() if cache is not None else 0
+        if past:
+            stored = getattr(cache, "attention_mask", None)
+            if stored is None:
+                stored = torch.ones(mask.size(0), past, dtype=torch.bool, device=mask.device)
+            mask = torch.cat([stored, mask], dim=1)
+        if cache is not None:
+            cache.attention_mask = mask
+        if bool(mask.all()):
+            return None, None
+        doc_ids = mask.long() - 1
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -T:]
+        return doc_ids, positions
+
     def begin(self, idx: torch.Tensor, cache=None, doc_ids: torch.Tensor | None = None,
-              positions: torch.Tensor | None = None) -> Walk:
+              positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> Walk:
         """The walk of `idx` (B, T) before layer 0: embedding with the smear (continuing the cache's
-        previous token), rotary tables at `positions` (B, T), else right after the cache's length."""
+        previous token), rotary tables at `positions` (B, T), else right after the cache's length.
+        `attention_mask` (a padded batch) gives both (`padding`); packed documents give them directly."""
         c = self.config
+        if attention_mask is not None:
+            if doc_ids is not None or positions is not None:
+                raise ValueError("give an attention_mask (padding) or doc_ids/positions (packing), not both")
+            doc_ids, positions = self.padding(attention_mask, cache, idx.size(1))
         x = self.embed(idx, cache, doc_ids)
         if positions is not None:
             cos, sin = rotary_at(positions, c.head_dim, c.rope_base, x.dtype)
@@ -553,6 +592,7 @@ class PoEGPT(nn.Module):
         frozen_layers: int = 0,
         doc_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> PoEOutput:
         """Run stages 0..exit_stage (default: all) on idx (B, T).
 
@@ -569,6 +609,8 @@ class PoEGPT(nn.Module):
         `doc_ids` (B, T) and `positions` (B, T): packed documents (conversations) that must not see each
         other: attention stays within a document, the smear does not cross into one, and rotary
         positions restart, so each document is computed as if it were alone in the row.
+        `attention_mask` (B, T) or (B, cache + T), 1 = real token: a padded batch (left or right); each
+        row's real positions give what the row gives alone (to float rounding; `padding`).
         """
         c = self.config
         last = c.n_stages - 1 if exit_stage is None else exit_stage
@@ -583,7 +625,7 @@ class PoEGPT(nn.Module):
         local = mode != "none"
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_layers == 0):
-            walk = self.begin(idx, cache, doc_ids, positions)
+            walk = self.begin(idx, cache, doc_ids, positions, attention_mask)
         logits: list[torch.Tensor] = []  # per read-out stage: logits, or (fused) the normed hidden
         for k in range(last + 1):
             walk = self.run_layers(walk, c.stage_ends[k] + 1, cache, detach_stages=local,

@@ -12,11 +12,12 @@ Design choices:
   `PoECache` (a `DynamicCache` that also keeps the smear's previous-token embedding) and returns it,
   and `generate()` passes that one back on every later step. Both `cache` and the deprecated
   `past_key_values` are accepted.
-- Positions come from the cache length, as in nanochat; `position_ids` is accepted and ignored.
-  The attention mask is honoured only where it cannot change the answer: `generate(...,
-  pad_token_id=BOS)` on a prompt that starts with BOS marks that BOS as padding (docs/transformers.md), and
-  a leading masked BOS is a document start, so it is treated as a real token. Any other masked
-  position (a left-padded batch) raises an error instead of computing a silently different result.
+- Padded batches: the attention mask goes to the model (`PoEGPT.padding`: each row's rotary
+  positions count its real tokens, padding is invisible to real tokens, the smear never crosses it),
+  so a left-padded `generate()` batch or a right-padded forward gives every row what it gives alone;
+  `position_ids` is accepted and ignored (positions come from the mask and the cache). The cache keeps
+  the prefill's mask. A masked BOS right before a row's first real token is that row's document
+  start, not padding (`bos_as_document_start`: the seed card pads with BOS; docs/transformers.md).
 - `exit_stage=k` (forward or `generate(..., exit_stage=k)`) reads out stage k's predictor (prefix
   pruning); `poe_output="logop"` in the config or the call combines all stages in log space.
 - Loading: every directory, base or stage, is read by the cascade loader (cascade.py), the code poelm
@@ -42,26 +43,34 @@ from .model import PoEGPT, to_disk
 
 
 class PoECache(DynamicCache):
-    """A DynamicCache that also carries the last token's normed embedding (for the smear)."""
+    """A DynamicCache that also carries the last token's normed embedding (for the smear) and which
+    cached positions are real tokens (a padded batch); both follow the rows when generate() reorders,
+    repeats or selects them."""
+
+    ROW_STATE = ("prev_embedding", "attention_mask")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.prev_embedding: torch.Tensor | None = None
+        self.attention_mask: torch.Tensor | None = None
+
+    def _rows(self, pick) -> None:
+        for name in self.ROW_STATE:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, pick(value))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.prev_embedding is not None:
-            self.prev_embedding = self.prev_embedding.index_select(0, beam_idx.to(self.prev_embedding.device))
+        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.prev_embedding is not None:
-            self.prev_embedding = self.prev_embedding.repeat_interleave(repeats, dim=0)
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.prev_embedding is not None:
-            self.prev_embedding = self.prev_embedding[indices]
+        self._rows(lambda t: t[indices])
 
     def crop(self, max_length: int) -> None:
         raise RuntimeError(
@@ -69,19 +78,19 @@ class PoECache(DynamicCache):
             "use poelm's engine for speculative decoding")
 
 
-def _check_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor, cache_len: int, bos_id) -> None:
-    """Allow only masks that hide nothing but a leading BOS (the pad_token_id=BOS trap)."""
-    hidden = attention_mask == 0
-    if not bool(hidden.any()):
-        return
-    hidden = hidden.clone()
-    if bos_id is not None and cache_len == 0 and input_ids.size(1) == attention_mask.size(1):
-        hidden[:, 0] &= input_ids[:, 0] != bos_id  # a masked BOS at position 0 is the document start
-    if bool(hidden.any()):
-        row = int(hidden.any(dim=1).nonzero()[0])
-        raise ValueError(
-            f"attention_mask hides tokens in row {row}: poelm's remote code does not run padded batches; "
-            "generate each prompt on its own (a prompt that starts with BOS needs no padding)")
+def bos_as_document_start(attention_mask: torch.Tensor, input_ids: torch.Tensor, bos_id) -> torch.Tensor:
+    """The mask with a masked BOS right before a row's first real token counted as real: generate()
+    masks every pad id, and the seed card's quick start pads with the BOS its prompt starts with
+    (docs/transformers.md). That BOS is the document's start, not padding."""
+    mask = attention_mask.bool().clone()
+    if bos_id is None or not bool(mask.any()):
+        return mask
+    first = mask.int().argmax(dim=1)  # the first real position of each row
+    rows = torch.arange(mask.size(0), device=mask.device)[(first > 0) & mask.any(dim=1)]
+    before = first[rows] - 1
+    start = input_ids[rows, before] == bos_id
+    mask[rows[start], before[start]] = True
+    return mask
 
 
 class PoelmForCausalLM(PreTrainedModel, GenerationMixin):
@@ -193,10 +202,11 @@ class PoelmForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is None and use_cache and labels is None:
             cache = PoECache(config=self.config)
         cache_len = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is not None:
-            _check_mask(attention_mask, input_ids, cache_len, self.config.bos_token_id)
+        if attention_mask is not None and cache_len == 0:  # the prefill: the cache keeps this mask
+            attention_mask = bos_as_document_start(attention_mask[:, -input_ids.size(1):], input_ids,
+                                                   self.config.bos_token_id)
 
-        out = self.poe(input_ids, cache=cache, exit_stage=exit_stage, output=poe_output)
+        out = self.poe(input_ids, cache=cache, exit_stage=exit_stage, output=poe_output, attention_mask=attention_mask)
         logits = out.logits
         loss = None
         if labels is not None:  # HF convention: labels are the inputs, shifted here; -100 is ignored

@@ -1,0 +1,97 @@
+"""Padded batches: every row of a left- or right-padded batch computes what it computes alone.
+
+Windows shorter than the rows (so they mask), rows of different lengths up to the context limit,
+both predictors, the smear at a row's first real token, and the KV cache (a padded prefill, then one
+token per row per step).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from poelm.core.model import KVCache
+
+from util import tiny_model
+
+SEQ = 64
+WINDOWS = [8, SEQ, 16, SEQ]
+PAD = 0
+
+
+def model_of(**kw):
+    return tiny_model(sequence_len=SEQ, layer_windows=WINDOWS, poe_stage_layers=[1, 1, 2], **kw).eval()
+
+
+def prompt_of(length: int, seed: int) -> list[int]:
+    return torch.randint(1, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def pad(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) of rows padded with PAD to the longest, on `side`."""
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), PAD)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for r, row in enumerate(rows):
+        cols = slice(T - len(row), T) if side == "left" else slice(0, len(row))
+        ids[r, cols], mask[r, cols] = torch.tensor(row), 1
+    return ids, mask
+
+
+ROWS = [prompt_of(n, seed=n) for n in (3, 17, 40, SEQ)]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("output", ["last", "logop"])
+def test_padded_forward_equals_rows_alone(side, output):
+    model = model_of(poe_output=output)
+    ids, mask = pad(ROWS, side)
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, return_stages=True)
+        for r, row in enumerate(ROWS):
+            alone = model(torch.tensor([row]), return_stages=True)
+            real = mask[r].bool()
+            torch.testing.assert_close(batch.logits[r, real], alone.logits[0], rtol=1e-5, atol=1e-5)
+            for k, stage in enumerate(alone.stage_logits):
+                torch.testing.assert_close(batch.stage_logits[k][r, real], stage[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_all_real_mask_is_the_plain_path_bit_for_bit():
+    model = model_of()
+    ids = torch.tensor([ROWS[2][:30], ROWS[3][:30]])
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=torch.ones_like(ids)).logits, model(ids).logits)
+
+
+def test_padding_would_change_the_answer_without_the_mask():
+    """The test has power: the pads (left) change a short row's logits when nothing masks them."""
+    model = model_of()
+    ids, mask = pad(ROWS[:2], "left")
+    with torch.no_grad():
+        alone = model(torch.tensor([ROWS[0]])).logits[0]
+        unmasked = model(ids).logits[0, -len(ROWS[0]):]
+    assert (unmasked - alone).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("output", ["last", "logop"])
+def test_cached_decoding_of_a_left_padded_batch_equals_rows_alone(output):
+    """A padded prefill, then 10 steps of one token per row (the cache keeps the mask): every row's
+    logits at every step equal that row's own cached decoding."""
+    model = model_of(poe_output=output)
+    rows = [r[:n] for r, n in zip(ROWS, (3, 9, 25, 40))]
+    ids, mask = pad(rows, "left")
+    g = torch.Generator().manual_seed(0)
+    steps = torch.randint(1, 300, (len(rows), 10), generator=g)
+    with torch.no_grad():
+        cache = KVCache()
+        batch = [model(ids, cache=cache, attention_mask=mask).logits[:, -1]]
+        for t in range(steps.size(1)):  # the mask of the new token alone: the cache holds the rest
+            batch.append(model(steps[:, t:t + 1], cache=cache, attention_mask=torch.ones(len(rows), 1)).logits[:, -1])
+        for r, row in enumerate(rows):
+            alone_cache = KVCache()
+            want = [model(torch.tensor([row]), cache=alone_cache).logits[0, -1]]
+            for t in range(steps.size(1)):
+                want.append(model(steps[r:r + 1, t:t + 1], cache=alone_cache).logits[0, -1])
+            for got, expected in zip(batch, want):
+                torch.testing.assert_close(got[r], expected, rtol=1e-5, atol=1e-5)
+    assert cache.attention_mask.shape == (len(rows), ids.size(1) + 10)
