@@ -95,3 +95,69 @@ def test_cached_decoding_of_a_left_padded_batch_equals_rows_alone(output):
             for got, expected in zip(batch, want):
                 torch.testing.assert_close(got[r], expected, rtol=1e-5, atol=1e-5)
     assert cache.attention_mask.shape == (len(rows), ids.size(1) + 10)
+
+
+# ---- the engine's batch ---------------------------------------------------------------------------
+
+def engine_of(model, **kw):
+    from poelm.infer import Engine
+
+    return Engine(model, stop_ids=set(), **kw)
+
+
+def test_engine_batch_equals_each_row_alone_greedy_and_sampled():
+    """Rows of different lengths (one at the context limit's edge), each with its own budget, sampling
+    settings and seed: each row's tokens equal what the row gives alone."""
+    from poelm.infer import SamplingParams
+
+    model = model_of()
+    prompts = [prompt_of(n, seed=10 + n) for n in (2, 9, 31, SEQ - 3)]
+    params = [SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=5, temperature=0.9, seed=1),
+              SamplingParams(max_new_tokens=20, temperature=1.3, top_k=8, seed=2, repetition_penalty=1.2),
+              SamplingParams(max_new_tokens=20, temperature=0.7, top_p=0.8, seed=3)]
+    engine = engine_of(model)
+    batch = engine.generate_batch(prompts, params)
+    alone = [engine.generate(p, q) for p, q in zip(prompts, params)]
+    assert batch == alone
+    assert [len(t) for t in batch] == [12, 5, 20, 3]  # budgets, and the last row stops at sequence_len
+    # The same prompts in another order and with other batch-mates: the same tokens per row.
+    again = engine.generate_batch([prompts[2], prompts[0]], [params[2], params[0]])
+    assert again == [alone[2], alone[0]]
+
+
+def test_engine_batch_exit_stage_and_logop():
+    from poelm.infer import SamplingParams
+
+    model = model_of(poe_output="logop")
+    prompts = [prompt_of(n, seed=n) for n in (4, 20)]
+    params = SamplingParams(max_new_tokens=10)
+    for engine in (engine_of(model), engine_of(model, exit_stage=1), engine_of(model, output="last")):
+        assert engine.generate_batch(prompts, params) == [engine.generate(p, params) for p in prompts]
+
+
+def test_rows_join_and_leave_between_steps():
+    """Continuous batching: rows added while others run, a stop token ending one early; every row's
+    tokens equal the row alone, and finished rows leave the cache."""
+    from poelm.infer import SamplingParams
+
+    model = model_of()
+    engine = engine_of(model)
+    prompts = [prompt_of(n, seed=20 + n) for n in (6, 25, 3, 14)]
+    want = [engine.generate(p, SamplingParams(max_new_tokens=15)) for p in prompts]
+    stop = want[1][4]
+    want[1] = want[1][: want[1].index(stop) + 1]
+    batch = engine.batch()
+    rows = [batch.add(prompts[0], SamplingParams(max_new_tokens=15), frozenset()),
+            batch.add(prompts[1], SamplingParams(max_new_tokens=15), frozenset({stop}))]
+    sizes = []
+    for step in range(40):
+        if step == 3:
+            rows.append(batch.add(prompts[2], SamplingParams(max_new_tokens=15), frozenset()))
+        if step == 7:
+            rows.append(batch.add(prompts[3], SamplingParams(max_new_tokens=15), frozenset()))
+        batch.step()
+        sizes.append(len(batch.rows))
+        if not len(batch):
+            break
+    assert [r.tokens for r in rows] == want
+    assert max(sizes) == 3 and sizes[-1] == 0 and 1 in sizes  # rows came and went; the batch emptied

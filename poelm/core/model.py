@@ -204,6 +204,62 @@ class KVCache:
         if self.attention_mask is not None:
             self.attention_mask = self.attention_mask[:, :length]
 
+    # ---- rows, for a batch that gains and loses sequences between steps (left-aligned padding)
+    def mask(self) -> torch.Tensor:
+        """(B, T) bool: which cached positions are real tokens."""
+        if self.attention_mask is not None:
+            return self.attention_mask
+        k = self.keys[0]
+        return torch.ones(k.size(0), k.size(2), dtype=torch.bool, device=k.device)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (B',) of the batch, in that order."""
+        for i in self.keys:
+            self.keys[i], self.values[i] = self.keys[i][rows], self.values[i][rows]
+        if self.prev_embedding is not None:
+            self.prev_embedding = self.prev_embedding[rows]
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask[rows]
+        self._trim()
+
+    def pad_left(self, n: int) -> None:
+        """Grow every row by `n` hidden positions on the left (the keys and values there are never seen)."""
+        if n <= 0:
+            return
+        mask = self.mask()
+        for i in self.keys:
+            k, v = self.keys[i], self.values[i]
+            self.keys[i] = torch.cat([k.new_zeros(k.size(0), k.size(1), n, k.size(3)), k], dim=2)
+            self.values[i] = torch.cat([v.new_zeros(v.size(0), v.size(1), n, v.size(3)), v], dim=2)
+        self.attention_mask = torch.cat([mask.new_zeros(mask.size(0), n), mask], dim=1)
+
+    def extend(self, other: "KVCache") -> None:
+        """Append `other`'s rows to this batch (the shorter side padded on the left)."""
+        if not self.keys:
+            self.keys, self.values = dict(other.keys), dict(other.values)
+            self.prev_embedding, self.attention_mask = other.prev_embedding, other.attention_mask
+            return
+        length, theirs = self.get_seq_length(), other.get_seq_length()
+        self.pad_left(theirs - length)
+        other.pad_left(length - theirs)
+        for i in self.keys:
+            self.keys[i] = torch.cat([self.keys[i], other.keys[i]])
+            self.values[i] = torch.cat([self.values[i], other.values[i]])
+        if self.prev_embedding is not None:
+            self.prev_embedding = torch.cat([self.prev_embedding, other.prev_embedding])
+        self.attention_mask = torch.cat([self.mask(), other.mask()])
+
+    def _trim(self) -> None:
+        """Drop leading positions that are padding in every row (nothing ever attends to them)."""
+        if self.attention_mask is None or not self.keys:
+            return
+        real = self.attention_mask.any(dim=0)
+        first = int(real.int().argmax()) if bool(real.any()) else 0
+        if first:
+            for i in self.keys:
+                self.keys[i], self.values[i] = self.keys[i][:, :, first:], self.values[i][:, :, first:]
+            self.attention_mask = self.attention_mask[:, first:]
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: "PoEConfig", layer_idx: int, has_ve: bool):

@@ -1,13 +1,14 @@
-"""The generation engine: KV-cached decoding of one prompt, greedy or seeded sampling.
+"""The generation engine: KV-cached decoding of one prompt or of a batch, greedy or seeded sampling.
 
 Design choices:
-- One sequence at a time (batch 1), following the decoder protocol (decoder.py); the cached path
-  stays obviously equal to the plain loop (tested: engine greedy == uncached argmax).
-- Prefill the whole prompt in one forward into a fresh `KVCache`, then one forward of one token per
-  new token; the model's contract is that chunked feeding equals one uncached forward.
-- The last sampled token is never fed back: once generation ends its logits would be thrown away.
-- Generation ends after a stop token, at `max_new_tokens`, or when prompt + generated reaches
-  `config.sequence_len` (rotary and windows are only trained that far).
+- Every call decodes through a `Batch` (batch.py): one prompt is a batch of one, so a prompt decoded
+  alone and the same prompt decoded among others run the same code, and a row's output does not
+  depend on its batch-mates (tested: batch == each row alone, greedy and seeded sampling).
+- Prefill the prompts in one forward into a fresh `KVCache`, then one forward of one token per row
+  per step; the model's contract is that chunked feeding equals one uncached forward (tested: engine
+  greedy == uncached argmax).
+- Generation of a row ends after a stop token, at its `max_new_tokens`, or when its prompt + output
+  reaches `config.sequence_len` (rotary and windows are only trained that far).
 - `exit_stage=k` decodes stage k's predictor (prefix pruning): the layers after stage k never run.
 - Every forward runs under its own `torch.inference_mode()`: holding one across `yield`s would leak
   inference mode into the caller's code between tokens.
@@ -19,9 +20,11 @@ from typing import Any, Iterator
 
 import torch
 
+from ..core.errors import PoelmError
 from ..core.model import KVCache
+from .batch import Batch
 from .decoder import Decoder, check_request
-from .sampling import SamplingParams, sample_next
+from .sampling import SamplingParams
 
 
 class Engine(Decoder):
@@ -39,22 +42,36 @@ class Engine(Decoder):
         return f"{self.name}; prompt {s.prompt_tokens} tokens" if s else self.name
 
     def _logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One row's next-token scores after feeding `ids` (1, T) into `cache`: (V,)."""
         with torch.inference_mode():
             return self.model(ids, cache=cache, exit_stage=self.exit_stage, output=self.output).logits[0, -1].float()
 
+    def batch(self) -> Batch:
+        """An empty batch decoding with this engine's model, predictor and exit stage (rows can be added
+        and removed between steps: continuous batching)."""
+        return Batch(self.model, output=self.output, exit_stage=self.exit_stage)
+
     def _stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
-        generator = self._generator(params)
-        seen = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)  # (T,): for the repetition penalty
-        cache = KVCache()
-        logits = self._logits(seen[None], cache)  # prefill, (V,)
-        n = 0
-        while True:
-            with torch.inference_mode():
-                token = sample_next(logits, seen, params, generator)
-            n += 1
-            yield token
-            if token in self.stop_ids or n >= params.max_new_tokens or len(prompt_ids) + n >= self.config.sequence_len:
-                return
-            step = torch.tensor([[token]], dtype=torch.long, device=self.device)  # (1, 1)
-            seen = torch.cat([seen, step[0]])
-            logits = self._logits(step, cache)
+        batch = self.batch()
+        row = batch.add(prompt_ids, params, self.stop_ids)
+        while not row.done:
+            for _, token in batch.step():
+                yield token
+
+    def generate_batch(self, prompts: list[list[int]],
+                       params: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
+        """Each prompt's tokens (what `generate` gives it alone), decoded as one batch; `params` is one
+        for all rows or one per row."""
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise PoelmError(f"{len(params)} sampling settings for {len(prompts)} prompts")
+        batch = self.batch()
+        rows = []
+        for prompt, p in zip(prompts, params):
+            prompt = list(prompt)
+            self.check_params(p)
+            check_request(self.config, prompt, p.max_new_tokens, self.exit_stage)
+            rows.append(batch.add(prompt, p, self.stop_ids))
+        while len(batch):
+            batch.step()
+        return [r.tokens for r in rows]
