@@ -275,14 +275,45 @@ def _stream_answer(decoder, tok, ids: list[int], params) -> list[int]:
     return out
 
 
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt (repeatable) and --prompts FILE (one prompt per non-empty line), in that order."""
+    prompts = list(args.prompt or [])
+    if args.prompts is not None:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise PoelmError(f"--prompts {path}: missing (expected a text file, one prompt per line)")
+        try:
+            prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise PoelmError(f"--prompts {path}: not UTF-8 text") from None
+    if not prompts:
+        raise PoelmError("give a prompt: --prompt TEXT (repeatable) or --prompts FILE")
+    return prompts
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling_params(args)  # bad flags fail before the model loads
+    texts = _prompts(args)
+    if len(texts) > 1 and _decode_mode(args).decoder_class.__name__ != "Engine":
+        raise PoelmError("several prompts decode as one batch with the engine (with or without --exit-stage); "
+                         "batched --speculative, --adaptive and --compose are not built yet: one prompt at a time")
     decoder, tok = _load_decoder(args, params)
-    if args.chat:
-        ids = tok.render_prompt([{"role": "user", "content": args.prompt}])
-    else:
-        ids = [tok.bos_id] + tok.encode(args.prompt)
-    _stream_answer(decoder, tok, ids, params)
+    prompts = [tok.render_prompt([{"role": "user", "content": t}]) if args.chat else [tok.bos_id] + tok.encode(t)
+               for t in texts]
+    if len(prompts) == 1:
+        _stream_answer(decoder, tok, prompts[0], params)
+        return 0
+    import time
+
+    t0 = time.time()
+    outputs = decoder.generate_batch(prompts, params)
+    seconds = time.time() - t0
+    for i, (text, tokens) in enumerate(zip(texts, outputs)):
+        answer = tok.decode([t for t in tokens if t not in decoder.stop_ids])
+        print(f"[{i}] {text}\n{answer}")
+    n = sum(map(len, outputs))
+    print(f"{len(prompts)} prompts as one batch: {n} tokens in {seconds:.2f}s ({n / max(seconds, 1e-9):.1f} tok/s); "
+          f"{decoder.describe()}", file=sys.stderr)
     return 0
 
 
@@ -446,8 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
                 arg("--weights", type=lambda t: [float(v) for v in t.split(",")], help="one weight per stage"),
                 arg("--prompt", required=True), arg("--top-k", type=int, default=5))
     add_command(sub, "generate", cmd_generate, "continue a prompt (or answer it with --chat), streaming to stdout",
-                MODEL, arg("--prompt", required=True),
-                arg("--chat", action="store_true", help="render the prompt as one user turn"),
+                MODEL, arg("--prompt", action="append", help="a prompt; repeat it for a batch"),
+                arg("--prompts", metavar="FILE", help="more prompts, one per line (decoded with --prompt as one batch)"),
+                arg("--chat", action="store_true", help="render each prompt as one user turn"),
                 options=generation, defaults={"max_new_tokens": 256})
     add_command(sub, "chat", cmd_chat, "a conversation on stdin/stdout (EOF or /quit ends it)", MODEL,
                 options=generation, defaults={"max_new_tokens": 256})

@@ -161,3 +161,26 @@ def test_rows_join_and_leave_between_steps():
             break
     assert [r.tokens for r in rows] == want
     assert max(sizes) == 3 and sizes[-1] == 0 and 1 in sizes  # rows came and went; the batch emptied
+
+
+def test_cli_generate_decodes_several_prompts_as_one_batch(trained_like_model_dir, tmp_path, capsys):
+    from poelm.cli import main
+
+    (tmp_path / "prompts.txt").write_text("The model\n\nimport os\n")
+    base = ["generate", str(trained_like_model_dir), "--max-new-tokens", "6"]
+    singles = []
+    for text in ("def f(x):", "The model", "import os"):
+        assert main(base + ["--prompt", text]) == 0
+        singles.append(capsys.readouterr().out.rstrip("\n"))
+    assert main(base + ["--prompt", "def f(x):", "--prompts", str(tmp_path / "prompts.txt")]) == 0
+    out, err = capsys.readouterr()
+    import re
+
+    heads = re.findall(r"(?m)^\[(\d)\] (.*)$", out)
+    assert [h for h, _ in heads] == ["0", "1", "2"] and [t for _, t in heads] == ["def f(x):", "The model", "import os"]
+    blocks = re.split(r"(?m)^\[\d\] .*\n", out)[1:]
+    assert [b.rstrip("\n") for b in blocks] == singles
+    assert "3 prompts as one batch" in err
+    assert main(base + ["--prompt", "a", "--prompt", "b", "--speculative", "2", "--draft-stage", "0"]) == 2
+    assert "not built yet" in capsys.readouterr().err
+    assert main(base) == 2 and "give a prompt" in capsys.readouterr().err
