@@ -303,6 +303,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
     offset = Tk - Tq
     if doc_ids is None and offset == 0 and window >= Tq - 1:  # plain causal: the window reaches position 0
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if doc_ids is None and Tq == 1:  # a decode step: the one query sees the last window + 1 keys, no mask
+        if window < Tk - 1:
+            k, v = k[:, :, -(window + 1):], v[:, :, -(window + 1):]
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     i = torch.arange(offset, Tk, device=q.device)[:, None]
     j = torch.arange(Tk, device=q.device)[None, :]
     mask = (j <= i) & (j >= i - window)  # (Tq, Tk), True = attend
@@ -542,8 +546,10 @@ class PoEGPT(nn.Module):
         """
         mask = attention_mask[:, -T:].bool()
         past = cache.get_seq_length() if cache is not None else 0
+        stored = getattr(cache, "attention_mask", None) if cache is not None else None
+        if stored is None and bool(mask.all()):
+            return None, None  # nothing hidden, before or now: nothing to record either
         if past:
-            stored = getattr(cache, "attention_mask", None)
             if stored is None:
                 stored = torch.ones(mask.size(0), past, dtype=torch.bool, device=mask.device)
             mask = torch.cat([stored, mask], dim=1)

@@ -33,7 +33,7 @@ class Row:
     params: SamplingParams
     stop_ids: frozenset[int]
     generator: torch.Generator | None
-    seen: torch.Tensor  # (T,) prompt + output: for the repetition penalty
+    seen: list[int]  # prompt + output: for the repetition penalty
     tokens: list[int] = field(default_factory=list)
     done: bool = False
 
@@ -57,7 +57,7 @@ class Batch:
         """Queue a checked request (decoder.check_request); it joins at the next step."""
         generator = (torch.Generator(device=self.device).manual_seed(params.seed) if params.temperature > 0
                      else None)
-        row = Row(list(prompt), params, stop_ids, generator, torch.tensor(prompt, device=self.device))
+        row = Row(list(prompt), params, stop_ids, generator, list(prompt))
         self.queued.append(row)
         return row
 
@@ -73,7 +73,7 @@ class Batch:
         ids = torch.zeros(len(rows), T, dtype=torch.long, device=self.device)
         mask = torch.zeros(len(rows), T, dtype=torch.bool, device=self.device)
         for i, r in enumerate(rows):
-            ids[i, T - len(r.prompt):] = r.seen
+            ids[i, T - len(r.prompt):] = torch.tensor(r.prompt, device=self.device)
             mask[i, T - len(r.prompt):] = True
         cache = KVCache()
         logits = self._forward(ids, cache, mask)
@@ -91,7 +91,8 @@ class Batch:
         emitted, keep, feed = [], [], []
         with torch.inference_mode():
             for i, r in enumerate(self.rows):
-                token = sample_next(self.logits[i], r.seen, r.params, r.generator)
+                seen = torch.tensor(r.seen, device=self.device) if r.params.repetition_penalty != 1 else None
+                token = sample_next(self.logits[i], seen, r.params, r.generator)
                 r.tokens.append(token)
                 emitted.append((r, token))
                 r.done = (token in r.stop_ids or len(r.tokens) >= r.params.max_new_tokens
@@ -99,7 +100,7 @@ class Batch:
                 if not r.done:
                     keep.append(i)
                     feed.append(token)
-                    r.seen = torch.cat([r.seen, torch.tensor([token], device=self.device)])
+                    r.seen.append(token)
         if len(keep) < len(self.rows):
             index = torch.tensor(keep, dtype=torch.long, device=self.device)
             self.rows = [self.rows[i] for i in keep]
@@ -109,5 +110,6 @@ class Batch:
                 self.cache, self.logits = KVCache(), None
         if self.rows:
             step = torch.tensor(feed, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-            self.logits = self._forward(step, self.cache, torch.ones_like(step, dtype=torch.bool))
+            mask = None if self.cache.attention_mask is None else torch.ones_like(step, dtype=torch.bool)
+            self.logits = self._forward(step, self.cache, mask)
         return emitted

@@ -57,10 +57,10 @@ class SamplingParams:
 
 # ---- logits processors (each takes and returns (V,) float32 scores of one position) ------------
 
-def apply_repetition_penalty(scores: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(scores: torch.Tensor, seen_ids: torch.Tensor | None, penalty: float) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor: for each id in `seen_ids` (duplicates are fine),
     a negative score is multiplied by `penalty`, any other divided by it (CTRL, Keskar et al. 2019)."""
-    if penalty == 1.0 or seen_ids.numel() == 0:
+    if penalty == 1.0 or seen_ids is None or seen_ids.numel() == 0:
         return scores
     picked = scores.gather(-1, seen_ids)
     picked = torch.where(picked < 0, picked * penalty, picked / penalty)
@@ -87,9 +87,10 @@ def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
     return scores.masked_fill(drop, float("-inf"))
 
 
-def sample_next(scores: torch.Tensor, seen_ids: torch.Tensor, params: SamplingParams,
+def sample_next(scores: torch.Tensor, seen_ids: torch.Tensor | None, params: SamplingParams,
                 generator: torch.Generator | None) -> int:
-    """One next-token id from (V,) float32 scores; `seen_ids` are prompt + generated ids so far."""
+    """One next-token id from (V,) float32 scores; `seen_ids` are prompt + generated ids so far (only
+    the repetition penalty reads them: None without one)."""
     scores = apply_repetition_penalty(scores.float(), seen_ids, params.repetition_penalty)
     if params.temperature == 0:
         return int(scores.argmax(dim=-1))
