@@ -186,13 +186,24 @@ class KVCache:
         self.values: dict[int, torch.Tensor] = {}
         self.prev_embedding: torch.Tensor | None = None
         self.attention_mask: torch.Tensor | None = None
+        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # preallocated room to grow into
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
-        if layer_idx in self.keys:
-            k = torch.cat([self.keys[layer_idx], k], dim=2)
-            v = torch.cat([self.values[layer_idx], v], dim=2)
-        self.keys[layer_idx], self.values[layer_idx] = k, v
-        return k, v
+        """Append (B, H_kv, T, D) keys and values; returns all of them. The tensors are views of a buffer
+        with room to grow (doubled when full), so a decode step writes in place instead of copying."""
+        old = self.keys.get(layer_idx)
+        n, T = (old.size(2) if old is not None else 0), k.size(2)
+        buf = self._buffers.get(layer_idx)
+        if buf is None or buf[0].size(2) < n + T or old is None or buf[0].data_ptr() != old.data_ptr():
+            room = max(2 * (n + T), 64)
+            bk = k.new_empty(k.size(0), k.size(1), room, k.size(3))
+            bv = v.new_empty(v.size(0), v.size(1), room, v.size(3))
+            if old is not None:
+                bk[:, :, :n], bv[:, :, :n] = old, self.values[layer_idx]
+            buf = self._buffers[layer_idx] = (bk, bv)
+        buf[0][:, :, n:n + T], buf[1][:, :, n:n + T] = k, v
+        self.keys[layer_idx], self.values[layer_idx] = buf[0][:, :, :n + T], buf[1][:, :, :n + T]
+        return self.keys[layer_idx], self.values[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.keys[layer_idx].size(2) if layer_idx in self.keys else 0

@@ -90,9 +90,13 @@ class Batch:
         limit = self.model.config.sequence_len
         emitted, keep, feed = [], [], []
         with torch.inference_mode():
+            greedy = self.logits.argmax(dim=-1).tolist()  # every plain-greedy row at once
             for i, r in enumerate(self.rows):
-                seen = torch.tensor(r.seen, device=self.device) if r.params.repetition_penalty != 1 else None
-                token = sample_next(self.logits[i], seen, r.params, r.generator)
+                if r.params.temperature == 0 and r.params.repetition_penalty == 1:
+                    token = greedy[i]
+                else:
+                    seen = torch.tensor(r.seen, device=self.device) if r.params.repetition_penalty != 1 else None
+                    token = sample_next(self.logits[i], seen, r.params, r.generator)
                 r.tokens.append(token)
                 emitted.append((r, token))
                 r.done = (token in r.stop_ids or len(r.tokens) >= r.params.max_new_tokens
