@@ -294,20 +294,17 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling_params(args)  # bad flags fail before the model loads
     texts = _prompts(args)
-    if len(texts) > 1 and _decode_mode(args).decoder_class.__name__ != "Engine":
-        raise PoelmError("several prompts decode as one batch with the engine (with or without --exit-stage); "
-                         "batched --speculative, --adaptive and --compose are not built yet: one prompt at a time")
+    if len(texts) > 1 and not _decode_mode(args).batches:
+        raise PoelmError("--compose decodes one prompt at a time: give one --prompt (several prompts decode as "
+                         "one batch with the engine, --exit-stage, --speculative or --adaptive)")
     decoder, tok = _load_decoder(args, params)
     prompts = [tok.render_prompt([{"role": "user", "content": t}]) if args.chat else [tok.bos_id] + tok.encode(t)
                for t in texts]
     if len(prompts) == 1:
         _stream_answer(decoder, tok, prompts[0], params)
         return 0
-    import time
-
-    t0 = time.time()
     outputs = decoder.generate_batch(prompts, params)
-    seconds = time.time() - t0
+    seconds = decoder.last_stats.seconds
     for i, (text, tokens) in enumerate(zip(texts, outputs)):
         answer = tok.decode([t for t in tokens if t not in decoder.stop_ids])
         print(f"[{i}] {text}\n{answer}")

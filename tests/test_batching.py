@@ -163,6 +163,158 @@ def test_rows_join_and_leave_between_steps():
     assert max(sizes) == 3 and sizes[-1] == 0 and 1 in sizes  # rows came and went; the batch emptied
 
 
+# ---- speculative and adaptive decoding in a batch ------------------------------------------------
+
+def ragged_realigns(monkeypatch) -> list[list[int]]:
+    """Every KVCache.realign call's lengths (a round whose rows kept different numbers of tokens)."""
+    calls: list[list[int]] = []
+    realign = KVCache.realign
+
+    def spy(self, lengths):
+        calls.append(list(lengths))
+        return realign(self, lengths)
+
+    monkeypatch.setattr(KVCache, "realign", spy)
+    return calls
+
+
+SPEC_PROMPTS = [prompt_of(n, seed=30 + n) for n in (2, 11, 29, SEQ - 4)]
+
+
+@pytest.mark.parametrize("output", ["last", "logop"])
+@pytest.mark.parametrize("draft_stage,k", [(0, 3), (1, 4)])
+def test_speculative_batch_equals_each_row_alone(output, draft_stage, k, monkeypatch):
+    """Rows of different lengths (the last one 4 tokens from the limit, so its rounds shrink), budgets,
+    temperatures and seeds, windows that mask: every row's tokens equal the row decoded alone (greedy
+    rows: the engine's), and rounds really were ragged (rows kept different numbers of tokens)."""
+    from poelm.infer import SamplingParams
+    from poelm.infer.speculative import SpeculativeDecoder
+
+    model = model_of(poe_output=output)
+    params = [SamplingParams(max_new_tokens=20), SamplingParams(max_new_tokens=7, temperature=0.8, seed=1),
+              SamplingParams(max_new_tokens=25, temperature=1.2, seed=2), SamplingParams(max_new_tokens=20)]
+    realigns = ragged_realigns(monkeypatch)
+    dec = SpeculativeDecoder(model, draft_stage, k)
+    batch = dec.generate_batch(SPEC_PROMPTS, params)
+    assert any(len(set(lengths)) > 1 for lengths in realigns)
+    alone = [SpeculativeDecoder(model, draft_stage, k).generate(p, q) for p, q in zip(SPEC_PROMPTS, params)]
+    assert batch == alone
+    assert [len(t) for t in batch] == [20, 7, 25, 4]
+    engine = engine_of(model)
+    assert batch[0] == engine.generate(SPEC_PROMPTS[0], params[0])
+    assert batch[3] == engine.generate(SPEC_PROMPTS[3], params[3])
+    # Other batch-mates, another order: the same tokens per row (a sampled row's draws are its own).
+    again = SpeculativeDecoder(model, draft_stage, k).generate_batch([SPEC_PROMPTS[2], SPEC_PROMPTS[1]],
+                                                                     [params[2], params[1]])
+    assert again == [alone[2], alone[1]]
+
+
+def test_speculative_rows_whose_rounds_shrink_keep_their_own_draws():
+    """Sampled rows with small budgets ride along while a long row drafts K: their extra draft steps
+    draw nothing from their generators, so their tokens are still those of the rows alone."""
+    from poelm.infer import SamplingParams
+    from poelm.infer.speculative import SpeculativeDecoder
+
+    model = model_of()
+    prompts = [prompt_of(n, seed=60 + n) for n in (4, 9, 13, 17, 21, 6)]
+    for seeds in (10, 20):  # both fail if a riding row draws (checked by breaking the rule)
+        params = [SamplingParams(max_new_tokens=n, temperature=0.7, seed=seeds + s)
+                  for s, n in enumerate((4, 6, 8, 9, 11))] + [SamplingParams(max_new_tokens=30)]
+        dec = SpeculativeDecoder(model, 0, 6)
+        alone = [SpeculativeDecoder(model, 0, 6).generate(p, q) for p, q in zip(prompts, params)]
+        assert dec.generate_batch(prompts, params) == alone
+        assert dec.stats.acceptance < 0.9  # rejections: rows go on after a round their budget shrank
+
+
+def test_speculative_batch_rows_join_leave_and_stop_inside_a_round():
+    """Continuous batching with speculative rounds: a row whose stop token is an accepted draft ends
+    there, rows join mid-decode; each row's tokens equal the row alone."""
+    from poelm.infer import SamplingParams
+    from poelm.infer.speculative import SpeculativeDecoder
+
+    model = model_of()
+    dec = SpeculativeDecoder(model, 0, 4)
+    greedy = SamplingParams(max_new_tokens=18)
+    want = [engine_of(model).generate(p, greedy) for p in SPEC_PROMPTS[:3]]
+    stop = want[0][5]
+    want[0] = want[0][: want[0].index(stop) + 1]
+    batch = dec.batch()
+    rows = [batch.add(SPEC_PROMPTS[0], greedy, frozenset({stop})), batch.add(SPEC_PROMPTS[1], greedy, frozenset())]
+    for step in range(60):
+        if step == 2:
+            rows.append(batch.add(SPEC_PROMPTS[2], greedy, frozenset()))
+        batch.step()
+        if not len(batch):
+            break
+    assert [r.tokens for r in rows] == want
+    assert not batch.rows and dec.stats.accepted > 0
+
+
+def test_realign_keeps_each_rows_own_prefix():
+    """KVCache.realign: each row keeps its first n cache positions, right-aligned to the longest; the
+    positions left of a shorter row become hidden."""
+    cache = KVCache()
+    k = torch.arange(2 * 1 * 6 * 1, dtype=torch.float).view(2, 1, 6, 1)
+    cache.update(k, -k, 0)
+    cache.realign([4, 6])
+    assert cache.keys[0][0, 0, 2:, 0].tolist() == [0, 1, 2, 3] and cache.keys[0][1, 0, :, 0].tolist() == k[1, 0, :, 0].tolist()
+    assert cache.values[0][0, 0, 2:, 0].tolist() == [0, -1, -2, -3]
+    assert cache.attention_mask.tolist() == [[False, False, True, True, True, True], [True] * 6]
+    cache.realign([5, 3])  # lengths count cache positions: row 0 keeps 2 hidden + 3 real, row 1 its first 3
+    assert cache.attention_mask.tolist() == [[True] * 3] * 2  # columns hidden in every row are dropped
+    assert cache.keys[0][:, 0, :, 0].tolist() == [[0, 1, 2], [6, 7, 8]]
+    cache.realign([3, 1])
+    assert cache.attention_mask.tolist() == [[True, True, True], [False, False, True]]
+    assert cache.keys[0][0, 0, :, 0].tolist() == [0, 1, 2] and cache.keys[0][1, 0, 2, 0] == 6
+
+
+@pytest.mark.parametrize("stages", [(1, 1, 2), (2, 2)])
+def test_adaptive_batch_equals_each_row_alone_with_ragged_exits(stages):
+    """Bounds that make rows exit at different stages: each row's tokens, and the exit counts summed
+    over rows, equal those of the rows decoded alone."""
+    from poelm.infer import SamplingParams
+    from poelm.infer.adaptive import AdaptiveDecoder
+
+    model = tiny_model(sequence_len=SEQ, layer_windows=WINDOWS, poe_stage_layers=list(stages), poe_output="logop").eval()
+    prompts = [prompt_of(n, seed=40 + n) for n in (3, 15, 33, SEQ - 5)]
+    params = [SamplingParams(max_new_tokens=n) for n in (20, 9, 25, 20)]
+    for bound in (0.03, 0.1, 0.3, 1.0):
+        bounds = [0.0] + [bound] * (len(stages) - 1)
+        solo = [AdaptiveDecoder(model, bounds) for _ in prompts]
+        alone = [d.generate(p, q) for d, p, q in zip(solo, prompts, params)]
+        if all(sum(d.stats.exits[:-1]) > 0 and d.stats.exits[-1] > 0 for d in solo[:3]):
+            break  # early and full-depth exits in every row
+    else:
+        pytest.fail("no bound gave ragged exits")
+    dec = AdaptiveDecoder(model, bounds)
+    assert dec.generate_batch(prompts, params) == alone
+    assert [len(t) for t in alone] == [20, 9, 25, 5]
+    assert dec.stats.exits == [sum(d.stats.exits[k] for d in solo) for k in range(len(stages))]
+
+
+def test_adaptive_batch_rows_join_and_leave():
+    from poelm.infer import SamplingParams
+    from poelm.infer.adaptive import AdaptiveDecoder
+
+    model = model_of(poe_output="logop")
+    prompts = [prompt_of(n, seed=50 + n) for n in (5, 21, 8)]
+    bounds = [0.0, 0.3, 0.3]
+    want = [AdaptiveDecoder(model, bounds).generate(p, SamplingParams(max_new_tokens=n))
+            for p, n in zip(prompts, (12, 4, 10))]
+    dec = AdaptiveDecoder(model, bounds)
+    batch = dec.batch()
+    rows = [batch.add(prompts[0], SamplingParams(max_new_tokens=12), frozenset()),
+            batch.add(prompts[1], SamplingParams(max_new_tokens=4), frozenset())]
+    for step in range(40):
+        if step == 6:  # row 1 has left by now; row 2 joins while row 0 runs
+            rows.append(batch.add(prompts[2], SamplingParams(max_new_tokens=10), frozenset()))
+        batch.step()
+        if not len(batch):
+            break
+    assert [r.tokens for r in rows] == want
+    assert not batch.pending and not batch.rows
+
+
 def test_cli_generate_decodes_several_prompts_as_one_batch(trained_like_model_dir, tmp_path, capsys):
     from poelm.cli import main
 
@@ -181,6 +333,6 @@ def test_cli_generate_decodes_several_prompts_as_one_batch(trained_like_model_di
     blocks = re.split(r"(?m)^\[\d\] .*\n", out)[1:]
     assert [b.rstrip("\n") for b in blocks] == singles
     assert "3 prompts as one batch" in err
-    assert main(base + ["--prompt", "a", "--prompt", "b", "--speculative", "2", "--draft-stage", "0"]) == 2
-    assert "not built yet" in capsys.readouterr().err
+    assert main(base + ["--prompt", "a", "--prompt", "b", "--compose", str(trained_like_model_dir)]) == 2
+    assert "--compose decodes one prompt at a time" in capsys.readouterr().err
     assert main(base) == 2 and "give a prompt" in capsys.readouterr().err

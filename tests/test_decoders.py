@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.infer.adaptive import AdaptiveDecoder
-from poelm.infer.engine import Engine, SamplingParams
+from poelm.infer.engine import Engine
+from poelm.infer.sampling import SamplingParams
 from poelm.infer.speculative import SpeculativeDecoder
 from poelm.core.model import KVCache, PoEGPT
 
@@ -153,21 +154,22 @@ def test_adaptive_refuses_the_last_stage_predictor():
 
 def test_adaptive_deferred_keys_and_values_equal_a_full_forward():
     """Tokens exit at every stage; the pending ones are filled later in blocks. Every layer's keys AND
-    values, over prompt and output, equal one full forward's, with windows that mask."""
+    values, over prompt and output, equal one full forward's, with windows that mask; a flush fills
+    every layer with every position."""
     model = masking_model("logop", (1, 1, 2))
     prompt = prompt_of(24, seed=5)
     for bound in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0):
         dec = AdaptiveDecoder(model, [0.0, bound, bound])
-        cache, pending, inputs = KVCache(), [], list(prompt)
-        with torch.no_grad():
-            token = int(model(torch.tensor([prompt]), cache=cache, output="logop").logits[0, -1].argmax())
-            for _ in range(SEQ - len(prompt) - 1):
-                inputs.append(token)
-                token = dec._step(token, cache, pending)
-        if all(n > 0 for n in dec.stats.exits):
+        batch = dec.batch()
+        row = batch.add(prompt, SamplingParams(max_new_tokens=SEQ), frozenset())
+        for _ in range(SEQ - len(prompt) - 1):  # the prefill's token, then steps up to one short of the limit
+            batch.step()
+        if all(n > 0 for n in dec.stats.exits) and batch.pending:
             break
     else:
-        pytest.fail(f"no bound gave exits at every stage: {dec.stats.exits}")
+        pytest.fail(f"no bound gave exits at every stage and a pending position: {dec.stats.exits}")
+    assert not row.done
+    inputs, cache, pending = prompt + row.tokens[:-1], batch.cache, batch.pending  # the last token is not fed
     ref = KVCache()
     with torch.no_grad():
         model(torch.tensor([inputs]), cache=ref)
@@ -179,6 +181,11 @@ def test_adaptive_deferred_keys_and_values_equal_a_full_forward():
         torch.testing.assert_close(cache.values[layer], ref.values[layer][:, :, :n], rtol=1e-5, atol=1e-5)
     # The tokens still pending are exactly the ones missing from the deepest layer's cache.
     assert cache.get_seq_length(model.config.n_layer - 1) + len(pending) == len(inputs)
+    batch._flush()  # what happens before rows join or leave
+    assert not batch.pending
+    for layer in range(model.config.n_layer):
+        torch.testing.assert_close(cache.keys[layer], ref.keys[layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.values[layer], ref.values[layer], rtol=1e-5, atol=1e-5)
 
 
 def test_rollback_restores_the_smears_previous_embedding():

@@ -260,6 +260,26 @@ class KVCache:
             self.prev_embedding = torch.cat([self.prev_embedding, other.prev_embedding])
         self.attention_mask = torch.cat([self.mask(), other.mask()])
 
+    def realign(self, lengths: list[int]) -> None:
+        """Keep the first `lengths[b]` positions of each row b, every row right-aligned to the longest
+        (the others gain hidden positions on the left): a batch whose rows accepted different numbers
+        of tokens stays one left-padded batch. Written in place into the preallocated room."""
+        L = max(lengths)
+        if min(lengths) == L:
+            return self.crop(L)
+        device = self.keys[0].device
+        shift = torch.tensor([L - n for n in lengths], device=device)
+        source = torch.arange(L, device=device)[None, :] - shift[:, None]  # (B, L): the old slot of each new one
+        real = self.mask()[:, :L].gather(1, source.clamp(min=0)) & (source >= 0)
+        for i in self.keys:
+            k = self.keys[i]
+            index = source.clamp(min=0)[:, None, :, None].expand(k.size(0), k.size(1), L, k.size(3))
+            self.keys[i], self.values[i] = k[:, :, :L], self.values[i][:, :, :L]
+            self.keys[i].copy_(k[:, :, :L].gather(2, index))  # gather first: the copy overwrites its source
+            self.values[i].copy_(self.values[i].gather(2, index))
+        self.attention_mask = real
+        self._trim()
+
     def _trim(self) -> None:
         """Drop leading positions that are padding in every row (nothing ever attends to them)."""
         if self.attention_mask is None or not self.keys:
@@ -355,8 +375,10 @@ class Walk:
     idx (B, T) token ids (value embeddings read them); x (B, T, d) the residual after `layer` layers;
     x0 (B, T, d) the normed embedding every layer mixes back in; x_backout the residual after
     `backout_layer` once it has run (else None); cos, sin the rotary tables of these positions
-    (B or 1, T, 1, D/2); doc_ids (B, T) packed documents, or None. Positions travel with the walk, so
-    walks of consecutive positions concatenate (`cat`) and split (`part`) freely.
+    (B or 1, T, 1, D/2); doc_ids (B, Tk) the document of every key position up to the walk's last
+    (cached ones included: packed documents, or a padded batch's real 0 / padding -1), or None.
+    Positions travel with the walk, so walks of consecutive positions concatenate (`cat`) and split
+    (`part`) freely.
     """
 
     idx: torch.Tensor
@@ -365,7 +387,7 @@ class Walk:
     x_backout: torch.Tensor | None
     cos: torch.Tensor
     sin: torch.Tensor
-    doc_ids: torch.Tensor | None = None  # (B, Tk): the document of every key position (cache included)
+    doc_ids: torch.Tensor | None = None
     layer: int = 0
 
     @staticmethod
@@ -380,14 +402,15 @@ class Walk:
             parts = [getattr(w, name) for w in walks]
             return None if parts[0] is None else torch.cat(parts, dim=1)
 
-        return Walk(**{f.name: join(f.name) for f in dataclasses.fields(Walk) if f.name != "layer"},
-                    layer=walks[0].layer)
+        fields = {f.name: join(f.name) for f in dataclasses.fields(Walk) if f.name not in ("layer", "doc_ids")}
+        return Walk(**fields, doc_ids=walks[-1].doc_ids, layer=walks[0].layer)  # the last covers every key
 
     def part(self, start: int, stop: int) -> "Walk":
-        """Positions [start, stop) of this walk."""
+        """Positions [start, stop) of this walk (its doc_ids: the keys up to position stop - 1)."""
         cut = lambda t: None if t is None else t[:, start:stop]  # noqa: E731
+        docs = None if self.doc_ids is None else self.doc_ids[:, : self.doc_ids.size(1) - (self.idx.size(1) - stop)]
         return Walk(idx=cut(self.idx), x=cut(self.x), x0=cut(self.x0), x_backout=cut(self.x_backout),
-                    cos=cut(self.cos), sin=cut(self.sin), doc_ids=cut(self.doc_ids), layer=self.layer)
+                    cos=cut(self.cos), sin=cut(self.sin), doc_ids=docs, layer=self.layer)
 
 
 @dataclass
@@ -630,11 +653,15 @@ class PoEGPT(nn.Module):
                              f"it has run {walk.layer} layers")
         return self.stage_logits(walk.x, stage, self._backout(walk, stage, detach_backout))
 
-    def rollback(self, cache, length: int, last_token) -> None:
+    def rollback(self, cache, length: int | list[int], last_token) -> None:
         """Roll a decoding cache back to its first `length` positions: keys and values cropped, and the
         smear's previous embedding set to that of `last_token` (B,) (the token at position length - 1),
-        so the next token is computed as if nothing after it had been fed."""
-        cache.crop(length)
+        so the next token is computed as if nothing after it had been fed. A list of lengths, one per
+        row, keeps each row's own (`KVCache.realign`: ragged rows stay one left-padded batch)."""
+        if isinstance(length, int):
+            cache.crop(length)
+        else:
+            cache.realign(length)
         if self.config.smear:
             ids = torch.as_tensor(last_token, device=self.transformer.wte.weight.device).reshape(-1, 1)
             cache.prev_embedding = norm(self.transformer.wte(ids))  # what `embed` keeps: (B, 1, d)

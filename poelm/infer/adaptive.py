@@ -17,7 +17,10 @@ Design choices:
   own layer walk, so a pending token carries its rotary positions and backout residual with it.
 - It decodes the Log-OP predictor only (`output="logop"`; asked for "last" it refuses): the early
   exit bounds how later stages move a Log-OP. Compare it with the engine decoding the Log-OP.
-- The decoder protocol (decoder.py); greedy only; exit counts accumulate over calls.
+- Batches (`AdaptiveBatch`): exits are per row (ragged), each row decoding what it decodes alone
+  (tested); a step runs as deep as its deepest row needs, and defers the rest only when every row
+  exits early.
+- The decoder protocol (decoder.py); greedy only; exit counts accumulate over calls and rows.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import torch.nn.functional as F
 
 from ..core.files import read_json, read_manifest, update_manifest, write_json
 from ..core.errors import PoelmError
-from ..core.model import KVCache, PoEGPT, Walk
+from ..core.model import PoEGPT, Walk
+from .batch import Row, RowBatch
 from .decoder import Decoder
 from .sampling import SamplingParams
 
@@ -115,45 +119,96 @@ class AdaptiveDecoder(Decoder):
     def describe(self) -> str:
         return f"Log-OP, exits per stage {self.stats.histogram()}"
 
-    def _through(self, me: Walk, stop: int, cache: KVCache, pending: list[Walk]) -> Walk:
-        """Carry `me` through layers me.layer .. stop-1; at each layer the pending tokens that still
-        lack it (earlier positions, so they go first) run in one block with `me`."""
-        m = self.model
-        for i in range(me.layer, stop):
+    def batch(self) -> "AdaptiveBatch":
+        return AdaptiveBatch(self)
+
+
+class AdaptiveBatch(RowBatch):
+    """Rows decoded with adaptive depth together. Exits are per row: a row's token is the argmax of
+    its running Log-OP at the first stage where its own margin clears the remaining bounds, so each
+    row decodes what it decodes alone. The batch's step stops at the deepest stage any row needs;
+    rows that exited earlier ride along (their keys for those layers are then filled at once rather
+    than deferred: the same values). When every row exits before the last stage, the step's walk
+    waits in `pending` for a deeper step. Before rows join or leave, pending positions are filled
+    (`_flush`), so every layer's cache holds the same positions and rows can be padded or selected."""
+
+    def __init__(self, decoder: AdaptiveDecoder):
+        super().__init__(decoder.model)
+        self.decoder = decoder
+        self.pending: list[Walk] = []  # positions (all rows, in order) whose deeper layers wait
+        self.next: list[int] = []  # per row: its last token, produced and not yet fed
+
+    def step(self) -> list[tuple[Row, int]]:
+        if self.queued:  # newcomers: prefill, first token; the running rows wait one step
+            self._flush()
+            rows, logits = self._prefill(output="logop")
+            tokens = logits.argmax(dim=-1).tolist()
+        elif self.rows:
+            rows = self.rows
+            with torch.inference_mode():
+                tokens = self._step(self.next)
+            self.next = []
+        else:
+            return []
+        emitted = []
+        for r, token in zip(rows, tokens):
+            r.emit(token, self.limit)
+            emitted.append((r, token))
+            self.next.append(token)
+        self._keep([i for i, r in enumerate(self.rows) if not r.done])
+        return emitted
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) < len(self.rows):
+            self._flush()
+        self.next = [self.next[i] for i in keep]
+        super()._keep(keep)
+
+    def _flush(self) -> None:
+        """Carry every pending position through the layers it still lacks."""
+        if self.pending:
+            with torch.inference_mode():
+                self._through(None, self.model.config.n_layer)
+
+    def _through(self, me: Walk | None, stop: int) -> Walk | None:
+        """Carry `me` (None: only the pending positions) through layers up to stop-1; at each layer the
+        pending positions that still lack it (earlier positions, so they go first) run in one block
+        with `me`."""
+        m, pending = self.model, self.pending
+        start = me.layer if me is not None else min(p.layer for p in pending)
+        for i in range(start, stop):
             waiting = [j for j, p in enumerate(pending) if p.layer == i]
-            block = m.run_layers(Walk.cat([pending[j] for j in waiting] + [me]), i + 1, cache)
+            group = [pending[j] for j in waiting] + ([me] if me is not None else [])
+            if not group:
+                continue
+            block = m.run_layers(Walk.cat(group), i + 1, self.cache)
             for n, j in enumerate(waiting):
                 pending[j] = block.part(n, n + 1)
-            me = block.part(len(waiting), len(waiting) + 1)
+            if me is not None:
+                me = block.part(len(waiting), len(waiting) + 1)
         pending[:] = [p for p in pending if p.layer < m.config.n_layer]
         return me
 
-    def _step(self, token: int, cache: KVCache, pending: list[Walk]) -> int:
-        """Decode one position; a token that exits early joins `pending` for a deferred fill."""
-        m, c = self.model, self.model.config
-        me = m.begin(torch.tensor([[token]], device=self.device), cache)
+    def _step(self, tokens: list[int]) -> list[int]:
+        """Decode one position of every row; if all exit early, the walk joins `pending`."""
+        d, m, c = self.decoder, self.model, self.model.config
+        ids = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
+        mask = None if self.cache.attention_mask is None else torch.ones_like(ids, dtype=torch.bool)
+        me = m.begin(ids, self.cache, attention_mask=mask)
+        chosen: list[int | None] = [None] * len(tokens)
         score = None
         for k, end in enumerate(c.stage_ends):
-            me = self._through(me, end + 1, cache, pending)
-            logp = F.log_softmax(m.readout(me, k)[0, -1], -1)
+            me = self._through(me, end + 1)
+            logp = F.log_softmax(m.readout(me, k)[:, -1], -1)  # (B, vocab)
             score = logp if score is None else score + logp
-            top2 = score.topk(2).values
-            if float(top2[0] - top2[1]) > self.remaining[k] or k == c.n_stages - 1:
-                self.stats.exits[k] += 1
+            top2 = score.topk(2, dim=-1).values
+            margins, best = (top2[:, 0] - top2[:, 1]).tolist(), score.argmax(dim=-1).tolist()
+            for b, token in enumerate(chosen):
+                if token is None and (margins[b] > d.remaining[k] or k == c.n_stages - 1):
+                    chosen[b] = best[b]
+                    d.stats.exits[k] += 1
+            if all(token is not None for token in chosen):
                 if me.layer < c.n_layer:
-                    pending.append(me)  # its deeper layers are filled when a later token goes deeper
-                return int(score.argmax())
+                    self.pending.append(me)  # its deeper layers are filled when a later step goes deeper
+                return chosen
         raise AssertionError("unreachable: the last stage always exits")
-
-    def _stream(self, prompt_ids: list[int], params: SamplingParams):
-        m, c = self.model, self.model.config
-        cache, pending = KVCache(), []
-        with torch.no_grad():
-            token = int(m(torch.tensor([prompt_ids], device=self.device), cache=cache, output="logop").logits[0, -1].argmax())
-        produced = 1
-        yield token
-        while produced < params.max_new_tokens and token not in self.stop_ids and len(prompt_ids) + produced < c.sequence_len:
-            with torch.no_grad():
-                token = self._step(token, cache, pending)
-            produced += 1
-            yield token

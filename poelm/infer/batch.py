@@ -1,5 +1,5 @@
-"""A batch of sequences decoded together, one token per row per step, that gains and loses rows
-between steps (continuous batching) — the engine's core.
+"""Batches of sequences decoded together that gain and lose rows between steps (continuous batching):
+what every batched decoder shares, and the engine's batch.
 
 Design choices:
 - Rows are left-aligned in one KV cache: a row that joins is prefilled on its own (with the other
@@ -7,16 +7,23 @@ Design choices:
   the cache's mask keeps which positions are real, and the model's padding rule (`PoEGPT.padding`)
   gives each row its own rotary positions and hides every other row's padding. So a row computes what
   it computes alone (to float rounding), whatever else is in the batch, and joins or leaves at any
-  step.
+  step. Decoders whose rows advance by different numbers of tokens per step (speculative) keep the
+  rows right-aligned (`KVCache.realign`), so this holds for them too.
 - Every row keeps its own sampling parameters, budget, stop ids and generator (seeded from its own
   params): a row's tokens do not depend on its batch-mates.
 - A row that finishes (a stop token, its budget, or the context limit) leaves the batch before the
   next forward, so finished rows cost nothing; positions that are padding in every row are dropped.
-- The last sampled token of a row is never fed: once a row ends its logits would be thrown away.
+- A decoder's `batch()` is a `RowBatch`; `step()` returns [(row, token)] in order, a row appearing as
+  often as it produced tokens in that step (once for the engine, up to K for speculative decoding).
+  Every decoder with batches decodes one prompt as a batch of one (decoder.py), so a prompt decoded
+  alone and among others run the same code.
+- The engine's batch never feeds a row's last sampled token: once a row ends its logits would be
+  thrown away.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -37,18 +44,26 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     done: bool = False
 
+    def emit(self, token: int, limit: int) -> bool:
+        """Record a produced token; whether the row has finished (a stop token, its budget, or prompt +
+        output reaching the context limit `limit`)."""
+        self.tokens.append(token)
+        self.done = (token in self.stop_ids or len(self.tokens) >= self.params.max_new_tokens
+                     or len(self.prompt) + len(self.tokens) >= limit)
+        return self.done
 
-class Batch:
-    """The rows being decoded (see the module docstring). `add` queues a row; `step` prefills what was
-    queued, picks one token for every row, and returns [(row, token)]; finished rows leave."""
 
-    def __init__(self, model: torch.nn.Module, *, output: str, exit_stage: int | None = None):
-        self.model, self.output, self.exit_stage = model, output, exit_stage
+class RowBatch(ABC):
+    """What every batched decoder shares (see the module docstring): `add` queues a row, `step` admits
+    what was queued and advances every row; finished rows leave."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
         self.device = next(model.parameters()).device
+        self.limit = model.config.sequence_len
         self.rows: list[Row] = []  # in cache order
         self.queued: list[Row] = []
         self.cache = KVCache()
-        self.logits: torch.Tensor | None = None  # (len(rows), V): each row's next-token scores
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.queued)
@@ -61,13 +76,13 @@ class Batch:
         self.queued.append(row)
         return row
 
-    def _forward(self, ids: torch.Tensor, cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            out = self.model(ids, cache=cache, exit_stage=self.exit_stage, output=self.output, attention_mask=mask)
-            return out.logits[:, -1].float()
+    @abstractmethod
+    def step(self) -> list[tuple[Row, int]]:
+        """Advance every row; the tokens produced, in order."""
 
-    def _admit(self) -> None:
-        """Prefill the queued rows as one left-padded batch and merge them into the running one."""
+    def _prefill(self, **forward) -> tuple[list[Row], torch.Tensor]:
+        """Prefill the queued rows as one left-padded batch, merge them into the running one, and
+        return them with their next-token scores (n, vocab) float32 (`forward`: the model's options)."""
         rows, self.queued = self.queued, []
         T = max(len(r.prompt) for r in rows)
         ids = torch.zeros(len(rows), T, dtype=torch.long, device=self.device)
@@ -76,18 +91,38 @@ class Batch:
             ids[i, T - len(r.prompt):] = torch.tensor(r.prompt, device=self.device)
             mask[i, T - len(r.prompt):] = True
         cache = KVCache()
-        logits = self._forward(ids, cache, mask)
+        with torch.inference_mode():
+            logits = self.model(ids, cache=cache, attention_mask=mask, **forward).logits[:, -1].float()
         self.cache.extend(cache)
         self.rows += rows
-        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        return rows, logits
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only the rows at `keep` (cache order); an empty batch starts a fresh cache."""
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if self.rows:
+            self.cache.select(torch.tensor(keep, dtype=torch.long, device=self.device))
+        else:
+            self.cache = KVCache()
+
+
+class Batch(RowBatch):
+    """The engine's batch: one token per row per step, at full depth or stopping after `exit_stage`."""
+
+    def __init__(self, model: torch.nn.Module, *, output: str, exit_stage: int | None = None):
+        super().__init__(model)
+        self.output, self.exit_stage = output, exit_stage
+        self.logits: torch.Tensor | None = None  # (len(rows), V): each row's next-token scores
 
     def step(self) -> list[tuple[Row, int]]:
         """One token for every row; rows that finish leave the batch."""
         if self.queued:
-            self._admit()
+            _, logits = self._prefill(exit_stage=self.exit_stage, output=self.output)
+            self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
         if not self.rows:
             return []
-        limit = self.model.config.sequence_len
         emitted, keep, feed = [], [], []
         with torch.inference_mode():
             greedy = self.logits.argmax(dim=-1).tolist()  # every plain-greedy row at once
@@ -97,23 +132,19 @@ class Batch:
                 else:
                     seen = torch.tensor(r.seen, device=self.device) if r.params.repetition_penalty != 1 else None
                     token = sample_next(self.logits[i], seen, r.params, r.generator)
-                r.tokens.append(token)
                 emitted.append((r, token))
-                r.done = (token in r.stop_ids or len(r.tokens) >= r.params.max_new_tokens
-                          or len(r.prompt) + len(r.tokens) >= limit)
-                if not r.done:
+                if not r.emit(token, self.limit):
                     keep.append(i)
                     feed.append(token)
                     r.seen.append(token)
-        if len(keep) < len(self.rows):
-            index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            self.rows = [self.rows[i] for i in keep]
-            if self.rows:
-                self.cache.select(index)
-            else:
-                self.cache, self.logits = KVCache(), None
-        if self.rows:
-            step = torch.tensor(feed, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-            mask = None if self.cache.attention_mask is None else torch.ones_like(step, dtype=torch.bool)
-            self.logits = self._forward(step, self.cache, mask)
+        self._keep(keep)
+        if not self.rows:
+            self.logits = None
+            return emitted
+        step = torch.tensor(feed, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        mask = None if self.cache.attention_mask is None else torch.ones_like(step, dtype=torch.bool)
+        with torch.inference_mode():
+            out = self.model(step, cache=self.cache, exit_stage=self.exit_stage, output=self.output,
+                             attention_mask=mask)
+        self.logits = out.logits[:, -1].float()
         return emitted

@@ -1,25 +1,28 @@
 """What every decoder is: one protocol, one request check, one way to count what was produced.
 
 Design choices:
-- A decoder decodes one prompt at a time from a `PoEGPT`: `stream(prompt_ids, params)` yields token
-  ids (a stop token is yielded, then the stream ends; so is the last token before `max_new_tokens`
-  or the context limit), `generate` returns them as a list. Every decoder decodes the predictor its
-  `output` names (`PoEGPT.predictor`: the model's `poe_output` unless the caller names one), so
-  speculative, adaptive and composed decoding produce what the engine produces for that request.
+- A decoder decodes a prompt from a `PoEGPT`: `stream(prompt_ids, params)` yields token ids (a stop
+  token is yielded, then the stream ends; so is the last token before `max_new_tokens` or the
+  context limit), `generate` returns them as a list. A decoder with batches (`batch()`, batch.py:
+  the engine, speculative and adaptive decoding) decodes one prompt as a batch of one, and
+  `generate_batch` decodes many prompts as one batch, each row giving what it gives alone. Every
+  decoder decodes the predictor its `output` names (`PoEGPT.predictor`: the model's `poe_output`
+  unless the caller names one), so speculative, adaptive and composed decoding produce what the
+  engine produces for that request.
 - `check_params(params)` (a classmethod, so a command can check its flags before loading a model)
   says which sampling settings a decoder takes; `check_request` is the one check of a request
   (prompt ids in the vocabulary, room left in the context, `max_new_tokens >= 1`, the exit stage).
   Both run before the first token: errors surface when `stream` is called, not mid-stream.
-- `last_stats` (prompt and generated tokens, seconds) is recorded in a `finally`, so a stream the
-  caller stops early still reports what it produced; `describe()` is one line of the decoder's own
-  statistics for logs and the CLI.
+- `last_stats` (prompt and generated tokens, seconds; summed over the rows of a batch) is recorded in
+  a `finally`, so a stream the caller stops early still reports what it produced; `describe()` is
+  one line of the decoder's own statistics for logs and the CLI.
 - Stop tokens default to `<|assistant_end|>` and `<|bos|>` when a tokenizer is given.
 """
 
 from __future__ import annotations
 
 import time
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -27,6 +30,7 @@ import torch
 
 from ..core.config import POE_OUTPUTS
 from ..core.errors import PoelmError
+from .batch import RowBatch
 from .sampling import SamplingParams
 
 
@@ -112,9 +116,37 @@ class Decoder(ABC):
         finally:
             self.last_stats = GenerationStats(len(prompt_ids), n, time.perf_counter() - t0)
 
-    @abstractmethod
+    def batch(self) -> RowBatch:
+        """An empty batch decoding like this decoder (rows added and removed between steps)."""
+        raise PoelmError(f"{self.name} decodes one prompt at a time: no batches")
+
     def _stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
-        """The tokens of one checked request."""
+        """The tokens of one checked request: a batch of one (decoders without batches override it)."""
+        batch = self.batch()
+        row = batch.add(prompt_ids, params, self.stop_ids)
+        while not row.done:
+            for _, token in batch.step():
+                yield token
+
+    def generate_batch(self, prompts: list[list[int]],
+                       params: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
+        """Each prompt's tokens (what `generate` gives it alone), decoded as one batch; `params` is one
+        for all rows or one per row. Every request is checked before the first forward."""
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise PoelmError(f"{len(params)} sampling settings for {len(prompts)} prompts")
+        batch = self.batch()
+        requests = [list(prompt) for prompt in prompts]
+        for prompt, p in zip(requests, params):
+            self.check_params(p)
+            check_request(self.config, prompt, p.max_new_tokens, self.exit_stage)
+        rows = [batch.add(prompt, p, self.stop_ids) for prompt, p in zip(requests, params)]
+        t0 = time.perf_counter()
+        while len(batch):
+            batch.step()
+        self.last_stats = GenerationStats(sum(map(len, requests)), sum(len(r.tokens) for r in rows),
+                                          time.perf_counter() - t0)
+        return [r.tokens for r in rows]
 
     def _generator(self, params: SamplingParams) -> torch.Generator | None:
         """The one source of randomness of a call, seeded from the params (None when greedy)."""

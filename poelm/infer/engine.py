@@ -16,15 +16,13 @@ Design choices:
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from ..core.errors import PoelmError
 from ..core.model import KVCache
 from .batch import Batch
 from .decoder import Decoder, check_request
-from .sampling import SamplingParams
 
 
 class Engine(Decoder):
@@ -47,31 +45,5 @@ class Engine(Decoder):
             return self.model(ids, cache=cache, exit_stage=self.exit_stage, output=self.output).logits[0, -1].float()
 
     def batch(self) -> Batch:
-        """An empty batch decoding with this engine's model, predictor and exit stage (rows can be added
-        and removed between steps: continuous batching)."""
+        """An empty batch decoding with this engine's model, predictor and exit stage."""
         return Batch(self.model, output=self.output, exit_stage=self.exit_stage)
-
-    def _stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
-        batch = self.batch()
-        row = batch.add(prompt_ids, params, self.stop_ids)
-        while not row.done:
-            for _, token in batch.step():
-                yield token
-
-    def generate_batch(self, prompts: list[list[int]],
-                       params: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
-        """Each prompt's tokens (what `generate` gives it alone), decoded as one batch; `params` is one
-        for all rows or one per row."""
-        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise PoelmError(f"{len(params)} sampling settings for {len(prompts)} prompts")
-        batch = self.batch()
-        rows = []
-        for prompt, p in zip(prompts, params):
-            prompt = list(prompt)
-            self.check_params(p)
-            check_request(self.config, prompt, p.max_new_tokens, self.exit_stage)
-            rows.append(batch.add(prompt, p, self.stop_ids))
-        while len(batch):
-            batch.step()
-        return [r.tokens for r in rows]

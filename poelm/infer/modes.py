@@ -61,6 +61,11 @@ class DecodeMode:
             return ComposedDecoder
         return Engine
 
+    @property
+    def batches(self) -> bool:
+        """Whether this mode's decoder decodes batches (`Decoder.batch`): all but compositions."""
+        return self.decoder_class.batch is not Decoder.batch
+
     def check(self, params: SamplingParams | None = None) -> None:
         """Raise PoelmError (naming the flags) unless these options and sampling settings combine."""
         check_output_name(self.output)

@@ -28,8 +28,13 @@ Design choices:
   emitted token is then distributed exactly as the full model's sampling (tested statistically).
   One generator per call, seeded from the params, drives drafts, acceptances and resamples. It takes
   the temperature only (top-k, top-p and the repetition penalty would change p and q per position).
-- The decoder protocol (decoder.py); stats (accumulated over calls) report acceptance (accepted /
-  drafted) and tokens per verification.
+- Batches (`SpeculativeBatch`): all rows draft together and are verified in one pass; each row
+  accepts its own prefix (ragged acceptance) and the rows stay one left-padded batch, right-aligned
+  after every round (`PoEGPT.rollback` with one length per row, `KVCache.realign`). A row decoded in
+  a batch gives what it gives alone — its tokens and its generator's draws (tested, greedy and
+  sampled, with rows joining, leaving and stopping inside a round).
+- The decoder protocol (decoder.py); stats (accumulated over calls and rows) report acceptance
+  (accepted / drafted) and tokens per verification.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import torch
 
 from ..core.errors import PoelmError
 from ..core.model import KVCache, PoEGPT, Walk
+from .batch import Row, RowBatch
 from .decoder import Decoder
 from .engine import Engine
 from .sampling import SamplingParams
@@ -73,17 +79,6 @@ class SpeculativeStats:
         return self.emitted / self.rounds if self.rounds else 0.0
 
 
-@dataclass
-class Draft:
-    """One drafted position: its token, its walk at the draft boundary, the draft stages' logits
-    (1, vocab) each, and (sampling) the draft's distribution q."""
-
-    token: int
-    walk: Walk
-    logits: list[torch.Tensor]
-    q: torch.Tensor | None
-
-
 class SpeculativeDecoder(Decoder):
     """Self-speculative decoding of `model`, drafting up to `k` tokens per round with `draft_stage`."""
 
@@ -101,7 +96,6 @@ class SpeculativeDecoder(Decoder):
         self.draft_reads = model.readout_stages(draft_stage, self.output)  # the draft's predictor
         self.full_reads = model.readout_stages(c.n_stages - 1, self.output)  # the verifier's
         self.stats = SpeculativeStats()
-        self.temperature, self.generator = 0.0, None  # of the call in progress
 
     @classmethod
     def check_params(cls, params: SamplingParams) -> None:
@@ -113,86 +107,125 @@ class SpeculativeDecoder(Decoder):
         return (f"{self.name}: acceptance {self.stats.acceptance:.1%}, "
                 f"{self.stats.tokens_per_verification:.2f} tokens per verification")
 
-    def _choose(self, scores: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        """A token from (vocab,) scores: argmax, or a sample of the tempered distribution (returned too)."""
-        if self.temperature > 0:
-            probs = torch.softmax(scores / self.temperature, dim=-1)
-            return int(torch.multinomial(probs, 1, generator=self.generator)), probs
-        return int(scores.argmax()), None
+    def batch(self) -> "SpeculativeBatch":
+        return SpeculativeBatch(self)
 
-    def _draft_step(self, token: int, cache: KVCache) -> Draft:
-        """One token through the draft stages: the draft's choice and everything verification reuses."""
-        m, ends = self.model, self.model.config.stage_ends
-        walk = m.begin(torch.tensor([[token]], device=self.device), cache)
-        logits = []
-        for k in range(self.stage + 1):
-            walk = m.run_layers(walk, ends[k] + 1, cache)
-            if k in self.draft_reads:
-                logits.append(m.readout(walk, k)[0])  # (1, vocab)
-        choice, q = self._choose(m.predictor(logits, self.output)[-1])
-        return Draft(choice, walk, logits, q)
 
-    def _verify(self, drafts: list[Draft], cache: KVCache) -> torch.Tensor:
-        """The deeper stages over all drafted positions at once: the full predictor (k, vocab)."""
-        m, c = self.model, self.model.config
-        walk = Walk.cat([d.walk for d in drafts])  # (1, k, ...): the deeper layers' cache lags by k
+def choose(scores: torch.Tensor, row: Row) -> tuple[int, torch.Tensor | None]:
+    """A token from (vocab,) scores: argmax, or a sample of the row's tempered distribution (returned too)."""
+    if row.params.temperature > 0:
+        probs = torch.softmax(scores / row.params.temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=row.generator)), probs
+    return int(scores.argmax()), None
+
+
+class SpeculativeBatch(RowBatch):
+    """Rows decoded speculatively together: every round drafts for all rows at once and verifies all
+    their drafts in one pass; each row accepts its own prefix, and the rows stay one left-padded
+    batch (`PoEGPT.rollback` with one length per row). Row b drafts k_b = min(K, its budget left, its
+    room left) tokens; a row with a smaller k_b rides along for the others' extra draft steps greedily
+    (no draw from its generator) and those positions are rolled back, so its tokens and its random
+    draws are those of the row decoded alone. A newcomer's step is its prefill and first token."""
+
+    def __init__(self, decoder: SpeculativeDecoder):
+        super().__init__(decoder.model)
+        self.decoder = decoder
+        self.pending: list[int] = []  # per row: its last token, produced and not yet fed
+
+    def _keep(self, keep: list[int]) -> None:
+        self.pending = [self.pending[i] for i in keep]
+        super()._keep(keep)
+
+    def step(self) -> list[tuple[Row, int]]:
+        if self.queued:  # newcomers: prefill, first token; the running rows wait one step
+            rows, logits = self._prefill(output=self.decoder.output)
+            emitted = []
+            for r, scores in zip(rows, logits):
+                token, _ = choose(scores, r)
+                r.emit(token, self.limit)
+                emitted.append((r, token))
+                self.pending.append(token)
+            self._keep([i for i, r in enumerate(self.rows) if not r.done])
+            return emitted
+        if not self.rows:
+            return []
+        return self._round()
+
+    def _round(self) -> list[tuple[Row, int]]:
+        d, m, c, rows = self.decoder, self.model, self.model.config, self.rows
+        ks = [min(d.k, r.params.max_new_tokens - len(r.tokens), self.limit - len(r.prompt) - len(r.tokens))
+              for r in rows]  # >= 1: a finished row has left
+        base, inputs = self.cache.get_seq_length(), list(self.pending)
+        drafts: list[list[int]] = [[] for _ in rows]
+        qs: list[list[torch.Tensor | None]] = [[] for _ in rows]
+        walks, shallow = [], []  # per draft step: the walk at the draft boundary, the draft stages' logits
+        with torch.inference_mode():
+            for j in range(max(ks)):
+                ids = torch.tensor(inputs, device=self.device)[:, None]  # (B, 1)
+                mask = None if self.cache.attention_mask is None else torch.ones_like(ids, dtype=torch.bool)
+                walk, logits = m.begin(ids, self.cache, attention_mask=mask), []
+                for k in range(d.stage + 1):
+                    walk = m.run_layers(walk, c.stage_ends[k] + 1, self.cache)
+                    if k in d.draft_reads:
+                        logits.append(m.readout(walk, k))  # (B, 1, vocab)
+                scores = m.predictor(logits, d.output)[:, -1]  # (B, vocab)
+                greedy = scores.argmax(dim=-1).tolist()
+                for b, r in enumerate(rows):
+                    token, q = choose(scores[b], r) if j < ks[b] and r.params.temperature > 0 else (greedy[b], None)
+                    drafts[b].append(token)
+                    qs[b].append(q)
+                walks.append(walk)
+                shallow.append(logits)
+                inputs = [ds[-1] for ds in drafts]
+            full = self._verify(walks, shallow)  # (B, k, vocab)
+            full_greedy = full.argmax(dim=-1).tolist()
+            emitted, lengths, last = [], [], []
+            for b, r in enumerate(rows):
+                n, correction = len(drafts[b][:ks[b]]), None
+                for i in range(ks[b]):
+                    if r.params.temperature > 0:
+                        p = torch.softmax(full[b, i] / r.params.temperature, dim=-1)
+                        ok, token = accept_or_resample(p, qs[b][i], drafts[b][i], r.generator)
+                    else:
+                        token = full_greedy[b][i]
+                        ok = token == drafts[b][i]
+                    if not ok:
+                        n, correction = i, token
+                        break
+                out = drafts[b][:n] + ([correction] if correction is not None else [])
+                kept = ([self.pending[b]] + drafts[b][:n])[: len(out)]  # the inputs whose keys stay
+                lengths.append(base + len(kept))
+                last.append(kept[-1])
+                emitted.append(out)
+                d.stats.rounds += 1
+                d.stats.drafted += ks[b]
+                d.stats.accepted += n
+            m.rollback(self.cache, lengths if len(set(lengths)) > 1 else lengths[0], last)
+        produced = []
+        for b, r in enumerate(rows):
+            for token in emitted[b]:
+                produced.append((r, token))
+                d.stats.emitted += 1
+                if r.emit(token, self.limit):
+                    break
+            self.pending[b] = r.tokens[-1]
+        self._keep([b for b, r in enumerate(rows) if not r.done])
+        return produced
+
+    def _verify(self, walks: list[Walk], shallow: list[list[torch.Tensor]]) -> torch.Tensor:
+        """The deeper stages over every drafted position at once: the full predictor (B, k, vocab). The
+        draft steps' walks are its input (the deeper layers' cache lags by k) and the draft stages'
+        logits are reused where the full predictor reads them."""
+        d, m, c = self.decoder, self.model, self.model.config
+        walk = Walk.cat(walks)
         deeper = []
-        for stage in range(self.stage + 1, c.n_stages):
-            walk = m.run_layers(walk, c.stage_ends[stage] + 1, cache)
-            if stage in self.full_reads:
-                deeper.append(m.readout(walk, stage)[0])  # (k, vocab)
-        shallow = [torch.cat([d.logits[j] for d in drafts]) for j, stage in enumerate(self.draft_reads)
-                   if stage in self.full_reads]  # the draft stages the full predictor reads: (k, vocab)
-        return m.predictor(shallow + deeper, self.output)
-
-    def _accept(self, drafts: list[Draft], scores: torch.Tensor) -> tuple[int, int | None]:
-        """How many drafts stand, and the full model's token at the first rejection (None if none)."""
-        for i, d in enumerate(drafts):
-            if self.temperature > 0:
-                p = torch.softmax(scores[i] / self.temperature, dim=-1)
-                ok, token = accept_or_resample(p, d.q, d.token, self.generator)
-            else:
-                token = int(scores[i].argmax())
-                ok = token == d.token
-            if not ok:
-                return i, token
-        return len(drafts), None
-
-    def _stream(self, prompt_ids: list[int], params: SamplingParams):
-        m, c = self.model, self.model.config
-        self.temperature, self.generator = params.temperature, self._generator(params)
-        max_new_tokens = params.max_new_tokens
-        cache = KVCache()
-        with torch.no_grad():
-            pending, _ = self._choose(m(torch.tensor([prompt_ids], device=self.device), cache=cache,
-                                        output=self.output).logits[0, -1])
-        produced = 1
-        yield pending
-        while pending not in self.stop_ids:
-            # The cache holds prompt + output minus `pending`; a round emits at most k tokens.
-            k = min(self.k, max_new_tokens - produced, c.sequence_len - (len(prompt_ids) + produced))
-            if k < 1:
-                return
-            with torch.no_grad():
-                base = cache.get_seq_length()
-                drafts, token = [], pending
-                for _ in range(k):
-                    drafts.append(self._draft_step(token, cache))
-                    token = drafts[-1].token
-                n, correction = self._accept(drafts, self._verify(drafts, cache))
-                emitted = [d.token for d in drafts[:n]] + ([correction] if correction is not None else [])
-                kept_inputs = ([pending] + [d.token for d in drafts[:n]])[: len(emitted)]  # keys that stay
-                m.rollback(cache, base + len(kept_inputs), kept_inputs[-1])
-            self.stats.rounds += 1
-            self.stats.drafted += k
-            self.stats.accepted += n
-            self.stats.emitted += len(emitted)
-            for t in emitted:
-                produced += 1
-                yield t
-                if t in self.stop_ids:
-                    return
-            pending = emitted[-1]
+        for stage in range(d.stage + 1, c.n_stages):
+            walk = m.run_layers(walk, c.stage_ends[stage] + 1, self.cache)
+            if stage in d.full_reads:
+                deeper.append(m.readout(walk, stage))
+        reused = [torch.cat([step[j] for step in shallow], dim=1) for j, stage in enumerate(d.draft_reads)
+                  if stage in d.full_reads]
+        return m.predictor(reused + deeper, d.output)
 
 
 # ---- how far the promise holds: speculative greedy against the engine's greedy ----------------------
