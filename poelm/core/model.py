@@ -334,10 +334,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
     offset = Tk - Tq
     if doc_ids is None and offset == 0 and window >= Tq - 1:  # plain causal: the window reaches position 0
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    if doc_ids is None and Tq == 1:  # a decode step: the one query sees the last window + 1 keys, no mask
+    if Tq == 1:  # a decode step: the one query sees the last window + 1 keys (of its own document)
         if window < Tk - 1:
             k, v = k[:, :, -(window + 1):], v[:, :, -(window + 1):]
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        if doc_ids is None:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        same = doc_ids[:, -k.size(2):] == doc_ids[:, -1:]  # (B, keys): the query's document
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=same[:, None, None, :], enable_gqa=True)
     i = torch.arange(offset, Tk, device=q.device)[:, None]
     j = torch.arange(Tk, device=q.device)[None, :]
     mask = (j <= i) & (j >= i - window)  # (Tq, Tk), True = attend
