@@ -392,6 +392,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve.app import serve
+    except ImportError as e:
+        raise PoelmError(f"poelm serve needs its extras: pip install 'poelm[serve]' ({e.name} is missing)") from None
+    serve(args.models, args.name, host=args.host, port=args.port, max_batch=args.max_batch,
+          max_queue=args.max_queue, api_key=args.api_key, device=args.device)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -487,6 +497,15 @@ def build_parser() -> argparse.ArgumentParser:
                 arg("--json", action="store_true"))
     add_command(sub, "digest", cmd_digest, "re-record a directory's digests.json from its files as they are now",
                 arg("dirs", nargs="+", metavar="DIR", help="a model, stage or tokenizer directory poelm wrote"))
+    add_command(sub, "serve", cmd_serve, "an OpenAI-compatible server for a base and its specialists",
+                arg("models", nargs="+", metavar="MODELDIR", help="a base and stage directories of that base"),
+                arg("--name", action="append", help="model ids, in the order of the directories (default: the "
+                    "stage name or the directory's name)"),
+                arg("--host", default="127.0.0.1"), arg("--port", type=int, default=8000),
+                arg("--max-batch", type=int, default=16, help="rows decoded at once"),
+                arg("--max-queue", type=int, default=64, help="requests waiting at most (then 429)"),
+                arg("--api-key", metavar="KEY", help="require Authorization: Bearer KEY"),
+                arg("--device", default="cpu"))
     add_command(sub, "demo", cmd_demo, "run the pipeline end to end on the embedded default",
                 arg("--out", default="runs/demo", metavar="DIR"))
     return parser

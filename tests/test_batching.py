@@ -315,6 +315,45 @@ def test_adaptive_batch_rows_join_and_leave():
     assert not batch.pending and not batch.rows
 
 
+@pytest.mark.parametrize("kind", ["engine", "speculative", "adaptive"])
+def test_a_random_schedule_of_joins_and_cancels_keeps_every_row_exact(kind):
+    """Rows of random lengths, budgets and sampling settings join at random steps (also into a batch
+    of one row or of equal-length rows, which has no mask yet) and some are cancelled: every row that
+    ran to its end equals the row decoded alone, and the cache always holds exactly the live rows."""
+    import random
+
+    from poelm.infer import SamplingParams
+    from poelm.infer.adaptive import AdaptiveDecoder
+    from poelm.infer.speculative import SpeculativeDecoder
+
+    model = model_of(poe_output="logop")
+    make = {"engine": lambda: engine_of(model), "speculative": lambda: SpeculativeDecoder(model, 0, 3),
+            "adaptive": lambda: AdaptiveDecoder(model, [0.0, 0.3, 0.3])}[kind]
+    rng = random.Random(3)
+    batch, rows, cancelled = make().batch(), [], set()
+    for step in range(80):
+        if rng.random() < 0.3:
+            prompt = prompt_of(rng.choice([3, 3, 7, 20, SEQ - 6]), seed=step)
+            temperature = 0.0 if kind == "adaptive" else rng.choice([0.0, 0.9])
+            params = SamplingParams(max_new_tokens=rng.randrange(1, 25), temperature=temperature, seed=step)
+            rows.append((prompt, params, batch.add(prompt, params, frozenset())))
+        if rng.random() < 0.08 and batch.rows:
+            victim = rng.choice(batch.rows)
+            batch.cancel(victim)
+            cancelled.add(id(victim))
+        batch.step()
+        if batch.rows:
+            keys = batch.cache.keys[0]  # (B, H, T, D)
+            assert keys.size(0) == len(batch.rows)
+            assert batch.cache.mask().shape == (keys.size(0), keys.size(2))
+    while len(batch):
+        batch.step()
+    finished = [(p, q, r) for p, q, r in rows if id(r) not in cancelled]
+    assert len(finished) >= 10 and cancelled
+    for prompt, params, row in finished:
+        assert row.tokens == make().generate(prompt, params)
+
+
 def test_cli_generate_decodes_several_prompts_as_one_batch(trained_like_model_dir, tmp_path, capsys):
     from poelm.cli import main
 

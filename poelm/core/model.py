@@ -253,12 +253,13 @@ class KVCache:
         length, theirs = self.get_seq_length(), other.get_seq_length()
         self.pad_left(theirs - length)
         other.pad_left(length - theirs)
+        mask = torch.cat([self.mask(), other.mask()])  # before the keys grow: mask() may read their rows
         for i in self.keys:
             self.keys[i] = torch.cat([self.keys[i], other.keys[i]])
             self.values[i] = torch.cat([self.values[i], other.values[i]])
         if self.prev_embedding is not None:
             self.prev_embedding = torch.cat([self.prev_embedding, other.prev_embedding])
-        self.attention_mask = torch.cat([self.mask(), other.mask()])
+        self.attention_mask = mask
 
     def realign(self, lengths: list[int]) -> None:
         """Keep the first `lengths[b]` positions of each row b, every row right-aligned to the longest

@@ -32,7 +32,7 @@ from ..core.model import KVCache
 from .sampling import SamplingParams, sample_next
 
 
-@dataclass
+@dataclass(eq=False)  # a row is itself: two requests with the same fields are two rows
 class Row:
     """One sequence of a batch: its request, what it produced, and whether it has finished."""
 
@@ -76,6 +76,16 @@ class RowBatch(ABC):
         self.queued.append(row)
         return row
 
+    def cancel(self, row: Row) -> None:
+        """Stop decoding `row` now (a client that went away): it leaves the batch before the next step."""
+        if row.done:
+            return
+        row.done = True
+        if any(r is row for r in self.queued):
+            self.queued = [r for r in self.queued if r is not row]
+        else:
+            self._keep([i for i, r in enumerate(self.rows) if not r.done])
+
     @abstractmethod
     def step(self) -> list[tuple[Row, int]]:
         """Advance every row; the tokens produced, in order."""
@@ -115,6 +125,11 @@ class Batch(RowBatch):
         super().__init__(model)
         self.output, self.exit_stage = output, exit_stage
         self.logits: torch.Tensor | None = None  # (len(rows), V): each row's next-token scores
+
+    def _keep(self, keep: list[int]) -> None:
+        if self.logits is not None and len(keep) < len(self.rows):
+            self.logits = self.logits[keep] if keep else None
+        super()._keep(keep)
 
     def step(self) -> list[tuple[Row, int]]:
         """One token for every row; rows that finish leave the batch."""

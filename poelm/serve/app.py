@@ -1,0 +1,439 @@
+"""`poelm serve`: an OpenAI-compatible HTTP server (FastAPI on uvicorn) over the batching worker.
+
+Design choices:
+- The app answers at once; the models load in a background thread (`/health` and every endpoint
+  answer 503 until they are ready). If loading fails, the error is printed as one line and the
+  server stops with it (`serve` raises it).
+- Every request is validated (protocol.py) before anything reaches the worker; a job's checks
+  (decode mode, sampling settings, prompt length against the context) run before it is queued, so
+  a bad request is a 400 naming the field, and nothing is half-submitted: a request whose `n` rows
+  do not all fit the queue is cancelled whole (429).
+- Each request's rows send their events from the worker thread into one asyncio queue of the
+  request (`loop.call_soon_threadsafe`). A streamed response is server-sent events ending with
+  `data: [DONE]`; a client that disconnects (the response generator is closed, or a non-streamed
+  request sees `is_disconnected`) cancels its rows at once, and a row stopped by a stop string is
+  cancelled too.
+- `--api-key KEY`: every `/v1/` route needs `Authorization: Bearer KEY` (401 otherwise).
+- One log line per request on stderr: method, path, status, seconds, and the model when known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from ..core.errors import PoelmError
+from ..infer.modes import DecodeMode
+from ..infer.sampling import SamplingParams
+from .models import ServedModel, load_served
+from .protocol import (ApiError, ChatRequest, CompletionRequest, TextStream, chat_logprobs, chunk,
+                       completion_logprobs, field_name, new_id, now, usage)
+from .scheduler import Job, QueueFull, Scheduler
+
+
+@dataclass
+class ServerState:
+    """What the routes read: the models and the worker once loaded, or the loading error."""
+
+    served: dict[str, ServedModel] | None = None
+    scheduler: Scheduler | None = None
+    error: str | None = None
+    on_failure: Any = None  # called (no arguments) when loading fails: stops the server
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+def create_app(directories: list[str], names: list[str] | None = None, *, max_batch: int = 16,
+               max_queue: int = 64, api_key: str | None = None, device: str = "cpu") -> FastAPI:
+    state = ServerState()
+
+    def load() -> None:
+        try:
+            served = load_served(directories, names, device=device)
+            scheduler = Scheduler(served, max_batch=max_batch, max_queue=max_queue)
+            scheduler.start()
+            state.served, state.scheduler = served, scheduler
+            state.ready.set()
+            print(f"poelm serve: ready: {', '.join(served)}", file=sys.stderr, flush=True)
+        except Exception as e:  # noqa: BLE001 - reported as one line, then the server stops
+            state.error = str(e) if isinstance(e, PoelmError) else f"{type(e).__name__}: {e}"
+            print(f"poelm serve: error: {state.error}", file=sys.stderr, flush=True)
+            if state.on_failure is not None:
+                state.on_failure()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=load, name="poelm-load", daemon=True).start()
+        yield
+        if state.scheduler is not None:
+            state.scheduler.stop()
+
+    app = FastAPI(title="poelm", lifespan=lifespan)
+    app.state.poelm = state
+
+    @app.middleware("http")
+    async def log_and_guard(request: Request, call_next):
+        t0 = time.perf_counter()
+        if request.url.path.startswith("/v1/"):
+            if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+                response = error_response(ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                                   "authentication_error", code="invalid_api_key"))
+            elif not state.ready.is_set():
+                response = error_response(loading_error(state))
+            else:
+                response = await call_next(request)
+        else:
+            response = await call_next(request)
+        print(f"{request.method} {request.url.path} {response.status_code} {time.perf_counter() - t0:.3f}s",
+              file=sys.stderr, flush=True)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": ("body",), "msg": "invalid body"}
+        name = field_name(first.get("loc", ()))
+        return error_response(ApiError(400, f"{name}: {first.get('msg')}", param=name))
+
+    @app.get("/health")
+    async def health():
+        if not state.ready.is_set():
+            raise loading_error(state)
+        return {"status": "ok", "models": list(state.served)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "poelm",
+                                            "root": str(s.directory)} for name, s in state.served.items()]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await parse(request, CompletionRequest)
+        served = model_of(state, body.model)
+        tok = served.tokenizer
+        prompts = text_prompts(body.prompt, tok)
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens: 0 generates nothing; with echo=true it scores the prompt", "max_tokens")
+        if body.stream and body.logprobs is not None:
+            raise ApiError(400, "logprobs: not available with stream=true yet", "logprobs")
+        choices = [(p, i) for p in prompts for i in range(body.n)]
+        runs = await Run.start(state, served, body, [p for p, _ in choices], body.max_tokens)
+        if body.stream:
+            return sse(runs.completion_events(body, tok), runs)
+        results = await runs.wait(request)
+        out = []
+        for index, ((prompt, _), result) in enumerate(zip(choices, results)):
+            text = (tok.decode(prompt) if body.echo else "") + result.text
+            logprobs = None
+            if body.logprobs is not None:
+                scores = await runs.score(prompt + result.tokens, body.logprobs)
+                first = 0 if body.echo else len(prompt)
+                logprobs = completion_logprobs(tok, scores, first, len(prompt) + result.kept)
+            out.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": result.reason})
+        return {"id": runs.id, "object": "text_completion", "created": runs.created, "model": body.model,
+                "choices": out, "usage": usage(sum(len(p) for p, _ in choices), sum(r.count for r in results))}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await parse(request, ChatRequest)
+        served = model_of(state, body.model)
+        tok = served.tokenizer
+        try:
+            prompt = tok.render_prompt([m.model_dump(exclude_none=True) for m in body.messages])
+        except PoelmError as e:
+            raise ApiError(400, f"messages: {e}", "messages") from None
+        if body.stream and body.logprobs:
+            raise ApiError(400, "logprobs: not available with stream=true yet", "logprobs")
+        max_tokens = body.max_completion_tokens or body.max_tokens or served.model.config.sequence_len - len(prompt)
+        runs = await Run.start(state, served, body, [prompt] * body.n, max(max_tokens, 1))
+        if body.stream:
+            return sse(runs.chat_events(body, tok), runs)
+        results = await runs.wait(request)
+        out = []
+        for index, result in enumerate(results):
+            logprobs = None
+            if body.logprobs:
+                scores = await runs.score(prompt + result.tokens, body.top_logprobs or 0)
+                logprobs = chat_logprobs(tok, scores[len(prompt):len(prompt) + result.kept])
+            out.append({"index": index, "message": {"role": "assistant", "content": result.text},
+                        "logprobs": logprobs, "finish_reason": result.reason})
+        return {"id": runs.id, "object": "chat.completion", "created": runs.created, "model": body.model,
+                "choices": out, "usage": usage(len(prompt) * body.n, sum(r.count for r in results))}
+
+    return app
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def loading_error(state: ServerState) -> ApiError:
+    if state.error is not None:
+        return ApiError(503, f"the models failed to load: {state.error}", "server_error", code="load_failed")
+    return ApiError(503, "the models are still loading", "server_error", code="loading")
+
+
+async def parse(request: Request, kind: type) -> Any:
+    """The request body as `kind`, or a 400 naming the first bad field (bad JSON included)."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"body: not valid JSON ({e})", param="body") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "body: expected a JSON object", param="body")
+    try:
+        return kind.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        name = field_name(first["loc"])
+        raise ApiError(400, f"{name}: {first['msg']}", param=name) from None
+
+
+def model_of(state: ServerState, name: str) -> ServedModel:
+    if name not in state.served:
+        raise ApiError(404, f"model {name!r} does not exist; this server has {', '.join(state.served)}",
+                       param="model", code="model_not_found")
+    return state.served[name]
+
+
+def text_prompts(prompt: Any, tok) -> list[list[int]]:
+    """A completions `prompt` as token id lists (text after <|bos|>; ids as given)."""
+    if isinstance(prompt, str):
+        return [[tok.bos_id] + tok.encode(prompt)]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if not prompt:
+        raise ApiError(400, "prompt: empty", "prompt")
+    return [[tok.bos_id] + tok.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+@dataclass
+class Result:
+    """One choice once its row has ended."""
+
+    tokens: list[int]  # every token produced (a final stop token included)
+    text: str
+    reason: str  # "stop" or "length"
+    kept: int  # tokens behind the text (before a stop token or string)
+
+    @property
+    def count(self) -> int:
+        return len(self.tokens)
+
+
+class Run:
+    """The rows of one request: submitted together, their events in one queue."""
+
+    def __init__(self, state: ServerState, served: ServedModel, body: Any):
+        self.state, self.served, self.body = state, served, body
+        self.id = new_id("cmpl" if isinstance(body, CompletionRequest) else "chatcmpl")
+        self.created = now()
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.jobs: list[Job] = []
+        self.finished: set[int] = set()
+
+    @classmethod
+    async def start(cls, state: ServerState, served: ServedModel, body: Any, prompts: list[list[int]],
+                    max_tokens: int) -> "Run":
+        run = cls(state, served, body)
+        mode = DecodeMode(exit_stage=body.exit_stage, speculative=body.speculative, draft_stage=body.draft_stage)
+        base_seed = body.seed if body.seed is not None else secrets.randbits(31)
+        for index, prompt in enumerate(prompts):
+            try:
+                params = SamplingParams(max_new_tokens=max(max_tokens, 1), temperature=body.temperature,
+                                        top_p=None if body.top_p >= 1 else body.top_p, seed=base_seed + index)
+                job = Job(served.name, prompt, params, mode, run.sink(index))
+                state.scheduler.check(job)
+            except PoelmError as e:
+                raise ApiError(400, str(e)) from None
+            run.jobs.append(job)
+        if max_tokens == 0:  # scoring only (echo): nothing to decode
+            for index in range(len(prompts)):
+                run.events.put_nowait((index, "done", "length"))
+            run.jobs = []
+            return run
+        try:
+            for job in run.jobs:
+                state.scheduler.submit(job)
+        except QueueFull as e:
+            run.cancel()
+            raise ApiError(429, f"the server is busy: {e}", "rate_limit_error", code="queue_full") from None
+        return run
+
+    def sink(self, index: int):
+        return lambda kind, value: self.loop.call_soon_threadsafe(self.events.put_nowait, (index, kind, value))
+
+    def cancel(self) -> None:
+        for i, job in enumerate(self.jobs):
+            if i not in self.finished:
+                self.state.scheduler.cancel(job)
+
+    async def next_event(self, request: Request | None = None) -> tuple[int, str, Any]:
+        while True:
+            try:
+                return await asyncio.wait_for(self.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    self.cancel()
+                    raise ApiError(499, "the client went away") from None
+
+    async def wait(self, request: Request) -> list[Result]:
+        """Every row's result (non-streamed responses)."""
+        n = len(self.jobs) if self.jobs else self.events.qsize()
+        tokens = [[] for _ in range(n)]
+        texts = [TextStream(self.served.tokenizer, self.body.stops(), self.stop_ids) for _ in range(n)]
+        reasons: list[str | None] = [None] * n
+        kept = [0] * n
+        while len(self.finished) < n:
+            index, kind, value = await self.next_event(request)
+            if kind == "error":
+                self.cancel()
+                raise ApiError(500, f"decoding failed: {value}", "server_error")
+            if kind == "token":
+                if reasons[index] is not None:
+                    continue  # a stop string ended it; the cancel is on its way
+                tokens[index].append(value)
+                texts[index].push(value)
+                if value not in self.stop_ids:
+                    kept[index] = len(tokens[index])
+                if texts[index].stopped:
+                    reasons[index] = "stop"
+                    self.finished.add(index)
+                    self.state.scheduler.cancel(self.jobs[index])
+            elif kind == "done":
+                if reasons[index] is None:
+                    reasons[index] = value
+                self.finished.add(index)
+        return [Result(t, s.text if s.stopped else s.text + s.finish(), r, k)
+                for t, s, r, k in zip(tokens, texts, reasons, kept)]
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return self.state.scheduler.decoder(self.served.name, self.jobs[0].mode).stop_ids if self.jobs else frozenset()
+
+    async def score(self, ids: list[int], top: int) -> list[dict]:
+        """Log-probabilities of `ids` (the worker's scoring job)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        job = Job(self.served.name, ids, SamplingParams(), DecodeMode(exit_stage=self.body.exit_stage),
+                  lambda kind, value: self.loop.call_soon_threadsafe(queue.put_nowait, (kind, value)), score=top)
+        try:
+            self.state.scheduler.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}", "rate_limit_error", code="queue_full") from None
+        kind, value = await queue.get()
+        if kind != "scores":
+            raise ApiError(500, f"scoring failed: {value}", "server_error")
+        return value
+
+    async def stream(self) -> AsyncIterator[tuple[int, str]]:
+        """(choice index, text piece) as rows produce text; ('', None) pieces never; then each row's end
+        as (index, None) after its last piece. Stop strings cancel their row."""
+        n = len(self.jobs)
+        texts = [TextStream(self.served.tokenizer, self.body.stops(), self.stop_ids) for _ in range(n)]
+        self.reasons: list[str | None] = [None] * n
+        self.counts = [0] * n
+        while len(self.finished) < n:
+            index, kind, value = await self.next_event()
+            if kind == "error":
+                self.cancel()
+                raise RuntimeError(value)
+            if index in self.finished:
+                continue
+            if kind == "token":
+                self.counts[index] += 1
+                piece = texts[index].push(value)
+                if piece:
+                    yield index, piece
+                if texts[index].stopped:
+                    self.reasons[index] = "stop"
+                    self.finished.add(index)
+                    self.state.scheduler.cancel(self.jobs[index])
+                    yield index, None
+            elif kind == "done":
+                piece = texts[index].finish()
+                if piece:
+                    yield index, piece
+                self.reasons[index] = value
+                self.finished.add(index)
+                yield index, None
+
+    async def completion_events(self, body: CompletionRequest, tok) -> AsyncIterator[dict]:
+        prompts = [job.prompt for job in self.jobs]
+        if body.echo:
+            for index, prompt in enumerate(prompts):
+                yield chunk("text_completion", self.id, body.model, self.created,
+                            [{"index": index, "text": tok.decode(prompt), "logprobs": None, "finish_reason": None}])
+        async for index, piece in self.stream():
+            choice = {"index": index, "text": piece or "", "logprobs": None,
+                      "finish_reason": None if piece is not None else self.reasons[index]}
+            yield chunk("text_completion", self.id, body.model, self.created, [choice])
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield chunk("text_completion", self.id, body.model, self.created, [],
+                        {"usage": usage(sum(map(len, prompts)), sum(self.counts))})
+
+    async def chat_events(self, body: ChatRequest, tok) -> AsyncIterator[dict]:
+        kind = "chat.completion.chunk"
+        for index in range(len(self.jobs)):  # the first delta of each choice carries the role
+            yield chunk(kind, self.id, body.model, self.created,
+                        [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        async for index, piece in self.stream():
+            choice = ({"index": index, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}
+                      if piece is not None else
+                      {"index": index, "delta": {}, "logprobs": None, "finish_reason": self.reasons[index]})
+            yield chunk(kind, self.id, body.model, self.created, [choice])
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield chunk(kind, self.id, body.model, self.created, [],
+                        {"usage": usage(sum(len(j.prompt) for j in self.jobs), sum(self.counts))})
+
+
+def sse(events: AsyncIterator[dict], run: Run) -> StreamingResponse:
+    """Server-sent events: one `data: {json}` per event, then `data: [DONE]`; closing the stream early
+    (the client went away) cancels the request's rows."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+        except RuntimeError as e:  # a decoding error mid-stream: an error event, then the end
+            yield f"data: {json.dumps(ApiError(500, f'decoding failed: {e}', 'server_error').body())}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+        finally:
+            run.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def serve(directories: list[str], names: list[str] | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+          max_batch: int = 16, max_queue: int = 64, api_key: str | None = None, device: str = "cpu") -> None:
+    """Run the server until interrupted; raise PoelmError if the models fail to load."""
+    import uvicorn
+
+    app = create_app(directories, names, max_batch=max_batch, max_queue=max_queue, api_key=api_key, device=device)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    state: ServerState = app.state.poelm
+    state.on_failure = lambda: setattr(server, "should_exit", True)
+    print(f"poelm serve: http://{host}:{port}/v1 (loading {', '.join(map(str, directories))})", file=sys.stderr,
+          flush=True)
+    server.run()
+    if state.error is not None:
+        raise PoelmError(state.error)

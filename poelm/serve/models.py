@@ -1,0 +1,79 @@
+"""The models a server serves: a base and its specialists, the base's tensors held once.
+
+Design choices:
+- Every directory given must descend from the same root base: the root fingerprint of each chain
+  (`Chain.fingerprints[0]`, verified against the digests as the chain loads) must match, else a
+  PoelmError names both directories.
+- Model ids: `--name` overrides, else a stage's `stage_name`, else the directory's name; ids must be
+  unique.
+- One copy of the base: after each model is assembled, every parameter equal (same name, shape,
+  dtype and values) to one already held by an earlier model is replaced by that tensor, so N
+  specialists cost the base once plus their own blocks, heads and changed embedding rows. Serving
+  never trains, so shared storage is never written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..core.cascade import open_chain
+from ..core.errors import PoelmError
+from ..core.model import PoEGPT
+from ..core.tokenizer import Tokenizer
+
+
+@dataclass
+class ServedModel:
+    """One model id: its model, tokenizer, directory and root fingerprint."""
+
+    name: str
+    directory: Path
+    model: PoEGPT
+    tokenizer: Tokenizer
+    root: str
+    decoders: dict = field(default_factory=dict)  # the scheduler's decoders, by decode mode
+
+
+def share_parameters(model: PoEGPT, held: dict[str, torch.Tensor]) -> int:
+    """Point every parameter of `model` equal to one in `held` (by name) at that tensor; add the rest to
+    `held`. Returns the number of bytes now shared."""
+    shared = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            other = held.get(name)
+            if other is not None and other.shape == p.shape and other.dtype == p.dtype and torch.equal(other, p.data):
+                p.data = other
+                shared += p.numel() * p.element_size()
+            else:
+                held.setdefault(name, p.data)
+    return shared
+
+
+def load_served(directories: list[str | os.PathLike], names: list[str] | None = None,
+                device: str | torch.device = "cpu") -> dict[str, ServedModel]:
+    """Load every directory (bases and stages, checked link by link) under its model id."""
+    if not directories:
+        raise PoelmError("serve: give at least one model directory")
+    if names is not None and len(names) > len(directories):
+        raise PoelmError(f"--name given {len(names)} times for {len(directories)} directories")
+    served: dict[str, ServedModel] = {}
+    held: dict[str, torch.Tensor] = {}
+    for i, directory in enumerate(directories):
+        chain = open_chain(directory)
+        name = (names[i] if names and i < len(names) else
+                chain.links[-1].data.get("stage_name") or Path(directory).resolve().name)
+        if name in served:
+            raise PoelmError(f"{directory}: model id {name!r} is already taken by {served[name].directory} "
+                             f"(give --name for each directory)")
+        first = next(iter(served.values()), None)
+        if first is not None and chain.fingerprints[0] != first.root:
+            raise PoelmError(f"{directory}: its root base (fingerprint {chain.fingerprints[0]}) is not the root "
+                             f"base of {first.directory} ({first.root}); one server serves one base")
+        model = chain.model(device)
+        share_parameters(model, held)
+        served[name] = ServedModel(name, Path(directory), model, chain.tokenizer(), chain.fingerprints[0])
+    return served

@@ -1,0 +1,342 @@
+"""`poelm serve` through the official `openai` client against a live server on 127.0.0.1 (a free port,
+started and stopped by each fixture): completions and chat, streamed and not, stop strings, n, seeded
+sampling alone and inside a busy batch, echo + logprobs against the model's own log-softmax, two
+specialists in one process each equal to the specialist alone, the base's tensors held once, a client
+that disconnects, back-pressure (429), and the error shapes (400, 401, 404)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+import httpx  # noqa: E402  (raw requests, and fastapi.testclient)
+
+from poelm.core.errors import PoelmError  # noqa: E402
+from poelm.infer import Engine, SamplingParams  # noqa: E402
+from poelm.modeldir import load_model, load_tokenizer  # noqa: E402
+
+from util import perturb_  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(dirs, **kw):
+    """A live server for `dirs`; yields (base_url, app); stops it (and its worker) on exit."""
+    import uvicorn
+
+    from poelm.serve.app import create_app
+
+    app = create_app([str(d) for d in dirs], **kw)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    else:
+        server.should_exit = True
+        pytest.fail("the server did not become ready")
+    try:
+        yield url, app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def make_stage(parent, out, name: str, seed: int):
+    """A stage of one block whose new weights are perturbed (so two stages answer differently)."""
+    from poelm.specialist import attach, save_specialist, specialist_parameter_names
+
+    model, _ = attach(parent, 1, seed=seed)
+    trained = set(specialist_parameter_names(model))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname in trained and p.dim() >= 1:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return save_specialist(model, parent, out, name)
+
+
+@pytest.fixture(scope="module")
+def dirs(trained_like_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    a = make_stage(trained_like_model_dir, root / "a", "alpha", seed=1)
+    b = make_stage(trained_like_model_dir, root / "b", "beta", seed=2)
+    return trained_like_model_dir, a, b
+
+
+@pytest.fixture(scope="module")
+def live(dirs):
+    with running(dirs, max_batch=8, max_queue=16) as (url, app):
+        yield url, app
+
+
+def client(url: str, key: str = "none"):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def greedy(directory, ids: list[int], n: int) -> list[int]:
+    model = load_model(directory)
+    return Engine(model, load_tokenizer(directory)).generate(ids, SamplingParams(max_new_tokens=n))
+
+
+def text_of(directory, tokens: list[int]) -> str:
+    tok = load_tokenizer(directory)
+    stops = {tok.token_id("assistant_end"), tok.bos_id}
+    return tok.decode([t for t in tokens if t not in stops])
+
+
+def test_models_and_health(live, dirs):
+    url, _ = live
+    ids = [m.id for m in client(url).models.list().data]
+    assert ids == [dirs[0].name, "alpha", "beta"]
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_completion_equals_the_engine_streamed_or_not(live, dirs):
+    url, _ = live
+    base = dirs[0]
+    tok = load_tokenizer(base)
+    want = greedy(base, [tok.bos_id] + tok.encode("def f(x):"), 12)
+    c = client(url)
+    r = c.completions.create(model=base.name, prompt="def f(x):", max_tokens=12, temperature=0)
+    assert r.choices[0].text == text_of(base, want)
+    assert r.choices[0].finish_reason == ("stop" if len(want) < 12 else "length")
+    assert r.usage.prompt_tokens == 1 + len(tok.encode("def f(x):")) and r.usage.completion_tokens == len(want)
+    pieces = list(c.completions.create(model=base.name, prompt="def f(x):", max_tokens=12, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    assert "".join(p.choices[0].text for p in pieces if p.choices) == r.choices[0].text
+    assert pieces[-1].usage.completion_tokens == len(want)
+
+
+def test_chat_streamed_and_not_and_its_role_delta(live, dirs):
+    url, _ = live
+    stage = dirs[1]
+    tok = load_tokenizer(stage)
+    messages = [{"role": "user", "content": "hello there"}]
+    want = greedy(stage, tok.render_prompt(messages), 10)
+    c = client(url)
+    r = c.chat.completions.create(model="alpha", messages=messages, max_tokens=10, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == text_of(stage, want)
+    events = list(c.chat.completions.create(model="alpha", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True))
+    assert events[0].choices[0].delta.role == "assistant"
+    assert "".join(e.choices[0].delta.content or "" for e in events) == r.choices[0].message.content
+    assert events[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_strings_cut_the_text_before_them(live, dirs):
+    url, _ = live
+    base = dirs[0]
+    c = client(url)
+    full = c.completions.create(model=base.name, prompt="x = ", max_tokens=20, temperature=0).choices[0].text
+    assert len(full) > 6
+    stop = full[3:5]
+    cut = full[: full.index(stop)]
+    for stream in (False, True):
+        if stream:
+            events = list(c.completions.create(model=base.name, prompt="x = ", max_tokens=20, temperature=0,
+                                               stop=[stop, "never seen"], stream=True))
+            text, reason = "".join(e.choices[0].text for e in events), events[-1].choices[0].finish_reason
+        else:
+            r = c.completions.create(model=base.name, prompt="x = ", max_tokens=20, temperature=0,
+                                     stop=[stop, "never seen"])
+            text, reason = r.choices[0].text, r.choices[0].finish_reason
+        assert (text, reason) == (cut, "stop")
+
+
+def test_n_and_seeded_sampling_alone_and_inside_a_busy_batch(live, dirs, monkeypatch):
+    """n=3 seeded rows give three different texts; the same request again, sent while other sampled
+    requests fill the base's batch (steps slowed to 5 ms so they overlap), gives the same texts."""
+    from poelm.infer.batch import Batch
+
+    url, app = live
+    base = dirs[0]
+    c = client(url)
+
+    def ask():
+        r = c.completions.create(model=base.name, prompt="import", max_tokens=16, temperature=1.0, seed=7, n=3)
+        return [ch.text for ch in r.choices]
+
+    alone = ask()
+    assert len(alone) == 3 and len(set(alone)) > 1  # n rows, each its own seed
+    step = Batch.step
+    monkeypatch.setattr(Batch, "step", lambda self: (time.sleep(0.005), step(self))[1])
+    noise = [threading.Thread(target=lambda i=i: c.completions.create(
+        model=base.name if i % 4 else "alpha", prompt="z" * (i + 1), max_tokens=40, temperature=0.8, seed=i))
+        for i in range(6)]
+    for t in noise:
+        t.start()
+    scheduler = app.state.poelm.scheduler
+    deadline = time.time() + 10
+    while scheduler.active < 4 and time.time() < deadline:
+        time.sleep(0.005)
+    assert scheduler.active >= 4  # the batch is busy before the request arrives
+    busy = ask()
+    for t in noise:
+        t.join()
+    assert busy == alone
+
+
+def test_echo_logprobs_equal_the_models_log_softmax(live, dirs):
+    url, _ = live
+    base = dirs[0]
+    tok = load_tokenizer(base)
+    ids = [tok.bos_id] + tok.encode("def add(a, b):")
+    r = client(url).completions.create(model=base.name, prompt=ids, max_tokens=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+    with torch.no_grad():
+        want = torch.log_softmax(load_model(base)(torch.tensor([ids])).logits[0].float(), -1)
+    for t in range(1, len(ids)):
+        assert lp.token_logprobs[t] == pytest.approx(float(want[t - 1, ids[t]]), abs=1e-4)
+        assert len(lp.top_logprobs[t]) <= 2
+        assert max(lp.top_logprobs[t].values()) == pytest.approx(float(want[t - 1].max()), abs=1e-4)
+    assert lp.text_offset[0] == 0 and r.choices[0].text == tok.decode(ids)
+    assert r.usage.completion_tokens == 0
+
+
+def test_two_specialists_in_one_batch_each_equal_the_specialist_alone(live, dirs):
+    url, _ = live
+    c = client(url)
+    tok = load_tokenizer(dirs[1])
+    messages = [{"role": "user", "content": "write a loop"}]
+    want = {name: text_of(d, greedy(d, tok.render_prompt(messages), 24)) for name, d in (("alpha", dirs[1]),
+                                                                                         ("beta", dirs[2]))}
+    assert want["alpha"] != want["beta"]
+    got: dict[str, str] = {}
+
+    def ask(name):
+        got[name] = c.chat.completions.create(model=name, messages=messages, max_tokens=24,
+                                              temperature=0).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in ("alpha", "beta")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want
+
+
+def test_the_base_is_held_once(dirs):
+    from poelm.serve.models import load_served
+
+    served = load_served([str(d) for d in dirs])
+    base, alpha = served[dirs[0].name].model, served["alpha"].model
+    shared = dict(base.named_parameters())
+    for name, p in alpha.named_parameters():
+        if name.startswith("transformer.h.0.") or name == "lm_head.weight":
+            assert p.data_ptr() == shared[name].data_ptr(), name
+    assert alpha.transformer.h[-1].attn.c_q.weight.data_ptr() not in {p.data_ptr() for p in base.parameters()}
+
+
+def test_a_client_that_disconnects_frees_its_row(live, dirs, monkeypatch):
+    """Decoding slowed to 20 ms a step (so the row cannot finish its 100 tokens first): after the client
+    reads one event and goes away, the row is cancelled and leaves the batch within a second."""
+    from poelm.infer.batch import Batch
+
+    url, app = live
+    scheduler = app.state.poelm.scheduler
+    step = Batch.step
+
+    def slow_step(self):
+        time.sleep(0.02)
+        return step(self)
+
+    monkeypatch.setattr(Batch, "step", slow_step)
+    before = scheduler.cancelled_rows
+    with httpx.stream("POST", f"{url}/v1/completions", json={
+            "model": dirs[0].name, "prompt": "a", "max_tokens": 100, "temperature": 0.9, "stream": True},
+            timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                break  # one event, then go away
+    t0 = time.time()
+    while scheduler.active and time.time() - t0 < 1.0:
+        time.sleep(0.01)
+    assert scheduler.active == 0 and scheduler.cancelled_rows == before + 1
+
+
+def test_a_full_queue_answers_429_and_nothing_is_left_behind(dirs):
+    with running(dirs[:1], max_batch=1, max_queue=1) as (url, app):
+        with pytest.raises(openai.RateLimitError) as e:
+            client(url).completions.create(model=dirs[0].name, prompt="a", max_tokens=50, n=3)
+        assert e.value.body["code"] == "queue_full"
+        r = client(url).completions.create(model=dirs[0].name, prompt="a", max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens >= 1
+        deadline = time.time() + 10
+        while app.state.poelm.scheduler.active and time.time() < deadline:
+            time.sleep(0.02)
+        assert app.state.poelm.scheduler.active == 0
+
+
+def test_error_shapes(live, dirs):
+    url, _ = live
+    bad = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
+    unknown = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, "prompt": "a", "logit_bias": {}})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "logit_bias"
+    wrong = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, "prompt": "a", "temperature": "hot"})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "temperature"
+    too_long = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, "prompt": [1] * 10_000})
+    assert too_long.status_code == 400 and "sequence_len" in too_long.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        client(url).completions.create(model="nope", prompt="a")
+    with pytest.raises(openai.BadRequestError):
+        client(url).completions.create(model=dirs[0].name, prompt="a", extra_body={"exit_stage": 99})
+
+
+def test_a_wrong_key_is_401(dirs):
+    with running(dirs[:1], api_key="sekret") as (url, _):
+        with pytest.raises(openai.AuthenticationError):
+            client(url, key="wrong").models.list()
+        assert [m.id for m in client(url, key="sekret").models.list().data] == [dirs[0].name]
+        assert httpx.get(f"{url}/health").status_code == 200  # health needs no key
+
+
+def test_directories_of_different_bases_are_refused(dirs, tmp_path):
+    from poelm.modeldir import save_model_dir
+    from poelm.serve.models import load_served
+
+    other = save_model_dir(perturb_(load_model(dirs[0]), seed=99), tmp_path / "other", load_tokenizer(dirs[0]))
+    with pytest.raises(PoelmError, match="root base"):
+        load_served([str(dirs[0]), str(other)])
+    with pytest.raises(PoelmError, match="already taken"):
+        load_served([str(dirs[0]), str(dirs[0])])
+
+
+def test_health_is_503_while_loading(dirs):
+    """The app answers before the models are loaded: /health and the API say 503 until ready."""
+    from fastapi.testclient import TestClient
+
+    from poelm.serve.app import create_app
+
+    app = create_app([str(dirs[0])])
+    state = app.state.poelm
+    client_ = TestClient(app)
+    assert client_.get("/health").status_code == 503  # the lifespan (which loads) has not started
+    assert client_.post("/v1/completions", json={}).json()["error"]["code"] == "loading"
+    with TestClient(app) as running_client:
+        assert state.ready.wait(60)
+        assert running_client.get("/health").status_code == 200
+    assert json.loads(json.dumps(state.served is not None))
