@@ -17,7 +17,10 @@ What it does today (each later feature adds a step):
 8. Decodes with the base at full depth, with stage 0 alone (prefix pruning), self-speculatively (draft
    with stage 0, verify with all) and with adaptive depth (bounds calibrated on stdlib text), and
    reports tokens/s, acceptance, greedy identity and top-1 agreement.
-9. Writes everything it printed to `summary.json` in the run folder (atomically).
+9. Serves the base and its trained stage from one process (`poelm serve`'s server, the base held
+   once) and asks each one question through the official `openai` client, then stops the server
+   (skipped, saying why, where the `serve` extras or `openai` are not installed).
+10. Writes everything it printed to `summary.json` in the run folder (atomically).
 
 Design choices: the demo is a short list of the same `poelm` commands a user types (`poelm(...)` runs
 each through the command line's own parser and code path, and prints it), plus the checks that show
@@ -61,6 +64,32 @@ SFT_CORPUS_BYTES = 40_000_000  # parse more of the stdlib for SFT: only document
 SFT_STEPS = 60
 SFT_VAL = 32
 SFT_HEAD_LR = 1e-3  # the seed's 1e-4 is for 2,131 steps; a 60-step demo needs a faster head
+
+
+def serve_step(base_dir: Path, stage_dir: Path) -> dict:
+    """[10/10] `poelm serve` on the base and its trained stage (one process, the base held once): one
+    question to each model through the official `openai` client, then the server stops."""
+    try:
+        import openai
+
+        from .serve.app import background
+    except ImportError as e:
+        say(f"[10/10] serving skipped: it needs `pip install 'poelm[serve]' openai` ({e.name} is missing)")
+        return {"skipped": f"{e.name} is missing"}
+    say(f"[10/10] poelm serve {base_dir} {stage_dir} (OpenAI API on 127.0.0.1), one question to each model:")
+    answers = {}
+    with background([str(base_dir), str(stage_dir)], ["base"]) as (url, app):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="demo", max_retries=0)
+        models = [m.id for m in client.models.list().data]
+        base_answer = client.completions.create(model=models[0], prompt="def fibonacci(n):", max_tokens=32,
+                                                temperature=0)
+        answers[models[0]] = base_answer.choices[0].text
+        chat = client.chat.completions.create(model=models[1], max_tokens=48, temperature=0, messages=[
+            {"role": "user", "content": "Write a function that returns the square of a number."}])
+        answers[models[1]] = chat.choices[0].message.content
+    for name, text in answers.items():
+        say(f"      {name}:\n" + textwrap.indent(text.strip() or "(empty)", "      | "))
+    return {"models": models, "answers": answers}
 
 
 def say(text: str) -> None:
@@ -149,7 +178,7 @@ def run_demo(out: Path) -> dict:
     # 1. Tokenizer ----------------------------------------------------------------------------
     paths = stdlib_corpus(CORPUS_BYTES)
     corpus_bytes = sum(os.path.getsize(p) for p in paths)
-    say(f"[1/9] tokenizer: {VOCAB_SIZE}-token BPE on {len(paths)} stdlib files ({corpus_bytes / 1e6:.1f} MB)")
+    say(f"[1/10] tokenizer: {VOCAB_SIZE}-token BPE on {len(paths)} stdlib files ({corpus_bytes / 1e6:.1f} MB)")
     t0 = time.time()
     poelm("tokenizer", "train", "--input", *paths, "--vocab-size", VOCAB_SIZE, "--out", out / "tokenizer",
           "--overwrite")
@@ -170,7 +199,7 @@ def run_demo(out: Path) -> dict:
 
     # 2. A PoE base, initialised --------------------------------------------------------------
     init_dir = out / "base-init"
-    say("[2/9] model: a PoE base, 4 layers in two stages, width 128")
+    say("[2/10] model: a PoE base, 4 layers in two stages, width 128")
     poelm("init", "--tokenizer", out / "tokenizer", "--depth", 4, "--n-embd", 128, "--n-head", 2,
           "--seq-len", SEQ_LEN, "--poe-stage-layers", "2,2", "--poe-mode", "flat", "--out", init_dir, "--overwrite")
     model = load_model(init_dir)
@@ -179,7 +208,7 @@ def run_demo(out: Path) -> dict:
     # 3. Pretrain it (flat: one detached loss per stage) -----------------------------------------
     run_dir = out / "pretrain"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its folder: start the run afresh
-    say(f"[3/9] pretraining (flat) for {PRETRAIN_STEPS} steps of {PRETRAIN_BATCH} x {SEQ_LEN} tokens on the same "
+    say(f"[3/10] pretraining (flat) for {PRETRAIN_STEPS} steps of {PRETRAIN_BATCH} x {SEQ_LEN} tokens on the same "
         f"source; progress on stderr")
     t0 = time.time()
     poelm("pretrain", "--init", init_dir, "--data", *paths, "--out", run_dir, "--steps", PRETRAIN_STEPS,
@@ -203,14 +232,14 @@ def run_demo(out: Path) -> dict:
         out_poe = trained(torch.tensor([prompt_ids]), return_stages=True)
     hf = hf_logits_in_fresh_process(best_dir, prompt_ids)
     diff = (hf - out_poe.logits).abs().max().item()
-    say(f"[4/9] transformers (fresh process, trust_remote_code=True) reloads {best_dir}: "
+    say(f"[4/10] transformers (fresh process, trust_remote_code=True) reloads {best_dir}: "
         f"max |logit difference| = {diff:.2e}")
     if diff > 1e-4:
         raise PoelmError(f"transformers logits differ from poelm's by {diff}")
     summary["hf_roundtrip_max_abs_diff"] = diff
 
     # 5. Each stage's prediction --------------------------------------------------------------
-    say(f"[5/9] each stage's top next tokens after {PROMPT!r}:")
+    say(f"[5/10] each stage's top next tokens after {PROMPT!r}:")
     stages = []
     for k, logits in enumerate(out_poe.stage_logits):
         top = torch.topk(logits[0, -1].softmax(-1), 5)
@@ -221,7 +250,7 @@ def run_demo(out: Path) -> dict:
 
     # 6. A specialist on the frozen base ----------------------------------------------------------
     stage_dir = out / "stage-code"
-    say("[6/9] a specialist: 2 blocks and a zero head attached to the trained base, saved as a delta")
+    say("[6/10] a specialist: 2 blocks and a zero head attached to the trained base, saved as a delta")
     poelm("stage", "attach", best_dir, "--layers", 2, "--name", "code", "--out", stage_dir, "--overwrite")
     with torch.no_grad():
         x = torch.tensor([prompt_ids])
@@ -241,7 +270,7 @@ def run_demo(out: Path) -> dict:
     data = write_jsonl(records, out / "data" / "stdlib-code.jsonl")
     sft_dir = out / "sft"
     shutil.rmtree(sft_dir, ignore_errors=True)
-    say(f"[7/9] stage SFT: {len(records)} code instructions from the stdlib's documented functions -> {data}; "
+    say(f"[7/10] stage SFT: {len(records)} code instructions from the stdlib's documented functions -> {data}; "
         f"{SFT_STEPS} steps, {SFT_VAL} conversations held out; progress on stderr")
     t0 = time.time()
     poelm("stage", "train", stage_dir, "--data", data, "--out", sft_dir, "--steps", SFT_STEPS,
@@ -259,12 +288,12 @@ def run_demo(out: Path) -> dict:
 
     # 8. The seed card's quick start through transformers, on the trained stage -----------------
     answer = quick_start_answer(sft_dir / "best", tok)
-    say(f"[8/9] the seed card's quick start (transformers, fresh process) on {sft_dir / 'best'}:\n"
+    say(f"[8/10] the seed card's quick start (transformers, fresh process) on {sft_dir / 'best'}:\n"
         + textwrap.indent(answer.strip() or "(empty)", "      | "))
     summary["sample"] = answer
 
     # 9. What the stage predictors buy at inference -------------------------------------------
-    say("[9/9] decoding the base with each mode (adaptive depth's bounds calibrated on stdlib text)")
+    say("[9/10] decoding the base with each mode (adaptive depth's bounds calibrated on stdlib text)")
     poelm("calibrate", best_dir, "--data", *paths[-20:], "--max-tokens", 64 * SEQ_LEN)
     bounds = load_calibration(best_dir, trained.config.n_stages)
     greedy = SamplingParams(max_new_tokens=48)
@@ -299,6 +328,7 @@ def run_demo(out: Path) -> dict:
                          "adaptive_agreement": agreement, "adaptive_exits": adapt.stats.exits,
                          "adaptive_bounds": bounds}
 
+    summary["serve"] = serve_step(best_dir, sft_dir / "best")
     summary["seconds"] = round(time.time() - t_start, 1)
     write_json(out / "summary.json", summary)
     say(f"done in {summary['seconds']}s; summary -> {out / 'summary.json'}")

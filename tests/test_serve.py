@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 
@@ -26,41 +25,13 @@ from poelm.modeldir import load_model, load_tokenizer  # noqa: E402
 from util import perturb_  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running(dirs, **kw):
-    """A live server for `dirs`; yields (base_url, app); stops it (and its worker) on exit."""
-    import uvicorn
+    """A live server for `dirs` (poelm.serve.app.background: a free port, stopped on exit)."""
+    from poelm.serve.app import background
 
-    from poelm.serve.app import create_app
-
-    app = create_app([str(d) for d in dirs], **kw)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    else:
-        server.should_exit = True
-        pytest.fail("the server did not become ready")
-    try:
+    with background([str(d) for d in dirs], **kw) as (url, app):
         yield url, app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def make_stage(parent, out, name: str, seed: int):
@@ -340,3 +311,15 @@ def test_health_is_503_while_loading(dirs):
         assert state.ready.wait(60)
         assert running_client.get("/health").status_code == 200
     assert json.loads(json.dumps(state.served is not None))
+
+
+def test_a_directory_that_fails_to_load_stops_the_server_with_one_line(tmp_path, capsys):
+    from poelm.cli import main
+    from poelm.serve.app import background
+
+    with pytest.raises(PoelmError, match="not a directory|config.json"):
+        with background([str(tmp_path / "missing")]):
+            pass
+    assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) != 0
+    err = capsys.readouterr().err
+    assert "missing" in err and "Traceback" not in err

@@ -20,6 +20,7 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import sys
@@ -27,7 +28,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -421,6 +422,39 @@ def sse(events: AsyncIterator[dict], run: Run) -> StreamingResponse:
             run.cancel()
 
     return StreamingResponse(body(), media_type="text/event-stream")
+
+
+@contextlib.contextmanager
+def background(directories: list[str], names: list[str] | None = None, *, host: str = "127.0.0.1",
+               ready_timeout: float = 300, **kw) -> Iterator[tuple[str, FastAPI]]:
+    """A server in a thread of this process, on a free port of `host`, for tests, the demo and the
+    benchmarks: yields (base URL, app) once the models are loaded, and stops it (worker included) on
+    exit. Raises PoelmError if the models fail to load."""
+    import socket
+
+    import uvicorn
+
+    app = create_app([str(d) for d in directories], names, **kw)
+    state: ServerState = app.state.poelm
+    sock = socket.socket()
+    sock.bind((host, 0))  # the port is ours before the server starts: no race for it
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    state.on_failure = lambda: setattr(server, "should_exit", True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="poelm-server", daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + ready_timeout
+        while not (state.ready.is_set() and server.started) and state.error is None and thread.is_alive():
+            if time.time() > deadline:
+                raise PoelmError(f"poelm serve: not ready after {ready_timeout:.0f}s")
+            time.sleep(0.02)
+        if state.error is not None:
+            raise PoelmError(state.error)
+        yield f"http://{host}:{sock.getsockname()[1]}", app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
 
 
 def serve(directories: list[str], names: list[str] | None = None, *, host: str = "127.0.0.1", port: int = 8000,
