@@ -44,6 +44,28 @@ from .protocol import (ApiError, ChatRequest, CompletionRequest, TextStream, cha
 from .scheduler import Job, QueueFull, Scheduler
 
 
+class Outbox:
+    """Events from the worker thread to the event loop, with one wake-up for everything posted while
+    the loop has not yet run (a step of 16 rows wakes it once, not 16 times)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.items, self.scheduled = loop, threading.Lock(), [], False
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        with self.lock:
+            self.items.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 @dataclass
 class ServerState:
     """What the routes read: the models and the worker once loaded, or the loading error."""
@@ -53,6 +75,46 @@ class ServerState:
     error: str | None = None
     on_failure: Any = None  # called (no arguments) when loading fails: stops the server
     ready: threading.Event = field(default_factory=threading.Event)
+    outbox: Outbox | None = None
+
+    def outbox_for(self, loop: asyncio.AbstractEventLoop) -> Outbox:
+        if self.outbox is None or self.outbox.loop is not loop:
+            self.outbox = Outbox(loop)
+        return self.outbox
+
+
+class Guard:
+    """ASGI middleware (plain ASGI: Starlette's BaseHTTPMiddleware would add a task switch to every
+    streamed chunk): the API key and the loading state for `/v1/` routes, and one log line per request
+    (method, path, status, seconds; a stream's line comes when it ends)."""
+
+    def __init__(self, app, state: ServerState, api_key: str | None):
+        self.app, self.state, self.api_key = app, state, api_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [0]
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        refusal = None
+        if scope["path"].startswith("/v1/"):
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if self.api_key is not None and auth != f"Bearer {self.api_key}":
+                refusal = ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                   "authentication_error", code="invalid_api_key")
+            elif not self.state.ready.is_set():
+                refusal = loading_error(self.state)
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, sending)
+        else:
+            await self.app(scope, receive, sending)
+        print(f"{scope['method']} {scope['path']} {status[0]} {time.perf_counter() - t0:.3f}s", file=sys.stderr,
+              flush=True)
 
 
 def create_app(directories: list[str], names: list[str] | None = None, *, max_batch: int = 16,
@@ -83,22 +145,7 @@ def create_app(directories: list[str], names: list[str] | None = None, *, max_ba
     app = FastAPI(title="poelm", lifespan=lifespan)
     app.state.poelm = state
 
-    @app.middleware("http")
-    async def log_and_guard(request: Request, call_next):
-        t0 = time.perf_counter()
-        if request.url.path.startswith("/v1/"):
-            if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-                response = error_response(ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                                   "authentication_error", code="invalid_api_key"))
-            elif not state.ready.is_set():
-                response = error_response(loading_error(state))
-            else:
-                response = await call_next(request)
-        else:
-            response = await call_next(request)
-        print(f"{request.method} {request.url.path} {response.status_code} {time.perf_counter() - t0:.3f}s",
-              file=sys.stderr, flush=True)
-        return response
+    app.add_middleware(Guard, state=state, api_key=api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -246,7 +293,7 @@ class Run:
         self.state, self.served, self.body = state, served, body
         self.id = new_id("cmpl" if isinstance(body, CompletionRequest) else "chatcmpl")
         self.created = now()
-        self.loop = asyncio.get_running_loop()
+        self.outbox = state.outbox_for(asyncio.get_running_loop())
         self.events: asyncio.Queue = asyncio.Queue()
         self.jobs: list[Job] = []
         self.finished: set[int] = set()
@@ -280,17 +327,22 @@ class Run:
         return run
 
     def sink(self, index: int):
-        return lambda kind, value: self.loop.call_soon_threadsafe(self.events.put_nowait, (index, kind, value))
+        return lambda kind, value: self.outbox.post(self.events, (index, kind, value))
 
     def cancel(self) -> None:
         for i, job in enumerate(self.jobs):
             if i not in self.finished:
                 self.state.scheduler.cancel(job)
 
-    async def next_event(self, request: Request | None = None) -> tuple[int, str, Any]:
+    async def next_events(self, request: Request | None = None) -> list[tuple[int, str, Any]]:
+        """Every event that has arrived (at least one; a non-streamed request checks for a client that
+        went away while it waits)."""
         while True:
             try:
-                return await asyncio.wait_for(self.events.get(), timeout=0.5)
+                events = [await asyncio.wait_for(self.events.get(), timeout=0.5)]
+                while not self.events.empty():
+                    events.append(self.events.get_nowait())
+                return events
             except asyncio.TimeoutError:
                 if request is not None and await request.is_disconnected():
                     self.cancel()
@@ -299,30 +351,29 @@ class Run:
     async def wait(self, request: Request) -> list[Result]:
         """Every row's result (non-streamed responses)."""
         n = len(self.jobs) if self.jobs else self.events.qsize()
-        tokens = [[] for _ in range(n)]
+        tokens: list[list[int]] = [[] for _ in range(n)]
         texts = [TextStream(self.served.tokenizer, self.body.stops(), self.stop_ids) for _ in range(n)]
         reasons: list[str | None] = [None] * n
         kept = [0] * n
         while len(self.finished) < n:
-            index, kind, value = await self.next_event(request)
-            if kind == "error":
-                self.cancel()
-                raise ApiError(500, f"decoding failed: {value}", "server_error")
-            if kind == "token":
-                if reasons[index] is not None:
-                    continue  # a stop string ended it; the cancel is on its way
-                tokens[index].append(value)
-                texts[index].push(value)
-                if value not in self.stop_ids:
-                    kept[index] = len(tokens[index])
-                if texts[index].stopped:
-                    reasons[index] = "stop"
-                    self.finished.add(index)
-                    self.state.scheduler.cancel(self.jobs[index])
-            elif kind == "done":
-                if reasons[index] is None:
+            for index, kind, value in await self.next_events(request):
+                if kind == "error":
+                    self.cancel()
+                    raise ApiError(500, f"decoding failed: {value}", "server_error")
+                if index in self.finished:
+                    continue  # a stop string ended it; its cancel is on its way
+                if kind == "token":
+                    tokens[index].append(value)
+                    texts[index].push(value)
+                    if value not in self.stop_ids:
+                        kept[index] = len(tokens[index])
+                    if texts[index].stopped:
+                        reasons[index] = "stop"
+                        self.finished.add(index)
+                        self.state.scheduler.cancel(self.jobs[index])
+                elif kind == "done":
                     reasons[index] = value
-                self.finished.add(index)
+                    self.finished.add(index)
         return [Result(t, s.text if s.stopped else s.text + s.finish(), r, k)
                 for t, s, r, k in zip(tokens, texts, reasons, kept)]
 
@@ -334,7 +385,7 @@ class Run:
         """Log-probabilities of `ids` (the worker's scoring job)."""
         queue: asyncio.Queue = asyncio.Queue()
         job = Job(self.served.name, ids, SamplingParams(), DecodeMode(exit_stage=self.body.exit_stage),
-                  lambda kind, value: self.loop.call_soon_threadsafe(queue.put_nowait, (kind, value)), score=top)
+                  lambda kind, value: self.outbox.post(queue, (kind, value)), score=top)
         try:
             self.state.scheduler.submit(job)
         except QueueFull as e:
@@ -344,76 +395,80 @@ class Run:
             raise ApiError(500, f"scoring failed: {value}", "server_error")
         return value
 
-    async def stream(self) -> AsyncIterator[tuple[int, str]]:
-        """(choice index, text piece) as rows produce text; ('', None) pieces never; then each row's end
-        as (index, None) after its last piece. Stop strings cancel their row."""
+    async def stream(self) -> AsyncIterator[list[tuple[int, str | None]]]:
+        """Per batch of arrived events: [(choice index, text piece)], a row's end as (index, None) after
+        its last piece. Stop strings cancel their row."""
         n = len(self.jobs)
         texts = [TextStream(self.served.tokenizer, self.body.stops(), self.stop_ids) for _ in range(n)]
         self.reasons: list[str | None] = [None] * n
         self.counts = [0] * n
         while len(self.finished) < n:
-            index, kind, value = await self.next_event()
-            if kind == "error":
-                self.cancel()
-                raise RuntimeError(value)
-            if index in self.finished:
-                continue
-            if kind == "token":
-                self.counts[index] += 1
-                piece = texts[index].push(value)
-                if piece:
-                    yield index, piece
-                if texts[index].stopped:
-                    self.reasons[index] = "stop"
+            out: list[tuple[int, str | None]] = []
+            for index, kind, value in await self.next_events():
+                if kind == "error":
+                    self.cancel()
+                    raise RuntimeError(value)
+                if index in self.finished:
+                    continue
+                if kind == "token":
+                    self.counts[index] += 1
+                    piece = texts[index].push(value)
+                    if piece:
+                        out.append((index, piece))
+                    if texts[index].stopped:
+                        self.reasons[index] = "stop"
+                        self.finished.add(index)
+                        self.state.scheduler.cancel(self.jobs[index])
+                        out.append((index, None))
+                elif kind == "done":
+                    piece = texts[index].finish()
+                    if piece:
+                        out.append((index, piece))
+                    self.reasons[index] = value
                     self.finished.add(index)
-                    self.state.scheduler.cancel(self.jobs[index])
-                    yield index, None
-            elif kind == "done":
-                piece = texts[index].finish()
-                if piece:
-                    yield index, piece
-                self.reasons[index] = value
-                self.finished.add(index)
-                yield index, None
+                    out.append((index, None))
+            if out:
+                yield out
 
-    async def completion_events(self, body: CompletionRequest, tok) -> AsyncIterator[dict]:
+    async def completion_events(self, body: CompletionRequest, tok) -> AsyncIterator[list[dict]]:
         prompts = [job.prompt for job in self.jobs]
         if body.echo:
-            for index, prompt in enumerate(prompts):
-                yield chunk("text_completion", self.id, body.model, self.created,
-                            [{"index": index, "text": tok.decode(prompt), "logprobs": None, "finish_reason": None}])
-        async for index, piece in self.stream():
-            choice = {"index": index, "text": piece or "", "logprobs": None,
-                      "finish_reason": None if piece is not None else self.reasons[index]}
-            yield chunk("text_completion", self.id, body.model, self.created, [choice])
+            yield [chunk("text_completion", self.id, body.model, self.created,
+                         [{"index": index, "text": tok.decode(prompt), "logprobs": None, "finish_reason": None}])
+                   for index, prompt in enumerate(prompts)]
+        async for pieces in self.stream():
+            yield [chunk("text_completion", self.id, body.model, self.created,
+                         [{"index": index, "text": piece or "", "logprobs": None,
+                           "finish_reason": None if piece is not None else self.reasons[index]}])
+                   for index, piece in pieces]
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield chunk("text_completion", self.id, body.model, self.created, [],
-                        {"usage": usage(sum(map(len, prompts)), sum(self.counts))})
+            yield [chunk("text_completion", self.id, body.model, self.created, [],
+                         {"usage": usage(sum(map(len, prompts)), sum(self.counts))})]
 
-    async def chat_events(self, body: ChatRequest, tok) -> AsyncIterator[dict]:
+    async def chat_events(self, body: ChatRequest, tok) -> AsyncIterator[list[dict]]:
         kind = "chat.completion.chunk"
-        for index in range(len(self.jobs)):  # the first delta of each choice carries the role
-            yield chunk(kind, self.id, body.model, self.created,
-                        [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
-        async for index, piece in self.stream():
-            choice = ({"index": index, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}
-                      if piece is not None else
-                      {"index": index, "delta": {}, "logprobs": None, "finish_reason": self.reasons[index]})
-            yield chunk(kind, self.id, body.model, self.created, [choice])
+        yield [chunk(kind, self.id, body.model, self.created,  # the first delta of each choice carries the role
+                     [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                       "finish_reason": None}]) for index in range(len(self.jobs))]
+        async for pieces in self.stream():
+            yield [chunk(kind, self.id, body.model, self.created,
+                         [{"index": index, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}
+                          if piece is not None else
+                          {"index": index, "delta": {}, "logprobs": None, "finish_reason": self.reasons[index]}])
+                   for index, piece in pieces]
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield chunk(kind, self.id, body.model, self.created, [],
-                        {"usage": usage(sum(len(j.prompt) for j in self.jobs), sum(self.counts))})
+            yield [chunk(kind, self.id, body.model, self.created, [],
+                         {"usage": usage(sum(len(j.prompt) for j in self.jobs), sum(self.counts))})]
 
 
-def sse(events: AsyncIterator[dict], run: Run) -> StreamingResponse:
-    """Server-sent events: one `data: {json}` per event, then `data: [DONE]`; closing the stream early
-    (the client went away) cancels the request's rows."""
+def sse(events: AsyncIterator[list[dict]], run: Run) -> StreamingResponse:
+    """Server-sent events: one `data: {json}` per event (the events that arrived together in one write),
+    then `data: [DONE]`; closing the stream early (the client went away) cancels the request's rows."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            async for event in events:
-                yield f"data: {json.dumps(event)}\n\n".encode()
+            async for batch in events:
+                yield "".join(f"data: {json.dumps(event)}\n\n" for event in batch).encode()
             yield b"data: [DONE]\n\n"
         except RuntimeError as e:  # a decoding error mid-stream: an error event, then the end
             yield f"data: {json.dumps(ApiError(500, f'decoding failed: {e}', 'server_error').body())}\n\n".encode()
