@@ -33,6 +33,7 @@ imported can leak into what `transformers` sees.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -77,6 +78,7 @@ def serve_step(base_dir: Path, stage_dir: Path) -> dict:
         say(f"[10/10] serving skipped: it needs `pip install 'poelm[serve]' openai` ({e.name} is missing)")
         return {"skipped": f"{e.name} is missing"}
     say(f"[10/10] poelm serve {base_dir} {stage_dir} (OpenAI API on 127.0.0.1), one question to each model:")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the client's own request lines: the server logs them
     answers = {}
     with background([str(base_dir), str(stage_dir)], ["base"]) as (url, app):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="demo", max_retries=0)
