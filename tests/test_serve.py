@@ -269,6 +269,14 @@ def test_error_shapes(live, dirs):
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "logit_bias"
     wrong = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, "prompt": "a", "temperature": "hot"})
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "temperature"
+    nothing = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, "prompt": "a", "max_tokens": 0})
+    assert nothing.status_code == 400 and nothing.json()["error"]["param"] == "max_tokens"
+    for body, param in (({"prompt": []}, "prompt"), ({"prompt": "a", "stream": True, "logprobs": 1}, "logprobs")):
+        r = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, body
+    assistant_last = httpx.post(f"{url}/v1/chat/completions", json={"model": "alpha", "messages": [
+        {"role": "assistant", "content": "hi"}]})
+    assert assistant_last.status_code == 400 and assistant_last.json()["error"]["param"] == "messages"
     too_long = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, "prompt": [1] * 10_000})
     assert too_long.status_code == 400 and "sequence_len" in too_long.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):

@@ -174,10 +174,11 @@ def create_app(directories: list[str], names: list[str] | None = None, *, max_ba
         served = model_of(state, body.model)
         tok = served.tokenizer
         prompts = text_prompts(body.prompt, tok)
-        if body.max_tokens == 0 and not body.echo:
-            raise ApiError(400, "max_tokens: 0 generates nothing; with echo=true it scores the prompt", "max_tokens")
+        if body.max_tokens == 0 and (not body.echo or body.stream):
+            raise ApiError(400, "max_tokens: 0 generates nothing; with echo=true and stream=false it scores the "
+                           "prompt", param="max_tokens")
         if body.stream and body.logprobs is not None:
-            raise ApiError(400, "logprobs: not available with stream=true yet", "logprobs")
+            raise ApiError(400, "logprobs: not available with stream=true yet", param="logprobs")
         choices = [(p, i) for p in prompts for i in range(body.n)]
         runs = await Run.start(state, served, body, [p for p, _ in choices], body.max_tokens)
         if body.stream:
@@ -203,9 +204,9 @@ def create_app(directories: list[str], names: list[str] | None = None, *, max_ba
         try:
             prompt = tok.render_prompt([m.model_dump(exclude_none=True) for m in body.messages])
         except PoelmError as e:
-            raise ApiError(400, f"messages: {e}", "messages") from None
+            raise ApiError(400, f"messages: {e}", param="messages") from None
         if body.stream and body.logprobs:
-            raise ApiError(400, "logprobs: not available with stream=true yet", "logprobs")
+            raise ApiError(400, "logprobs: not available with stream=true yet", param="logprobs")
         max_tokens = body.max_completion_tokens or body.max_tokens or served.model.config.sequence_len - len(prompt)
         runs = await Run.start(state, served, body, [prompt] * body.n, max(max_tokens, 1))
         if body.stream:
@@ -268,7 +269,7 @@ def text_prompts(prompt: Any, tok) -> list[list[int]]:
     if prompt and all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     if not prompt:
-        raise ApiError(400, "prompt: empty", "prompt")
+        raise ApiError(400, "prompt: empty", param="prompt")
     return [[tok.bos_id] + tok.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 

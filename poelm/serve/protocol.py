@@ -30,7 +30,7 @@ from ..core.tokenizer import Tokenizer
 class ApiError(Exception):
     """An error response: HTTP status and OpenAI's error object."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", *, param: str | None = None,
                  code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
