@@ -151,6 +151,8 @@ def test_n_and_seeded_sampling_alone_and_inside_a_busy_batch(live, dirs, monkeyp
 
     alone = ask()
     assert len(alone) == 3 and len(set(alone)) > 1  # n rows, each its own seed
+    r = c.completions.create(model=base.name, prompt="import", max_tokens=4, n=3, temperature=0)
+    assert r.usage.prompt_tokens == 1 + len(load_tokenizer(base).encode("import"))  # the prompt once, as OpenAI
     step = Batch.step
     monkeypatch.setattr(Batch, "step", lambda self: (time.sleep(0.005), step(self))[1])
     noise = [threading.Thread(target=lambda i=i: c.completions.create(
@@ -185,6 +187,14 @@ def test_echo_logprobs_equal_the_models_log_softmax(live, dirs):
         assert max(lp.top_logprobs[t].values()) == pytest.approx(float(want[t - 1].max()), abs=1e-4)
     assert lp.text_offset[0] == 0 and r.choices[0].text == tok.decode(ids)
     assert r.usage.completion_tokens == 0
+    # exit_stage=0: the log-probabilities of stage 0's predictor
+    r0 = client(url).completions.create(model=base.name, prompt=ids, max_tokens=0, echo=True, logprobs=0,
+                                        extra_body={"exit_stage": 0})
+    with torch.no_grad():
+        stage0 = torch.log_softmax(load_model(base)(torch.tensor([ids]), exit_stage=0).logits[0].float(), -1)
+    assert r0.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        [float(stage0[t - 1, ids[t]]) for t in range(1, len(ids))], abs=1e-4)
+    assert r0.choices[0].logprobs.token_logprobs[1:] != pytest.approx(lp.token_logprobs[1:], abs=1e-4)
 
 
 def test_two_specialists_in_one_batch_each_equal_the_specialist_alone(live, dirs):

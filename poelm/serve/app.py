@@ -194,7 +194,7 @@ def create_app(directories: list[str], names: list[str] | None = None, *, max_ba
                 logprobs = completion_logprobs(tok, scores, first, len(prompt) + result.kept)
             out.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": result.reason})
         return {"id": runs.id, "object": "text_completion", "created": runs.created, "model": body.model,
-                "choices": out, "usage": usage(sum(len(p) for p, _ in choices), sum(r.count for r in results))}
+                "choices": out, "usage": usage(sum(map(len, prompts)), sum(r.count for r in results))}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -221,7 +221,7 @@ def create_app(directories: list[str], names: list[str] | None = None, *, max_ba
             out.append({"index": index, "message": {"role": "assistant", "content": result.text},
                         "logprobs": logprobs, "finish_reason": result.reason})
         return {"id": runs.id, "object": "chat.completion", "created": runs.created, "model": body.model,
-                "choices": out, "usage": usage(len(prompt) * body.n, sum(r.count for r in results))}
+                "choices": out, "usage": usage(len(prompt), sum(r.count for r in results))}
 
     return app
 
@@ -444,7 +444,7 @@ class Run:
                    for index, piece in pieces]
         if body.stream_options is not None and body.stream_options.include_usage:
             yield [chunk("text_completion", self.id, body.model, self.created, [],
-                         {"usage": usage(sum(map(len, prompts)), sum(self.counts))})]
+                         {"usage": usage(sum(map(len, prompts[::body.n])), sum(self.counts))})]
 
     async def chat_events(self, body: ChatRequest, tok) -> AsyncIterator[list[dict]]:
         kind = "chat.completion.chunk"
@@ -459,7 +459,7 @@ class Run:
                    for index, piece in pieces]
         if body.stream_options is not None and body.stream_options.include_usage:
             yield [chunk(kind, self.id, body.model, self.created, [],
-                         {"usage": usage(sum(len(j.prompt) for j in self.jobs), sum(self.counts))})]
+                         {"usage": usage(len(self.jobs[0].prompt), sum(self.counts))})]
 
 
 def sse(events: AsyncIterator[list[dict]], run: Run) -> StreamingResponse:

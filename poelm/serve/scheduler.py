@@ -55,10 +55,12 @@ class Job:
 
 
 @torch.inference_mode()
-def score_prompt(model: torch.nn.Module, prompt: list[int], top: int) -> list[dict]:
-    """Per prompt token: its log-probability under the model's predictor given the tokens before it
-    (None for the first) and the `top` most likely tokens there: [{"token", "logprob", "top"}]."""
-    logits = model(torch.tensor([prompt], device=next(model.parameters()).device)).logits[0].float()
+def score_prompt(model: torch.nn.Module, prompt: list[int], top: int, exit_stage: int | None = None) -> list[dict]:
+    """Per prompt token: its log-probability under the model's predictor (stage `exit_stage`'s, else the
+    full model's) given the tokens before it (None for the first) and the `top` most likely tokens
+    there: [{"token", "logprob", "top"}]."""
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    logits = model(ids, exit_stage=exit_stage).logits[0].float()
     logp = F.log_softmax(logits, dim=-1)  # (T, V): position t predicts token t + 1
     out = [{"token": prompt[0], "logprob": None, "top": []}]
     best = logp[:-1].topk(top, dim=-1) if top > 0 else None
@@ -160,7 +162,7 @@ class Scheduler:
         served = self.served[job.model]
         try:
             if job.score is not None:
-                job.sink("scores", score_prompt(served.model, job.prompt, job.score))
+                job.sink("scores", score_prompt(served.model, job.prompt, job.score, job.mode.exit_stage))
                 return
             key = (job.model, job.mode)
             decoder = self.decoder(job.model, job.mode)
