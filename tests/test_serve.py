@@ -341,3 +341,17 @@ def test_a_directory_that_fails_to_load_stops_the_server_with_one_line(tmp_path,
     assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) != 0
     err = capsys.readouterr().err
     assert "missing" in err and "Traceback" not in err
+
+
+def test_an_unexpected_failure_is_a_500_in_openais_shape(live, dirs, monkeypatch):
+    from poelm.serve.scheduler import Scheduler
+
+    url, _ = live
+
+    def broken(self, job):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Scheduler, "check", broken)
+    r = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, "prompt": "a"})
+    assert r.status_code == 500 and r.json()["error"] == {"message": "RuntimeError: boom", "type": "server_error",
+                                                          "param": None, "code": None}

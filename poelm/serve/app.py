@@ -151,6 +151,11 @@ def create_app(directories: list[str], names: list[str] | None = None, *, max_ba
     async def api_error(request: Request, e: ApiError):
         return error_response(e)
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):  # still OpenAI's shape, and one log line
+        print(f"poelm serve: error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return error_response(ApiError(500, f"{type(e).__name__}: {e}", "server_error"))
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {"loc": ("body",), "msg": "invalid body"}
