@@ -136,32 +136,24 @@ class AdaptiveBatch(RowBatch):
         super().__init__(decoder.model)
         self.decoder = decoder
         self.pending: list[Walk] = []  # positions (all rows, in order) whose deeper layers wait
-        self.next: list[int] = []  # per row: its last token, produced and not yet fed
 
     def step(self) -> list[tuple[Row, int]]:
         if self.queued:  # newcomers: prefill, first token; the running rows wait one step
             self._flush()
-            rows, logits = self._prefill(output="logop")
-            tokens = logits.argmax(dim=-1).tolist()
-        elif self.rows:
-            rows = self.rows
-            with torch.inference_mode():
-                tokens = self._step(self.next)
-            self.next = []
-        else:
+            return self._start(lambda scores, r: int(scores.argmax()), output="logop")
+        if not self.rows:
             return []
-        emitted = []
+        rows = self.rows
+        with torch.inference_mode():
+            tokens = self._step([r.tokens[-1] for r in rows])  # each row's last token: produced, not yet fed
         for r, token in zip(rows, tokens):
             r.emit(token, self.limit)
-            emitted.append((r, token))
-            self.next.append(token)
-        self._keep([i for i, r in enumerate(self.rows) if not r.done])
-        return emitted
+        self._keep([i for i, r in enumerate(rows) if not r.done])
+        return list(zip(rows, tokens))
 
     def _keep(self, keep: list[int]) -> None:
         if len(keep) < len(self.rows):
             self._flush()
-        self.next = [self.next[i] for i in keep]
         super()._keep(keep)
 
     def _flush(self) -> None:

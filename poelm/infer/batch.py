@@ -107,6 +107,19 @@ class RowBatch(ABC):
         self.rows += rows
         return rows, logits
 
+    def _start(self, pick, **forward) -> list[tuple[Row, int]]:
+        """The step of decoders whose running rows wait while newcomers join: prefill the queued rows,
+        give each its first token (`pick(scores (vocab,), row) -> token`), and drop those already done.
+        A row's last token (`row.tokens[-1]`) is then what it feeds next."""
+        rows, logits = self._prefill(**forward)
+        emitted = []
+        for r, scores in zip(rows, logits):
+            token = pick(scores, r)
+            r.emit(token, self.limit)
+            emitted.append((r, token))
+        self._keep([i for i, r in enumerate(self.rows) if not r.done])
+        return emitted
+
     def _keep(self, keep: list[int]) -> None:
         """Keep only the rows at `keep` (cache order); an empty batch starts a fresh cache."""
         if len(keep) == len(self.rows):

@@ -130,32 +130,18 @@ class SpeculativeBatch(RowBatch):
     def __init__(self, decoder: SpeculativeDecoder):
         super().__init__(decoder.model)
         self.decoder = decoder
-        self.pending: list[int] = []  # per row: its last token, produced and not yet fed
-
-    def _keep(self, keep: list[int]) -> None:
-        self.pending = [self.pending[i] for i in keep]
-        super()._keep(keep)
 
     def step(self) -> list[tuple[Row, int]]:
         if self.queued:  # newcomers: prefill, first token; the running rows wait one step
-            rows, logits = self._prefill(output=self.decoder.output)
-            emitted = []
-            for r, scores in zip(rows, logits):
-                token, _ = choose(scores, r)
-                r.emit(token, self.limit)
-                emitted.append((r, token))
-                self.pending.append(token)
-            self._keep([i for i, r in enumerate(self.rows) if not r.done])
-            return emitted
-        if not self.rows:
-            return []
-        return self._round()
+            return self._start(lambda scores, r: choose(scores, r)[0], output=self.decoder.output)
+        return self._round() if self.rows else []
 
     def _round(self) -> list[tuple[Row, int]]:
         d, m, c, rows = self.decoder, self.model, self.model.config, self.rows
         ks = [min(d.k, r.params.max_new_tokens - len(r.tokens), self.limit - len(r.prompt) - len(r.tokens))
               for r in rows]  # >= 1: a finished row has left
-        base, inputs = self.cache.get_seq_length(), list(self.pending)
+        fed = [r.tokens[-1] for r in rows]  # each row's last token: produced, not yet fed
+        base, inputs = self.cache.get_seq_length(), list(fed)
         drafts: list[list[int]] = [[] for _ in rows]
         qs: list[list[torch.Tensor | None]] = [[] for _ in rows]
         walks, shallow = [], []  # per draft step: the walk at the draft boundary, the draft stages' logits
@@ -193,7 +179,7 @@ class SpeculativeBatch(RowBatch):
                         n, correction = i, token
                         break
                 out = drafts[b][:n] + ([correction] if correction is not None else [])
-                kept = ([self.pending[b]] + drafts[b][:n])[: len(out)]  # the inputs whose keys stay
+                kept = ([fed[b]] + drafts[b][:n])[: len(out)]  # the inputs whose keys stay
                 lengths.append(base + len(kept))
                 last.append(kept[-1])
                 emitted.append(out)
@@ -208,7 +194,6 @@ class SpeculativeBatch(RowBatch):
                 d.stats.emitted += 1
                 if r.emit(token, self.limit):
                     break
-            self.pending[b] = r.tokens[-1]
         self._keep([b for b, r in enumerate(rows) if not r.done])
         return produced
 

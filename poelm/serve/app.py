@@ -303,6 +303,7 @@ class Run:
         self.events: asyncio.Queue = asyncio.Queue()
         self.jobs: list[Job] = []
         self.finished: set[int] = set()
+        self.stop_ids: frozenset[int] = frozenset()
 
     @classmethod
     async def start(cls, state: ServerState, served: ServedModel, body: Any, prompts: list[list[int]],
@@ -319,6 +320,7 @@ class Run:
             except PoelmError as e:
                 raise ApiError(400, str(e)) from None
             run.jobs.append(job)
+        run.stop_ids = state.scheduler.decoder(served.name, mode).stop_ids  # the tokens that end a row
         if max_tokens == 0:  # scoring only (echo): nothing to decode
             for index in range(len(prompts)):
                 run.events.put_nowait((index, "done", "length"))
@@ -383,9 +385,6 @@ class Run:
         return [Result(t, s.text if s.stopped else s.text + s.finish(), r, k)
                 for t, s, r, k in zip(tokens, texts, reasons, kept)]
 
-    @property
-    def stop_ids(self) -> frozenset[int]:
-        return self.state.scheduler.decoder(self.served.name, self.jobs[0].mode).stop_ids if self.jobs else frozenset()
 
     async def score(self, ids: list[int], top: int) -> list[dict]:
         """Log-probabilities of `ids` (the worker's scoring job)."""
