@@ -89,16 +89,12 @@ def as_chain(chain: Chain | str | os.PathLike) -> Chain:
 
 
 @torch.no_grad()
-def attach(parent: Chain | str | os.PathLike, n_layers: int, seed: int = 0,
-           chat_rows: bool = True) -> tuple[PoEGPT, dict[str, Any]]:
-    """Append a stage to the parent (a chain, or its directory); returns the model and the facts
-    `save_specialist` records."""
-    chain = as_chain(parent)
-    parent_config = chain.config
-    parent = chain.model()
-    tok = chain.tokenizer()
-    config = specialist_config(parent_config, n_layers)
-    model = PoEGPT(config)
+def grow(parent: PoEGPT, n_layers: int, seed: int = 0) -> PoEGPT:
+    """The parent model with one stage of `n_layers` new blocks appended (the identity at first) and a zero
+    specialist head: every tensor of the parent is copied, the parent's own specialist head folded into
+    the ancestors' head."""
+    parent_config = parent.config
+    model = PoEGPT(specialist_config(parent_config, n_layers))
     model.init_weights(seed)  # new blocks get nanochat's init (c_proj zero); everything else is copied
     own = model.state_dict()
     P = parent_config.n_layer
@@ -112,11 +108,21 @@ def attach(parent: Chain | str | os.PathLike, n_layers: int, seed: int = 0,
         head = parent.specialist_head.weight
         model.ancestors_head.weight.copy_(head if not parent_config.head_fold else parent.ancestors_head.weight + head)
     model.specialist_head.weight.zero_()
+    return model
+
+
+@torch.no_grad()
+def attach(parent: Chain | str | os.PathLike, n_layers: int, seed: int = 0,
+           chat_rows: bool = True) -> tuple[PoEGPT, dict[str, Any]]:
+    """Append a stage to the parent (a chain, or its directory; `grow`); returns the model and the facts
+    `save_specialist` records."""
+    chain = as_chain(parent)
+    model = grow(chain.model(), n_layers, seed)
     initialised: list[int] = []
     if chat_rows and not chat_rows_done(chain.links):
-        initialised = warm_init_chat_rows(model, tok)
-    return model, {"parent_dir": str(chain.path), "parent_fingerprint": chain.fingerprint, "parent_layers": P,
-                   "stage_layers": n_layers, "chat_rows": initialised,
+        initialised = warm_init_chat_rows(model, chain.tokenizer())
+    return model, {"parent_dir": str(chain.path), "parent_fingerprint": chain.fingerprint,
+                   "parent_layers": chain.config.n_layer, "stage_layers": n_layers, "chat_rows": initialised,
                    "chat_rows_initialized": bool(initialised) or chat_rows_done(chain.links)}
 
 

@@ -197,26 +197,36 @@ def test_echo_logprobs_equal_the_models_log_softmax(live, dirs):
     assert r0.choices[0].logprobs.token_logprobs[1:] != pytest.approx(lp.token_logprobs[1:], abs=1e-4)
 
 
-def test_two_specialists_in_one_batch_each_equal_the_specialist_alone(live, dirs):
-    url, _ = live
+def test_two_specialists_in_one_batch_each_equal_the_specialist_alone(live, dirs, monkeypatch):
+    """The base and two specialists asked at once (steps slowed to 5 ms so they overlap): their rows
+    share batch steps (one pass through the base's layers, infer/fleet.py) and each answer equals that
+    model decoding alone."""
+    from poelm.infer.batch import Batch
+
+    url, app = live
     c = client(url)
     tok = load_tokenizer(dirs[1])
     messages = [{"role": "user", "content": "write a loop"}]
-    want = {name: text_of(d, greedy(d, tok.render_prompt(messages), 24)) for name, d in (("alpha", dirs[1]),
-                                                                                         ("beta", dirs[2]))}
-    assert want["alpha"] != want["beta"]
+    names = {"alpha": dirs[1], "beta": dirs[2], dirs[0].name: dirs[0]}
+    want = {name: text_of(d, greedy(d, tok.render_prompt(messages), 24)) for name, d in names.items()}
+    assert len(set(want.values())) == 3
+    step = Batch.step
+    monkeypatch.setattr(Batch, "step", lambda self: (time.sleep(0.005), step(self))[1])
+    scheduler = app.state.poelm.scheduler
+    before = scheduler.shared_steps
     got: dict[str, str] = {}
 
     def ask(name):
         got[name] = c.chat.completions.create(model=name, messages=messages, max_tokens=24,
                                               temperature=0).choices[0].message.content
 
-    threads = [threading.Thread(target=ask, args=(name,)) for name in ("alpha", "beta")]
+    threads = [threading.Thread(target=ask, args=(name,)) for name in names]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert got == want
+    assert scheduler.shared_steps > before
 
 
 def test_the_base_is_held_once(dirs):

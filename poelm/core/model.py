@@ -205,6 +205,29 @@ class KVCache:
         self.keys[layer_idx], self.values[layer_idx] = buf[0][:, :, :n + T], buf[1][:, :, :n + T]
         return self.keys[layer_idx], self.values[layer_idx]
 
+    def update_rows(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, rows: slice, batch: int, start: int):
+        """Write the keys and values (b, H_kv, T, D) of `rows` (a slice of the `batch` rows) at positions
+        start .. start + T of layer `layer_idx`; returns those rows' keys and values (views). The first
+        group of rows to write a layer in a forward grows it for every row, with zeros in the rows that
+        do not run the layer (nothing ever reads them): rows of different models in one batch
+        (infer/fleet.py) keep one tensor per layer, so selecting, padding and trimming stay uniform."""
+        T = k.size(2)
+        n = self.get_seq_length(layer_idx)
+        if n == start:
+            zeros = k.new_zeros(batch, k.size(1), T, k.size(3))
+            self.update(zeros, zeros, layer_idx)
+        elif n != start + T:
+            raise ValueError(f"KVCache layer {layer_idx}: {n} positions cached; a forward of {T} positions "
+                             f"from position {start} expects {start} or {start + T}")
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[rows, :, start:], values[rows, :, start:] = k, v
+        return keys[rows], values[rows]
+
+    def forget(self, layer_idx: int) -> None:
+        """Drop one layer's keys and values (no row of the batch runs it any more)."""
+        for held in (self.keys, self.values, self._buffers):
+            held.pop(layer_idx, None)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.keys[layer_idx].size(2) if layer_idx in self.keys else 0
 
@@ -250,13 +273,17 @@ class KVCache:
             self.keys, self.values = dict(other.keys), dict(other.values)
             self.prev_embedding, self.attention_mask = other.prev_embedding, other.attention_mask
             return
-        length, theirs = self.get_seq_length(), other.get_seq_length()
-        self.pad_left(theirs - length)
-        other.pad_left(length - theirs)
-        mask = torch.cat([self.mask(), other.mask()])  # before the keys grow: mask() may read their rows
-        for i in self.keys:
-            self.keys[i] = torch.cat([self.keys[i], other.keys[i]])
-            self.values[i] = torch.cat([self.values[i], other.values[i]])
+        length, other_length = self.get_seq_length(), other.get_seq_length()
+        self.pad_left(other_length - length)
+        other.pad_left(length - other_length)
+        mine, theirs = self.mask(), other.mask()  # before the keys grow: mask() may read their rows
+        for i in sorted(set(self.keys) | set(other.keys)):  # a layer only one side's rows run: zeros for the other
+            like = self.keys[i] if i in self.keys else other.keys[i]
+            for held, extra in ((self.keys, other.keys), (self.values, other.values)):
+                parts = [h[i] if i in h else like.new_zeros(m.size(0), *like.shape[1:])
+                         for h, m in ((held, mine), (extra, theirs))]
+                held[i] = torch.cat(parts)
+        mask = torch.cat([mine, theirs])
         if self.prev_embedding is not None:
             self.prev_embedding = torch.cat([self.prev_embedding, other.prev_embedding])
         self.attention_mask = mask
@@ -291,6 +318,17 @@ class KVCache:
             for i in self.keys:
                 self.keys[i], self.values[i] = self.keys[i][:, :, first:], self.values[i][:, :, first:]
             self.attention_mask = self.attention_mask[:, first:]
+
+
+class CacheRows:
+    """Rows [start, stop) of a `KVCache` during one forward of a `batch`-row batch from position `start`:
+    the cache a group of rows running a layer of their own writes into (`KVCache.update_rows`)."""
+
+    def __init__(self, cache: KVCache, rows: slice, batch: int, start: int):
+        self.cache, self.rows, self.batch, self.start = cache, rows, batch, start
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
+        return self.cache.update_rows(k, v, layer_idx, self.rows, self.batch, self.start)
 
 
 class CausalSelfAttention(nn.Module):
@@ -409,6 +447,13 @@ class Walk:
         fields = {f.name: join(f.name) for f in dataclasses.fields(Walk) if f.name not in ("layer", "doc_ids")}
         return Walk(**fields, doc_ids=walks[-1].doc_ids, layer=walks[0].layer)  # the last covers every key
 
+    def rows(self, start: int, stop: int) -> "Walk":
+        """Rows [start, stop) of this walk (a view: rotary tables shared by every row stay shared)."""
+        cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
+        table = lambda t: t if t.size(0) == 1 else t[start:stop]  # noqa: E731
+        return Walk(idx=cut(self.idx), x=cut(self.x), x0=cut(self.x0), x_backout=cut(self.x_backout),
+                    cos=table(self.cos), sin=table(self.sin), doc_ids=cut(self.doc_ids), layer=self.layer)
+
     def part(self, start: int, stop: int) -> "Walk":
         """Positions [start, stop) of this walk (its doc_ids: the keys up to position stop - 1)."""
         cut = lambda t: None if t is None else t[:, start:stop]  # noqa: E731
@@ -500,10 +545,17 @@ class PoEGPT(nn.Module):
             nn.init.zeros_(self.specialist_head.weight)
 
     # ---------------------------------------------------------------------------- pieces
-    def embed(self, idx: torch.Tensor, cache=None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def token_embedding(self, idx: torch.Tensor) -> torch.Tensor:
+        """The embedding-table rows of `idx` (B, T) -> (B, T, d), before the norm."""
+        return self.transformer.wte(idx)
+
+    def embed(self, idx: torch.Tensor, cache=None, doc_ids: torch.Tensor | None = None,
+              tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Normed token embedding plus the smear of the previous token's embedding: (B, T, d).
-        `doc_ids` (B, Tk) covers the cached positions and these."""
-        x = norm(self.transformer.wte(idx))
+        `doc_ids` (B, Tk) covers the cached positions and these. `tokens` (B, T, d): the table rows
+        of `idx` when the caller looked them up (rows of a batch read from different models' tables,
+        infer/fleet.py); else this model's `token_embedding(idx)`."""
+        x = norm(self.token_embedding(idx) if tokens is None else tokens)
         if not self.config.smear:
             return x
         prev = x[:, :-1]
@@ -600,16 +652,18 @@ class PoEGPT(nn.Module):
         return doc_ids, positions
 
     def begin(self, idx: torch.Tensor, cache=None, doc_ids: torch.Tensor | None = None,
-              positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> Walk:
+              positions: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+              tokens: torch.Tensor | None = None) -> Walk:
         """The walk of `idx` (B, T) before layer 0: embedding with the smear (continuing the cache's
         previous token), rotary tables at `positions` (B, T), else right after the cache's length.
-        `attention_mask` (a padded batch) gives both (`padding`); packed documents give them directly."""
+        `attention_mask` (a padded batch) gives both (`padding`); packed documents give them directly.
+        `tokens`: the embedding-table rows of `idx`, looked up by the caller (`embed`)."""
         c = self.config
         if attention_mask is not None:
             if doc_ids is not None or positions is not None:
                 raise ValueError("give an attention_mask (padding) or doc_ids/positions (packing), not both")
             doc_ids, positions = self.padding(attention_mask, cache, idx.size(1))
-        x = self.embed(idx, cache, doc_ids)
+        x = self.embed(idx, cache, doc_ids, tokens)
         if positions is not None:
             cos, sin = rotary_at(positions, c.head_dim, c.rope_base, x.dtype)
         else:
@@ -668,7 +722,7 @@ class PoEGPT(nn.Module):
             cache.realign(length)
         if self.config.smear:
             ids = torch.as_tensor(last_token, device=self.transformer.wte.weight.device).reshape(-1, 1)
-            cache.prev_embedding = norm(self.transformer.wte(ids))  # what `embed` keeps: (B, 1, d)
+            cache.prev_embedding = norm(self.token_embedding(ids))  # what `embed` keeps: (B, 1, d)
 
     def readout_stages(self, last: int, output: str | None = None) -> list[int]:
         """The stages whose logits `predictor` needs to decode stage `last` under `output`."""

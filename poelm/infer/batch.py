@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.model import KVCache
+from .fleet import Fleet, Route
 from .sampling import SamplingParams, sample_next
 
 
@@ -43,6 +44,7 @@ class Row:
     seen: list[int]  # prompt + output: for the repetition penalty
     tokens: list[int] = field(default_factory=list)
     done: bool = False
+    route: Route | None = None  # the engine's batches: which model, stage and predictor the row decodes
 
     def emit(self, token: int, limit: int) -> bool:
         """Record a produced token; whether the row has finished (a stop token, its budget, or prompt +
@@ -102,10 +104,15 @@ class RowBatch(ABC):
             mask[i, T - len(r.prompt):] = True
         cache = KVCache()
         with torch.inference_mode():
-            logits = self.model(ids, cache=cache, attention_mask=mask, **forward).logits[:, -1].float()
+            logits = self._scores(ids, cache, mask, rows, **forward)
         self.cache.extend(cache)
         self.rows += rows
         return rows, logits
+
+    def _scores(self, ids: torch.Tensor, cache: KVCache, mask: torch.Tensor | None, rows: list[Row],
+                **forward) -> torch.Tensor:
+        """Feed `ids` (B, T) of `rows` into `cache`: each row's next-token scores (B, V) float32."""
+        return self.model(ids, cache=cache, attention_mask=mask, **forward).logits[:, -1].float()
 
     def _start(self, pick, **forward) -> list[tuple[Row, int]]:
         """The step of decoders whose running rows wait while newcomers join: prefill the queued rows,
@@ -121,8 +128,8 @@ class RowBatch(ABC):
         return emitted
 
     def _keep(self, keep: list[int]) -> None:
-        """Keep only the rows at `keep` (cache order); an empty batch starts a fresh cache."""
-        if len(keep) == len(self.rows):
+        """Keep only the rows at `keep`, in that order; an empty batch starts a fresh cache."""
+        if keep == list(range(len(self.rows))):
             return
         self.rows = [self.rows[i] for i in keep]
         if self.rows:
@@ -132,23 +139,41 @@ class RowBatch(ABC):
 
 
 class Batch(RowBatch):
-    """The engine's batch: one token per row per step, at full depth or stopping after `exit_stage`."""
+    """The engine's batch: one token per row per step, each row along its own route through a fleet of
+    models (fleet.py: rows of different models share the layers their models have in common). An
+    engine's batch is a fleet of its one model with one route: full depth or stopping after an exit
+    stage. Rows are kept sorted by route (`Route.key`), as the fleet's walk needs."""
 
-    def __init__(self, model: torch.nn.Module, *, output: str, exit_stage: int | None = None):
-        super().__init__(model)
-        self.output, self.exit_stage = output, exit_stage
+    def __init__(self, fleet: Fleet, route: Route | None = None):
+        super().__init__(fleet.trunk)
+        self.fleet, self.route = fleet, route
         self.logits: torch.Tensor | None = None  # (len(rows), V): each row's next-token scores
 
+    def add(self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int],
+            route: Route | None = None) -> Row:
+        """Queue a checked request along `route` (default: the batch's own)."""
+        route = route or self.route
+        if route is None:
+            raise ValueError("Batch.add: this batch has no default route; give the row's")
+        row = super().add(prompt, params, stop_ids)
+        row.route = route
+        return row
+
+    def _scores(self, ids, cache, mask, rows, **forward) -> torch.Tensor:
+        return self.fleet.forward(ids, cache, [r.route for r in rows], attention_mask=mask)
+
     def _keep(self, keep: list[int]) -> None:
-        if self.logits is not None and len(keep) < len(self.rows):
+        if self.logits is not None and keep != list(range(len(self.rows))):
             self.logits = self.logits[keep] if keep else None
         super()._keep(keep)
 
     def step(self) -> list[tuple[Row, int]]:
         """One token for every row; rows that finish leave the batch."""
         if self.queued:
-            _, logits = self._prefill(exit_stage=self.exit_stage, output=self.output)
+            self.queued.sort(key=lambda r: r.route.key)
+            _, logits = self._prefill()
             self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+            self._keep(sorted(range(len(self.rows)), key=lambda i: self.rows[i].route.key))
         if not self.rows:
             return []
         emitted, keep, feed = [], [], []
@@ -172,7 +197,5 @@ class Batch(RowBatch):
         step = torch.tensor(feed, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         mask = None if self.cache.attention_mask is None else torch.ones_like(step, dtype=torch.bool)
         with torch.inference_mode():
-            out = self.model(step, cache=self.cache, exit_stage=self.exit_stage, output=self.output,
-                             attention_mask=mask)
-        self.logits = out.logits[:, -1].float()
+            self.logits = self.fleet.forward(step, self.cache, [r.route for r in self.rows], attention_mask=mask)
         return emitted

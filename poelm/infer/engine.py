@@ -23,6 +23,7 @@ import torch
 from ..core.model import KVCache
 from .batch import Batch
 from .decoder import Decoder, check_request
+from .fleet import Fleet
 
 
 class Engine(Decoder):
@@ -45,5 +46,6 @@ class Engine(Decoder):
             return self.model(ids, cache=cache, exit_stage=self.exit_stage, output=self.output).logits[0, -1].float()
 
     def batch(self) -> Batch:
-        """An empty batch decoding with this engine's model, predictor and exit stage."""
-        return Batch(self.model, output=self.output, exit_stage=self.exit_stage)
+        """An empty batch decoding with this engine's model, predictor and exit stage (a fleet of one)."""
+        fleet = Fleet([self.model])
+        return Batch(fleet, fleet.route(self.model, self.exit_stage, self.output))

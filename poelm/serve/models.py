@@ -24,6 +24,7 @@ from ..core.cascade import open_chain
 from ..core.errors import PoelmError
 from ..core.model import PoEGPT
 from ..core.tokenizer import Tokenizer
+from ..infer.fleet import share_parameters
 
 
 @dataclass
@@ -36,21 +37,6 @@ class ServedModel:
     tokenizer: Tokenizer
     root: str
     decoders: dict = field(default_factory=dict)  # the scheduler's decoders, by decode mode
-
-
-def share_parameters(model: PoEGPT, held: dict[str, torch.Tensor]) -> int:
-    """Point every parameter of `model` equal to one in `held` (by name) at that tensor; add the rest to
-    `held`. Returns the number of bytes now shared."""
-    shared = 0
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            other = held.get(name)
-            if other is not None and other.shape == p.shape and other.dtype == p.dtype and torch.equal(other, p.data):
-                p.data = other
-                shared += p.numel() * p.element_size()
-            else:
-                held.setdefault(name, p.data)
-    return shared
 
 
 def load_served(directories: list[str | os.PathLike], names: list[str] | None = None,

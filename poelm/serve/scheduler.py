@@ -4,10 +4,11 @@ Design choices:
 - One worker thread runs every forward (the event loop never blocks on the model). Requests arrive
   through `submit` (thread-safe), join their batch at the worker's next step and leave when they
   finish or are cancelled (`RowBatch.cancel`: a client that went away frees its row at once).
-- Batches are keyed by (model id, decode mode: exit stage, speculative K and draft stage); every
-  non-empty batch steps once per loop, so requests for different models and modes progress
-  together. Rows of different specialists do not yet share the base's layers in one pass: each
-  model's batch runs its own (the base's tensors are still held once, models.py).
+- The engine's requests (full depth or an exit stage, either predictor) of every model ride in one
+  batch: the models are a `Fleet` (infer/fleet.py), so rows of the base and of its specialists share
+  one pass through the base's layers (held once, models.py) and split only for each specialist's own
+  blocks and head. Speculative requests batch per (model id, K, draft stage). Every non-empty batch
+  steps once per loop, so requests for different models and modes progress together.
 - Back-pressure: at most `max_batch` rows decode at once and at most `max_queue` requests wait;
   `submit` raises QueueFull beyond that (the API answers 429).
 - A row decodes exactly what it decodes alone (batch.py), so a seeded request gives the same tokens
@@ -28,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import PoelmError
-from ..infer.batch import Row, RowBatch
+from ..infer.batch import Batch, Row, RowBatch
 from ..infer.decoder import Decoder, check_request
+from ..infer.fleet import Fleet
 from ..infer.modes import DecodeMode, make_decoder
 from ..infer.sampling import SamplingParams
 from .models import ServedModel
@@ -80,7 +82,16 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._cancelled: list[Job] = []
-        self._batches: dict[tuple[str, DecodeMode], RowBatch] = {}
+        self._batches: dict[tuple, RowBatch] = {}  # ("fleet", i) or (model id, speculative mode)
+        self._fleets: list[Fleet] = []
+        self._fleet_of: dict[str, int] = {}
+        for name, model in served.items():  # models that cannot share a batch get a fleet of their own
+            index = next((i for i, f in enumerate(self._fleets) if f.admits(model.model)), len(self._fleets))
+            if index == len(self._fleets):
+                self._fleets.append(Fleet([model.model]))
+            self._fleets[index].join(model.model)
+            self._fleet_of[name] = index
+        self.shared_steps = 0  # steps of a batch holding rows of more than one model
         self._jobs: dict[int, tuple[Job, RowBatch]] = {}  # id(row) -> its job and batch
         self._stopping = False
         self.cancelled_rows = 0  # rows freed before their end (a client went away, a stop string)
@@ -164,15 +175,22 @@ class Scheduler:
             if job.score is not None:
                 job.sink("scores", score_prompt(served.model, job.prompt, job.score, job.mode.exit_stage))
                 return
-            key = (job.model, job.mode)
             decoder = self.decoder(job.model, job.mode)
-            batch = self._batches.setdefault(key, decoder.batch())
-            job.row = batch.add(job.prompt, job.params, decoder.stop_ids)
+            if job.mode.speculative is None:
+                fleet = self._fleet_of[job.model]
+                batch = self._batches.setdefault(("fleet", fleet), Batch(self._fleets[fleet]))
+                route = self._fleets[fleet].route(served.model, job.mode.exit_stage, decoder.output)
+                job.row = batch.add(job.prompt, job.params, decoder.stop_ids, route)
+            else:
+                batch = self._batches.setdefault((job.model, job.mode), decoder.batch())
+                job.row = batch.add(job.prompt, job.params, decoder.stop_ids)
             self._jobs[id(job.row)] = (job, batch)
         except Exception as e:  # noqa: BLE001 - one request's failure must not stop the worker
             job.sink("error", f"{type(e).__name__}: {e}")
 
     def _step(self, batch: RowBatch) -> None:
+        if len({id(r.route.model) for r in batch.rows if r.route is not None}) > 1:
+            self.shared_steps += 1
         try:
             emitted = batch.step()
         except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving the others
