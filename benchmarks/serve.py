@@ -119,14 +119,14 @@ def nbytes(p) -> int:
 
 
 def memory(base: Path, stages: list[Path]) -> dict:
-    """Parameter bytes held with N specialists (distinct storages once) against the base plus the
+    """Tensor bytes held with N specialists (parameters and buffers, each storage once) against the base plus the
     specialists' delta files, and against N + 1 unshared models."""
     out = {}
     for n in (1, 2, 4):
         models = [s.model for s in load_served([str(base)] + [str(s) for s in stages[:n]]).values()]
-        base_ptrs = {p.data_ptr() for p in models[0].parameters()}
+        tensors = {t.data_ptr(): t for m in models for t in (*m.parameters(), *m.buffers())}  # each storage once
         base_bytes = sum(nbytes(p) for p in models[0].parameters())
-        own = sum(nbytes(p) for m in models[1:] for p in m.parameters() if p.data_ptr() not in base_ptrs)
+        own = sum(nbytes(t) for t in tensors.values()) - base_bytes
         files = sum((s / "delta.safetensors").stat().st_size for s in stages[:n])
         unshared = sum(nbytes(p) for m in models for p in m.parameters())
         out[f"N={n}"] = {"held_mb": round((base_bytes + own) / 2**20, 2), "base_mb": round(base_bytes / 2**20, 2),

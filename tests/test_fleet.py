@@ -179,3 +179,27 @@ def test_what_cannot_share_a_batch_is_refused_with_the_reason(models):
         fleet.forward(torch.zeros(2, 1, dtype=torch.long), KVCache(), unsorted)
     with pytest.raises(ValueError, match="no default route"):
         Batch(fleet).add([1], SamplingParams(), frozenset())
+
+
+@torch.no_grad()
+def test_a_specialist_shares_the_base_embedding_table_keeping_only_its_changed_rows():
+    base = tiny_model().eval()
+    spec = specialist(base, 1, seed=21)
+    ids = torch.tensor([[1, 5, 9, 6, 6, 200]])  # changed rows 5 and 6 among unchanged ones
+    before, table = spec(ids).logits, spec.state_dict()["transformer.wte.weight"].clone()
+    held = {name: p.data for name, p in base.named_parameters()}
+    freed = share_parameters(spec, held)
+    assert spec.transformer.wte.weight.data_ptr() == base.transformer.wte.weight.data_ptr()
+    assert spec.own_row_ids.tolist() == list(CHANGED_ROWS) and spec.own_row_values.shape == (2, 64)
+    assert freed >= (320 - 2) * 64 * 4  # the table less its own rows, plus every shared block
+    assert torch.equal(spec(ids).logits, before)  # exactly what it computed with its own table
+    assert torch.equal(spec.state_dict()["transformer.wte.weight"], table)  # and it still saves its own
+    assert not torch.equal(base.state_dict()["transformer.wte.weight"], table)
+    with pytest.raises(ValueError, match="already shares"):
+        spec.share_embedding(base.transformer.wte.weight.data)
+    with pytest.raises(ValueError, match="table"):
+        tiny_model().share_embedding(torch.zeros(10, 64))
+    stranger = tiny_model(seed=9)  # another base: every row differs, nothing is shared
+    share_parameters(stranger, held)
+    assert stranger.own_row_ids is None
+    assert stranger.transformer.wte.weight.data_ptr() != base.transformer.wte.weight.data_ptr()

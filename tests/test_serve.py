@@ -239,6 +239,10 @@ def test_the_base_is_held_once(dirs):
         if name.startswith("transformer.h.0.") or name == "lm_head.weight":
             assert p.data_ptr() == shared[name].data_ptr(), name
     assert alpha.transformer.h[-1].attn.c_q.weight.data_ptr() not in {p.data_ptr() for p in base.parameters()}
+    # the embedding table too: alpha keeps apart only the chat-token rows its stage initialised
+    assert alpha.transformer.wte.weight.data_ptr() == base.transformer.wte.weight.data_ptr()
+    chat_rows = json.loads((dirs[1] / "config.json").read_text())["chat_rows"]
+    assert sorted(alpha.own_row_ids.tolist()) == sorted(chat_rows) and len(chat_rows) == 8
 
 
 def test_a_client_that_disconnects_frees_its_row(live, dirs, monkeypatch):

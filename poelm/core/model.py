@@ -479,6 +479,14 @@ class PoEOutput:
     stage_logits: list[torch.Tensor] | None = None
 
 
+def _own_table_in_state_dict(model: "PoEGPT", state: dict, prefix: str, local_metadata) -> None:
+    """A model sharing its embedding table saves its own: the shared table with its own rows written in."""
+    if model.own_row_ids is not None:
+        table = state[prefix + "transformer.wte.weight"].clone()
+        table[model.own_row_ids] = model.own_row_values
+        state[prefix + "transformer.wte.weight"] = table
+
+
 class PoEGPT(nn.Module):
     """nanochat's GPT with a next-token predictor at every stage boundary (docs/model.md §1-2)."""
 
@@ -507,6 +515,9 @@ class PoEGPT(nn.Module):
             self.backout_lambda = nn.Parameter(0.2 * torch.ones(1))
         kv_dim = config.n_kv_head * config.head_dim
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in sorted(ve_layers)})
+        # Rows kept apart from a table shared with another model (`share_embedding`); None: none.
+        self.register_buffer("own_row_ids", None, persistent=False)
+        self.register_buffer("own_row_values", None, persistent=False)
 
     # ------------------------------------------------------------------------------ init
     @torch.no_grad()
@@ -546,8 +557,32 @@ class PoEGPT(nn.Module):
 
     # ---------------------------------------------------------------------------- pieces
     def token_embedding(self, idx: torch.Tensor) -> torch.Tensor:
-        """The embedding-table rows of `idx` (B, T) -> (B, T, d), before the norm."""
-        return self.transformer.wte(idx)
+        """The embedding-table rows of `idx` (B, T) -> (B, T, d), before the norm; the rows this model
+        keeps apart from a shared table (`share_embedding`) replace the table's."""
+        x = self.transformer.wte(idx)
+        if self.own_row_ids is None:
+            return x
+        hit = idx.unsqueeze(-1) == self.own_row_ids  # (B, T, n): which own row each token is, if any
+        own = self.own_row_values[hit.int().argmax(dim=-1)].to(x.dtype)
+        return torch.where(hit.any(dim=-1, keepdim=True), own, x)
+
+    @torch.no_grad()
+    def share_embedding(self, table: torch.Tensor) -> int:
+        """Read the token embedding from `table` (another model's table, same shape and dtype), keeping
+        apart only the rows where this model's own table differs (a specialist's chat-token rows): the
+        model computes exactly what it computed, holding n rows instead of a table. The state dict
+        still gives this model's own table (rebuilt when saved). Returns the bytes no longer held."""
+        own = self.transformer.wte.weight
+        if own.shape != table.shape or own.dtype != table.dtype:
+            raise ValueError(f"share_embedding: table {tuple(table.shape)} {table.dtype}, this model's "
+                             f"{tuple(own.shape)} {own.dtype}")
+        changed = (own.data != table).any(dim=1).nonzero().flatten()
+        if self.own_row_ids is not None:
+            raise ValueError("share_embedding: this model already shares its embedding table")
+        self.own_row_ids, self.own_row_values = changed, own.data[changed].clone()
+        own.data = table
+        self.register_state_dict_post_hook(_own_table_in_state_dict)
+        return (table.size(0) - len(changed)) * table.size(1) * table.element_size()
 
     def embed(self, idx: torch.Tensor, cache=None, doc_ids: torch.Tensor | None = None,
               tokens: torch.Tensor | None = None) -> torch.Tensor:

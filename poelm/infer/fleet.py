@@ -34,14 +34,19 @@ from ..core.model import CacheRows, KVCache, PoEGPT, Walk
 def share_parameters(model: PoEGPT, held: dict[str, torch.Tensor]) -> int:
     """Point every parameter of `model` equal to one in `held` (same name, shape, dtype and values) at
     that tensor, and add the rest to `held`: models loaded one after another hold what they have in
-    common once, and their rows then share those layers in a fleet's batch. Returns the bytes shared."""
+    common once, and their rows then share those layers in a fleet's batch. An embedding table that
+    differs from the held one in fewer than half its rows (a specialist's chat-token rows) is shared
+    too, its own rows kept apart (`PoEGPT.share_embedding`). Returns the bytes no longer held."""
     shared = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
             other = held.get(name)
-            if other is not None and other.shape == p.shape and other.dtype == p.dtype and torch.equal(other, p.data):
+            alike = other is not None and other.shape == p.shape and other.dtype == p.dtype
+            if alike and torch.equal(other, p.data):
                 p.data = other
                 shared += p.numel() * p.element_size()
+            elif alike and name == "transformer.wte.weight" and 2 * int((p.data != other).any(dim=1).sum()) < len(p):
+                shared += model.share_embedding(other)
             else:
                 held.setdefault(name, p.data)
     return shared
