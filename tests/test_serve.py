@@ -197,6 +197,38 @@ def test_echo_logprobs_equal_the_models_log_softmax(live, dirs):
     assert r0.choices[0].logprobs.token_logprobs[1:] != pytest.approx(lp.token_logprobs[1:], abs=1e-4)
 
 
+def test_streamed_logprobs_equal_the_unstreamed_ones(live, dirs):
+    """Per-token log-probabilities streamed from the decoding steps, collected over the chunks, equal the
+    ones a non-streamed request scores after decoding: completions (tokens, logprobs, top alternatives,
+    text offsets; a stop string cuts both alike) and chat (content entries; the end token is never one)."""
+    url, _ = live
+    c = client(url)
+    kw = dict(model=dirs[0].name, prompt="def add(a, b):", max_tokens=12, temperature=0, logprobs=2)
+    text = c.completions.create(**kw).choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]  # cuts the completion halfway, inside a token or not
+    for extra in ({}, {"stop": [stop]}):
+        whole = c.completions.create(**kw, **extra).choices[0].logprobs
+        assert (len(whole.tokens) < 12) == bool(extra)
+        got = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for event in c.completions.create(**kw, **extra, stream=True):
+            if event.choices and event.choices[0].logprobs is not None:
+                for name in got:
+                    got[name] += getattr(event.choices[0].logprobs, name)
+        assert got["tokens"] == whole.tokens and got["text_offset"] == whole.text_offset, extra
+        assert got["token_logprobs"] == pytest.approx(whole.token_logprobs, abs=1e-4)
+        for mine, theirs in zip(got["top_logprobs"], whole.top_logprobs):
+            assert mine.keys() == theirs.keys() and list(mine.values()) == pytest.approx(list(theirs.values()), abs=1e-4)
+    messages = [{"role": "user", "content": "write a loop"}]
+    chat = dict(model="alpha", messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3)
+    whole = c.chat.completions.create(**chat).choices[0].logprobs.content
+    streamed = [entry for event in c.chat.completions.create(**chat, stream=True)
+                if event.choices and event.choices[0].logprobs is not None
+                for entry in event.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in whole] and len(whole) > 0
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole], abs=1e-4)
+    assert all(len(e.top_logprobs) == 3 for e in streamed)
+
+
 def test_two_specialists_in_one_batch_each_equal_the_specialist_alone(live, dirs, monkeypatch):
     """The base and two specialists asked at once (steps slowed to 5 ms so they overlap): their rows
     share batch steps (one pass through the base's layers, infer/fleet.py) and each answer equals that
@@ -295,9 +327,11 @@ def test_error_shapes(live, dirs):
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "temperature"
     nothing = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, "prompt": "a", "max_tokens": 0})
     assert nothing.status_code == 400 and nothing.json()["error"]["param"] == "max_tokens"
-    for body, param in (({"prompt": []}, "prompt"), ({"prompt": "a", "stream": True, "logprobs": 1}, "logprobs")):
-        r = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, **body})
-        assert r.status_code == 400 and r.json()["error"]["param"] == param, body
+    empty = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, "prompt": []})
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
+    drafted = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, "prompt": "a", "stream": True,
+                                                        "logprobs": 1, "speculative": 2, "draft_stage": 0})
+    assert drafted.status_code == 400 and "speculative" in drafted.json()["error"]["message"]
     assistant_last = httpx.post(f"{url}/v1/chat/completions", json={"model": "alpha", "messages": [
         {"role": "assistant", "content": "hi"}]})
     assert assistant_last.status_code == 400 and assistant_last.json()["error"]["param"] == "messages"

@@ -45,6 +45,8 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     done: bool = False
     route: Route | None = None  # the engine's batches: which model, stage and predictor the row decodes
+    logprobs: int | None = None  # the engine's batches: report each token's log-probability and this many alternatives
+    logprob: dict | None = None  # ... of the token emitted last (`token_logprob`)
 
     def emit(self, token: int, limit: int) -> bool:
         """Record a produced token; whether the row has finished (a stop token, its budget, or prompt +
@@ -53,6 +55,15 @@ class Row:
         self.done = (token in self.stop_ids or len(self.tokens) >= self.params.max_new_tokens
                      or len(self.prompt) + len(self.tokens) >= limit)
         return self.done
+
+
+def token_logprob(scores: torch.Tensor, token: int, top: int) -> dict:
+    """What is reported of a token chosen from a predictor's scores (V,): {"token", "logprob" (its
+    log-softmax), "top": the `top` most likely [(id, logprob)]}."""
+    logp = torch.log_softmax(scores.float(), dim=-1)
+    best = logp.topk(top) if top > 0 else None
+    return {"token": token, "logprob": float(logp[token]),
+            "top": [] if best is None else list(zip(best.indices.tolist(), best.values.tolist()))}
 
 
 class RowBatch(ABC):
@@ -186,6 +197,8 @@ class Batch(RowBatch):
                     seen = torch.tensor(r.seen, device=self.device) if r.params.repetition_penalty != 1 else None
                     token = sample_next(self.logits[i], seen, r.params, r.generator)
                 emitted.append((r, token))
+                if r.logprobs is not None:
+                    r.logprob = token_logprob(self.logits[i], token, r.logprobs)
                 if not r.emit(token, self.limit):
                     keep.append(i)
                     feed.append(token)

@@ -182,10 +182,9 @@ def create_app(directories: list[str], names: list[str] | None = None, *, max_ba
         if body.max_tokens == 0 and (not body.echo or body.stream):
             raise ApiError(400, "max_tokens: 0 generates nothing; with echo=true and stream=false it scores the "
                            "prompt", param="max_tokens")
-        if body.stream and body.logprobs is not None:
-            raise ApiError(400, "logprobs: not available with stream=true yet", param="logprobs")
         choices = [(p, i) for p in prompts for i in range(body.n)]
-        runs = await Run.start(state, served, body, [p for p, _ in choices], body.max_tokens)
+        runs = await Run.start(state, served, body, [p for p, _ in choices], body.max_tokens,
+                               body.logprobs if body.stream else None)
         if body.stream:
             return sse(runs.completion_events(body, tok), runs)
         results = await runs.wait(request)
@@ -210,10 +209,9 @@ def create_app(directories: list[str], names: list[str] | None = None, *, max_ba
             prompt = tok.render_prompt([m.model_dump(exclude_none=True) for m in body.messages])
         except PoelmError as e:
             raise ApiError(400, f"messages: {e}", param="messages") from None
-        if body.stream and body.logprobs:
-            raise ApiError(400, "logprobs: not available with stream=true yet", param="logprobs")
         max_tokens = body.max_completion_tokens or body.max_tokens or served.model.config.sequence_len - len(prompt)
-        runs = await Run.start(state, served, body, [prompt] * body.n, max(max_tokens, 1))
+        runs = await Run.start(state, served, body, [prompt] * body.n, max(max_tokens, 1),
+                               (body.top_logprobs or 0) if body.stream and body.logprobs else None)
         if body.stream:
             return sse(runs.chat_events(body, tok), runs)
         results = await runs.wait(request)
@@ -307,7 +305,9 @@ class Run:
 
     @classmethod
     async def start(cls, state: ServerState, served: ServedModel, body: Any, prompts: list[list[int]],
-                    max_tokens: int) -> "Run":
+                    max_tokens: int, logprobs: int | None = None) -> "Run":
+        """Check and submit one row per prompt; `logprobs`: stream each token's log-probability with that
+        many alternatives."""
         run = cls(state, served, body)
         mode = DecodeMode(exit_stage=body.exit_stage, speculative=body.speculative, draft_stage=body.draft_stage)
         base_seed = body.seed if body.seed is not None else secrets.randbits(31)
@@ -315,7 +315,7 @@ class Run:
             try:
                 params = SamplingParams(max_new_tokens=max(max_tokens, 1), temperature=body.temperature,
                                         top_p=None if body.top_p >= 1 else body.top_p, seed=base_seed + index)
-                job = Job(served.name, prompt, params, mode, run.sink(index))
+                job = Job(served.name, prompt, params, mode, run.sink(index), logprobs=logprobs)
                 state.scheduler.check(job)
             except PoelmError as e:
                 raise ApiError(400, str(e)) from None
@@ -400,67 +400,96 @@ class Run:
             raise ApiError(500, f"scoring failed: {value}", "server_error")
         return value
 
-    async def stream(self) -> AsyncIterator[list[tuple[int, str | None]]]:
-        """Per batch of arrived events: [(choice index, text piece)], a row's end as (index, None) after
-        its last piece. Stop strings cancel their row."""
+    async def stream(self) -> AsyncIterator[list[tuple[int, str | None, list[dict]]]]:
+        """Per batch of arrived events: [(choice index, text piece, logprob entries)], a row's end as
+        (index, None, entries) after its last piece. A piece carries the entries of the tokens that
+        arrived since the row's last piece (none for stop tokens, which are never text). Stop strings
+        cancel their row."""
         n = len(self.jobs)
         texts = [TextStream(self.served.tokenizer, self.body.stops(), self.stop_ids) for _ in range(n)]
+        pending: list[list[dict]] = [[] for _ in range(n)]
         self.reasons: list[str | None] = [None] * n
         self.counts = [0] * n
+
+        def take(index: int) -> list[dict]:
+            entries, pending[index] = pending[index], []
+            return [e for e in entries if e["token"] not in self.stop_ids]
+
         while len(self.finished) < n:
-            out: list[tuple[int, str | None]] = []
+            out: list[tuple[int, str | None, list[dict]]] = []
             for index, kind, value in await self.next_events():
                 if kind == "error":
                     self.cancel()
                     raise RuntimeError(value)
                 if index in self.finished:
                     continue
-                if kind == "token":
+                if kind == "logprob":
+                    pending[index].append(value)
+                elif kind == "token":
                     self.counts[index] += 1
                     piece = texts[index].push(value)
                     if piece:
-                        out.append((index, piece))
+                        out.append((index, piece, take(index)))
                     if texts[index].stopped:
                         self.reasons[index] = "stop"
                         self.finished.add(index)
                         self.state.scheduler.cancel(self.jobs[index])
-                        out.append((index, None))
+                        out.append((index, None, take(index)))
                 elif kind == "done":
                     piece = texts[index].finish()
                     if piece:
-                        out.append((index, piece))
+                        out.append((index, piece, take(index)))
                     self.reasons[index] = value
                     self.finished.add(index)
-                    out.append((index, None))
+                    out.append((index, None, take(index)))
             if out:
                 yield out
 
     async def completion_events(self, body: CompletionRequest, tok) -> AsyncIterator[list[dict]]:
         prompts = [job.prompt for job in self.jobs]
+        offsets = [0] * len(prompts)  # text_offset of each choice's next token
+
+        def logprobs(index: int, entries: list[dict]) -> dict | None:
+            if body.logprobs is None:
+                return None
+            out = completion_logprobs(tok, entries, 0, len(entries), offsets[index])
+            offsets[index] += sum(len(t) for t in out["tokens"])
+            return out
+
         if body.echo:
-            yield [chunk("text_completion", self.id, body.model, self.created,
-                         [{"index": index, "text": tok.decode(prompt), "logprobs": None, "finish_reason": None}])
-                   for index, prompt in enumerate(prompts)]
+            echoed = []
+            for index, prompt in enumerate(prompts):
+                scores = await self.score(prompt, body.logprobs) if body.logprobs is not None else []
+                echoed.append(chunk("text_completion", self.id, body.model, self.created,
+                                    [{"index": index, "text": tok.decode(prompt), "logprobs": logprobs(index, scores),
+                                      "finish_reason": None}]))
+            yield echoed
         async for pieces in self.stream():
             yield [chunk("text_completion", self.id, body.model, self.created,
-                         [{"index": index, "text": piece or "", "logprobs": None,
+                         [{"index": index, "text": piece or "", "logprobs": logprobs(index, entries),
                            "finish_reason": None if piece is not None else self.reasons[index]}])
-                   for index, piece in pieces]
+                   for index, piece, entries in pieces]
         if body.stream_options is not None and body.stream_options.include_usage:
             yield [chunk("text_completion", self.id, body.model, self.created, [],
                          {"usage": usage(sum(map(len, prompts[::body.n])), sum(self.counts))})]
 
     async def chat_events(self, body: ChatRequest, tok) -> AsyncIterator[list[dict]]:
         kind = "chat.completion.chunk"
+
+        def logprobs(entries: list[dict]) -> dict | None:
+            return chat_logprobs(tok, entries) if body.logprobs else None
+
         yield [chunk(kind, self.id, body.model, self.created,  # the first delta of each choice carries the role
                      [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                        "finish_reason": None}]) for index in range(len(self.jobs))]
         async for pieces in self.stream():
             yield [chunk(kind, self.id, body.model, self.created,
-                         [{"index": index, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}
+                         [{"index": index, "delta": {"content": piece}, "logprobs": logprobs(entries),
+                           "finish_reason": None}
                           if piece is not None else
-                          {"index": index, "delta": {}, "logprobs": None, "finish_reason": self.reasons[index]}])
-                   for index, piece in pieces]
+                          {"index": index, "delta": {}, "logprobs": logprobs(entries) if entries else None,
+                           "finish_reason": self.reasons[index]}])
+                   for index, piece, entries in pieces]
         if body.stream_options is not None and body.stream_options.include_usage:
             yield [chunk(kind, self.id, body.model, self.created, [],
                          {"usage": usage(len(self.jobs[0].prompt), sum(self.counts))})]

@@ -12,7 +12,9 @@ Design choices:
   is not included; a stream holds back the last (longest stop - 1) characters until it knows they
   do not begin one. Stop tokens (`<|assistant_end|>`, `<|bos|>`) end a row and are never text.
 - `logprobs` are the model's own log-probabilities (its predictor, before temperature) of each token
-  given the tokens before it, from one scoring forward over prompt + completion after decoding;
+  given the tokens before it: from one scoring forward over prompt + completion after decoding, or,
+  streamed, from the scores of the step that chose the token (equal to float rounding; the engine's
+  modes only). Streamed, a chunk carries the entries of the tokens whose text it releases.
   `text_offset` counts characters of the tokens decoded one by one.
 """
 

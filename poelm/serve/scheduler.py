@@ -13,7 +13,8 @@ Design choices:
   `submit` raises QueueFull beyond that (the API answers 429).
 - A row decodes exactly what it decodes alone (batch.py), so a seeded request gives the same tokens
   whatever else is running.
-- Events go to each job's `sink`, called in the worker thread: ("token", id); ("done", reason) with
+- Events go to each job's `sink`, called in the worker thread: ("token", id), preceded by ("logprob",
+  entry) when the job asked for `logprobs` (`token_logprob`, from the step's own scores); ("done", reason) with
   reason "stop" (a stop token) or "length" (the budget or the context limit); ("scores", list) for a
   scoring job (the log-probability of every prompt token); ("error", message).
 """
@@ -26,10 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..core.errors import PoelmError
-from ..infer.batch import Batch, Row, RowBatch
+from ..infer.batch import Batch, Row, RowBatch, token_logprob
 from ..infer.decoder import Decoder, check_request
 from ..infer.fleet import Fleet
 from ..infer.modes import DecodeMode, make_decoder
@@ -53,6 +53,7 @@ class Job:
     mode: DecodeMode
     sink: Sink
     score: int | None = None
+    logprobs: int | None = None  # stream each token's log-probability with this many alternatives (engine modes)
     row: Row | None = None
 
 
@@ -60,16 +61,11 @@ class Job:
 def score_prompt(model: torch.nn.Module, prompt: list[int], top: int, exit_stage: int | None = None) -> list[dict]:
     """Per prompt token: its log-probability under the model's predictor (stage `exit_stage`'s, else the
     full model's) given the tokens before it (None for the first) and the `top` most likely tokens
-    there: [{"token", "logprob", "top"}]."""
+    there: [{"token", "logprob", "top"}] (`token_logprob`)."""
     ids = torch.tensor([prompt], device=next(model.parameters()).device)
-    logits = model(ids, exit_stage=exit_stage).logits[0].float()
-    logp = F.log_softmax(logits, dim=-1)  # (T, V): position t predicts token t + 1
-    out = [{"token": prompt[0], "logprob": None, "top": []}]
-    best = logp[:-1].topk(top, dim=-1) if top > 0 else None
-    for t in range(1, len(prompt)):
-        alternatives = [] if best is None else list(zip(best.indices[t - 1].tolist(), best.values[t - 1].tolist()))
-        out.append({"token": prompt[t], "logprob": float(logp[t - 1, prompt[t]]), "top": alternatives})
-    return out
+    logits = model(ids, exit_stage=exit_stage).logits[0]  # (T, V): position t predicts token t + 1
+    return [{"token": prompt[0], "logprob": None, "top": []}] + [
+        token_logprob(logits[t - 1], prompt[t], top) for t in range(1, len(prompt))]
 
 
 class Scheduler:
@@ -111,6 +107,9 @@ class Scheduler:
         mode.check(job.params)
         if mode.compose or mode.adaptive:
             raise PoelmError("the server decodes with the engine, exit_stage or speculative decoding")
+        if job.logprobs is not None and mode.speculative is not None:
+            raise PoelmError("logprobs while streaming come from the engine's steps: drop speculative, or "
+                             "set stream=false")
         check_request(self.served[job.model].model.config, job.prompt, job.params.max_new_tokens, mode.exit_stage)
         self.decoder(job.model, mode)  # stage numbers against the model
 
@@ -181,6 +180,7 @@ class Scheduler:
                 batch = self._batches.setdefault(("fleet", fleet), Batch(self._fleets[fleet]))
                 route = self._fleets[fleet].route(served.model, job.mode.exit_stage, decoder.output)
                 job.row = batch.add(job.prompt, job.params, decoder.stop_ids, route)
+                job.row.logprobs = job.logprobs
             else:
                 batch = self._batches.setdefault((job.model, job.mode), decoder.batch())
                 job.row = batch.add(job.prompt, job.params, decoder.stop_ids)
@@ -205,6 +205,8 @@ class Scheduler:
         for row, token in emitted:
             entry = self._jobs.get(id(row))
             if entry is not None:
+                if row.logprob is not None:
+                    entry[0].sink("logprob", row.logprob)
                 entry[0].sink("token", token)
                 last[id(row)] = (row, token)
         for row, token in last.values():
