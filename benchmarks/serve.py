@@ -1,19 +1,20 @@
 """Serving throughput and latency, measured side by side in one run: 1, 4 and 16 concurrent streaming
-clients (the official `openai` client, one thread each) against `poelm serve` (its own process) on a
-base and its stage;
+clients (one thread each, reading the stream with httpx, or with `--client openai` the official client)
+against `poelm serve` (its own process) on a base and its stage;
 a batch of 16 rows split over two specialists against 16 rows of one; and the memory the server holds
 with N = 1, 2, 4 specialists of one base.
 
 Each client streams one greedy completion of at most `--tokens` tokens (a stop token may end it
 sooner; the tokens counted are the server's `usage`). Reported per setting: aggregate tokens/s (all clients' tokens
 over the wall time from the first request to the last token), p50/p95 time to first token and
-inter-token latency (the gaps between streamed chunks). Memory: the parameter bytes the server holds
+inter-token latency (the gaps between streamed chunks); each setting runs `--repeats` times, interleaved,
+and the run with the median tokens/s is reported. Memory: the parameter bytes the server holds
 (shared storage counted once) against the base alone plus each specialist's delta file, and against
 N + 1 unshared models. Extra specialists for N = 2 and 4 are attached
 to the base (a fresh block each, `poelm.specialist.attach`) in a temporary directory. A benchmark,
 not a test.
 
-    python benchmarks/serve.py BASEDIR STAGEDIR [--tokens 48] [--json]
+    python benchmarks/serve.py BASEDIR STAGEDIR [--tokens 48] [--client http|openai] [--json]
 """
 
 from __future__ import annotations
@@ -41,26 +42,53 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-def load(url: str, models: list[str], clients: int, tokens: int) -> dict:
-    """`clients` concurrent streaming completions (client i asks models[i % len(models)])."""
-    import openai
+def streamer(url: str, kind: str, timeout: float = 600):
+    """A client (built now, before the clock starts) as a function from a request body to the streamed
+    chunks as dicts: the official `openai` client (`kind` "openai": its pydantic objects, dumped) or
+    the stream read straight off HTTP ("http": httpx, one `json.loads` per server-sent event — the
+    lighter client, so that on a small machine the clients' own CPU crowds out less of the server's)."""
+    if kind == "openai":
+        import openai
 
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=timeout)
+
+        def chunks(body: dict):
+            for event in c.completions.create(**body):
+                yield event.model_dump()
+
+        return chunks
+    import httpx
+
+    h = httpx.Client(base_url=url, timeout=timeout)
+
+    def chunks(body: dict):
+        with h.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {response.read().decode()}")
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    yield json.loads(line[6:])
+
+    return chunks
+
+
+def load(url: str, models: list[str], clients: int, tokens: int, kind: str = "http") -> dict:
+    """`clients` concurrent streaming completions (client i asks models[i % len(models)])."""
     ttft, gaps, counts, errors = [], [], [0] * clients, []
     start = threading.Barrier(clients + 1)
 
     def client(i: int) -> None:
-        c = openai.OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=600)
+        body = {"model": models[i % len(models)], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        chunks = streamer(url, kind)
         start.wait()
         t0 = last = time.perf_counter()
         try:
-            stream = c.completions.create(model=models[i % len(models)], prompt=PROMPTS[i % len(PROMPTS)],
-                                          max_tokens=tokens, temperature=0, stream=True,
-                                          stream_options={"include_usage": True})
-            for event in stream:
+            for event in chunks(body):
                 now = time.perf_counter()
-                if event.usage is not None:
-                    counts[i] = event.usage.completion_tokens
-                if event.choices and event.choices[0].text:
+                if event.get("usage"):
+                    counts[i] = event["usage"]["completion_tokens"]
+                if event["choices"] and event["choices"][0]["text"]:
                     (ttft.append(now - t0) if last == t0 else gaps.append(now - last))
                     last = now
         except Exception as e:  # noqa: BLE001 - reported, not hidden
@@ -140,6 +168,9 @@ def main() -> None:
     p.add_argument("base")
     p.add_argument("stage")
     p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each setting; the median is reported")
+    p.add_argument("--client", choices=("http", "openai"), default="http",
+                   help="read the stream with httpx (default: light) or the official openai client")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,11 +180,16 @@ def main() -> None:
         result = {"memory": memory(Path(args.base), stages)}
         with server([args.base, args.stage, str(extra[0])]) as (url, models):
             stage, other = models[1:3]
-            load(url, [stage, other], 4, 4)  # warm-up, untimed (the first request of a model builds its batch)
-            runs = {f"{n} clients": load(url, [stage], n, args.tokens) for n in (1, 4, 16)}
-            runs["16 clients, two specialists"] = load(url, [stage, other], 16, args.tokens)
+            load(url, [stage, other], 4, 4, args.client)  # warm-up, untimed
+            settings = {f"{n} clients": ([stage], n) for n in (1, 4, 16)}
+            settings["16 clients, two specialists"] = ([stage, other], 16)
+            tries: dict[str, list[dict]] = {name: [] for name in settings}
+            for _ in range(args.repeats):  # interleaved, so a noisy moment hits every setting alike
+                for name, (names, clients) in settings.items():
+                    tries[name].append(load(url, names, clients, args.tokens, args.client))
+            runs = {name: sorted(t, key=lambda r: r["tok_per_s"])[len(t) // 2] for name, t in tries.items()}
     one, sixteen = runs["1 clients"], runs["16 clients"]
-    result.update({"tokens_per_request": args.tokens, "runs": runs,
+    result.update({"tokens_per_request": args.tokens, "client": args.client, "repeats": args.repeats, "runs": runs,
                    "x16_vs_1": round(sixteen["tok_per_s"] / one["tok_per_s"], 2),
                    "mixed_cost": round(sixteen["tok_per_s"] / runs["16 clients, two specialists"]["tok_per_s"], 3)})
     if args.json:
