@@ -78,7 +78,8 @@ def serve_step(base_dir: Path, stage_dir: Path) -> dict:
         say(f"[10/10] serving skipped: it needs `pip install 'poelm[serve]' openai` ({e.name} is missing)")
         return {"skipped": f"{e.name} is missing"}
     say(f"[10/10] poelm serve {base_dir} {stage_dir} (OpenAI API on 127.0.0.1), one question to each model:")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # the client's own request lines: the server logs them
+    for name in ("httpx", "httpx2"):  # the client's own request lines (openai's HTTP client logs as either)
+        logging.getLogger(name).setLevel(logging.WARNING)  # the server logs each request already
     answers = {}
     with background([str(base_dir), str(stage_dir)], ["base"]) as (url, app):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="demo", max_retries=0)
