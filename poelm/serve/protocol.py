@@ -8,9 +8,9 @@ Design choices:
 - Errors are `{"error": {"message", "type", "param", "code"}}` with the HTTP status OpenAI uses.
 - A text prompt is the tokenizer's encoding after `<|bos|>` (how every poelm model saw documents);
   token-id prompts are used as given. Chat messages are rendered with the tokenizer's chat format.
-- Stop strings (`TextStream`): the text is cut before the first occurrence of any stop string, which
-  is not included; a stream holds back the last (longest stop - 1) characters until it knows they
-  do not begin one. Stop tokens (`<|assistant_end|>`, `<|bos|>`) end a row and are never text.
+- Stop strings (`poelm.infer.stops.TextStream`): the text is cut before the first occurrence of any
+  stop string, which is not included, even across streamed chunks. Stop tokens (`<|assistant_end|>`,
+  `<|bos|>`) end a row and are never text.
 - `logprobs` are the model's own log-probabilities (its predictor, before temperature) of each token
   given the tokens before it: from one scoring forward over prompt + completion after decoding, or,
   streamed, from the scores of the step that chose the token (equal to float rounding; the engine's
@@ -101,38 +101,6 @@ def now() -> int:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
-
-
-class TextStream:
-    """The text of one choice as its tokens arrive, cut at the first stop string (see the module)."""
-
-    def __init__(self, tok: Tokenizer, stops: list[str], stop_ids: frozenset[int]):
-        self.decoder, self.stops, self.stop_ids = tok.stream_decoder(), stops, stop_ids
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def push(self, token: int) -> str:
-        """The text that can be released after `token` ('' while it may still begin a stop string)."""
-        if token in self.stop_ids or self.stopped:
-            return ""
-        self.text += self.decoder.push(token)
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        """What is left once the row has ended."""
-        if not self.stopped:
-            self.text += self.decoder.flush()
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        if self.stops and not self.stopped:
-            start = max(0, self.sent - self.hold)
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-            if hits:
-                self.text, self.stopped, final = self.text[:min(hits)], True, True
-        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
-        out, self.sent = self.text[self.sent:end], end
-        return out
 
 
 def completion_logprobs(tok: Tokenizer, scores: list[dict], start: int, stop: int, offset: int = 0) -> dict:

