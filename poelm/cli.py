@@ -564,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
                 arg("--canonical", action="store_true", help="the reference solutions: pass@1 must be 1.0, and "
                     "the bits per byte each stage gives them"),
                 arg("--timeout", type=float, default=10.0, help="seconds per program (wall and CPU)"),
-                arg("--out", metavar="DIR", help="default: MODELDIR-eval/humaneval[-mode]; a rerun resumes there"),
+                arg("--out", metavar="DIR", help="default: MODELDIR-eval/humaneval[-mode]-FORMAT-HASH (HASH: the sampling "
+                    "settings); a rerun resumes there"),
                 OVERWRITE, arg("--json", action="store_true"), no_card,
                 options=generation, defaults={"max_new_tokens": 384})
     add_command(sub, "inspect", cmd_inspect, "describe a model directory (a stage: its whole chain)", MODEL,

@@ -23,7 +23,8 @@ Design choices:
   short by a kill is dropped. Execution results go to `results.jsonl` the same way.
 - pass@k is the unbiased estimator of the Codex paper, 1 - C(n - c, k) / C(n, k), as a stable product;
   a k above a problem's sample count is not reported.
-- Outputs (`--out`, default `MODELDIR-eval/humaneval[-mode]`): samples.jsonl, results.jsonl,
+- Outputs (`--out`, default `MODELDIR-eval/humaneval[-mode]-FORMAT-HASH`, the hash naming the sampling
+  settings, or `humaneval-canonical`): samples.jsonl, results.jsonl,
   problems.jsonl (n, c and pass@k per problem), summary.json; the summary's rows go into the model
   card's evaluation table (card.py), never into the weights or their digests.
 - `canonical=True` runs the same pipeline on the reference solutions (pass@1 must be 1.0: it checks
@@ -36,6 +37,7 @@ Design choices:
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import json
 import os
@@ -268,12 +270,17 @@ def mode_label(config: Any, mode: Any) -> str:
     return label
 
 
-def default_out(model_dir: str | os.PathLike, mode: Any, canonical: bool) -> Path:
-    tag = "canonical" if canonical else "".join([
-        f"-exit{mode.exit_stage}" if mode.exit_stage is not None else "",
-        f"-spec{mode.speculative}s{mode.draft_stage}" if mode.speculative is not None else "",
-        "-adaptive" if mode.adaptive else "", f"-{mode.output}" if mode.output else ""])
-    return Path(str(model_dir).rstrip("/\\") + "-eval") / f"humaneval{'-' if canonical else ''}{tag}"
+def default_out(model_dir: str | os.PathLike, settings: dict[str, Any], mode: Any) -> Path:
+    """MODELDIR-eval/humaneval-canonical, or humaneval[-mode]-FORMAT-HASH where HASH (8 hex digits)
+    names the sampling settings: runs that differ get their own folders and a rerun finds its own."""
+    if settings["canonical"]:
+        return Path(str(model_dir).rstrip("/\\") + "-eval") / "humaneval-canonical"
+    tag = "".join([f"-exit{mode.exit_stage}" if mode.exit_stage is not None else "",
+                   f"-spec{mode.speculative}s{mode.draft_stage}" if mode.speculative is not None else "",
+                   "-adaptive" if mode.adaptive else "", f"-{mode.output}" if mode.output else "",
+                   f"-compose{len(mode.compose)}" if mode.compose else ""])
+    digest = hashlib.sha1(json.dumps(settings["sampling"], sort_keys=True).encode()).hexdigest()[:8]
+    return Path(str(model_dir).rstrip("/\\") + "-eval") / f"humaneval{tag}-{settings['format']}-{digest}"
 
 
 def evaluate_humaneval(model_dir: str | os.PathLike, args: HumanEvalArgs, mode: Any = None, params: Any = None, *,
@@ -303,11 +310,11 @@ def evaluate_humaneval(model_dir: str | os.PathLike, args: HumanEvalArgs, mode: 
     mode.check(params)
     problems = load_problems(args.limit)
     config = read_config(model_dir)
-    out = Path(out) if out is not None else default_out(model_dir, mode, args.canonical)
-    check_output(out, chain_inputs(model_dir), overwrite=True)
     chat = uses_chat(config) if args.prompt_format is None else args.prompt_format == "chat"
     settings = {"model": str(Path(model_dir).resolve()), "format": "chat" if chat else "completion",
                 "mode": mode_label(config, mode), "sampling": asdict(params), "canonical": args.canonical}
+    out = Path(out) if out is not None else default_out(model_dir, settings, mode)
+    check_output(out, chain_inputs(model_dir), overwrite=True)
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
