@@ -97,10 +97,12 @@ def test_accumulation_equals_one_big_batch(tmp_path, tiny_tokenizer_dir, corpus_
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
 
 
-def test_resume_is_bitwise(tmp_path, tiny_tokenizer_dir, corpus_dir):
-    full = args(tmp_path, tiny_tokenizer_dir, corpus_dir, "full", steps=6, save_every=2)
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_resume_is_bitwise(tmp_path, tiny_tokenizer_dir, corpus_dir, fraction):
+    """Also with --stage-loss-fraction 0.5: the positions it draws come from the checkpointed RNG."""
+    full = args(tmp_path, tiny_tokenizer_dir, corpus_dir, "full", steps=6, save_every=2, stage_loss_fraction=fraction)
     pretrain(full)
-    part = args(tmp_path, tiny_tokenizer_dir, corpus_dir, "part", steps=6, save_every=2)
+    part = args(tmp_path, tiny_tokenizer_dir, corpus_dir, "part", steps=6, save_every=2, stage_loss_fraction=fraction)
     pretrain(part)
     # Roll the finished run back to its step-2 checkpoint, as if it had died there, and resume.
     run = Path(part.out)
@@ -109,7 +111,8 @@ def test_resume_is_bitwise(tmp_path, tiny_tokenizer_dir, corpus_dir):
         shutil.rmtree(run / "checkpoints" / name)
     shutil.rmtree(run / "final")
     shutil.rmtree(run / "best")
-    pretrain(args(tmp_path, tiny_tokenizer_dir, corpus_dir, "part", steps=6, save_every=2, resume=True))
+    pretrain(args(tmp_path, tiny_tokenizer_dir, corpus_dir, "part", steps=6, save_every=2, resume=True,
+                  stage_loss_fraction=fraction))
     a, b = weights(full.out), weights(part.out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -156,7 +159,7 @@ def test_two_processes_equal_one(tmp_path, tiny_tokenizer_dir, corpus_dir):
                         "-m", "poelm", *pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "two", *common)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "x 2 process(es) x 1 accumulation" in r.stderr
+    assert "x 2 data replica(s) x 1 accumulation" in r.stderr
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-4, k
@@ -167,6 +170,9 @@ def test_two_processes_equal_one(tmp_path, tiny_tokenizer_dir, corpus_dir):
     (dict(total_batch_tokens=100), "--total-batch-tokens 100 is not divisible by device batch 4 x seq len 32"),
     (dict(resume=True), "--resume: no complete checkpoint"),
     (dict(data=["/nonexistent/corpus"]), "/nonexistent/corpus"),
+    (dict(stage_loss_fraction=1.5), "--stage-loss-fraction 1.5: expected a fraction in (0, 1]"),
+    (dict(stage_loss_fraction=0.5, config=PoEConfig(vocab_size=512, poe_mode="none", **SHAPE)),
+     "--stage-loss-fraction 0.5: applies to --poe-mode flat, this model trains none"),
 ])
 def test_bad_input(tmp_path, tiny_tokenizer_dir, corpus_dir, changes, message):
     with pytest.raises(PoelmError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):

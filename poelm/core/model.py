@@ -32,6 +32,7 @@ Design choices (docs/model.md §1-2):
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -786,6 +787,7 @@ class PoEGPT(nn.Module):
         doc_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        stage_loss_fraction: float = 1.0,
     ) -> PoEOutput:
         """Run stages 0..exit_stage (default: all) on idx (B, T).
 
@@ -804,6 +806,10 @@ class PoEGPT(nn.Module):
         positions restart, so each document is computed as if it were alone in the row.
         `attention_mask` (B, T) or (B, cache + T), 1 = real token: a padded batch (left or right); each
         row's real positions give what the row gives alone (to float rounding; `padding`).
+        `stage_loss_fraction=F` < 1 (flat mode): every stage but the last takes its loss on a random
+        ceil(F * N) of the N positions, drawn from the default CPU generator (so a training run's
+        checkpointed RNG state makes it resumable), scaled by N / n: an unbiased estimate of the full
+        loss for a fraction of the head's cost. The last stage always takes every position.
         """
         c = self.config
         last = c.n_stages - 1 if exit_stage is None else exit_stage
@@ -816,6 +822,10 @@ class PoEGPT(nn.Module):
         readouts = set(range(last + 1)) if return_stages or mode != "none" else set(self.readout_stages(last, output))
         fused = training and fused_loss and mode in ("none", "flat")
         local = mode != "none"
+        if not 0 < stage_loss_fraction <= 1:
+            raise ValueError(f"stage_loss_fraction={stage_loss_fraction}: expected a fraction in (0, 1]")
+        if stage_loss_fraction < 1 and not (fused and mode == "flat"):
+            raise ValueError("stage_loss_fraction < 1 applies to flat training with the fused loss")
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_layers == 0):
             walk = self.begin(idx, cache, doc_ids, positions, attention_mask)
@@ -834,24 +844,35 @@ class PoEGPT(nn.Module):
             out = self.predictor(logits, output)
             return PoEOutput(logits=out, stage_logits=logits if return_stages else None)
         if fused:
-            chunk = loss_chunk or max(64, (1 << 22) // c.padded_vocab_size)
-            return self._fused_loss(logits, readouts, targets, mode, loss_reduction, chunk)
+            stages = sorted(readouts)[-1:] if mode == "none" else sorted(readouts)
+            hidden = logits[-1:] if mode == "none" else logits
+            return self._aggregate(self.fused_losses(hidden, stages, targets, reduction=loss_reduction,
+                                                     chunk=loss_chunk, fraction=stage_loss_fraction), mode)
         return self._loss(logits, targets, mode, loss_reduction)
 
-    def _fused_loss(self, hidden, readouts, targets, mode, reduction, chunk) -> PoEOutput:
-        """`none`/`flat` losses through HeadCrossEntropy: no full logit tensor is ever held."""
+    def fused_losses(self, hidden: list[torch.Tensor], stages: list[int], targets: torch.Tensor, *,
+                     reduction: str = "sum", chunk: int | None = None, fraction: float = 1.0,
+                     exact: int | None = None) -> list[torch.Tensor]:
+        """Each stage's cross-entropy from its normed read-out residual (`stage_hidden`) through
+        HeadCrossEntropy, in chunks of `chunk` tokens: no full logit tensor is ever held. With `fraction`
+        < 1 every stage but `exact` (default: the last of `stages`) scores a random subset of positions
+        (see `forward`). Stage-parallel training calls this with the stages one process owns."""
         c = self.config
+        chunk = chunk or max(64, (1 << 22) // c.padded_vocab_size)
+        exact = stages[-1] if exact is None else exact
         flat_targets = targets.reshape(-1)
-        stages = sorted(readouts)[-1:] if mode == "none" else sorted(readouts)
-        hidden = hidden[-1:] if mode == "none" else hidden
         losses = []
         for k, h in zip(stages, hidden):
-            total = HeadCrossEntropy.apply(h.reshape(-1, h.size(-1)), self.head_weight(k), flat_targets,
-                                           c.softcap, c.vocab_size, chunk)
+            h, t, scale = h.reshape(-1, h.size(-1)), flat_targets, 1.0
+            if fraction < 1 and k != exact:
+                n = math.ceil(fraction * len(t))
+                keep = torch.randperm(len(t))[:n].to(t.device)  # the default CPU generator: checkpointed
+                h, t, scale = h[keep], t[keep], len(flat_targets) / n
+            total = HeadCrossEntropy.apply(h, self.head_weight(k), t, c.softcap, c.vocab_size, chunk) * scale
             if reduction == "mean":
                 total = total / (flat_targets >= 0).sum()
             losses.append(total)
-        return self._aggregate(losses, mode)
+        return losses
 
     def _aggregate(self, losses: list[torch.Tensor], mode: str) -> PoEOutput:
         """The training loss of `mode` from per-stage losses: sum_k loss_k / K**(1 - poe_alpha)."""

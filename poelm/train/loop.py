@@ -189,10 +189,17 @@ class TrainLoop:
     def __init__(self, d: Dist, cfg: LoopConfig, *, model: torch.nn.Module, ddp_model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, loader: Loader,
                  loss_fn: Callable, evaluate: Callable[[int], dict[str, Any]],
-                 trainable: Callable[[], dict[str, torch.Tensor]], count_fn: Callable[[torch.Tensor], int]):
+                 trainable: Callable[[], dict[str, torch.Tensor]], count_fn: Callable[[torch.Tensor], int],
+                 stepper: Callable | None = None, checkpoint_names: set[str] | None = None):
+        """`stepper(batches, count_fn) -> (mean loss, per-stage mean losses)` replaces the data-parallel
+        forward/backward of a step (stage parallelism, train/stages.py), leaving the optimizer step to
+        the loop; `checkpoint_names`: the names a checkpoint may hold beyond this process's parameters
+        (a stage-parallel rank holds only its stages). `trainable()` is called on every rank (it may be
+        a collective); only rank 0 uses what it returns."""
         self.d, self.cfg = d, cfg
         self.model, self.ddp_model, self.optimizer, self.loader = model, ddp_model, optimizer, loader
         self.loss_fn, self.evaluate, self.trainable, self.count_fn = loss_fn, evaluate, trainable, count_fn
+        self.stepper, self.checkpoint_names = stepper, checkpoint_names or set()
         self.metrics = MetricsLog(cfg.run_dir)
         self.best_dir = Path(cfg.run_dir) / CHECKPOINTS / BEST
         self.best_step: int | None = None
@@ -205,9 +212,10 @@ class TrainLoop:
         own = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in weights.items():
-                if name not in own:
+                if name in own:
+                    own[name].copy_(value)
+                elif name not in self.checkpoint_names:
                     raise PoelmError(f"{ckpt / 'model.safetensors'}: unexpected tensor {name!r}")
-                own[name].copy_(value)
         self.loader.load_state_dict(rank_state["loader"], source=str(ckpt / f"rank{self.d.rank}.json"))
         self.best_step, self.best_value = state.get("best_step"), state.get("best_value")
         self.tokens = state["tokens"]
@@ -267,6 +275,11 @@ class TrainLoop:
     def train_step(self) -> tuple[float, list[float]]:
         """One optimizer step; returns the mean per-token loss and per-stage mean losses of the step."""
         batches = [self.loader.next_batch() for _ in range(self.cfg.accum_steps)]
+        if self.stepper is not None:
+            result = self.stepper(batches, self.count_fn)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return result
         local = sum(self.count_fn(batch[1]) for batch in batches)
         (count,) = all_reduce_sum(self.d, [float(local)])
         if count == 0:
@@ -333,13 +346,14 @@ class TrainLoop:
 
     def _save_best(self, step: int, value: float) -> None:
         """Write the best weights of `step` to `best-NNNNNN/`, then switch `checkpoints/best` to it."""
+        weights = self.trainable()  # on every rank: it may gather from all of them
         if not self.d.is_main:
             return
         name = best_name(step)
         # A folder of this step left by an attempt that died after its last checkpoint is never the one
         # `best` points to (that step is at most the restored checkpoint's, and steps only grow): replace it.
         with AtomicDir(self.best_dir.with_name(name), overwrite=True) as tmp:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in self.trainable().items()},
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()},
                       str(tmp / "model.safetensors"), metadata={"format": "pt"})
             write_json(tmp / BEST_INFO, {"step": step, "value": value, "key": self.cfg.best_key})
             write_manifest(tmp)

@@ -34,6 +34,7 @@ from ..options import free_on_resume, option, run_record
 from ..outputs import chain_inputs, check_output
 from .dist import Dist, all_reduce_sum, log0, run_distributed
 from .loop import LoopConfig, RunArgs, TrainLoop, batch_geometry, check_run_dir, record_run, resolve_seq_len
+from .stages import PipelineStep, gather_state, make_pipeline, pipeline_bpb_sums, split_stages, strip
 
 SAMPLE_PROMPT = "def "
 
@@ -57,6 +58,11 @@ class PretrainArgs(RunArgs):
     unembedding_lr: float = option(0.004, "AdamW LR of the head")
     val_fraction: float = option(0.02, "share of documents held out")
     sample_tokens: int = option(32, "greedy sample length at each eval (0: none)", resume=None)
+    stage_parallel: int = option(1, "pipeline ranks, each owning a run of stages (under torchrun: world size = "
+                                 "P x data-parallel replicas; flat mode)", metavar="P")
+    stage_loss_fraction: float = option(1.0, "flat mode: every stage but the last takes its loss on a random "
+                                        "fraction F of the positions, scaled to stay unbiased (cheaper heads)",
+                                        metavar="F")
 
 
 def resolve_model(args: PretrainArgs) -> tuple[PoEGPT, Any]:
@@ -111,7 +117,19 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
     for name in ("steps", "device_batch_size", "eval_every", "eval_tokens"):
         if getattr(args, name) < 1:
             raise PoelmError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
-    tokens_per_step, accum = batch_geometry(args.device_batch_size, args.total_batch_tokens, seq_len, d.world_size)
+    if not 0 < args.stage_loss_fraction <= 1:
+        raise PoelmError(f"--stage-loss-fraction {args.stage_loss_fraction}: expected a fraction in (0, 1]")
+    if args.stage_loss_fraction < 1 and config.poe_mode != "flat":
+        raise PoelmError(f"--stage-loss-fraction {args.stage_loss_fraction}: applies to --poe-mode flat, this "
+                         f"model trains {config.poe_mode}")
+    pipe = None
+    if args.stage_parallel != 1:
+        if config.poe_mode != "flat":
+            raise PoelmError(f"--stage-parallel {args.stage_parallel}: needs --poe-mode flat (local losses; this "
+                             f"model trains {config.poe_mode})")
+        pipe = make_pipeline(d, config, args.stage_parallel)
+    replicas = d.world_size if pipe is None else pipe.D  # processes that read different data
+    tokens_per_step, accum = batch_geometry(args.device_batch_size, args.total_batch_tokens, seq_len, replicas)
     run_dir = Path(args.out)
     recorded = run_config(args, config, seq_len, tokens_per_step)
     ckpt = check_run_dir(run_dir, recorded, args.resume, ignore=free_on_resume(PretrainArgs))
@@ -120,15 +138,20 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
         record_run(d, run_dir, recorded)
     log0(d, f"model: {config.n_layer} layers in stages {config.poe_stage_layers}, width {config.n_embd}, "
             f"{model.num_params():,} parameters, poe_mode {config.poe_mode}; {tokens_per_step:,} tokens/step = "
-            f"{args.device_batch_size} x {seq_len} x {d.world_size} process(es) x {accum} accumulation")
+            f"{args.device_batch_size} x {seq_len} x {replicas} data replica(s) x {accum} accumulation"
+            + ("" if pipe is None else f"; stage-parallel: {pipe.P} pipeline ranks, stages "
+               f"{[list(s) for s in split_stages(config, pipe.P)]}"))
+    if pipe is not None:
+        strip(model, pipe)  # after the full model was initialised from the seed, as in one process
     model.to(d.device)
-    loader = TokenLoader(corpus.train_tokens, args.device_batch_size, seq_len, rank=d.rank,
-                         world_size=d.world_size, seed=args.seed, pad_id=tok.bos_id)
+    loader = TokenLoader(corpus.train_tokens, args.device_batch_size, seq_len,
+                         rank=d.rank if pipe is None else pipe.replica, world_size=replicas, seed=args.seed,
+                         pad_id=tok.bos_id)
     optimizer = build_optimizer(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                 unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr,
                                 weight_decay=args.weight_decay)
     ddp_model = model
-    if d.enabled:
+    if d.enabled and pipe is None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         unused = config.poe_mode == "none" and config.poe_stage_heads
@@ -141,16 +164,20 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
 
     def loss_fn(m, x, y):
         with autocast(d.device):
-            out = m(x, targets=y, loss_reduction="sum")
+            out = m(x, targets=y, loss_reduction="sum", stage_loss_fraction=args.stage_loss_fraction)
         return out.loss, out.stage_losses
 
     def evaluate(step: int) -> dict[str, Any]:
         batches = eval_batches(corpus.val_tokens, args.device_batch_size, seq_len, max_rows=eval_rows,
-                               rank=d.rank, world_size=d.world_size, pad_id=tok.bos_id)
+                               rank=d.rank if pipe is None else pipe.replica, world_size=replicas, pad_id=tok.bos_id)
         with autocast(d.device):
-            names, sums = bpb_sums(model, batches, token_bytes, d.device)
-        result: dict[str, Any] = {"val_bpb": bpb_from_sums(names, all_reduce_sum(d, sums))}
-        if d.is_main and args.sample_tokens > 0:
+            if pipe is None:
+                names, sums = bpb_sums(model, batches, token_bytes, d.device)
+                sums = all_reduce_sum(d, sums)
+            else:
+                names, sums = pipeline_bpb_sums(model, pipe, batches, token_bytes)
+        result: dict[str, Any] = {"val_bpb": bpb_from_sums(names, sums)}
+        if d.is_main and args.sample_tokens > 0 and pipe is None:  # a stage-parallel rank 0 holds no whole model
             with autocast(d.device):
                 ids = greedy_continue(model, prompt, args.sample_tokens, stop, d.device)
             result["sample"] = SAMPLE_PROMPT + tok.decode(ids)
@@ -161,9 +188,16 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
         eval_every=args.eval_every, save_every=args.save_every or args.eval_every,
         warmup_frac=args.warmup_frac, warmdown_frac=args.warmdown_frac, final_lr_frac=args.final_lr_frac,
         best_key=best_key(config), resume=args.resume, title=f"{run_dir.name}: val bpb ({config.poe_mode})")
+    if pipe is None:
+        stepper, trainable, names = None, (lambda: dict(model.state_dict())), None
+    else:
+        stepper = PipelineStep(pipe, model, args.stage_loss_fraction, autocast=lambda: autocast(d.device))
+        with torch.device("meta"):
+            names = set(PoEGPT(config).state_dict())
+        trainable = lambda: gather_state(model, pipe)  # noqa: E731 - a collective: every rank calls it
     loop = TrainLoop(d, loop_cfg, model=model, ddp_model=ddp_model, optimizer=optimizer, loader=loader,
-                     loss_fn=loss_fn, evaluate=evaluate, trainable=lambda: dict(model.state_dict()),
-                     count_fn=lambda y: int((y >= 0).sum()))
+                     loss_fn=loss_fn, evaluate=evaluate, trainable=trainable,
+                     count_fn=lambda y: int((y >= 0).sum()), stepper=stepper, checkpoint_names=names)
 
     # ------------------------------------------------------------------------------------ fit
     result = loop.fit(ckpt)
@@ -171,11 +205,11 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
     # ----------------------------------------------------------------------------------- save
     summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": result.step, "best_step": result.best_step,
                                "best_key": loop_cfg.best_key, "best_val_bpb": result.best_value}
+    final_state = {k: v.detach().to("cpu").clone() for k, v in trainable().items()}  # every rank: a collective
     if d.is_main:
         evals = result.evals
         training = training_rows(args, config, corpus, seq_len, tokens_per_step, d.world_size, result)
-        cpu_model = model.to("cpu")
-        final_state = {k: v.clone() for k, v in cpu_model.state_dict().items()}
+        cpu_model = model.to("cpu") if pipe is None else PoEGPT(config)  # a stage-parallel rank 0: its stages only
         for name, weights, step in (("final", final_state, result.step),
                                     ("best", loop.best_weights(), result.best_step)):
             cpu_model.load_state_dict(weights)
