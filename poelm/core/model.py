@@ -26,7 +26,7 @@ Design choices (docs/model.md §1-2):
 - Decoding uses any cache with `update(k, v, layer_idx) -> (k_all, v_all)` in (B, H_kv, T, D),
   `get_seq_length()`, and a `prev_embedding` attribute holding the last token's normed embedding for
   the smear: `KVCache` below, or the `DynamicCache` subclass of the Hugging Face wrapper.
-- Logits are float32; the softcap is applied in float32 as nanochat does.
+- Logits are float32 (float64 in a float64 model); the softcap is applied in float32 as nanochat does.
 """
 
 from __future__ import annotations
@@ -97,8 +97,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1)
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 when it is (a float64 model keeps its precision through the head)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
-    logits = logits.float()
+    logits = at_least_float32(logits)
     return cap * torch.tanh(logits / cap)
 
 
@@ -108,7 +113,7 @@ def logop(stage_logits: list[torch.Tensor], alpha: float) -> torch.Tensor:
     score(y) = sum_k log_softmax(logits_k)(y) / K**(1 - alpha); alpha = 0 is the geometric mean.
     """
     k = len(stage_logits)
-    score = sum(F.log_softmax(l.float(), dim=-1) for l in stage_logits) / k ** (1.0 - alpha)
+    score = sum(F.log_softmax(at_least_float32(l), dim=-1) for l in stage_logits) / k ** (1.0 - alpha)
     return F.log_softmax(score, dim=-1)
 
 
@@ -120,17 +125,19 @@ class HeadCrossEntropy(torch.autograd.Function):
     stage losses holds K small gradient buffers instead of K full logit tensors. Same FLOPs as the
     unfused path (one forward and two backward matmuls per chunk).
     h (N, d) normed hidden in the compute dtype; weight (V_padded, d); targets (N,), -1 = ignore.
+    The softmax and the accumulated gradients are float32 (float64 for a float64 model).
     """
 
     @staticmethod
     def forward(ctx, h, weight, targets, cap: float, vocab: int, chunk: int):
         w = weight[:vocab].to(h.dtype)
+        acc = torch.promote_types(h.dtype, torch.float32)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_w = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=acc, device=h.device)
         for s in range(0, h.size(0), chunk):
             hc, t = h[s:s + chunk], targets[s:s + chunk]
-            th = torch.tanh((hc @ w.T).float() / cap)  # (n, V)
+            th = torch.tanh((hc @ w.T).to(acc) / cap)  # (n, V)
             logits = cap * th
             valid = (t >= 0).unsqueeze(1)
             tt = t.clamp(min=0).unsqueeze(1)
@@ -144,7 +151,7 @@ class HeadCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[s:s + chunk] = g @ w
             if grad_w is not None:
-                grad_w[:vocab] += (g.T @ hc).float()
+                grad_w[:vocab] += (g.T @ hc).to(acc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total

@@ -60,6 +60,8 @@ class PretrainArgs(RunArgs):
     sample_tokens: int = option(32, "greedy sample length at each eval (0: none)", resume=None)
     stage_parallel: int = option(1, "pipeline ranks, each owning a run of stages (under torchrun: world size = "
                                  "P x data-parallel replicas; flat mode)", metavar="P")
+    dtype: str = option("float32", "the weights' and activations' dtype (float64: numerical checks, slow)",
+                        choices=("float32", "float64"))
     stage_loss_fraction: float = option(1.0, "flat mode: every stage but the last takes its loss on a random "
                                         "fraction F of the positions, scaled to stay unbiased (cheaper heads)",
                                         metavar="F")
@@ -143,7 +145,7 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
                f"{[list(s) for s in split_stages(config, pipe.P)]}"))
     if pipe is not None:
         strip(model, pipe)  # after the full model was initialised from the seed, as in one process
-    model.to(d.device)
+    model.to(d.device, torch.float64 if args.dtype == "float64" else torch.float32)
     loader = TokenLoader(corpus.train_tokens, args.device_batch_size, seq_len,
                          rank=d.rank if pipe is None else pipe.replica, world_size=replicas, seed=args.seed,
                          pad_id=tok.bos_id)

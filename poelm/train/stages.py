@@ -24,6 +24,8 @@ Design choices:
   while rank p + 1 works on m; the bubble is the P - 1 micro-batches the last rank waits at the start
   of a step. With `--stage-loss-fraction F < 1` each rank draws its stages' positions from its own
   RNG: unbiased, but not the positions one process would draw.
+- The residual travels as float32 (float64 for a `--dtype float64` run, where the pipeline's weights
+  equal one process's to 1e-5 in every element; see tests/test_stage_parallel.py).
 - Evaluation runs the same pipeline: every rank scores its stages and passes on the running sum of
   their log-probabilities, from which the last rank scores the Log-OP; sums are reduced over the
   world. Checkpoints hold the full weights (gathered to rank 0) and each rank's own optimizer state,
@@ -148,10 +150,16 @@ def shared_parameters(model: PoEGPT, pipe: Pipeline) -> list[torch.nn.Parameter]
 
 
 # ---- the walk across ranks -------------------------------------------------------------------------
+def _wire(x: torch.Tensor) -> torch.dtype:
+    """The residual's dtype between ranks: float32 whatever the compute dtype (bf16 autocast), float64
+    for a float64 model (its embedding, where every walk starts, has the model's dtype)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _receive(model: PoEGPT, pipe: Pipeline, walk: Walk, extra: torch.Tensor | None = None) -> Walk:
     """Continue `walk` (the embedding, recomputed here) from the previous rank's residual stream."""
     c = model.config
-    x = torch.empty(walk.x.shape, dtype=torch.float32, device=walk.x.device)
+    x = torch.empty(walk.x.shape, dtype=_wire(walk.x), device=walk.x.device)
     dist.recv(x, src=pipe.rank_of(pipe.pipe - 1))
     backout = None
     if c.backout and c.backout_layer < pipe.layers[0]:
@@ -163,12 +171,11 @@ def _receive(model: PoEGPT, pipe: Pipeline, walk: Walk, extra: torch.Tensor | No
 
 
 def _send(model: PoEGPT, pipe: Pipeline, walk: Walk, extra: torch.Tensor | None = None) -> list:
-    """Send the residual (and the backout residual once it exists) to the next rank, without waiting;
-    float32 on the wire whatever the compute dtype."""
+    """Send the residual (and the backout residual once it exists) to the next rank, without waiting."""
     c = model.config
-    out = [walk.x.detach().float().contiguous()]
+    out = [walk.x.detach().to(_wire(walk.x)).contiguous()]
     if c.backout and c.backout_layer < pipe.layers[1]:
-        out.append(walk.x_backout.detach().float().contiguous())
+        out.append(walk.x_backout.detach().to(_wire(walk.x)).contiguous())
     if extra is not None:
         out.append(extra.contiguous())
     return [(t, dist.isend(t, dst=pipe.rank_of(pipe.pipe + 1))) for t in out]
@@ -286,8 +293,9 @@ def gather_state(model: PoEGPT, pipe: Pipeline) -> dict[str, torch.Tensor]:
         for name in own:
             dist.send(state[name].detach().contiguous(), dst=pipe.rank_of(0))
         return {}
+    dtype = model.lm_head.weight.dtype  # every parameter has the model's dtype
     with torch.device("meta"):
-        shapes = {n: (t.shape, t.dtype) for n, t in PoEGPT(c).state_dict().items()}
+        shapes = {n: (t.shape, dtype) for n, t in PoEGPT(c).state_dict().items()}
     full = {n: t.detach().clone() for n, t in state.items()}
     for p in range(1, pipe.P):
         first, last = split_stages(c, pipe.P)[p]
