@@ -12,6 +12,7 @@ Design choices:
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import math
 import logging
@@ -49,6 +50,20 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     print(f"tokenizer: {tok.vocab_size} tokens ({tok.vocab_size - len(ids)} merged + {len(ids)} special) "
           f"in {time.time() - t0:.1f}s -> {args.out}")
     print("special ids: " + ", ".join(f"{name}={i}" for name, i in ids.items()))
+    return 0
+
+
+def cmd_data_tokenize(args: argparse.Namespace) -> int:
+    from .data.shards import tokenize
+    from .modeldir import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    index = tokenize(args.input, tok, args.out, workers=args.workers, shard_tokens=args.shard_tokens,
+                     val_fraction=args.val_fraction, text_column=args.text_column, overwrite=args.overwrite,
+                     tokenizer_dir=args.tokenizer)
+    print(f"{args.out}: train {index['train']['tokens']:,} tokens in {len(index['train']['shards'])} shard(s), "
+          f"val {index['val']['tokens']:,} tokens in {len(index['val']['shards'])} shard(s) ({index['dtype']}); "
+          f"pretrain with --data {args.out}")
     return 0
 
 
@@ -502,12 +517,24 @@ def build_parser() -> argparse.ArgumentParser:
     stage = sub.add_parser("stage", help="specialist stages").add_subparsers(dest="stage_command", required=True)
     evals = sub.add_parser("eval", help="evaluate a model: bits per byte, HumanEval").add_subparsers(
         dest="eval_command", required=True)
+    data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
     generation = (SamplingParams, DecodeMode)
 
     add_command(tok, "train", cmd_tokenizer_train, "train byte-level BPE on text files, directories or JSONL",
                 arg("--input", nargs="+", required=True, metavar="PATH"),
                 arg("--vocab-size", type=int, required=True, help="total vocabulary, the 9 special tokens included"),
                 out("TOKDIR"), OVERWRITE)
+    add_command(data, "tokenize", cmd_data_tokenize, "tokenize a corpus once into memory-mapped shards for "
+                "pretrain --data DATADIR (an interrupted run continues when rerun)",
+                arg("--tokenizer", required=True, metavar="TOKDIR", help="a tokenizer or model directory"),
+                arg("--input", nargs="+", required=True, metavar="PATH",
+                    help="text files, directories, JSONL/JSON records, Parquet, `datasets` folders; .gz/.zst read"),
+                arg("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                    help="tokenizing processes (default: the CPUs, at most 8; 0: in this process)"),
+                arg("--shard-tokens", type=int, default=1 << 24, metavar="N", help="tokens per shard"),
+                arg("--val-fraction", type=float, default=0.02, metavar="F", help="share of documents held out"),
+                arg("--text-column", default="text", help="Parquet / `datasets` column (JSON records: 'text')"),
+                out("DATADIR"), OVERWRITE)
     add_shape_flags(add_command(sub, "init", cmd_init, "write a randomly initialised base model directory",
                                 arg("--tokenizer", required=True, metavar="TOKDIR"), arg("--seed", type=int, default=0),
                                 out("MODELDIR"), OVERWRITE))

@@ -4,7 +4,9 @@ What it does today (each later feature adds a step):
 1. Trains an 8192-token BPE tokenizer on ~5 MB of the Python standard library's own source, which
    every machine with Python has, and checks the special ids and an exact round trip of the corpus.
 2. Initialises a small PoE base (4 layers in two stages) and saves it as a model directory.
-3. Pretrains it in `flat` mode (one detached loss per stage) on the same source for a few minutes,
+3. Tokenizes the same source once into a data folder of memory-mapped shards (`poelm data
+   tokenize`, two worker processes) and pretrains the base from it in `flat` mode (one detached
+   loss per stage) for a few minutes,
    evaluating every stage's val bpb and their Log-OP combination; the run folder holds
    metrics.jsonl, a val-bpb plot, checkpoints, and `final/` and `best/` model directories.
 4. Reloads `best/` with plain `transformers` (trust_remote_code) in a fresh process, checks its
@@ -243,10 +245,20 @@ def run_demo(out: Path) -> dict:
     # 3. Pretrain it (flat: one detached loss per stage) -----------------------------------------
     run_dir = out / "pretrain"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its folder: start the run afresh
-    say(f"[3/11] pretraining (flat) for {PRETRAIN_STEPS} steps of {PRETRAIN_BATCH} x {SEQ_LEN} tokens on the same "
-        f"source; progress on stderr")
+    tokens_dir = out / "tokens"
+    say(f"[3/11] the same source tokenized once into memory-mapped shards ({tokens_dir}), then pretraining (flat) "
+        f"for {PRETRAIN_STEPS} steps of {PRETRAIN_BATCH} x {SEQ_LEN} tokens from them; progress on stderr")
     t0 = time.time()
-    poelm("pretrain", "--init", init_dir, "--data", *paths, "--out", run_dir, "--steps", PRETRAIN_STEPS,
+    poelm("data", "tokenize", "--tokenizer", out / "tokenizer", "--input", *paths, "--out", tokens_dir,
+          "--workers", 2, "--overwrite")
+    index = read_json(tokens_dir / "index.json")
+    say(f"      {tokens_dir}: {index['train']['tokens']:,} train + {index['val']['tokens']:,} val tokens in "
+        f"{len(index['train']['shards']) + len(index['val']['shards'])} {index['dtype']} shard(s), "
+        f"{time.time() - t0:.1f}s")
+    summary["tokens"] = {"dir": str(tokens_dir), "train_tokens": index["train"]["tokens"],
+                         "val_tokens": index["val"]["tokens"], "seconds": round(time.time() - t0, 1)}
+    t0 = time.time()
+    poelm("pretrain", "--init", init_dir, "--data", tokens_dir, "--out", run_dir, "--steps", PRETRAIN_STEPS,
           "--device-batch-size", PRETRAIN_BATCH, "--eval-every", PRETRAIN_STEPS // 4, "--eval-tokens", 32768,
           "--sample-tokens", 24, "--seed", 0)
     trajectory = [[e["step"], e["val_bpb"]] for e in evals(run_dir)]

@@ -8,13 +8,19 @@ row, target and batch can be checked from the arrays alone.
 from __future__ import annotations
 
 import copy
+import gzip
 import json
+import os
 import random
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+import poelm.data.chat as chat_module
 from poelm.data.chat import (
     ChatLoader,
     Conversation,
@@ -154,9 +160,9 @@ def test_bad_records_name_file_and_line(tmp_path, line, expected):
 
 
 def test_json_array_file_gets_a_hint(tmp_path):
-    path = tmp_path / "alpaca.json"
+    path = tmp_path / "alpaca.jsonl"  # a .json file is a JSON array (test_every_format_gives_the_same_conversations)
     path.write_text("[\n" + json.dumps(VALID) + "\n]\n")
-    with pytest.raises(PoelmError, match=r"alpaca\.json:1: not valid JSON .*looks like one JSON array"):
+    with pytest.raises(PoelmError, match=r"alpaca\.jsonl:1: not valid JSON .*looks like one JSON array: name it"):
         load_conversations([str(path)], progress=False)
 
 
@@ -187,7 +193,7 @@ def test_directories_missing_paths_and_files_read_twice(tmp_path):
         load_conversations([str(d), f"{d / 'a.jsonl'}:3"], progress=False)
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "x.txt").write_text("x")
-    with pytest.raises(PoelmError, match="a directory without .jsonl files"):
+    with pytest.raises(PoelmError, match="a directory without .jsonl, .json or .parquet files"):
         load_conversations([str(tmp_path / "docs")], progress=False)
 
 
@@ -462,3 +468,259 @@ def test_eval_batches_fixed_and_sharded():
     assert [_ids(b) for b in eval_batches(rows, 2, rank=1, world_size=2)] == [[1, 3], [5]]  # smaller, not padded
     with pytest.raises(PoelmError, match="rank must be in"):
         eval_batches(rows, 2, rank=2, world_size=2)
+
+
+# ---- formats: JSON arrays, Parquet, compressed JSONL, `datasets` folders, hf: SPECs --------------------
+
+# Shapes a table unifies: messages with a system turn and a message with an extra key (struct fields
+# unified inside the list), Alpaca with and without `input` (None in a table), ShareGPT, Evol-Instruct
+# and Magicoder beside them (every other shape's columns None in their rows).
+FORMAT_RECORDS = [
+    {"messages": [_s("Be brief."), _u("Hi"), _a("Hello."), _u("Sum 2+2?"), _a("4")], "id": 7},
+    {"instruction": "Write a loop.", "input": "n = 3", "output": "for i in range(n): pass"},
+    {"instruction": "No input key.", "output": "ok"},
+    {"instruction": "Say yes.", "input": "", "output": "yes"},
+    {"messages": [{"role": "user", "content": "Who?", "name": "bob"}, _a("Me.")]},
+    {"conversations": [{"from": "human", "value": "What is 3*3?"}, {"from": "gpt", "value": "9"}]},
+    {"instruction": "Reverse a list.", "response": "xs[::-1]"},
+    {"problem": "Square x.", "solution": "x * x", "lang": "python"},
+]
+FORMAT_MESSAGES = [
+    [_s("Be brief."), _u("Hi"), _a("Hello."), _u("Sum 2+2?"), _a("4")],
+    [_u("Write a loop.\n\nn = 3"), _a("for i in range(n): pass")],
+    [_u("No input key."), _a("ok")],
+    [_u("Say yes."), _a("yes")],
+    [_u("Who?"), _a("Me.")],
+    [_u("What is 3*3?"), _a("9")],
+    [_u("Reverse a list."), _a("xs[::-1]")],
+    [_u("Square x."), _a("x * x")],
+]
+
+
+def _columns(records) -> dict:
+    """Records as table columns: every key of any record, None where a record lacks it (as a table has it)."""
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    return {k: [r.get(k) for r in records] for k in keys}
+
+
+def _parquet(path, records) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pydict(_columns(records)), str(path), row_group_size=3)  # several row groups
+    return str(path)
+
+
+def _dataset(records):
+    import datasets
+
+    return datasets.Dataset.from_dict(_columns(records))
+
+
+def _jsonl_bytes(records) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+class _CountingProgress(chat_module.ByteProgress):
+    updates: list[int] = []
+
+    def update(self, n: int) -> None:
+        type(self).updates.append(n)
+        super().update(n)
+
+
+def test_every_format_gives_the_same_conversations(tmp_path, monkeypatch):
+    import datasets
+    import zstandard
+
+    recs, n = FORMAT_RECORDS, len(FORMAT_RECORDS)
+    jsonl = _write(tmp_path / "c.jsonl", recs)
+    (tmp_path / "c.json").write_text(json.dumps(recs, indent=1))
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(_jsonl_bytes(recs)))
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(_jsonl_bytes(recs)))
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress(_jsonl_bytes(recs)))  # explicit, unknown inner suffix: JSONL
+    _dataset(recs).save_to_disk(str(tmp_path / "ds"))
+    other = [{"problem": "not train", "solution": "no"}]
+    datasets.DatasetDict({"test": _dataset(other), "train": _dataset(recs)}).save_to_disk(str(tmp_path / "dd"))
+    paths = {
+        "jsonl": (jsonl, [f"{jsonl}:{i + 1}" for i in range(n)]),
+        "json": (str(tmp_path / "c.json"), None),
+        "parquet": (_parquet(tmp_path / "c.parquet", recs), None),
+        "gzip": (str(tmp_path / "c.jsonl.gz"), None),
+        "zstd": (str(tmp_path / "c.jsonl.zst"), None),
+        "txt.gz": (str(tmp_path / "c.txt.gz"), None),
+        "datasets": (str(tmp_path / "ds"), None),
+        "DatasetDict": (str(tmp_path / "dd"), None),
+    }
+    monkeypatch.setattr(chat_module, "ByteProgress", _CountingProgress)
+    for kind, (path, wheres) in paths.items():
+        rows = kind in ("json", "parquet", "datasets", "DatasetDict")
+        wheres = wheres or ([f"{path}[{i}]" for i in range(n)] if rows else [f"{path}:{i + 1}" for i in range(n)])
+        _CountingProgress.updates = []
+        sources, report = load_conversations([f"{path}:2"], progress=True)
+        (source,) = sources
+        assert [c.messages for c in source.conversations] == FORMAT_MESSAGES, kind
+        assert [c.where for c in source.conversations] == wheres, kind
+        assert (source.path, source.epochs, source.files) == (path, 2, [path]), kind
+        size = (sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+                if os.path.isdir(path) else os.path.getsize(path))
+        assert report.bytes == sum(_CountingProgress.updates) == size, kind  # progress reaches the size on disk
+        assert report.files == 1 and report.total_skipped == 0, kind
+    monkeypatch.undo()
+    # all of them at once, one SPEC each: no input is read twice
+    sources, report = load_conversations([p for p, _ in paths.values()], progress=False)
+    assert report.conversations == n * len(paths)
+
+
+def test_table_rows_none_cells_and_sequence_columns():
+    import datasets
+
+    # a None cell is a missing key: Alpaca without input; the unknown shape lists only the keys present
+    assert chat_module._table_row({"instruction": "I", "input": None, "output": "O", "messages": None}) == \
+        {"instruction": "I", "output": "O"}
+    # `datasets` stores a Sequence of structs as a dict of lists: back to a list of messages
+    features = datasets.Features({"conversations": datasets.Sequence({"from": datasets.Value("string"),
+                                                                     "value": datasets.Value("string")})})
+    ds = datasets.Dataset.from_dict({"conversations": [{"from": ["human", "gpt"], "value": ["Q", "A"]}]},
+                                    features=features)
+    row = ds[0]
+    assert row == {"conversations": {"from": ["human", "gpt"], "value": ["Q", "A"]}}  # what the library gives
+    assert to_messages(chat_module._table_row(row), "x[0]") == [_u("Q"), _a("A")]
+    with pytest.raises(PoelmError, match=r"^x\[0\]: field 'conversations' is dict"):  # JSON records stay as they are
+        to_messages(row, "x[0]")
+    with pytest.raises(PoelmError, match="Alpaca field 'output' is NoneType"):  # a JSON null stays a value
+        to_messages({"instruction": "I", "output": None}, "x:1")
+
+
+def test_bad_rows_name_path_and_row(tmp_path):
+    good = {"instruction": "Add 1 and 2.", "output": "3"}
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps([good, {"text": "t"}, None, good, 3]))
+    pq_path = _parquet(tmp_path / "p.parquet", [good, good, {"text": "t"}, {"instruction": "I", "output": " "}, good])
+    ds_path = str(tmp_path / "ds")
+    _dataset([good, {"instruction": "I", "output": " "}, good]).save_to_disk(ds_path)
+    for path, bad in [(str(array), f"{array}[1]: unknown record shape with keys ['text']"),
+                      (pq_path, f"{pq_path}[2]: unknown record shape with keys ['text']"),  # None cells dropped
+                      (ds_path, f"{ds_path}[1]: message 1: 'assistant' content is blank")]:
+        with pytest.raises(PoelmError) as e:
+            load_conversations([path], progress=False)
+        assert str(e.value).startswith(bad), str(e.value)
+    sources, report = load_conversations([str(array), pq_path, ds_path], skip_invalid=True, progress=False)
+    assert [[c.where for c in s.conversations] for s in sources] == [
+        [f"{array}[0]", f"{array}[3]"], [f"{pq_path}[0]", f"{pq_path}[1]", f"{pq_path}[4]"],
+        [f"{ds_path}[0]", f"{ds_path}[2]"]]
+    assert report.skipped == {str(array): {"unknown shape": 1, "not an object": 2},
+                              pq_path: {"unknown shape": 1, "bad conversation": 1},
+                              ds_path: {"bad conversation": 1}}
+    assert report.first_error["not an object"].startswith(f"{array}[2]: a JSON NoneType; expected an object")
+    assert report.first_error["bad conversation"].startswith(f"{pq_path}[3]: message 1: 'assistant' content is blank")
+    only_bad = tmp_path / "bad.json"
+    only_bad.write_text(json.dumps([{"text": "t"}]))
+    with pytest.raises(PoelmError, match=rf"^{only_bad}: no valid conversations \(1 invalid record"):
+        load_conversations([str(only_bad)], skip_invalid=True, progress=False)
+
+
+def test_json_files_that_are_not_arrays_and_directories_of_every_format(tmp_path):
+    obj = tmp_path / "obj.json"
+    obj.write_text(json.dumps(VALID))
+    for content, expected in [(json.dumps(VALID), f"{obj}: a JSON dict; expected a JSON array of records"),
+                              ("[1, 2", f"{obj}: not valid JSON"),
+                              ("", f"{obj}: empty file (no records); expected a JSON array"),
+                              ("[]", f"{obj}: empty file (no records); expected a JSON array")]:
+        obj.write_text(content)
+        with pytest.raises(PoelmError) as e:
+            load_conversations([str(obj)], skip_invalid=True, progress=False)
+        assert type(e.value) is PoelmError and "\n" not in str(e.value), str(e.value)
+        assert str(e.value).startswith(expected), str(e.value)
+    d = tmp_path / "mixed"
+    (d / "sub").mkdir(parents=True)
+    _write(d / "c.jsonl", [{"problem": "c", "solution": "C"}])
+    (d / "a.json").write_text(json.dumps([{"problem": "a1", "solution": "A"}, {"problem": "a2", "solution": "A"}]))
+    _parquet(d / "b.parquet", [{"problem": "b", "solution": "B"}])
+    (d / "sub" / "e.jsonl.gz").write_bytes(gzip.compress(_jsonl_bytes([{"problem": "e", "solution": "E"}])))
+    (d / "d.parquet.txt").write_text("not data")
+    (d / "README.md").write_text("# card\n")
+    sources, report = load_conversations([str(d)], progress=False)
+    assert [c.messages[0]["content"] for c in sources[0].conversations] == ["a1", "a2", "b", "c", "e"]
+    assert sources[0].files == [str(d / "a.json"), str(d / "b.parquet"), str(d / "c.jsonl"),
+                                str(d / "sub" / "e.jsonl.gz")]
+    assert report.ignored_files == [str(d / "README.md"), str(d / "d.parquet.txt")] and report.files == 4
+    assert "ignored 2 file(s) not .jsonl/.json/.parquet" in report.summary()
+    # a `datasets` folder: read twice through two SPECs (by its real path); inside a directory, one input of it
+    ds = tmp_path / "ds"
+    _dataset([VALID]).save_to_disk(str(ds))
+    os.symlink(ds, tmp_path / "ds-link")
+    with pytest.raises(PoelmError, match=f"^{tmp_path / 'ds-link'}: read twice"):
+        load_conversations([str(ds), f"{tmp_path / 'ds-link'}:2"], progress=False)
+    _dataset([{"problem": "s", "solution": "S"}]).save_to_disk(str(d / "sub" / "saved"))
+    sources, report = load_conversations([str(d)], progress=False)
+    assert [c.messages[0]["content"] for c in sources[0].conversations] == ["a1", "a2", "b", "c", "e", "s"]
+    assert sources[0].files[-1] == str(d / "sub" / "saved") and report.files == 5
+
+
+def test_hf_spec_parsing_and_loading_without_a_network(monkeypatch):
+    import datasets
+
+    assert parse_spec("hf:a/b@test:3") == ("hf:a/b@test", 3)
+    assert parse_spec("hf:sahil2801/CodeAlpaca-20k") == ("hf:sahil2801/CodeAlpaca-20k", 1)
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        if name == "owner/missing":
+            raise FileNotFoundError("Couldn't find a dataset script\nat owner/missing")
+        return _dataset(FORMAT_RECORDS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    sources, report = load_conversations(["hf:owner/name:2", "hf:owner/name@test"], progress=False)
+    assert calls == [("owner/name", "train"), ("owner/name", "test")]
+    assert [(s.path, s.epochs, s.files) for s in sources] == [("hf:owner/name", 2, ["hf:owner/name@train"]),
+                                                              ("hf:owner/name@test", 1, ["hf:owner/name@test"])]
+    assert [c.messages for c in sources[0].conversations] == FORMAT_MESSAGES
+    assert [c.where for c in sources[1].conversations] == [f"hf:owner/name@test[{i}]"
+                                                           for i in range(len(FORMAT_RECORDS))]
+    with pytest.raises(PoelmError, match=r"^hf:owner/name@train: read twice"):
+        load_conversations(["hf:owner/name", "hf:owner/name@train:2"], progress=False)
+    with pytest.raises(PoelmError) as e:
+        load_conversations(["hf:owner/missing"], progress=False)
+    assert str(e.value) == ("hf:owner/missing: could not load split 'train' from the Hugging Face Hub "
+                            "(FileNotFoundError: Couldn't find a dataset script); without a network only datasets "
+                            "already in the cache (~/.cache/huggingface/datasets, or $HF_DATASETS_CACHE) load")
+    for bad in ("hf:@train", "hf:a/b@"):
+        with pytest.raises(PoelmError, match=rf"^data SPEC '{bad}': expected hf:NAME\[@SPLIT\]"):
+            load_conversations([bad], progress=False)
+    with pytest.raises(PoelmError, match="^data SPEC 'hf:': nothing after ':'"):
+        load_conversations(["hf:"], progress=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(PoelmError, match=r"^hf:owner/name: .*needs the optional extra: pip install 'poelm\[data\]'"):
+        load_conversations(["hf:owner/name"], progress=False)
+
+
+def test_hf_spec_offline_is_one_error_line(tmp_path):
+    # `datasets` reads HF_HUB_OFFLINE at import: a fresh interpreter, with an empty cache of its own
+    path = _write(tmp_path / "c.jsonl", [VALID])
+    script = (
+        "import sys\n"
+        "from poelm.data.chat import load_conversations\n"
+        "from poelm.core.errors import PoelmError\n"
+        f"load_conversations([{path!r}], progress=False)\n"
+        "print('datasets imported' if 'datasets' in sys.modules else 'datasets not imported')\n"
+        "for spec in ['hf:poelm-tests/certainly-not-cached-7f3a:2', 'hf:poelm-tests/certainly-not-cached-7f3a@test']:\n"
+        "    try:\n"
+        "        load_conversations([spec], progress=False)\n"
+        "    except PoelmError as e:\n"
+        "        print('ERROR', e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "datasets not imported"  # a JSONL SPEC does not import `datasets`
+    tail = (r"; without a network only datasets already in the cache \(~/\.cache/huggingface/datasets, or "
+            r"\$HF_DATASETS_CACHE\) load")
+    assert len(lines) == 3, out.stdout
+    for line, split in zip(lines[1:], ["train", "test"]):
+        assert re.fullmatch(rf"ERROR hf:poelm-tests/certainly-not-cached-7f3a: could not load split '{split}' from "
+                            rf"the Hugging Face Hub \(\w+: [^\n]+\){tail}", line), line

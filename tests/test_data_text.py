@@ -192,12 +192,12 @@ def test_tiny_corpus_still_holds_out_one_document(tmp_path, tiny_tokenizer):
     texts = ["alpha beta\n", "gamma delta\n", "epsilon\n"]
     path = _jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
     c = TextCorpus.build([path], tok, val_fraction=0.0, progress=False)
-    lowest = min(texts, key=lambda t: (document_hash(t) % 10**6, document_hash(t)))
-    assert c.val.documents == 1 and _segments(c.val_tokens, tok.bos_id) == [tok.encode(lowest)]
-    assert c.train.documents == 2
-    # every document below the threshold: one (the highest hash) stays for training
+    assert c.val.documents == 1 and _segments(c.val_tokens, tok.bos_id) == [tok.encode(texts[-1])]  # the last
+    assert c.train.documents == 2 and _segments(c.train_tokens, tok.bos_id) == [tok.encode(t) for t in texts[:2]]
+    # every document below the threshold: the last one stays for training
     c = TextCorpus.build([path], tok, val_fraction=0.999999, progress=False)
     assert (c.train.documents, c.val.documents) == (1, 2)
+    assert _segments(c.train_tokens, tok.bos_id) == [tok.encode(texts[-1])]
 
     one = _jsonl(tmp_path / "one.jsonl", [{"text": "just me"}])
     with pytest.raises(PoelmError, match=r"one.jsonl:1: the only document .*needs at least two documents"):

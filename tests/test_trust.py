@@ -144,8 +144,9 @@ def test_every_written_directory_records_its_files(chain, tiny_tokenizer_dir, tm
     fingerprint of a stage is the one its child records as parent_fingerprint."""
     from poelm.core.files import listed_files, read_manifest
 
-    assert main(["tokenizer", "train", "--input", str(tiny_tokenizer_dir / "poelm_tokenizer.json"),
-                 "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 0
+    text = tmp_path / "text.txt"  # some text (a .json file named explicitly is read as records)
+    text.write_bytes((tiny_tokenizer_dir / "poelm_tokenizer.json").read_bytes())
+    assert main(["tokenizer", "train", "--input", str(text), "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 0
     assert main(["export", str(chain["leaf"]), "--out", str(tmp_path / "merged")]) == 0
     for d in (chain["root"], chain["mid"], chain["leaf"], tmp_path / "merged", tmp_path / "tok"):
         manifest = read_manifest(d)

@@ -33,6 +33,7 @@ import os
 from typing import Any, Iterable, Sequence
 
 import tiktoken
+import xxhash
 
 from .files import TOKEN_BYTES_FILE, TOKENIZER_FILE, read_json, read_manifest, record_files, warn_unverified, write_text
 from .errors import PoelmError
@@ -123,6 +124,7 @@ class Tokenizer:
         self._ranks = dict(mergeable_ranks)
         self.pattern = pattern
         self.name = name
+        self._fingerprint: str | None = None
         n = len(self._ranks)
         self._special_ids = {tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)}
         try:
@@ -162,6 +164,19 @@ class Tokenizer:
     @property
     def bos_id(self) -> int:
         return self._special_ids["<|bos|>"]
+
+    @property
+    def fingerprint(self) -> str:
+        """What the ids mean, as one digest: xxh3-128 of the split pattern, every (token bytes, rank)
+        and the specials. Equal for two tokenizers exactly when they encode every text alike (the
+        name is left out); a tokenized data folder records it and pretraining checks it."""
+        if self._fingerprint is None:
+            h = xxhash.xxh3_128()
+            h.update(json.dumps([self.pattern, self._special_ids]).encode("utf-8"))
+            for token, rank in sorted(self._ranks.items(), key=lambda kv: kv[1]):
+                h.update(len(token).to_bytes(2, "little") + token + rank.to_bytes(4, "little"))
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def token_id(self, name: str) -> int:
         """Id of a special token, by full name ("<|assistant_end|>") or short name ("assistant_end")."""

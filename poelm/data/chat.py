@@ -1,13 +1,32 @@
-"""Conversations for stage SFT: JSONL records of several shapes, a seeded mixture with a held-out
-split, best-fit packing into rows with document boundaries, and a row loader for DDP.
+"""Conversations for stage SFT: records of several shapes from JSONL, JSON, Parquet, `datasets`
+folders or the Hugging Face Hub, a seeded mixture with a held-out split, best-fit packing into rows
+with document boundaries, and a row loader for DDP.
 
 Design choices:
-- A data SPEC is `PATH[:EPOCHS]`; only a trailing `:<digits>` is the epoch count, so paths holding
-  ':' elsewhere work. PATH is a JSONL file (any name: a file named explicitly is read as JSONL) or a
-  directory whose `*.jsonl` files are read in sorted order (`text.walk_files`; other files are
-  ignored and listed in the report). The same file reached twice through the SPECs is an error: it
-  would put one record in both the val and the train split; repeat a source with `:EPOCHS` instead.
-- One record per line, its shape detected per record, first match wins:
+- A data SPEC is `PATH[:EPOCHS]` or `hf:NAME[@SPLIT][:EPOCHS]`; only a trailing `:<digits>` is the
+  epoch count, so paths holding ':' elsewhere work. Files are read through `records.py`, the format
+  decided by the name after a `.gz` / `.zst` suffix is taken off (the stream is decompressed): a
+  file named explicitly is a JSON array if `.json`, Parquet if `.parquet`, and JSONL otherwise
+  (whatever its name); a directory contributes its `.jsonl`, `.json` and `.parquet` files (compressed
+  or not) and the `datasets` folders inside it in sorted order (`records.expand`; other files are
+  ignored and listed in the report); a folder written by `datasets`' `save_to_disk` is read row by
+  row (a DatasetDict: its `train` split).
+- `hf:NAME[@SPLIT]` (NAME as on the Hub, e.g. `sahil2801/CodeAlpaca-20k`; SPLIT `train` by default)
+  is `datasets.load_dataset(NAME, split=SPLIT)`, with the library's cache and its offline switches
+  (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE) as the library has them; any failure to load is one error
+  line naming `hf:NAME`, the split and the cause. `datasets` (the extra `poelm[data]`) is imported only
+  for `hf:` SPECs and `datasets` folders.
+- The same input reached twice through the SPECs (a file or `datasets` folder by its real path, a Hub
+  split by `hf:NAME@SPLIT`) is an error: it would put one record in both the val and the train split;
+  repeat a source with `:EPOCHS` instead.
+- A record is a JSONL line, an element of a JSON array, or a row of a Parquet file, `datasets` folder
+  or Hub split (a dict of its columns; Parquet list<struct> columns come as lists of dicts). Rows of
+  those tables are read as records with two adjustments, since a table gives every row every
+  column: a None cell is a missing key (an Alpaca row without `input` has `input` None in a table
+  that others give it to), and a `messages` / `conversations` cell that `datasets` stores as a dict
+  of equal-length lists (a `Sequence` of structs) is turned back into the list of message dicts. In
+  JSON, `null` stays a value (`{"output": null}` is a bad conversation).
+- Each record's shape is detected per record, first match wins:
   `messages` [{role, content}] (roles system/user/assistant) | ShareGPT `conversations`
   [{from, value}] (from human/user, gpt/assistant, system) | Alpaca {instruction, input?, output}
   (user = instruction + "\\n\\n" + input when input is non-empty) | Evol-Instruct {instruction,
@@ -17,9 +36,12 @@ Design choices:
   more, for SFT: it ends with an assistant reply (an unanswered turn is row space with no loss),
   user and assistant contents are not blank, and contents are valid Unicode (no lone surrogates).
   A blank system message is dropped (ShareGPT dumps carry `{"from": "system", "value": ""}`).
-- Every error names `file:line` (or the file) and what was expected. With `skip_invalid` a bad
-  record (not UTF-8, invalid JSON, not an object, unknown shape, bad conversation) is skipped and
-  counted per file and reason; an empty file, or a SPEC with no valid conversation, stays an error.
+- Every error names where the record is -- `path:LINE` (1-based) for JSONL, `path[ROW]` (0-based)
+  for JSON arrays, Parquet and `datasets` folders, `hf:NAME@SPLIT[ROW]` for the Hub -- or the file,
+  and what was expected. With `skip_invalid` a bad record (a JSONL line not UTF-8 or invalid JSON,
+  not an object, unknown shape, bad conversation) is skipped and counted per input and reason; an
+  empty file, a file that does not parse as a whole (a `.json` that is not one JSON array, an
+  unreadable Parquet file or compressed stream), or a SPEC with no valid conversation stays an error.
 - Mixture: pool every source's conversations once (SPEC order, file order), shuffle the pool with
   `random.Random(seed)`, hold out the first `val_conversations`, then repeat each source's remaining
   conversations EPOCHS times and shuffle the train list with the same generator. Holding out before
@@ -59,9 +81,9 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
-import json
 import os
 import random
 import re
@@ -74,7 +96,9 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from ..core.errors import PoelmError
-from .text import ByteProgress, RowLoader, _check_int, as_text, format_size, walk_files
+from .records import (INVALID_JSON, NOT_UTF8, BadRecord, InputFile, dataset_records, expand, is_datasets_folder,
+                      records)
+from .text import ByteProgress, RowLoader, _check_int, format_size
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +109,8 @@ Messages = list[dict[str, str]]
 
 
 class Conversation(NamedTuple):
-    """One conversation: where it came from ("path:LINE") and its messages [{role, content}]."""
+    """One conversation: where it came from (`path:LINE`, `path[ROW]` or `hf:NAME@SPLIT[ROW]`) and its
+    messages [{role, content}]."""
 
     where: str
     messages: Messages
@@ -98,7 +123,8 @@ _SPEC_EPOCHS = re.compile(r"^(.*):([+-]?\d+)$", re.DOTALL)
 
 def parse_spec(spec: str) -> tuple[str, int]:
     """`PATH[:EPOCHS]` -> (PATH, EPOCHS); EPOCHS defaults to 1. Only a trailing `:<digits>` is the
-    epoch count ("a:b.jsonl" is a path, "a:b.jsonl:3" is that path for 3 epochs)."""
+    epoch count ("a:b.jsonl" is a path, "a:b.jsonl:3" is that path for 3 epochs; "hf:a/b@test:3" is
+    ("hf:a/b@test", 3): a Hub NAME is never all digits, so the colon of `hf:` is not taken for one)."""
     if not isinstance(spec, str) or not spec:
         raise PoelmError(f"data SPEC {spec!r}: expected PATH[:EPOCHS], e.g. code.jsonl:3")
     m = _SPEC_EPOCHS.match(spec)
@@ -117,9 +143,10 @@ def parse_spec(spec: str) -> tuple[str, int]:
 
 # ---- record shapes -------------------------------------------------------------------------------
 
-# Reasons a record is bad, the keys of LoadReport.skipped[file].
-NOT_UTF8, INVALID_JSON, NOT_OBJECT, UNKNOWN_SHAPE, BAD_CONVERSATION = (
-    "not UTF-8", "invalid JSON", "not an object", "unknown shape", "bad conversation")
+# Reasons a record is bad, the keys of LoadReport.skipped[file]: records.py's NOT_UTF8 and INVALID_JSON
+# (a JSONL line that does not parse), and these.
+NOT_OBJECT, UNKNOWN_SHAPE, BAD_CONVERSATION = "not an object", "unknown shape", "bad conversation"
+REASONS = (NOT_UTF8, INVALID_JSON, NOT_OBJECT, UNKNOWN_SHAPE, BAD_CONVERSATION)
 
 _SHAPES = ('{"messages": [{"role", "content"}, ...]}, ShareGPT {"conversations": [{"from", "value"}, ...]}, '
            'Alpaca {"instruction", "input", "output"}, Evol-Instruct {"instruction", "response"} or '
@@ -127,46 +154,38 @@ _SHAPES = ('{"messages": [{"role", "content"}, ...]}, ShareGPT {"conversations":
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class _BadRecord(PoelmError):
-    """A record-level error; `reason` is what `skip_invalid` counts it under."""
-
-    def __init__(self, message: str, reason: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 def _string(record: dict, key: str, where: str, what: str) -> str:
     value = record[key]
     if not isinstance(value, str):
-        raise _BadRecord(f"{where}: {what} field {key!r} is {type(value).__name__}; expected a string",
-                         BAD_CONVERSATION)
+        raise BadRecord(f"{where}: {what} field {key!r} is {type(value).__name__}; expected a string",
+                        BAD_CONVERSATION)
     return value
 
 
 def _message_list(record: dict, key: str, role_key: str, text_key: str, where: str) -> Messages:
     items = record[key]
     if not isinstance(items, list):
-        raise _BadRecord(f"{where}: field {key!r} is {type(items).__name__}; expected a list of messages",
-                         BAD_CONVERSATION)
+        raise BadRecord(f"{where}: field {key!r} is {type(items).__name__}; expected a list of messages",
+                        BAD_CONVERSATION)
     messages = []
     for i, m in enumerate(items):
         at = f"{where}: {key}[{i}]"
         if not isinstance(m, dict) or role_key not in m or text_key not in m:
             got = f"keys {sorted(m)}" if isinstance(m, dict) else type(m).__name__
-            raise _BadRecord(f"{at}: expected an object with {role_key!r} and {text_key!r}, got {got}",
-                             BAD_CONVERSATION)
+            raise BadRecord(f"{at}: expected an object with {role_key!r} and {text_key!r}, got {got}",
+                            BAD_CONVERSATION)
         role = m[role_key]
         if key == "conversations":
             if not isinstance(role, str) or role not in _SHAREGPT_ROLES:  # a list or object is unhashable
-                raise _BadRecord(f"{at}: unknown 'from' {role!r}; expected one of {sorted(_SHAREGPT_ROLES)}",
-                                 BAD_CONVERSATION)
+                raise BadRecord(f"{at}: unknown 'from' {role!r}; expected one of {sorted(_SHAREGPT_ROLES)}",
+                                BAD_CONVERSATION)
             role = _SHAREGPT_ROLES[role]
         elif role not in ("system", "user", "assistant"):
-            raise _BadRecord(f"{at}: unknown role {role!r}; expected 'system', 'user' or 'assistant'",
-                             BAD_CONVERSATION)
+            raise BadRecord(f"{at}: unknown role {role!r}; expected 'system', 'user' or 'assistant'",
+                            BAD_CONVERSATION)
         content = m[text_key]
         if not isinstance(content, str):
-            raise _BadRecord(f"{at}: {text_key!r} is {type(content).__name__}; expected a string", BAD_CONVERSATION)
+            raise BadRecord(f"{at}: {text_key!r} is {type(content).__name__}; expected a string", BAD_CONVERSATION)
         messages.append({"role": role, "content": content})
     return messages
 
@@ -177,30 +196,30 @@ def check_messages(messages: Messages, where: str) -> Messages:
     if messages and messages[0]["role"] == "system" and not messages[0]["content"].strip():
         messages = messages[1:]
     if not messages:
-        raise _BadRecord(f"{where}: no messages; expected a user message and an assistant reply", BAD_CONVERSATION)
+        raise BadRecord(f"{where}: no messages; expected a user message and an assistant reply", BAD_CONVERSATION)
     for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
         if role == "system":
             if i != 0:
-                raise _BadRecord(f"{where}: message {i}: role 'system' is only allowed as the first message",
-                                 BAD_CONVERSATION)
+                raise BadRecord(f"{where}: message {i}: role 'system' is only allowed as the first message",
+                                BAD_CONVERSATION)
         else:
             # the tokenizer's alternation: user first (after an optional system), then strictly alternating
             expected = "user" if i == 0 or messages[i - 1]["role"] in ("system", "assistant") else "assistant"
             if role != expected:
                 after = f"after {messages[i - 1]['role']!r}" if i else "first"
-                raise _BadRecord(f"{where}: message {i}: expected role {expected!r} {after}, got {role!r}",
-                                 BAD_CONVERSATION)
+                raise BadRecord(f"{where}: message {i}: expected role {expected!r} {after}, got {role!r}",
+                                BAD_CONVERSATION)
             if not content.strip():
-                raise _BadRecord(f"{where}: message {i}: {role!r} content is blank; expected text", BAD_CONVERSATION)
+                raise BadRecord(f"{where}: message {i}: {role!r} content is blank; expected text", BAD_CONVERSATION)
         try:  # JSON escapes can spell a lone surrogate ("\ud800"), which no tokenizer can encode
             content.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise _BadRecord(f"{where}: message {i}: content has an unpaired surrogate at character {e.start}; "
-                             f"expected valid Unicode", BAD_CONVERSATION) from None
+            raise BadRecord(f"{where}: message {i}: content has an unpaired surrogate at character {e.start}; "
+                            f"expected valid Unicode", BAD_CONVERSATION) from None
     if messages[-1]["role"] != "assistant":
-        raise _BadRecord(f"{where}: message {len(messages) - 1}: the conversation ends with a "
-                         f"{messages[-1]['role']!r} message; expected a final 'assistant' reply", BAD_CONVERSATION)
+        raise BadRecord(f"{where}: message {len(messages) - 1}: the conversation ends with a "
+                        f"{messages[-1]['role']!r} message; expected a final 'assistant' reply", BAD_CONVERSATION)
     return messages
 
 
@@ -211,7 +230,7 @@ def to_messages(record: Any, where: str) -> Messages:
     unknown shape, a non-object, a wrong field type or a bad conversation.
     """
     if not isinstance(record, dict):
-        raise _BadRecord(f"{where}: a JSON {type(record).__name__}; expected an object: {_SHAPES}", NOT_OBJECT)
+        raise BadRecord(f"{where}: a JSON {type(record).__name__}; expected an object: {_SHAPES}", NOT_OBJECT)
     if "messages" in record:
         messages = _message_list(record, "messages", "role", "content", where)
     elif "conversations" in record:
@@ -230,8 +249,8 @@ def to_messages(record: Any, where: str) -> Messages:
         messages = [{"role": "user", "content": _string(record, "problem", where, "Magicoder")},
                     {"role": "assistant", "content": _string(record, "solution", where, "Magicoder")}]
     else:
-        raise _BadRecord(f"{where}: unknown record shape with keys {sorted(record)}; expected {_SHAPES}",
-                         UNKNOWN_SHAPE)
+        raise BadRecord(f"{where}: unknown record shape with keys {sorted(record)}; expected {_SHAPES}",
+                        UNKNOWN_SHAPE)
     return check_messages(messages, where)
 
 
@@ -245,15 +264,16 @@ class Source:
     path: str
     epochs: int
     conversations: list[Conversation]
-    files: list[str] = field(default_factory=list)  # the JSONL files read, in order
+    files: list[str] = field(default_factory=list)  # the inputs read, in order (paths; hf:NAME@SPLIT)
 
 
 @dataclass
 class LoadReport:
     """What `load_conversations` read and skipped.
 
-    skipped: file -> reason -> records skipped (files with skips only); first_error: reason -> the
-    first skipped record's full error; ignored_files: non-JSONL files found in SPEC directories.
+    skipped: input (file path, `datasets` folder or hf:NAME@SPLIT) -> reason -> records skipped
+    (inputs with skips only); first_error: reason -> the first skipped record's full error;
+    ignored_files: files in SPEC directories that are not .jsonl, .json or .parquet (compressed or not).
     """
 
     conversations: int = 0
@@ -282,7 +302,8 @@ class LoadReport:
             line += (f"; skipped {self.total_skipped:,} invalid record(s) in {len(self.skipped)} file(s) ({reasons}; "
                      f"first: {next(iter(self.first_error.values()))})")
         if self.ignored_files:
-            line += f"; ignored {len(self.ignored_files)} non-JSONL file(s) (first: {self.ignored_files[0]})"
+            line += (f"; ignored {len(self.ignored_files)} file(s) not .jsonl/.json/.parquet "
+                     f"(first: {self.ignored_files[0]})")
         return line
 
     def to_dict(self) -> dict[str, Any]:
@@ -292,96 +313,157 @@ class LoadReport:
                 "skipped": self.skipped, "first_error": self.first_error, "ignored_files": self.ignored_files}
 
 
-def _spec_files(path: str, report: LoadReport) -> list[str]:
-    if os.path.isdir(path):
-        files = []
-        for f in walk_files(path):
-            (files if f.endswith(".jsonl") else report.ignored_files).append(f)
+HF_PREFIX = "hf:"
+_DIRECTORY_KINDS = ("jsonl", "json", "parquet", "datasets")  # what a directory SPEC contributes
+_TABLE_KINDS = ("parquet", "datasets", "hub")  # whose records are rows of a table
+_EXPECTED = {"jsonl": "one JSON conversation object per line", "json": "a JSON array of conversation objects",
+             "parquet": "rows of conversation records", "datasets": "rows of conversation records",
+             "hub": "rows of conversation records"}
+_SPEC_PATHS = ("a .jsonl, .json or .parquet file (.gz/.zst compressed too), a directory of them, a `datasets` "
+               "folder, or hf:NAME[@SPLIT]")
+
+
+class _Hub(NamedTuple):
+    """A split of a Hugging Face Hub dataset: `path` "hf:NAME@SPLIT", the loaded `datasets.Dataset`,
+    and the bytes of its cache files (what progress counts)."""
+
+    path: str
+    dataset: Any
+    size: int
+    kind: str = "hub"
+
+
+def _load_hub(path: str) -> _Hub:
+    """`hf:NAME[@SPLIT]` through `datasets.load_dataset(NAME, split=SPLIT)`: the library's cache and
+    offline mode (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE) as it has them; any failure is one line."""
+    name, at, split = path[len(HF_PREFIX):].partition("@")
+    if not name or (at and not split):
+        raise PoelmError(f"data SPEC {path!r}: expected hf:NAME[@SPLIT][:EPOCHS], e.g. hf:sahil2801/CodeAlpaca-20k")
+    split = split or "train"
+    try:
+        import datasets
+    except ImportError:
+        raise PoelmError(f"{path}: loading a Hugging Face Hub dataset needs the optional extra: "
+                         f"pip install 'poelm[data]'") from None
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # the library raises many types (ConnectionError, DatasetNotFoundError, ValueError)
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise PoelmError(f"{HF_PREFIX}{name}: could not load split {split!r} from the Hugging Face Hub "
+                         f"({type(e).__name__}: {first}); without a network only datasets already in the cache "
+                         f"(~/.cache/huggingface/datasets, or $HF_DATASETS_CACHE) load") from None
+    size = sum(os.path.getsize(c["filename"]) for c in ds.cache_files if os.path.isfile(c["filename"]))
+    return _Hub(f"{HF_PREFIX}{name}@{split}", ds, size)
+
+
+def _spec_inputs(path: str, report: LoadReport) -> list[InputFile | _Hub]:
+    """The inputs of one SPEC's PATH in reading order (module docstring); a directory's other files
+    go to `report.ignored_files`."""
+    if path.startswith(HF_PREFIX):
+        return [_load_hub(path)]
+
+    def accept(f: InputFile) -> bool:
+        return f.kind in _DIRECTORY_KINDS
+
+    files, ignored = expand([path], accept, _SPEC_PATHS)
+    report.ignored_files += ignored
+    if os.path.isdir(path) and not is_datasets_folder(path):
         if not files:
-            raise PoelmError(f"{path}: a directory without .jsonl files; expected JSONL conversation files")
+            raise PoelmError(f"{path}: a directory without .jsonl, .json or .parquet files; expected conversation "
+                             f"files")
         return files
-    if os.path.isfile(path):
-        return [path]
-    raise PoelmError(f"{path}: no such file or directory; expected a .jsonl file or a directory of them")
+    # a file named explicitly is JSONL whatever its name (unless .json or .parquet)
+    return [dataclasses.replace(f, kind="jsonl") if f.kind == "text" else f for f in files]
 
 
-def _read_jsonl(path: str, skip_invalid: bool, report: LoadReport, progress: ByteProgress) -> list[Conversation]:
+def _table_row(row: Any) -> Any:
+    """A Parquet / `datasets` row as a record. A table gives every row every column, so a None cell
+    is a missing key; and `datasets` stores a `Sequence` of message structs as a dict of equal-length
+    lists, which is turned back into the list of message dicts."""
+    if not isinstance(row, dict):
+        return row
+    row = {k: v for k, v in row.items() if v is not None}
+    for key in ("messages", "conversations"):
+        v = row.get(key)
+        if (isinstance(v, dict) and v and all(isinstance(x, list) for x in v.values())
+                and len({len(x) for x in v.values()}) == 1):
+            row[key] = [dict(zip(v, items)) for items in zip(*v.values())]
+    return row
+
+
+def _read_input(f: InputFile | _Hub, skip_invalid: bool, report: LoadReport,
+                progress: ByteProgress) -> list[Conversation]:
+    """The valid conversations of one input, in order; a bad record raises, or with `skip_invalid` is
+    counted in `report`. An input without records is an error."""
+    if f.kind in _DIRECTORY_KINDS and f.size == 0:  # no JSON array or Parquet footer to read either
+        raise PoelmError(f"{f.path}: empty file (no records); expected {_EXPECTED[f.kind]}")
+    table = f.kind in _TABLE_KINDS
     out: list[Conversation] = []
-    records = 0
-    with open(path, "rb") as f:  # line by line: a JSONL file can be larger than memory
-        for lineno, raw in enumerate(f, start=1):
-            progress.update(len(raw))
-            if not raw.strip():
-                continue
-            records += 1
-            where = f"{path}:{lineno}"
+    n = 0
+    for r in dataset_records(f.dataset, f.path, f.size) if isinstance(f, _Hub) else records(f):
+        progress.update(r.nbytes)
+        if r.index < 0:  # bytes only (a blank line, a compressed stream's trailer)
+            continue
+        n += 1
+        bad = r.value if isinstance(r.value, BadRecord) else None  # a JSONL line not UTF-8 or not JSON
+        if bad is None:
             try:
-                text = as_text(raw)
-                if text is None:
-                    raise _BadRecord(f"{where}: not UTF-8 text; expected one JSON object per line", NOT_UTF8)
-                if lineno == 1:
-                    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is no JSON
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as e:
-                    hint = (" (the file looks like one JSON array; expected JSONL, one object per line)"
-                            if lineno == 1 and text.strip() == "[" else "")
-                    raise _BadRecord(f"{where}: not valid JSON ({e.msg} at column {e.colno}){hint}",
-                                     INVALID_JSON) from None
-                except (ValueError, RecursionError) as e:  # an integer over Python's 4300 digits, deep nesting
-                    raise _BadRecord(f"{where}: JSON too large to parse ({e})", INVALID_JSON) from None
-                out.append(Conversation(where, to_messages(record, where)))
-            except _BadRecord as e:
-                if not skip_invalid:
-                    raise PoelmError(str(e)) from None
-                counts = report.skipped.setdefault(path, {})
-                counts[e.reason] = counts.get(e.reason, 0) + 1
-                report.first_error.setdefault(e.reason, str(e))
-    if records == 0:
-        raise PoelmError(f"{path}: empty file (no records); expected one JSON conversation object per line")
+                out.append(Conversation(r.where, to_messages(_table_row(r.value) if table else r.value, r.where)))
+            except BadRecord as e:
+                bad = e
+        if bad is not None:
+            if not skip_invalid:
+                raise PoelmError(str(bad)) from None
+            counts = report.skipped.setdefault(f.path, {})
+            counts[bad.reason] = counts.get(bad.reason, 0) + 1
+            report.first_error.setdefault(bad.reason, str(bad))
+    if n == 0:
+        what = "empty file (no records)" if f.kind in _DIRECTORY_KINDS else "no rows"
+        raise PoelmError(f"{f.path}: {what}; expected {_EXPECTED[f.kind]}")
     return out
 
 
 def load_conversations(specs: Sequence[str], skip_invalid: bool = False,
                        progress: bool | None = None) -> tuple[list[Source], LoadReport]:
-    """Read every SPEC (`PATH[:EPOCHS]`) into a Source, in order.
+    """Read every SPEC (`PATH[:EPOCHS]` or `hf:NAME[@SPLIT][:EPOCHS]`) into a Source, in order.
 
-    Raises PoelmError (naming file:line) for a bad record unless `skip_invalid`, in which case bad
-    records are counted in the report per file and reason. An empty file, a missing path, a file
-    reached twice, and a SPEC with no valid conversation are errors either way. progress: False is
-    silent; None or True reports bytes read on stderr and a closing summary line (as
-    `text.TextCorpus.build`; pass `rank == 0` under DDP).
+    Raises PoelmError (naming `path:LINE`, `path[ROW]` or `hf:NAME@SPLIT[ROW]`) for a bad record
+    unless `skip_invalid`, in which case bad records are counted in the report per input and reason.
+    An empty file, a missing path, an unreadable file or Hub dataset, an input reached twice, and a
+    SPEC with no valid conversation are errors either way. progress: False is silent; None or True
+    reports bytes read on stderr and a closing summary line (as `text.TextCorpus.build`; pass
+    `rank == 0` under DDP).
     """
     if isinstance(specs, str) or not specs:
         raise PoelmError(f"no data SPECs given (got {specs!r}); expected a list of PATH[:EPOCHS]")
     report = LoadReport()
     parsed = [(spec, *parse_spec(spec)) for spec in specs]
-    plan: list[tuple[str, int, list[str]]] = []
-    seen: dict[str, str] = {}  # real path -> the SPEC that named it first
+    plan: list[tuple[str, int, list[InputFile | _Hub]]] = []
+    seen: dict[str, str] = {}  # real path (a Hub split: hf:NAME@SPLIT) -> the SPEC that named it first
     for spec, path, epochs in parsed:
-        files = _spec_files(path, report)
-        for f in files:
-            real = os.path.realpath(f)
-            if real in seen:
-                raise PoelmError(f"{f}: read twice (by SPECs {seen[real]!r} and {spec!r}); a record must be in one "
-                                 f"split only: give each file once and repeat it with PATH:EPOCHS")
-            seen[real] = spec
-        plan.append((path, epochs, files))
-    report.bytes = sum(os.path.getsize(f) for _, _, files in plan for f in files)
+        inputs = _spec_inputs(path, report)
+        for f in inputs:
+            key = f.path if isinstance(f, _Hub) else os.path.realpath(f.path)
+            if key in seen:
+                raise PoelmError(f"{f.path}: read twice (by SPECs {seen[key]!r} and {spec!r}); a record must be in "
+                                 f"one split only: give each input once and repeat it with PATH:EPOCHS")
+            seen[key] = spec
+        plan.append((path, epochs, inputs))
+    report.bytes = sum(f.size for _, _, inputs in plan for f in inputs)
     bar = ByteProgress(progress is not False, report.bytes, "chat data")
     sources = []
     try:
-        for path, epochs, files in plan:
+        for path, epochs, inputs in plan:
             conversations = []
-            for f in files:
-                conversations += _read_jsonl(f, skip_invalid, report, bar)
+            for f in inputs:
+                conversations += _read_input(f, skip_invalid, report, bar)
             if not conversations:
-                skipped = sum(sum(report.skipped.get(f, {}).values()) for f in files)
+                skipped = sum(sum(report.skipped.get(f.path, {}).values()) for f in inputs)
                 raise PoelmError(f"{path}: no valid conversations ({skipped:,} invalid record(s) skipped, first: "
                                  f"{next(iter(report.first_error.values()), 'none')})")
-            sources.append(Source(path, epochs, conversations, files))
+            sources.append(Source(path, epochs, conversations, [f.path for f in inputs]))
             report.conversations += len(conversations)
-            report.files += len(files)
+            report.files += len(inputs)
     finally:
         bar.close()
     bar.line(report.summary())

@@ -1,22 +1,27 @@
 """Pretraining text: documents read from files, a tokenized train/val split, and a row loader for DDP.
 
 Design choices:
-- One reader for every plain-text input in poelm (`read_documents`): tokenizer training and
-  pretraining see the same documents through the same code. Inputs are text files (one file = one
-  document), directories (walked recursively in sorted order, hidden entries and `__pycache__`
-  skipped) and `.jsonl` files (one document per record's "text" string; the source is "path:LINE").
-  Text is whatever decodes as UTF-8 without NUL bytes. A file named explicitly must be non-empty
-  text; inside a directory other files are skipped and listed in `reader.skipped` so the caller can
-  report them, and empty files and empty "text" records are no documents. Malformed JSONL is an
-  error wherever it is, naming file and line.
+- One reader for every plain-text input in poelm (`read_documents`): tokenizer training,
+  pretraining, `poelm eval bpb` and `poelm data tokenize` see the same documents through the same
+  code. Inputs are text files (one file = one document), directories (walked recursively in sorted
+  order, hidden entries and `__pycache__` skipped), and records (records.py): JSONL and JSON arrays
+  of objects with a "text" string, Parquet files and `datasets` folders (a text column), gzip/zstd
+  compressed. Text is whatever decodes as UTF-8 without NUL bytes. A file named explicitly must be
+  non-empty text; inside a directory other files are skipped and listed in `reader.skipped` so the
+  caller can report them, and empty files, empty texts and null cells are no documents. A malformed
+  record is an error wherever it is, naming file and line (or row).
 - Paths are checked and sized when the reader is made (a typo fails before any work), so progress
   can count bytes against a known total: tqdm on a terminal, a handful of plain lines otherwise.
-- Each document is tokenized as `[<|bos|>] + encode(text)` and the documents of a split are
-  concatenated in input order into one int32 array (half the memory of int64; ids < 2**31).
-- The train/val split is by document and by content: a document is held out when
+- Each document is tokenized as `[<|bos|>] + encode(text)` (`encode_documents`: here with tiktoken's
+  threads, or in worker processes for `poelm data tokenize`) and the documents of a split are
+  concatenated in input order into one int32 array (half the memory of int64; ids < 2**31), or
+  written to a tokenized folder's shards (shards.py) — the same stream either way.
+- The train/val split is by document and by content (`assign_splits`): a document is held out when
   blake2b(UTF-8 text)[:8] mod 10**6 < val_fraction * 10**6. The same text lands in the same split on
   every machine and in every input order, and exact duplicates never straddle the split. A tiny
-  corpus still gets one val document (the lowest hash) and keeps one train document.
+  corpus still gets one val document and keeps one train document: if no document falls in val,
+  the last one read is held out; if all do, the last one is kept for training (a rule a stream can
+  apply, holding back one document, where "the lowest hash" would need the whole corpus first).
 - `TokenLoader` cuts the stream into rows of T+1 tokens at stride T, so every token after the first
   is a target exactly once per epoch. Row order is a permutation drawn from
   `torch.Generator().manual_seed(seed + epoch)`: reproducible, and the whole position is two ints.
@@ -41,12 +46,12 @@ and its missing positions are padded and carry no loss (target -1).
 from __future__ import annotations
 
 import hashlib
-import itertools
-import json
 import os
 import sys
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -62,10 +67,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Document:
-    """One document: where it came from ("path", or "path:LINE" for a JSONL record) and its text."""
+    """One document: where it came from ("path", "path:LINE" for JSONL, "path[ROW]" for a JSON array,
+    Parquet or `datasets` row) and its text; `file` and `index` place it among the reader's inputs
+    (its file's position in `DocumentReader.files`, its record's index in that file) for a resume."""
 
     source: str
     text: str
+    file: int = field(default=0, compare=False)
+    index: int = field(default=0, compare=False)
 
 
 def as_text(data: bytes) -> str | None:
@@ -86,34 +95,44 @@ def walk_files(directory: str, prune: frozenset[str] = frozenset({"__pycache__"}
         yield from (os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
 
 
+INPUTS = ("text files, directories, JSONL or JSON arrays of {\"text\"} records, Parquet files or "
+          "`datasets` folders (a text column)")
+
+
 class DocumentReader:
     """An iterator over the documents of some input paths (see `read_documents`).
 
-    Known when made: `inputs`, `files` [(path, named explicitly)], `total_bytes`. Filled while
-    iterating: `documents` (count), `skipped` (non-UTF-8 files inside directories, in order).
-    `on_bytes(n)` is called with the bytes of every file or JSONL line consumed, skipped ones too,
-    so a progress report reaches `total_bytes` exactly.
+    Known when made: `inputs`, `files` (records.InputFile, in reading order), `total_bytes`. Filled
+    while iterating: `documents` (count), `skipped` (files inside directories that are not UTF-8 text,
+    in order). `on_bytes(n)` is called with the bytes of the files on disk as they are consumed, skipped
+    ones too, so a progress report reaches `total_bytes` exactly. `start=(file, index)` begins at that
+    record of that file (a resume), the bytes before it reported at once.
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike] | str | os.PathLike,
-                 on_bytes: Callable[[int], None] | None = None):
+                 on_bytes: Callable[[int], None] | None = None, text_column: str = "text",
+                 start: tuple[int, int] = (0, 0)):
+        from .records import expand
+
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.inputs: list[str] = [os.fspath(p) for p in paths]
         if not self.inputs:
-            raise PoelmError("no input paths given; expected text files, directories or .jsonl files")
-        self.files: list[tuple[str, bool]] = []
+            raise PoelmError(f"no input paths given; expected {INPUTS}")
+        from .shards import is_token_folder
+
         for p in self.inputs:
-            if os.path.isdir(p):
-                self.files += [(f, False) for f in walk_files(p)]
-            elif os.path.isfile(p):
-                if os.path.getsize(p) == 0:
-                    raise PoelmError(f"{p}: empty file; expected text or .jsonl records")
-                self.files.append((p, True))
-            else:
-                raise PoelmError(f"{p}: no such file or directory; expected a text file, a directory or a .jsonl file")
-        self.total_bytes: int = sum(os.path.getsize(f) for f, _ in self.files)
+            if is_token_folder(p):
+                raise PoelmError(f"{p}: a tokenized data folder; `poelm pretrain --data` reads it, this command "
+                                 f"needs the text it was made from")
+        self.files, _ = expand(self.inputs, lambda f: True, INPUTS)
+        for f in self.files:
+            if f.explicit and f.size == 0:
+                raise PoelmError(f"{f.path}: empty file; expected text or records")
+        self.total_bytes: int = sum(f.size for f in self.files)
         self.on_bytes = on_bytes
+        self.text_column = text_column
+        self.start = start
         self.documents = 0
         self.skipped: list[str] = []
         self._it: Iterator[Document] | None = None
@@ -127,68 +146,77 @@ class DocumentReader:
         return next(self._it)
 
     def _consumed(self, n: int) -> None:
-        if self.on_bytes is not None:
+        if self.on_bytes is not None and n:
             self.on_bytes(n)
 
     def _read(self) -> Iterator[Document]:
-        for path, explicit in self.files:
-            if path.endswith(".jsonl"):
-                yield from self._jsonl(path)
-                continue
-            with open(path, "rb") as f:
-                data = f.read()
-            text = as_text(data)
-            if text is None:
-                if explicit:
-                    raise PoelmError(f"{path}: not UTF-8 text (binary file?); expected a text or .jsonl file")
-                self.skipped.append(path)
-            elif text:
-                self.documents += 1
-                yield Document(path, text)
-            self._consumed(len(data))
-        if self.documents == 0:
-            skipped = f", {len(self.skipped)} non-UTF-8 file(s) skipped" if self.skipped else ""
-            raise PoelmError(f"no documents in {self.inputs} (empty files and records hold none{skipped}); "
-                             f"expected UTF-8 text files or .jsonl records with a non-empty 'text'")
+        from .records import BadRecord, read_bytes, records
 
-    def _jsonl(self, path: str) -> Iterator[Document]:
-        with open(path, "rb") as f:  # line by line: JSONL corpora can be larger than memory
-            for lineno, raw in enumerate(f, start=1):
-                self._consumed(len(raw))
-                if not raw.strip():
+        first, start = self.start
+        self._consumed(sum(f.size for f in self.files[:first]))
+        for k, f in enumerate(self.files[first:], start=first):
+            kind = "text" if f.kind == "json" and not f.explicit else f.kind  # a directory's .json is text
+            if kind == "text":  # one file, one document
+                if k == first and start > 0:  # resumed past its document
+                    self._consumed(f.size)
                     continue
                 try:
-                    record = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    raise PoelmError(f"{path}:{lineno}: not UTF-8; expected one JSON object per line") from None
-                except json.JSONDecodeError as e:
-                    raise PoelmError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-                except (ValueError, RecursionError) as e:  # an integer over Python's 4300 digits, deep nesting
-                    raise PoelmError(f"{path}:{lineno}: JSON too large to parse ({e})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    got = f"keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
-                    raise PoelmError(f"{path}:{lineno}: expected an object with a 'text' string field, got {got}")
-                text = record["text"]
-                try:  # JSON escapes can spell a lone surrogate ("\ud800"), which no tokenizer can encode
-                    text.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise PoelmError(f"{path}:{lineno}: 'text' has an unpaired surrogate at character {e.start}; "
-                                     f"expected valid Unicode") from None
-                if text:
+                    text = as_text(read_bytes(f))
+                except PoelmError:  # a compressed file that does not decompress
+                    if f.explicit:
+                        raise
+                    text = None
+                if text is None:
+                    if f.explicit:
+                        raise PoelmError(f"{f.path}: not UTF-8 text (binary file?); expected a text file or records")
+                    self.skipped.append(f.path)
+                elif text:
                     self.documents += 1
-                    yield Document(f"{path}:{lineno}", text)
+                    yield Document(f.path, text, k, 0)
+                self._consumed(f.size)
+                continue
+            column = self.text_column if kind in ("parquet", "datasets") else None
+            for r in records(f, start if k == first else 0, column):
+                text = r.value
+                if isinstance(text, BadRecord):
+                    raise PoelmError(str(text)) from None
+                if r.index >= 0 and (text is not None or column is None):  # a null table cell: no document
+                    if column is None:  # a JSON record: an object with a "text" string
+                        if not isinstance(text, dict) or not isinstance(text.get("text"), str):
+                            got = f"keys {sorted(text)}" if isinstance(text, dict) else type(text).__name__
+                            raise PoelmError(f"{r.where}: expected an object with a 'text' string field, got {got}")
+                        text = text["text"]
+                    elif not isinstance(text, str):
+                        raise PoelmError(f"{r.where}: column {column!r} holds {type(text).__name__}; expected "
+                                         f"strings")
+                    try:  # JSON escapes can spell a lone surrogate ("\ud800"), which no tokenizer can encode
+                        text.encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise PoelmError(f"{r.where}: 'text' has an unpaired surrogate at character {e.start}; "
+                                         f"expected valid Unicode") from None
+                    if text:
+                        self.documents += 1
+                        yield Document(r.where, text, k, r.index)
+                self._consumed(r.nbytes)
+        if self.documents == 0 and self.start == (0, 0):
+            skipped = f", {len(self.skipped)} non-UTF-8 file(s) skipped" if self.skipped else ""
+            raise PoelmError(f"no documents in {self.inputs} (empty files and records hold none{skipped}); "
+                             f"expected {INPUTS} with non-empty text")
 
 
 def read_documents(paths: Sequence[str | os.PathLike] | str | os.PathLike,
-                   on_bytes: Callable[[int], None] | None = None) -> DocumentReader:
-    """The documents of text files, directories and .jsonl files, in input order.
+                   on_bytes: Callable[[int], None] | None = None, text_column: str = "text") -> DocumentReader:
+    """The documents of text files, directories, JSONL and JSON-array records, Parquet files and
+    `datasets` folders (records.py decides the format by name), in input order.
 
     Raises PoelmError for a missing path or an empty explicit file at once; while iterating, for an
-    explicit file that is not UTF-8 text, for malformed JSONL (naming file:line), and, at the end,
-    when there were no documents at all. After iterating, `.skipped` lists the non-UTF-8 files
-    found inside directories and `.documents` counts what was yielded.
+    explicit file that is not UTF-8 text, for a malformed record (naming file:line or file[row]), a
+    missing column, and, at the end, when there were no documents at all. After iterating, `.skipped`
+    lists the files inside directories that are not UTF-8 text and `.documents` counts what was yielded.
+    A `.json` file named explicitly is a JSON array of records; inside a directory it is a text file
+    like any other (a source tree's package.json is text, not data).
     """
-    return DocumentReader(paths, on_bytes)
+    return DocumentReader(paths, on_bytes, text_column)
 
 
 # ---- progress ------------------------------------------------------------------------------------
@@ -202,8 +230,8 @@ class ByteProgress:
     """Bytes-read progress: tqdm on a terminal, a few plain lines elsewhere (a log is not flooded
     with carriage-return updates), nothing when disabled."""
 
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.enabled, self.total, self.done, self.label = enabled, max(total, 1), 0, label
+    def __init__(self, enabled: bool, total: int, label: str, extra: Callable[[], str] | None = None):
+        self.enabled, self.total, self.done, self.label, self.extra = enabled, max(total, 1), 0, label, extra
         self.bar = None
         self.next_quarter = 1
         if enabled and sys.stderr.isatty():
@@ -220,10 +248,13 @@ class ByteProgress:
     def update(self, n: int) -> None:
         self.done += n
         if self.bar is not None:
+            if self.extra is not None:
+                self.bar.set_postfix_str(self.extra(), refresh=False)
             self.bar.update(n)
         elif self.enabled:
             while self.next_quarter < 4 and self.done >= self.total * self.next_quarter / 4:
-                self.line(f"{self.label}: read {25 * self.next_quarter}% ({format_size(self.done)})")
+                more = f", {self.extra()}" if self.extra is not None and self.extra() else ""
+                self.line(f"{self.label}: read {25 * self.next_quarter}% ({format_size(self.done)}{more})")
                 self.next_quarter += 1
 
     def close(self) -> None:
@@ -235,7 +266,6 @@ class ByteProgress:
 # ---- tokenized corpus with a held-out split ------------------------------------------------------
 
 _HASH_BUCKETS = 10**6
-_CHUNK_DOCS, _CHUNK_BYTES = 1024, 8 << 20  # one encode_batch call: enough work for tiktoken's threads
 
 
 def document_hash(text: str | bytes) -> int:
@@ -243,6 +273,125 @@ def document_hash(text: str | bytes) -> int:
     the same on every machine and Python run, unlike `hash()`."""
     data = text.encode("utf-8") if isinstance(text, str) else text
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+SPLIT_RULE = ("a document is held out (val) when blake2b-64(UTF-8 text) mod 10**6 < val_fraction * 10**6; "
+              "if no document is, the last one is held out; if every document is, the last one is kept for training")
+_WORKER_CHUNK_BYTES, _WORKER_CHUNK_DOCS = 1 << 20, 512
+
+
+class Encoded(NamedTuple):
+    """One tokenized document: where it came from, its tokens `[bos, ...]` (int32), its UTF-8 size and
+    hash (the split key)."""
+
+    source: str
+    file: int
+    index: int
+    tokens: np.ndarray
+    nbytes: int
+    hash: int
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str], threads: int) -> tuple[np.ndarray, np.ndarray, list[int],
+                                                                             list[int]]:
+    """Texts -> (all their tokens, each document `[bos] + encode(text)`, as one int32 array;
+    per-document token counts; UTF-8 byte counts; hashes)."""
+    ids = tokenizer.encode_batch(texts, num_threads=threads)
+    lengths = np.fromiter((len(d) + 1 for d in ids), dtype=np.int64, count=len(ids))
+    flat = np.empty(int(lengths.sum()), dtype=np.int32)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    flat[starts] = tokenizer.bos_id
+    for s, d in zip(starts.tolist(), ids):
+        flat[s + 1 : s + 1 + len(d)] = d
+    data = [t.encode("utf-8") for t in texts]
+    return flat, lengths, [len(b) for b in data], [document_hash(b) for b in data]
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(ranks: dict[bytes, int], pattern: str, name: str) -> None:
+    global _worker_tokenizer
+    from ..core.tokenizer import Tokenizer
+
+    _worker_tokenizer = Tokenizer(ranks, pattern, name)
+
+
+def _encode_in_worker(texts: list[str]):
+    return encode_texts(_worker_tokenizer, texts, threads=1)  # one core per worker: the pool is the parallelism
+
+
+def encode_documents(docs: Iterable, tokenizer: Tokenizer, workers: int = 0) -> Iterator[Encoded]:
+    """The documents' Encoded, in input order. workers=0 encodes here (tiktoken's threads, 8 MB
+    chunks); workers>=1 in that many spawned processes, ~1 MB chunks, at most 4 x workers in flight."""
+    chunk_bytes, chunk_docs = (8 << 20, 1024) if workers == 0 else (_WORKER_CHUNK_BYTES, _WORKER_CHUNK_DOCS)
+
+    def chunks() -> Iterator[tuple[list, list[str]]]:
+        meta, texts, size = [], [], 0
+        for d in docs:
+            meta.append((d.source, d.file, d.index))
+            texts.append(d.text)
+            size += len(d.text)
+            if len(texts) >= chunk_docs or size >= chunk_bytes:
+                yield meta, texts
+                meta, texts, size = [], [], 0
+        if texts:
+            yield meta, texts
+
+    def unpack(meta, result) -> Iterator[Encoded]:
+        flat, lengths, nbytes, hashes = result
+        pos = 0
+        for (source, file, index), n, b, h in zip(meta, lengths.tolist(), nbytes, hashes):
+            yield Encoded(source, file, index, flat[pos : pos + n], b, h)
+            pos += n
+
+    if workers == 0:
+        for meta, texts in chunks():
+            yield from unpack(meta, encode_texts(tokenizer, texts, threads=8))
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                               initargs=(tokenizer.mergeable_ranks, tokenizer.pattern, tokenizer.name))
+    window: list[tuple[list, Future]] = []
+    try:
+        for meta, texts in chunks():
+            window.append((meta, pool.submit(_encode_in_worker, texts)))
+            if len(window) >= 4 * workers:
+                meta0, fut = window.pop(0)
+                yield from unpack(meta0, fut.result())
+        for meta0, fut in window:
+            yield from unpack(meta0, fut.result())
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def assign_splits(encoded: Iterable[Encoded], val_fraction: float, counts: tuple[int, int] = (0, 0),
+                  ) -> Iterator[tuple[bool, Encoded, Encoded | None]]:
+    """(is_val, document, the document after it or None) in input order, by `SPLIT_RULE`.
+
+    The last document is held back until the input ends (the look-ahead the fallback needs), so each
+    yield also names the next document, where a resume continues. `counts` are the (train, val)
+    documents already written before a resume.
+    """
+    threshold = val_fraction * _HASH_BUCKETS
+    n_train, n_val = counts
+    pending: tuple[bool, Encoded] | None = None
+    for e in encoded:
+        if pending is not None:
+            n_val += pending[0]
+            n_train += not pending[0]
+            yield pending[0], pending[1], e
+        pending = (e.hash % _HASH_BUCKETS < threshold, e)
+    if pending is None:
+        return
+    is_val, e = pending
+    if n_train + n_val == 0:
+        raise PoelmError(f"{e.source}: the only document of the inputs; a held-out split needs at least two "
+                         f"documents (add text, or split it into files or records)")
+    if n_val == 0:
+        is_val = True
+    elif n_train == 0:
+        is_val = False
+    yield is_val, e, None
 
 
 @dataclass(frozen=True)
@@ -278,61 +427,18 @@ class TextCorpus:
         reader = read_documents(paths)
         report = ByteProgress(progress is not False, reader.total_bytes, "data")
         reader.on_bytes = report.update
-        bos, threshold = tokenizer.bos_id, val_fraction * _HASH_BUCKETS
-
-        chunks: list[np.ndarray] = []  # int32 token chunks of all documents, input order
-        keys: list[tuple[int, int]] = []  # per document: (hash bucket, full hash) orders documents by hash
-        n_tokens: list[int] = []  # per document, bos included
-        n_bytes: list[int] = []
-        first_source = ""
-        batch: list[str] = []
-        batch_bytes = 0
-
-        def flush() -> None:
-            nonlocal batch, batch_bytes
-            ids = tokenizer.encode_batch(batch)
-            n_tokens.extend(len(d) + 1 for d in ids)
-            total = sum(len(d) + 1 for d in ids)
-            flat = itertools.chain.from_iterable(itertools.chain((bos,), d) for d in ids)
-            chunks.append(np.fromiter(flat, dtype=np.int32, count=total))
-            batch, batch_bytes = [], 0
-
+        parts: dict[bool, list[np.ndarray]] = {False: [], True: []}
+        counts = {False: [0, 0, 0], True: [0, 0, 0]}  # per split: documents, tokens, bytes
         try:
-            for doc in reader:
-                data = doc.text.encode("utf-8")
-                h = document_hash(data)
-                keys.append((h % _HASH_BUCKETS, h))
-                n_bytes.append(len(data))
-                first_source = first_source or doc.source
-                batch.append(doc.text)
-                batch_bytes += len(data)
-                if len(batch) >= _CHUNK_DOCS or batch_bytes >= _CHUNK_BYTES:
-                    flush()
-            if batch:
-                flush()
+            for is_val, e, _ in assign_splits(encode_documents(reader, tokenizer), val_fraction):
+                parts[is_val].append(e.tokens)
+                c = counts[is_val]
+                c[0], c[1], c[2] = c[0] + 1, c[1] + len(e.tokens), c[2] + e.nbytes
         finally:
             report.close()
-
-        n = len(keys)
-        if n < 2:
-            raise PoelmError(f"{first_source}: the only document in {reader.inputs}; a held-out split needs at "
-                             f"least two documents (add text, or split it into files or .jsonl records)")
-        is_val = np.fromiter((k[0] < threshold for k in keys), dtype=bool, count=n)
-        if not is_val.any():  # tiny corpus: hold out the document with the lowest hash
-            is_val[min(range(n), key=keys.__getitem__)] = True
-        if is_val.all():  # and keep one for training: the highest hash
-            is_val[max(range(n), key=keys.__getitem__)] = False
-
-        tokens = np.concatenate(chunks)
-        token_is_val = np.repeat(is_val, n_tokens)  # (N,) which split each token's document went to
-        n_tokens_a, n_bytes_a = np.asarray(n_tokens, dtype=np.int64), np.asarray(n_bytes, dtype=np.int64)
-
-        def stats(mask: np.ndarray) -> SplitStats:
-            return SplitStats(int(mask.sum()), int(n_tokens_a[mask].sum()), int(n_bytes_a[mask].sum()))
-
-        corpus = cls(train_tokens=tokens[~token_is_val], val_tokens=tokens[token_is_val],
-                     train=stats(~is_val), val=stats(is_val), skipped=list(reader.skipped),
-                     inputs=list(reader.inputs), bos_id=bos, val_fraction=float(val_fraction))
+        corpus = cls(train_tokens=np.concatenate(parts[False]), val_tokens=np.concatenate(parts[True]),
+                     train=SplitStats(*counts[False]), val=SplitStats(*counts[True]), skipped=list(reader.skipped),
+                     inputs=list(reader.inputs), bos_id=tokenizer.bos_id, val_fraction=float(val_fraction))
         report.line(corpus.summary())
         return corpus
 
@@ -365,6 +471,12 @@ def _check_int(name: str, value: Any, low: int) -> int:
 
 
 def _check_tokens(tokens: Any, who: str) -> np.ndarray:
+    from .shards import ShardedTokens
+
+    if isinstance(tokens, ShardedTokens):  # a tokenized folder's split: sliced from its memory-mapped shards
+        if len(tokens) < 2:
+            raise PoelmError(f"{who}: {tokens.folder}: a split of {len(tokens)} token(s); expected at least 2")
+        return tokens
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or tokens.dtype.kind not in "iu" or len(tokens) < 2:
         raise PoelmError(f"{who}: expected a 1-D integer token array of at least 2 tokens, "

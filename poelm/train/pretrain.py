@@ -23,6 +23,7 @@ import torch
 
 from ..card import model_card
 from ..core.config import PoEConfig
+from ..data.shards import TokenFolder, open_corpus
 from ..data.text import TextCorpus, TokenLoader, eval_batches
 from ..core.errors import PoelmError
 from ..eval.bpb import bpb_from_sums, bpb_sums
@@ -43,7 +44,8 @@ SAMPLE_PROMPT = "def "
 class PretrainArgs(RunArgs):
     """`poelm pretrain`'s arguments (options.py: each option field is a flag, and run.json records it)."""
 
-    data: list[str] = option(help="text files, directories, JSONL (text)", metavar="PATH")
+    data: list[str] = option(help="a tokenized folder (poelm data tokenize), or text files, directories, JSONL/JSON "
+                             "records, Parquet, `datasets` folders (tokenized in memory)", metavar="PATH")
     init: str | None = option(None, "start from this base directory", metavar="MODELDIR", resume=None)
     tokenizer: str | None = option(None, "build a new model with this tokenizer and --depth", metavar="TOKDIR",
                                    resume=None)
@@ -56,7 +58,8 @@ class PretrainArgs(RunArgs):
     eval_tokens: int = option(65536, "held-out tokens per evaluation")
     embedding_lr: float = option(0.2, "AdamW LR of the embeddings")
     unembedding_lr: float = option(0.004, "AdamW LR of the head")
-    val_fraction: float = option(0.02, "share of documents held out")
+    val_fraction: float | None = option(None, "share of documents held out (default 0.02; a tokenized folder "
+                                        "keeps the split it was made with)")
     sample_tokens: int = option(32, "greedy sample length at each eval (0: none)", resume=None)
     stage_parallel: int = option(1, "pipeline ranks, each owning a run of stages (under torchrun: world size = "
                                  "P x data-parallel replicas; flat mode)", metavar="P")
@@ -135,7 +138,8 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
     run_dir = Path(args.out)
     recorded = run_config(args, config, seq_len, tokens_per_step)
     ckpt = check_run_dir(run_dir, recorded, args.resume, ignore=free_on_resume(PretrainArgs))
-    corpus = TextCorpus.build(args.data, tok, val_fraction=args.val_fraction, progress=d.is_main)
+    corpus = open_corpus(args.data, tok, args.val_fraction, progress=d.is_main,
+                         whose=f"the model ({args.init or args.tokenizer})")
     if ckpt is None:
         record_run(d, run_dir, recorded)
     log0(d, f"model: {config.n_layer} layers in stages {config.poe_stage_layers}, width {config.n_embd}, "
@@ -237,7 +241,7 @@ OBJECTIVES = {
 }
 
 
-def training_rows(args: PretrainArgs, config: PoEConfig, corpus: TextCorpus, seq_len: int, tokens_per_step: int,
+def training_rows(args: PretrainArgs, config: PoEConfig, corpus: TextCorpus | TokenFolder, seq_len: int, tokens_per_step: int,
                   world: int, result) -> list[tuple[str, Any]]:
     return [
         ("Objective", OBJECTIVES[config.poe_mode] + f" (poe_alpha {config.poe_alpha})"),

@@ -1,0 +1,358 @@
+"""Records from the files corpora come in: the one reader under pretraining text, SFT conversations
+and `poelm data tokenize`.
+
+Design choices:
+- A file's format is decided by its name, after a compression suffix is taken off (`.gz`: gzip,
+  `.zst`/`.zstd`: zstandard, both streamed): `.jsonl` one JSON value per line; `.json` one JSON
+  array of records; `.parquet` a Parquet table (pyarrow, read one record batch at a time); a folder
+  written by `datasets`' `save_to_disk` (a `Dataset`, or a `DatasetDict` whose `train` split is read)
+  is one input too. What a caller does with the rest depends on the caller (`InputFile.kind`
+  "text": one file is one document for pretraining; a JSONL file of any name for SFT).
+- Where a record came from is written the way an editor or Python finds it again: `path:LINE` (1-based
+  line) for JSONL, `path[ROW]` (0-based row, as `data[ROW]`) for JSON arrays, Parquet and `datasets`
+  folders, `path` for a whole text file. Every error names it.
+- A directory is walked in sorted order (hidden entries and `__pycache__` skipped); a `datasets`
+  folder inside it is one input (its rows), not its files.
+- Records with index -1 only account for bytes: blank JSONL lines, lines before `start`, skipped
+  rows, a compressed stream's trailer. A JSONL `null` line is a record whose value is None.
+- A bad JSONL line is not raised here: the record carries a `BadRecord` (message + reason) and the
+  caller raises it or, for SFT's `--skip-invalid`, counts it. A whole-file problem (a JSON file that
+  is not an array, a Parquet file without the column, an unreadable compressed stream) is raised.
+- Every record reports the bytes it consumed of the file on disk (`Record.nbytes`; compressed and
+  columnar files attribute their size over their records), so progress in bytes reaches each file's
+  size exactly whatever the format.
+- `start` skips the first records of a file without decoding JSON or rows (whole Parquet row groups
+  through the metadata): a resumed tokenize continues mid-file at the cost of a scan, not a re-parse.
+- Memory is bounded by one line, one record batch (`BATCH_ROWS` rows) or one JSON array: a JSON array
+  is parsed whole (the stdlib has no streaming parser; datasets that large come as JSONL or Parquet).
+- pyarrow, zstandard and `datasets` are imported only when a file needs them; `datasets` is the
+  optional extra `poelm[data]`, and its absence is a one-line error naming the extra.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+from ..core.errors import PoelmError
+
+BATCH_ROWS = 1024  # Parquet / datasets rows decoded at a time
+_COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+# Reasons a record is bad (SFT's --skip-invalid counts records under them).
+NOT_UTF8, INVALID_JSON = "not UTF-8", "invalid JSON"
+
+
+class BadRecord(PoelmError):
+    """A record-level error: `reason` is what a caller that skips bad records counts it under."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Record(NamedTuple):
+    """One record: where it is (`path:LINE` or `path[ROW]`), its 0-based index in the file (lines for
+    JSONL), its value (a JSON value, a row dict, or a text file's str) or the BadRecord that stands
+    for it, and the bytes of the file on disk it accounts for."""
+
+    where: str
+    index: int
+    value: Any
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input: `kind` is "jsonl", "json", "parquet", "datasets" or "text"; `compression` None,
+    "gzip" or "zstd"; `explicit` when the user named it (not found inside a directory); `size` the
+    bytes on disk (all files of a `datasets` folder)."""
+
+    path: str
+    kind: str
+    compression: str | None
+    explicit: bool
+    size: int
+
+    def parts(self) -> list[str]:
+        """The files on disk this input reads (one, or a `datasets` folder's files)."""
+        if self.kind != "datasets":
+            return [self.path]
+        return [os.path.join(root, f) for root, dirs, files in sorted(os.walk(self.path))
+                for f in sorted(files) if not f.startswith(".")]
+
+
+def is_datasets_folder(path: str) -> bool:
+    """A folder written by `datasets`' save_to_disk: a Dataset (state.json + dataset_info.json) or a
+    DatasetDict (dataset_dict.json)."""
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "dataset_dict.json")) or (
+        os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json"))))
+
+
+def classify(path: str, explicit: bool) -> InputFile:
+    """The InputFile for an existing file or `datasets` folder, its kind from its name."""
+    if os.path.isdir(path):
+        size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+        return InputFile(path, "datasets", None, explicit, size)
+    stem, ext = os.path.splitext(path.lower())
+    compression = _COMPRESSION.get(ext)
+    if compression is not None:
+        ext = os.path.splitext(stem)[1]
+    kind = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}.get(ext, "text")
+    if kind == "parquet" and compression:
+        if explicit:
+            raise PoelmError(f"{path}: a compressed Parquet file; Parquet compresses inside the file, expected .parquet")
+        kind = "text"  # inside a directory: an unreadable file, skipped like any binary one
+    return InputFile(path, kind, compression, explicit, os.path.getsize(path))
+
+
+# ---- opening ------------------------------------------------------------------------------------
+
+
+class _Counted(io.RawIOBase):
+    """A raw file whose reads are counted, so progress can follow a compressed stream's position on disk."""
+
+    def __init__(self, f):
+        self.f, self.pos = f, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.f.readinto(b)
+        self.pos += n or 0
+        return n
+
+
+def _open_stream(f: InputFile) -> tuple[io.BufferedIOBase, _Counted]:
+    """A binary stream of the file's decompressed bytes, and the counter of bytes read from disk."""
+    raw = _Counted(open(f.path, "rb"))
+    if f.compression is None:
+        return io.BufferedReader(raw, 1 << 20), raw
+    if f.compression == "gzip":
+        return gzip.GzipFile(fileobj=io.BufferedReader(raw, 1 << 20), mode="rb"), raw
+    try:
+        import zstandard
+    except ImportError:
+        raise PoelmError(f"{f.path}: reading zstd needs the 'zstandard' package (pip install zstandard)") from None
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), 1 << 20), raw
+
+
+def _stream_error(f: InputFile, e: Exception) -> PoelmError:
+    what = {"gzip": "gzip", "zstd": "zstd"}.get(f.compression or "", "")
+    return PoelmError(f"{f.path}: cannot read the {what} stream ({e}); expected a complete {what} file")
+
+
+def read_bytes(f: InputFile) -> bytes:
+    """The whole (decompressed) content of a text or JSON file."""
+    stream, raw = _open_stream(f)
+    try:
+        with stream:
+            return stream.read()
+    except (OSError, EOFError, ValueError) as e:
+        if f.compression is None:
+            raise
+        raise _stream_error(f, e) from None
+    finally:
+        raw.f.close()
+
+
+def parse_json(data: bytes | str, where: str, bom: bool = True) -> Any:
+    """One JSON value, or a BadRecord naming `where` (not UTF-8, invalid, too large to parse). A UTF-8
+    byte-order mark is allowed where a file starts (`bom`)."""
+    if isinstance(data, bytes):
+        if b"\x00" in data:
+            raise BadRecord(f"{where}: not UTF-8 text; expected JSON", NOT_UTF8)
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRecord(f"{where}: not UTF-8 text; expected JSON", NOT_UTF8) from None
+    try:
+        return json.loads(data.removeprefix("\ufeff") if bom else data)
+    except json.JSONDecodeError as e:
+        hint = (" (the file looks like one JSON array: name it .json, or write one object per line as JSONL)"
+                if data.strip() == "[" else
+                " (the file looks like JSONL, one value per line: name it .jsonl)" if e.msg == "Extra data" else "")
+        raise BadRecord(f"{where}: not valid JSON ({e.msg} at column {e.colno}){hint}", INVALID_JSON) from None
+    except (ValueError, RecursionError) as e:  # an integer over Python's 4300 digits, deep nesting
+        raise BadRecord(f"{where}: JSON too large to parse ({e})", INVALID_JSON) from None
+
+
+# ---- records per format -------------------------------------------------------------------------
+
+
+def _jsonl(f: InputFile, start: int) -> Iterator[Record]:
+    stream, raw = _open_stream(f)
+    done = 0  # bytes of the file on disk already reported
+    try:
+        with stream:
+            for index, line in enumerate(stream):
+                pos = raw.pos if f.compression else done + len(line)
+                n, done = pos - done, pos
+                if index < start or not line.strip():  # skipped or blank: bytes only
+                    if n:
+                        yield Record(f"{f.path}:{index + 1}", -1, None, n)
+                    continue
+                try:
+                    value = parse_json(line, f"{f.path}:{index + 1}", bom=index == 0)
+                except BadRecord as e:
+                    value = e
+                yield Record(f"{f.path}:{index + 1}", index, value, n)
+    except (OSError, EOFError, ValueError) as e:
+        if f.compression is None:
+            raise
+        raise _stream_error(f, e) from None
+    finally:
+        raw.f.close()
+    if f.size > done:
+        yield Record(f.path, -1, None, f.size - done)  # the compressed stream's trailer
+
+
+def _json_array(f: InputFile, start: int) -> Iterator[Record]:
+    try:
+        data = parse_json(read_bytes(f), f.path)
+    except BadRecord as e:
+        raise PoelmError(str(e)) from None
+    if not isinstance(data, list):
+        raise PoelmError(f"{f.path}: a JSON {type(data).__name__}; expected a JSON array of records "
+                         f"(or JSONL: one record per line)")
+    yield from _spread(f.path, f.size, ((i, v) for i, v in enumerate(data) if i >= start), len(data), start)
+
+
+def _spread(name: str, size: int, rows: Iterator[tuple[int, Any]], total: int, start: int) -> Iterator[Record]:
+    """Records `name[ROW]` for rows of a table of `total` rows, `size` bytes attributed to them in
+    proportion (cumulative, so the sum is exact)."""
+    done = size * start // max(total, 1)
+    if done:
+        yield Record(name, -1, None, done)
+    for i, value in rows:
+        upto = size * (i + 1) // total
+        yield Record(f"{name}[{i}]", i, value, upto - done)
+        done = upto
+    if size > done:
+        yield Record(name, -1, None, size - done)
+
+
+def _parquet(f: InputFile, start: int, column: str | None) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f.path)
+    except (pa.ArrowException, OSError) as e:
+        raise PoelmError(f"{f.path}: not a readable Parquet file ({e})") from None
+    names = pf.schema_arrow.names
+    if column is not None and column not in names:
+        raise PoelmError(f"{f.path}: no column {column!r}; it has {names} (choose one with --text-column)")
+    total = pf.metadata.num_rows
+    groups, first = [], 0  # skip whole row groups before `start` through the metadata
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if first + n > start:
+            groups.append(g)
+        else:
+            first += n
+
+    def rows() -> Iterator[tuple[int, Any]]:
+        i = first
+        try:
+            batches = pf.iter_batches(batch_size=BATCH_ROWS, row_groups=groups,
+                                      columns=[column] if column is not None else None)
+            for batch in batches:
+                values = batch.column(0).to_pylist() if column is not None else batch.to_pylist()
+                for v in values:
+                    if i >= start:
+                        yield i, v
+                    i += 1
+        except (pa.ArrowException, OSError) as e:
+            raise PoelmError(f"{f.path}: Parquet data unreadable near row {i} ({e})") from None
+
+    yield from _spread(f.path, f.size, rows(), total, start)
+
+
+def load_datasets_folder(path: str) -> Any:
+    """The `datasets.Dataset` saved in `path` (a DatasetDict's `train` split)."""
+    try:
+        import datasets
+    except ImportError:
+        raise PoelmError(f"{path}: reading a `datasets` folder needs the optional extra: "
+                         f"pip install 'poelm[data]'") from None
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # the library raises many types (FileNotFoundError, ArrowInvalid, JSONDecodeError)
+        raise PoelmError(f"{path}: not a readable `datasets` folder ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise PoelmError(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(ds)}); "
+                             f"name the split's folder, e.g. {os.path.join(path, sorted(ds)[0])}")
+        ds = ds["train"]
+    return ds
+
+
+def dataset_records(ds: Any, name: str, size: int, start: int = 0, column: str | None = None) -> Iterator[Record]:
+    """The rows of a `datasets.Dataset` (a folder's, or a Hub split's) as records `name[ROW]`, `size`
+    bytes spread over them; `column` as for `records`."""
+    if column is not None and column not in ds.column_names:
+        raise PoelmError(f"{name}: no column {column!r}; it has {ds.column_names} (choose one with --text-column)")
+    total = len(ds)
+    part = ds.select_columns([column]) if column is not None else ds
+
+    def rows() -> Iterator[tuple[int, Any]]:
+        for lo in range(start, total, BATCH_ROWS):
+            batch = part[lo : lo + BATCH_ROWS]  # dict of columns
+            if column is not None:
+                yield from zip(range(lo, total), batch[column])
+            else:
+                keys = list(batch)
+                yield from zip(range(lo, total), (dict(zip(keys, vals)) for vals in zip(*batch.values())))
+
+    yield from _spread(name, size, rows(), total, start)
+
+
+def records(f: InputFile, start: int = 0, column: str | None = None) -> Iterator[Record]:
+    """The records of one input, from record `start` on (see the module docstring).
+
+    column: for Parquet and `datasets`, read only this column and yield its values (else row dicts).
+    Records with index -1 and value None only account for bytes (a trailer, skipped rows).
+    """
+    if f.kind == "jsonl":
+        return _jsonl(f, start)
+    if f.kind == "json":
+        return _json_array(f, start)
+    if f.kind == "parquet":
+        return _parquet(f, start, column)
+    if f.kind == "datasets":
+        return dataset_records(load_datasets_folder(f.path), f.path, f.size, start, column)
+    raise PoelmError(f"{f.path}: a text file holds one document, not records; expected JSONL, JSON, Parquet or "
+                     f"a `datasets` folder")
+
+
+def expand(paths: Sequence[str], accept: Callable[[InputFile], bool], what: str) -> tuple[list[InputFile], list[str]]:
+    """The inputs of `paths` in order: a file or `datasets` folder as itself, a directory walked in
+    sorted order (hidden entries and `__pycache__` skipped) keeping the files `accept` takes (the rest
+    returned as ignored). A missing path is an error naming `what` was expected."""
+    def walk(directory: str) -> Iterator[str]:  # a `datasets` folder inside is one input, not its files
+        for root, dirs, files in os.walk(directory):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+            if root != directory and is_datasets_folder(root):
+                dirs[:] = []
+                yield root
+                continue
+            yield from (os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
+
+    out: list[InputFile] = []
+    ignored: list[str] = []
+    for p in paths:
+        p = os.fspath(p)
+        if is_datasets_folder(p) or os.path.isfile(p):
+            out.append(classify(p, explicit=True))
+        elif os.path.isdir(p):
+            for path in walk(p):
+                f = classify(path, explicit=False)
+                (out.append(f) if accept(f) else ignored.append(path))
+        else:
+            raise PoelmError(f"{p}: no such file or directory; expected {what}")
+    return out, ignored

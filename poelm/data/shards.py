@@ -1,0 +1,475 @@
+"""Tokenized data folders: `poelm data tokenize` writes one, `poelm pretrain --data DATADIR` memory-maps it.
+
+A folder (docs/formats.md §data folders):
+    index.json                  what the folder holds: format, dtype, shard size, the tokenizer's
+                                fingerprint, the split rule, the sources with their digests, and per
+                                split the documents, tokens, bytes and each shard's tokens and documents
+    train-00000.safetensors ... one tensor "tokens" (1-D uint16 when the vocabulary fits, else uint32)
+    val-00000.safetensors ...   every shard holds `shard_tokens` tokens but each split's last one
+    digests.json                size and xxh3-128 of every file (core/files.py), checked on read
+
+Design choices:
+- The token stream is exactly the one `text.TextCorpus.build` makes in memory: the same reader
+  (`text.read_documents`), the same `[<|bos|>] + encode(text)` per document, the same split rule
+  (`assign_splits`), documents in input order; only where the tokens live differs. A folder is then
+  read through `TokenLoader` and `eval_batches` unchanged (`ShardedTokens` slices like an array), so
+  row order, the DDP split and the loader state (a few integers) are those of the in-memory path.
+- Tokenizing runs in worker processes (spawned: no fork under threads), fed chunks of about 1 MB of
+  documents by the main process, which reads the inputs and writes shards. Results are taken in
+  submission order and at most `4 x workers` chunks are in flight, so the output does not depend on
+  the number of workers and memory is bounded by the window, one document and the writers' I/O
+  buffers — not by the corpus or the shard size: a shard is streamed to `SPLIT-K.open` as tokens
+  come, then written as safetensors (header + a copy of the data) when full.
+- Resume: the folder is built in `OUT.partial/` and renamed to OUT only when complete. Each time a
+  shard completes, at the next document boundary, `progress.json` records the completed shards,
+  how many tokens each split's open file holds, the split counts and the input position of the next
+  document (file, record). A rerun with the same settings truncates the open files to those
+  lengths, deletes shards finished after the checkpoint, and reads on from that record: every shard
+  comes out byte-identical to an uninterrupted run's. Other settings (inputs changed in size or
+  time, another tokenizer, shard size, split) are refused, naming the field.
+- The split needs one look ahead: a corpus in which no document falls in val holds out its last
+  document, one in which every document does keeps its last for training (`assign_splits`); so the
+  last document read is held back until the next one arrives. The in-memory path uses the same rule.
+- Reading checks the index and every shard's size when the folder is opened (a truncated shard is
+  one line naming it, before any training), and each shard's digest the first time it is read
+  (xxh3 through mmap, ~10 GB/s): start-up does not grow with the corpus, and no token is used
+  unverified. A folder made with another tokenizer than the model's is refused (`check_tokenizer`).
+- Source digests are computed in a background thread while tokenizing (xxhash releases the GIL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ..core.errors import PoelmError
+from ..core.files import ALGORITHM, MANIFEST, file_digest, read_json, read_manifest, verify_file, write_json
+from ..outputs import check_output, replace_dir
+from .text import SPLIT_RULE, ByteProgress, DocumentReader, SplitStats, assign_splits, encode_documents, format_size
+
+if TYPE_CHECKING:
+    from ..core.tokenizer import Tokenizer
+
+FORMAT, FORMAT_VERSION = "poelm-tokens", 1
+INDEX, PROGRESS = "index.json", "progress.json"
+DEFAULT_SHARD_TOKENS = 1 << 24  # 16.8M tokens: 32 MB as uint16
+SPLITS = ("train", "val")
+_DTYPES = {"uint16": (np.uint16, "U16"), "uint32": (np.uint32, "U32")}
+
+
+def token_dtype(vocab_size: int) -> str:
+    """uint16 when every id fits, else uint32."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+# ---- writing shards ------------------------------------------------------------------------------
+
+
+def shard_name(split: str, k: int, suffix: str = "safetensors") -> str:
+    return f"{split}-{k:05d}.{suffix}"
+
+
+def shard_header(dtype: str, n: int, split: str, k: int) -> bytes:
+    """The safetensors header of a shard of `n` tokens (8-byte little-endian length + JSON padded with
+    spaces to a multiple of 8, so the data is aligned for memory mapping)."""
+    np_dtype, st_dtype = _DTYPES[dtype]
+    meta = {"__metadata__": {"format": FORMAT, "split": split, "shard": str(k)},
+            "tokens": {"dtype": st_dtype, "shape": [n], "data_offsets": [0, n * np.dtype(np_dtype).itemsize]}}
+    text = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+class ShardWriter:
+    """One split's shards: tokens stream into `SPLIT-K.open`; a full one becomes `SPLIT-K.safetensors`."""
+
+    def __init__(self, folder: Path, split: str, dtype: str, shard_tokens: int, state: dict | None = None):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.np_dtype = _DTYPES[dtype][0]
+        self.itemsize = np.dtype(self.np_dtype).itemsize
+        state = state or {"shards": [], "open_tokens": 0, "open_documents": 0}
+        self.shards: list[dict[str, Any]] = list(state["shards"])
+        self.open_tokens, self.open_documents = state["open_tokens"], state["open_documents"]
+        self.retired: list[Path] = []  # open files of shards finished since the last checkpoint
+        k = len(self.shards)
+        for p in folder.glob(f"{split}-*"):  # what a killed run wrote after its last checkpoint
+            try:
+                j = int(p.name.split("-")[1].split(".")[0])
+            except ValueError:
+                continue
+            if (p.suffix == ".safetensors" and j >= k) or (p.suffix == ".open" and j != k) or p.suffix == ".tmp":
+                p.unlink()
+        path = folder / shard_name(split, k, "open")
+        want = self.open_tokens * self.itemsize
+        if want and (not path.exists() or path.stat().st_size < want):
+            have = path.stat().st_size if path.exists() else 0
+            raise PoelmError(f"{path}: {have} bytes, but {folder / PROGRESS} records {want}; the interrupted "
+                             f"tokenize cannot continue (remove {folder} and start again)")
+        self.f = open(path, "r+b" if path.exists() else "wb")
+        self.f.truncate(want)
+        self.f.seek(want)
+
+    def add(self, tokens: np.ndarray) -> int:
+        """Append one document's tokens; the number of shards this completed."""
+        self.open_documents += 1
+        done, pos = 0, 0
+        while pos < len(tokens):
+            part = tokens[pos : pos + self.shard_tokens - self.open_tokens]
+            self.f.write(part.astype(self.np_dtype).tobytes())
+            self.open_tokens += len(part)
+            pos += len(part)
+            if self.open_tokens == self.shard_tokens:
+                self._finish_shard()
+                done += 1
+        return done
+
+    def _finish_shard(self) -> None:
+        k = len(self.shards)
+        self.f.close()
+        src = self.folder / shard_name(self.split, k, "open")
+        dst = self.folder / shard_name(self.split, k)
+        tmp = dst.with_name(dst.name + ".tmp")
+        with open(tmp, "wb") as out, open(src, "rb") as f:
+            out.write(shard_header(self.dtype, self.open_tokens, self.split, k))
+            shutil.copyfileobj(f, out, 1 << 20)
+        os.replace(tmp, dst)
+        self.shards.append({"file": dst.name, "tokens": self.open_tokens, "documents": self.open_documents,
+                            **file_digest(dst)})
+        self.retired.append(src)
+        self.open_tokens = self.open_documents = 0
+        self.f = open(self.folder / shard_name(self.split, k + 1, "open"), "wb")
+
+    def flush(self) -> dict[str, Any]:
+        """Make what was written durable for a checkpoint; the state to record."""
+        self.f.flush()
+        return {"shards": self.shards, "open_tokens": self.open_tokens, "open_documents": self.open_documents}
+
+    def forget_retired(self) -> None:
+        """After a checkpoint recorded the finished shards: their open files are not needed to resume."""
+        for p in self.retired:
+            p.unlink(missing_ok=True)
+        self.retired = []
+
+    def close(self) -> None:
+        """Write the last, short shard (if any tokens) and remove the open file."""
+        if self.open_tokens:
+            self._finish_shard()
+        self.f.close()
+        (self.folder / shard_name(self.split, len(self.shards), "open")).unlink(missing_ok=True)
+        self.forget_retired()
+
+
+# ---- the tokenize command ------------------------------------------------------------------------
+
+
+def _settings(reader: DocumentReader, tokenizer: Tokenizer, shard_tokens: int, val_fraction: float,
+              text_column: str) -> dict[str, Any]:
+    """What an interrupted run must share with its rerun."""
+    files = [{"path": f.path, "kind": f.kind, "compression": f.compression,
+              "parts": [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in f.parts()]} for f in reader.files]
+    return {"inputs": reader.inputs, "files": files, "tokenizer": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size, "shard_tokens": shard_tokens, "val_fraction": val_fraction,
+            "text_column": text_column, "dtype": token_dtype(tokenizer.vocab_size)}
+
+
+def _digests(reader: DocumentReader, stop: threading.Event) -> list[dict[str, Any]] | None:
+    """Every source's parts with their digests; None once `stop` is set (checked between files)."""
+    out = []
+    for f in reader.files:
+        parts = []
+        for p in f.parts():
+            if stop.is_set():
+                return None
+            parts.append({"path": p, **file_digest(p)})
+        out.append({"path": f.path, "kind": f.kind, "bytes": f.size, "files": parts})
+    return out
+
+
+def tokenize(inputs: Sequence[str], tokenizer: Tokenizer, out: str | os.PathLike, *, workers: int = 1,
+             shard_tokens: int = DEFAULT_SHARD_TOKENS, val_fraction: float = 0.02, text_column: str = "text",
+             overwrite: bool = False, progress: bool = True, tokenizer_dir: str | None = None,
+             _stop_after_checkpoints: int | None = None) -> dict[str, Any]:
+    """Tokenize `inputs` into the data folder `out` (see the module docstring); returns its index.
+
+    A folder `OUT.partial` left by an interrupted run with the same settings is continued.
+    `_stop_after_checkpoints` raises KeyboardInterrupt after that many checkpoints (tests: an
+    interruption at a known point; a SIGKILL anywhere is tested too).
+    """
+    out = Path(out)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise PoelmError(f"--workers {workers}: expected an int >= 0 (0: tokenize in this process)")
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 2:
+        raise PoelmError(f"--shard-tokens {shard_tokens}: expected an int >= 2")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+        raise PoelmError(f"--val-fraction {val_fraction}: expected a number in [0, 1)")
+    partial = out.with_name(out.name + ".partial")
+    labelled = [("input", p) for p in inputs] + ([("tokenizer", tokenizer_dir)] if tokenizer_dir else [])
+    check_output(out, labelled, overwrite=overwrite)
+    check_output(partial, labelled, overwrite=True)
+    reader = DocumentReader(inputs, text_column=text_column)
+    settings = _settings(reader, tokenizer, shard_tokens, float(val_fraction), text_column)
+    state = _resume_state(partial, settings)
+    resumed = state is not None
+    if state is None:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        state = {"settings": settings, "next": [0, 0], "skipped": [],
+                 "stats": {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}, "splits": {}}
+        write_json(partial / PROGRESS, state)
+    dtype = settings["dtype"]
+    writers = {s: ShardWriter(partial, s, dtype, shard_tokens, state["splits"].get(s)) for s in SPLITS}
+    stats = state["stats"]
+    reader.start = tuple(state["next"])
+    skipped_before = list(state["skipped"])
+    checkpoints = 0
+    position = {f.path: k for k, f in enumerate(reader.files)}
+
+    def tokens_line() -> str:  # tokens written so far (they trail the bytes read by the chunks in flight)
+        n = stats["train"]["tokens"] + stats["val"]["tokens"]
+        return f"{n:,} tokens written" if n else ""
+
+    report = ByteProgress(progress, reader.total_bytes, "tokenize", extra=tokens_line)
+    if resumed:
+        done = sum(len(w.shards) for w in writers.values())
+        report.line(f"tokenize: continuing {partial} from {done} complete shard(s) "
+                    f"({tokens_line() or 'no tokens written'}), at {reader.files[reader.start[0]].path if reader.files else ''}")
+    reader.on_bytes = report.update
+    t0 = time.time()
+    stop = threading.Event()  # an interruption stops the digests at the next file, not after the corpus
+    with ThreadPoolExecutor(1) as hasher:
+        digests = hasher.submit(_digests, reader, stop)
+        try:
+            counts = (stats["train"]["documents"], stats["val"]["documents"])
+            for is_val, e, after in assign_splits(encode_documents(reader, tokenizer, workers), val_fraction, counts):
+                split = "val" if is_val else "train"
+                finished = writers[split].add(e.tokens)
+                st = stats[split]
+                st["documents"] += 1
+                st["tokens"] += len(e.tokens)
+                st["bytes"] += e.nbytes
+                if finished and after is not None:  # a checkpoint at this document boundary
+                    earlier = [p for p in reader.skipped if position[p] < after.file]  # the reader runs ahead
+                    state.update(next=[after.file, after.index], skipped=skipped_before + earlier,
+                                 splits={s: w.flush() for s, w in writers.items()})
+                    write_json(partial / PROGRESS, state)
+                    for w in writers.values():
+                        w.forget_retired()
+                    checkpoints += 1
+                    if _stop_after_checkpoints is not None and checkpoints >= _stop_after_checkpoints:
+                        raise KeyboardInterrupt(f"stopped after {checkpoints} checkpoint(s)")
+            for w in writers.values():
+                w.close()
+            sources = digests.result()
+        except PoelmError:  # bad input: nothing half-written stays (an interruption keeps its checkpoint)
+            for w in writers.values():
+                w.f.close()
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        finally:
+            stop.set()
+            report.close()
+            for w in writers.values():
+                w.f.close()
+    index = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype, "shard_tokens": shard_tokens,
+             "tokenizer": {"fingerprint": tokenizer.fingerprint, "name": tokenizer.name,
+                           "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id},
+             "split": {"val_fraction": float(val_fraction), "rule": SPLIT_RULE},
+             "text_column": text_column, "inputs": list(inputs), "sources": sources,
+             "skipped": skipped_before + reader.skipped,
+             **{s: {**stats[s], "shards": writers[s].shards} for s in SPLITS}}
+    write_json(partial / INDEX, index)
+    (partial / PROGRESS).unlink()
+    manifest = {"format": "poelm-digests", "format_version": 1, "algorithm": ALGORITHM,
+                "files": {INDEX: file_digest(partial / INDEX),
+                          **{sh["file"]: {"bytes": sh["bytes"], ALGORITHM: sh[ALGORITHM]}
+                             for s in SPLITS for sh in writers[s].shards}}}
+    write_json(partial / MANIFEST, manifest)
+    replace_dir(partial, out)
+    seconds = time.time() - t0
+    report.line(f"tokenize: {out}: train {stats['train']['documents']:,} documents, {stats['train']['tokens']:,} "
+                f"tokens in {len(writers['train'].shards)} shard(s); val {stats['val']['documents']:,} documents, "
+                f"{stats['val']['tokens']:,} tokens in {len(writers['val'].shards)} shard(s); "
+                f"{format_size(reader.total_bytes)} in {seconds:.1f}s with {workers} worker(s)")
+    return index
+
+
+def _resume_state(partial: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint of an interrupted run with these settings; None when there is none."""
+    if not (partial / PROGRESS).is_file():
+        return None
+    state = read_json(partial / PROGRESS, verify=False)
+    old = state.get("settings", {})
+    for key, value in settings.items():
+        if old.get(key) != value:
+            hint = ("the inputs changed since (size or modification time)" if key == "files" else
+                    f"it had {key}={old.get(key)!r}, this run {value!r}")
+            raise PoelmError(f"{partial}: an interrupted tokenize with other settings is here ({hint}); rerun it with "
+                             f"the same settings to continue, or remove {partial} to start again")
+    return state
+
+
+# ---- reading a folder ----------------------------------------------------------------------------
+
+
+def is_token_folder(path: str | os.PathLike) -> bool:
+    """A directory holding a tokenized data folder's index (its first line names the format; a corpus
+    folder that happens to hold an index.json is not one), or one being written."""
+    if os.path.isfile(os.path.join(path, PROGRESS)):
+        return True
+    try:
+        with open(os.path.join(path, INDEX), "rb") as f:
+            return f'"format": "{FORMAT}"'.encode() in f.read(200)
+    except OSError:
+        return False
+
+
+class ShardedTokens:
+    """One split's token stream over its memory-mapped shards, sliced like a 1-D array (`len`, `[a:b]`).
+
+    A shard is mapped, and its digest and header checked, the first time a slice touches it.
+    """
+
+    def __init__(self, folder: Path, shards: list[dict[str, Any]], dtype: str, manifest: dict[str, Any] | None):
+        self.folder, self.shards, self.manifest = folder, shards, manifest
+        self.dtype = np.dtype(_DTYPES[dtype][0])
+        self.dtype_name = dtype
+        counts = np.array([s["tokens"] for s in shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])  # (S+1,) stream offset of each shard
+        self._maps: dict[int, np.ndarray] = {}
+        self.ndim = 1
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _map(self, k: int) -> np.ndarray:
+        if k not in self._maps:
+            entry = self.shards[k]
+            path = self.folder / entry["file"]
+            if self.manifest is not None:
+                verify_file(path, self.manifest)
+            header = shard_header(self.dtype_name, entry["tokens"], path.name.split("-")[0], k)
+            with open(path, "rb") as f:
+                found = f.read(len(header))
+            if found != header:
+                raise PoelmError(f"{path}: its safetensors header is not the one {self.folder / INDEX} describes "
+                                 f"({entry['tokens']} {self.dtype_name} tokens)")
+            self._maps[k] = np.memmap(path, dtype=self.dtype, mode="r", offset=len(header), shape=(entry["tokens"],))
+        return self._maps[k]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("ShardedTokens supports contiguous slices only")
+        a, b, _ = key.indices(len(self))
+        if b <= a:
+            return np.empty(0, dtype=self.dtype)
+        first = int(np.searchsorted(self.starts, a, side="right")) - 1
+        parts = []
+        k = first
+        while a < b:
+            lo, hi = int(self.starts[k]), int(self.starts[k + 1])
+            parts.append(self._map(k)[a - lo : min(b, hi) - lo])
+            a = min(b, hi)
+            k += 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def __array__(self, dtype=None, copy=None):  # np.asarray(stream): the whole split in memory (tests, small data)
+        out = self[0 : len(self)]
+        return np.array(out, dtype=dtype) if dtype is not None else np.array(out)
+
+
+class TokenFolder:
+    """A tokenized data folder, opened for training: what `TextCorpus` gives pretraining (train and val
+    token streams, split statistics, a summary), from memory-mapped shards."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        index_path = self.path / INDEX
+        if not index_path.is_file() and (self.path / PROGRESS).is_file():
+            raise PoelmError(f"{self.path}: an unfinished `poelm data tokenize` (no {INDEX} yet); rerun that command "
+                             f"to finish it")
+        self.index = index = read_json(index_path)  # checked against digests.json
+        self.manifest = read_manifest(self.path)
+        if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
+            raise PoelmError(f"{index_path}: format {index.get('format')!r} version {index.get('format_version')!r}; "
+                             f"expected {FORMAT!r} version {FORMAT_VERSION} (written by `poelm data tokenize`)")
+        try:
+            dtype = index["dtype"]
+            if dtype not in _DTYPES:
+                raise PoelmError(f"{index_path}: field 'dtype' is {dtype!r}; expected one of {sorted(_DTYPES)}")
+            self.tokenizer = index["tokenizer"]
+            self.val_fraction = float(index["split"]["val_fraction"])
+            self.inputs = list(index["inputs"])
+            self.skipped = list(index["skipped"])
+            self.bos_id = int(self.tokenizer["bos_id"])
+            streams, stats = {}, {}
+            for split in SPLITS:
+                entry = index[split]
+                stats[split] = SplitStats(int(entry["documents"]), int(entry["tokens"]), int(entry["bytes"]))
+                itemsize = np.dtype(_DTYPES[dtype][0]).itemsize
+                for k, shard in enumerate(entry["shards"]):
+                    p = self.path / shard["file"]
+                    want = len(shard_header(dtype, shard["tokens"], split, k)) + shard["tokens"] * itemsize
+                    have = p.stat().st_size if p.is_file() else None
+                    if have != want:
+                        what = "missing" if have is None else f"{have:,} bytes"
+                        raise PoelmError(f"{p}: {what}; {index_path} expects {want:,} bytes ({shard['tokens']:,} "
+                                         f"tokens){' (truncated?)' if have is not None and have < want else ''}")
+                streams[split] = ShardedTokens(self.path, entry["shards"], dtype, self.manifest)
+                if sum(s["tokens"] for s in entry["shards"]) != stats[split].tokens:
+                    raise PoelmError(f"{index_path}: {split} shards hold {len(streams[split]):,} tokens, "
+                                     f"'tokens' says {stats[split].tokens:,}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise PoelmError(f"{index_path}: malformed index ({type(e).__name__}: {e}); expected the fields "
+                             f"`poelm data tokenize` writes") from None
+        self.train_tokens, self.val_tokens = streams["train"], streams["val"]
+        self.train, self.val = stats["train"], stats["val"]
+
+    def check_tokenizer(self, tokenizer: Tokenizer, whose: str) -> None:
+        """Refuse a model whose tokenizer is not the one the folder was made with."""
+        fp = self.tokenizer.get("fingerprint")
+        if fp != tokenizer.fingerprint:
+            raise PoelmError(f"{self.path / INDEX}: tokenized with tokenizer {fp} (vocabulary "
+                             f"{self.tokenizer.get('vocab_size')}), but {whose} uses {tokenizer.fingerprint} "
+                             f"(vocabulary {tokenizer.vocab_size}); tokenize the data again with the model's "
+                             f"tokenizer (poelm data tokenize --tokenizer MODELDIR ...)")
+
+    def summary(self) -> str:
+        return (f"data: {self.path}: train {self.train.documents:,} documents, {self.train.tokens:,} tokens in "
+                f"{len(self.train_tokens.shards)} shard(s); val {self.val.documents:,} documents, "
+                f"{self.val.tokens:,} tokens (tokenized, memory-mapped)")
+
+    def stats(self) -> dict[str, Any]:
+        return {"inputs": [str(self.path)], "tokenized_from": self.inputs, "val_fraction": self.val_fraction,
+                "train": asdict(self.train), "val": asdict(self.val), "skipped_files": len(self.skipped)}
+
+
+def open_corpus(paths: Sequence[str], tokenizer: Tokenizer, val_fraction: float | None, progress: bool,
+                whose: str = "the model"):
+    """Pretraining's data: a tokenized folder (the only path given) memory-mapped, or raw inputs read
+    and tokenized in memory (`TextCorpus.build`). val_fraction None: the folder's, or 0.02 for raw inputs."""
+    from .text import TextCorpus
+
+    folders = [p for p in paths if is_token_folder(p)]
+    if not folders:
+        return TextCorpus.build(paths, tokenizer, val_fraction=0.02 if val_fraction is None else val_fraction,
+                                progress=progress)
+    if len(paths) != 1:
+        raise PoelmError(f"{folders[0]}: a tokenized data folder must be the only --data path (got {list(paths)})")
+    folder = TokenFolder(folders[0])
+    folder.check_tokenizer(tokenizer, whose)
+    if val_fraction is not None and val_fraction != folder.val_fraction:
+        raise PoelmError(f"--val-fraction {val_fraction}: {folders[0]} was split with {folder.val_fraction} when it "
+                         f"was tokenized (leave --val-fraction out, or tokenize again)")
+    if progress:
+        print(folder.summary(), file=sys.stderr, flush=True)
+    return folder
