@@ -187,7 +187,7 @@ def test_sharded_slices_across_shard_boundaries(tmp_path):
         w.add(data[a:b])
     w.close()
     shards = [{"file": f"train-{k:05d}.safetensors", "tokens": min(7, 50 - 7 * k)} for k in range(8)]
-    s = ShardedTokens(tmp_path, shards, "uint16", None)
+    s = ShardedTokens(tmp_path, shards, "uint16")
     assert len(s) == 50 and [sh["documents"] for sh in w.shards] == [2, 0, 1, 1, 0, 0, 0, 0]
     for a in range(0, 51, 3):
         for b in range(a, 51, 5):
@@ -293,10 +293,11 @@ def test_truncated_or_corrupted_shard_is_one_line(tmp_path, capsys, tiny_tokeniz
     shutil.rmtree(bad)
     shutil.copytree(data_dir, bad)
     data = bytearray(shard.read_bytes())
-    data[-7] ^= 0xFF
+    data[-16 * 1 - 7] ^= 0xFF  # a token (the last 16 bytes are the one block's digest)
     shard.write_bytes(bytes(data))
     folder = TokenFolder(bad)  # opening checks sizes only: start-up does not read the corpus
-    with pytest.raises(PoelmError, match=r"train-00002.safetensors: content does not match digests.json"):
+    with pytest.raises(PoelmError, match=r"train-00002.safetensors: tokens 0..[0-9,]+ do not match their stored "
+                                         r"digest \(corrupted\)"):
         np.asarray(folder.train_tokens)
 
 
@@ -358,3 +359,28 @@ def test_folders_are_not_read_as_text(tmp_path, capsys, tiny_tokenizer, tiny_tok
     (tmp_path / "plain" / "a.txt").write_text("some text")
     assert not is_token_folder(tmp_path / "plain") and is_token_folder(data_dir)
     assert [d.text for d in read_documents([tmp_path / "plain"])] == ["some text", '{"pages": [1, 2]}']
+
+
+def test_blocks_are_verified_where_a_slice_touches_them(tmp_path, monkeypatch):
+    """Each block's digest is checked when a slice first touches it: a corrupted block is named, the
+    blocks around it still read, and a shard written with another block size is refused."""
+    import poelm.data.shards as shards
+
+    monkeypatch.setattr(shards, "BLOCK_TOKENS", 4)
+    w = ShardWriter(tmp_path, "train", "uint16", 30)
+    data = np.arange(30, dtype=np.int32) + 1000
+    w.add(data)
+    w.close()
+    path = tmp_path / "train-00000.safetensors"
+    assert load_file(str(path))["block_xxh3"].shape == (8, 16)  # 30 tokens in blocks of 4
+    raw = bytearray(path.read_bytes())
+    offset = len(shards.shard_header("uint16", 30, "train", 0))
+    raw[offset + 2 * 9] ^= 0x01  # token 9: block 2
+    path.write_bytes(bytes(raw))
+    s = ShardedTokens(tmp_path, [{"file": path.name, "tokens": 30}], "uint16")
+    assert np.array_equal(s[0:8], data[0:8]) and np.array_equal(s[12:30], data[12:30])
+    with pytest.raises(PoelmError, match=r"train-00000.safetensors: tokens 8..12 do not match their stored digest"):
+        s[7:9]
+    monkeypatch.setattr(shards, "BLOCK_TOKENS", 8)
+    with pytest.raises(PoelmError, match=r"header is not the one .* describes \(30 uint16 tokens in blocks of 8\)"):
+        ShardedTokens(tmp_path, [{"file": path.name, "tokens": 30}], "uint16")[0:1]

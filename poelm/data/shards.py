@@ -4,9 +4,10 @@ A folder (docs/formats.md §data folders):
     index.json                  what the folder holds: format, dtype, shard size, the tokenizer's
                                 fingerprint, the split rule, the sources with their digests, and per
                                 split the documents, tokens, bytes and each shard's tokens and documents
-    train-00000.safetensors ... one tensor "tokens" (1-D uint16 when the vocabulary fits, else uint32)
-    val-00000.safetensors ...   every shard holds `shard_tokens` tokens but each split's last one
-    digests.json                size and xxh3-128 of every file (core/files.py), checked on read
+    train-00000.safetensors ... tensors "tokens" (1-D uint16 when the vocabulary fits, else uint32) and
+    val-00000.safetensors ...   "block_xxh3" (the digest of every BLOCK_TOKENS tokens); every shard holds
+                                `shard_tokens` tokens but each split's last one
+    digests.json                size and xxh3-128 of every file (core/files.py)
 
 Design choices:
 - The token stream is exactly the one `text.TextCorpus.build` makes in memory: the same reader
@@ -30,10 +31,13 @@ Design choices:
 - The split needs one look ahead: a corpus in which no document falls in val holds out its last
   document, one in which every document does keeps its last for training (`assign_splits`); so the
   last document read is held back until the next one arrives. The in-memory path uses the same rule.
-- Reading checks the index and every shard's size when the folder is opened (a truncated shard is
-  one line naming it, before any training), and each shard's digest the first time it is read
-  (xxh3 through mmap, ~10 GB/s): start-up does not grow with the corpus, and no token is used
-  unverified. A folder made with another tokenizer than the model's is refused (`check_tokenizer`).
+- Reading checks the index (against digests.json) and every shard's size when the folder is opened
+  (a truncated shard is one line naming it, before any training), each shard's header when it is
+  first mapped, and each block of 65,536 tokens against the digest stored beside it in the shard the
+  first time a slice touches it: no token is used unverified, and what verifying costs a batch does
+  not grow with the corpus or the shard size (a whole-shard digest would: a first random batch
+  touches up to batch-size shards). A folder made with another tokenizer than the model's is refused
+  (`check_tokenizer`).
 - Source digests are computed in a background thread while tokenizing (xxhash releases the GIL).
 """
 
@@ -51,9 +55,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+import xxhash
 
 from ..core.errors import PoelmError
-from ..core.files import ALGORITHM, MANIFEST, file_digest, read_json, read_manifest, verify_file, write_json
+from ..core.files import ALGORITHM, MANIFEST, file_digest, read_json, write_json
 from ..outputs import check_output, replace_dir
 from .text import SPLIT_RULE, ByteProgress, DocumentReader, SplitStats, assign_splits, encode_documents, format_size
 
@@ -63,6 +68,7 @@ if TYPE_CHECKING:
 FORMAT, FORMAT_VERSION = "poelm-tokens", 1
 INDEX, PROGRESS = "index.json", "progress.json"
 DEFAULT_SHARD_TOKENS = 1 << 24  # 16.8M tokens: 32 MB as uint16
+BLOCK_TOKENS = 1 << 16  # each shard's tokens are verified in blocks of this many (128 kB as uint16)
 SPLITS = ("train", "val")
 _DTYPES = {"uint16": (np.uint16, "U16"), "uint32": (np.uint32, "U32")}
 
@@ -79,15 +85,27 @@ def shard_name(split: str, k: int, suffix: str = "safetensors") -> str:
     return f"{split}-{k:05d}.{suffix}"
 
 
+def n_blocks(n: int) -> int:
+    return -(-n // BLOCK_TOKENS)
+
+
 def shard_header(dtype: str, n: int, split: str, k: int) -> bytes:
-    """The safetensors header of a shard of `n` tokens (8-byte little-endian length + JSON padded with
-    spaces to a multiple of 8, so the data is aligned for memory mapping)."""
+    """The safetensors header of a shard of `n` tokens: tensors `tokens` (n,) and `block_xxh3` (blocks, 16)
+    uint8, the xxh3-128 digest of each BLOCK_TOKENS tokens' bytes (8-byte little-endian length + JSON
+    padded with spaces to a multiple of 8, so the data is aligned for memory mapping)."""
     np_dtype, st_dtype = _DTYPES[dtype]
-    meta = {"__metadata__": {"format": FORMAT, "split": split, "shard": str(k)},
-            "tokens": {"dtype": st_dtype, "shape": [n], "data_offsets": [0, n * np.dtype(np_dtype).itemsize]}}
+    size = n * np.dtype(np_dtype).itemsize
+    meta = {"__metadata__": {"format": FORMAT, "split": split, "shard": str(k), "block_tokens": str(BLOCK_TOKENS)},
+            "tokens": {"dtype": st_dtype, "shape": [n], "data_offsets": [0, size]},
+            "block_xxh3": {"dtype": "U8", "shape": [n_blocks(n), 16], "data_offsets": [size, size + 16 * n_blocks(n)]}}
     text = json.dumps(meta, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text
+
+
+def shard_bytes(dtype: str, n: int, split: str, k: int) -> int:
+    """The size of a shard file of `n` tokens."""
+    return len(shard_header(dtype, n, split, k)) + n * np.dtype(_DTYPES[dtype][0]).itemsize + 16 * n_blocks(n)
 
 
 class ShardWriter:
@@ -139,9 +157,14 @@ class ShardWriter:
         src = self.folder / shard_name(self.split, k, "open")
         dst = self.folder / shard_name(self.split, k)
         tmp = dst.with_name(dst.name + ".tmp")
+        block = BLOCK_TOKENS * self.itemsize
+        digests = []
         with open(tmp, "wb") as out, open(src, "rb") as f:
             out.write(shard_header(self.dtype, self.open_tokens, self.split, k))
-            shutil.copyfileobj(f, out, 1 << 20)
+            while data := f.read(block):  # one pass: each block hashed and copied
+                digests.append(xxhash.xxh3_128_digest(data))
+                out.write(data)
+            out.write(b"".join(digests))
         os.replace(tmp, dst)
         self.shards.append({"file": dst.name, "tokens": self.open_tokens, "documents": self.open_documents,
                             **file_digest(dst)})
@@ -281,6 +304,7 @@ def tokenize(inputs: Sequence[str], tokenizer: Tokenizer, out: str | os.PathLike
             for w in writers.values():
                 w.f.close()
     index = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype, "shard_tokens": shard_tokens,
+             "block_tokens": BLOCK_TOKENS,
              "tokenizer": {"fingerprint": tokenizer.fingerprint, "name": tokenizer.name,
                            "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id},
              "split": {"val_fraction": float(val_fraction), "rule": SPLIT_RULE},
@@ -299,7 +323,7 @@ def tokenize(inputs: Sequence[str], tokenizer: Tokenizer, out: str | os.PathLike
     report.line(f"tokenize: {out}: train {stats['train']['documents']:,} documents, {stats['train']['tokens']:,} "
                 f"tokens in {len(writers['train'].shards)} shard(s); val {stats['val']['documents']:,} documents, "
                 f"{stats['val']['tokens']:,} tokens in {len(writers['val'].shards)} shard(s); "
-                f"{format_size(reader.total_bytes)} in {seconds:.1f}s with {workers} worker(s)")
+                f"{format_size(reader.total_bytes)} in {seconds:.2f}s with {workers} worker(s)")
     return index
 
 
@@ -336,35 +360,54 @@ def is_token_folder(path: str | os.PathLike) -> bool:
 class ShardedTokens:
     """One split's token stream over its memory-mapped shards, sliced like a 1-D array (`len`, `[a:b]`).
 
-    A shard is mapped, and its digest and header checked, the first time a slice touches it.
+    A shard is mapped, and its header checked, the first time a slice touches it; each block of
+    BLOCK_TOKENS tokens is checked against the digest the shard stores for it the first time a slice
+    touches that block. So no token is used unverified, and what a batch costs to verify does not
+    grow with the corpus or the shard size (whole-shard digests would: a first random batch touches up
+    to batch-size shards).
     """
 
-    def __init__(self, folder: Path, shards: list[dict[str, Any]], dtype: str, manifest: dict[str, Any] | None):
-        self.folder, self.shards, self.manifest = folder, shards, manifest
+    def __init__(self, folder: Path, shards: list[dict[str, Any]], dtype: str):
+        self.folder, self.shards = folder, shards
         self.dtype = np.dtype(_DTYPES[dtype][0])
         self.dtype_name = dtype
         counts = np.array([s["tokens"] for s in shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # (S+1,) stream offset of each shard
-        self._maps: dict[int, np.ndarray] = {}
+        self._maps: dict[int, tuple[np.ndarray, bytes, np.ndarray]] = {}  # tokens, block digests, checked
         self.ndim = 1
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def _map(self, k: int) -> np.ndarray:
+    def _map(self, k: int) -> tuple[np.ndarray, bytes, np.ndarray]:
         if k not in self._maps:
             entry = self.shards[k]
             path = self.folder / entry["file"]
-            if self.manifest is not None:
-                verify_file(path, self.manifest)
-            header = shard_header(self.dtype_name, entry["tokens"], path.name.split("-")[0], k)
+            n = entry["tokens"]
+            header = shard_header(self.dtype_name, n, path.name.split("-")[0], k)
             with open(path, "rb") as f:
                 found = f.read(len(header))
-            if found != header:
+                f.seek(len(header) + n * self.dtype.itemsize)
+                digests = f.read(16 * n_blocks(n))
+            if found != header or len(digests) != 16 * n_blocks(n):
                 raise PoelmError(f"{path}: its safetensors header is not the one {self.folder / INDEX} describes "
-                                 f"({entry['tokens']} {self.dtype_name} tokens)")
-            self._maps[k] = np.memmap(path, dtype=self.dtype, mode="r", offset=len(header), shape=(entry["tokens"],))
+                                 f"({n} {self.dtype_name} tokens in blocks of {BLOCK_TOKENS})")
+            tokens = np.memmap(path, dtype=self.dtype, mode="r", offset=len(header), shape=(n,))
+            self._maps[k] = (tokens, digests, np.zeros(n_blocks(n), dtype=bool))
         return self._maps[k]
+
+    def _slice(self, k: int, lo: int, hi: int) -> np.ndarray:
+        """Tokens [lo, hi) of shard k, every block they touch verified."""
+        tokens, digests, checked = self._map(k)
+        for b in range(lo // BLOCK_TOKENS, (hi - 1) // BLOCK_TOKENS + 1):
+            if not checked[b]:
+                block = tokens[b * BLOCK_TOKENS : (b + 1) * BLOCK_TOKENS]
+                if xxhash.xxh3_128_digest(memoryview(block).cast("B")) != digests[16 * b : 16 * b + 16]:
+                    raise PoelmError(f"{self.folder / self.shards[k]['file']}: tokens {b * BLOCK_TOKENS:,}.."
+                                     f"{b * BLOCK_TOKENS + len(block):,} do not match their stored digest "
+                                     f"(corrupted); tokenize the data again")
+                checked[b] = True
+        return tokens[lo:hi]
 
     def __getitem__(self, key: slice) -> np.ndarray:
         if not isinstance(key, slice) or key.step not in (None, 1):
@@ -372,12 +415,11 @@ class ShardedTokens:
         a, b, _ = key.indices(len(self))
         if b <= a:
             return np.empty(0, dtype=self.dtype)
-        first = int(np.searchsorted(self.starts, a, side="right")) - 1
+        k = int(np.searchsorted(self.starts, a, side="right")) - 1
         parts = []
-        k = first
         while a < b:
             lo, hi = int(self.starts[k]), int(self.starts[k + 1])
-            parts.append(self._map(k)[a - lo : min(b, hi) - lo])
+            parts.append(self._slice(k, a - lo, min(b, hi) - lo))
             a = min(b, hi)
             k += 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -398,7 +440,6 @@ class TokenFolder:
             raise PoelmError(f"{self.path}: an unfinished `poelm data tokenize` (no {INDEX} yet); rerun that command "
                              f"to finish it")
         self.index = index = read_json(index_path)  # checked against digests.json
-        self.manifest = read_manifest(self.path)
         if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
             raise PoelmError(f"{index_path}: format {index.get('format')!r} version {index.get('format_version')!r}; "
                              f"expected {FORMAT!r} version {FORMAT_VERSION} (written by `poelm data tokenize`)")
@@ -415,16 +456,15 @@ class TokenFolder:
             for split in SPLITS:
                 entry = index[split]
                 stats[split] = SplitStats(int(entry["documents"]), int(entry["tokens"]), int(entry["bytes"]))
-                itemsize = np.dtype(_DTYPES[dtype][0]).itemsize
                 for k, shard in enumerate(entry["shards"]):
                     p = self.path / shard["file"]
-                    want = len(shard_header(dtype, shard["tokens"], split, k)) + shard["tokens"] * itemsize
+                    want = shard_bytes(dtype, shard["tokens"], split, k)
                     have = p.stat().st_size if p.is_file() else None
                     if have != want:
                         what = "missing" if have is None else f"{have:,} bytes"
                         raise PoelmError(f"{p}: {what}; {index_path} expects {want:,} bytes ({shard['tokens']:,} "
                                          f"tokens){' (truncated?)' if have is not None and have < want else ''}")
-                streams[split] = ShardedTokens(self.path, entry["shards"], dtype, self.manifest)
+                streams[split] = ShardedTokens(self.path, entry["shards"], dtype)
                 if sum(s["tokens"] for s in entry["shards"]) != stats[split].tokens:
                     raise PoelmError(f"{index_path}: {split} shards hold {len(streams[split]):,} tokens, "
                                      f"'tokens' says {stats[split].tokens:,}")
