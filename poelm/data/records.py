@@ -35,6 +35,7 @@ import gzip
 import io
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -146,18 +147,25 @@ def _stream_error(f: InputFile, e: Exception) -> PoelmError:
     return PoelmError(f"{f.path}: cannot read the {what} stream ({e}); expected a complete {what} file")
 
 
-def read_bytes(f: InputFile) -> bytes:
-    """The whole (decompressed) content of a text or JSON file."""
+@contextmanager
+def _opened(f: InputFile) -> Iterator[tuple[io.BufferedIOBase, _Counted]]:
+    """`_open_stream` for a `with` block: closed after, a broken compressed stream one error naming it."""
     stream, raw = _open_stream(f)
     try:
         with stream:
-            return stream.read()
+            yield stream, raw
     except (OSError, EOFError, ValueError) as e:
         if f.compression is None:
             raise
         raise _stream_error(f, e) from None
     finally:
         raw.f.close()
+
+
+def read_bytes(f: InputFile) -> bytes:
+    """The whole (decompressed) content of a text or JSON file."""
+    with _opened(f) as (stream, _):
+        return stream.read()
 
 
 def parse_json(data: bytes | str, where: str, bom: bool = True) -> Any:
@@ -185,28 +193,20 @@ def parse_json(data: bytes | str, where: str, bom: bool = True) -> Any:
 
 
 def _jsonl(f: InputFile, start: int) -> Iterator[Record]:
-    stream, raw = _open_stream(f)
     done = 0  # bytes of the file on disk already reported
-    try:
-        with stream:
-            for index, line in enumerate(stream):
-                pos = raw.pos if f.compression else done + len(line)
-                n, done = pos - done, pos
-                if index < start or not line.strip():  # skipped or blank: bytes only
-                    if n:
-                        yield Record(f"{f.path}:{index + 1}", -1, None, n)
-                    continue
-                try:
-                    value = parse_json(line, f"{f.path}:{index + 1}", bom=index == 0)
-                except BadRecord as e:
-                    value = e
-                yield Record(f"{f.path}:{index + 1}", index, value, n)
-    except (OSError, EOFError, ValueError) as e:
-        if f.compression is None:
-            raise
-        raise _stream_error(f, e) from None
-    finally:
-        raw.f.close()
+    with _opened(f) as (stream, raw):
+        for index, line in enumerate(stream):
+            pos = raw.pos if f.compression else done + len(line)
+            n, done = pos - done, pos
+            if index < start or not line.strip():  # skipped or blank: bytes only
+                if n:
+                    yield Record(f"{f.path}:{index + 1}", -1, None, n)
+                continue
+            try:
+                value = parse_json(line, f"{f.path}:{index + 1}", bom=index == 0)
+            except BadRecord as e:
+                value = e
+            yield Record(f"{f.path}:{index + 1}", index, value, n)
     if f.size > done:
         yield Record(f.path, -1, None, f.size - done)  # the compressed stream's trailer
 
