@@ -147,6 +147,29 @@ def cmd_convert_nanochat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_nanochat_poe(args: argparse.Namespace) -> int:
+    from .convert_poe import convert_nanochat_poe
+
+    out, notes = convert_nanochat_poe(args.checkpoint, args.out, step=args.step, tokenizer=args.tokenizer,
+                                      overwrite=args.overwrite)
+    for n in notes:
+        print(f"note: {n}")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_convert_nanochat_poe_stage(args: argparse.Namespace) -> int:
+    from .convert_poe import convert_nanochat_poe_stage
+
+    out, overrides = convert_nanochat_poe_stage(args.checkpoint, args.parent, args.out, step=args.step,
+                                                name=args.name, overwrite=args.overwrite)
+    if overrides:
+        print(f"note: the fork's stage overrides its parent's {overrides_text(overrides)}: converted as declared "
+              f"parent_overrides; this stage does not preserve its parent (poelm inspect, check-preservation)")
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .modeldir import load_tokenizer, read_config
     from .specialist import as_chain, describe_chain
@@ -172,6 +195,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                   f"+ {link['changed_embedding_rows']} changed embedding rows ({link['changed_embedding_params']:,} "
                   f"params) = delta {link['tensor_params'] - link['changed_embedding_rows']:,} params "
                   f"(+{link['changed_embedding_rows']} row ids)")
+            if link["parent_overrides"]:
+                print(f"      DOES NOT PRESERVE ITS PARENT: overrides {overrides_text(link['parent_overrides'])} "
+                      f"(declared in config.json parent_overrides; converted: "
+                      f"{link.get('converted_from') or 'see config.json'})")
     print_param_table(chain.model())
     for name, size in files.items():
         print(f"  {name:<28} {size:>12,} bytes")
@@ -202,6 +229,11 @@ def cmd_stage_attach(args: argparse.Namespace) -> int:
     return 0
 
 
+def overrides_text(overrides: dict[str, list[int]]) -> str:
+    """`parent_overrides` in words: "resid_lambdas of layers [0, 1, 2], layer_windows of layers [2]"."""
+    return ", ".join(f"{name} of layers {layers}" for name, layers in overrides.items())
+
+
 def cmd_stage_train(args: argparse.Namespace) -> int:
     from .options import from_namespace
     from .train.sft import StageTrainArgs, stage_train
@@ -217,6 +249,9 @@ def cmd_check_preservation(args: argparse.Namespace) -> int:
     verdict = "bit-identical" if r["bit_identical"] else "CHANGED"
     print(f"base path of {args.stage} vs {args.base} over {r['tokens']} tokens: max |Δlogit| = "
           f"{r['max_abs_diff']:.6g} ({verdict})")
+    if r["parent_overrides"]:
+        print(f"{args.stage} declares that it does not preserve its parent: it overrides "
+              f"{overrides_text(r['parent_overrides'])} (config.json parent_overrides)")
     return 0 if r["bit_identical"] else 1
 
 
@@ -546,6 +581,19 @@ def build_parser() -> argparse.ArgumentParser:
                 arg("--step", type=int, help="checkpoint step (default: the latest present)"),
                 arg("--tokenizer", metavar="DIR", help="nanochat tokenizer folder (tokenizer.pkl) or poelm tokenizer"),
                 out("MODELDIR"), OVERWRITE)
+    add_command(conv, "nanochat-poe", cmd_convert_nanochat_poe, "convert a nanochat-poe (the paper's fork) PoE base "
+                "checkpoint, with the fork's logits",
+                arg("--checkpoint", required=True, metavar="DIR", help="folder with model_NNNNNN.pt and meta_NNNNNN.json"),
+                arg("--step", type=int, help="checkpoint step (default: the latest present)"),
+                arg("--tokenizer", metavar="DIR", help="nanochat tokenizer folder (tokenizer.pkl) or poelm tokenizer"),
+                out("MODELDIR"), OVERWRITE)
+    add_command(conv, "nanochat-poe-stage", cmd_convert_nanochat_poe_stage, "convert a nanochat-poe specialist stage "
+                "delta onto a converted parent",
+                arg("--checkpoint", required=True, metavar="DIR", help="the fork's stage folder (model/meta_NNNNNN)"),
+                arg("--step", type=int, help="checkpoint step (default: the latest present)"),
+                arg("--parent", required=True, metavar="MODELDIR", help="the converted base, or converted stage"),
+                arg("--name", help="the stage's name (default: the fork's output tag, or the folder's name)"),
+                out("STAGEDIR"), OVERWRITE)
     add_command(stage, "attach", cmd_stage_attach, "append a specialist stage (new blocks + zero head) to a frozen parent",
                 arg("parent", metavar="PARENTDIR", help="a base or stage directory"),
                 arg("--layers", type=int, required=True, help="blocks to append"),

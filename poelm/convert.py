@@ -90,6 +90,18 @@ def config_from_nanochat(model_config: dict, state: dict[str, torch.Tensor], met
                and not (k in IGNORED_FIELDS and model_config[k] == IGNORED_FIELDS[k])]
     if unknown:
         raise PoelmError(f"{meta_path}: model_config field(s) poelm cannot reproduce: {', '.join(sorted(unknown))}")
+    fields = nanochat_fields(model_config, state, meta_path, migrations)
+    fields.update(poe_stage_layers=[fields["n_layer"]], poe_mode="none")
+    try:
+        return PoEConfig(**fields)
+    except PoelmError as e:
+        raise PoelmError(f"{meta_path}: {e}") from None
+
+
+def nanochat_fields(model_config: dict, state: dict[str, torch.Tensor], meta_path: Path,
+                    migrations: list[str]) -> dict[str, Any]:
+    """PoEConfig fields for nanochat's GPTConfig fields and what the state dict holds, with a named
+    migration for every missing part (the fork's bases share this architecture)."""
     missing = sorted({"vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "sequence_len"} - set(model_config))
     if missing:
         raise PoelmError(f"{meta_path}: model_config lacks {', '.join(missing)}")
@@ -112,11 +124,7 @@ def config_from_nanochat(model_config: dict, state: dict[str, torch.Tensor], met
         migrations.append("no_residual_lambdas: resid_lambdas = 1, x0_lambdas = 0 (the plain residual)")
         state["resid_lambdas"] = torch.ones(n_layer)
         state["x0_lambdas"] = torch.zeros(n_layer)
-    fields.update(poe_stage_layers=[n_layer], poe_mode="none")
-    try:
-        return PoEConfig(**fields)
-    except PoelmError as e:
-        raise PoelmError(f"{meta_path}: {e}") from None
+    return fields
 
 
 def find_tokenizer(checkpoint_dir: Path, tokenizer_dir: str | None) -> Tokenizer:

@@ -36,10 +36,11 @@ from typing import Any
 import torch
 
 from .card import model_card, table
-from .core.cascade import ROWS_IDS, ROWS_VALUES, Chain, Link, check_extends, expected_delta, fingerprint_tensors, open_chain
+from .core.cascade import (OVERRIDE_PREFIX, ROWS_IDS, ROWS_VALUES, Chain, Link, check_extends, expected_delta,
+                           fingerprint_tensors, open_chain)
 from .core.config import PoEConfig, windows_from_pattern
 from .core.errors import PoelmError
-from .core.files import DELTA, verify_all
+from .core.files import CONFIG, DELTA, read_json, verify_all
 from .core.model import PoEGPT, to_disk
 from .core.tokenizer import Tokenizer
 from .modeldir import hf_config_dict, load_model, load_tokenizer, write_directory
@@ -164,8 +165,19 @@ def freeze_for_specialist(model: PoEGPT, train_rows: list[int] | None = None) ->
     return partial
 
 
-def delta_tensors(model: PoEGPT, parent: PoEGPT) -> dict[str, torch.Tensor]:
-    """Exactly what the stage changed against its assembled parent."""
+def parent_overrides(model: PoEGPT, parent: PoEGPT) -> dict[str, list[int]]:
+    """The parent layers whose lambdas or windows `model` changes: {name: layers} (cascade.OVERRIDABLE)."""
+    P = parent.config.n_layer
+    state, own = model.state_dict(), parent.state_dict()
+    out = {name: (state[name][:P] != own[name]).nonzero().flatten().tolist() for name in ("resid_lambdas", "x0_lambdas")}
+    out["layer_windows"] = [i for i, (a, b) in enumerate(zip(parent.config.layer_windows, model.config.layer_windows))
+                            if a != b]
+    return {k: v for k, v in out.items() if v}
+
+
+def delta_tensors(model: PoEGPT, parent: PoEGPT, allow_overrides: bool = False) -> dict[str, torch.Tensor]:
+    """Exactly what the stage changed against its assembled parent. Changed parent lambdas are refused
+    unless `allow_overrides` (a converted stage that declares them: cascade.py), then carried whole."""
     P = parent.config.n_layer
     state = model.state_dict()
     delta = {name: state[name] for name in specialist_parameter_names(model)}
@@ -184,24 +196,32 @@ def delta_tensors(model: PoEGPT, parent: PoEGPT) -> dict[str, torch.Tensor]:
         if not torch.equal(state[name], value):
             raise PoelmError(f"tensor {name!r} of the parent changed: a stage may change only its own blocks, "
                              "lambdas, head and the chat-token embedding rows")
-    if not torch.equal(state["resid_lambdas"][:P], parent.state_dict()["resid_lambdas"]) or \
-            not torch.equal(state["x0_lambdas"][:P], parent.state_dict()["x0_lambdas"]):
-        raise PoelmError("the parent's layer lambdas changed: a stage may change only its own layers' lambdas")
+    overrides = parent_overrides(model, parent)
+    for name in ("resid_lambdas", "x0_lambdas"):
+        if name in overrides and not allow_overrides:
+            raise PoelmError(f"the parent's layer lambdas changed ({name} of layers {overrides[name]}): a stage may "
+                             "change only its own layers' lambdas")
+        if name in overrides:
+            delta[OVERRIDE_PREFIX + name] = state[name][:P]
     return {k: v.detach().to("cpu").contiguous() for k, v in to_disk(delta).items()}  # the file's names
 
 
 def save_specialist(model: PoEGPT, parent: Chain | str | os.PathLike, out: str | os.PathLike, name: str, *,
                overwrite: bool = False, card: str | None = None, extra_config: dict[str, Any] | None = None,
-               chat_rows_initialized: bool | None = None, card_kw: dict[str, Any] | None = None) -> Path:
+               chat_rows_initialized: bool | None = None, card_kw: dict[str, Any] | None = None,
+               allow_parent_overrides: bool = False) -> Path:
     """Write a stage directory (docs/formats.md) for `model`, a stage on `parent` (a chain, or its
-    directory), atomically; `out` may not overlap any directory of the parent's chain."""
+    directory), atomically; `out` may not overlap any directory of the parent's chain.
+    `allow_parent_overrides`: the model may change parent lambdas and windows (a converted stage, or one
+    trained from it); they are then declared in `parent_overrides` and carried in the delta."""
     chain = as_chain(parent)
     inputs = chain_inputs(chain, "parent")
     check_output(out, inputs, overwrite)
-    check_extends(chain.config, model.config, f"the model to save as a stage on {chain.path}")
     tok = chain.tokenizer()
     parent_model = chain.model()
-    delta = delta_tensors(model.to("cpu"), parent_model)
+    overrides = parent_overrides(model.to("cpu"), parent_model) if allow_parent_overrides else {}
+    check_extends(chain.config, model.config, f"the model to save as a stage on {chain.path}", overrides)
+    delta = delta_tensors(model.to("cpu"), parent_model, allow_parent_overrides)
     out = Path(out)
     reference = os.path.relpath(chain.path.resolve(), out.resolve().parent / out.name)
     done = chat_rows_done(chain.links) or ROWS_IDS in delta if chat_rows_initialized is None else chat_rows_initialized
@@ -210,6 +230,8 @@ def save_specialist(model: PoEGPT, parent: Chain | str | os.PathLike, out: str |
         "parent_fingerprint": chain.fingerprint, "chat_rows": delta[ROWS_IDS].tolist() if ROWS_IDS in delta else [],
         "chat_rows_initialized": bool(done),
     }
+    if overrides:
+        stage_fields["parent_overrides"] = overrides
     with AtomicDir(out, overwrite, inputs) as tmp:
         write_directory(
             tmp, tok, tensors_file=DELTA, tensors=delta,
@@ -279,8 +301,9 @@ def check_preservation(base_dir: str | os.PathLike, stage_dir: str | os.PathLike
         got = stage(x, exit_stage=bc.n_stages - 1).logits
         diffs.append(0.0 if torch.equal(want, got) else float((want - got).abs().max()))
         tokens += x.numel()
+    overrides = read_json(Path(stage_dir) / CONFIG).get("parent_overrides") or {}
     return {"max_abs_diff": max(diffs), "bit_identical": max(diffs) == 0.0 and all(d == 0.0 for d in diffs),
-            "tokens": tokens, "base_stages": bc.n_stages}
+            "tokens": tokens, "base_stages": bc.n_stages, "parent_overrides": overrides}
 
 
 def describe_chain(directory: Chain | str | os.PathLike) -> dict[str, Any]:
@@ -304,7 +327,8 @@ def describe_chain(directory: Chain | str | os.PathLike) -> dict[str, Any]:
             rows = int(tensors[ROWS_VALUES].numel()) if ROWS_VALUES in tensors else 0
             entry.update(parent=link.data["base_model_name_or_path"], parent_fingerprint=link.data["parent_fingerprint"],
                          new_layers=n_new, trainable_params=block, changed_embedding_rows=len(tensors.get(ROWS_IDS, [])),
-                         changed_embedding_params=rows,
+                         changed_embedding_params=rows, parent_overrides=link.data.get("parent_overrides") or {},
+                         converted_from=(link.data.get("converted_from") or {}).get("format"),
                          delta_params_expected=block + rows + (len(tensors[ROWS_IDS]) if ROWS_IDS in tensors else 0))
         else:
             entry["total_params"] = sum(t.numel() for t in tensors.values())

@@ -23,6 +23,14 @@ Design choices:
 - Assembly: the root's weights, then each stage's blocks, lambdas and changed embedding rows in
   order; every ancestor's `lm_head_stage` is added (as weights) into `lm_head_fold`, and only the
   leaf keeps its own `lm_head_stage`. Nothing is returned unless every check passed.
+- A stage preserves its parent: it may not change a parent tensor, lambda or window. The one
+  exception is declared, never inferred: a stage converted from a format whose training let parent
+  entries move (nanochat-poe's specialists, docs/formats.md) lists them in config.json as
+  `parent_overrides` {"resid_lambdas": [layer, ...], "x0_lambdas": [...], "layer_windows": [...]};
+  its delta then carries `parent_overrides.resid_lambdas` / `.x0_lambdas` (the parent layers' full
+  vectors), which must differ from the parent's at exactly the listed layers, and its
+  `layer_windows` may differ from the parent's at exactly the listed layers. Such a stage does not
+  preserve its parent; `inspect` and `check-preservation` say so.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ from .model import PoEGPT, from_disk, to_disk
 from .tokenizer import Tokenizer
 
 ROWS_IDS, ROWS_VALUES = "wte_rows.ids", "wte_rows.values"
+OVERRIDE_PREFIX = "parent_overrides."
+OVERRIDABLE = ("resid_lambdas", "x0_lambdas", "layer_windows")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -189,17 +199,36 @@ def expected_delta(parent: PoEConfig, config: PoEConfig) -> dict[str, tuple[int,
     return out
 
 
-def check_extends(parent: PoEConfig, config: PoEConfig, source: str) -> None:
-    """A stage's config must keep every structural fact of its parent and append one stage."""
+def check_overrides(overrides: Any, n_parent: int, source: str) -> dict[str, list[int]]:
+    """A stage's declared `parent_overrides`, checked: {name: sorted parent layers}, names from OVERRIDABLE."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict) or any(k not in OVERRIDABLE for k in overrides) or not all(
+            isinstance(v, list) and v and all(type(i) is int and 0 <= i < n_parent for i in v) and v == sorted(set(v))
+            for v in overrides.values()):
+        raise PoelmError(f"{source}: 'parent_overrides' must map some of {list(OVERRIDABLE)} to sorted, distinct "
+                         f"parent layers in [0, {n_parent}), got {overrides!r}")
+    return overrides
+
+
+def check_extends(parent: PoEConfig, config: PoEConfig, source: str,
+                  overrides: dict[str, list[int]] | None = None) -> None:
+    """A stage's config must keep every structural fact of its parent and append one stage; windows may
+    differ exactly at the parent layers `overrides["layer_windows"]` declares."""
     same = ("vocab_size", "n_head", "n_kv_head", "n_embd", "sequence_len", "rope_base", "softcap", "pad_vocab_to",
             "smear", "backout", "backout_layer", "value_embed_layers", "n_base_stages", "poe_stage_heads")
     for name in same:
         if getattr(parent, name) != getattr(config, name):
             raise PoelmError(f"{source}: {name} = {getattr(config, name)!r}, but its parent has "
                              f"{getattr(parent, name)!r}")
-    if config.poe_stage_layers[:-1] != parent.poe_stage_layers or config.layer_windows[:parent.n_layer] != \
-            parent.layer_windows or config.n_layer != parent.n_layer + config.poe_stage_layers[-1]:
+    if config.poe_stage_layers[:-1] != parent.poe_stage_layers or \
+            config.n_layer != parent.n_layer + config.poe_stage_layers[-1]:
         raise PoelmError(f"{source}: poe_stage_layers/layer_windows do not extend the parent's by one stage")
+    moved = [i for i, (a, b) in enumerate(zip(parent.layer_windows, config.layer_windows)) if a != b]
+    if moved != (overrides or {}).get("layer_windows", []):
+        raise PoelmError(f"{source}: layer_windows differ from the parent's at layers {moved}; a stage keeps its "
+                         f"parent's windows (declared in parent_overrides: "
+                         f"{(overrides or {}).get('layer_windows', [])})")
     if not config.stage_head or config.head_fold != (parent.stage_head or parent.head_fold):
         raise PoelmError(f"{source}: stage_head must be true and head_fold {parent.stage_head or parent.head_fold} "
                          "for a stage on this parent")
@@ -234,12 +263,30 @@ def assemble(chain: list[Link], verify: bool = True) -> tuple[PoEConfig, dict[st
         if recorded != prints[-1]:
             raise PoelmError(f"{source}: parent {parent.path} has fingerprint {prints[-1]}, but this stage was "
                              f"trained on {recorded}: the parent is not the model this stage was made for")
-        check_extends(config, specialist_config, source)
+        overrides = check_overrides(link.data.get("parent_overrides"), config.n_layer, source)
+        check_extends(config, specialist_config, source, overrides)
         check_tokenizer(parent.path, link.path, verify)
         delta = link.tensors(verify)
         own_print = link.fingerprint(delta, prints[-1])
         delta_path = str(link.tensor_file)
         rows = {k: delta.pop(k) for k in (ROWS_IDS, ROWS_VALUES) if k in delta}
+        for name in ("resid_lambdas", "x0_lambdas"):  # declared overrides of the parent layers' lambdas
+            value = delta.pop(OVERRIDE_PREFIX + name, None)
+            if (value is None) != (name not in overrides):
+                raise PoelmError(f"{delta_path}: {OVERRIDE_PREFIX + name} {'missing' if value is None else 'present'}"
+                                 f", but {source} {'lists' if name in overrides else 'does not list'} {name} in "
+                                 f"parent_overrides")
+            if value is None:
+                continue
+            own = tensors[name]
+            if tuple(value.shape) != tuple(own.shape) or value.dtype != link.dtype:
+                raise PoelmError(f"{delta_path}: {OVERRIDE_PREFIX + name} must be {str(link.dtype).removeprefix('torch.')}"
+                                 f" {list(own.shape)} (the parent's layers)")
+            moved = (value.to(own.dtype) != own).nonzero().flatten().tolist()
+            if moved != overrides[name]:
+                raise PoelmError(f"{delta_path}: {OVERRIDE_PREFIX + name} differs from the parent at layers {moved}, "
+                                 f"{source} declares {overrides[name]}")
+            tensors[name] = value.to(own.dtype)
         check_state_dict(expected_delta(config, specialist_config), delta, delta_path, link.dtype)
         if config.stage_head:  # the parent's own head joins the fold; the new leaf keeps its own
             head = tensors.pop("lm_head_stage.weight")

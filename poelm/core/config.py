@@ -46,7 +46,7 @@ HF_CONFIG_KEYS = frozenset({
 PROVENANCE_KEYS = frozenset({"converted_from", "poelm_version", "training"})
 # A stage directory's own fields (docs/formats.md): where its parent is and what it was trained on.
 STAGE_KEYS = frozenset({"base_model_name_or_path", "stage_name", "stage_layers", "parent_fingerprint",
-                        "chat_rows", "chat_rows_initialized"})
+                        "chat_rows", "chat_rows_initialized", "parent_overrides"})
 
 
 def short_window(sequence_len: int) -> int:

@@ -188,6 +188,7 @@ def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
                 for n, v in weights.items():
                     cpu.get_parameter(n).copy_(v)
             save_specialist(cpu, parent, run_dir / which, name, overwrite=True,
+                            allow_parent_overrides=bool(stage.data.get("parent_overrides")),
                        card_kw={"training": training + [("Exported step", step)], "evals": evals,
                                 "best_step": result.best_step, "best_key": "stage"},
                        extra_config={"training": {"run_dir": str(run_dir), "step": step}})
