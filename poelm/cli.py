@@ -137,23 +137,15 @@ def print_param_table(model) -> None:
 
 
 def cmd_convert_nanochat(args: argparse.Namespace) -> int:
+    """`convert nanochat` and `convert nanochat-poe`: a base from a checkpoint folder, and what was mapped."""
     from .convert import convert_nanochat
-
-    out, migrations = convert_nanochat(args.checkpoint, args.out, step=args.step, tokenizer=args.tokenizer,
-                                       overwrite=args.overwrite)
-    for m in migrations:
-        print(f"migration {m}")
-    print(f"wrote {out}")
-    return 0
-
-
-def cmd_convert_nanochat_poe(args: argparse.Namespace) -> int:
     from .convert_poe import convert_nanochat_poe
 
-    out, notes = convert_nanochat_poe(args.checkpoint, args.out, step=args.step, tokenizer=args.tokenizer,
-                                      overwrite=args.overwrite)
+    convert, label = {"nanochat": (convert_nanochat, "migration"),
+                      "nanochat-poe": (convert_nanochat_poe, "note:")}[args.conv_command]
+    out, notes = convert(args.checkpoint, args.out, step=args.step, tokenizer=args.tokenizer, overwrite=args.overwrite)
     for n in notes:
-        print(f"note: {n}")
+        print(f"{label} {n}")
     print(f"wrote {out}")
     return 0
 
@@ -576,21 +568,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_shape_flags(add_command(sub, "pretrain", cmd_pretrain, "pretrain a PoE base (or the BP control) on text "
                                 "(--init MODELDIR, or --tokenizer TOKDIR with shape flags)", options=(PretrainArgs,)),
                     for_init=False)
-    add_command(conv, "nanochat", cmd_convert_nanochat, "convert a nanochat base_train checkpoint",
-                arg("--checkpoint", required=True, metavar="DIR", help="folder with model_NNNNNN.pt and meta_NNNNNN.json"),
-                arg("--step", type=int, help="checkpoint step (default: the latest present)"),
-                arg("--tokenizer", metavar="DIR", help="nanochat tokenizer folder (tokenizer.pkl) or poelm tokenizer"),
-                out("MODELDIR"), OVERWRITE)
-    add_command(conv, "nanochat-poe", cmd_convert_nanochat_poe, "convert a nanochat-poe (the paper's fork) PoE base "
-                "checkpoint, with the fork's logits",
-                arg("--checkpoint", required=True, metavar="DIR", help="folder with model_NNNNNN.pt and meta_NNNNNN.json"),
-                arg("--step", type=int, help="checkpoint step (default: the latest present)"),
-                arg("--tokenizer", metavar="DIR", help="nanochat tokenizer folder (tokenizer.pkl) or poelm tokenizer"),
-                out("MODELDIR"), OVERWRITE)
+    step = arg("--step", type=int, help="checkpoint step (default: the latest present)")
+    for name, help in (("nanochat", "convert a nanochat base_train checkpoint"),
+                       ("nanochat-poe", "convert a nanochat-poe (the paper's fork) PoE base checkpoint, with the "
+                                        "fork's logits")):
+        add_command(conv, name, cmd_convert_nanochat, help,
+                    arg("--checkpoint", required=True, metavar="DIR",
+                        help="folder with model_NNNNNN.pt and meta_NNNNNN.json"), step,
+                    arg("--tokenizer", metavar="DIR", help="nanochat tokenizer folder (tokenizer.pkl) or poelm tokenizer"),
+                    out("MODELDIR"), OVERWRITE)
     add_command(conv, "nanochat-poe-stage", cmd_convert_nanochat_poe_stage, "convert a nanochat-poe specialist stage "
                 "delta onto a converted parent",
                 arg("--checkpoint", required=True, metavar="DIR", help="the fork's stage folder (model/meta_NNNNNN)"),
-                arg("--step", type=int, help="checkpoint step (default: the latest present)"),
+                step,
                 arg("--parent", required=True, metavar="MODELDIR", help="the converted base, or converted stage"),
                 arg("--name", help="the stage's name (default: the fork's output tag, or the folder's name)"),
                 out("STAGEDIR"), OVERWRITE)

@@ -158,20 +158,27 @@ def test_backout_is_unused_with_per_stage_heads_and_used_without():
     assert not torch.allclose(model(idx).detach(), last)
 
 
-@pytest.mark.parametrize("per_stage_head", [False, True])
-def test_every_base_tensor_matters(per_stage_head):
-    model = base(poe_every=2, per_stage_head=per_stage_head)
+def moved_by_each_parameter(module, logits) -> dict[str, float]:
+    """How far `logits(m)` moves when each parameter of `module` alone is nudged."""
     idx = tokens(T=64)
-    before = poe.fork_base_logits(model, idx)
-    for name, p in model.named_parameters():
-        changed = copy.deepcopy(model)
+    before = logits(module, idx)
+    out = {}
+    for name, p in module.named_parameters():
+        changed = copy.deepcopy(module)
         with torch.no_grad():
             changed.get_parameter(name).add_(0.5 * (p.abs().mean() + 0.1))
-        moved = (poe.fork_base_logits(changed, idx) - before).abs().max().item()
+        out[name] = (logits(changed, idx) - before).abs().max().item()
+    return out
+
+
+@pytest.mark.parametrize("per_stage_head", [False, True])
+def test_every_base_tensor_matters(per_stage_head):
+    moved = moved_by_each_parameter(base(poe_every=2, per_stage_head=per_stage_head), poe.fork_base_logits)
+    for name, m in moved.items():
         if per_stage_head and name == "backout_lambda":
-            assert moved == 0.0
+            assert m == 0.0
         else:
-            assert moved > 1e-4, name
+            assert m > 1e-4, name
 
 
 # ---------------------------------------------------------------- base_train files (§1)
@@ -279,14 +286,8 @@ def test_stage_structure_and_what_changes_vs_the_base():
 
 
 def test_every_stage_delta_tensor_matters():
-    s = stage_on(base(), 2)
-    idx = tokens(T=64)
-    before = poe.fork_stage_logits(s, idx)
-    for name, p in s.named_parameters():
-        changed = copy.deepcopy(s)
-        with torch.no_grad():
-            changed.get_parameter(name).add_(0.5 * (p.abs().mean() + 0.1))
-        assert (poe.fork_stage_logits(changed, idx) - before).abs().max() > 1e-4, name
+    moved = moved_by_each_parameter(stage_on(base(), 2), poe.fork_stage_logits)
+    assert all(m > 1e-4 for m in moved.values()), moved
 
 
 def test_stage_uses_the_base_value_embeds_smear_and_backout():
