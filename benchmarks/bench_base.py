@@ -72,6 +72,9 @@ def build(args) -> dict:
     base = out / "base"
     if base.exists() and not args.overwrite:
         raise Failure(f"{base}: already exists (pass --overwrite to rebuild it)")
+    for name in ("layers", "stages", "n_embd", "seq_len", "batch"):
+        if getattr(args, name) < 1:
+            raise Failure(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive int")
     if args.layers % args.stages:
         raise Failure(f"--layers {args.layers} does not split into {args.stages} stages of equal depth")
     for name in ("init", "timing", "pretrain", "base"):
@@ -183,4 +186,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from entry import run  # one line on bad input, never a traceback (benchmarks/entry.py)
+
+    run(main)

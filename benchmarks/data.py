@@ -372,4 +372,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from entry import run  # one line on bad input, never a traceback (benchmarks/entry.py)
+
+    run(main)

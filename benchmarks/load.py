@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from poelm.core.config import PoEConfig
+from poelm.core.errors import PoelmError
 from poelm.core.model import PoEGPT
 from poelm.modeldir import load_model, save_model_dir
 from poelm.specialist import attach, save_specialist
@@ -51,6 +52,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.rounds < 1:
+        raise PoelmError(f"--rounds {args.rounds}: expected a positive int")
     from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,4 +95,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from entry import run  # one line on bad input, never a traceback (benchmarks/entry.py)
+
+    run(main)

@@ -84,4 +84,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from entry import run  # one line on bad input, never a traceback (benchmarks/entry.py)
+
+    run(main)

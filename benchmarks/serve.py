@@ -206,4 +206,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from entry import run  # one line on bad input, never a traceback (benchmarks/entry.py)
+
+    run(main)

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
+from poelm.core.errors import PoelmError
 from poelm.data.stdlib import stdlib_corpus
 from poelm.demo import CORPUS_BYTES, PRETRAIN_BATCH
 from poelm.train.metrics import MetricsLog
@@ -34,12 +34,16 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if not Path(args.init, "config.json").is_file():
-        raise SystemExit(f"{args.init}: no model there; run `make demo` first (or give --init)")
+        raise PoelmError(f"{args.init}: no model there; run `make demo` first (or give --init)")
     paths = stdlib_corpus(CORPUS_BYTES)
-    seeds = [int(v) for v in args.seeds.split(",")]
+    try:
+        seeds = [int(v) for v in args.seeds.split(",")]
+        fractions = [float(v) for v in args.fractions.split(",")]
+    except ValueError:
+        raise PoelmError(f"--seeds {args.seeds!r} / --fractions {args.fractions!r}: expected comma-separated numbers")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for f in [float(v) for v in args.fractions.split(",")]:
+        for f in fractions:
             runs = []
             for seed in seeds:
                 out = Path(tmp) / f"F{f:g}-s{seed}"
@@ -66,4 +70,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from entry import run  # one line on bad input, never a traceback (benchmarks/entry.py)
+
+    run(main)

@@ -26,8 +26,21 @@ import torch
 import torch.distributed as dist
 
 
-def worker(args) -> None:
+def make_config(args):
+    """The benchmark's shape (a PoelmError naming the field when it cannot be built)."""
     from poelm.core.config import PoEConfig
+
+    try:
+        stages = [int(s) for s in args.stages.split(",")]
+    except ValueError:
+        from poelm.core.errors import PoelmError
+
+        raise PoelmError(f"--stages {args.stages!r}: expected comma-separated layer counts, e.g. 3,3,3,3") from None
+    return PoEConfig(vocab_size=args.vocab, n_layer=args.depth, n_head=args.n_head, n_kv_head=args.n_head,
+                     n_embd=args.n_embd, sequence_len=args.seq_len, poe_stage_layers=stages, poe_mode="flat")
+
+
+def worker(args) -> None:
     from poelm.core.model import PoEGPT
     from poelm.optim import build_optimizer, optimizer_state
     from poelm.train.dist import init_dist
@@ -35,9 +48,7 @@ def worker(args) -> None:
 
     d = init_dist("cpu")
     torch.manual_seed(0)
-    stages = [int(s) for s in args.stages.split(",")]
-    config = PoEConfig(vocab_size=args.vocab, n_layer=args.depth, n_head=args.n_head, n_kv_head=args.n_head,
-                       n_embd=args.n_embd, sequence_len=args.seq_len, poe_stage_layers=stages, poe_mode="flat")
+    config = make_config(args)
     model = PoEGPT(config)
     model.init_weights(0)
     g = torch.Generator().manual_seed(1)
@@ -118,6 +129,7 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    make_config(args)  # a shape that cannot be built is one line here, not a trace from each worker
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("data", "stage"):
@@ -147,4 +159,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from entry import run  # one line on bad input, never a traceback (benchmarks/entry.py)
+
+    run(main)

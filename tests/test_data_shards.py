@@ -384,3 +384,24 @@ def test_blocks_are_verified_where_a_slice_touches_them(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "BLOCK_TOKENS", 8)
     with pytest.raises(PoelmError, match=r"header is not the one .* describes \(30 uint16 tokens in blocks of 8\)"):
         ShardedTokens(tmp_path, [{"file": path.name, "tokens": 30}], "uint16")[0:1]
+
+
+def test_a_one_file_corpus_pretrains_with_a_tail_hold_out(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, capsys):
+    """One text file: the folder holds the same head/tail streams as the in-memory path, and a pretrain
+    from the file says so in its log and records it in run.json."""
+    (tmp_path / "book.txt").write_text(tiny_corpus_text(), encoding="utf-8")
+    mem = TextCorpus.build([tmp_path / "book.txt"], tiny_tokenizer, val_fraction=0.05, progress=False)
+    index = tokenize([str(tmp_path / "book.txt")], tiny_tokenizer, tmp_path / "d", workers=0, shard_tokens=5000,
+                     val_fraction=0.05, progress=False)
+    folder = TokenFolder(tmp_path / "d")
+    assert index["split"]["tail_tokens"] == folder.tail_tokens == mem.tail_tokens == len(mem.val_tokens) > 2
+    assert np.array_equal(np.asarray(folder.val_tokens), mem.val_tokens)
+    assert np.array_equal(np.asarray(folder.train_tokens), mem.train_tokens)
+    pretrain(_args(tmp_path, tiny_tokenizer_dir, [tmp_path / "book.txt"], "run", val_fraction=0.05, steps=2))
+    assert "val is the last" in capsys.readouterr().err
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["data_split"] == {"val_fraction": 0.05, "by": "tail", "tail_tokens": mem.tail_tokens}
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    resumed = pretrain(_args(tmp_path, tiny_tokenizer_dir, [tmp_path / "book.txt"], "run", val_fraction=0.05,
+                             steps=2, resume=True))  # run.json's data_split does not stand in a resume's way
+    assert resumed["steps"] == 2

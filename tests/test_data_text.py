@@ -199,8 +199,9 @@ def test_tiny_corpus_still_holds_out_one_document(tmp_path, tiny_tokenizer):
     assert (c.train.documents, c.val.documents) == (1, 2)
     assert _segments(c.train_tokens, tok.bos_id) == [tok.encode(texts[-1])]
 
-    one = _jsonl(tmp_path / "one.jsonl", [{"text": "just me"}])
-    with pytest.raises(PoelmError, match=r"one.jsonl:1: the only document .*needs at least two documents"):
+    one = _jsonl(tmp_path / "one.jsonl", [{"text": "ab"}])  # <|bos|> + 1-2 tokens: no tail to hold out
+    with pytest.raises(PoelmError, match=r"one.jsonl:1: the only document of the inputs, \d tokens: too short to "
+                                         r"hold out its last 2 tokens"):
         TextCorpus.build([one], tok, progress=False)
     with pytest.raises(PoelmError, match=r"val_fraction must be a number in \[0, 1\), got 1.5"):
         TextCorpus.build([path], tok, val_fraction=1.5)
@@ -377,3 +378,19 @@ def test_eval_batches_fixed_and_sharded():
     assert x[0].tolist() == list(range(90, 94)) + [9] * 6 and y[0].tolist() == list(range(91, 95)) + [-1] * 6
     ys = torch.cat([y for _, y in batches])
     assert sorted(ys[ys >= 0].tolist()) == list(range(1, 95))
+
+
+def test_one_document_holds_out_the_tail_of_its_tokens(tmp_path, tiny_tokenizer):
+    """A one-file corpus (the most common small corpus) trains on its head and holds out its last
+    max(2, ceil(val_fraction * N)) tokens; the two streams are the document's tokens, cut once."""
+    import math
+
+    tok = tiny_tokenizer
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(200))
+    (tmp_path / "book.txt").write_text(text)
+    c = TextCorpus.build([tmp_path / "book.txt"], tok, val_fraction=0.05, progress=False)
+    tokens = [tok.bos_id] + tok.encode(text)
+    k = max(2, math.ceil(0.05 * len(tokens)))
+    assert c.tail_tokens == k and len(c.val_tokens) == k
+    assert np.array_equal(np.concatenate([c.train_tokens, c.val_tokens]), np.array(tokens))
+    assert "val is the last" in c.summary() and c.split() == {"val_fraction": 0.05, "by": "tail", "tail_tokens": k}

@@ -60,7 +60,8 @@ import xxhash
 from ..core.errors import PoelmError
 from ..core.files import ALGORITHM, MANIFEST, file_digest, read_json, write_json
 from ..outputs import check_output, replace_dir
-from .text import SPLIT_RULE, ByteProgress, DocumentReader, SplitStats, assign_splits, encode_documents, format_size
+from .text import (SPLIT_RULE, ByteProgress, DocumentReader, SplitStats, assign_splits, encode_documents, format_size,
+                   split_record, tail_note)
 
 if TYPE_CHECKING:
     from ..core.tokenizer import Tokenizer
@@ -254,7 +255,7 @@ def tokenize(inputs: Sequence[str], tokenizer: Tokenizer, out: str | os.PathLike
     stats = state["stats"]
     reader.start = tuple(state["next"])
     skipped_before = list(state["skipped"])
-    checkpoints = 0
+    checkpoints, tail = 0, 0
     position = {f.path: k for k, f in enumerate(reader.files)}
 
     def tokens_line() -> str:  # tokens written so far (they trail the bytes read by the chunks in flight)
@@ -274,6 +275,7 @@ def tokenize(inputs: Sequence[str], tokenizer: Tokenizer, out: str | os.PathLike
         try:
             counts = (stats["train"]["documents"], stats["val"]["documents"])
             for is_val, e, after in assign_splits(encode_documents(reader, tokenizer, workers), val_fraction, counts):
+                tail = len(e.tokens) if e.tail else tail
                 split = "val" if is_val else "train"
                 finished = writers[split].add(e.tokens)
                 st = stats[split]
@@ -307,7 +309,7 @@ def tokenize(inputs: Sequence[str], tokenizer: Tokenizer, out: str | os.PathLike
              "block_tokens": BLOCK_TOKENS,
              "tokenizer": {"fingerprint": tokenizer.fingerprint, "name": tokenizer.name,
                            "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id},
-             "split": {"val_fraction": float(val_fraction), "rule": SPLIT_RULE},
+             "split": {"val_fraction": float(val_fraction), "rule": SPLIT_RULE, "tail_tokens": tail},
              "text_column": text_column, "inputs": list(inputs), "sources": sources,
              "skipped": skipped_before + reader.skipped,
              **{s: {**stats[s], "shards": writers[s].shards} for s in SPLITS}}
@@ -449,6 +451,7 @@ class TokenFolder:
                 raise PoelmError(f"{index_path}: field 'dtype' is {dtype!r}; expected one of {sorted(_DTYPES)}")
             self.tokenizer = index["tokenizer"]
             self.val_fraction = float(index["split"]["val_fraction"])
+            self.tail_tokens = int(index["split"]["tail_tokens"])
             self.inputs = list(index["inputs"])
             self.skipped = list(index["skipped"])
             self.bos_id = int(self.tokenizer["bos_id"])
@@ -486,11 +489,16 @@ class TokenFolder:
     def summary(self) -> str:
         return (f"data: {self.path}: train {self.train.documents:,} documents, {self.train.tokens:,} tokens in "
                 f"{len(self.train_tokens.shards)} shard(s); val {self.val.documents:,} documents, "
-                f"{self.val.tokens:,} tokens (tokenized, memory-mapped)")
+                f"{self.val.tokens:,} tokens (tokenized, memory-mapped){tail_note(self.tail_tokens)}")
 
     def stats(self) -> dict[str, Any]:
         return {"inputs": [str(self.path)], "tokenized_from": self.inputs, "val_fraction": self.val_fraction,
-                "train": asdict(self.train), "val": asdict(self.val), "skipped_files": len(self.skipped)}
+                "train": asdict(self.train), "val": asdict(self.val), "skipped_files": len(self.skipped),
+                "tail_tokens": self.tail_tokens}
+
+    def split(self) -> dict[str, Any]:
+        """How val was held out, for run.json."""
+        return split_record(self.val_fraction, self.tail_tokens)
 
 
 def open_corpus(paths: Sequence[str], tokenizer: Tokenizer, val_fraction: float | None, progress: bool,

@@ -46,6 +46,7 @@ and its missing positions are padded and carry no loss (target -1).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -276,13 +277,14 @@ def document_hash(text: str | bytes) -> int:
 
 
 SPLIT_RULE = ("a document is held out (val) when blake2b-64(UTF-8 text) mod 10**6 < val_fraction * 10**6; "
-              "if no document is, the last one is held out; if every document is, the last one is kept for training")
+              "if no document is, the last one is held out; if every document is, the last one is kept for training; "
+              "a corpus of one document holds out its last max(2, ceil(val_fraction * tokens)) tokens")
 _WORKER_CHUNK_BYTES, _WORKER_CHUNK_DOCS = 1 << 20, 512
 
 
 class Encoded(NamedTuple):
     """One tokenized document: where it came from, its tokens `[bos, ...]` (int32), its UTF-8 size and
-    hash (the split key)."""
+    hash (the split key); `tail` marks the held-out end of a corpus's only document (`assign_splits`)."""
 
     source: str
     file: int
@@ -290,6 +292,7 @@ class Encoded(NamedTuple):
     tokens: np.ndarray
     nbytes: int
     hash: int
+    tail: bool = False
 
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str], threads: int) -> tuple[np.ndarray, np.ndarray, list[int],
@@ -367,7 +370,8 @@ def encode_documents(docs: Iterable, tokenizer: Tokenizer, workers: int = 0) -> 
 
 def assign_splits(encoded: Iterable[Encoded], val_fraction: float, counts: tuple[int, int] = (0, 0),
                   ) -> Iterator[tuple[bool, Encoded, Encoded | None]]:
-    """(is_val, document, the document after it or None) in input order, by `SPLIT_RULE`.
+    """(is_val, document, the document after it or None) in input order, by `SPLIT_RULE`; a corpus of one
+    document yields its head (train) and its last max(2, ceil(val_fraction * tokens)) tokens (val, `tail`).
 
     The last document is held back until the input ends (the look-ahead the fallback needs), so each
     yield also names the next document, where a resume continues. `counts` are the (train, val)
@@ -385,9 +389,16 @@ def assign_splits(encoded: Iterable[Encoded], val_fraction: float, counts: tuple
     if pending is None:
         return
     is_val, e = pending
-    if n_train + n_val == 0:
-        raise PoelmError(f"{e.source}: the only document of the inputs; a held-out split needs at least two "
-                         f"documents (add text, or split it into files or records)")
+    if n_train + n_val == 0:  # one document: hold out the tail of its token stream instead
+        n = len(e.tokens)
+        k = max(2, math.ceil(val_fraction * n))
+        if n - k < 2:
+            raise PoelmError(f"{e.source}: the only document of the inputs, {n} tokens: too short to hold out "
+                             f"its last {k} tokens and train on the rest (add text)")
+        part = e.nbytes * k // n  # its bytes in proportion (for the statistics only)
+        yield False, e._replace(tokens=e.tokens[: n - k], nbytes=e.nbytes - part), None
+        yield True, e._replace(tokens=e.tokens[n - k :], nbytes=part, tail=True), None
+        return
     if n_val == 0:
         is_val = True
     elif n_train == 0:
@@ -414,6 +425,7 @@ class TextCorpus:
     inputs: list[str]
     bos_id: int
     val_fraction: float
+    tail_tokens: int = 0  # > 0: one document, val is the last tail_tokens of its tokens (a tail hold-out)
 
     @classmethod
     def build(cls, paths: Sequence[str | os.PathLike] | str | os.PathLike, tokenizer: Tokenizer,
@@ -430,8 +442,10 @@ class TextCorpus:
         reader.on_bytes = report.update
         parts: dict[bool, list[np.ndarray]] = {False: [], True: []}
         counts = {False: [0, 0, 0], True: [0, 0, 0]}  # per split: documents, tokens, bytes
+        tail = 0
         try:
             for is_val, e, _ in assign_splits(encode_documents(reader, tokenizer), val_fraction):
+                tail = len(e.tokens) if e.tail else tail
                 parts[is_val].append(e.tokens)
                 c = counts[is_val]
                 c[0], c[1], c[2] = c[0] + 1, c[1] + len(e.tokens), c[2] + e.nbytes
@@ -439,14 +453,15 @@ class TextCorpus:
             report.close()
         corpus = cls(train_tokens=np.concatenate(parts[False]), val_tokens=np.concatenate(parts[True]),
                      train=SplitStats(*counts[False]), val=SplitStats(*counts[True]), skipped=list(reader.skipped),
-                     inputs=list(reader.inputs), bos_id=tokenizer.bos_id, val_fraction=float(val_fraction))
+                     inputs=list(reader.inputs), bos_id=tokenizer.bos_id, val_fraction=float(val_fraction),
+                     tail_tokens=tail)
         report.line(corpus.summary())
         return corpus
 
     def summary(self) -> str:
-        """One log line: documents, tokens and bytes per split, and skipped files."""
+        """One log line: documents, tokens and bytes per split, a tail hold-out, and skipped files."""
         skipped = (f"; skipped {len(self.skipped)} non-UTF-8 file(s) in input directories (first: {self.skipped[0]})"
-                   if self.skipped else "")
+                   if self.skipped else "") + tail_note(self.tail_tokens)
         return (f"data: train {self.train.documents:,} documents, {self.train.tokens:,} tokens "
                 f"({format_size(self.train.bytes)}); val {self.val.documents:,} documents, {self.val.tokens:,} "
                 f"tokens ({format_size(self.val.bytes)}){skipped}")
@@ -454,7 +469,23 @@ class TextCorpus:
     def stats(self) -> dict[str, Any]:
         """JSON-able facts about the corpus, for run metadata."""
         return {"inputs": self.inputs, "val_fraction": self.val_fraction, "train": asdict(self.train),
-                "val": asdict(self.val), "skipped_files": len(self.skipped)}
+                "val": asdict(self.val), "skipped_files": len(self.skipped), "tail_tokens": self.tail_tokens}
+
+    def split(self) -> dict[str, Any]:
+        """How val was held out, for run.json."""
+        return split_record(self.val_fraction, self.tail_tokens)
+
+
+def tail_note(tail_tokens: int) -> str:
+    """The log's words for a tail hold-out ("" when the split is by document)."""
+    return (f"; one document: val is the last {tail_tokens:,} tokens of its token stream (a tail hold-out)"
+            if tail_tokens else "")
+
+
+def split_record(val_fraction: float, tail_tokens: int) -> dict[str, Any]:
+    """run.json's `data_split`: the rule and, for one document, the tail held out."""
+    return {"val_fraction": val_fraction, "by": "tail" if tail_tokens else "document",
+            "tail_tokens": tail_tokens or None}
 
 
 # ---- loading rows --------------------------------------------------------------------------------

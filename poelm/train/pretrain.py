@@ -137,11 +137,11 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
     tokens_per_step, accum = batch_geometry(args.device_batch_size, args.total_batch_tokens, seq_len, replicas)
     run_dir = Path(args.out)
     recorded = run_config(args, config, seq_len, tokens_per_step)
-    ckpt = check_run_dir(run_dir, recorded, args.resume, ignore=free_on_resume(PretrainArgs))
+    ckpt = check_run_dir(run_dir, recorded, args.resume, ignore=free_on_resume(PretrainArgs) + ("data_split",))
     corpus = open_corpus(args.data, tok, args.val_fraction, progress=d.is_main,
                          whose=f"the model ({args.init or args.tokenizer})")
-    if ckpt is None:
-        record_run(d, run_dir, recorded)
+    if ckpt is None:  # how val was held out (by document, or a one-document corpus's tail) is part of the record
+        record_run(d, run_dir, {**recorded, "data_split": corpus.split()})
     log0(d, f"model: {config.n_layer} layers in stages {config.poe_stage_layers}, width {config.n_embd}, "
             f"{model.num_params():,} parameters, poe_mode {config.poe_mode}; {tokens_per_step:,} tokens/step = "
             f"{args.device_batch_size} x {seq_len} x {replicas} data replica(s) x {accum} accumulation"
