@@ -436,30 +436,11 @@ def cmd_eval_humaneval(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    decoder, tok = _load_decoder(args, _sampling_params(args))
-    interactive = sys.stdin.isatty()
-    messages: list[dict] = []
-    turn = 0
-    while True:
-        if interactive:
-            sys.stdout.write("> ")
-            sys.stdout.flush()
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/quit":  # EOF or /quit
-            return 0
-        text = line.rstrip("\r\n")
-        if not text.strip():
-            continue
-        messages.append({"role": "user", "content": text})
-        ids = tok.render_prompt(messages)
-        # Past the context: drop the oldest exchange (user + assistant) until the prompt leaves room.
-        while len(ids) >= decoder.config.sequence_len and len(messages) > 1:
-            messages = messages[2:]
-            ids = tok.render_prompt(messages)
-        # A new seed per turn, so repeated questions do not replay the same random stream.
-        answer = _stream_answer(decoder, tok, ids, _sampling_params(args, turn))
-        messages.append({"role": "assistant", "content": tok.decode(answer)})
-        turn += 1
+    from .chat_repl import run_chat
+
+    params = _sampling_params(args)  # turn t samples with seed + t (chat_repl)
+    decoder, tok = _load_decoder(args, params)
+    return run_chat(decoder, tok, params, args.model, _decode_mode(args))
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -606,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
                 arg("--prompts", metavar="FILE", help="more prompts, one per line (decoded with --prompt as one batch)"),
                 arg("--chat", action="store_true", help="render each prompt as one user turn"),
                 options=generation, defaults={"max_new_tokens": 256})
-    add_command(sub, "chat", cmd_chat, "a conversation on stdin/stdout (EOF or /quit ends it)", MODEL,
+    add_command(sub, "chat", cmd_chat, "a conversation with the model (/help for commands; /exit or EOF "
+                "ends it); answers on stdout, everything else on stderr", MODEL,
                 options=generation, defaults={"max_new_tokens": 256})
     add_command(sub, "calibrate", cmd_calibrate, "bounds for --adaptive, stored beside the model (adaptive.json)",
                 MODEL, arg("--data", nargs="+", required=True, metavar="PATH", help="calibration text"),

@@ -29,6 +29,13 @@ Design choices:
   resumed run re-trains and re-evaluates); a missing `best-NNNNNN` is an error. A run folder of an
   earlier poelm, whose `checkpoints/best` is a real folder, is migrated when its best.json holds the
   recorded best step, and refused otherwise.
+- Reporting: every record that goes to metrics.jsonl also goes to the trackers of `--report-to`
+  (trackers.py), opened on rank 0 once the start step is known (a resumed run continues their run)
+  and closed when the loop ends. `--report-to` is logging, not part of the run: run.json does not
+  record it, and a resumed run may add or drop a tracker.
+- Speed: each step's record has `tok_per_s`, the model `flops_per_token` of a step (computed by the
+  command, metrics.py) and, on a CUDA device with a known bf16 peak, `mfu` = flops_per_token x
+  tok_per_s / (world size x peak); the progress line shows them.
 """
 
 from __future__ import annotations
@@ -54,8 +61,9 @@ from ..options import option
 from ..schedule import lr_multiplier, muon_momentum
 from .checkpoint import CHECKPOINTS, STATE, latest_checkpoint, load_checkpoint, save_checkpoint
 from .dist import Dist, all_reduce_sum, barrier, broadcast_flag, log0
-from .metrics import MetricsLog, plot_val_bpb
+from .metrics import MetricsLog, peak_flops, plot_val_bpb
 from .progress import Progress
+from .trackers import REPORT_TO, Trackers
 
 RUN_CONFIG = "run.json"
 BEST = "best"
@@ -87,6 +95,9 @@ class RunArgs:
     warmdown_frac: float = option(0.4, "share of steps warming down")
     final_lr_frac: float = option(0.0, "LR multiplier at the end of warmdown")
     device: str | None = option(None, "cpu or cuda (default: cuda when available)", resume=None)
+    report_to: tuple[str, ...] = option(("none",), "also send the metrics and run config to: none, tensorboard "
+                                        "(RUNDIR/tensorboard/), wandb (RUNDIR/wandb/); several allowed "
+                                        "(default none)", choices=REPORT_TO, resume=None)
 
 
 class Loader(Protocol):
@@ -110,6 +121,8 @@ class LoopConfig:
     resume: bool = False
     title: str = "val bpb"
     momentum_warmup_steps: int = 300
+    flops_per_token: float | None = None  # model FLOPs of a training step per token (metrics.py)
+    report_to: tuple[str, ...] = ()  # trackers (trackers.py), checked by the command before any work
 
 
 @dataclass
@@ -205,6 +218,14 @@ class TrainLoop:
         self.best_step: int | None = None
         self.best_value: float | None = None
         self.tokens = 0
+        self.peak: float | None = None  # dense bf16 FLOP/s of all devices (MFU's denominator)
+        name, peak = peak_flops(d.device)  # None on CPU
+        if cfg.flops_per_token is not None and peak is not None:
+            self.peak = peak * d.world_size
+            log0(d, f"model FLOPs per token {cfg.flops_per_token:.4g}; MFU against {d.world_size} x {name} "
+                    f"at {peak / 1e12:g} TFLOP/s bf16")
+        elif cfg.flops_per_token is not None and d.device.type == "cuda":
+            log0(d, f"MFU omitted: no bf16 peak known for {name!r} (poelm/train/metrics.py PEAK_BF16_FLOPS)")
 
     # ------------------------------------------------------------------------------- resume
     def restore(self, ckpt: Path) -> int:
@@ -263,7 +284,19 @@ class TrainLoop:
         start = self.restore(ckpt) if ckpt is not None else 0
         if ckpt is not None:
             log0(self.d, f"resumed from {ckpt} (step {start})")
-        return self.run(start)
+        if not (self.d.is_main and self.cfg.report_to):
+            return self.run(start)
+        self.metrics.trackers = Trackers.open(self.cfg.report_to, self.cfg.run_dir,
+                                              read_json(Path(self.cfg.run_dir) / RUN_CONFIG), start,
+                                              history=self.metrics.records())
+        ok = False
+        try:
+            result = self.run(start)
+            ok = True
+            return result
+        finally:
+            self.metrics.trackers.close(ok)
+            self.metrics.trackers = None
 
     # ------------------------------------------------------------------------------- steps
     def set_lr(self, step: int) -> float:
@@ -318,11 +351,18 @@ class TrainLoop:
                 dt = time.time() - t_step
                 record = {"step": step, "tokens": self.tokens, "lr": mult, "train_loss": loss,
                           "stage_losses": stage_losses, "tok_per_s": cfg.tokens_per_step / max(dt, 1e-9)}
+                speed = {"tok_s": f"{record['tok_per_s']:.0f}"}
+                if cfg.flops_per_token is not None:
+                    record["flops_per_token"] = cfg.flops_per_token
+                    speed["flops_tok"] = f"{cfg.flops_per_token:.3g}"
+                    if self.peak is not None:
+                        record["mfu"] = cfg.flops_per_token * record["tok_per_s"] / self.peak
+                        speed["mfu"] = f"{record['mfu']:.1%}"
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     self._eval_and_log(step, record, progress)
                 elif d.is_main:
                     self.metrics.append(record)
-                progress.update(step, loss=loss, tok_s=f"{record['tok_per_s']:.0f}")
+                progress.update(step, loss=loss, **speed)
                 if step % cfg.save_every == 0 or step == cfg.steps:
                     self.save(step)
         finally:

@@ -35,7 +35,9 @@ from ..options import free_on_resume, option, run_record
 from ..outputs import chain_inputs, check_output
 from .dist import Dist, all_reduce_sum, log0, run_distributed
 from .loop import LoopConfig, RunArgs, TrainLoop, batch_geometry, check_run_dir, record_run, resolve_seq_len
+from .metrics import training_flops_per_token
 from .stages import PipelineStep, gather_state, make_pipeline, pipeline_bpb_sums, split_stages, strip
+from .trackers import check_report_to
 
 SAMPLE_PROMPT = "def "
 
@@ -111,6 +113,7 @@ def pretrain(args: PretrainArgs) -> dict[str, Any]:
 
 def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------- setup
+    report_to = check_report_to(args.report_to)  # a missing tracker package: one line, before any work
     torch.manual_seed(args.seed)
     # The run folder holds checkpoints (resume) and final/ + best/: never inside or around an input.
     inputs = chain_inputs(args.init, "--init model") if args.init is not None else []
@@ -127,6 +130,10 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
     if args.stage_loss_fraction < 1 and config.poe_mode != "flat":
         raise PoelmError(f"--stage-loss-fraction {args.stage_loss_fraction}: applies to --poe-mode flat, this "
                          f"model trains {config.poe_mode}")
+    # PoE modes read out every stage (flat: a share F of the positions but the last's); BP the last only
+    readouts = {k: 1.0 if k == config.n_stages - 1 else args.stage_loss_fraction for k in range(config.n_stages)
+                if config.poe_mode != "none" or k == config.n_stages - 1}
+    flops_per_token = training_flops_per_token(model, seq_len, readouts=readouts)  # the whole model, before strip
     pipe = None
     if args.stage_parallel != 1:
         if config.poe_mode != "flat":
@@ -193,7 +200,8 @@ def _pretrain(d: Dist, args: PretrainArgs) -> dict[str, Any]:
         run_dir=run_dir, steps=args.steps, accum_steps=accum, tokens_per_step=tokens_per_step,
         eval_every=args.eval_every, save_every=args.save_every or args.eval_every,
         warmup_frac=args.warmup_frac, warmdown_frac=args.warmdown_frac, final_lr_frac=args.final_lr_frac,
-        best_key=best_key(config), resume=args.resume, title=f"{run_dir.name}: val bpb ({config.poe_mode})")
+        best_key=best_key(config), resume=args.resume, title=f"{run_dir.name}: val bpb ({config.poe_mode})",
+        flops_per_token=flops_per_token, report_to=report_to)
     if pipe is None:
         stepper, trainable, names = None, (lambda: dict(model.state_dict())), None
     else:

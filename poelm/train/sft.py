@@ -38,6 +38,8 @@ from ..outputs import chain_inputs, check_output
 from ..specialist import freeze_for_specialist, save_specialist
 from .dist import Dist, all_reduce_sum, log0, run_distributed
 from .loop import LoopConfig, RunArgs, TrainLoop, batch_geometry, check_run_dir, record_run, resolve_seq_len
+from .metrics import training_flops_per_token
+from .trackers import check_report_to
 
 
 @dataclass(kw_only=True)
@@ -73,6 +75,7 @@ def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------- setup
     if (args.steps is None) == (args.epochs is None):
         raise PoelmError("give exactly one of --steps and --epochs")
+    report_to = check_report_to(args.report_to)  # a missing tracker package: one line, before any work
     torch.manual_seed(args.seed)
     # The run folder holds checkpoints (resume) and final/ + best/: never inside or around an input.
     check_output(args.out, chain_inputs(args.stage, "stage") + [("data", parse_spec(s)[0]) for s in args.data],
@@ -108,6 +111,10 @@ def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
     rows = stage.data.get("chat_rows") or None
     partial = freeze_for_specialist(model, rows if args.train_chat_rows else None)
     frozen = 0 if args.train_chat_rows else first  # chat rows learn only through the trunk's backward
+    fused = args.label_smoothing == 0 and args.end_token_weight == 1  # loss_fn below: the last stage's head only
+    flops_per_token = training_flops_per_token(
+        model, seq_len, frozen_layers=frozen,
+        readouts={k: 1.0 for k in ([config.n_stages - 1] if fused else model.readout_stages(config.n_stages - 1))})
     model.to(d.device)
     optimizer = build_optimizer(model, matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
                                 weight_decay=args.weight_decay, stage_head_lr=args.stage_head_lr,
@@ -163,7 +170,8 @@ def _stage_train(d: Dist, args: StageTrainArgs) -> dict[str, Any]:
         run_dir=run_dir, steps=steps, accum_steps=accum, tokens_per_step=tokens_per_step,
         eval_every=args.eval_every, save_every=args.save_every or args.eval_every,
         warmup_frac=args.warmup_frac, warmdown_frac=args.warmdown_frac, final_lr_frac=args.final_lr_frac,
-        best_key="stage", resume=args.resume, title=f"{run_dir.name}: val bpb on assistant tokens")
+        best_key="stage", resume=args.resume, title=f"{run_dir.name}: val bpb on assistant tokens",
+        flops_per_token=flops_per_token, report_to=report_to)
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     loop = TrainLoop(d, loop_cfg, model=model, ddp_model=ddp_model, optimizer=optimizer, loader=loader,
                      loss_fn=loss_fn, evaluate=evaluate,
