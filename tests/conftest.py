@@ -106,3 +106,35 @@ def trained_like_model_dir(seed_model_dir, seed_vocab_tokenizer, tmp_path_factor
 
     model = perturb_(load_model(seed_model_dir), seed=7, scale=0.3)
     return save_model_dir(model, tmp_path_factory.mktemp("models") / "perturbed", seed_vocab_tokenizer)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training fixtures shared by the pretraining, checkpoint, tracker and SFT tests.
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """12 text documents of the tiny corpus, so a held-out split has something to hold."""
+    d = tmp_path_factory.mktemp("corpus")
+    lines = tiny_corpus_text().splitlines(keepends=True)
+    for i in range(12):
+        (d / f"doc{i:02d}.txt").write_text("".join(lines[i * 120:(i + 1) * 120]), encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_stage(tmp_path_factory, tiny_tokenizer):
+    """(base directory, stage directory): a 3-layer base moved off its init and a 1-block stage on it."""
+    from poelm.core.config import PoEConfig
+    from poelm.core.model import PoEGPT
+    from poelm.modeldir import save_model_dir
+    from poelm.specialist import attach, save_specialist
+    from util import perturb_
+
+    root = tmp_path_factory.mktemp("stage")
+    model = PoEGPT(PoEConfig(vocab_size=512, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, sequence_len=128,
+                             poe_stage_layers=[2, 1]))
+    model.init_weights(0)
+    base = save_model_dir(perturb_(model, seed=3, scale=0.1), root / "base", tiny_tokenizer)
+    m, _ = attach(base, 1, seed=0)
+    return base, save_specialist(m, base, root / "code", "code")

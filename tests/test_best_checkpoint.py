@@ -17,22 +17,12 @@ from poelm.train.dist import Dist
 from poelm.train.loop import LoopConfig, TrainLoop
 from poelm.train.pretrain import PretrainArgs, pretrain
 
-from conftest import tiny_corpus_text
 
 SHAPE = dict(n_layer=3, n_head=2, n_kv_head=1, n_embd=64, sequence_len=64, poe_stage_layers=[2, 1])
 
 
 class Killed(Exception):
     """Stands for a SIGKILL: raised in-process at a chosen point, nothing after it runs."""
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    lines = tiny_corpus_text().splitlines(keepends=True)
-    for i in range(12):
-        (d / f"doc{i:02d}.txt").write_text("".join(lines[i * 120:(i + 1) * 120]), encoding="utf-8")
-    return d
 
 
 def run_args(out, tokenizer_dir, corpus_dir, **changes):

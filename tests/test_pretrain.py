@@ -15,22 +15,11 @@ from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.train.pretrain import PretrainArgs, pretrain
 
-from conftest import tiny_corpus_text
 from util import kill_at
 
 # 3 layers: with 2, the backout layer (n_layer // 2) is the last layer, where the norm cancels the
 # backout exactly and its gradient is pure float noise.
 SHAPE = dict(n_layer=3, n_head=2, n_kv_head=1, n_embd=64, sequence_len=64, poe_stage_layers=[2, 1])
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    text = tiny_corpus_text()
-    lines = text.splitlines(keepends=True)
-    for i in range(12):  # 12 documents, so the held-out split has something to hold
-        (d / f"doc{i:02d}.txt").write_text("".join(lines[i * 120:(i + 1) * 120]), encoding="utf-8")
-    return d
 
 
 def args(tmp_path, tiny_tokenizer_dir, corpus_dir, name="run", **changes):

@@ -12,13 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from poelm.cli import main
-from poelm.core.config import PoEConfig
-from poelm.core.model import PoEGPT
-from poelm.modeldir import load_model, save_model_dir
-from poelm.specialist import attach, save_specialist
+from poelm.modeldir import load_model
 from poelm.train.sft import StageTrainArgs, stage_train
 
-from util import kill_at, perturb_
+from util import kill_at
 
 QUESTIONS = ["add two numbers", "reverse a list", "count the words", "sum a list", "find the maximum",
              "sort the items", "join the strings", "square a number", "check a prime", "read a file"]
@@ -44,14 +41,8 @@ def chat_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory, tiny_tokenizer):
-    root = tmp_path_factory.mktemp("stage")
-    model = PoEGPT(PoEConfig(vocab_size=512, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, sequence_len=128,
-                             poe_stage_layers=[2, 1]))
-    model.init_weights(0)
-    base = save_model_dir(perturb_(model, seed=3, scale=0.1), root / "base", tiny_tokenizer)
-    m, _ = attach(base, 1, seed=0)
-    return base, save_specialist(m, base, root / "code", "code")
+def stage(tiny_stage):
+    return tiny_stage
 
 
 def args(stage_dir, data, out, **kw):

@@ -16,29 +16,16 @@ from poelm.core.cascade import open_chain
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.core.model import PoEGPT
-from poelm.modeldir import save_model_dir
-from poelm.specialist import attach, save_specialist
 from poelm.train.metrics import MetricsLog
 from poelm.train.pretrain import PretrainArgs, pretrain
 from poelm.train.sft import StageTrainArgs, stage_train
 from poelm.train.trackers import check_report_to
 
-from conftest import tiny_corpus_text
-from util import perturb_
 
 # The extras (pip install 'poelm[tensorboard,wandb]'); without them only their tests skip.
 needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard missing")
 needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb missing")
 SHAPE = dict(n_layer=3, n_head=2, n_kv_head=1, n_embd=64, sequence_len=64, poe_stage_layers=[2, 1])
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    lines = tiny_corpus_text().splitlines(keepends=True)
-    for i in range(12):
-        (d / f"doc{i:02d}.txt").write_text("".join(lines[i * 120:(i + 1) * 120]), encoding="utf-8")
-    return d
 
 
 def pretrain_args(tmp_path, tiny_tokenizer_dir, corpus_dir, name="run", **changes):
@@ -58,14 +45,8 @@ def chat_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory, tiny_tokenizer):
-    root = tmp_path_factory.mktemp("stage")
-    model = PoEGPT(PoEConfig(vocab_size=512, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, sequence_len=128,
-                             poe_stage_layers=[2, 1]))
-    model.init_weights(0)
-    base = save_model_dir(perturb_(model, seed=3, scale=0.1), root / "base", tiny_tokenizer)
-    m, _ = attach(base, 1, seed=0)
-    return save_specialist(m, base, root / "code", "code")
+def stage(tiny_stage):
+    return tiny_stage[1]
 
 
 def records(run: Path) -> list[dict]:
