@@ -18,10 +18,7 @@ from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.train.stages import split_stages
 
-import test_pretrain
-from test_pretrain import cli, pretrain_argv, weights
-
-corpus_dir = test_pretrain.corpus_dir  # the same fixture: pretraining's twelve small documents
+from test_pretrain import cli, pretrain_argv, weights  # corpus_dir: conftest's, as pretraining's tests
 
 
 def torchrun(n: int, argv: list[str]) -> subprocess.CompletedProcess:
