@@ -304,3 +304,21 @@ def test_declared_overrides_must_be_exactly_what_differs(converted, tmp_path):
     for d, message in cases:
         with pytest.raises(PoelmError, match=message):
             load_model(d)
+
+
+@pytest.mark.parametrize("relation", ["is", "contains", "lies inside"])
+def test_convert_never_writes_over_its_checkpoint_or_parent(converted, tmp_path, capsys, relation):
+    """--out may not be, contain or lie inside the fork's checkpoint or any directory of --parent's chain."""
+    work = tmp_path / "w"
+    shutil.copytree(converted["tmp"] / "stage-b", work / "c" / "ckpt")
+    base, dir_a, _ = converted["dirs"]
+    for protected in (work / "c" / "ckpt", dir_a, base):
+        out = {"is": protected, "contains": protected.parent, "lies inside": protected / "out"}[relation]
+        before = {p: p.stat().st_mtime_ns for p in protected.rglob("*")}
+        code = main(["convert", "nanochat-poe-stage", "--checkpoint", str(work / "c" / "ckpt"), "--parent", str(dir_a),
+                     "--out", str(out), "--overwrite"])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("poelm: ")]
+        assert code == 2 and len(err) == 1 and "never writes over its own inputs" in err[0]
+        named = str(protected) if relation != "contains" else str(protected.parent)  # a folder holding inputs
+        assert named in err[0], err[0]
+        assert {p: p.stat().st_mtime_ns for p in protected.rglob("*")} == before

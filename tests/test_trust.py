@@ -346,6 +346,9 @@ def overlap_cases(chain, tok_dir, tmp):
             ([*pretrain, "--tokenizer", tok_dir, "--depth", "1", "--data", text, "--out", at(tok_dir)], tok_dir),
             (["stage", "train", leaf, "--data", data, "--out", at(root), *sft], root),
             (["stage", "train", leaf, "--data", f"{data}:2", "--out", at(data), *sft], data),
+            (["data", "tokenize", "--tokenizer", tok_dir, "--input", text, "--overwrite", "--out", at(text)], text),
+            (["data", "tokenize", "--tokenizer", tok_dir, "--input", text, "--overwrite", "--out", at(tok_dir)],
+             tok_dir),
         ]
         if relation == "is":  # a file cannot contain anything; the others need a directory input
             cases.append((["calibrate", root, "--data", root / "adaptive.json"], root / "adaptive.json"))
