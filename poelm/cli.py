@@ -511,6 +511,7 @@ def add_command(sub, name: str, func, help: str, *args, options: tuple = (), def
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.shards import DEFAULT_SHARD_TOKENS
     from .infer import DecodeMode, SamplingParams
     from .train.pretrain import PretrainArgs
     from .train.sft import StageTrainArgs
@@ -539,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text files, directories, JSONL/JSON records, Parquet, `datasets` folders; .gz/.zst read"),
                 arg("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                     help="tokenizing processes (default: the CPUs, at most 8; 0: in this process)"),
-                arg("--shard-tokens", type=int, default=1 << 24, metavar="N", help="tokens per shard"),
+                arg("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N", help="tokens per shard"),
                 arg("--val-fraction", type=float, default=0.02, metavar="F", help="share of documents held out"),
                 arg("--text-column", default="text", help="Parquet / `datasets` column (JSON records: 'text')"),
                 out("DATADIR"), OVERWRITE)

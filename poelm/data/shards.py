@@ -427,8 +427,7 @@ class ShardedTokens:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def __array__(self, dtype=None, copy=None):  # np.asarray(stream): the whole split in memory (tests, small data)
-        out = self[0 : len(self)]
-        return np.array(out, dtype=dtype) if dtype is not None else np.array(out)
+        return np.array(self[0 : len(self)], dtype=dtype)  # one copy: out of the memory map
 
 
 class TokenFolder:
