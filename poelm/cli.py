@@ -221,6 +221,15 @@ def cmd_stage_attach(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stage_relink(args: argparse.Namespace) -> int:
+    from .specialist import relink
+
+    old, new = relink(args.stage, args.parent)
+    print(f"{args.stage}: parent {old} -> {new} (the parent's fingerprint matches; config.json and its digest "
+          f"updated)")
+    return 0
+
+
 def overrides_text(overrides: dict[str, list[int]]) -> str:
     """`parent_overrides` in words: "resid_lambdas of layers [0, 1, 2], layer_windows of layers [2]"."""
     return ", ".join(f"{name} of layers {layers}" for name, layers in overrides.items())
@@ -573,6 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
                 arg("--seed", type=int, default=0, help="init of the new blocks"),
                 arg("--no-chat-rows", action="store_true", help="skip the chat-token embedding warm init"),
                 out("STAGEDIR"), OVERWRITE)
+    add_command(stage, "relink", cmd_stage_relink, "point a stage at the place its parent now lives (the "
+                "parent's fingerprint is checked first)",
+                arg("stage", metavar="STAGEDIR"),
+                arg("--parent", required=True, metavar="DIR", help="the parent's directory (a relative path is "
+                    "recorded relative to STAGEDIR)"))
     add_command(stage, "train", cmd_stage_train, "SFT of a stage on conversations (only the stage trains)",
                 options=(StageTrainArgs,))
     add_command(sub, "check-preservation", cmd_check_preservation, "exit 0 only if a stage's base path equals the "

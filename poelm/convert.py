@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .core.files import read_json
-from .core.config import PoEConfig
+from .core.config import SIZE_LIMITS, check_size, PoEConfig
 from .core.errors import PoelmError
 from .core.model import PoEGPT
 from .core.cascade import check_state_dict
@@ -75,11 +75,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_meta(path: Path) -> dict:
+    """A checkpoint's meta JSON, its model_config's sizes checked (types and poelm's bounds) before
+    anything is built or read from them."""
     if not path.is_file():
         raise PoelmError(f"{path}: missing (nanochat writes it beside model_NNNNNN.pt)")
     meta = read_json(path, verify=False)  # nanochat's file: no digests to check against
-    if not isinstance(meta.get("model_config"), dict):
+    mc = meta.get("model_config")
+    if not isinstance(mc, dict):
         raise PoelmError(f"{path}: no 'model_config' object")
+    for name in SIZE_LIMITS:
+        if name in mc:
+            check_size(name, mc[name], f"{path}: model_config")
+    if not isinstance(mc.get("window_pattern", ""), str):
+        raise PoelmError(f"{path}: model_config 'window_pattern' = {mc['window_pattern']!r}: expected a string of "
+                         f"'S' and 'L'")
     return meta
 
 

@@ -40,10 +40,10 @@ import torch
 
 from .convert import NANOCHAT_FIELDS, find_step, find_tokenizer, nanochat_fields, read_meta, read_state_dict
 from .core.cascade import check_state_dict, open_chain
-from .core.config import PoEConfig, windows_from_pattern
+from .core.config import SIZE_LIMITS, PoEConfig, windows_from_pattern
 from .core.errors import PoelmError
 from .core.files import CONFIG, read_json
-from .core.model import PoEGPT, from_disk, to_disk
+from .core.model import PoEGPT, block_shapes, from_disk, to_disk
 from .modeldir import save_model_dir
 from .outputs import chain_inputs, check_output
 
@@ -53,8 +53,6 @@ log = logging.getLogger("poelm.convert")
 FORK_FIELDS = {"dual_head": False, "frozen_layers": 0, "per_stage_head": False, "poe_every": 1,
                "intermediate_size": 0}
 FORK_MODES = {"none": "none", "flat": "flat", "hier": "flat"}  # the fork's poe_mode -> poelm's
-BLOCK_TENSORS = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.c_proj.weight",
-                 "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def fork_stage_layers(n_layer: int, every: int) -> list[int]:
@@ -78,6 +76,11 @@ def _model_config(meta: dict, meta_path: Path) -> tuple[dict[str, Any], dict[str
         raise PoelmError(f"{meta_path}: model_config field {unknown[0]!r} is not one poelm can reproduce "
                          f"(known: {sorted(NANOCHAT_FIELDS | set(FORK_FIELDS))})")
     fork = {k: mc.get(k, default) for k, default in FORK_FIELDS.items()}
+    for key, most in (("frozen_layers", SIZE_LIMITS["n_layer"]), ("poe_every", SIZE_LIMITS["n_layer"]),
+                      ("intermediate_size", 4 * SIZE_LIMITS["n_embd"])):
+        value = fork[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most):
+            raise PoelmError(f"{meta_path}: model_config '{key}' = {value!r}: expected an integer in [0, {most}]")
     size = fork["intermediate_size"]
     if size not in (0, None) and size != 4 * mc.get("n_embd", 0):
         raise PoelmError(f"{meta_path}: model_config intermediate_size {size}: poelm's MLP is 4 x n_embd "
@@ -112,8 +115,9 @@ def convert_nanochat_poe(checkpoint: str | Path, out: str | Path, step: int | No
     if mode not in FORK_MODES:
         raise PoelmError(f"{meta_path}: user_config poe_mode {mode!r}; expected one of {sorted(FORK_MODES)}")
     every = _user(meta, "poe_every", 1, int, meta_path)
-    if every < 1:
-        raise PoelmError(f"{meta_path}: user_config poe_every {every}; expected a positive int")
+    if not 1 <= every <= SIZE_LIMITS["n_layer"]:
+        raise PoelmError(f"{meta_path}: user_config 'poe_every' = {every}: expected an integer in "
+                         f"[1, {SIZE_LIMITS['n_layer']}]")
     alpha = _user(meta, "poe_alpha", 0.0, float, meta_path)
     heads = _user(meta, "per_stage_head", bool(fork["per_stage_head"]), bool, meta_path)
     notes: list[str] = []
@@ -161,7 +165,7 @@ def convert_nanochat_poe_stage(checkpoint: str | Path, parent: str | Path, out: 
         raise PoelmError(f"{meta_path}: dual_head is false: without --dual-head the fork saves the whole model, not "
                          f"a stage delta; poelm converts --dual-head stages")
     frozen = meta.get("frozen_layers", fork["frozen_layers"])
-    if frozen != pc.n_layer:
+    if frozen != pc.n_layer or isinstance(frozen, bool):
         raise PoelmError(f"{meta_path}: frozen_layers {frozen}, but the parent {chain.path} has {pc.n_layer} layers: "
                          f"not the parent this stage was trained on")
     for key in ("vocab_size", "n_head", "n_kv_head", "n_embd", "sequence_len"):
@@ -174,10 +178,7 @@ def convert_nanochat_poe_stage(checkpoint: str | Path, parent: str | Path, out: 
     if not isinstance(n_layer, int) or n_layer <= pc.n_layer:
         raise PoelmError(f"{meta_path}: model_config n_layer {n_layer!r}; expected more than the parent's {pc.n_layer}")
     d, V = pc.n_embd, pc.padded_vocab_size
-    block = {"attn.c_q.weight": (pc.n_head * pc.head_dim, d), "attn.c_k.weight": (pc.n_kv_head * pc.head_dim, d),
-             "attn.c_v.weight": (pc.n_kv_head * pc.head_dim, d), "attn.c_proj.weight": (d, d),
-             "mlp.c_fc.weight": (4 * d, d), "mlp.c_proj.weight": (d, 4 * d)}
-    expected = {f"transformer.h.{i}.{k}": s for i in range(pc.n_layer, n_layer) for k, s in block.items()}
+    expected = {f"transformer.h.{i}.{k}": s for i in range(pc.n_layer, n_layer) for k, s in block_shapes(pc).items()}
     expected.update({"lm_head_stage.weight": (V, d), "transformer.wte.weight": (V, d), "resid_lambdas": (n_layer,),
                      "x0_lambdas": (n_layer,)})
     check_state_dict(expected, delta, str(model_path))

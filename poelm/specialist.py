@@ -36,11 +36,12 @@ from typing import Any
 import torch
 
 from .card import model_card, table
-from .core.cascade import (OVERRIDE_PREFIX, ROWS_IDS, ROWS_VALUES, Chain, Link, check_extends, expected_delta,
-                           fingerprint_tensors, open_chain)
+from .core.cascade import (OVERRIDE_PREFIX, ROWS_IDS, ROWS_VALUES, Chain, Link, assemble, check_extends,
+                           expected_delta, fingerprint_tensors, open_chain, resolve_chain)
 from .core.config import PoEConfig, windows_from_pattern
 from .core.errors import PoelmError
-from .core.files import CONFIG, DELTA, read_json, verify_all
+from .core.files import (CONFIG, DELTA, PARENT_FIELD, read_json, read_manifest, replace_value, update_manifest,
+                         verify_all, write_text)
 from .core.model import PoEGPT, to_disk
 from .core.tokenizer import Tokenizer
 from .modeldir import hf_config_dict, load_model, load_tokenizer, write_directory
@@ -275,6 +276,33 @@ def export_merged(directory: Chain | str | os.PathLike, out: str | os.PathLike, 
                                                                "parent_fingerprint") if data.get(k) is not None}}
     return save_model_dir(chain.model(), out, chain.tokenizer(), overwrite=overwrite,
                           extra_config={"training": provenance}, inputs=inputs)
+
+
+def relink(stage_dir: str | os.PathLike, parent_dir: str | os.PathLike) -> tuple[str, str]:
+    """Point a stage at its parent's new location (`poelm stage relink`): the stage on `parent_dir` is
+    checked as a load would check it (every file of the new chain against its digests, the parent's
+    fingerprint against the one the stage records, shapes, tokenizer) before anything is written; then
+    only the value of `base_model_name_or_path` changes in config.json (every other byte kept) and the
+    digests re-record that file. A relative `parent_dir` is written relative to the stage directory, so
+    the two can move together; an absolute one as given. Returns (old reference, new reference)."""
+    stage = Path(stage_dir)
+    path = stage / CONFIG
+    data = read_json(path)  # verified: only the parent reference may differ from the recorded bytes
+    old = data.get(PARENT_FIELD)
+    if old is None:
+        raise PoelmError(f"{path}: no {PARENT_FIELD}: {stage} is a base, not a stage; only a stage has a parent")
+    parent = Path(parent_dir)
+    if parent.resolve() == stage.resolve():
+        raise PoelmError(f"--parent {parent} is the stage {stage} itself: the chain would be a cycle")
+    reference = str(parent) if parent.is_absolute() else os.path.relpath(parent.resolve(), stage.resolve())
+    links = resolve_chain(parent) + [Link(stage, {**data, PARENT_FIELD: reference}, read_manifest(stage))]
+    if any(link.path.resolve() == stage.resolve() for link in links[:-1]):
+        raise PoelmError(f"--parent {parent}: its chain holds {stage} itself; the chain would be a cycle")
+    assemble(links)  # the fingerprint, the shapes and the tokenizer, as a load checks them
+    write_text(path, replace_value(path.read_text(encoding="utf-8"), PARENT_FIELD, reference))
+    if read_manifest(stage) is not None:
+        update_manifest(stage, [CONFIG])
+    return str(old), reference
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 
-from .data.text import ByteProgress, format_size, read_documents
+from .data.text import ByteProgress, format_size, read_documents, skipped_note
 from .core.errors import PoelmError
 from .core.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
@@ -58,13 +58,10 @@ def train_tokenizer(paths: list[str], vocab_size: int, progress: bool | None = N
     finally:
         rust_log.setLevel(level)
         report.close()
-    if corpus.skipped:  # reported even when progress is off: it changes what was trained on
-        print(
-            f"tokenizer: skipped {len(corpus.skipped)} non-UTF-8 file(s) in input directories "
-            f"(first: {corpus.skipped[0]})",
-            file=sys.stderr,
-            flush=True,
-        )
+    if corpus.skipped or corpus.null_texts:  # reported even when progress is off: it changes what was trained on
+        first = (corpus.skipped or [corpus.first_null])[0]
+        print("tokenizer: " + skipped_note(len(corpus.skipped), corpus.null_texts, "", first), file=sys.stderr,
+              flush=True)
     ranks = {bytes(k): v for k, v in trainer.get_mergeable_ranks()}
     if len(ranks) != vocab_size - n_special:
         raise PoelmError(

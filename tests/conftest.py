@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import random
 
-# Tiny models run fastest, and identically in every process, on one thread: with two OpenMP threads
-# on a 2-core machine each small matmul can wait ~15 ms for a descheduled partner thread. Set before
-# torch is imported so the fresh `transformers` processes the tests start inherit it.
-os.environ["OMP_NUM_THREADS"] = "1"
-os.environ["MKL_NUM_THREADS"] = "1"
+# Tiny models run fastest on one thread: with two OpenMP threads on a 2-core machine each small matmul
+# can wait ~15 ms for a descheduled partner thread. One thread is the default, set before torch is
+# imported so the processes the tests start inherit it; a value you set is kept (the suite passes with
+# any: `OMP_NUM_THREADS=2 make test` runs every bit-identity test multi-threaded).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
 import pytest
 

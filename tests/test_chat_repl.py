@@ -24,9 +24,12 @@ from poelm.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, MORE = b"\r\n> ", b"\r\n... "
 STATS = re.compile(r"\d+ tokens in [\d.]+s \(")  # the stats line after an answer
-# The child makes the terminal its controlling terminal (so Ctrl-C there is SIGINT to it), then runs
+# The child makes the terminal its controlling terminal (so Ctrl-C there is SIGINT to it) and gives SIGINT
+# its default action back, as a shell does for a job in the foreground (a suite started in the background
+# with `&` inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler); then it runs
 # `python -m poelm ARGS` in its place.
-CHILD = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+CHILD = ("import fcntl, os, signal, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+         "signal.signal(signal.SIGINT, signal.SIG_DFL); "
          "os.execv(sys.executable, [sys.executable, '-m', 'poelm', *sys.argv[1:]])")
 
 

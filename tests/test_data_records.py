@@ -73,6 +73,7 @@ def test_text_files_compressed_and_in_directories(tmp_path):
     got, reader = _docs([d])
     assert got == ["print(1)\n", "print(2)\n", "print(3)\n", "print(4)\n", "print(5)\n", '{"name": "x"}']
     assert reader.skipped == [str(d / "f.gz")]
+    assert (reader.null_texts, reader.first_null) == (1, f"{d / 'e.parquet'}[1]")  # counted, not dropped silently
     with pytest.raises(PoelmError, match=r"f.gz: cannot read the gzip stream"):
         list(read_documents([d / "f.gz"]))
 
@@ -84,13 +85,13 @@ def test_text_files_compressed_and_in_directories(tmp_path):
      r"n.parquet\[0\]: column 'text' holds int; expected strings"),
     ("o.json", lambda p: p.write_text('{"text": "not an array"}'), r"o.json: a JSON dict; expected a JSON array"),
     ("p.json", lambda p: p.write_text('[{"text": "ok"}, {"body": "x"}]'),
-     r"p.json\[1\]: expected an object with a 'text' string field, got keys \['body'\]"),
+     r"p.json\[1\]: expected an object with a 'text' field, got an object with keys \['body'\]"),
     ("q.jsonl.gz", lambda p: p.write_bytes(gzip.compress(b'{"text": "ok"}\n' * 100)[:-20]),
      r"q.jsonl.gz: cannot read the gzip stream"),
     ("r.parquet", lambda p: p.write_bytes(b"PAR1 but not really"), r"r.parquet: not a readable Parquet file"),
     ("s.jsonl", lambda p: p.write_text('{"text": "ok"}\n{"text": \n'), r"s.jsonl:2: not valid JSON"),
     ("t.jsonl", lambda p: p.write_text('{"text": "ok"}\n\nnull\n'),
-     r"t.jsonl:3: expected an object with a 'text' string field, got NoneType"),
+     r"t.jsonl:3: expected an object with a 'text' field, got null"),
     ("u.json", lambda p: p.write_text('{"text": "a"}\n{"text": "b"}\n'), r"u.json: not valid JSON .*name it .jsonl"),
     ("v.jsonl", lambda p: p.write_text('{"text": "ok"}\n\ufeff{"text": "b"}\n'), r"v.jsonl:2: not valid JSON"),
 ])
@@ -140,3 +141,23 @@ def test_records_report_bytes_and_positions(tmp_path, rows):
     assert [r.index for r in recs] == list(range(len(rows)))
     assert [r.where for r in recs] == [f"{f.path}:{i + 1}" for i in range(len(rows))]
     assert sum(r.nbytes for r in recs) == f.size
+
+
+def test_null_texts_are_one_rule_in_every_format(tmp_path):
+    """A null text is no document and is counted, whether it is a Parquet null cell, a JSONL or JSON-array
+    `{"text": null}` or a `datasets` null; every non-null text before and after it is read."""
+    import datasets
+
+    texts = ["a\n", None, "b\n", None, None, "c\n"]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "t.parquet")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "t.json").write_text(json.dumps([{"text": t} for t in texts]))
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "ds"))
+    for name, first in (("t.parquet", "t.parquet[1]"), ("t.jsonl", "t.jsonl:2"), ("t.json", "t.json[1]"),
+                        ("ds", "ds[1]")):
+        got, reader = _docs([tmp_path / name])
+        assert got == ["a\n", "b\n", "c\n"], name
+        assert (reader.null_texts, reader.first_null) == (3, str(tmp_path / first)), name
+    (tmp_path / "only-null.jsonl").write_text('{"text": null}\n' * 3)
+    with pytest.raises(PoelmError, match=r"no documents .*skipped 3 record\(s\) whose text is null"):
+        list(read_documents([tmp_path / "only-null.jsonl"]))

@@ -32,7 +32,8 @@ SHAPE = dict(n_layer=3, n_head=2, n_kv_head=1, n_embd=64, sequence_len=64, poe_s
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """~60 KB in 40 documents of three kinds: text files in a directory, JSONL records, one Parquet file."""
+    """~60 KB in 40 documents of three kinds: text files in a directory, JSONL records, one Parquet file;
+    4 records among them have a null text (no document, counted)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -42,8 +43,9 @@ def corpus(tmp_path_factory):
     (d / "files").mkdir()
     for i in range(14):
         (d / "files" / f"doc{i:02d}.txt").write_text(docs[i], encoding="utf-8")
-    (d / "records.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[14:30]), encoding="utf-8")
-    pq.write_table(pa.table({"text": docs[30:]}), d / "table.parquet", row_group_size=3)
+    records = [t for i, doc in enumerate(docs[14:30]) for t in ([doc, None] if i % 5 == 2 else [doc])]  # 3 nulls
+    (d / "records.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in records), encoding="utf-8")
+    pq.write_table(pa.table({"text": docs[30:35] + [None] + docs[35:]}), d / "table.parquet", row_group_size=3)
     return [str(d / "files"), str(d / "records.jsonl"), str(d / "table.parquet")]
 
 
@@ -66,6 +68,7 @@ def test_folder_stream_is_the_in_memory_stream(tmp_path, tiny_tokenizer, corpus,
     assert np.array_equal(np.asarray(folder.val_tokens), mem.val_tokens)
     assert (folder.train, folder.val) == (mem.train, mem.val) and mem.val.documents >= 2
     assert sum(s["documents"] for s in index["train"]["shards"]) == mem.train.documents
+    assert index["null_texts"] == mem.null_texts == folder.null_texts == 4 and folder.stats()["null_texts"] == 4
     for world in (1, 2):
         for rank in range(world):
             a = TokenLoader(mem.train_tokens, 3, 32, rank=rank, world_size=world, seed=5, pad_id=tok.bos_id)

@@ -83,9 +83,9 @@ def test_on_bytes_reaches_the_total(tmp_path):
         ("b.bin", b"\xff\xfe\x00", r"b.bin: not UTF-8 text"),
         ("d.jsonl", b'{"text": "ok"}\n\n{"text": broken}\n', r"d.jsonl:3: not valid JSON"),
         ("d.jsonl", b'{"text": "ok"}\n{"content": "x"}\n',
-         r"d.jsonl:2: expected an object with a 'text' string field, got keys \['content'\]"),
-        ("d.jsonl", b'{"text": 5}\n', r"d.jsonl:1: expected an object with a 'text' string field, got keys"),
-        ("d.jsonl", b'["text"]\n', r"d.jsonl:1: expected an object .* got list"),
+         r"d.jsonl:2: expected an object with a 'text' field, got an object with keys \['content'\]"),
+        ("d.jsonl", b'{"text": 5}\n', r"d.jsonl:1: 'text' is a number; expected a string \(or null: no text\)"),
+        ("d.jsonl", b'["text"]\n', r"d.jsonl:1: expected an object with a 'text' field, got an array"),
         ("d.jsonl", b'{"text": "ok"}\n{"text": "\xff"}\n', r"d.jsonl:2: not UTF-8"),
         ("d.jsonl", b'{"text": "a\\ud800b"}\n', r"d.jsonl:1: 'text' has an unpaired surrogate at character 1"),
     ],
@@ -113,7 +113,7 @@ def test_no_documents_lists_the_inputs(tmp_path):
     (tmp_path / "d" / "empty.txt").write_text("")
     (tmp_path / "d" / "blob.bin").write_bytes(b"\x00\x01")
     recs = _jsonl(tmp_path / "r.jsonl", [{"text": ""}])
-    expected = r"no documents in \['[^']*/d', '[^']*/r.jsonl'\] .*1 non-UTF-8 file\(s\) skipped"
+    expected = r"no documents in \['[^']*/d', '[^']*/r.jsonl'\] .*skipped 1 non-UTF-8 file\(s\) in input directories"
     with pytest.raises(PoelmError, match=expected):
         list(read_documents([tmp_path / "d", recs]))
     with pytest.raises(PoelmError, match="no input paths given"):

@@ -569,17 +569,19 @@ def _encodable(s: str) -> bool:
 
 
 def text_oracle(raw: bytes) -> tuple[bool, str | None]:
-    """A non-blank JSONL line for read_documents: (valid, text)."""
+    """A non-blank JSONL line for read_documents: (valid, text); a null "text" is valid and holds none."""
     reason, record = _parse(raw, strip_bom=False)  # a NUL byte is never valid JSON either
-    if reason is not None or not isinstance(record, dict) or not isinstance(record.get("text"), str):
+    if reason is not None or not isinstance(record, dict) or "text" not in record:
         return False, None
-    if not _encodable(record["text"]):
+    if record["text"] is None:
+        return True, None
+    if not isinstance(record["text"], str) or not _encodable(record["text"]):
         return False, None
     return True, record["text"]
 
 
 _text_records = st.builds(lambda t, extra: {**extra, "text": t}, _weighted((4, texts.map(lambda t: t or "doc")),
-                                                                         (1, st.just(""))),
+                                                                         (1, st.just("")), (1, st.none())),
                           st.dictionaries(st.sampled_from(["id", "meta", "source"]), _JSON_LEAF, max_size=2))
 
 
@@ -588,16 +590,16 @@ _text_records = st.builds(lambda t, extra: {**extra, "text": t}, _weighted((4, t
     st.tuples(_file_lines(_text_records, _text_records, dirty), _EOL, st.booleans()), min_size=1, max_size=2)))
 def test_read_documents_jsonl_yields_exactly_the_valid_records_or_names_the_first_bad_line(files):
     """read_documents over 1-2 .jsonl files of fuzzed lines (valid {"text"} records with extra keys
-    and empty texts, blank lines, valid lines cut at a random byte, garbage bytes incl. invalid UTF-8
-    and NUL, over-long integers and over-deep nesting, random JSON of wrong shapes), LF or CRLF:
+    and empty or null texts, blank lines, valid lines cut at a random byte, garbage bytes incl. invalid
+    UTF-8 and NUL, over-long integers and over-deep nesting, random JSON of wrong shapes), LF or CRLF:
     with no bad line, it yields exactly the records with a non-empty "text", as Document("path:LINE",
-    text), in order (none at all: PoelmError "no documents in [...]"); otherwise it yields exactly the
-    documents before the first bad line, then raises exactly PoelmError with a one-line message
-    starting "PATH:LINE: " for that line (1-based). An empty file is refused up front, naming it."""
+    text), in order, and counts the null texts (none at all: PoelmError "no documents in [...]");
+    otherwise it yields exactly the documents before the first bad line, then raises exactly PoelmError
+    with a one-line message starting "PATH:LINE: " for that line (1-based). An empty file is refused up front, naming it."""
     with tempfile.TemporaryDirectory() as d:
         paths = [_write_file(d, f"f{k}.jsonl", lines, eol, final) for k, (lines, eol, final) in enumerate(files)]
         expected: list[Document] = []
-        first_bad = None
+        first_bad, nulls = None, 0
         for path in paths:
             for lineno, raw in enumerate(_physical_lines(path), start=1):
                 if not raw.strip():
@@ -606,6 +608,7 @@ def test_read_documents_jsonl_yields_exactly_the_valid_records_or_names_the_firs
                 if not ok:
                     first_bad = f"{path}:{lineno}: "
                     break
+                nulls += text is None
                 if text:
                     expected.append(Document(f"{path}:{lineno}", text))
             if first_bad:
@@ -631,7 +634,7 @@ def test_read_documents_jsonl_yields_exactly_the_valid_records_or_names_the_firs
             assert error is not None
             assert_one_line_poelm_error(error, first_bad)
         elif expected:
-            assert error is None and reader.documents == len(expected)
+            assert error is None and reader.documents == len(expected) and reader.null_texts == nulls
         else:
             msg = assert_one_line_poelm_error(error, "no documents in ")
             assert all(p in msg for p in paths)

@@ -267,3 +267,20 @@ def test_document_masking_computes_each_document_alone():
             assert torch.allclose(packed[k][:, 37:], alone_b[k], atol=1e-5)
         unmasked = m(row).logits
         assert not torch.allclose(unmasked[:, 37:], alone_b[1], atol=1e-3)  # without masking b sees a
+
+
+@pytest.mark.parametrize("smear, backout, heads", [(True, True, False), (False, False, True), (True, False, True)])
+@pytest.mark.parametrize("ve, stages, specialist", [
+    (None, [2, 2], {}), ([], [1, 1, 2], {}), ([0, 2], [2, 2], dict(n_base_stages=1, stage_head=True)),
+    (None, [1, 1, 2], dict(n_base_stages=1, stage_head=True, head_fold=True)),
+])
+def test_state_shapes_are_the_modules_state_dict(smear, backout, heads, ve, stages, specialist):
+    """What a file is checked against before a model is built (`state_shapes`) is exactly what the module
+    holds, for every switch: smear, backout, per-stage heads, value-embedding layers, a specialist's heads."""
+    from poelm.core.model import state_shapes
+
+    config = tiny_config(smear=smear, backout=backout, poe_stage_heads=heads, value_embed_layers=ve,
+                         poe_stage_layers=stages, poe_backout_stages=None if backout else [], **specialist)
+    with torch.device("meta"):
+        module = PoEGPT(config).state_dict()
+    assert dict(state_shapes(config)) == {k: tuple(v.shape) for k, v in module.items()}

@@ -270,7 +270,8 @@ def test_bad_stage_directories(base_dir, tmp_path, capsys):
     assert "config.json: content does not match digests.json" in one_line_error(capsys, "inspect", str(out))
     edited("config.json")
     message = one_line_error(capsys, "inspect", str(out))
-    assert "parent" in message and "gone" in message and "not found" in message
+    assert "parent" in message and "is missing (looked for a directory at " + str(tmp_path / "gone") in message
+    assert "poelm stage relink" in message
 
     other = tmp_path / "other-base"  # a swapped parent: same shape, other weights
     m = perturb_(load_model(base_dir), seed=99, scale=0.01)

@@ -322,9 +322,10 @@ def test_train_jsonl(tmp_path):
     "lines, expected",
     [
         (['{"text": "ok"}', '{"text": "fine"}', '{"text": broken}'], r"data.jsonl:3: not valid JSON"),
-        (['{"text": "ok"}', '{"content": "x"}'], r"data.jsonl:2: expected an object with a 'text' string field, got keys \['content'\]"),
-        (['{"text": 5}'], r"data.jsonl:1: expected an object with a 'text' string field"),
-        (['["text"]'], r"data.jsonl:1: expected an object .* got list"),
+        (['{"text": "ok"}', '{"content": "x"}'],
+         r"data.jsonl:2: expected an object with a 'text' field, got an object with keys \['content'\]"),
+        (['{"text": 5}'], r"data.jsonl:1: 'text' is a number; expected a string"),
+        (['["text"]'], r"data.jsonl:1: expected an object with a 'text' field, got an array"),
     ],
 )
 def test_train_jsonl_errors_name_file_and_line(tmp_path, lines, expected):

@@ -8,9 +8,10 @@ Design choices:
   (`delta.safetensors` and `base_model_name_or_path`: an absolute path, a path relative to the stage
   directory, or a hub id, fetched only when it is not a local path and the hub is reachable).
   Resolution walks parents to the root, refusing a cycle or a missing parent.
-- Content: every file read here (each link's config.json and tensor file, root and leaf included) is
-  checked against its directory's `digests.json` (files.py) before it is used, so a flipped bit
-  anywhere in the chain is an error naming the file. A directory without digests loads with a
+- Content: every file each link's `digests.json` records (files.py) is checked when the chain is
+  resolved — config.json before it is parsed, the tensor file while it loads, the tokenizer and the
+  rest as they are met — so a flipped bit anywhere in the chain, root and leaf included, is an
+  error naming the file, even in a file this load does not read. A directory without digests loads with a
   warning. `verify=False` skips the digests (for measuring what they cost; nothing else uses it).
 - Every stage records `parent_fingerprint`: a digest of the parent's tensors (names, dtypes, shapes,
   bytes; for a stage parent, chained with its own parent's fingerprint). A directory's own
@@ -39,7 +40,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -47,50 +48,91 @@ from .config import PoEConfig
 from .files import (CONFIG, DELTA, TOKENIZER_FILE, WEIGHTS, read_json, read_manifest, verify_file, verifying,
                     warn_unverified)
 from .errors import PoelmError
-from .model import PoEGPT, from_disk, to_disk
+from .model import PoEGPT, block_shapes, disk_name, from_disk, state_shapes, to_disk
 from .tokenizer import Tokenizer
 
 ROWS_IDS, ROWS_VALUES = "wte_rows.ids", "wte_rows.values"
 OVERRIDE_PREFIX = "parent_overrides."
 OVERRIDABLE = ("resid_lambdas", "x0_lambdas", "layer_windows")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A delta's optional tensors, each checked where it is used: changed embedding rows, declared overrides.
+DELTA_EXTRAS = frozenset({ROWS_IDS, ROWS_VALUES} | {OVERRIDE_PREFIX + name for name in OVERRIDABLE})
 
 
 # ------------------------------------------------------------------------------------ files
-def load_safetensors(path: str | os.PathLike, verify: bool = True) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, checked against its directory's digests first (when it has them); a
-    missing, truncated or corrupt file is a one-line error naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as a safetensors header describes it, before any of its bytes are read."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+
+
+def load_safetensors(path: str | os.PathLike, verify: bool = True,
+                     check: Callable[[dict[str, TensorInfo]], None] | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, checked against its directory's digests (when it has them) while it
+    loads; a missing, truncated or corrupt file is a one-line error naming it. `check` sees the header
+    (names, shapes, dtypes) before any tensor is read, so a file that does not fit is refused at the
+    cost of its header."""
+    from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
         raise PoelmError(f"{path}: missing")
     with verifying([path] if verify else []):  # hashed while it loads; returned only if it matched
         try:
-            return load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                if check is not None:
+                    header = {}
+                    for name in f.keys():
+                        part = f.get_slice(name)
+                        dtype = HEADER_DTYPES.get(part.get_dtype())
+                        if dtype is None:
+                            raise PoelmError(f"{path}: tensor {name!r} has dtype {part.get_dtype()}, which poelm "
+                                             f"does not store")
+                        header[name] = TensorInfo(tuple(part.get_shape()), dtype)
+                    check(header)
+                return {name: f.get_tensor(name) for name in f.keys()}
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise PoelmError(f"{path}: unreadable safetensors file ({e})") from None
 
 
-def check_state_dict(expected: dict[str, Any], found: dict[str, torch.Tensor], source: str,
+Shapes = Callable[[], Iterable[tuple[str, Any]]]  # a stream of (name, shape), that can be read again
+
+
+def check_state_dict(expected: dict[str, Any] | Shapes, found: dict[str, Any], source: str,
                      dtype: torch.dtype | None = None) -> None:
     """Names and shapes must match exactly, and with `dtype` every tensor must have it; the message
-    names the first offending tensor."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    if missing:
-        raise PoelmError(f"{source}: missing tensor {missing[0]!r}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if unexpected:
-        raise PoelmError(f"{source}: unexpected tensor {unexpected[0]!r}"
-                         + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    for k, v in expected.items():
+    names the first offending tensor (missing, then unexpected, then shape, then dtype). `expected` may
+    be a function giving a stream of (name, shape): nothing of it is held but what `found` also holds,
+    so a claim of far more tensors than a file has costs no more than the file's header."""
+    stream: Shapes = expected if callable(expected) else expected.items
+    missing, n_missing, matched, wrong = None, 0, 0, None
+    for k, v in stream():
+        if k not in found:
+            missing, n_missing = missing or k, n_missing + 1
+            continue
+        matched += 1
         shape = tuple(v.shape) if hasattr(v, "shape") else tuple(v)
-        if tuple(found[k].shape) != shape:
-            raise PoelmError(f"{source}: tensor {k!r} has shape {list(found[k].shape)}, expected {list(shape)}")
-        if dtype is not None and found[k].dtype != dtype:
-            raise PoelmError(f"{source}: tensor {k!r} has dtype {str(found[k].dtype).removeprefix('torch.')}, "
-                             f"expected {str(dtype).removeprefix('torch.')} (the dtype config.json declares)")
+        if wrong is None and tuple(found[k].shape) != shape:
+            wrong = f"{source}: tensor {k!r} has shape {list(found[k].shape)}, expected {list(shape)}"
+        elif wrong is None and dtype is not None and found[k].dtype != dtype:
+            wrong = (f"{source}: tensor {k!r} has dtype {str(found[k].dtype).removeprefix('torch.')}, "
+                     f"expected {str(dtype).removeprefix('torch.')} (the dtype config.json declares)")
+    if missing is not None:
+        more = f" (and {n_missing - 1} more)" if n_missing > 1 else ""
+        raise PoelmError(f"{source}: missing tensor {missing!r}{more}")
+    if matched < len(found):  # every expected name is in `found`: holding them costs no more than it does
+        names = {k for k, _ in stream()}
+        unexpected = [k for k in found if k not in names]
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise PoelmError(f"{source}: unexpected tensor {unexpected[0]!r}{more}")
+    if wrong is not None:
+        raise PoelmError(wrong)
 
 
 def fingerprint_tensors(tensors: dict[str, torch.Tensor], parent: str = "") -> str:
@@ -133,8 +175,18 @@ class Link:
             raise PoelmError(f"{self.path / CONFIG}: dtype {name!r}: expected one of {', '.join(DTYPES)}")
         return DTYPES[name]
 
-    def tensors(self, verify: bool = True) -> dict[str, torch.Tensor]:
-        return load_safetensors(self.tensor_file, verify)
+    def tensors(self, verify: bool = True, expected: dict[str, tuple[int, ...]] | Shapes | None = None,
+                optional: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+        """The link's tensors; with `expected`, its header must hold exactly those names (and any of
+        `optional`, checked by the caller), shapes and the declared dtype before anything is read."""
+        if expected is None:
+            return load_safetensors(self.tensor_file, verify)
+        dtype, source = self.dtype, str(self.tensor_file)
+
+        def check(header: dict[str, TensorInfo]) -> None:
+            check_state_dict(expected, {k: v for k, v in header.items() if k not in optional}, source, dtype)
+
+        return load_safetensors(self.tensor_file, verify, check)
 
     def fingerprint(self, tensors: dict[str, torch.Tensor], parent: str = "") -> str:
         """The recorded fingerprint (its content verified by the digests), else computed from `tensors`."""
@@ -144,20 +196,26 @@ class Link:
 
 def locate(reference: str, stage_dir: Path) -> Path:
     """A parent reference: absolute path, path relative to the stage, or a hub id (if reachable)."""
+    if not isinstance(reference, str) or not reference:
+        raise PoelmError(f"{stage_dir / CONFIG}: base_model_name_or_path {reference!r}: expected the parent's "
+                         f"directory (a path, absolute or relative to this stage) or a hub id")
     candidates = [Path(reference)] if os.path.isabs(reference) else [stage_dir / reference, Path(reference)]
     for c in candidates:
         if c.is_dir():
             return c.resolve()  # a parent named relative to its stage: one plain absolute path
+    where = ", ".join(str(c.absolute()) for c in candidates)
+    fix = (f"if it moved, point base_model_name_or_path at it (`poelm stage relink {stage_dir} --parent DIR` checks "
+           f"that DIR is the parent this stage was made for)")
     if not os.path.isabs(reference) and reference.count("/") == 1 and not reference.startswith("."):
         try:  # a hub id: only when it is not a local path, and only if the hub answers
             from huggingface_hub import snapshot_download
 
             return Path(snapshot_download(reference))
         except Exception as e:  # offline, unknown repo, no permission: say so, with the reason
-            raise PoelmError(f"{stage_dir / CONFIG}: parent {reference!r} is not a local directory and could "
-                             f"not be fetched from the hub ({type(e).__name__})") from None
-    raise PoelmError(f"{stage_dir / CONFIG}: parent {reference!r} not found "
-                     f"(looked in {', '.join(str(c) for c in candidates)})")
+            raise PoelmError(f"{stage_dir / CONFIG}: parent {reference!r} is missing: no directory at {where}, and "
+                             f"the hub could not provide it ({type(e).__name__}); {fix}") from None
+    raise PoelmError(f"{stage_dir / CONFIG}: parent {reference!r} is missing (looked for a directory at {where}); "
+                     f"{fix}")
 
 
 def resolve_chain(directory: str | os.PathLike, verify: bool = True) -> list[Link]:
@@ -176,6 +234,9 @@ def resolve_chain(directory: str | os.PathLike, verify: bool = True) -> list[Lin
         link = Link(path, read_json(path / CONFIG, verify), read_manifest(path))  # its recorded fingerprint
         if verify and link.manifest is None:                                      # serves unverified loads too
             warn_unverified(path, "model")
+        if verify and link.manifest is not None:  # every other recorded file (small); the tensors as they load
+            for name in sorted(set(link.manifest["files"]) - {CONFIG, link.tensor_file.name}):
+                verify_file(path / name, link.manifest)
         chain.append(link)
         if not link.is_stage:
             if not (path / WEIGHTS).is_file():
@@ -186,16 +247,13 @@ def resolve_chain(directory: str | os.PathLike, verify: bool = True) -> list[Lin
 
 
 def expected_delta(parent: PoEConfig, config: PoEConfig) -> dict[str, tuple[int, ...]]:
-    """The tensors a stage delta must hold (embedding rows are optional and checked apart)."""
-    d, V = config.n_embd, config.padded_vocab_size
-    shapes = {"attn.c_q.weight": (config.n_head * config.head_dim, d),
-              "attn.c_k.weight": (config.n_kv_head * config.head_dim, d),
-              "attn.c_v.weight": (config.n_kv_head * config.head_dim, d), "attn.c_proj.weight": (d, d),
-              "mlp.c_fc.weight": (4 * d, d), "mlp.c_proj.weight": (d, 4 * d)}
+    """The tensors a stage delta must hold (embedding rows and declared overrides are optional and checked
+    apart): the new blocks (no value embeddings), their lambdas and the stage's head."""
     n_new = config.n_layer - parent.n_layer
     out = {f"transformer.h.{i}.{name}": shape for i in range(parent.n_layer, config.n_layer)
-           for name, shape in shapes.items()}
-    out.update({"resid_lambdas": (n_new,), "x0_lambdas": (n_new,), "lm_head_stage.weight": (V, d)})
+           for name, shape in block_shapes(config).items()}
+    out.update({"resid_lambdas": (n_new,), "x0_lambdas": (n_new,),
+                "lm_head_stage.weight": (config.padded_vocab_size, config.n_embd)})
     return out
 
 
@@ -250,10 +308,7 @@ def assemble(chain: list[Link], verify: bool = True) -> tuple[PoEConfig, dict[st
     """Check every link and build the leaf's state dict; returns (config, tensors, fingerprints)."""
     root = chain[0]
     config = root.config  # a root may carry specialist stages when it is a merged export
-    tensors = root.tensors(verify)
-    with torch.device("meta"):
-        expected = to_disk(PoEGPT(config).state_dict())
-    check_state_dict(expected, tensors, str(root.tensor_file), root.dtype)
+    tensors = root.tensors(verify, lambda: ((disk_name(k), v) for k, v in state_shapes(config)))  # header first
     prints = [root.fingerprint(tensors)]
     fold: torch.Tensor | None = None
     for parent, link in zip(chain, chain[1:]):
@@ -266,7 +321,7 @@ def assemble(chain: list[Link], verify: bool = True) -> tuple[PoEConfig, dict[st
         overrides = check_overrides(link.data.get("parent_overrides"), config.n_layer, source)
         check_extends(config, specialist_config, source, overrides)
         check_tokenizer(parent.path, link.path, verify)
-        delta = link.tensors(verify)
+        delta = link.tensors(verify, expected_delta(config, specialist_config), DELTA_EXTRAS)
         own_print = link.fingerprint(delta, prints[-1])
         delta_path = str(link.tensor_file)
         rows = {k: delta.pop(k) for k in (ROWS_IDS, ROWS_VALUES) if k in delta}
@@ -287,7 +342,6 @@ def assemble(chain: list[Link], verify: bool = True) -> tuple[PoEConfig, dict[st
                 raise PoelmError(f"{delta_path}: {OVERRIDE_PREFIX + name} differs from the parent at layers {moved}, "
                                  f"{source} declares {overrides[name]}")
             tensors[name] = value.to(own.dtype)
-        check_state_dict(expected_delta(config, specialist_config), delta, delta_path, link.dtype)
         if config.stage_head:  # the parent's own head joins the fold; the new leaf keeps its own
             head = tensors.pop("lm_head_stage.weight")
             fold = head if fold is None else fold + head

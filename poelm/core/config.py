@@ -15,13 +15,19 @@ Design choices:
   fills them with their neutral values (resid 1, x0 0).
 - Every check raises `PoelmError` naming the field and what was expected, so an impossible shape
   fails when the config is built, not deep inside a forward pass.
+- Every field is checked for its type first (an int is an int: no bool, no "4", no 4.5; numbers are
+  finite), and every size field is bounded (`SIZE_LIMITS`): a corrupted or hostile config.json fails
+  in microseconds, before a model (or a list per layer) is built from it. The bounds are far above
+  any model poelm is meant for and far below what would exhaust a machine's memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +53,21 @@ PROVENANCE_KEYS = frozenset({"converted_from", "poelm_version", "training"})
 # A stage directory's own fields (docs/formats.md): where its parent is and what it was trained on.
 STAGE_KEYS = frozenset({"base_model_name_or_path", "stage_name", "stage_layers", "parent_fingerprint",
                         "chat_rows", "chat_rows_initialized", "parent_overrides"})
+
+
+# Upper bounds of the size fields (inclusive; every size is at least 1). Released LLMs have < 200 layers,
+# widths < 32k, < 200 heads and vocabularies < 300k; a context of 2M tokens is beyond any of them.
+SIZE_LIMITS = {"vocab_size": 1 << 22, "n_layer": 1024, "n_head": 1024, "n_kv_head": 1024, "n_embd": 1 << 16,
+               "sequence_len": 1 << 21, "pad_vocab_to": 1 << 16}
+
+
+def check_size(name: str, value: Any, source: str = "config field") -> int:
+    """`value` as an int in [1, SIZE_LIMITS[name]], else a PoelmError naming the field and the bound."""
+    bound = SIZE_LIMITS[name]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= bound:
+        raise PoelmError(f"{source} '{name}' = {reprlib.repr(value)}: expected an integer in [1, {bound}] "
+                         f"(poelm's bound on {name})")
+    return int(value)
 
 
 def short_window(sequence_len: int) -> int:
@@ -107,6 +128,7 @@ class PoEConfig:
     head_fold: bool = False  # `ancestors_head`: the ancestors' specialist heads, summed, at specialist boundaries
 
     def __post_init__(self) -> None:
+        self._check_types()
         self._check_shape()
         if self.layer_windows is None:
             self.layer_windows = windows_from_pattern(self.window_pattern, self.n_layer, self.sequence_len)
@@ -120,21 +142,50 @@ class PoEConfig:
             self.poe_backout_stages = [len(self.poe_stage_layers) - 1] if self.backout else []
         if self.n_base_stages is None:
             self.n_base_stages = len(self.poe_stage_layers)
-        self.layer_windows = [int(w) for w in self.layer_windows]
-        self.value_embed_layers = [int(i) for i in self.value_embed_layers]
-        self.poe_stage_layers = [int(n) for n in self.poe_stage_layers]
-        self.poe_backout_stages = [int(k) for k in self.poe_backout_stages]
         self._check_structure()
 
     # ----------------------------------------------------------------------------------- checks
     def _fail(self, name: str, expected: str) -> None:
-        raise PoelmError(f"config field '{name}' = {getattr(self, name)!r}: expected {expected}")
+        raise PoelmError(f"config field '{name}' = {reprlib.repr(getattr(self, name))}: expected {expected}")
+
+    def _check_types(self) -> None:
+        """Types first, sizes bounded; int-like values (numpy ints) become ints, tuples become lists."""
+        for name in SIZE_LIMITS:
+            setattr(self, name, check_size(name, getattr(self, name)))
+        for name in ("rope_base", "softcap", "poe_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                self._fail(name, "a finite number")
+            setattr(self, name, float(value))
+        for name in ("smear", "backout", "poe_stage_heads", "stage_head", "head_fold"):
+            if not isinstance(getattr(self, name), bool):
+                self._fail(name, "true or false")
+        for name in ("window_pattern", "poe_mode", "poe_output"):
+            if not isinstance(getattr(self, name), str):
+                self._fail(name, "a string")
+        if len(self.window_pattern) > SIZE_LIMITS["n_layer"]:
+            self._fail("window_pattern", f"at most {SIZE_LIMITS['n_layer']} characters (one per layer at most)")
+
+        def integer(value: Any) -> bool:
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+        for name, most in (("layer_windows", SIZE_LIMITS["sequence_len"]), ("value_embed_layers", self.n_layer),
+                           ("poe_stage_layers", self.n_layer), ("poe_backout_stages", self.n_layer)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, (list, tuple)) or len(value) > self.n_layer or \
+                    not all(integer(v) and 0 <= v <= most for v in value):
+                self._fail(name, f"a list of at most n_layer={self.n_layer} integers in [0, {most}]")
+            setattr(self, name, [int(v) for v in value])
+        for name in ("backout_layer", "n_base_stages"):
+            value = getattr(self, name)
+            if value is not None and not (integer(value) and 0 <= value <= self.n_layer):
+                self._fail(name, f"an integer in [0, n_layer={self.n_layer}]")
+            if value is not None:
+                setattr(self, name, int(value))
 
     def _check_shape(self) -> None:
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "sequence_len", "pad_vocab_to"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                self._fail(name, "a positive integer")
         if self.n_embd % self.n_head:
             self._fail("n_embd", f"a multiple of n_head={self.n_head} (head_dim = n_embd / n_head)")
         if (self.n_embd // self.n_head) % 2:
@@ -146,13 +197,13 @@ class PoEConfig:
         if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
             self._fail("window_pattern", "a non-empty string of 'S' and 'L'")
         self.window_pattern = self.window_pattern.upper()
-        if not self.rope_base > 0 or not self.softcap > 0:
+        if not self.rope_base > 0 or not self.softcap > 0:  # finite (checked above) and positive
             self._fail("rope_base" if not self.rope_base > 0 else "softcap", "a positive number")
         if self.poe_mode not in POE_MODES:
             self._fail("poe_mode", f"one of {', '.join(POE_MODES)}")
         if self.poe_output not in POE_OUTPUTS:
             self._fail("poe_output", f"one of {', '.join(POE_OUTPUTS)}")
-        if not (isinstance(self.poe_alpha, (int, float)) and 0.0 <= self.poe_alpha <= 1.0):
+        if not 0.0 <= self.poe_alpha <= 1.0:
             self._fail("poe_alpha", "a number in [0, 1]")
 
     def _check_structure(self) -> None:

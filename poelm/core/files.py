@@ -16,7 +16,16 @@ Design choices:
   about 10 ms. It detects corruption — bit flips, truncation, a half-copied file — not tampering:
   whoever can rewrite a file can rewrite `digests.json` too.
 - One rule for every reader: a file read from a directory that has `digests.json` must be listed in
-  it and match; anything else is a `PoelmError` naming the file and what differs. A directory without
+  it and match; anything else is a `PoelmError` naming the file, what differs, and the command that
+  records a deliberate edit (`poelm digest DIR`).
+- One field is the user's to change: a stage's `base_model_name_or_path` says where its parent
+  lives, and a user who downloads a base and a stage into two folders must point one at the other
+  (the parent's identity is guarded by `parent_fingerprint`, not by its location). So a stage's
+  config.json entry also records `xxh3_128_unlinked`, the digest of the file with that field's value
+  replaced by `null`: a file that differs from the recorded bytes only in that value still verifies.
+  Every other byte counts, whitespace included; a file holding the key twice has no unlinked digest.
+- A manifest's entry names are plain file names of its own directory (no separator, not `.`/`..`):
+  a manifest naming `../x` is refused as malformed, never followed. A directory without
   `digests.json` (written before poelm recorded digests, or by another tool) has nothing to verify
   against: `verify_file` reports False and the callers that load models, tokenizers and checkpoints say
   so in a warning naming the directory and the command that records digests (`poelm digest`).
@@ -59,7 +68,12 @@ FORMAT = "poelm-digests"
 FORMAT_VERSION = 1
 ALGORITHM = "xxh3_128"
 UNLISTED_SUFFIXES = (".py", ".tmp")
+PARENT_FIELD = "base_model_name_or_path"  # the one config.json field a user may edit (see above)
+UNLINKED = ALGORITHM + "_unlinked"
 UNLISTED_NAMES = frozenset({MANIFEST, CARD})
+# Small JSON files read before anything is checked against them: bounded, so parsing costs little (a
+# 1024-layer config.json is ~20 kB).
+MAX_JSON_BYTES = {CONFIG: 1 << 20, GENERATION_CONFIG: 1 << 20}
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -79,10 +93,15 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def read_json(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
-    """A JSON object from a file, checked against its directory's digests first (when it has them)."""
+    """A JSON object from a file, checked against its directory's digests first (when it has them); a
+    file of a kind `MAX_JSON_BYTES` bounds is refused by its size before it is read."""
     path = Path(path)
     if not path.is_file():
         raise PoelmError(f"{path}: missing")
+    limit = MAX_JSON_BYTES.get(path.name)
+    if limit is not None and path.stat().st_size > limit:
+        raise PoelmError(f"{path}: {path.stat().st_size} bytes; a {path.name} holds at most {limit} "
+                         f"(poelm's bound: a config lists a few hundred values)")
     if verify:
         verify_file(path)
     try:
@@ -112,6 +131,71 @@ def file_digest(path: str | os.PathLike) -> dict[str, Any]:
             return {"bytes": size, ALGORITHM: digest_bytes(m)}
 
 
+def _top_level_span(text: str, key: str) -> tuple[int, int] | None:
+    """(start, end) of the value of `key` in the JSON object `text`, when it is there exactly once at the
+    top level; None otherwise (absent, twice, or `text` not a JSON object)."""
+    decoder, ws = json.JSONDecoder(), " \t\n\r"
+
+    def skip(i: int) -> int:
+        while i < len(text) and text[i] in ws:
+            i += 1
+        return i
+
+    try:
+        i, spans = skip(0), []
+        if text[i] != "{":
+            return None
+        i = skip(i + 1)
+        while text[i] != "}":
+            name, i = json.decoder.scanstring(text, i + 1) if text[i] == '"' else (None, -1)
+            i = skip(i)
+            if name is None or text[i] != ":":
+                return None
+            start = skip(i + 1)
+            _, end = decoder.raw_decode(text, start)
+            if name == key:
+                spans.append((start, end))
+            i = skip(end)
+            if text[i] == ",":
+                i = skip(i + 1)
+            elif text[i] != "}":
+                return None
+    except (ValueError, IndexError):
+        return None
+    return spans[0] if len(spans) == 1 else None
+
+
+def replace_value(text: str, key: str, value: Any) -> str:
+    """`text` (a JSON object) with the value of its top-level `key` replaced by `value`, every other
+    character kept."""
+    span = _top_level_span(text, key)
+    if span is None:
+        raise PoelmError(f"expected exactly one top-level {key!r} in a JSON object")
+    return text[:span[0]] + json.dumps(value, ensure_ascii=False) + text[span[1]:]
+
+
+def unlinked_digest(data: bytes) -> str | None:
+    """The digest of a config.json with its parent reference's value replaced by `null`; None for a file
+    without exactly one top-level `base_model_name_or_path` (a base, or not a JSON object)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if _top_level_span(text, PARENT_FIELD) is None:
+        return None
+    return digest_bytes(replace_value(text, PARENT_FIELD, None).encode("utf-8"))
+
+
+def manifest_entry(path: str | os.PathLike) -> dict[str, Any]:
+    """A manifest's entry for one file: `file_digest`, plus the unlinked digest of a stage's config.json."""
+    entry = file_digest(path)
+    if Path(path).name == CONFIG:
+        unlinked = unlinked_digest(Path(path).read_bytes())
+        if unlinked is not None:
+            entry[UNLINKED] = unlinked
+    return entry
+
+
 def listed_files(directory: str | os.PathLike) -> list[str]:
     """The files of `directory` a manifest covers: every regular, non-hidden file but the card,
     code files and the manifest itself."""
@@ -128,7 +212,7 @@ def write_manifest(directory: str | os.PathLike, fingerprint: str | None = None)
     """Record every listed file of `directory` (and the model's fingerprint); replaces any manifest."""
     directory = Path(directory)
     data: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "algorithm": ALGORITHM,
-                            "files": {name: file_digest(directory / name) for name in listed_files(directory)}}
+                            "files": {name: manifest_entry(directory / name) for name in listed_files(directory)}}
     if fingerprint is not None:
         data["fingerprint"] = fingerprint
     _write(directory, data)
@@ -142,7 +226,7 @@ def update_manifest(directory: str | os.PathLike, names: Iterable[str],
     data = read_manifest(directory) or {"format": FORMAT, "format_version": FORMAT_VERSION,
                                         "algorithm": ALGORITHM, "files": {}}
     for name in names:
-        data["files"][name] = file_digest(directory / name)
+        data["files"][name] = manifest_entry(directory / name)
     if fingerprint is not None:
         data["fingerprint"] = fingerprint
     _write(directory, data)
@@ -180,7 +264,12 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
         raise PoelmError(f"{path}: expected a JSON object with format {FORMAT!r} version {FORMAT_VERSION}, "
                          f"algorithm {ALGORITHM!r} and a 'files' object")
     for name, entry in files.items():
-        if not (isinstance(entry, dict) and type(entry.get("bytes")) is int and isinstance(entry.get(ALGORITHM), str)):
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise PoelmError(f"{path}: entry {name!r} is not a file name in this directory; a manifest lists only "
+                             f"its own directory's files (the manifest is malformed: rewrite it with "
+                             f"`poelm digest {path.parent}` if the files are the ones you mean)")
+        if not (isinstance(entry, dict) and type(entry.get("bytes")) is int and isinstance(entry.get(ALGORITHM), str)
+                and isinstance(entry.get(UNLINKED, ""), str)):
             raise PoelmError(f"{path}: entry {name!r} must be {{\"bytes\": int, \"{ALGORITHM}\": str}}")
     fp = data.get("fingerprint")
     if fp is not None and not isinstance(fp, str):
@@ -206,12 +295,17 @@ def verify_file(path: str | os.PathLike, manifest: dict[str, Any] | None = None)
         raise PoelmError(f"{path}: not listed in {path.parent / MANIFEST}; the directory has changed since "
                          f"poelm wrote it (`poelm digest {path.parent}` records its files as they are now)")
     found = file_digest(path)
-    if found != {"bytes": entry["bytes"], ALGORITHM: entry[ALGORITHM]}:
-        what = (f"{found['bytes']} bytes, {entry['bytes']} recorded (truncated or extended)"
-                if found["bytes"] != entry["bytes"] else
-                f"{ALGORITHM} {found[ALGORITHM]}, {entry[ALGORITHM]} recorded (corrupted)")
-        raise PoelmError(f"{path}: content does not match {MANIFEST}: {what}")
-    return True
+    if found == {"bytes": entry["bytes"], ALGORITHM: entry[ALGORITHM]}:
+        return True
+    if UNLINKED in entry and unlinked_digest(path.read_bytes()) == entry[UNLINKED]:
+        return True  # only the parent reference moved; the parent's fingerprint is checked where it is loaded
+    what = (f"{found['bytes']} bytes, {entry['bytes']} recorded: truncated, extended or edited"
+            if found["bytes"] != entry["bytes"] else
+            f"{ALGORITHM} {found[ALGORITHM]}, {entry[ALGORITHM]} recorded: corrupted or edited")
+    relink = (f"; {PARENT_FIELD} alone may be edited freely, or set by `poelm stage relink {path.parent} --parent DIR`"
+              if UNLINKED in entry else "")
+    raise PoelmError(f"{path}: content does not match {MANIFEST} ({what}); if the edit is deliberate, "
+                     f"`poelm digest {path.parent}` records it{relink}")
 
 
 @contextmanager

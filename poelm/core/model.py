@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn as nn
@@ -48,14 +48,22 @@ if TYPE_CHECKING:  # the model reads its config by attribute; the type is docume
 # format has always used (docs/formats.md), translated where tensors meet files (`to_disk`/`from_disk`).
 DISK_NAMES = {"stage_heads": "lm_head_stages", "specialist_head": "lm_head_stage", "ancestors_head": "lm_head_fold"}
 _MEMORY_NAMES = {disk: memory for memory, disk in DISK_NAMES.items()}
+SMEAR_IN = 24  # channels of the normed embedding the smear gate reads (config.SMEAR_CHANNELS)
+VE_GATE_IN = 12  # channels of the attention input the value-embedding gate reads (config.VE_GATE_CHANNELS)
+
+
+def _renamed(key: str, names: dict) -> str:
+    head, dot, rest = key.partition(".")
+    return names.get(head, head) + dot + rest
 
 
 def _rename(tensors: dict, names: dict) -> dict:
-    out = {}
-    for key, value in tensors.items():
-        head, dot, rest = key.partition(".")
-        out[names.get(head, head) + dot + rest] = value
-    return out
+    return {_renamed(key, names): value for key, value in tensors.items()}
+
+
+def disk_name(key: str) -> str:
+    """A state-dict key under the name the files use."""
+    return _renamed(key, DISK_NAMES)
 
 
 def to_disk(tensors: dict) -> dict:
@@ -350,7 +358,7 @@ class CausalSelfAttention(nn.Module):
         self.c_k = Linear(d, kv)
         self.c_v = Linear(d, kv)
         self.c_proj = Linear(d, d)
-        self.ve_gate = Linear(12, config.n_kv_head) if has_ve else None
+        self.ve_gate = Linear(VE_GATE_IN, config.n_kv_head) if has_ve else None
 
     def forward(self, x, ve, cos, sin, cache, doc_ids=None):
         B, T, _ = x.shape
@@ -358,7 +366,7 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:  # value residual (ResFormer): one input-dependent gate per kv head, in (0, 3)
-            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :12]))  # (B, T, H_kv)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_IN]))  # (B, T, H_kv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q) * 1.2, norm(k) * 1.2  # QK norm, then sharpen (split between q and k)
@@ -487,6 +495,47 @@ class PoEOutput:
     stage_logits: list[torch.Tensor] | None = None
 
 
+def block_shapes(config: "PoEConfig", has_ve: bool = False) -> dict[str, tuple[int, ...]]:
+    """One block's tensors (names within `transformer.h.{i}.`) and their shapes, as `Block` holds them."""
+    d, q, kv = config.n_embd, config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    shapes = {"attn.c_q.weight": (q, d), "attn.c_k.weight": (kv, d), "attn.c_v.weight": (kv, d),
+              "attn.c_proj.weight": (d, d)}
+    if has_ve:
+        shapes["attn.ve_gate.weight"] = (config.n_kv_head, VE_GATE_IN)
+    shapes.update({"mlp.c_fc.weight": (4 * d, d), "mlp.c_proj.weight": (d, 4 * d)})
+    return shapes
+
+
+def state_shapes(config: "PoEConfig") -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Every tensor of `PoEGPT(config).state_dict()` with its shape, one at a time and without building
+    anything: what a file is checked against before a model is made from it (a stream, so a config that
+    claims 1000 layers costs no more than the header it is compared with; tested equal to the module's
+    state dict for every config variant)."""
+    V, d, kv = config.padded_vocab_size, config.n_embd, config.n_kv_head * config.head_dim
+    ve_layers = set(config.value_embed_layers)
+    yield "transformer.wte.weight", (V, d)
+    for i in range(config.n_layer):
+        for name, shape in block_shapes(config, i in ve_layers).items():
+            yield f"transformer.h.{i}.{name}", shape
+    yield "lm_head.weight", (V, d)
+    if config.poe_stage_heads:
+        for k in range(config.n_stages):
+            yield f"stage_heads.{k}.weight", (V, d)
+    if config.head_fold:
+        yield "ancestors_head.weight", (V, d)
+    if config.stage_head:
+        yield "specialist_head.weight", (V, d)
+    yield "resid_lambdas", (config.n_layer,)
+    yield "x0_lambdas", (config.n_layer,)
+    if config.smear:
+        yield "smear_gate.weight", (1, SMEAR_IN)
+        yield "smear_lambda", (1,)
+    if config.backout:
+        yield "backout_lambda", (1,)
+    for i in sorted(ve_layers):
+        yield f"value_embeds.{i}.weight", (V, kv)
+
+
 def _own_table_in_state_dict(model: "PoEGPT", state: dict, prefix: str, local_metadata) -> None:
     """A model sharing its embedding table saves its own: the shared table with its own rows written in."""
     if model.own_row_ids is not None:
@@ -517,7 +566,7 @@ class PoEGPT(nn.Module):
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         if config.smear:
-            self.smear_gate = Linear(24, 1)
+            self.smear_gate = Linear(SMEAR_IN, 1)
             self.smear_lambda = nn.Parameter(torch.zeros(1))
         if config.backout:
             self.backout_lambda = nn.Parameter(0.2 * torch.ones(1))
@@ -610,7 +659,7 @@ class PoEGPT(nn.Module):
         if prev.size(1) == 0:
             return x
         start = x.size(1) - prev.size(1)  # 1 for a fresh sequence, 0 when the cache holds the predecessor
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, start:, :24]))
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, start:, :SMEAR_IN]))
         if doc_ids is not None:  # a document's first token has no predecessor to smear in (nor padding)
             first = doc_ids.size(1) - x.size(1) + start  # doc_ids covers the cache's positions too
             same = doc_ids[:, first:] == doc_ids[:, first - 1:-1]

@@ -61,7 +61,7 @@ from ..core.errors import PoelmError
 from ..core.files import ALGORITHM, MANIFEST, file_digest, read_json, write_json
 from ..outputs import check_output, replace_dir
 from .text import (SPLIT_RULE, ByteProgress, DocumentReader, SplitStats, assign_splits, encode_documents, format_size,
-                   split_record, tail_note)
+                   skipped_note, split_record, tail_note)
 
 if TYPE_CHECKING:
     from ..core.tokenizer import Tokenizer
@@ -247,7 +247,7 @@ def tokenize(inputs: Sequence[str], tokenizer: Tokenizer, out: str | os.PathLike
     if state is None:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        state = {"settings": settings, "next": [0, 0], "skipped": [],
+        state = {"settings": settings, "next": [0, 0], "skipped": [], "null_texts": 0, "first_null": None,
                  "stats": {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}, "splits": {}}
         write_json(partial / PROGRESS, state)
     dtype = settings["dtype"]
@@ -255,6 +255,7 @@ def tokenize(inputs: Sequence[str], tokenizer: Tokenizer, out: str | os.PathLike
     stats = state["stats"]
     reader.start = tuple(state["next"])
     skipped_before = list(state["skipped"])
+    nulls_before, first_null = state.get("null_texts", 0), state.get("first_null")
     checkpoints, tail = 0, 0
     position = {f.path: k for k, f in enumerate(reader.files)}
 
@@ -284,7 +285,10 @@ def tokenize(inputs: Sequence[str], tokenizer: Tokenizer, out: str | os.PathLike
                 st["bytes"] += e.nbytes
                 if finished and after is not None:  # a checkpoint at this document boundary
                     earlier = [p for p in reader.skipped if position[p] < after.file]  # the reader runs ahead
+                    nulls = reader.nulls_before(after.file, after.index)
                     state.update(next=[after.file, after.index], skipped=skipped_before + earlier,
+                                 null_texts=nulls_before + nulls, first_null=first_null or (reader.first_null if nulls
+                                                                                           else None),
                                  splits={s: w.flush() for s, w in writers.items()})
                     write_json(partial / PROGRESS, state)
                     for w in writers.values():
@@ -311,7 +315,8 @@ def tokenize(inputs: Sequence[str], tokenizer: Tokenizer, out: str | os.PathLike
                            "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id},
              "split": {"val_fraction": float(val_fraction), "rule": SPLIT_RULE, "tail_tokens": tail},
              "text_column": text_column, "inputs": list(inputs), "sources": sources,
-             "skipped": skipped_before + reader.skipped,
+             "skipped": skipped_before + reader.skipped, "null_texts": nulls_before + reader.null_texts,
+             "first_null": first_null or reader.first_null,
              **{s: {**stats[s], "shards": writers[s].shards} for s in SPLITS}}
     write_json(partial / INDEX, index)
     (partial / PROGRESS).unlink()
@@ -325,7 +330,9 @@ def tokenize(inputs: Sequence[str], tokenizer: Tokenizer, out: str | os.PathLike
     report.line(f"tokenize: {out}: train {stats['train']['documents']:,} documents, {stats['train']['tokens']:,} "
                 f"tokens in {len(writers['train'].shards)} shard(s); val {stats['val']['documents']:,} documents, "
                 f"{stats['val']['tokens']:,} tokens in {len(writers['val'].shards)} shard(s); "
-                f"{format_size(reader.total_bytes)} in {seconds:.2f}s with {workers} worker(s)")
+                f"{format_size(reader.total_bytes)} in {seconds:.2f}s with {workers} worker(s)"
+                + skipped_note(len(index["skipped"]), index["null_texts"],
+                               first=(index["skipped"] or [index["first_null"]])[0]))
     return index
 
 
@@ -453,6 +460,7 @@ class TokenFolder:
             self.tail_tokens = int(index["split"]["tail_tokens"])
             self.inputs = list(index["inputs"])
             self.skipped = list(index["skipped"])
+            self.null_texts = int(index.get("null_texts", 0))  # absent in folders written before it was counted
             self.bos_id = int(self.tokenizer["bos_id"])
             streams, stats = {}, {}
             for split in SPLITS:
@@ -493,7 +501,7 @@ class TokenFolder:
     def stats(self) -> dict[str, Any]:
         return {"inputs": [str(self.path)], "tokenized_from": self.inputs, "val_fraction": self.val_fraction,
                 "train": asdict(self.train), "val": asdict(self.val), "skipped_files": len(self.skipped),
-                "tail_tokens": self.tail_tokens}
+                "null_texts": self.null_texts, "tail_tokens": self.tail_tokens}
 
     def split(self) -> dict[str, Any]:
         """How val was held out, for run.json."""

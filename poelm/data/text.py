@@ -8,8 +8,11 @@ Design choices:
   of objects with a "text" string, Parquet files and `datasets` folders (a text column), gzip/zstd
   compressed. Text is whatever decodes as UTF-8 without NUL bytes. A file named explicitly must be
   non-empty text; inside a directory other files are skipped and listed in `reader.skipped` so the
-  caller can report them, and empty files, empty texts and null cells are no documents. A malformed
-  record is an error wherever it is, naming file and line (or row).
+  caller can report them, and empty files and empty texts are no documents. A record whose text is
+  null (a Parquet or `datasets` null cell, a JSON `{"text": null}`) is no document either, in every
+  format alike, and is counted (`reader.null_texts`, reported beside the skipped files). A malformed
+  record (a JSON line that is not an object, no "text" key, a text that is not a string) is an error
+  wherever it is, naming file and line (or row) and what the text field held.
 - Paths are checked and sized when the reader is made (a typo fails before any work), so progress
   can count bytes against a known total: tqdm on a terminal, a handful of plain lines otherwise.
 - Each document is tokenized as `[<|bos|>] + encode(text)` (`encode_documents`: here with tiktoken's
@@ -49,6 +52,7 @@ import hashlib
 import math
 import os
 import sys
+from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -136,6 +140,10 @@ class DocumentReader:
         self.start = start
         self.documents = 0
         self.skipped: list[str] = []
+        self.null_texts = 0  # records whose text is null, read so far (the first at `first_null`)
+        self.first_null: str | None = None
+        self._null_at: deque[tuple[int, int]] = deque()  # their (file, record) positions, until `nulls_before`
+        self._nulls_before = 0
         self._it: Iterator[Document] | None = None
 
     def __iter__(self) -> DocumentReader:
@@ -145,6 +153,13 @@ class DocumentReader:
         if self._it is None:
             self._it = self._read()
         return next(self._it)
+
+    def nulls_before(self, file: int, index: int) -> int:
+        """Null-text records read before position (file, record) — the reader may have run ahead of it."""
+        while self._null_at and self._null_at[0] < (file, index):
+            self._null_at.popleft()
+            self._nulls_before += 1
+        return self._nulls_before
 
     def _consumed(self, n: int) -> None:
         if self.on_bytes is not None and n:
@@ -181,15 +196,21 @@ class DocumentReader:
                 text = r.value
                 if isinstance(text, BadRecord):
                     raise PoelmError(str(text)) from None
-                if r.index >= 0 and (text is not None or column is None):  # a null table cell: no document
-                    if column is None:  # a JSON record: an object with a "text" string
-                        if not isinstance(text, dict) or not isinstance(text.get("text"), str):
-                            got = f"keys {sorted(text)}" if isinstance(text, dict) else type(text).__name__
-                            raise PoelmError(f"{r.where}: expected an object with a 'text' string field, got {got}")
-                        text = text["text"]
-                    elif not isinstance(text, str):
-                        raise PoelmError(f"{r.where}: column {column!r} holds {type(text).__name__}; expected "
-                                         f"strings")
+                if r.index >= 0 and column is None:  # a JSON record: an object with a "text" string (or null)
+                    if not isinstance(text, dict) or "text" not in text:
+                        got = f"an object with keys {sorted(text)}" if isinstance(text, dict) else json_type(text)
+                        raise PoelmError(f"{r.where}: expected an object with a 'text' field, got {got}")
+                    text = text["text"]
+                    if text is not None and not isinstance(text, str):
+                        raise PoelmError(f"{r.where}: 'text' is {json_type(text)}; expected a string (or null: no "
+                                         f"text)")
+                elif r.index >= 0 and text is not None and not isinstance(text, str):
+                    raise PoelmError(f"{r.where}: column {column!r} holds {type(text).__name__}; expected strings")
+                if r.index >= 0 and text is None:  # a null text, in any format: no document, counted
+                    self.null_texts += 1
+                    self.first_null = self.first_null or r.where
+                    self._null_at.append((k, r.index))
+                elif r.index >= 0:
                     try:  # JSON escapes can spell a lone surrogate ("\ud800"), which no tokenizer can encode
                         text.encode("utf-8")
                     except UnicodeEncodeError as e:
@@ -200,9 +221,25 @@ class DocumentReader:
                         yield Document(r.where, text, k, r.index)
                 self._consumed(r.nbytes)
         if self.documents == 0 and self.start == (0, 0):
-            skipped = f", {len(self.skipped)} non-UTF-8 file(s) skipped" if self.skipped else ""
+            skipped = skipped_note(len(self.skipped), self.null_texts, ", ")
             raise PoelmError(f"no documents in {self.inputs} (empty files and records hold none{skipped}); "
                              f"expected {INPUTS} with non-empty text")
+
+
+def json_type(value: Any) -> str:
+    """A JSON value's type in JSON's words: null, a boolean, a number, a string, an array, an object."""
+    for kind, name in ((type(None), "null"), (bool, "a boolean"), ((int, float), "a number"), (str, "a string"),
+                       (list, "an array"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def skipped_note(files: int, null_texts: int, lead: str = "; ", first: str | None = None) -> str:
+    """The log's words for what was read but held no document ("" when nothing was skipped)."""
+    parts = ([f"{files:,} non-UTF-8 file(s) in input directories"] if files else []) + \
+            ([f"{null_texts:,} record(s) whose text is null"] if null_texts else [])
+    return f"{lead}skipped {' and '.join(parts)}" + (f" (first: {first})" if first else "") if parts else ""
 
 
 def read_documents(paths: Sequence[str | os.PathLike] | str | os.PathLike,
@@ -426,6 +463,8 @@ class TextCorpus:
     bos_id: int
     val_fraction: float
     tail_tokens: int = 0  # > 0: one document, val is the last tail_tokens of its tokens (a tail hold-out)
+    null_texts: int = 0  # records whose text is null (no document)
+    first_null: str | None = None
 
     @classmethod
     def build(cls, paths: Sequence[str | os.PathLike] | str | os.PathLike, tokenizer: Tokenizer,
@@ -454,14 +493,14 @@ class TextCorpus:
         corpus = cls(train_tokens=np.concatenate(parts[False]), val_tokens=np.concatenate(parts[True]),
                      train=SplitStats(*counts[False]), val=SplitStats(*counts[True]), skipped=list(reader.skipped),
                      inputs=list(reader.inputs), bos_id=tokenizer.bos_id, val_fraction=float(val_fraction),
-                     tail_tokens=tail)
+                     tail_tokens=tail, null_texts=reader.null_texts, first_null=reader.first_null)
         report.line(corpus.summary())
         return corpus
 
     def summary(self) -> str:
-        """One log line: documents, tokens and bytes per split, a tail hold-out, and skipped files."""
-        skipped = (f"; skipped {len(self.skipped)} non-UTF-8 file(s) in input directories (first: {self.skipped[0]})"
-                   if self.skipped else "") + tail_note(self.tail_tokens)
+        """One log line: documents, tokens and bytes per split, a tail hold-out, and what was skipped."""
+        skipped = skipped_note(len(self.skipped), self.null_texts, first=(self.skipped or [self.first_null])[0]) \
+            + tail_note(self.tail_tokens)
         return (f"data: train {self.train.documents:,} documents, {self.train.tokens:,} tokens "
                 f"({format_size(self.train.bytes)}); val {self.val.documents:,} documents, {self.val.tokens:,} "
                 f"tokens ({format_size(self.val.bytes)}){skipped}")
@@ -469,7 +508,8 @@ class TextCorpus:
     def stats(self) -> dict[str, Any]:
         """JSON-able facts about the corpus, for run metadata."""
         return {"inputs": self.inputs, "val_fraction": self.val_fraction, "train": asdict(self.train),
-                "val": asdict(self.val), "skipped_files": len(self.skipped), "tail_tokens": self.tail_tokens}
+                "val": asdict(self.val), "skipped_files": len(self.skipped), "null_texts": self.null_texts,
+                "tail_tokens": self.tail_tokens}
 
     def split(self) -> dict[str, Any]:
         """How val was held out, for run.json."""
