@@ -198,7 +198,7 @@ def main() -> None:
     for name, r in runs.items():
         print(f"{name:<30} {r['tok_per_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms p95 {r['ttft_p95_ms']:7.1f} ms"
               f"  ITL p50 {r['itl_p50_ms']:6.1f} ms p95 {r['itl_p95_ms']:6.1f} ms")
-    print(f"16 clients vs 1: {result['x16_vs_1']}x aggregate tokens/s (goal >= 6x); a batch mixing two specialists "
+    print(f"16 clients vs 1: {result['x16_vs_1']}x aggregate tokens/s (goal >= 5.5x); a batch mixing two specialists "
           f"costs {result['mixed_cost']}x one specialist's (goal <= 1.3x)")
     for n, m in result["memory"].items():
         print(f"memory {n}: held {m['held_mb']} MB = {m['held_over_base_plus_deltas']}x the base ({m['base_mb']} MB) "

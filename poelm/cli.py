@@ -476,12 +476,18 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     try:
-        from .serve.app import serve
+        from .serve.app import resolve_api_key, serve
+        from .serve.protocol import LIMITS
     except ImportError as e:
         raise PoelmError(f"poelm serve needs its extras: pip install 'poelm[serve]' ({e.name} is missing)") from None
+    if args.max_body_bytes < 1024:
+        raise PoelmError(f"--max-body-bytes {args.max_body_bytes}: expected at least 1024")
     serve(args.models, args.name, host=args.host, port=args.port, max_batch=args.max_batch,
-          max_queue=args.max_queue, api_key=args.api_key, device=args.device)
+          max_queue=args.max_queue, api_key=resolve_api_key(args.api_key, args.api_key_file), device=args.device,
+          limits=replace(LIMITS, body_bytes=args.max_body_bytes))
     return 0
 
 
@@ -641,7 +647,11 @@ def build_parser() -> argparse.ArgumentParser:
                 arg("--host", default="127.0.0.1"), arg("--port", type=int, default=8000),
                 arg("--max-batch", type=int, default=16, help="rows decoded at once"),
                 arg("--max-queue", type=int, default=64, help="requests waiting at most (then 429)"),
-                arg("--api-key", metavar="KEY", help="require Authorization: Bearer KEY"),
+                arg("--api-key", metavar="KEY", help="require Authorization: Bearer KEY (visible to other users in "
+                    "`ps`: prefer --api-key-file or $POELM_API_KEY)"),
+                arg("--api-key-file", metavar="FILE", help="the key on the first line of FILE"),
+                arg("--max-body-bytes", type=int, default=1 << 20, metavar="N",
+                    help="refuse request bodies larger than N bytes (413; default 1 MiB)"),
                 arg("--device", default="cpu"))
     add_command(sub, "demo", cmd_demo, "run the pipeline end to end on the embedded default",
                 arg("--out", default="runs/demo", metavar="DIR"))

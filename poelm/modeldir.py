@@ -47,26 +47,41 @@ EOS_TOKEN = "<|assistant_end|>"
 PAD_TOKEN = "<|assistant_end|>"  # = eos: generate() then never masks a BOS (core/tokenization_poelm.py)
 
 CHAT_TEMPLATE = """\
-{%- set ns = namespace(system='', expect='user') -%}
+{#- core/tokenizer.py `chat_turns`, rule for rule and message for message: an optional system message
+    first, then user and assistant turns alternating, beginning with either; the system text goes into
+    the first user turn, after a leading assistant turn if there is one. Renders render_conversation's
+    ids; add_generation_prompt appends <|assistant_start|> (render_prompt, after a user turn). -#}
+{%- if not messages -%}
+    {{- raise_exception("conversation: no messages; expected at least one 'user' message") -}}
+{%- endif -%}
+{%- set ns = namespace(system=none, last=none) -%}
 <|bos|>
 {%- for message in messages -%}
-    {%- if message['role'] == 'system' -%}
+    {%- set role = message['role'] -%}
+    {%- if role == 'system' -%}
         {%- if not loop.first -%}
             {{- raise_exception('message ' ~ loop.index0 ~ ": role 'system' is only allowed as the first message") -}}
         {%- endif -%}
-        {%- set ns.system = message['content'] + '\\n\\n' -%}
-    {%- elif message['role'] != ns.expect -%}
-        {{- raise_exception('message ' ~ loop.index0 ~ ": expected role '" ~ ns.expect ~ "', got '"
-                            ~ message['role'] ~ "'") -}}
-    {%- elif message['role'] == 'user' -%}
-        {{- '<|user_start|>' + ns.system + message['content'] + '<|user_end|>' -}}
-        {%- set ns.system = '' -%}
-        {%- set ns.expect = 'assistant' -%}
+        {%- set ns.system = message['content'] -%}
+    {%- elif role != 'user' and role != 'assistant' -%}
+        {{- raise_exception('message ' ~ loop.index0 ~ ": unknown role '" ~ role
+                            ~ "'; expected 'user' or 'assistant'") -}}
+    {%- elif role == ns.last -%}
+        {{- raise_exception('message ' ~ loop.index0 ~ ": expected role '"
+                            ~ ('user' if role == 'assistant' else 'assistant') ~ "' after '" ~ role
+                            ~ "', got '" ~ role ~ "'") -}}
+    {%- elif role == 'user' -%}
+        {{- '<|user_start|>' + (ns.system + '\\n\\n' if ns.system is not none else '') + message['content']
+            + '<|user_end|>' -}}
+        {%- set ns.system = none -%}
     {%- else -%}
         {{- '<|assistant_start|>' + message['content'] + '<|assistant_end|>' -}}
-        {%- set ns.expect = 'user' -%}
     {%- endif -%}
+    {%- set ns.last = role -%}
 {%- endfor -%}
+{%- if ns.system is not none -%}
+    {{- raise_exception("message 0: a 'system' message must be followed by a 'user' message") -}}
+{%- endif -%}
 {%- if add_generation_prompt -%}
     {{- '<|assistant_start|>' -}}
 {%- endif -%}

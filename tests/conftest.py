@@ -139,3 +139,15 @@ def tiny_stage(tmp_path_factory, tiny_tokenizer):
     base = save_model_dir(perturb_(model, seed=3, scale=0.1), root / "base", tiny_tokenizer)
     m, _ = attach(base, 1, seed=0)
     return base, save_specialist(m, base, root / "code", "code")
+
+
+@pytest.fixture(scope="session")
+def serve_dirs(trained_like_model_dir, tmp_path_factory):
+    """(base, stage "alpha", stage "beta"): the seed-vocabulary base moved off its init and two one-block
+    stages on it whose new weights are perturbed differently, so the three answer differently."""
+    from serving import make_stage
+
+    root = tmp_path_factory.mktemp("serve")
+    a = make_stage(trained_like_model_dir, root / "a", "alpha", seed=1)
+    b = make_stage(trained_like_model_dir, root / "b", "beta", seed=2)
+    return trained_like_model_dir, a, b

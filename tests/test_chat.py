@@ -1,4 +1,5 @@
-"""Chat rendering: exact ids and loss masks, system merge, role errors, generation prompts."""
+"""Chat rendering: exact ids and loss masks, system merge, an opening assistant greeting, role errors,
+generation prompts."""
 
 from __future__ import annotations
 
@@ -64,6 +65,43 @@ def test_system_message_merges_into_first_user(tiny_tokenizer):
     assert tok.render_prompt(with_system[:2]) == tok.render_prompt(merged[:1])
 
 
+def test_assistant_first_conversation_ids_and_mask_exact(tiny_tokenizer):
+    """An app's greeting opens the conversation (OpenAI-style clients send it): it renders as any
+    assistant turn and is trained on (mask 1 on its text and <|assistant_end|>)."""
+    tok = tiny_tokenizer
+    greet, hi, ok = (tok.encode(t) for t in ("Hello! How can I help?", "Hi there", "Sure."))
+    messages = [
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Sure."},
+    ]
+    ids, mask = tok.render_conversation(messages)
+    assert ids == [503] + [506, *greet, 507] + [504, *hi, 505] + [506, *ok, 507]
+    assert mask == [0] + [0] + [1] * len(greet) + [1] + [0] * (len(hi) + 2) + [0] + [1] * len(ok) + [1]
+    trained = "Hello! How can I help?<|assistant_end|>Sure.<|assistant_end|>"
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == trained
+    assert tok.render_prompt(messages[:2]) == [503, 506, *greet, 507, 504, *hi, 505, 506]
+    # a greeting alone is a conversation, but not a prompt
+    assert tok.render_conversation(messages[:1]) == ([503, 506, *greet, 507], [0, 0] + [1] * len(greet) + [1])
+    with pytest.raises(PoelmError, match="^message 0: a prompt must end with a 'user' message, got 'assistant'$"):
+        tok.render_prompt(messages[:1])
+
+
+def test_system_before_an_assistant_greeting_merges_into_the_first_user(tiny_tokenizer):
+    tok = tiny_tokenizer
+    greet, merged, ok = (tok.encode(t) for t in ("Hello!", "Be terse.\n\nHi", "Yo"))
+    messages = [
+        {"role": "system", "content": "Be terse."},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo"},
+    ]
+    ids, mask = tok.render_conversation(messages)
+    assert ids == [503] + [506, *greet, 507] + [504, *merged, 505] + [506, *ok, 507]
+    assert mask == [0] + [0] + [1] * len(greet) + [1] + [0] * (len(merged) + 2) + [0] + [1] * len(ok) + [1]
+    assert tok.render_prompt(messages[:3]) == [503, 506, *greet, 507, 504, *merged, 505, 506]
+
+
 def test_literal_special_strings_in_content_stay_text(tiny_tokenizer):
     tok = tiny_tokenizer
     ids, mask = tok.render_conversation(
@@ -107,8 +145,11 @@ U, A, S = "user", "assistant", "system"
     [
         ([U, A, A], "message 2: expected role 'user' after 'assistant', got 'assistant'"),
         ([U, U], "message 1: expected role 'assistant' after 'user', got 'user'"),
-        ([A, U], "message 0: expected role 'user' first, got 'assistant'"),
-        ([S, A], "message 1: expected role 'user' after 'system', got 'assistant'"),
+        ([A, A], "message 1: expected role 'user' after 'assistant', got 'assistant'"),
+        ([S, A, A], "message 2: expected role 'user' after 'assistant', got 'assistant'"),
+        ([A, U, U], "message 2: expected role 'assistant' after 'user', got 'user'"),
+        ([S, A], "message 0: a 'system' message must be followed by a 'user' message"),
+        ([A, S, U], "message 1: role 'system' is only allowed as the first message"),
         ([U, S], "message 1: role 'system' is only allowed as the first message"),
         ([U, A, S, U], "message 2: role 'system' is only allowed as the first message"),
         ([S], "message 0: a 'system' message must be followed by a 'user' message"),

@@ -132,11 +132,30 @@ def test_rendered_conversation_follows_the_tokenizer(tiny_tokenizer, tmp_path):
     assert (ids, mask) == tok.render_conversation([_u("S\n\nU"), _a("A")])  # system merged into the first user
 
 
+def test_assistant_first_records_load_and_render_as_the_tokenizer_does(tiny_tokenizer, tmp_path):
+    """An app's greeting opening a conversation is kept (the tokenizer's rule, not a copy of it), the
+    system text still merged into the first user turn, the greeting trained on."""
+    tok = tiny_tokenizer
+    greeting = [_s("S"), _a("Hello!"), _u("U"), _a("A")]
+    path = _write(tmp_path / "g.jsonl", [
+        {"messages": greeting},
+        {"conversations": [{"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "U"},
+                           {"from": "gpt", "value": "A"}]},
+    ])
+    first, second = load_conversations([path], progress=False)[0][0].conversations
+    assert first.messages == greeting and second.messages == greeting[1:]
+    (ids, mask), _ = render_conversations([first, second], tok)
+    assert (ids, mask) == tok.render_conversation([_a("Hello!"), _u("S\n\nU"), _a("A")])
+    assert ids[:2] == [tok.bos_id, tok.token_id("assistant_start")] and mask[2] == 1
+
+
 @pytest.mark.parametrize("line, expected", [
     ("not json", "not valid JSON"),
     ("[1, 2]", "a JSON list; expected an object"),
     ({"text": "plain"}, "unknown record shape with keys ['text']; expected"),
-    ({"messages": [_a("A"), _u("U")]}, "message 0: expected role 'user' first, got 'assistant'"),
+    ({"messages": [_a("A"), _a("A2"), _u("U"), _a("A3")]},
+     "message 1: expected role 'user' after 'assistant', got 'assistant'"),
+    ({"messages": [_s("S"), _a("A")]}, "message 0: a 'system' message must be followed by a 'user' message"),
     ({"messages": [_u("U"), _u("U2"), _a("A")]}, "message 1: expected role 'assistant' after 'user', got 'user'"),
     ({"messages": [_u("U"), _a("A"), _s("S")]}, "message 2: role 'system' is only allowed as the first message"),
     ({"messages": [_u("U"), {"role": "assistant", "content": 3}]}, "messages[1]: 'content' is int; expected a string"),
@@ -146,7 +165,8 @@ def test_rendered_conversation_follows_the_tokenizer(tiny_tokenizer, tmp_path):
     ({"messages": [_u("U"), _a("  \n")]}, "message 1: 'assistant' content is blank"),
     ({"conversations": [{"from": "human", "value": "U"}, {"from": "tool", "value": "x"}]},
      "conversations[1]: unknown 'from' 'tool'"),
-    ({"conversations": [{"from": "gpt", "value": "A"}]}, "message 0: expected role 'user' first"),
+    ({"conversations": [{"from": "gpt", "value": "A"}, {"from": "human", "value": "U"}]},
+     "message 1: the conversation ends with a 'user' message"),
     ({"instruction": "I", "output": None}, "Alpaca field 'output' is NoneType; expected a string"),
     ({"instruction": ["I"], "response": "R"}, "Evol-Instruct field 'instruction' is list"),
     ('{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "A"}]}',
@@ -199,7 +219,7 @@ def test_directories_missing_paths_and_files_read_twice(tmp_path):
 
 def test_skip_invalid_counts_per_file_and_reason(tmp_path, capsys):
     f1 = _write(tmp_path / "one.jsonl", [VALID, "{oops", {"text": "t"}, "{also bad", VALID])
-    f2 = _write(tmp_path / "two.jsonl", [{"messages": [_a("A")]}, {"problem": "p", "solution": "s"}])
+    f2 = _write(tmp_path / "two.jsonl", [{"messages": [_u("U")]}, {"problem": "p", "solution": "s"}])
     sources, report = load_conversations([f1, f"{f2}:2"], skip_invalid=True)  # progress on: lines on stderr
     assert [len(s.conversations) for s in sources] == [2, 1]
     assert [c.where for c in sources[0].conversations] == [f"{f1}:1", f"{f1}:5"]
@@ -401,7 +421,7 @@ def test_pack_rendered_conversations(tiny_tokenizer):
     assert (rows.targets == end).sum() == 2 * len(convs)
     assert not np.isin(rows.targets, [tok.bos_id, tok.special_ids["<|user_start|>"]]).any()
     with pytest.raises(PoelmError, match="^bad:1: "):
-        render_conversations([Conversation("bad:1", [_a("x")])], tok)
+        render_conversations([Conversation("bad:1", [_a("x"), _a("y")])], tok)
 
 
 # ---- loading rows ------------------------------------------------------------------------------------

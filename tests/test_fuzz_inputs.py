@@ -277,16 +277,19 @@ _MESSAGE = st.one_of(
 
 
 def _alternating(n_pairs_max: int = 3):
-    """A valid conversation: optional system, user/assistant pairs, maybe a final user turn."""
-    def build(system, pairs, last_user):
+    """A valid conversation: optional system, maybe an assistant greeting, user/assistant pairs, maybe a
+    final user turn (always one when a system message has no pair to merge into)."""
+    def build(system, greeting, pairs, last_user):
         msgs = [{"role": "system", "content": system}] if system is not None else []
+        if greeting is not None:
+            msgs.append({"role": "assistant", "content": greeting})
         for u, a in pairs:
             msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-        if last_user is not None or not msgs or msgs[-1]["role"] == "system":
+        if last_user is not None or not msgs or (system is not None and not pairs):
             msgs.append({"role": "user", "content": last_user or ""})
         return msgs
-    return st.builds(build, st.none() | texts, st.lists(st.tuples(texts, texts), max_size=n_pairs_max),
-                     st.none() | texts)
+    return st.builds(build, st.none() | texts, st.none() | texts,
+                     st.lists(st.tuples(texts, texts), max_size=n_pairs_max), st.none() | texts)
 
 
 def _mutate(draw_list):
@@ -309,7 +312,8 @@ conversations = st.one_of(_alternating(), _alternating(), _mutate(_alternating()
 
 def chat_oracle(messages) -> tuple[int | None, list[tuple[str, str]]]:
     """The documented chat rules: (index of the first bad message or None, the (role, text) turns with
-    a leading system message merged into the first user message as system + "\\n\\n" + user)."""
+    a leading system message merged into the first user message as system + "\\n\\n" + user). After
+    the system message, user and assistant turns alternate, beginning with either."""
     turns: list[tuple[str, str]] = []
     system = None
     for i, m in enumerate(messages):
@@ -321,10 +325,9 @@ def chat_oracle(messages) -> tuple[int | None, list[tuple[str, str]]]:
                 return i, turns
             system = content
             continue
-        expected = "user" if not turns or turns[-1][0] == "assistant" else "assistant"
-        if not (isinstance(role, str) and role == expected):
+        if not (isinstance(role, str) and role in ("user", "assistant")) or (turns and role == turns[-1][0]):
             return i, turns
-        if system is not None:
+        if system is not None and role == "user":
             content, system = system + "\n\n" + content, None
         turns.append((role, content))
     if system is not None:
@@ -364,15 +367,16 @@ def _check_rendering(tok, turns, ids, mask):
 @given(messages=conversations, as_tuple=st.booleans(), max_tokens=st.none() | st.integers(-2, 80))
 def test_render_conversation_and_prompt_render_exactly_or_name_the_bad_message(
         tiny_tokenizer, messages, as_tuple, max_tokens):
-    """Random conversations (valid ones, one-message mutations of valid ones, random message lists
-    with bad roles, missing keys, non-str content, non-dict messages, system in the wrong place):
-    a valid one renders to exactly bos + per-turn start/encode(text)/end with the system text merged
-    into the first user turn, mask 1 exactly on assistant text and its <|assistant_end|> (decoding
-    the masked ids gives the assistant contents, each + <|assistant_end|>); `max_tokens` keeps exactly
-    that prefix (< 1 is refused); every valid prefix of the conversation renders to a prefix of it;
-    render_prompt is the rendering + <|assistant_start|> when the last turn is the user's, else a
-    PoelmError naming the last message. An invalid one raises exactly PoelmError whose one-line
-    message starts "message I:" with I the first bad message's index ("conversation:" when empty)."""
+    """Random conversations (valid ones, some opening with an assistant greeting, one-message mutations
+    of valid ones, random message lists with bad roles, missing keys, non-str content, non-dict
+    messages, system in the wrong place): a valid one renders to exactly bos + per-turn
+    start/encode(text)/end with the system text merged into the first user turn, mask 1 exactly on
+    assistant text and its <|assistant_end|> (decoding the masked ids gives the assistant contents, each
+    + <|assistant_end|>); `max_tokens` keeps exactly that prefix (< 1 is refused); every valid prefix of
+    the conversation renders to a prefix of it; render_prompt is the rendering + <|assistant_start|>
+    when the last turn is the user's, else a PoelmError naming the last message. An invalid one raises
+    exactly PoelmError whose one-line message starts "message I:" with I the first bad message's index
+    ("conversation:" when empty)."""
     tok = tiny_tokenizer
     given_messages = tuple(messages) if as_tuple else messages
     bad, turns = chat_oracle(messages)
@@ -432,11 +436,10 @@ _PLAIN = (st.text(CHARS, max_size=12) | st.lists(st.sampled_from([f for f in FRA
        generation=st.booleans())
 def test_hf_chat_template_agrees_with_render(tiny_tokenizer, hf_tokenizer, roles, contents, generation):
     """The shipped chat template through PoelmTokenizer.apply_chat_template, on random role sequences
-    with text that spells no special token: where the Tokenizer accepts the conversation, the
-    template's ids equal render_conversation's ids (+ <|assistant_start|> with add_generation_prompt,
-    which is render_prompt when the last turn is the user's); where
-    the Tokenizer names a bad message by index, the template raises naming the same index (a lone
-    system message, which the template renders as bos alone, excepted)."""
+    with text that spells no special token (assistant-first ones among them): where the Tokenizer
+    accepts the conversation, the template's ids equal render_conversation's ids (+ <|assistant_start|>
+    with add_generation_prompt, which is render_prompt when the last turn is the user's); where the
+    Tokenizer refuses it, the template raises with the Tokenizer's message, word for word."""
     tok = tiny_tokenizer
     messages = [{"role": r, "content": contents[i]} for i, r in enumerate(roles)]
     bad, turns = chat_oracle(messages)
@@ -446,10 +449,13 @@ def test_hf_chat_template_agrees_with_render(tiny_tokenizer, hf_tokenizer, roles
     if bad is None:
         expected = tok.render_conversation(messages)[0] + ([tok.token_id("assistant_start")] if generation else [])
         assert call() == expected
-    elif roles != ["system"]:
+    else:
+        with pytest.raises(PoelmError) as refused:
+            tok.render_conversation(messages)
+        assert str(refused.value).startswith(f"message {bad}: "), str(refused.value)
         with pytest.raises(Exception) as info:
             call()
-        assert str(info.value).startswith(f"message {bad}: "), str(info.value)
+        assert str(info.value) == str(refused.value)
 
 
 # ---- 3. JSONL readers ----------------------------------------------------------------------------
@@ -647,23 +653,27 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 
 
 def _chat_records(odd: bool = False):
-    """Records of every shape; valid ones, or with `odd` about one content in three blank, unicode
-    blank or a lone surrogate, and a blank system message now and then (which is dropped)."""
+    """Records of every shape, messages and ShareGPT ones now and then opening with an assistant
+    greeting; valid ones, or with `odd` about one content in three blank, unicode blank or a lone
+    surrogate, and a blank system message now and then (which is dropped)."""
     rare = st.sampled_from(["", " ", "\u3000", "a\ud800"])
     content = _weighted((2, nonblank_texts), (1, rare)) if odd else nonblank_texts
     system = st.none() | content | (st.sampled_from(["", " \n"]) if odd else st.nothing())
+    greeting = st.none() | content
     pairs = st.lists(st.tuples(content, content), min_size=1, max_size=3)
     extra = st.dictionaries(st.sampled_from(["id", "source", "meta"]), _JSON_LEAF, max_size=2)
 
-    def messages(system, pairs, extra):
-        msgs = ([{"role": "system", "content": system}] if system is not None else [])
-        msgs += [{"role": r, "content": c} for u, a in pairs for r, c in (("user", u), ("assistant", a))]
-        return {**extra, "messages": msgs}
+    def turns(system, greeting, pairs):
+        out = [("system", system)] if system is not None else []
+        out += [("assistant", greeting)] if greeting is not None else []
+        return out + [(r, c) for u, a in pairs for r, c in (("user", u), ("assistant", a))]
 
-    def sharegpt(system, pairs, extra, pick):
-        conv = ([{"from": "system", "value": system}] if system is not None else [])
-        conv += [{"from": _SHAREGPT_FROM[r][pick % len(_SHAREGPT_FROM[r])], "value": c}
-                 for u, a in pairs for r, c in (("user", u), ("assistant", a))]
+    def messages(system, greeting, pairs, extra):
+        return {**extra, "messages": [{"role": r, "content": c} for r, c in turns(system, greeting, pairs)]}
+
+    def sharegpt(system, greeting, pairs, extra, pick):
+        conv = [{"from": _SHAREGPT_FROM[r][pick % len(_SHAREGPT_FROM[r])], "value": c}
+                for r, c in turns(system, greeting, pairs)]
         return {**extra, "conversations": conv}
 
     alpaca = st.builds(lambda i, inp, o, extra: {**extra, "instruction": i, "output": o,
@@ -671,8 +681,8 @@ def _chat_records(odd: bool = False):
                        content, st.none() | st.just("") | texts, content, extra)
     evol = st.builds(lambda i, r, extra: {**extra, "instruction": i, "response": r}, content, content, extra)
     magicoder = st.builds(lambda p, s, extra: {**extra, "problem": p, "solution": s}, content, content, extra)
-    return st.one_of(st.builds(messages, system, pairs, extra), st.builds(sharegpt, system, pairs, extra, st.integers(0, 1)),
-                     alpaca, evol, magicoder)
+    return st.one_of(st.builds(messages, system, greeting, pairs, extra),
+                     st.builds(sharegpt, system, greeting, pairs, extra, st.integers(0, 1)), alpaca, evol, magicoder)
 
 
 def _message_list(items, role_key, text_key, roles):
@@ -691,8 +701,9 @@ def _message_list(items, role_key, text_key, roles):
 
 def chat_record_oracle(record):
     """(reason, messages) by the module docstring: shape detected per record, first match wins; then
-    the tokenizer's conversation rules plus SFT's (ends with assistant, user/assistant not blank,
-    no lone surrogates); a blank leading system message is dropped."""
+    the tokenizer's conversation rules (system first, then alternating turns beginning with either
+    role, a user turn after the system message) plus SFT's (ends with assistant, user/assistant not
+    blank, no lone surrogates); a blank leading system message is dropped."""
     if not isinstance(record, dict):
         return NOT_OBJECT, None
     if "messages" in record:
@@ -717,8 +728,10 @@ def chat_record_oracle(record):
         return BAD_CONVERSATION, None
     if msgs and msgs[0]["role"] == "system" and not msgs[0]["content"].strip():
         msgs = msgs[1:]
-    body = [m["role"] for m in msgs[1:]] if msgs and msgs[0]["role"] == "system" else [m["role"] for m in msgs]
-    if not body or body != ["user", "assistant"] * (len(body) // 2):
+    system = bool(msgs) and msgs[0]["role"] == "system"
+    body = [m["role"] for m in msgs[1:]] if system else [m["role"] for m in msgs]
+    if (not body or "system" in body or any(r == s for r, s in zip(body, body[1:])) or body[-1] != "assistant"
+            or (system and "user" not in body)):
         return BAD_CONVERSATION, None
     if any(m["role"] != "system" and not m["content"].strip() for m in msgs):
         return BAD_CONVERSATION, None
@@ -741,15 +754,16 @@ def chat_line_oracle(raw: bytes, lineno: int):
            st.none() | st.integers(1, 4), st.booleans(), st.booleans()), min_size=1, max_size=2)),
        skip_invalid=st.booleans())
 def test_load_conversations_returns_exactly_the_valid_records_or_names_the_first_bad_line(specs, skip_invalid):
-    """load_conversations over 1-2 SPECs (`PATH[:EPOCHS]`, PATH a JSONL file or a directory of 2),
-    each file of fuzzed lines (valid messages/ShareGPT/Alpaca/Evol-Instruct/Magicoder records, some
-    with blank or surrogate contents, blank lines, cut lines, garbage bytes incl. invalid UTF-8 and
-    NUL, over-long integers, over-deep nesting, random JSON of wrong shapes; LF or CRLF; a BOM before a
-    valid first record). Without skip_invalid: exactly the valid conversations (where "path:LINE",
-    checked messages, EPOCHS parsed), or PoelmError, exactly, one line, "PATH:LINE: " of the first bad
-    record. With skip_invalid: the same conversations, and report.skipped counts every bad record per
-    file and reason, first_error naming each reason's first line. Either way an empty file is
-    refused naming it and a SPEC without a valid conversation naming the SPEC's path."""
+    """load_conversations over 1-2 SPECs (`PATH[:EPOCHS]`, PATH a JSONL file or a directory of 2), each
+    file of fuzzed lines (valid messages/ShareGPT/Alpaca/Evol-Instruct/Magicoder records, messages and
+    ShareGPT ones sometimes opening with an assistant greeting, some with blank or surrogate contents,
+    blank lines, cut lines, garbage bytes incl. invalid UTF-8 and NUL, over-long integers, over-deep
+    nesting, random JSON of wrong shapes; LF or CRLF; a BOM before a valid first record). Without
+    skip_invalid: exactly the valid conversations (where "path:LINE", checked messages, EPOCHS parsed),
+    or PoelmError, exactly, one line, "PATH:LINE: " of the first bad record. With skip_invalid: the same
+    conversations, and report.skipped counts every bad record per file and reason, first_error naming
+    each reason's first line. Either way an empty file is refused naming it and a SPEC without a valid
+    conversation naming the SPEC's path."""
     with tempfile.TemporaryDirectory() as d:
         plan = []  # (spec, path, epochs, files)
         for k, (files, epochs, as_dir, bom) in enumerate(specs):

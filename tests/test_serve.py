@@ -6,7 +6,6 @@ that disconnects, back-pressure (429), and the error shapes (400, 401, 404)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
@@ -19,62 +18,21 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402  (raw requests, and fastapi.testclient)
 
 from poelm.core.errors import PoelmError  # noqa: E402
-from poelm.infer import Engine, SamplingParams  # noqa: E402
 from poelm.modeldir import load_model, load_tokenizer  # noqa: E402
 
+from serving import client, greedy, running, text_of  # noqa: E402
 from util import perturb_  # noqa: E402
 
 
-@contextlib.contextmanager
-def running(dirs, **kw):
-    """A live server for `dirs` (poelm.serve.app.background: a free port, stopped on exit)."""
-    from poelm.serve.app import background
-
-    with background([str(d) for d in dirs], **kw) as (url, app):
-        yield url, app
-
-
-def make_stage(parent, out, name: str, seed: int):
-    """A stage of one block whose new weights are perturbed (so two stages answer differently)."""
-    from poelm.specialist import attach, save_specialist, specialist_parameter_names
-
-    model, _ = attach(parent, 1, seed=seed)
-    trained = set(specialist_parameter_names(model))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname in trained and p.dim() >= 1:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return save_specialist(model, parent, out, name)
-
-
 @pytest.fixture(scope="module")
-def dirs(trained_like_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    a = make_stage(trained_like_model_dir, root / "a", "alpha", seed=1)
-    b = make_stage(trained_like_model_dir, root / "b", "beta", seed=2)
-    return trained_like_model_dir, a, b
+def dirs(serve_dirs):
+    return serve_dirs
 
 
 @pytest.fixture(scope="module")
 def live(dirs):
     with running(dirs, max_batch=8, max_queue=16) as (url, app):
         yield url, app
-
-
-def client(url: str, key: str = "none"):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def greedy(directory, ids: list[int], n: int) -> list[int]:
-    model = load_model(directory)
-    return Engine(model, load_tokenizer(directory)).generate(ids, SamplingParams(max_new_tokens=n))
-
-
-def text_of(directory, tokens: list[int]) -> str:
-    tok = load_tokenizer(directory)
-    stops = {tok.token_id("assistant_end"), tok.bos_id}
-    return tok.decode([t for t in tokens if t not in stops])
 
 
 def test_models_and_health(live, dirs):
@@ -321,8 +279,10 @@ def test_error_shapes(live, dirs):
     url, _ = live
     bad = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
-    unknown = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, "prompt": "a", "logit_bias": {}})
-    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "logit_bias"
+    unknown = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, "prompt": "a", "best_of": 2})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "best_of"
+    biased = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, "prompt": "a", "logit_bias": {"5": 1}})
+    assert biased.status_code == 400 and biased.json()["error"]["param"] == "logit_bias"
     wrong = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, "prompt": "a", "temperature": "hot"})
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "temperature"
     nothing = httpx.post(f"{url}/v1/completions", json={"model": dirs[0].name, "prompt": "a", "max_tokens": 0})
@@ -348,7 +308,7 @@ def test_a_wrong_key_is_401(dirs):
         with pytest.raises(openai.AuthenticationError):
             client(url, key="wrong").models.list()
         assert [m.id for m in client(url, key="sekret").models.list().data] == [dirs[0].name]
-        assert httpx.get(f"{url}/health").status_code == 200  # health needs no key
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}  # a bare liveness answer needs no key
 
 
 def test_directories_of_different_bases_are_refused(dirs, tmp_path):

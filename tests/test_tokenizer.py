@@ -420,7 +420,7 @@ HF_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     from transformers import AutoTokenizer
-    d, texts, ids, messages, out = sys.argv[1], *map(json.loads, sys.argv[2:5]), sys.argv[5]
+    d, texts, ids, messages, greeting, out = sys.argv[1], *map(json.loads, sys.argv[2:6]), sys.argv[6]
     t = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
     res = {
         "class": type(t).__name__,
@@ -432,10 +432,12 @@ HF_SCRIPT = textwrap.dedent(
         "batch": t.batch_decode(torch.tensor([ids[:3], ids[-3:]])),
         "chat": t.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False),
         "chat_text": t.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+        "greeting": t.apply_chat_template(greeting, add_generation_prompt=True, tokenize=True, return_dict=False),
         "special": [t.bos_token_id, t.eos_token_id, t.pad_token_id, len(t)],
     }
     try:
-        t.apply_chat_template([{"role": "assistant", "content": "x"}], tokenize=False)
+        t.apply_chat_template([{"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"}],
+                              tokenize=False)
         res["order_error"] = None
     except Exception as e:
         res["order_error"] = str(e)
@@ -460,10 +462,15 @@ def test_hf_auto_tokenizer_fresh_process(tiny_tokenizer, tiny_tokenizer_dir, tmp
         {"role": "assistant", "content": "4"},
         {"role": "user", "content": "And 3.14159 * 2?"},
     ]
+    greeting = [  # an app's greeting first (OpenAI-style clients send it); the system text joins the user turn
+        {"role": "system", "content": "Be brief."},
+        {"role": "assistant", "content": "Hello! Ask me anything."},
+        {"role": "user", "content": "What is 2+2?"},
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     run = subprocess.run(
         [sys.executable, "-c", HF_SCRIPT, str(tiny_tokenizer_dir), json.dumps(texts), json.dumps(ids),
-         json.dumps(messages), str(tmp_path / "resaved")],
+         json.dumps(messages), json.dumps(greeting), str(tmp_path / "resaved")],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -478,7 +485,8 @@ def test_hf_auto_tokenizer_fresh_process(tiny_tokenizer, tiny_tokenizer_dir, tmp
     assert res["batch"] == [tok.decode(ids[:3]), tok.decode(ids[-3:])]
     assert res["chat"] == tok.render_prompt(messages)
     assert res["chat_text"].startswith("<|bos|><|user_start|>Be brief.\n\nWhat is 2+2?<|user_end|>")
-    assert res["order_error"] == "message 0: expected role 'user', got 'assistant'"
+    assert res["greeting"] == tok.render_prompt(greeting)
+    assert res["order_error"] == "message 1: expected role 'user' after 'assistant', got 'assistant'"
     assert res["special"] == [tok.bos_id, tok.token_id("assistant_end"), tok.token_id("assistant_end"), 512]
 
 

@@ -22,6 +22,11 @@ Design choices:
 - Chat format (docs/model.md §4): `<|bos|>`, then `<|user_start|> text <|user_end|>` /
   `<|assistant_start|> text <|assistant_end|>`; the loss mask is 1 exactly on assistant text and its
   `<|assistant_end|>`. A leading system message is merged into the first user message.
+- Chat rules (`chat_turns`, the one copy: poelm.data.chat calls it, the shipped Jinja template
+  mirrors it): an optional system message first, then user and assistant turns alternating,
+  beginning with either. An assistant turn may open the conversation because OpenAI-style clients
+  send the greeting an app shows before the user types; it renders and is trained on like every
+  assistant turn, and the system text still goes into the first user turn, after it.
 """
 
 from __future__ import annotations
@@ -112,6 +117,48 @@ def _as_ids(ids: Any) -> list[int]:
             raise PoelmError(f"decode: element {i} is {kind}; expected an integer token id")
         out.append(x)
     return out
+
+
+def chat_turns(messages: Any) -> list[tuple[str, str]]:
+    """Check a conversation by the chat rules; return its (role, text) turns with the system merged in.
+
+    `messages` is a list (or tuple) of dicts with a 'role' and a str 'content' (other keys ignored):
+    an optional 'system' message first, then 'user' and 'assistant' turns alternating, beginning with
+    either (an assistant turn first is an app's greeting). The system text is merged into the first
+    user turn as system + blank line + user (nanochat's convention), also when an assistant turn comes
+    before that, so a system message needs a user message after it. Raises PoelmError naming the
+    first bad message by index ("conversation:" for a non-list or an empty one).
+    """
+    if not isinstance(messages, (list, tuple)):
+        raise PoelmError(f"conversation: expected a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise PoelmError("conversation: no messages; expected at least one 'user' message")
+    turns: list[tuple[str, str]] = []
+    system: str | None = None
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise PoelmError(f"message {i}: expected a dict with 'role' and 'content', got {type(m).__name__}")
+        if "role" not in m or "content" not in m:
+            raise PoelmError(f"message {i}: expected keys 'role' and 'content', got {_show(sorted(m, key=repr))}")
+        role, content = m["role"], m["content"]
+        if not isinstance(content, str):
+            raise PoelmError(f"message {i}: 'content' must be a str, got {type(content).__name__}")
+        if not isinstance(role, str) or role not in ("system", "user", "assistant"):
+            raise PoelmError(f"message {i}: unknown role {_show(role)}; expected 'user' or 'assistant'")
+        if role == "system":
+            if i != 0:
+                raise PoelmError(f"message {i}: role 'system' is only allowed as the first message")
+            system = content
+            continue
+        if turns and role == turns[-1][0]:
+            expected = "user" if role == "assistant" else "assistant"
+            raise PoelmError(f"message {i}: expected role {expected!r} after {role!r}, got {role!r}")
+        if role == "user" and system is not None:  # nanochat's convention: system text + blank line + user text
+            content, system = system + "\n\n" + content, None
+        turns.append((role, content))
+    if system is not None:
+        raise PoelmError("message 0: a 'system' message must be followed by a 'user' message")
+    return turns
 
 
 class Tokenizer:
@@ -239,46 +286,14 @@ class Tokenizer:
 
     # ---- chat -----------------------------------------------------------------------------------
 
-    def _turns(self, messages: Any) -> list[tuple[str, str]]:
-        """Validate messages; return (role, text) turns with the system message merged in."""
-        if not isinstance(messages, (list, tuple)):
-            raise PoelmError(f"conversation: expected a list of messages, got {type(messages).__name__}")
-        if not messages:
-            raise PoelmError("conversation: no messages; expected at least one 'user' message")
-        turns: list[tuple[str, str]] = []
-        system: str | None = None
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise PoelmError(f"message {i}: expected a dict with 'role' and 'content', got {type(m).__name__}")
-            if "role" not in m or "content" not in m:
-                raise PoelmError(f"message {i}: expected keys 'role' and 'content', got {_show(sorted(m, key=repr))}")
-            role, content = m["role"], m["content"]
-            if not isinstance(content, str):
-                raise PoelmError(f"message {i}: 'content' must be a str, got {type(content).__name__}")
-            if not isinstance(role, str) or role not in ("system", "user", "assistant"):
-                raise PoelmError(f"message {i}: unknown role {_show(role)}; expected 'user' or 'assistant'")
-            if role == "system":
-                if i != 0:
-                    raise PoelmError(f"message {i}: role 'system' is only allowed as the first message")
-                system = content
-                continue
-            expected = "user" if not turns or turns[-1][0] == "assistant" else "assistant"
-            if role != expected:
-                after = f"after {turns[-1][0]!r}" if turns else ("after 'system'" if system is not None else "first")
-                raise PoelmError(f"message {i}: expected role {expected!r} {after}, got {role!r}")
-            if system is not None:  # nanochat's convention: system text + blank line + user text
-                content, system = system + "\n\n" + content, None
-            turns.append((role, content))
-        if system is not None:
-            raise PoelmError("message 0: a 'system' message must be followed by a 'user' message")
-        return turns
-
     def render_conversation(self, messages: list[dict], max_tokens: int | None = None) -> tuple[list[int], list[int]]:
-        """Conversation -> (ids, mask): mask is 1 on assistant text tokens and their
-        <|assistant_end|>, 0 on <|bos|>, user turns and <|assistant_start|>. `max_tokens` truncates both."""
+        """Conversation (the rules of `chat_turns`) -> (ids, mask): mask is 1 on the text tokens of
+        every assistant turn and its <|assistant_end|>, a leading assistant turn (a greeting) included:
+        it is the model's speech like any other, and a data set that should not teach it can leave it
+        out. 0 on <|bos|>, user turns and <|assistant_start|>. `max_tokens` truncates both."""
         s = self._special_ids
         ids, mask = [s["<|bos|>"]], [0]
-        for role, text in self._turns(messages):
+        for role, text in chat_turns(messages):
             body = self.encode(text)
             if role == "user":
                 ids += [s["<|user_start|>"], *body, s["<|user_end|>"]]
@@ -294,7 +309,7 @@ class Tokenizer:
 
     def render_prompt(self, messages: list[dict]) -> list[int]:
         """Prompt for generation: the conversation (ending with a user turn) + <|assistant_start|>."""
-        turns = self._turns(messages)
+        turns = chat_turns(messages)
         if turns[-1][0] != "user":
             raise PoelmError(
                 f"message {len(messages) - 1}: a prompt must end with a 'user' message, got {turns[-1][0]!r}"

@@ -31,10 +31,12 @@ Design choices:
   [{from, value}] (from human/user, gpt/assistant, system) | Alpaca {instruction, input?, output}
   (user = instruction + "\\n\\n" + input when input is non-empty) | Evol-Instruct {instruction,
   response} | Magicoder OSS-Instruct {problem, solution}. Extra keys are ignored.
-- A conversation is checked here with the tokenizer's rules (`Tokenizer.render_conversation`:
-  optional leading system, then user/assistant alternating from user; string contents) and three
-  more, for SFT: it ends with an assistant reply (an unanswered turn is row space with no loss),
-  user and assistant contents are not blank, and contents are valid Unicode (no lone surrogates).
+- A conversation is checked here with the tokenizer's rules (`chat_turns` in core/tokenizer.py,
+  called, not copied: optional leading system, then user and assistant turns alternating, beginning
+  with either, so an app's opening assistant greeting is kept and trained on; a system message needs
+  a user message after it; string contents) and then three more, for SFT: it ends with an assistant
+  reply (an unanswered turn is row space with no loss), user and assistant contents are not blank,
+  and contents are valid Unicode (no lone surrogates).
   A blank system message is dropped (ShareGPT dumps carry `{"from": "system", "value": ""}`).
 - Every error names where the record is -- `path:LINE` (1-based) for JSONL, `path[ROW]` (0-based)
   for JSON arrays, Parquet and `datasets` folders, `hf:NAME@SPLIT[ROW]` for the Hub -- or the file,
@@ -96,6 +98,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from ..core.errors import PoelmError
+from ..core.tokenizer import chat_turns
 from .records import (INVALID_JSON, NOT_UTF8, BadRecord, InputFile, dataset_records, expand, is_datasets_folder,
                       records)
 from .text import ByteProgress, RowLoader, _check_int, format_size
@@ -191,27 +194,20 @@ def _message_list(record: dict, key: str, role_key: str, text_key: str, where: s
 
 
 def check_messages(messages: Messages, where: str) -> Messages:
-    """Check a conversation with the tokenizer's rules plus SFT's (see the module docstring); return
+    """Check a conversation with the tokenizer's rules (`chat_turns`) plus SFT's (module docstring); return
     it with a blank system message dropped. Errors name `where` and the message index."""
     if messages and messages[0]["role"] == "system" and not messages[0]["content"].strip():
         messages = messages[1:]
     if not messages:
         raise BadRecord(f"{where}: no messages; expected a user message and an assistant reply", BAD_CONVERSATION)
+    try:  # the role rules live in one place, the tokenizer's
+        chat_turns(messages)
+    except PoelmError as e:
+        raise BadRecord(f"{where}: {e}", BAD_CONVERSATION) from None
     for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
-        if role == "system":
-            if i != 0:
-                raise BadRecord(f"{where}: message {i}: role 'system' is only allowed as the first message",
-                                BAD_CONVERSATION)
-        else:
-            # the tokenizer's alternation: user first (after an optional system), then strictly alternating
-            expected = "user" if i == 0 or messages[i - 1]["role"] in ("system", "assistant") else "assistant"
-            if role != expected:
-                after = f"after {messages[i - 1]['role']!r}" if i else "first"
-                raise BadRecord(f"{where}: message {i}: expected role {expected!r} {after}, got {role!r}",
-                                BAD_CONVERSATION)
-            if not content.strip():
-                raise BadRecord(f"{where}: message {i}: {role!r} content is blank; expected text", BAD_CONVERSATION)
+        if role != "system" and not content.strip():
+            raise BadRecord(f"{where}: message {i}: {role!r} content is blank; expected text", BAD_CONVERSATION)
         try:  # JSON escapes can spell a lone surrogate ("\ud800"), which no tokenizer can encode
             content.encode("utf-8")
         except UnicodeEncodeError as e:

@@ -19,6 +19,11 @@ Design choices:
   alone and among others run the same code.
 - The engine's batch never feeds a row's last sampled token: once a row ends its logits would be
   thrown away.
+- A row's failure is its own: if picking a row's token raises (any Exception: its sampling, its
+  generator), that row alone ends (`Row.fail`: `error` holds the message, `done` is set, no token is
+  emitted for it) and leaves like a finished row, and the other rows go on exactly as they would
+  alone. The caller reads `row.error` (the server's scheduler sends it as the row's "error" event). A
+  failure of the forward pass itself is every row's and is raised from `step()`.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class Row:
     route: Route | None = None  # the engine's batches: which model, stage and predictor the row decodes
     logprobs: int | None = None  # the engine's batches: report each token's log-probability and this many alternatives
     logprob: dict | None = None  # ... of the token emitted last (`token_logprob`)
+    error: str | None = None  # why the row ended without finishing (`fail`): "ExceptionType: message"
 
     def emit(self, token: int, limit: int) -> bool:
         """Record a produced token; whether the row has finished (a stop token, its budget, or prompt +
@@ -55,6 +61,11 @@ class Row:
         self.done = (token in self.stop_ids or len(self.tokens) >= self.params.max_new_tokens
                      or len(self.prompt) + len(self.tokens) >= limit)
         return self.done
+
+    def fail(self, e: Exception) -> None:
+        """End this row alone: picking its token raised `e` (module docstring)."""
+        self.error = f"{type(e).__name__}: {e}"
+        self.done = True
 
 
 def token_logprob(scores: torch.Tensor, token: int, top: int) -> dict:
@@ -132,7 +143,11 @@ class RowBatch(ABC):
         rows, logits = self._prefill(**forward)
         emitted = []
         for r, scores in zip(rows, logits):
-            token = pick(scores, r)
+            try:
+                token = pick(scores, r)
+            except Exception as e:  # noqa: BLE001 - this row ends alone (module docstring)
+                r.fail(e)
+                continue
             r.emit(token, self.limit)
             emitted.append((r, token))
         self._keep([i for i, r in enumerate(self.rows) if not r.done])
@@ -178,8 +193,19 @@ class Batch(RowBatch):
             self.logits = self.logits[keep] if keep else None
         super()._keep(keep)
 
+    def _pick(self, r: Row, scores: torch.Tensor, greedy: int) -> int:
+        """Row r's next token from its scores (V,) (`greedy`: their argmax), and its reported logprob."""
+        if r.params.temperature == 0 and r.params.repetition_penalty == 1:
+            token = greedy
+        else:
+            seen = torch.tensor(r.seen, device=self.device) if r.params.repetition_penalty != 1 else None
+            token = sample_next(scores, seen, r.params, r.generator)
+        if r.logprobs is not None:
+            r.logprob = token_logprob(scores, token, r.logprobs)
+        return token
+
     def step(self) -> list[tuple[Row, int]]:
-        """One token for every row; rows that finish leave the batch."""
+        """One token for every row; rows that finish (or fail) leave the batch."""
         if self.queued:
             self.queued.sort(key=lambda r: r.route.key)
             _, logits = self._prefill()
@@ -191,14 +217,12 @@ class Batch(RowBatch):
         with torch.inference_mode():
             greedy = self.logits.argmax(dim=-1).tolist()  # every plain-greedy row at once
             for i, r in enumerate(self.rows):
-                if r.params.temperature == 0 and r.params.repetition_penalty == 1:
-                    token = greedy[i]
-                else:
-                    seen = torch.tensor(r.seen, device=self.device) if r.params.repetition_penalty != 1 else None
-                    token = sample_next(self.logits[i], seen, r.params, r.generator)
+                try:
+                    token = self._pick(r, self.logits[i], greedy[i])
+                except Exception as e:  # noqa: BLE001 - this row ends alone (module docstring)
+                    r.fail(e)
+                    continue
                 emitted.append((r, token))
-                if r.logprobs is not None:
-                    r.logprob = token_logprob(self.logits[i], token, r.logprobs)
                 if not r.emit(token, self.limit):
                     keep.append(i)
                     feed.append(token)

@@ -127,6 +127,8 @@ class Decoder(ABC):
         while not row.done:
             for _, token in batch.step():
                 yield token
+        if row.error is not None:  # the batch ended this row: picking its token failed (a bug, not bad input)
+            raise RuntimeError(f"decoding failed: {row.error}")
 
     def generate_batch(self, prompts: list[list[int]],
                        params: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
@@ -146,6 +148,9 @@ class Decoder(ABC):
             batch.step()
         self.last_stats = GenerationStats(sum(map(len, requests)), sum(len(r.tokens) for r in rows),
                                           time.perf_counter() - t0)
+        failed = [(i, r.error) for i, r in enumerate(rows) if r.error is not None]
+        if failed:
+            raise RuntimeError(f"decoding failed for prompt {failed[0][0]}: {failed[0][1]}")
         return [r.tokens for r in rows]
 
     def _generator(self, params: SamplingParams) -> torch.Generator | None:

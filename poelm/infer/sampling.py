@@ -4,8 +4,18 @@ Design choices:
 - The order follows transformers' `generate`: repetition penalty on the raw logits (exactly
   `RepetitionPenaltyLogitsProcessor`, also under greedy), then temperature, top-k, top-p, then
   `torch.multinomial`. `temperature == 0` is greedy argmax (top-k/top-p cannot change the argmax).
+- Every value `SamplingParams` admits samples a valid token (tested down to 5e-324 and up to 1e308).
+  Tempering is one function (`tempered`, also the speculative rule's p and q): the scores are shifted
+  by their max before the division, `(s - max) / t <= 0`, so nothing overflows to +inf and no
+  inf - inf makes a nan; as t -> 0+ the distribution tends to one-hot on the argmax (uniform over
+  exact ties), and a t that rounds to 0 or inf in float32 is exactly that limit. top-p always keeps
+  the top token (a p that rounds to 0 in float32 keeps it alone); top-k keeps the k-th value's ties.
+  The repetition penalty leaves a score of 0 at 0 (0 / a penalty that rounds to 0 is not a nan); a
+  score it pushes to +inf makes the +inf tokens the argmax, as they are under greedy.
 - The only randomness is the generator the caller passes (every decoder seeds one per call from
-  `SamplingParams.seed`): the same prompt and params give the same tokens, whatever ran before.
+  `SamplingParams.seed`): the same prompt and params give the same tokens, whatever ran before. A
+  seed is what `torch.Generator.manual_seed` takes, [-2**63, 2**64 - 1] (a negative seed is its
+  value mod 2**64).
 """
 
 from __future__ import annotations
@@ -18,6 +28,9 @@ import torch
 
 from ..core.errors import PoelmError
 from ..options import option
+
+
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # torch.Generator.manual_seed's range (a 64-bit seed, signed or not)
 
 
 @dataclass
@@ -51,8 +64,8 @@ class SamplingParams:
             fail("top_p", "None or a number in (0, 1]")
         if not is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
             fail("repetition_penalty", "a finite number > 0 (1 = off)")
-        if not is_int(self.seed):
-            fail("seed", "an integer")
+        if not is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX:
+            fail("seed", f"an integer in [{SEED_MIN}, {SEED_MAX}] (what torch.Generator.manual_seed takes)")
 
 
 # ---- logits processors (each takes and returns (V,) float32 scores of one position) ------------
@@ -63,8 +76,24 @@ def apply_repetition_penalty(scores: torch.Tensor, seen_ids: torch.Tensor | None
     if penalty == 1.0 or seen_ids is None or seen_ids.numel() == 0:
         return scores
     picked = scores.gather(-1, seen_ids)
-    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    # a 0 stays 0 (transformers divides it, and 0 / a penalty that rounds to 0 in float32 is a nan)
+    picked = torch.where(picked < 0, picked * penalty, torch.where(picked > 0, picked / penalty, picked))
     return scores.scatter(-1, seen_ids, picked)
+
+
+def tempered(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(..., V) scores at `temperature` > 0, shifted so that their max is 0: `(s - max) / t`, the same
+    distribution under softmax as `s / t` but never +inf or nan for any t > 0 (see the module docstring).
+    The argmax(es) are exactly 0 (also where the max is +inf), every other score is < 0 or -inf."""
+    top = scores.max(dim=-1, keepdim=True).values
+    shifted = torch.where(scores == top, 0.0, scores - top)  # (..., V) <= 0; +inf - +inf would be nan
+    t = min(temperature, torch.finfo(scores.dtype).max)  # a t that rounds to inf: -inf / inf is nan
+    return torch.where(shifted == 0, 0.0, shifted / t)  # a t that rounds to 0: 0 / 0 is nan, the limit 0
+
+
+def tempered_probs(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The tempered distribution softmax(scores / t) over the last dim, computed safely (`tempered`)."""
+    return torch.softmax(tempered(scores, temperature), dim=-1)
 
 
 def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -82,7 +111,8 @@ def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
         return scores
     probs, order = torch.softmax(scores, dim=-1).sort(dim=-1, descending=True)
     before = probs.cumsum(dim=-1) - probs  # probability mass strictly above each token
-    drop_sorted = before >= p  # the set already reached p without this token; the top one is never dropped
+    drop_sorted = before >= p  # the set already reached p without this token
+    drop_sorted[..., 0] = False  # never the top one, even where p rounds to 0 in float32 (5e-324)
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return scores.masked_fill(drop, float("-inf"))
 
@@ -94,7 +124,7 @@ def sample_next(scores: torch.Tensor, seen_ids: torch.Tensor | None, params: Sam
     scores = apply_repetition_penalty(scores.float(), seen_ids, params.repetition_penalty)
     if params.temperature == 0:
         return int(scores.argmax(dim=-1))
-    scores = scores / params.temperature
+    scores = tempered(scores, params.temperature)
     if params.top_k is not None:
         scores = top_k_filter(scores, params.top_k)
     if params.top_p is not None:

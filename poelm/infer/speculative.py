@@ -28,11 +28,16 @@ Design choices:
   emitted token is then distributed exactly as the full model's sampling (tested statistically).
   One generator per call, seeded from the params, drives drafts, acceptances and resamples. It takes
   the temperature only (top-k, top-p and the repetition penalty would change p and q per position).
+  p and q are `sampling.tempered_probs`, the engine's own tempering, so every admitted temperature
+  is safe: as t -> 0+ both become one-hot on their argmax and the rule decodes greedily. A draft is
+  accepted when u * q(d) < p(d), u ~ U[0, 1): probability min(1, p/q), and never a draft with p = 0.
 - Batches (`SpeculativeBatch`): all rows draft together and are verified in one pass; each row
   accepts its own prefix (ragged acceptance) and the rows stay one left-padded batch, right-aligned
   after every round (`PoEGPT.rollback` with one length per row, `KVCache.realign`). A row decoded in
   a batch gives what it gives alone — its tokens and its generator's draws (tested, greedy and
-  sampled, with rows joining, leaving and stopping inside a round).
+  sampled, with rows joining, leaving and stopping inside a round). A row whose drafting or acceptance
+  raises ends alone with `Row.error` (batch.py): it rides along greedily to the end of the round,
+  emits nothing from it and leaves; the other rows' rounds are unchanged.
 - The decoder protocol (decoder.py); stats (accumulated over calls and rows) report acceptance
   (accepted / drafted) and tokens per verification.
 """
@@ -48,14 +53,14 @@ from ..core.model import KVCache, PoEGPT, Walk
 from .batch import Row, RowBatch
 from .decoder import Decoder
 from .engine import Engine
-from .sampling import SamplingParams
+from .sampling import SamplingParams, tempered_probs
 
 
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int,
                        generator: torch.Generator) -> tuple[bool, int]:
     """One step of the speculative sampling rule: (accepted, token). p, q: (vocab,) probabilities."""
-    u = torch.rand((), generator=generator, device=p.device)
-    if float(u) * float(q[draft]) <= float(p[draft]):  # u <= p/q without dividing by a tiny q
+    u = torch.rand((), generator=generator, device=p.device)  # in [0, 1): u < x has probability x
+    if float(u) * float(q[draft]) < float(p[draft]):  # u < p/q without dividing by a tiny q
         return True, draft
     residual = (p - q).clamp(min=0)
     total = residual.sum()
@@ -114,7 +119,7 @@ class SpeculativeDecoder(Decoder):
 def choose(scores: torch.Tensor, row: Row) -> tuple[int, torch.Tensor | None]:
     """A token from (vocab,) scores: argmax, or a sample of the row's tempered distribution (returned too)."""
     if row.params.temperature > 0:
-        probs = torch.softmax(scores / row.params.temperature, dim=-1)
+        probs = tempered_probs(scores, row.params.temperature)
         return int(torch.multinomial(probs, 1, generator=row.generator)), probs
     return int(scores.argmax()), None
 
@@ -157,7 +162,12 @@ class SpeculativeBatch(RowBatch):
                 scores = m.predictor(logits, d.output)[:, -1]  # (B, vocab)
                 greedy = scores.argmax(dim=-1).tolist()
                 for b, r in enumerate(rows):
-                    token, q = choose(scores[b], r) if j < ks[b] and r.params.temperature > 0 else (greedy[b], None)
+                    token, q = greedy[b], None  # past its k, or failed: the row rides along greedily
+                    if j < ks[b] and r.params.temperature > 0 and r.error is None:
+                        try:
+                            token, q = choose(scores[b], r)
+                        except Exception as e:  # noqa: BLE001 - this row ends alone (batch.py)
+                            r.fail(e)
                     drafts[b].append(token)
                     qs[b].append(q)
                 walks.append(walk)
@@ -167,17 +177,16 @@ class SpeculativeBatch(RowBatch):
             full_greedy = full.argmax(dim=-1).tolist()
             emitted, lengths, last = [], [], []
             for b, r in enumerate(rows):
-                n, correction = len(drafts[b][:ks[b]]), None
-                for i in range(ks[b]):
-                    if r.params.temperature > 0:
-                        p = torch.softmax(full[b, i] / r.params.temperature, dim=-1)
-                        ok, token = accept_or_resample(p, qs[b][i], drafts[b][i], r.generator)
-                    else:
-                        token = full_greedy[b][i]
-                        ok = token == drafts[b][i]
-                    if not ok:
-                        n, correction = i, token
-                        break
+                if r.error is None:
+                    try:
+                        n, correction = self._accept(r, ks[b], drafts[b], qs[b], full[b], full_greedy[b])
+                    except Exception as e:  # noqa: BLE001 - this row ends alone (batch.py)
+                        r.fail(e)
+                if r.error is not None:  # nothing of the round is emitted; the row leaves below
+                    lengths.append(base + 1)
+                    last.append(fed[b])
+                    emitted.append([])
+                    continue
                 out = drafts[b][:n] + ([correction] if correction is not None else [])
                 kept = ([fed[b]] + drafts[b][:n])[: len(out)]  # the inputs whose keys stay
                 lengths.append(base + len(kept))
@@ -196,6 +205,22 @@ class SpeculativeBatch(RowBatch):
                     break
         self._keep([b for b, r in enumerate(rows) if not r.done])
         return produced
+
+    @staticmethod
+    def _accept(r: Row, k: int, drafts: list[int], qs: list[torch.Tensor | None], full: torch.Tensor,
+                full_greedy: list[int]) -> tuple[int, int | None]:
+        """Row r's acceptance of its first k drafts against the full model's scores `full` (k', vocab):
+        (how many are accepted, the full model's token at the first rejection or None)."""
+        for i in range(k):
+            if r.params.temperature > 0:
+                p = tempered_probs(full[i], r.params.temperature)
+                ok, token = accept_or_resample(p, qs[i], drafts[i], r.generator)
+            else:
+                token = full_greedy[i]
+                ok = token == drafts[i]
+            if not ok:
+                return i, token
+        return k, None
 
     def _verify(self, walks: list[Walk], shallow: list[list[torch.Tensor]]) -> torch.Tensor:
         """The deeper stages over every drafted position at once: the full predictor (B, k, vocab). The

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -37,6 +38,11 @@ class ServedModel:
     tokenizer: Tokenizer
     root: str
     decoders: dict = field(default_factory=dict)  # the scheduler's decoders, by decode mode
+
+    @cached_property
+    def longest_token(self) -> int:
+        """The most UTF-8 bytes one token stands for (a text longer than the context times this cannot fit)."""
+        return max(self.tokenizer.token_bytes)
 
 
 def load_served(directories: list[str | os.PathLike], names: list[str] | None = None,

@@ -1,32 +1,64 @@
-"""The OpenAI API shapes the server speaks: request bodies (validated), responses, errors, stop strings.
+"""The OpenAI API shapes the server speaks: request bodies (validated), responses, errors, limits.
 
 Design choices:
-- Request bodies are pydantic models that forbid unknown fields: a field poelm does not implement
-  (`presence_penalty`, `logit_bias`, ...) is a 400 naming it, never silently ignored. Defaults are
-  OpenAI's (`max_tokens` 16 for completions, `temperature` 1, `top_p` 1, `n` 1). poelm's own options
-  sit beside the standard ones: `exit_stage`, `speculative` and `draft_stage`.
+- Request bodies are pydantic models with strict types (an int is not a bool, a token id is not 1.0,
+  a number is not a string) that forbid unknown fields. Defaults are OpenAI's (`max_tokens` 16 for
+  completions, `temperature` 1, `top_p` 1, `n` 1). poelm's own options sit beside the standard ones:
+  `exit_stage`, `speculative` and `draft_stage`.
+- What common clients always send and that changes nothing is accepted: `frequency_penalty` and
+  `presence_penalty` of 0, an empty `logit_bias`, `user`, `stream_options`. What would change the
+  result and is not implemented (a non-zero penalty, a non-empty `logit_bias`, an image part) is a
+  400 naming the field, never silently ignored. The published schema says the same (a penalty's
+  range is [0, 0]), so schema-driven clients and fuzzers see exactly what the server accepts.
+- Chat `content` is a string or a list of text parts (joined with a newline, as vLLM does); the
+  `developer` role is the system message; a conversation may begin with an assistant turn.
+- Every size is bounded before work starts (`LIMITS`, in the README): the body's bytes (the server
+  refuses a larger body before reading it), the number of prompts, `n`, the number and length of
+  stop strings, `logprobs`, the seed's range. A prompt is also bounded by the model's context: a
+  text of more bytes than the context could hold (sequence_len x the longest token's bytes) is
+  refused before it is tokenized.
 - Errors are `{"error": {"message", "type", "param", "code"}}` with the HTTP status OpenAI uses.
-- A text prompt is the tokenizer's encoding after `<|bos|>` (how every poelm model saw documents);
-  token-id prompts are used as given. Chat messages are rendered with the tokenizer's chat format.
+- A prompt is what the model reads: `<|bos|>` and the prompt's tokens (a text prompt's encoding, or
+  token ids as sent; `<|bos|>` is added unless the ids begin with it), as every poelm model saw its
+  documents. What a client gets back of the prompt (`echo`, its `logprobs`) is exactly what it sent:
+  the text as sent, and the tokens and log-probabilities of its own tokens, never the added
+  `<|bos|>` — so a text prompt and the same prompt as token ids give the same echo.
 - Stop strings (`poelm.infer.stops.TextStream`): the text is cut before the first occurrence of any
-  stop string, which is not included, even across streamed chunks. Stop tokens (`<|assistant_end|>`,
-  `<|bos|>`) end a row and are never text.
+  stop string, which is not included, even across streamed chunks; empty stop strings stop nothing.
+  Stop tokens (`<|assistant_end|>`, `<|bos|>`) end a row and are never text.
 - `logprobs` are the model's own log-probabilities (its predictor, before temperature) of each token
   given the tokens before it: from one scoring forward over prompt + completion after decoding, or,
   streamed, from the scores of the step that chose the token (equal to float rounding; the engine's
   modes only). Streamed, a chunk carries the entries of the tokens whose text it releases.
-  `text_offset` counts characters of the tokens decoded one by one.
+  `text_offset` counts characters of the tokens decoded one by one, from the first token returned.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from ..core.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (the README lists these with their defaults)."""
+
+    body_bytes: int = 1 << 20  # a larger body is refused (413) before it is read
+    prompts: int = 64  # prompts in one completions request
+    n: int = 16  # choices per prompt
+    stops: int = 16  # stop strings (OpenAI allows 4)
+    stop_chars: int = 1000  # characters per stop string
+    logprobs: int = 20  # alternatives per token (completions `logprobs`, chat `top_logprobs`)
+    messages: int = 1024  # chat messages
+
+
+LIMITS = Limits()
 
 
 class ApiError(Exception):
@@ -41,54 +73,208 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# ---- request bodies -----------------------------------------------------------------------------------
+
+def _zero(value: float) -> float:
+    if value != 0:
+        raise ValueError(f"{value} would change the result and poelm implements no penalties; send 0 or leave it out")
+    return value
+
+
+def _empty(value: dict | None) -> dict | None:
+    if value:
+        raise ValueError("a non-empty logit_bias would change the result and poelm does not implement it; "
+                         "send {} or leave it out")
+    return value
+
+
+Penalty = Annotated[StrictFloat, Field(json_schema_extra={"minimum": 0, "maximum": 0},
+                                       description="accepted as 0 only (no penalties are implemented)"),
+                    AfterValidator(_zero)]
+LogitBias = Annotated[dict[str, StrictFloat] | None, Field(json_schema_extra={"maxProperties": 0},
+                                                           description="accepted empty only"), AfterValidator(_empty)]
+StopText = Annotated[str, Field(max_length=LIMITS.stop_chars)]
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+Ids = Annotated[list[TokenId], Field(min_length=1, max_length=1 << 20)]
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+Stage = Annotated[StrictInt, Field(ge=0, le=1024)]
+Alternatives = Annotated[StrictInt, Field(ge=0, le=LIMITS.logprobs)]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class Common(BaseModel):
     """What completions and chat share."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
+    model: Annotated[str, Field(max_length=256)]
+    temperature: Annotated[StrictFloat, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[StrictFloat, Field(gt=0, le=1)] = 1.0
+    seed: Seed | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=LIMITS.stops)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=LIMITS.n)] = 1
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
+    logit_bias: LogitBias = None
     # poelm's own
-    exit_stage: int | None = Field(None, ge=0)
-    speculative: int | None = Field(None, ge=1)
-    draft_stage: int | None = Field(None, ge=0)
+    exit_stage: Stage | None = None
+    speculative: Annotated[StrictInt, Field(ge=1, le=64)] | None = None
+    draft_stage: Stage | None = None
 
     def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else [s for s in (self.stop or []) if s]
+        """The stop strings; an empty one stops nothing."""
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop or []) if s]
 
 
 class CompletionRequest(Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=0)
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    prompt: Annotated[str, Field(max_length=LIMITS.body_bytes)] | Annotated[
+        list[str], Field(min_length=1, max_length=LIMITS.prompts)] | Ids | Annotated[
+        list[Ids], Field(min_length=1, max_length=LIMITS.prompts)]
+    max_tokens: Annotated[StrictInt, Field(ge=0, le=1 << 24)] = 16
+    echo: StrictBool = False
+    logprobs: Alternatives | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    name: Annotated[str, Field(max_length=256)] | None = None
+
+    def rendered(self) -> dict[str, str]:
+        """The message as the chat format takes it: `developer` is the system message, text parts joined."""
+        text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class ChatRequest(Common):
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    messages: Annotated[list[Message], Field(min_length=1, max_length=LIMITS.messages)]
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=1 << 24)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=1 << 24)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Alternatives | None = None
 
+
+# ---- responses (declared in the OpenAPI schema; the routes build them through these models) ----------
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    models: list[str] | None = None
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` entries of these error statuses (all in OpenAI's error shape)."""
+    words = {400: "invalid request (the field is named)", 401: "missing or wrong API key",
+             404: "no such model or path", 413: "body larger than the server accepts",
+             429: "the server's queue is full", 500: "internal error", 503: "the models are loading or failed to"}
+    return {s: {"model": ErrorResponse, "description": words[s]} for s in statuses}
+
+
+STREAMED = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events: `data: {chunk}` "
+                                             "lines, then `data: [DONE]`"}}}
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -132,7 +318,13 @@ def chunk(kind: str, rid: str, model: str, created: int, choices: list[dict], ex
     return {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **(extra or {})}
 
 
+_UNION_TAGS = ("str", "int", "float", "bool", "list", "dict", "none")
+
+
 def field_name(loc: Any) -> str:
-    """A pydantic error location as a dotted field name, without the body prefix."""
-    parts = [str(p) for p in loc if p != "body"]
-    return ".".join(parts) or "body"
+    """A pydantic error location as a dotted field name, without the body prefix and the tags pydantic
+    gives the members of a union (`prompt.constrained-str`, `stop.list[...]`, `function-after[...]`)."""
+    def tag(p: Any) -> bool:
+        return isinstance(p, str) and (p in _UNION_TAGS or "[" in p or p.startswith(("constrained-", "function-")))
+
+    return ".".join(str(p) for p in loc if p != "body" and not tag(p)) or "body"

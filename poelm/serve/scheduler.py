@@ -16,7 +16,10 @@ Design choices:
 - Events go to each job's `sink`, called in the worker thread: ("token", id), preceded by ("logprob",
   entry) when the job asked for `logprobs` (`token_logprob`, from the step's own scores); ("done", reason) with
   reason "stop" (a stop token) or "length" (the budget or the context limit); ("scores", list) for a
-  scoring job (the log-probability of every prompt token); ("error", message).
+  scoring job (the log-probability of every prompt token); ("error", message), the job's last event.
+  A row whose token could not be picked (its sampling raised) ends alone (batch.py, `Row.error`):
+  its job gets ("error", message) and the batch's other rows go on untouched. A step that raises
+  (the forward itself) fails every job of that batch with ("error", message), and only those.
 """
 
 from __future__ import annotations
@@ -201,6 +204,10 @@ class Scheduler:
             for key in [k for k, b in self._batches.items() if b is batch]:
                 del self._batches[key]
             return
+        for key, (job, owner) in list(self._jobs.items()):  # rows that failed alone (batch.py)
+            if owner is batch and job.row.error is not None:
+                del self._jobs[key]
+                job.sink("error", job.row.error)
         last: dict[int, tuple[Row, int]] = {}
         for row, token in emitted:
             entry = self._jobs.get(id(row))
