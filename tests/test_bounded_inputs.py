@@ -15,7 +15,6 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-import torch
 
 from poelm.cli import main
 from poelm.core.config import SIZE_LIMITS, PoEConfig

