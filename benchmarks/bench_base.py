@@ -64,8 +64,8 @@ def records(run_dir: Path) -> list[dict]:
 
 def build(args) -> dict:
     from poelm.core.config import PoEConfig
-    from poelm.data.stdlib import stdlib_corpus
-    from poelm.modeldir import load_tokenizer
+    from poelm.data.embedded import stdlib_corpus
+    from poelm.models.directory import load_tokenizer
 
     t_start = time.time()
     out = Path(args.out)

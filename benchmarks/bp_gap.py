@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from poelm.core.config import PoEConfig
-from poelm.modeldir import load_tokenizer
+from poelm.models.directory import load_tokenizer
 from poelm.train.pretrain import PretrainArgs, pretrain
 
 

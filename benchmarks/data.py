@@ -211,7 +211,7 @@ def verdict(name: str, value: float) -> dict:
 
 
 def bench(args, work: Path) -> dict:
-    from poelm.data.stdlib import stdlib_corpus
+    from poelm.data.embedded import stdlib_corpus
 
     paths = stdlib_corpus(args.small_bytes)
     small, big = work / "small.jsonl", work / f"x{args.copies}.jsonl"

@@ -48,7 +48,7 @@ from poelm.core.model import KVCache
 from poelm.infer import DecodeMode, SamplingParams, make_decoder
 from poelm.infer.adaptive import AdaptiveDecoder, load_calibration
 from poelm.infer.speculative import compare_with_engine
-from poelm.modeldir import load_model, load_tokenizer
+from poelm.models.directory import load_model, load_tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flops import adaptive_flops, engine_flops, speculative_flops, step_split  # noqa: E402

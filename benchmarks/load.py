@@ -23,8 +23,8 @@ import torch
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.core.model import PoEGPT
-from poelm.modeldir import load_model, save_model_dir
-from poelm.specialist import attach, save_specialist
+from poelm.models.directory import load_model, save_model_dir
+from poelm.models.specialist import attach, save_specialist
 from poelm.core.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 VOCAB = 4096

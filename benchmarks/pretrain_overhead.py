@@ -23,7 +23,7 @@ import torch
 
 from poelm.core.config import PoEConfig
 from poelm.core.model import PoEGPT
-from poelm.optim import build_optimizer
+from poelm.train.optim import build_optimizer
 
 
 def step_time(model, optimizer, x, y, device, fraction: float = 1.0) -> float:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from poelm.serve.models import load_served
-from poelm.specialist import attach, save_specialist
+from poelm.models.specialist import attach, save_specialist
 
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self", "import os\n\ndef walk(", "    return self.",
            "for i in range(", "with open(path) as f:", "try:\n    import json", "x = [i * i for i in"]

@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 from poelm.core.errors import PoelmError
-from poelm.data.stdlib import stdlib_corpus
-from poelm.demo import CORPUS_BYTES, PRETRAIN_BATCH
+from poelm.data.embedded import stdlib_corpus
+from poelm.app.demo import CORPUS_BYTES, PRETRAIN_BATCH
 from poelm.train.metrics import MetricsLog
 from poelm.train.pretrain import PretrainArgs, pretrain
 

@@ -42,9 +42,9 @@ def make_config(args):
 
 def worker(args) -> None:
     from poelm.core.model import PoEGPT
-    from poelm.optim import build_optimizer, optimizer_state
+    from poelm.train.optim import build_optimizer, optimizer_state
     from poelm.train.dist import init_dist
-    from poelm.train.stages import PipelineStep, make_pipeline, strip
+    from poelm.train.pipeline import PipelineStep, make_pipeline, strip
 
     d = init_dist("cpu")
     torch.manual_seed(0)

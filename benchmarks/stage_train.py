@@ -21,8 +21,8 @@ import torch
 
 from poelm.core.config import PoEConfig
 from poelm.core.model import PoEGPT
-from poelm.optim import build_optimizer
-from poelm.specialist import freeze_for_specialist, specialist_config
+from poelm.train.optim import build_optimizer
+from poelm.models.specialist import freeze_for_specialist, specialist_config
 
 
 def build(args, stage_only: bool):

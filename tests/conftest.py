@@ -49,7 +49,7 @@ def tiny_corpus_text() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
-    from poelm.tokenizer_train import train_tokenizer
+    from poelm.data.tokenizer_train import train_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_corpus") / "corpus.txt"
     path.write_text(tiny_corpus_text(), encoding="utf-8")
@@ -58,7 +58,7 @@ def tiny_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tiny_tokenizer, tmp_path_factory):
-    from poelm.modeldir import save_tokenizer_dir
+    from poelm.models.directory import save_tokenizer_dir
 
     return save_tokenizer_dir(tiny_tokenizer, tmp_path_factory.mktemp("tiny_tokenizer_dir"), overwrite=True)
 
@@ -89,8 +89,8 @@ def seed_vocab_tokenizer(tiny_tokenizer):
 @pytest.fixture(scope="session")
 def seed_model_dir(seed_vocab_tokenizer, tmp_path_factory):
     """`poelm init` itself (the command's code path), on the seed-vocabulary tokenizer."""
-    from poelm.cli import main
-    from poelm.modeldir import save_tokenizer_dir
+    from poelm.app.cli import main
+    from poelm.models.directory import save_tokenizer_dir
 
     tok_dir = save_tokenizer_dir(seed_vocab_tokenizer, tmp_path_factory.mktemp("seed_tokenizer"), overwrite=True)
     out = tmp_path_factory.mktemp("models") / "init"
@@ -102,7 +102,7 @@ def seed_model_dir(seed_vocab_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_like_model_dir(seed_model_dir, seed_vocab_tokenizer, tmp_path_factory):
-    from poelm.modeldir import load_model, save_model_dir
+    from poelm.models.directory import load_model, save_model_dir
     from util import perturb_
 
     model = perturb_(load_model(seed_model_dir), seed=7, scale=0.3)
@@ -128,8 +128,8 @@ def tiny_stage(tmp_path_factory, tiny_tokenizer):
     """(base directory, stage directory): a 3-layer base moved off its init and a 1-block stage on it."""
     from poelm.core.config import PoEConfig
     from poelm.core.model import PoEGPT
-    from poelm.modeldir import save_model_dir
-    from poelm.specialist import attach, save_specialist
+    from poelm.models.directory import save_model_dir
+    from poelm.models.specialist import attach, save_specialist
     from util import perturb_
 
     root = tmp_path_factory.mktemp("stage")

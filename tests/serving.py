@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from poelm.infer import Engine, SamplingParams
-from poelm.modeldir import load_model, load_tokenizer
+from poelm.models.directory import load_model, load_tokenizer
 
 
 @contextlib.contextmanager
@@ -21,7 +21,7 @@ def running(dirs, **kw):
 
 def make_stage(parent, out, name: str, seed: int):
     """A stage of one block whose new weights are perturbed (so two stages answer differently)."""
-    from poelm.specialist import attach, save_specialist, specialist_parameter_names
+    from poelm.models.specialist import attach, save_specialist, specialist_parameter_names
 
     model, _ = attach(parent, 1, seed=seed)
     trained = set(specialist_parameter_names(model))

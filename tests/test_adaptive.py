@@ -57,8 +57,8 @@ def test_calibration_file_round_trip(tmp_path):
 
 def test_cli_adaptive_and_compose(trained_like_model_dir, tmp_path, capsys):
     """calibrate + generate --adaptive, and generate --compose with two siblings."""
-    from poelm.cli import main
-    from poelm.specialist import attach, save_specialist
+    from poelm.app.cli import main
+    from poelm.models.specialist import attach, save_specialist
 
     text = tmp_path / "calib.txt"
     text.write_text("def add(a, b):\n    return a + b\n" * 40)
@@ -82,11 +82,11 @@ def test_cli_adaptive_and_compose(trained_like_model_dir, tmp_path, capsys):
 
 
 def test_composition_of_one_sibling_decodes_as_that_sibling(trained_like_model_dir, tmp_path):
-    from poelm.compose import ComposedDecoder, Composition
+    from poelm.infer.compose import ComposedDecoder, Composition
     from poelm.infer.engine import Engine
     from poelm.infer.sampling import SamplingParams
-    from poelm.modeldir import load_model
-    from poelm.specialist import attach, save_specialist
+    from poelm.models.directory import load_model
+    from poelm.models.specialist import attach, save_specialist
 
     a = save_specialist(attach(trained_like_model_dir, 1, seed=1)[0], trained_like_model_dir, tmp_path / "a", "a")
     params = SamplingParams(max_new_tokens=10)
@@ -97,8 +97,8 @@ def test_composition_of_one_sibling_decodes_as_that_sibling(trained_like_model_d
 
 def test_modes_on_a_stage_directory(trained_like_model_dir, tmp_path, capsys):
     """The PoE modes work on a stage directory (its whole chain) as on a base."""
-    from poelm.cli import main
-    from poelm.specialist import attach, save_specialist
+    from poelm.app.cli import main
+    from poelm.models.specialist import attach, save_specialist
 
     stage = save_specialist(attach(trained_like_model_dir, 1, seed=1)[0], trained_like_model_dir, tmp_path / "s", "s")
     (tmp_path / "c.txt").write_text("print('hello world')\n" * 40)

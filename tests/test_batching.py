@@ -355,7 +355,7 @@ def test_a_random_schedule_of_joins_and_cancels_keeps_every_row_exact(kind):
 
 
 def test_cli_generate_decodes_several_prompts_as_one_batch(trained_like_model_dir, tmp_path, capsys):
-    from poelm.cli import main
+    from poelm.app.cli import main
 
     (tmp_path / "prompts.txt").write_text("The model\n\nimport os\n")
     base = ["generate", str(trained_like_model_dir), "--max-new-tokens", "6"]

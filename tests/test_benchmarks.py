@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from poelm.cli import main
+from poelm.app.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from poelm.cli import main
+from poelm.app.cli import main
 from poelm.core.config import SIZE_LIMITS, PoEConfig
 from poelm.core.files import update_manifest
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from poelm.cli import main
+from poelm.app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, MORE = b"\r\n> ", b"\r\n... "
@@ -46,7 +46,7 @@ def model_dir(tiny_tokenizer_dir, tmp_path_factory):
 def reference(model_dir, turns: list[str], max_new_tokens: int = 8) -> list[tuple[int, str]]:
     """What a fresh chat answers to `turns`, turn by turn: (prompt tokens, answer text)."""
     from poelm.infer import SamplingParams, make_decoder
-    from poelm.modeldir import load_model, load_tokenizer
+    from poelm.models.directory import load_model, load_tokenizer
 
     tok = load_tokenizer(model_dir)
     decoder = make_decoder(load_model(model_dir), tokenizer=tok)
@@ -198,7 +198,7 @@ def test_chat_on_a_terminal(model_dir, terminal, tmp_path):
 
 
 def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(model_dir, terminal):
-    from poelm.modeldir import load_tokenizer
+    from poelm.models.directory import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     chat = terminal(model_dir, "--max-new-tokens", "4000")
@@ -248,7 +248,7 @@ def test_piped_answers_alone_on_stdout(model_dir, capsys, monkeypatch):
 
 
 def test_too_long_conversations_drop_their_oldest_exchanges(tiny_tokenizer_dir, tmp_path, capsys, monkeypatch):
-    from poelm.modeldir import load_tokenizer
+    from poelm.models.directory import load_tokenizer
 
     model = tmp_path / "short"
     assert main(["init", "--tokenizer", str(tiny_tokenizer_dir), "--depth", "2", "--n-embd", "64", "--n-head", "2",
@@ -266,7 +266,7 @@ def test_too_long_conversations_drop_their_oldest_exchanges(tiny_tokenizer_dir, 
 
 
 def test_message_grammar(monkeypatch):
-    from poelm.chat_repl import Chat
+    from poelm.app.chat import Chat
 
     text = ('one \\\ntwo\n\n   \n"""\nx \\\n\n  y\n"""\n//path\n /Help me\n"""\n"""\n'
             "/stats on\nlast \\\n")
@@ -280,9 +280,9 @@ def test_message_grammar(monkeypatch):
 
 
 def test_banner_names_the_chain_and_the_mode(model_dir, tmp_path):
-    from poelm.chat_repl import banner
+    from poelm.app.chat import banner
     from poelm.infer import DecodeMode, SamplingParams, make_decoder
-    from poelm.modeldir import load_model, load_tokenizer
+    from poelm.models.directory import load_model, load_tokenizer
 
     stage = tmp_path / "code"
     assert main(["stage", "attach", str(model_dir), "--layers", "1", "--name", "code", "--out", str(stage)]) == 0

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from poelm.cli import main
-from poelm.modeldir import load_model
+from poelm.app.cli import main
+from poelm.models.directory import load_model
 
 
 def run(capsys, *argv):
@@ -91,7 +91,7 @@ def test_overwrite_replaces_atomically(tmp_path, tiny_tokenizer_dir, model_dir, 
     def fail(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("poelm.modeldir.write_manifest", fail)
+    monkeypatch.setattr("poelm.models.directory.write_manifest", fail)
     code, out, err = run(capsys, *argv)
     assert code == 1 and "disk full" in err and "wrote" not in out
     assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before

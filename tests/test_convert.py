@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from poelm.convert import convert_nanochat
+from poelm.models.convert_nanochat import convert_nanochat
 from poelm.core.errors import PoelmError
-from poelm.modeldir import load_model
+from poelm.models.directory import load_model
 
 try:
     from tests import nanochat_ref as ref

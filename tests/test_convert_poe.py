@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from poelm.cli import main
+from poelm.app.cli import main
 from poelm.core.errors import PoelmError
-from poelm.convert_poe import convert_nanochat_poe, convert_nanochat_poe_stage, fork_stage_layers
-from poelm.modeldir import load_model
+from poelm.models.convert_nanochat_poe import convert_nanochat_poe, convert_nanochat_poe_stage, fork_stage_layers
+from poelm.models.directory import load_model
 
 try:
     from tests import nanochat_poe_ref as fork

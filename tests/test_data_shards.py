@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from poelm.cli import main
+from poelm.app.cli import main
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.core.tokenizer import Tokenizer
@@ -305,7 +305,7 @@ def test_truncated_or_corrupted_shard_is_one_line(tmp_path, capsys, tiny_tokeniz
 
 
 def test_folder_of_another_tokenizer_is_one_line(tmp_path, capsys, tiny_tokenizer, data_dir):
-    from poelm.modeldir import save_tokenizer_dir
+    from poelm.models.directory import save_tokenizer_dir
 
     ranks = dict(tiny_tokenizer.mergeable_ranks)
     last = max(ranks, key=ranks.get)

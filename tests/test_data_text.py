@@ -121,7 +121,7 @@ def test_no_documents_lists_the_inputs(tmp_path):
 
 
 def test_tokenizer_training_reads_through_the_same_reader(tmp_path):
-    from poelm.tokenizer_train import train_tokenizer
+    from poelm.data.tokenizer_train import train_tokenizer
 
     (tmp_path / "e.txt").write_text("")
     with pytest.raises(PoelmError, match=r"e.txt: empty file"):  # the reader's check, before any training

@@ -261,8 +261,8 @@ def test_speculative_sampling_chain_with_k_above_one_has_the_joint_law():
 @pytest.fixture(scope="module")
 def siblings(tmp_path_factory, tiny_tokenizer):
     """A base and two siblings whose chat-token embedding rows differ (one trained them)."""
-    from poelm.modeldir import save_model_dir
-    from poelm.specialist import attach, save_specialist
+    from poelm.models.directory import save_model_dir
+    from poelm.models.specialist import attach, save_specialist
 
     root = tmp_path_factory.mktemp("siblings")
     base = PoEGPT(PoEConfig(vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, sequence_len=128,
@@ -300,8 +300,8 @@ def composition_reference(models, weights, ids, output=None):
 def test_composition_equals_the_siblings_run_one_by_one(siblings):
     """Issue 9 #5: each sibling sees its own chat-token rows; the composition is the weighted Log-OP
     of the siblings run alone, on inputs with and without chat tokens."""
-    from poelm.compose import Composition
-    from poelm.modeldir import load_model
+    from poelm.infer.compose import Composition
+    from poelm.models.directory import load_model
 
     dirs, tok = siblings
     comp = Composition(dirs, [1.0, 0.5])
@@ -319,8 +319,8 @@ def test_composition_equals_the_siblings_run_one_by_one(siblings):
 def test_composition_of_each_predictor_and_its_trunk_sharing(siblings):
     """With poe_output "logop" each sibling contributes its own Log-OP; siblings with other chat rows
     are two trunk groups, and an input without those ids runs one trunk for both."""
-    from poelm.compose import Composition
-    from poelm.modeldir import load_model
+    from poelm.infer.compose import Composition
+    from poelm.models.directory import load_model
 
     dirs, tok = siblings
     comp = Composition(dirs, [0.7, 1.3], output="logop")
@@ -335,7 +335,7 @@ def test_composition_of_each_predictor_and_its_trunk_sharing(siblings):
 
 
 def test_composed_decoding_follows_the_composition(siblings):
-    from poelm.compose import ComposedDecoder, Composition
+    from poelm.infer.compose import ComposedDecoder, Composition
 
     dirs, tok = siblings
     comp = Composition(dirs, [1.0, 0.5])
@@ -351,8 +351,8 @@ def test_composed_decoding_follows_the_composition(siblings):
 
 @pytest.mark.parametrize("mode", ["engine", "speculative", "adaptive", "compose"])
 def test_every_decoder_checks_its_request(mode, siblings):
-    from poelm.compose import ComposedDecoder, Composition
-    from poelm.modeldir import load_model
+    from poelm.infer.compose import ComposedDecoder, Composition
+    from poelm.models.directory import load_model
 
     dirs, _ = siblings
     model = load_model(dirs[0])

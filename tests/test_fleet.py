@@ -14,7 +14,7 @@ from poelm.core.model import KVCache
 from poelm.infer import Engine, SamplingParams
 from poelm.infer.batch import Batch
 from poelm.infer.fleet import Fleet, share_parameters
-from poelm.specialist import grow, specialist_parameter_names
+from poelm.models.specialist import grow, specialist_parameter_names
 
 from util import tiny_model
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from poelm.core.model import KVCache
-from poelm.modeldir import load_model
+from poelm.models.directory import load_model
 
 # The seed card's quick start, verbatim but for the model id (filled in by format()).
 QUICK_START = '''
@@ -140,7 +140,7 @@ def test_fresh_process_logits_generate_pipeline_and_save(trained_like_model_dir,
 
 def test_directory_contents(seed_model_dir):
     names = {p.name for p in seed_model_dir.iterdir()}
-    from poelm.modeldir import shipped_code_files
+    from poelm.models.directory import shipped_code_files
 
     code = {p.name for p in shipped_code_files()}
     assert {"modeling_poelm.py", "configuration_poelm.py", "tokenization_poelm.py", "model.py", "config.py",

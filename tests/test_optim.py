@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.core.model import Linear, PoEGPT
-from poelm.optim import (MuonAdamW, apply_schedule, build_optimizer, load_optimizer_state, optimizer_state,
+from poelm.train.optim import (MuonAdamW, apply_schedule, build_optimizer, load_optimizer_state, optimizer_state,
                          orthogonalize, param_groups)
-from poelm.schedule import lr_multiplier, muon_momentum
+from poelm.train.schedule import lr_multiplier, muon_momentum
 
 from util import tiny_model
 

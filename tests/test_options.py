@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
-from poelm.cli import build_parser
-from poelm.options import add_options, free_on_resume, from_namespace, option, run_record
+from poelm.app.cli import build_parser
+from poelm.common.options import add_options, free_on_resume, from_namespace, option, run_record
 from poelm.train.pretrain import PretrainArgs
 from poelm.train.sft import StageTrainArgs
 

@@ -65,7 +65,7 @@ def moved_base(tmp_path_factory, tiny_tokenizer):
     have an exactly-zero gradient whose float noise Adam would blow up into full-size steps, and runs
     that differ only in summation order would then differ visibly."""
     from poelm.core.model import PoEGPT
-    from poelm.modeldir import save_model_dir
+    from poelm.models.directory import save_model_dir
     from util import perturb_
 
     model = PoEGPT(PoEConfig(vocab_size=512, **SHAPE))
@@ -193,7 +193,7 @@ def test_existing_run_and_changed_config(tmp_path, tiny_tokenizer_dir, corpus_di
 
 
 def test_init_dir_and_bp_control(tmp_path, tiny_tokenizer_dir, corpus_dir, capsys):
-    from poelm.cli import main
+    from poelm.app.cli import main
 
     assert main(["init", "--tokenizer", str(tiny_tokenizer_dir), "--depth", "3", "--n-embd", "64", "--n-head", "2",
                  "--poe-stage-layers", "2,1", "--seq-len", "64", "--out", str(tmp_path / "base")]) == 0

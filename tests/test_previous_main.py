@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from poelm.cli import main
-from poelm.modeldir import load_model
+from poelm.app.cli import main
+from poelm.models.directory import load_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "previous_main"
 # float32 carries 24 bits: one rounding is 6e-8 relative. The logits (|x| < 8 here) come out of a few

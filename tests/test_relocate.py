@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from poelm.cli import main
+from poelm.app.cli import main
 from poelm.core.errors import PoelmError
 from poelm.core.files import PARENT_FIELD, read_manifest
-from poelm.modeldir import load_model, load_tokenizer, save_model_dir
+from poelm.models.directory import load_model, load_tokenizer, save_model_dir
 
 from util import perturb_
 
@@ -124,7 +124,7 @@ def test_relink_refuses_another_parent_a_base_and_a_cycle(moved, tmp_path, capsy
 
 
 def test_relink_onto_its_own_child_is_a_cycle(moved, tmp_path, capsys):
-    from poelm.specialist import attach, save_specialist
+    from poelm.models.specialist import attach, save_specialist
 
     base, stage, _ = moved
     assert main(["stage", "relink", str(stage), "--parent", str(base)]) == 0

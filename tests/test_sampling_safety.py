@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from poelm.cli import main
+from poelm.app.cli import main
 from poelm.core.errors import PoelmError
 from poelm.infer import Engine, SamplingParams, sample_next
 from poelm.infer.sampling import SEED_MAX, SEED_MIN, tempered, tempered_probs

@@ -3,7 +3,7 @@
 import pytest
 
 from poelm.core.errors import PoelmError
-from poelm.schedule import lr_multiplier, muon_momentum
+from poelm.train.schedule import lr_multiplier, muon_momentum
 
 
 def curve(total, warmup, warmdown, final):

@@ -18,7 +18,7 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402  (raw requests, and fastapi.testclient)
 
 from poelm.core.errors import PoelmError  # noqa: E402
-from poelm.modeldir import load_model, load_tokenizer  # noqa: E402
+from poelm.models.directory import load_model, load_tokenizer  # noqa: E402
 
 from serving import client, greedy, running, text_of  # noqa: E402
 from util import perturb_  # noqa: E402
@@ -312,7 +312,7 @@ def test_a_wrong_key_is_401(dirs):
 
 
 def test_directories_of_different_bases_are_refused(dirs, tmp_path):
-    from poelm.modeldir import save_model_dir
+    from poelm.models.directory import save_model_dir
     from poelm.serve.models import load_served
 
     other = save_model_dir(perturb_(load_model(dirs[0]), seed=99), tmp_path / "other", load_tokenizer(dirs[0]))
@@ -340,7 +340,7 @@ def test_health_is_503_while_loading(dirs):
 
 
 def test_a_directory_that_fails_to_load_stops_the_server_with_one_line(tmp_path, capsys):
-    from poelm.cli import main
+    from poelm.app.cli import main
     from poelm.serve.app import background
 
     with pytest.raises(PoelmError, match="not a directory|config.json"):

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 pytest.importorskip("fastapi")
 schemathesis = pytest.importorskip("schemathesis")
 
-from poelm.modeldir import load_tokenizer  # noqa: E402
+from poelm.models.directory import load_tokenizer  # noqa: E402
 
 from serving import greedy, running, text_of  # noqa: E402
 

@@ -28,9 +28,9 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 
-from poelm.cli import main  # noqa: E402
+from poelm.app.cli import main  # noqa: E402
 from poelm.core.errors import PoelmError  # noqa: E402
-from poelm.modeldir import load_tokenizer  # noqa: E402
+from poelm.models.directory import load_tokenizer  # noqa: E402
 
 from serving import client, greedy, running, text_of  # noqa: E402
 

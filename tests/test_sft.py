@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from poelm.cli import main
-from poelm.modeldir import load_model
+from poelm.app.cli import main
+from poelm.models.directory import load_model
 from poelm.train.sft import StageTrainArgs, stage_train
 
 from util import kill_at
@@ -84,7 +84,7 @@ def test_short_run_learns_preserves_and_exports(stage, chat_data, tmp_path, caps
 def test_assistant_only_loss(stage, chat_data):
     """The training loss is the mean CE over exactly the assistant tokens (and their end token)."""
     from poelm.data.chat import build_mixture, load_conversations, pack, render_conversations
-    from poelm.modeldir import load_tokenizer
+    from poelm.models.directory import load_tokenizer
 
     _, stage_dir = stage
     model = load_model(stage_dir)

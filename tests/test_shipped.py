@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 import sys
 
-from poelm.modeldir import SHIPPED_DIR, shipped_code_files
+from poelm.models.directory import SHIPPED_DIR, shipped_code_files
 
 THIRD_PARTY = {"torch", "transformers", "huggingface_hub", "safetensors", "tiktoken", "xxhash"}
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from poelm.cli import main
-from poelm.compose import Composition
+from poelm.app.cli import main
+from poelm.infer.compose import Composition
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.core.model import PoEGPT
-from poelm.modeldir import load_model, save_model_dir
-from poelm.specialist import attach, check_preservation, save_specialist, specialist_parameter_names
+from poelm.models.directory import load_model, save_model_dir
+from poelm.models.specialist import attach, check_preservation, save_specialist, specialist_parameter_names
 
 from util import perturb_
 
@@ -275,7 +275,7 @@ def test_bad_stage_directories(base_dir, tmp_path, capsys):
 
     other = tmp_path / "other-base"  # a swapped parent: same shape, other weights
     m = perturb_(load_model(base_dir), seed=99, scale=0.01)
-    from poelm.modeldir import load_tokenizer
+    from poelm.models.directory import load_tokenizer
     save_model_dir(m, other, load_tokenizer(base_dir))
     (out / "config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(other)}))
     edited("config.json")
@@ -307,8 +307,8 @@ def test_bad_stage_directories(base_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("train_rows", [False, True])
 def test_training_a_frozen_stage_keeps_the_base_path(base_dir, train_rows):
-    from poelm.optim import build_optimizer
-    from poelm.specialist import freeze_for_specialist
+    from poelm.train.optim import build_optimizer
+    from poelm.models.specialist import freeze_for_specialist
 
     base = load_model(base_dir)
     model, info = attach(base_dir, 2, seed=1)

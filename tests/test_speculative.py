@@ -49,7 +49,7 @@ def test_bad_settings():
 
 
 def test_cli_speculative_matches_plain_greedy(trained_like_model_dir, capsys):
-    from poelm.cli import main
+    from poelm.app.cli import main
 
     argv = ["generate", str(trained_like_model_dir), "--prompt", "def f(x):", "--max-new-tokens", "24"]
     assert main(argv) == 0
@@ -70,7 +70,7 @@ def test_chat_streams_with_each_mode(trained_like_model_dir, tmp_path, capsys, m
     import io
     import shutil
 
-    from poelm.cli import main
+    from poelm.app.cli import main
 
     model_dir = tmp_path / "m"
     shutil.copytree(trained_like_model_dir, model_dir)

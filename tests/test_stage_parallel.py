@@ -16,7 +16,7 @@ import torch
 
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
-from poelm.train.stages import split_stages
+from poelm.train.pipeline import split_stages
 
 from test_pretrain import cli, pretrain_argv, weights  # corpus_dir: conftest's, as pretraining's tests
 
@@ -55,7 +55,7 @@ def test_one_process_differs_from_itself_in_a_few_embedding_elements_when_the_gr
     losses backpropagated together or one after the other (the sum a pipeline forms), 4 AdamW steps."""
     import copy
 
-    from poelm.optim import build_optimizer
+    from poelm.train.optim import build_optimizer
 
     from util import tiny_model
 
@@ -146,7 +146,7 @@ def test_a_resumed_stage_parallel_run_ends_where_an_uninterrupted_one_does(tmp_p
     # the export is an ordinary model directory: transformers loads it and computes the same logits
     from transformers import AutoModelForCausalLM
 
-    from poelm.modeldir import load_model
+    from poelm.models.directory import load_model
 
     ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
     hf = AutoModelForCausalLM.from_pretrained(str(run / "final"), trust_remote_code=True)

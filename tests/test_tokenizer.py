@@ -20,10 +20,10 @@ import torch
 
 from poelm.core.errors import PoelmError
 from poelm.core.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, TOKEN_BYTES_FILE, TOKENIZER_FILE, StreamDecoder, Tokenizer
-from poelm.modeldir import shipped_code_files
-from poelm.convert import load_nanochat_tokenizer
-from poelm.data.stdlib import stdlib_corpus
-from poelm.tokenizer_train import train_tokenizer
+from poelm.models.directory import shipped_code_files
+from poelm.models.convert_nanochat import load_nanochat_tokenizer
+from poelm.data.embedded import stdlib_corpus
+from poelm.data.tokenizer_train import train_tokenizer
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 MIXED = "naïve café — 日本語 данные 😀👍🏽 \t\r\n  x=3.14159; y = 1234567890 + 007\n<|bos|><|assistant_end|>"

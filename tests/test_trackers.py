@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from poelm.cli import main
+from poelm.app.cli import main
 from poelm.core.cascade import open_chain
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
@@ -335,7 +335,7 @@ def test_flops_matmuls_equal_torch_flop_counter(case):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from poelm.specialist import freeze_for_specialist, grow
+    from poelm.models.specialist import freeze_for_specialist, grow
     from poelm.train.metrics import training_flops_per_token
 
     c = PoEConfig(vocab_size=512, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, sequence_len=64,

@@ -23,12 +23,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from poelm.cli import main
+from poelm.app.cli import main
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.core.model import PoEGPT
-from poelm.modeldir import load_model, load_tokenizer, save_model_dir
-from poelm.specialist import attach, save_specialist
+from poelm.models.directory import load_model, load_tokenizer, save_model_dir
+from poelm.models.specialist import attach, save_specialist
 
 from util import perturb_
 
@@ -431,7 +431,7 @@ def test_the_demo_refuses_to_write_into_what_it_reads(capsys):
 # ---- atomic replacement -----------------------------------------------------------------------------
 
 def test_a_failure_mid_write_leaves_the_old_directory(tmp_path):
-    from poelm.outputs import AtomicDir
+    from poelm.common.atomic import AtomicDir
 
     out = tmp_path / "out"
     out.mkdir()
@@ -449,7 +449,7 @@ def test_a_failure_mid_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
     renamed in; if that rename fails, the old one is moved back."""
     import os
 
-    from poelm import outputs
+    from poelm.common import atomic as outputs
 
     out = tmp_path / "out"
     out.mkdir()
@@ -472,7 +472,7 @@ def test_a_failure_mid_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
 
 
 def test_the_exchange_replaces_in_one_step(tmp_path):
-    from poelm import outputs
+    from poelm.common import atomic as outputs
 
     out = tmp_path / "out"
     out.mkdir()
@@ -494,7 +494,7 @@ def test_every_head_keeps_its_file_name(chain, tiny_tokenizer, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from poelm.specialist import export_merged
+    from poelm.models.specialist import export_merged
 
     base = PoEGPT(PoEConfig(vocab_size=512, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, sequence_len=64,
                             poe_stage_layers=[1, 1], poe_stage_heads=True))

@@ -86,6 +86,22 @@ class InputFile:
                 for f in sorted(files) if not f.startswith(".")]
 
 
+# A tokenized data folder (shards.py writes it): recognised here, where every input's kind is decided.
+FORMAT, INDEX, PROGRESS = "poelm-tokens", "index.json", "progress.json"
+
+
+def is_token_folder(path: str | os.PathLike) -> bool:
+    """A directory holding a tokenized data folder's index (its first line names the format; a corpus
+    folder that happens to hold an index.json is not one), or one being written."""
+    if os.path.isfile(os.path.join(path, PROGRESS)):
+        return True
+    try:
+        with open(os.path.join(path, INDEX), "rb") as f:
+            return f'"format": "{FORMAT}"'.encode() in f.read(200)
+    except OSError:
+        return False
+
+
 def is_datasets_folder(path: str) -> bool:
     """A folder written by `datasets`' save_to_disk: a Dataset (state.json + dataset_info.json) or a
     DatasetDict (dataset_dict.json)."""

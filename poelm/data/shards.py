@@ -59,15 +59,15 @@ import xxhash
 
 from ..core.errors import PoelmError
 from ..core.files import ALGORITHM, MANIFEST, file_digest, read_json, write_json
-from ..outputs import check_output, replace_dir
-from .text import (SPLIT_RULE, ByteProgress, DocumentReader, SplitStats, assign_splits, encode_documents, format_size,
-                   skipped_note, split_record, tail_note)
+from ..common.atomic import check_output, replace_dir
+from .records import FORMAT, INDEX, PROGRESS, is_token_folder
+from .text import (SPLIT_RULE, ByteProgress, DocumentReader, SplitStats, TokenStream, assign_splits, encode_documents,
+                   format_size, skipped_note, split_record, tail_note)
 
 if TYPE_CHECKING:
     from ..core.tokenizer import Tokenizer
 
-FORMAT, FORMAT_VERSION = "poelm-tokens", 1
-INDEX, PROGRESS = "index.json", "progress.json"
+FORMAT_VERSION = 1
 DEFAULT_SHARD_TOKENS = 1 << 24  # 16.8M tokens: 32 MB as uint16
 BLOCK_TOKENS = 1 << 16  # each shard's tokens are verified in blocks of this many (128 kB as uint16)
 SPLITS = ("train", "val")
@@ -354,19 +354,7 @@ def _resume_state(partial: Path, settings: dict[str, Any]) -> dict[str, Any] | N
 # ---- reading a folder ----------------------------------------------------------------------------
 
 
-def is_token_folder(path: str | os.PathLike) -> bool:
-    """A directory holding a tokenized data folder's index (its first line names the format; a corpus
-    folder that happens to hold an index.json is not one), or one being written."""
-    if os.path.isfile(os.path.join(path, PROGRESS)):
-        return True
-    try:
-        with open(os.path.join(path, INDEX), "rb") as f:
-            return f'"format": "{FORMAT}"'.encode() in f.read(200)
-    except OSError:
-        return False
-
-
-class ShardedTokens:
+class ShardedTokens(TokenStream):
     """One split's token stream over its memory-mapped shards, sliced like a 1-D array (`len`, `[a:b]`).
 
     A shard is mapped, and its header checked, the first time a slice touches it; each block of

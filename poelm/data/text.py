@@ -124,7 +124,7 @@ class DocumentReader:
         self.inputs: list[str] = [os.fspath(p) for p in paths]
         if not self.inputs:
             raise PoelmError(f"no input paths given; expected {INPUTS}")
-        from .shards import is_token_folder
+        from .records import is_token_folder
 
         for p in self.inputs:
             if is_token_folder(p):
@@ -542,10 +542,15 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
-def _check_tokens(tokens: Any, who: str) -> np.ndarray:
-    from .shards import ShardedTokens
+class TokenStream:
+    """A 1-D token sequence sliced lazily, like an array (`len`, `[a:b]`): a tokenized folder's split
+    (shards.ShardedTokens). The loaders take one where they take an array."""
 
-    if isinstance(tokens, ShardedTokens):  # a tokenized folder's split: sliced from its memory-mapped shards
+    folder: Any
+
+
+def _check_tokens(tokens: Any, who: str) -> np.ndarray:
+    if isinstance(tokens, TokenStream):  # a tokenized folder's split: sliced from its memory-mapped shards
         if len(tokens) < 2:
             raise PoelmError(f"{who}: {tokens.folder}: a split of {len(tokens)} token(s); expected at least 2")
         return tokens

@@ -67,7 +67,7 @@ def text_bpb(model: PoEGPT, tok: Any, paths: Sequence[str | os.PathLike], *, seq
     tokens (default: the model's context) scored `batch_size` rows per forward. All of them are scored
     (give held-out text), or the first `max_tokens`. Returns {"bpb": {name: value}, "tokens", "bytes"}."""
     from ..data.text import eval_batches, n_rows, read_documents
-    from ..train.progress import Progress
+    from ..common.progress import Progress
 
     seq_len = seq_len or model.config.sequence_len
     tokens: list[int] = []

@@ -335,9 +335,9 @@ def evaluate_humaneval(model_dir: str | os.PathLike, args: HumanEvalArgs, mode: 
     import dataclasses
 
     from ..infer import DecodeMode, SamplingParams, make_decoder
-    from ..modeldir import load_model, load_tokenizer, read_config
-    from ..outputs import chain_inputs, check_output
-    from ..train.progress import Progress
+    from ..models.directory import load_model, load_tokenizer, read_config
+    from ..common.atomic import chain_inputs, check_output
+    from ..common.progress import Progress
 
     mode = mode or DecodeMode()
     params = params or SamplingParams(max_new_tokens=384)
@@ -423,7 +423,7 @@ def evaluate_humaneval(model_dir: str | os.PathLike, args: HumanEvalArgs, mode: 
         summary["reference_bpb"] = reference_bpb(model, tok, problems)
     write_json(out / "summary.json", summary)
     if card:
-        from ..card import record_evaluation
+        from ..models.card import record_evaluation
 
         record_evaluation(model_dir, card_rows(summary, config))
     return summary
@@ -433,7 +433,7 @@ def execute(by_id: dict[str, Problem], rows: list[dict], results: "Records", arg
             progress: bool) -> float:
     """Run every sample of `rows` that has no result yet in the sandbox (`args.workers` at a time), each
     result appended as it finishes; the seconds it took."""
-    from ..train.progress import Progress
+    from ..common.progress import Progress
 
     executed = results.done()
     todo = [row for row in rows if (row["task_id"], row["sample"]) not in executed and row.get("finish") != "context"]
@@ -475,7 +475,7 @@ def score_completions(completions: str | os.PathLike, args: HumanEvalArgs, *, ou
     k; other fields are kept out of the way); every problem with at least one completion is scored
     (pass@k for the k every such problem has samples for). Outputs as a model run's, in `out`
     (default: beside the file, `NAME-humaneval/`); a rerun resumes."""
-    from ..outputs import check_output
+    from ..common.atomic import check_output
 
     completions = Path(completions)
     if args.workers < 1 or any(k < 1 for k in args.k):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import PoelmError
-from ..options import option
+from ..common.options import option
 from .adaptive import AdaptiveDecoder, load_calibration
 from .decoder import Decoder, check_output_name
 from .engine import Engine
@@ -56,7 +56,7 @@ class DecodeMode:
         if self.adaptive:
             return AdaptiveDecoder
         if self.compose:
-            from ..compose import ComposedDecoder
+            from .compose import ComposedDecoder
 
             return ComposedDecoder
         return Engine
@@ -99,7 +99,7 @@ def make_decoder(model: torch.nn.Module, mode: DecodeMode = DecodeMode(), *, tok
         bounds = load_calibration(model_dir, model.config.n_stages)
         return AdaptiveDecoder(model, bounds, stop_ids, tokenizer=tokenizer)
     if mode.compose:
-        from ..compose import Composition, ComposedDecoder
+        from .compose import Composition, ComposedDecoder
 
         if model_dir is None:
             raise PoelmError("a composition loads the model's siblings beside it: give the model's directory")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..core.errors import PoelmError
-from ..options import option
+from ..common.options import option
 
 
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # torch.Generator.manual_seed's range (a 64-bit seed, signed or not)

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from ..core.errors import PoelmError
 from ..core.files import read_json, read_manifest, warn_unverified, write_json, write_manifest
 from ..core.cascade import load_safetensors
-from ..optim import load_optimizer_state, optimizer_state
+from .optim import load_optimizer_state, optimizer_state
 from .dist import Dist, barrier
 
 CHECKPOINTS = "checkpoints"

@@ -55,14 +55,14 @@ from safetensors.torch import save_file
 from ..core.errors import PoelmError
 from ..core.files import read_json, write_json, write_manifest
 from ..core.cascade import load_safetensors
-from ..optim import apply_schedule
-from ..outputs import AtomicDir
-from ..options import option
-from ..schedule import lr_multiplier, muon_momentum
+from .optim import apply_schedule
+from ..common.atomic import AtomicDir
+from ..common.options import option
+from .schedule import lr_multiplier, muon_momentum
 from .checkpoint import CHECKPOINTS, STATE, latest_checkpoint, load_checkpoint, save_checkpoint
 from .dist import Dist, all_reduce_sum, barrier, broadcast_flag, log0
 from .metrics import MetricsLog, peak_flops, plot_val_bpb
-from .progress import Progress
+from ..common.progress import Progress
 from .trackers import REPORT_TO, Trackers
 
 RUN_CONFIG = "run.json"

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..card import model_card
+from ..models.card import model_card
 from ..core.config import PoEConfig
 from ..data.shards import TokenFolder, open_corpus
 from ..data.text import TextCorpus, TokenLoader, eval_batches
@@ -29,14 +29,14 @@ from ..core.errors import PoelmError
 from ..eval.bpb import bpb_from_sums, bpb_sums
 from ..eval.sample import greedy_continue
 from ..core.model import PoEGPT
-from ..modeldir import load_model, load_tokenizer, save_model_dir
-from ..optim import build_optimizer
-from ..options import free_on_resume, option, run_record
-from ..outputs import chain_inputs, check_output
+from ..models.directory import load_model, load_tokenizer, save_model_dir
+from .optim import build_optimizer
+from ..common.options import free_on_resume, option, run_record
+from ..common.atomic import chain_inputs, check_output
 from .dist import Dist, all_reduce_sum, log0, run_distributed
 from .loop import LoopConfig, RunArgs, TrainLoop, batch_geometry, check_run_dir, record_run, resolve_seq_len
 from .metrics import training_flops_per_token
-from .stages import PipelineStep, gather_state, make_pipeline, pipeline_bpb_sums, split_stages, strip
+from .pipeline import PipelineStep, gather_state, make_pipeline, pipeline_bpb_sums, split_stages, strip
 from .trackers import check_report_to
 
 SAMPLE_PROMPT = "def "

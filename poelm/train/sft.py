@@ -32,10 +32,10 @@ from ..data.chat import (ChatLoader, build_mixture, eval_batches, load_conversat
                          render_conversations)
 from ..core.errors import PoelmError
 from ..eval.bpb import bpb_from_sums, bpb_sums
-from ..optim import build_optimizer
-from ..options import free_on_resume, option, run_record
-from ..outputs import chain_inputs, check_output
-from ..specialist import freeze_for_specialist, save_specialist
+from .optim import build_optimizer
+from ..common.options import free_on_resume, option, run_record
+from ..common.atomic import chain_inputs, check_output
+from ..models.specialist import freeze_for_specialist, save_specialist
 from .dist import Dist, all_reduce_sum, log0, run_distributed
 from .loop import LoopConfig, RunArgs, TrainLoop, batch_geometry, check_run_dir, record_run, resolve_seq_len
 from .metrics import training_flops_per_token

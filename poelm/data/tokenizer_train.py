@@ -19,9 +19,9 @@ import logging
 import sys
 import time
 
-from .data.text import ByteProgress, format_size, read_documents, skipped_note
-from .core.errors import PoelmError
-from .core.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from .text import ByteProgress, format_size, read_documents, skipped_note
+from ..core.errors import PoelmError
+from ..core.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 # ---- training ------------------------------------------------------------------------------------
 

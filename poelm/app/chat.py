@@ -38,8 +38,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .core.tokenizer import Tokenizer
-from .infer import DecodeMode, Decoder, SamplingParams
+from ..core.tokenizer import Tokenizer
+from ..infer import DecodeMode, Decoder, SamplingParams
 
 PROMPT, MORE, BLOCK = "> ", "... ", '"""'
 LEAVE = "/help for commands, /exit or Ctrl-D to leave"
@@ -238,7 +238,7 @@ def note(text: str) -> None:
 def banner(model_dir: str | os.PathLike, decoder: Decoder, params: SamplingParams, mode: DecodeMode | None,
            stats: bool) -> str:
     """What is loaded, how it decodes, and how to get help and leave."""
-    from .core.cascade import resolve_chain
+    from ..core.cascade import resolve_chain
 
     links, parts, prev = resolve_chain(model_dir, verify=False), [], 0  # the load verified them
     for link in links:

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from .core.errors import PoelmError
+from ..core.errors import PoelmError
 
 Inputs = Iterable[tuple[str, "str | os.PathLike"]]
 
@@ -56,7 +56,7 @@ def check_output(out: str | os.PathLike, inputs: Inputs = (), overwrite: bool = 
 def chain_inputs(model, label: str = "model") -> list[tuple[str, Path]]:
     """Every directory of a model's chain (the model, then its parents to the root) as inputs; `model`
     is a chain value (core/cascade.Chain) or a directory, whose links are then only located."""
-    from .core.cascade import Chain, resolve_chain
+    from ..core.cascade import Chain, resolve_chain
 
     links = model.links if isinstance(model, Chain) else resolve_chain(model, verify=False)
     return [(label if link.path == links[-1].path else f"{label}'s ancestor", link.path) for link in links[::-1]]

@@ -25,7 +25,7 @@ Design choices:
 
 from __future__ import annotations
 
-from .core.errors import PoelmError
+from ..core.errors import PoelmError
 
 
 def _check_int(name: str, value: object, low: int) -> None:

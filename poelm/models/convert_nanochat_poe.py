@@ -38,14 +38,14 @@ from typing import Any
 
 import torch
 
-from .convert import NANOCHAT_FIELDS, find_step, find_tokenizer, nanochat_fields, read_meta, read_state_dict
-from .core.cascade import check_state_dict, open_chain
-from .core.config import SIZE_LIMITS, PoEConfig, windows_from_pattern
-from .core.errors import PoelmError
-from .core.files import CONFIG, read_json
-from .core.model import PoEGPT, block_shapes, from_disk, to_disk
-from .modeldir import save_model_dir
-from .outputs import chain_inputs, check_output
+from .convert_nanochat import NANOCHAT_FIELDS, find_step, find_tokenizer, nanochat_fields, read_meta, read_state_dict
+from ..core.cascade import check_state_dict, open_chain
+from ..core.config import SIZE_LIMITS, PoEConfig, windows_from_pattern
+from ..core.errors import PoelmError
+from ..core.files import CONFIG, read_json
+from ..core.model import PoEGPT, block_shapes, from_disk, to_disk
+from .directory import save_model_dir
+from ..common.atomic import chain_inputs, check_output
 
 log = logging.getLogger("poelm.convert")
 

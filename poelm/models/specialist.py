@@ -36,16 +36,16 @@ from typing import Any
 import torch
 
 from .card import model_card, table
-from .core.cascade import (OVERRIDE_PREFIX, ROWS_IDS, ROWS_VALUES, Chain, Link, assemble, check_extends,
+from ..core.cascade import (OVERRIDE_PREFIX, ROWS_IDS, ROWS_VALUES, Chain, Link, assemble, check_extends,
                            expected_delta, fingerprint_tensors, open_chain, resolve_chain)
-from .core.config import PoEConfig, windows_from_pattern
-from .core.errors import PoelmError
-from .core.files import (CONFIG, DELTA, PARENT_FIELD, read_json, read_manifest, replace_value, update_manifest,
+from ..core.config import PoEConfig, windows_from_pattern
+from ..core.errors import PoelmError
+from ..core.files import (CONFIG, DELTA, PARENT_FIELD, read_json, read_manifest, replace_value, update_manifest,
                          verify_all, write_text)
-from .core.model import PoEGPT, to_disk
-from .core.tokenizer import Tokenizer
-from .modeldir import hf_config_dict, load_model, load_tokenizer, write_directory
-from .outputs import AtomicDir, chain_inputs, check_output
+from ..core.model import PoEGPT, to_disk
+from ..core.tokenizer import Tokenizer
+from .directory import hf_config_dict, load_model, load_tokenizer, write_directory
+from ..common.atomic import AtomicDir, chain_inputs, check_output
 
 # Where each chat token's embedding row is warm-initialised from (docs/model.md §3).
 CHAT_ROW_SOURCES = {
@@ -266,7 +266,7 @@ def specialist_card(model: PoEGPT, name: str, parent_dir: str | os.PathLike, del
 def export_merged(directory: Chain | str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Any chain as one standalone directory: the assembled weights in model.safetensors; `out` may not
     overlap any directory of the chain."""
-    from .modeldir import save_model_dir
+    from .directory import save_model_dir
 
     chain = as_chain(directory)
     inputs = chain_inputs(chain)

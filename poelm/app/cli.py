@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
-from .core.errors import PoelmError
+from .. import __version__
+from ..core.errors import PoelmError
 
 
 def _int_list(text: str) -> list[int]:
@@ -37,9 +37,9 @@ def _int_list(text: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------- commands
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from .modeldir import save_tokenizer_dir
-    from .outputs import check_output
-    from .tokenizer_train import train_tokenizer
+    from ..models.directory import save_tokenizer_dir
+    from ..common.atomic import check_output
+    from ..data.tokenizer_train import train_tokenizer
 
     inputs = [("input", path) for path in args.input]
     check_output(args.out, inputs, args.overwrite)
@@ -54,8 +54,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_tokenize(args: argparse.Namespace) -> int:
-    from .data.shards import tokenize
-    from .modeldir import load_tokenizer
+    from ..data.shards import tokenize
+    from ..models.directory import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     index = tokenize(args.input, tok, args.out, workers=args.workers, shard_tokens=args.shard_tokens,
@@ -69,7 +69,7 @@ def cmd_data_tokenize(args: argparse.Namespace) -> int:
 
 def build_config(args: argparse.Namespace, vocab_size: int):
     """A PoEConfig from init/pretrain shape flags; with only --depth, nanochat's derived shape."""
-    from .core.config import PoEConfig, nanochat_shape, split_stages
+    from ..core.config import PoEConfig, nanochat_shape, split_stages
 
     shape = nanochat_shape(args.depth)
     derived = []
@@ -113,9 +113,9 @@ def add_shape_flags(p: argparse.ArgumentParser, for_init: bool = True) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from .core.model import PoEGPT
-    from .modeldir import load_tokenizer, save_model_dir
-    from .outputs import check_output
+    from ..core.model import PoEGPT
+    from ..models.directory import load_tokenizer, save_model_dir
+    from ..common.atomic import check_output
 
     inputs = [("tokenizer", args.tokenizer)]
     check_output(args.out, inputs, args.overwrite)
@@ -138,8 +138,8 @@ def print_param_table(model) -> None:
 
 def cmd_convert_nanochat(args: argparse.Namespace) -> int:
     """`convert nanochat` and `convert nanochat-poe`: a base from a checkpoint folder, and what was mapped."""
-    from .convert import convert_nanochat
-    from .convert_poe import convert_nanochat_poe
+    from ..models.convert_nanochat import convert_nanochat
+    from ..models.convert_nanochat_poe import convert_nanochat_poe
 
     convert, label = {"nanochat": (convert_nanochat, "migration"),
                       "nanochat-poe": (convert_nanochat_poe, "note:")}[args.conv_command]
@@ -151,7 +151,7 @@ def cmd_convert_nanochat(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_nanochat_poe_stage(args: argparse.Namespace) -> int:
-    from .convert_poe import convert_nanochat_poe_stage
+    from ..models.convert_nanochat_poe import convert_nanochat_poe_stage
 
     out, overrides = convert_nanochat_poe_stage(args.checkpoint, args.parent, args.out, step=args.step,
                                                 name=args.name, overwrite=args.overwrite)
@@ -163,8 +163,8 @@ def cmd_convert_nanochat_poe_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .modeldir import load_tokenizer, read_config
-    from .specialist import as_chain, describe_chain
+    from ..models.directory import load_tokenizer, read_config
+    from ..models.specialist import as_chain, describe_chain
 
     load_tokenizer(args.model, read_config(args.model))  # the directory's own files first: errors name them
     chain = as_chain(args.model)
@@ -198,7 +198,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_digest(args: argparse.Namespace) -> int:
-    from .modeldir import record_digests
+    from ..models.directory import record_digests
 
     for directory in args.dirs:
         data = record_digests(directory)
@@ -208,8 +208,8 @@ def cmd_digest(args: argparse.Namespace) -> int:
 
 
 def cmd_stage_attach(args: argparse.Namespace) -> int:
-    from .outputs import chain_inputs, check_output
-    from .specialist import as_chain, attach, save_specialist
+    from ..common.atomic import chain_inputs, check_output
+    from ..models.specialist import as_chain, attach, save_specialist
 
     check_output(args.out, chain_inputs(args.parent, "parent"), args.overwrite)  # before reading anything big
     parent = as_chain(args.parent)
@@ -222,7 +222,7 @@ def cmd_stage_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_stage_relink(args: argparse.Namespace) -> int:
-    from .specialist import relink
+    from ..models.specialist import relink
 
     old, new = relink(args.stage, args.parent)
     print(f"{args.stage}: parent {old} -> {new} (the parent's fingerprint matches; config.json and its digest "
@@ -236,15 +236,15 @@ def overrides_text(overrides: dict[str, list[int]]) -> str:
 
 
 def cmd_stage_train(args: argparse.Namespace) -> int:
-    from .options import from_namespace
-    from .train.sft import StageTrainArgs, stage_train
+    from ..common.options import from_namespace
+    from ..train.sft import StageTrainArgs, stage_train
 
     stage_train(from_namespace(StageTrainArgs, args))
     return 0
 
 
 def cmd_check_preservation(args: argparse.Namespace) -> int:
-    from .specialist import check_preservation
+    from ..models.specialist import check_preservation
 
     r = check_preservation(args.base, args.stage)
     verdict = "bit-identical" if r["bit_identical"] else "CHANGED"
@@ -257,7 +257,7 @@ def cmd_check_preservation(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .specialist import export_merged
+    from ..models.specialist import export_merged
 
     print(f"wrote {export_merged(args.model, args.out, overwrite=args.overwrite)}")
     return 0
@@ -266,8 +266,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_compose(args: argparse.Namespace) -> int:
     import torch
 
-    from .compose import Composition
-    from .modeldir import load_tokenizer
+    from ..infer.compose import Composition
+    from ..models.directory import load_tokenizer
 
     comp = Composition(args.stages, args.weights)
     tok = load_tokenizer(args.stages[0])
@@ -282,23 +282,23 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
 
 def _sampling_params(args: argparse.Namespace, seed_offset: int = 0):
-    from .infer import SamplingParams
-    from .options import from_namespace
+    from ..infer import SamplingParams
+    from ..common.options import from_namespace
 
     return from_namespace(SamplingParams, args, seed=args.seed + seed_offset)
 
 
 def _decode_mode(args: argparse.Namespace):
-    from .infer import DecodeMode
-    from .options import from_namespace
+    from ..infer import DecodeMode
+    from ..common.options import from_namespace
 
     return from_namespace(DecodeMode, args)
 
 
 def _load_decoder(args: argparse.Namespace, params):
     """The model, its tokenizer and the decoder the flags name; bad flags fail before the model loads."""
-    from .infer import make_decoder
-    from .modeldir import load_model, load_tokenizer, read_config
+    from ..infer import make_decoder
+    from ..models.directory import load_model, load_tokenizer, read_config
 
     mode = _decode_mode(args)
     mode.check(params)
@@ -367,11 +367,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .data.text import eval_batches, read_documents
-    from .infer.adaptive import calibrate, save_calibration
-    from .infer.adaptive import CALIBRATION
-    from .modeldir import load_model, load_tokenizer
-    from .outputs import check_output
+    from ..data.text import eval_batches, read_documents
+    from ..infer.adaptive import calibrate, save_calibration
+    from ..infer.adaptive import CALIBRATION
+    from ..models.directory import load_model, load_tokenizer
+    from ..common.atomic import check_output
 
     # adaptive.json is written into MODELDIR by design; the calibration text must not be or hold it.
     check_output(Path(args.model) / CALIBRATION, [("data", path) for path in args.data], overwrite=True)
@@ -395,10 +395,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_bpb(args: argparse.Namespace) -> int:
-    from .card import record_evaluation
-    from .eval.bpb import text_bpb
-    from .modeldir import load_model, load_tokenizer, read_config
-    from .outputs import check_output
+    from ..models.card import record_evaluation
+    from ..eval.bpb import text_bpb
+    from ..models.directory import load_model, load_tokenizer, read_config
+    from ..common.atomic import check_output
 
     # The card (README.md) is written into MODELDIR: the data must not be or hold it.
     check_output(Path(args.model) / "README.md", [("data", path) for path in args.data], overwrite=True)
@@ -422,7 +422,7 @@ def cmd_eval_bpb(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_humaneval(args: argparse.Namespace) -> int:
-    from .eval.humaneval import HumanEvalArgs, evaluate_humaneval, score_completions
+    from ..eval.humaneval import HumanEvalArgs, evaluate_humaneval, score_completions
 
     ks = tuple(sorted({int(k) for k in args.k.split(",")})) if args.k else (1,)
     he = HumanEvalArgs(limit=args.limit, samples=args.samples, k=ks, workers=args.workers, batch_size=args.batch_size,
@@ -459,7 +459,7 @@ def cmd_eval_humaneval(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat_repl import run_chat
+    from .chat import run_chat
 
     params = _sampling_params(args)  # turn t samples with seed + t (chat_repl)
     decoder, tok = _load_decoder(args, params)
@@ -467,8 +467,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .options import from_namespace
-    from .train.pretrain import PretrainArgs, pretrain
+    from ..common.options import from_namespace
+    from ..train.pretrain import PretrainArgs, pretrain
 
     if args.init is None and (args.tokenizer is None or args.depth is None):
         raise PoelmError("pretrain needs --init MODELDIR, or --tokenizer TOKDIR and --depth N")
@@ -476,7 +476,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         raise PoelmError("--init takes its tokenizer and shape from MODELDIR: drop --tokenizer/--depth")
     config = None
     if args.init is None:
-        from .modeldir import load_tokenizer
+        from ..models.directory import load_tokenizer
 
         args.seq_len = args.seq_len or 2048
         args.poe_mode = args.poe_mode or "flat"
@@ -493,8 +493,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     try:
-        from .serve.app import resolve_api_key, serve
-        from .serve.protocol import LIMITS
+        from ..serve.app import resolve_api_key, serve
+        from ..serve.protocol import LIMITS
     except ImportError as e:
         raise PoelmError(f"poelm serve needs its extras: pip install 'poelm[serve]' ({e.name} is missing)") from None
     if args.max_body_bytes < 1024:
@@ -508,7 +508,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out))
+    run_demo(Path(args.out), main)
     return 0
 
 
@@ -528,7 +528,7 @@ MODEL = arg("model", metavar="MODELDIR", help="a base or stage directory (a stag
 
 def add_command(sub, name: str, func, help: str, *args, options: tuple = (), defaults: dict | None = None):
     """A subcommand: its arguments (`arg(...)`), then the flags generated from option dataclasses."""
-    from .options import add_options
+    from ..common.options import add_options
 
     p = sub.add_parser(name, help=help)
     for flags, kw in args:
@@ -540,10 +540,10 @@ def add_command(sub, name: str, func, help: str, *args, options: tuple = (), def
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data.shards import DEFAULT_SHARD_TOKENS
-    from .infer import DecodeMode, SamplingParams
-    from .train.pretrain import PretrainArgs
-    from .train.sft import StageTrainArgs
+    from ..data.shards import DEFAULT_SHARD_TOKENS
+    from ..infer import DecodeMode, SamplingParams
+    from ..train.pretrain import PretrainArgs
+    from ..train.sft import StageTrainArgs
 
     parser = argparse.ArgumentParser(prog="poelm", description="Modular Product-of-Experts language models.")
     parser.add_argument("--version", action="version", version=f"poelm {__version__}")

@@ -44,18 +44,19 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .core.cascade import load_safetensors
-from .core.errors import PoelmError
-from .core.files import read_json, write_json
-from .data.stdlib import code_instructions, stdlib_corpus, write_jsonl
-from .infer import DecodeMode, SamplingParams, make_decoder
-from .infer.adaptive import load_calibration
-from .modeldir import load_model, load_tokenizer
-from .outputs import check_output
-from .train.metrics import MetricsLog
+from ..core.cascade import load_safetensors
+from ..core.errors import PoelmError
+from ..core.files import read_json, write_json
+from ..data.embedded import code_instructions, stdlib_corpus, write_jsonl
+from ..infer import DecodeMode, SamplingParams, make_decoder
+from ..infer.adaptive import load_calibration
+from ..models.directory import load_model, load_tokenizer
+from ..common.atomic import check_output
+from ..train.metrics import MetricsLog
 
 CORPUS_BYTES = 5_000_000
 VOCAB_SIZE = 8192
@@ -74,8 +75,8 @@ def humaneval_step(stage_dir: Path, out: Path) -> dict:
     through the sandbox (pass@1 must be 1.0) with the bits per byte the base path and the stage give
     them, then the stage's own pass@1 on the first 20 problems, whatever it is. Both land in the
     stage's card."""
-    from .eval.humaneval import HumanEvalArgs, evaluate_humaneval
-    from .infer import SamplingParams
+    from ..eval.humaneval import HumanEvalArgs, evaluate_humaneval
+    from ..infer import SamplingParams
 
     try:
         canonical = evaluate_humaneval(stage_dir, HumanEvalArgs(canonical=True, workers=2), out=out / "canonical",
@@ -107,7 +108,7 @@ def serve_step(base_dir: Path, stage_dir: Path) -> dict:
     try:
         import openai
 
-        from .serve.app import background
+        from ..serve.app import background
     except ImportError as e:
         say(f"[10/11] serving skipped: it needs `pip install 'poelm[serve]' openai` ({e.name} is missing)")
         return {"skipped": f"{e.name} is missing"}
@@ -190,10 +191,9 @@ def quick_start_answer(model_dir: Path, tok) -> str:
     return r.stdout
 
 
-def poelm(*argv) -> None:
-    """One `poelm` command, run exactly as a user would type it (same parser, same code path)."""
-    from .cli import main
-
+def poelm(main: Callable[[list[str]], int], *argv) -> None:
+    """One `poelm` command, run exactly as a user would type it: `main` is the command line's own entry
+    point (app/cli.py passes it in; the demo does not import the command line above it)."""
     args = [str(a) for a in argv]
     say("      $ poelm " + " ".join(args if len(args) < 14 else args[:6] + ["..."] + args[-6:]))
     if main(args) != 0:
@@ -204,7 +204,7 @@ def evals(run_dir: Path) -> list[dict]:
     return [r for r in MetricsLog(run_dir).records() if "val_bpb" in r]
 
 
-def run_demo(out: Path) -> dict:
+def run_demo(out: Path, main: Callable[[list[str]], int]) -> dict:
     t_start = time.time()
     import sysconfig
 
@@ -217,7 +217,7 @@ def run_demo(out: Path) -> dict:
     corpus_bytes = sum(os.path.getsize(p) for p in paths)
     say(f"[1/11] tokenizer: {VOCAB_SIZE}-token BPE on {len(paths)} stdlib files ({corpus_bytes / 1e6:.1f} MB)")
     t0 = time.time()
-    poelm("tokenizer", "train", "--input", *paths, "--vocab-size", VOCAB_SIZE, "--out", out / "tokenizer",
+    poelm(main, "tokenizer", "train", "--input", *paths, "--vocab-size", VOCAB_SIZE, "--out", out / "tokenizer",
           "--overwrite")
     train_s = time.time() - t0
     tok = load_tokenizer(out / "tokenizer")
@@ -237,7 +237,7 @@ def run_demo(out: Path) -> dict:
     # 2. A PoE base, initialised --------------------------------------------------------------
     init_dir = out / "base-init"
     say("[2/11] model: a PoE base, 4 layers in two stages, width 128")
-    poelm("init", "--tokenizer", out / "tokenizer", "--depth", 4, "--n-embd", 128, "--n-head", 2,
+    poelm(main, "init", "--tokenizer", out / "tokenizer", "--depth", 4, "--n-embd", 128, "--n-head", 2,
           "--seq-len", SEQ_LEN, "--poe-stage-layers", "2,2", "--poe-mode", "flat", "--out", init_dir, "--overwrite")
     model = load_model(init_dir)
     summary["model"] = {"dir": str(init_dir), "parameters": dict(model.param_table()), "config": model.config.to_dict()}
@@ -249,7 +249,7 @@ def run_demo(out: Path) -> dict:
     say(f"[3/11] the same source tokenized once into memory-mapped shards ({tokens_dir}), then pretraining (flat) "
         f"for {PRETRAIN_STEPS} steps of {PRETRAIN_BATCH} x {SEQ_LEN} tokens from them; progress on stderr")
     t0 = time.time()
-    poelm("data", "tokenize", "--tokenizer", out / "tokenizer", "--input", *paths, "--out", tokens_dir,
+    poelm(main, "data", "tokenize", "--tokenizer", out / "tokenizer", "--input", *paths, "--out", tokens_dir,
           "--workers", 2, "--overwrite")
     index = read_json(tokens_dir / "index.json")
     say(f"      {tokens_dir}: {index['train']['tokens']:,} train + {index['val']['tokens']:,} val tokens in "
@@ -258,7 +258,7 @@ def run_demo(out: Path) -> dict:
     summary["tokens"] = {"dir": str(tokens_dir), "train_tokens": index["train"]["tokens"],
                          "val_tokens": index["val"]["tokens"], "seconds": round(time.time() - t0, 1)}
     t0 = time.time()
-    poelm("pretrain", "--init", init_dir, "--data", tokens_dir, "--out", run_dir, "--steps", PRETRAIN_STEPS,
+    poelm(main, "pretrain", "--init", init_dir, "--data", tokens_dir, "--out", run_dir, "--steps", PRETRAIN_STEPS,
           "--device-batch-size", PRETRAIN_BATCH, "--eval-every", PRETRAIN_STEPS // 4, "--eval-tokens", 32768,
           "--sample-tokens", 24, "--seed", 0)
     trajectory = [[e["step"], e["val_bpb"]] for e in evals(run_dir)]
@@ -298,11 +298,11 @@ def run_demo(out: Path) -> dict:
     # 6. A specialist on the frozen base ----------------------------------------------------------
     stage_dir = out / "stage-code"
     say("[6/11] a specialist: 2 blocks and a zero head attached to the trained base, saved as a delta")
-    poelm("stage", "attach", best_dir, "--layers", 2, "--name", "code", "--out", stage_dir, "--overwrite")
+    poelm(main, "stage", "attach", best_dir, "--layers", 2, "--name", "code", "--out", stage_dir, "--overwrite")
     with torch.no_grad():
         x = torch.tensor([prompt_ids])
         same = torch.equal(load_model(stage_dir)(x).logits, trained(x).logits)
-    poelm("check-preservation", best_dir, stage_dir)  # exits non-zero unless the base path is bit-identical
+    poelm(main, "check-preservation", best_dir, stage_dir)  # exits non-zero unless the base path is bit-identical
     n_delta = sum(t.numel() for t in load_safetensors(stage_dir / "delta.safetensors").values())
     say(f"      delta {n_delta:,} params; logits right after attaching equal the base's bit for bit: "
         f"{'yes' if same else 'NO'}")
@@ -320,7 +320,7 @@ def run_demo(out: Path) -> dict:
     say(f"[7/11] stage SFT: {len(records)} code instructions from the stdlib's documented functions -> {data}; "
         f"{SFT_STEPS} steps, {SFT_VAL} conversations held out; progress on stderr")
     t0 = time.time()
-    poelm("stage", "train", stage_dir, "--data", data, "--out", sft_dir, "--steps", SFT_STEPS,
+    poelm(main, "stage", "train", stage_dir, "--data", data, "--out", sft_dir, "--steps", SFT_STEPS,
           "--val-conversations", SFT_VAL, "--seq-len", SEQ_LEN, "--device-batch-size", PRETRAIN_BATCH,
           "--eval-every", SFT_STEPS // 4, "--seed", 0, "--stage-head-lr", SFT_HEAD_LR)
     sft = evals(sft_dir)
@@ -341,7 +341,7 @@ def run_demo(out: Path) -> dict:
 
     # 9. What the stage predictors buy at inference -------------------------------------------
     say("[9/11] decoding the base with each mode (adaptive depth's bounds calibrated on stdlib text)")
-    poelm("calibrate", best_dir, "--data", *paths[-20:], "--max-tokens", 64 * SEQ_LEN)
+    poelm(main, "calibrate", best_dir, "--data", *paths[-20:], "--max-tokens", 64 * SEQ_LEN)
     bounds = load_calibration(best_dir, trained.config.n_stages)
     greedy = SamplingParams(max_new_tokens=48)
     prompts = [[tok.bos_id] + tok.encode(t) for t in ("def fibonacci(n):", "class Stack:\n    def __init__(self")]

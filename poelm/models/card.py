@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .core.files import CARD, write_text
-from .core.model import PoEGPT
+from ..core.files import CARD, write_text
+from ..core.model import PoEGPT
 
 
 def table(header: tuple[str, str], rows: list[tuple[str, Any]]) -> str:

@@ -31,17 +31,17 @@ import torch
 from safetensors.torch import save_file
 
 from .card import model_card
-from .core.cascade import DTYPES, fingerprint_tensors, load_chain, load_safetensors, open_chain
-from .core.config import PoEConfig
-from .core.errors import PoelmError
-from .core.files import (CARD, CHAT_TEMPLATE_FILE, CONFIG, DELTA, GENERATION_CONFIG, SPECIAL_TOKENS_MAP,
+from ..core.cascade import DTYPES, fingerprint_tensors, load_chain, load_safetensors, open_chain
+from ..core.config import PoEConfig
+from ..core.errors import PoelmError
+from ..core.files import (CARD, CHAT_TEMPLATE_FILE, CONFIG, DELTA, GENERATION_CONFIG, SPECIAL_TOKENS_MAP,
                          TOKEN_BYTES_FILE, TOKENIZER_CONFIG, TOKENIZER_FILE, WEIGHTS, read_json, write_json,
                          write_manifest, write_text)
-from .core.model import PoEGPT, to_disk
-from .core.tokenizer import SPECIAL_TOKENS, Tokenizer
-from .outputs import AtomicDir, Inputs
+from ..core.model import PoEGPT, to_disk
+from ..core.tokenizer import SPECIAL_TOKENS, Tokenizer
+from ..common.atomic import AtomicDir, Inputs
 
-SHIPPED_DIR = Path(__file__).resolve().parent / "core"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "core"
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|assistant_end|>"
 PAD_TOKEN = "<|assistant_end|>"  # = eos: generate() then never masks a BOS (core/tokenization_poelm.py)
@@ -243,7 +243,7 @@ def record_digests(directory: str | os.PathLike) -> dict[str, Any]:
     """Re-record `digests.json` from the directory's files as they are now: after a deliberate edit, or
     for a directory written before poelm recorded digests. A stage's fingerprint chains its parent's,
     so the parent's chain is loaded (and verified) for it."""
-    from .core.cascade import locate
+    from ..core.cascade import locate
 
     directory = Path(directory)
     if not directory.is_dir():

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .core.cascade import CONFIG
-from .core.files import read_json
-from .core.errors import PoelmError
-from .infer.decoder import Decoder, check_output_name
-from .infer.sampling import SamplingParams, sample_next
-from .modeldir import load_model
+from ..core.cascade import CONFIG
+from ..core.files import read_json
+from ..core.errors import PoelmError
+from .decoder import Decoder, check_output_name
+from .sampling import SamplingParams, sample_next
+from ..models.directory import load_model
 
 
 class Composition:

@@ -31,14 +31,14 @@ from typing import Any
 
 import torch
 
-from .core.files import read_json
-from .core.config import SIZE_LIMITS, check_size, PoEConfig
-from .core.errors import PoelmError
-from .core.model import PoEGPT
-from .core.cascade import check_state_dict
-from .modeldir import save_model_dir
-from .outputs import check_output
-from .core.tokenizer import SPECIAL_TOKENS, Tokenizer
+from ..core.files import read_json
+from ..core.config import SIZE_LIMITS, check_size, PoEConfig
+from ..core.errors import PoelmError
+from ..core.model import PoEGPT
+from ..core.cascade import check_state_dict
+from .directory import save_model_dir
+from ..common.atomic import check_output
+from ..core.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 log = logging.getLogger("poelm.convert")
 

@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterable, NoReturn
 import torch
 import torch.nn as nn
 
-from .core.errors import PoelmError
+from ..core.errors import PoelmError
 
 STATE_FORMAT = "poelm.optim.MuonAdamW/1"
 

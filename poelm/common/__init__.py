@@ -1,0 +1,1 @@
+"""Infrastructure every layer above may use: atomic outputs, options, progress."""

@@ -1,0 +1,1 @@
+"""Model directories: writing and reading them, their cards, specialists, conversions."""
