@@ -16,8 +16,10 @@ import json
 from pathlib import Path
 
 from poelm.core.config import PoEConfig
-from poelm.models.directory import load_tokenizer
+from poelm.core.tokenizer import Tokenizer
 from poelm.train.pretrain import PretrainArgs, pretrain
+
+from entry import model_flags  # benchmarks/entry.py
 
 
 def main() -> None:
@@ -25,19 +27,14 @@ def main() -> None:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--data", nargs="+", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=2)
-    p.add_argument("--stages", default="2,2")
-    p.add_argument("--seq-len", type=int, default=256)
+    model_flags(p, depth=4, n_embd=128, n_head=2, stages="2,2", seq_len=256, batch=8)
     p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
-    vocab = load_tokenizer(args.tokenizer).vocab_size
+    vocab = Tokenizer.load(args.tokenizer).vocab_size
     result = {}
     for mode in ("none", "flat"):
         config = PoEConfig(vocab_size=vocab, n_layer=args.depth, n_head=args.n_head, n_kv_head=args.n_head,

@@ -3,7 +3,7 @@ processes (and in-process, `--workers 0`, for reference), the tokenize command's
 and on one 10x larger, and the pretraining loader's start-up time on the two tokenized folders.
 
 Corpora (offline, deterministic, written to a temporary folder): the demo-sized corpus is
-`poelm.data.stdlib.stdlib_corpus(--small-bytes)` (about 400 standard-library .py files, ~5 MB) as one
+`poelm.data.embedded.stdlib_corpus(--small-bytes)` (about 400 standard-library .py files, ~5 MB) as one
 JSONL file of {"text"} records; the 10x corpus is the same documents `--copies` times, each copy's text
 suffixed by a distinct comment line ("# copy K") so no two documents are equal (the split is by content
 hash). Both runs of a comparison read the same format.
@@ -181,7 +181,7 @@ def loader_child(folder: str) -> None:
     import torch  # noqa: F401 - imported before the clock: a pretraining process has it already
 
     from poelm.data.shards import TokenFolder
-    from poelm.data.text import TokenLoader
+    from poelm.data.loader import TokenLoader
 
     t0 = time.perf_counter()
     f = TokenFolder(folder)
@@ -247,17 +247,25 @@ def bench(args, work: Path) -> dict:
         for name in loads:
             loads[name].append(run_loader(work / f"data-{name}"))
 
-    def med(rows: list[dict], key: str) -> float:
-        return statistics.median(r[key] for r in rows)
+    corpus = {"small": {"documents": small_docs, "bytes": small_bytes},
+              "big": {"documents": big_docs, "bytes": big_bytes, "copies": args.copies}}
+    return summarize(args, corpus, memory, runs, loads)
 
+
+def med(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def summarize(args, corpus: dict, memory: dict, runs: dict, loads: dict) -> dict:
+    """The measurements as the JSON line: medians, throughput, peak memory, loader start-up, the ratios."""
+    big_bytes = corpus["big"]["bytes"]
     tput = {k: big_bytes / 1e6 / med(v, "seconds") for k, v in runs.items() if k != "startup"}
     phase = {k: big_bytes / 1e6 / med(v, "phase") for k, v in runs.items() if k != "startup"}
     load = {name: {k: med(rows, k) for k in ("seconds", "open", "loader", "first_batch")} for name, rows in
             loads.items()}
     other = [r["other_cores"] for v in runs.values() for r in v] + [r["other_cores"] for r in memory.values()]
     return {
-        "corpus": {"small": {"documents": small_docs, "bytes": small_bytes},
-                   "big": {"documents": big_docs, "bytes": big_bytes, "copies": args.copies}},
+        "corpus": corpus,
         "settings": {"repeats": args.repeats, "shard_tokens": args.shard_tokens, "memory_workers": args.memory_workers,
                      "cpus": os.cpu_count()},
         "tokenize_seconds": {k: [round(r["seconds"], 3) for r in v] for k, v in runs.items()},

@@ -48,7 +48,7 @@ from poelm.core.model import KVCache
 from poelm.infer import DecodeMode, SamplingParams, make_decoder
 from poelm.infer.adaptive import AdaptiveDecoder, load_calibration
 from poelm.infer.speculative import compare_with_engine
-from poelm.models.directory import load_model, load_tokenizer
+from poelm import models
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flops import adaptive_flops, engine_flops, speculative_flops, step_split  # noqa: E402
@@ -111,6 +111,35 @@ def step_times(model, prompt: list[int], drafts: list[int], ks: tuple[int, ...],
     return out
 
 
+class Bench:
+    """What every measurement shares: the model, the prompts, the settings, and the timed decoders' rows."""
+
+    def __init__(self, args):
+        chain = models.open(args.model)
+        self.model, self.tok = chain.model(), chain.tokenizer()
+        del chain  # the model holds its own copy of the tensors
+        self.model_dir, self.rounds, self.n = args.model, args.rounds, args.new_tokens
+        self.ks = (2, 4) if args.quick else (2, 4, 6)
+        self.c = self.model.config
+        self.prompts = [[self.tok.bos_id] + self.tok.encode(t) for t in PROMPTS]
+        self.lens = [len(ids) for ids in self.prompts]
+        self.batch = [ids for _ in range(4) for ids in self.prompts]  # 16 rows
+        self.greedy = SamplingParams(max_new_tokens=self.n)
+        self.rows: dict[str, dict] = {}
+
+    def decoder(self, mode: DecodeMode):  # no early stop: every setting decodes n tokens
+        return make_decoder(self.model, mode, stop_ids=set(), model_dir=self.model_dir)
+
+    def all_prompts(self, dec) -> list[list[int]]:
+        return [dec.generate(ids, self.greedy) for ids in self.prompts]
+
+    def timed(self, fn) -> tuple[float, list]:
+        return timed(fn, self.rounds)
+
+    def rate(self, seconds: float, rows: int | None = None) -> float:
+        return self.n * (rows or len(self.prompts)) / seconds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
@@ -121,98 +150,133 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.rounds = 1
-    ks = (2, 4) if args.quick else (2, 4, 6)
-    model, tok = load_model(args.model), load_tokenizer(args.model)
-    c = model.config
-    prompts = [[tok.bos_id] + tok.encode(t) for t in PROMPTS]
-    lens = [len(ids) for ids in prompts]
-    n = args.new_tokens
-    greedy = SamplingParams(max_new_tokens=n)
-    rows = {}
+    b = Bench(args)
+    reference = measure_engine(b)
+    times = measure_speculative(b, reference)
+    measure_adaptive(b)
+    measure_bf16(b)
+    targets = add_ratios(b.rows, engine_flops(b.c, b.lens, b.n))
+    split_position = max(b.lens) + b.n // 2
+    split = step_split(b.c, position=split_position)
+    if args.json:
+        c = b.c
+        print(json.dumps({
+            "model": args.model, "new_tokens": b.n, "prompts": len(b.prompts), "prompt_tokens": b.lens,
+            "rounds": args.rounds, "threads": torch.get_num_threads(),
+            "config": {"n_layer": c.n_layer, "n_embd": c.n_embd, "poe_stage_layers": c.poe_stage_layers,
+                       "vocab_size": c.vocab_size, "poe_output": c.poe_output},
+            "step_flops": {"layers": int(split.layers), "heads": int(split.heads),
+                           "layer_share": round(split.layers / split.total, 3)},
+            "step_ms": {k: round(v, 3) for k, v in times.items()},
+            "targets": {k: {"measured": round(m, 3), "target": t, "reached": m >= t} for k, (m, t) in targets.items()},
+            "rows": {k: {kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()}
+                     for k, v in b.rows.items()}}))
+        return
+    print_rows(b.rows)
+    print(f"one decode step at position {split_position}: layers {split.layers / 1e6:.2f}M FLOPs "
+          f"({split.layers / split.total:.0%}), head read-outs {split.heads / 1e6:.2f}M")
+    print("step times (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()))
+    for name, (measured, target) in targets.items():
+        print(f"target {name}: {measured:.2f}x (target {target}x) {'reached' if measured >= target else 'NOT reached'}")
 
-    def decoder(mode: DecodeMode):  # no early stop: every setting decodes n tokens
-        return make_decoder(model, mode, stop_ids=set(), model_dir=args.model)
 
-    def all_prompts(dec):
-        return [dec.generate(ids, greedy) for ids in prompts]
-
+def measure_engine(b: Bench) -> list[list[int]]:
+    """transformers' generate, the engine at batch 1 and 16, each exit stage; the engine's greedy tokens."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
+    hf = AutoModelForCausalLM.from_pretrained(b.model_dir, trust_remote_code=True).eval()
 
     def hf_generate(ids):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              pad_token_id=tok.token_id("<|assistant_end|>"))
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=b.n, min_new_tokens=b.n, do_sample=False,
+                              pad_token_id=b.tok.token_id("<|assistant_end|>"))
         return out[0, len(ids):].tolist()
 
     # Warm-up, untimed (first calls pay for allocations and kernel choices; with --rounds 1 they would be timed).
-    hf_generate(prompts[0])
-    all_prompts(decoder(DecodeMode()))
-    decoder(DecodeMode(speculative=2, draft_stage=0)).generate(prompts[0], greedy)
-    seconds, _ = timed(lambda: [hf_generate(ids) for ids in prompts], args.rounds)
-    engine_fpt = engine_flops(c, lens, n)  # the same forward as poelm's engine, through transformers
-    rows["transformers generate"] = {"tok_per_s": n * len(prompts) / seconds, "flops_per_token": engine_fpt}
-    engine = decoder(DecodeMode())
-    seconds, reference = timed(lambda: all_prompts(engine), args.rounds)
-    rows["engine (full depth)"] = {"tok_per_s": n * len(prompts) / seconds, "flops_per_token": engine_fpt}
-    batch = [ids for _ in range(4) for ids in prompts]  # 16 rows
-    seconds, outs = timed(lambda: engine.generate_batch(batch, greedy), args.rounds)
-    rows["engine batch 16 (aggregate)"] = {"tok_per_s": n * len(batch) / seconds,
-                                           "flops_per_token": engine_flops(c, [len(b) for b in batch], n, batched=True),
-                                           "rows_identical_to_alone": outs == reference * 4}
-    for k in range(c.n_stages - 1):
-        exit_k = decoder(DecodeMode(exit_stage=k))
-        seconds, _ = timed(lambda: all_prompts(exit_k), args.rounds)
-        rows[f"engine exit stage {k}"] = {"tok_per_s": n * len(prompts) / seconds,
-                                          "flops_per_token": engine_flops(c, lens, n, exit_stage=k)}
-    for s in range(c.n_stages - 1):
-        for k in ks:
-            spec = decoder(DecodeMode(speculative=k, draft_stage=s))  # its stats accumulate over the rounds
-            seconds, outs = timed(lambda: all_prompts(spec), args.rounds)
+    hf_generate(b.prompts[0])
+    b.all_prompts(b.decoder(DecodeMode()))
+    b.decoder(DecodeMode(speculative=2, draft_stage=0)).generate(b.prompts[0], b.greedy)
+    seconds, _ = b.timed(lambda: [hf_generate(ids) for ids in b.prompts])
+    engine_fpt = engine_flops(b.c, b.lens, b.n)  # the same forward as poelm's engine, through transformers
+    b.rows["transformers generate"] = {"tok_per_s": b.rate(seconds), "flops_per_token": engine_fpt}
+    engine = b.decoder(DecodeMode())
+    seconds, reference = b.timed(lambda: b.all_prompts(engine))
+    b.rows["engine (full depth)"] = {"tok_per_s": b.rate(seconds), "flops_per_token": engine_fpt}
+    seconds, outs = b.timed(lambda: engine.generate_batch(b.batch, b.greedy))
+    b.rows["engine batch 16 (aggregate)"] = {
+        "tok_per_s": b.rate(seconds, len(b.batch)),
+        "flops_per_token": engine_flops(b.c, [len(r) for r in b.batch], b.n, batched=True),
+        "rows_identical_to_alone": outs == reference * 4}
+    for k in range(b.c.n_stages - 1):
+        exit_k = b.decoder(DecodeMode(exit_stage=k))
+        seconds, _ = b.timed(lambda: b.all_prompts(exit_k))
+        b.rows[f"engine exit stage {k}"] = {"tok_per_s": b.rate(seconds),
+                                            "flops_per_token": engine_flops(b.c, b.lens, b.n, exit_stage=k)}
+    return reference
+
+
+def measure_speculative(b: Bench, reference: list[list[int]]) -> dict:
+    """Every (S, K), one prompt at a time and as a batch of 16; the step times and what they predict."""
+    for s in range(b.c.n_stages - 1):
+        for k in b.ks:
+            spec = b.decoder(DecodeMode(speculative=k, draft_stage=s))  # its stats accumulate over the rounds
+            seconds, outs = b.timed(lambda: b.all_prompts(spec))
             st = spec.stats
-            rows[f"speculative S={s} K={k}"] = {
-                "tok_per_s": n * len(prompts) / seconds,
-                "flops_per_token": speculative_flops(c, s, st, lens * args.rounds, n),
+            b.rows[f"speculative S={s} K={k}"] = {
+                "tok_per_s": b.rate(seconds), "flops_per_token": speculative_flops(b.c, s, st, b.lens * b.rounds, b.n),
                 "acceptance": st.acceptance,
                 "tokens_per_verification": st.tokens_per_verification, "greedy_identical": outs == reference}
-    spec = decoder(DecodeMode(speculative=4, draft_stage=0))  # a batch: ragged acceptance, rows as alone
-    seconds, outs = timed(lambda: spec.generate_batch(batch, greedy), args.rounds)
-    rows["speculative S=0 K=4 batch 16 (aggregate)"] = {
-        "tok_per_s": n * len(batch) / seconds, "acceptance": spec.stats.acceptance,
-        "flops_per_token": speculative_flops(c, 0, spec.stats, [len(b) for b in batch] * args.rounds, n),
+    spec = b.decoder(DecodeMode(speculative=4, draft_stage=0))  # a batch: ragged acceptance, rows as alone
+    seconds, outs = b.timed(lambda: spec.generate_batch(b.batch, b.greedy))
+    b.rows["speculative S=0 K=4 batch 16 (aggregate)"] = {
+        "tok_per_s": b.rate(seconds, len(b.batch)), "acceptance": spec.stats.acceptance,
+        "flops_per_token": speculative_flops(b.c, 0, spec.stats, [len(r) for r in b.batch] * b.rounds, b.n),
         "tokens_per_verification": spec.stats.tokens_per_verification, "greedy_identical": outs == reference * 4}
-    times = step_times(model, prompts[0], list(range(c.n_stages - 1)), ks)
-    for s in range(c.n_stages - 1):  # the time model: what the measured step times predict for a round
-        for k in ks:
-            r = rows[f"speculative S={s} K={k}"]
+    times = step_times(b.model, b.prompts[0], list(range(b.c.n_stages - 1)), b.ks)
+    for s in range(b.c.n_stages - 1):  # the time model: what the measured step times predict for a round
+        for k in b.ks:
+            r = b.rows[f"speculative S={s} K={k}"]
             r["time_model_x_engine"] = (r["tokens_per_verification"] * times["full step"]
                                         / (k * times[f"draft step S={s}"] + times[f"verify S={s} K={k}"]))
-    logop_engine = decoder(DecodeMode(output="logop"))
-    seconds, logop_reference = timed(lambda: all_prompts(logop_engine), args.rounds)
-    logop_fpt = engine_flops(c, lens, n, output="logop")
-    rows["engine Log-OP (full depth)"] = {"tok_per_s": n * len(prompts) / seconds, "flops_per_token": logop_fpt}
+    return times
+
+
+def measure_adaptive(b: Bench) -> None:
+    """The engine decoding the Log-OP at full depth, and adaptive depth (its bounds x1, x2, x4) against it."""
+    logop_engine = b.decoder(DecodeMode(output="logop"))
+    seconds, logop_reference = b.timed(lambda: b.all_prompts(logop_engine))
+    logop_fpt = engine_flops(b.c, b.lens, b.n, output="logop")
+    b.rows["engine Log-OP (full depth)"] = {"tok_per_s": b.rate(seconds), "flops_per_token": logop_fpt}
     try:
-        bounds = load_calibration(args.model, model.config.n_stages)
+        bounds = load_calibration(b.model_dir, b.c.n_stages)
     except PoelmError as e:
         print(f"adaptive rows skipped: {e}", file=sys.stderr)  # stdout stays one JSON object
-        bounds = None
-    for scale in (1, 2, 4) if bounds is not None else ():
-        adaptive = AdaptiveDecoder(model, [b * scale for b in bounds], set())  # scaled: built here, not from a mode
-        seconds, outs = timed(lambda: all_prompts(adaptive), args.rounds)
-        same = sum(a == b for o, r in zip(outs, logop_reference) for a, b in zip(o, r))
-        exits = [e // args.rounds for e in adaptive.stats.exits]
-        fpt = adaptive_flops(c, exits, lens, n)
-        rows[f"adaptive bounds x{scale}"] = {"tok_per_s": n * len(prompts) / seconds, "flops_per_token": fpt,
-                                             "x_logop_engine_flops": logop_fpt / fpt,
-                                             "top1_agreement": same / (n * len(prompts)), "exits": exits}
-    bf16 = load_model(args.model, dtype=torch.bfloat16)
-    for s in range(c.n_stages - 1):
-        for k in ks:
-            a = compare_with_engine(bf16, prompts, n, draft_stage=s, k=k)
-            rows[f"bf16 speculative S={s} K={k}"] = {
+        return
+    for scale in (1, 2, 4):
+        adaptive = AdaptiveDecoder(b.model, [x * scale for x in bounds], set())  # scaled: built here, not from a mode
+        seconds, outs = b.timed(lambda: b.all_prompts(adaptive))
+        same = sum(x == y for o, r in zip(outs, logop_reference) for x, y in zip(o, r))
+        exits = [e // b.rounds for e in adaptive.stats.exits]
+        fpt = adaptive_flops(b.c, exits, b.lens, b.n)
+        b.rows[f"adaptive bounds x{scale}"] = {"tok_per_s": b.rate(seconds), "flops_per_token": fpt,
+                                               "x_logop_engine_flops": logop_fpt / fpt,
+                                               "top1_agreement": same / (b.n * len(b.prompts)), "exits": exits}
+
+
+def measure_bf16(b: Bench) -> None:
+    """The speculative settings in bfloat16 against the engine in bfloat16: where they diverge."""
+    bf16 = models.open(b.model_dir).model(dtype=torch.bfloat16)
+    for s in range(b.c.n_stages - 1):
+        for k in b.ks:
+            a = compare_with_engine(bf16, b.prompts, b.n, draft_stage=s, k=k)
+            b.rows[f"bf16 speculative S={s} K={k}"] = {
                 "identical_outputs": f"{a.identical}/{a.prompts}", "tokens_before_divergence": a.agreeing / a.tokens,
                 "max_divergence_margin": max((d.engine_margin for d in a.divergences), default=0.0)}
+
+
+def add_ratios(rows: dict[str, dict], engine_fpt: float) -> dict[str, tuple[float, float]]:
+    """Each row against transformers, the engine (time and FLOPs), batch 1 and the Log-OP engine; the
+    issue's figures as {name: (measured, target)}."""
     base = rows["transformers generate"]["tok_per_s"]
     engine_rate = rows["engine (full depth)"]["tok_per_s"]
     for r in rows.values():
@@ -240,21 +304,10 @@ def main() -> None:
     if adaptive:
         name = max(adaptive, key=lambda a: adaptive[a]["x_logop_engine"])
         targets[f"adaptive at 100% agreement vs the Log-OP engine (best: {name})"] = (adaptive[name]["x_logop_engine"], 1.3)
-    split_position = max(lens) + n // 2
-    split = step_split(c, position=split_position)
-    result = {"model": args.model, "new_tokens": n, "prompts": len(prompts), "prompt_tokens": lens,
-              "rounds": args.rounds, "threads": torch.get_num_threads(),
-              "config": {"n_layer": c.n_layer, "n_embd": c.n_embd, "poe_stage_layers": c.poe_stage_layers,
-                         "vocab_size": c.vocab_size, "poe_output": c.poe_output},
-              "step_flops": {"layers": int(split.layers), "heads": int(split.heads),
-                             "layer_share": round(split.layers / split.total, 3)},
-              "step_ms": {k: round(v, 3) for k, v in times.items()},
-              "targets": {k: {"measured": round(m, 3), "target": t, "reached": m >= t} for k, (m, t) in targets.items()},
-              "rows": {k: {kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()}
-                       for k, v in rows.items()}}
-    if args.json:
-        print(json.dumps(result))
-        return
+    return targets
+
+
+def print_rows(rows: dict[str, dict]) -> None:
     for name, r in rows.items():
         if "identical_outputs" in r:
             print(f"{name:<28} identical outputs {r['identical_outputs']}, {r['tokens_before_divergence']:.1%} of "
@@ -276,11 +329,6 @@ def main() -> None:
                      f"agreement {r['top1_agreement']:.1%} with Log-OP greedy, exits {r['exits']}")
         print(f"{name:<28} {r['tok_per_s']:8.1f} tok/s  {r['x_transformers']:5.2f}x hf  {r['x_engine']:5.2f}x engine"
               f"{compute}{extra}")
-    print(f"one decode step at position {split_position}: layers {split.layers / 1e6:.2f}M FLOPs "
-          f"({split.layers / split.total:.0%}), head read-outs {split.heads / 1e6:.2f}M")
-    print("step times (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()))
-    for name, (measured, target) in targets.items():
-        print(f"target {name}: {measured:.2f}x (target {target}x) {'reached' if measured >= target else 'NOT reached'}")
 
 
 if __name__ == "__main__":

@@ -41,40 +41,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SMEAR_CHANNELS = 24
-VE_GATE_CHANNELS = 12
+# a token's FLOPs through a layer, the smear gate and a read-out: poelm's one count, also training's
+from poelm.train.flops import embed_flops, layer_flops, readout_flops  # noqa: F401 (re-exported)
 
 
 def keys_seen(c, layer: int, position: int) -> int:
     """Keys a query at `position` sees in `layer`: min(position, window) + 1."""
     return min(position, c.layer_windows[layer]) + 1
-
-
-def layer_flops(c, layer: int, keys: float) -> float:
-    """One token through layer `layer`, attending to `keys` keys (already window-limited)."""
-    d, hd = c.n_embd, c.head_dim
-    q, kv = c.n_head * hd, c.n_kv_head * hd
-    proj = 2 * d * (q + 2 * kv) + 2 * q * d  # c_q, c_k, c_v, c_proj
-    gate = 2 * VE_GATE_CHANNELS * c.n_kv_head if layer in c.value_embed_layers else 0
-    attention = 2 * 2 * c.n_head * hd * keys  # q.k scores and the weighted sum of v
-    mlp = 2 * 2 * d * 4 * d  # c_fc and c_proj
-    return proj + gate + attention + mlp
-
-
-def embed_flops(c) -> float:
-    """One token before layer 0: the smear gate (the embedding lookup itself is free)."""
-    return 2 * SMEAR_CHANNELS if c.smear else 0
-
-
-def n_heads(c, stage: int) -> int:
-    """Heads stage `stage` reads out through, summed (`PoEGPT.heads`)."""
-    return (1 + bool(c.poe_stage_heads) + bool(c.head_fold and stage >= c.n_base_stages)
-            + bool(c.stage_head and stage == c.n_stages - 1))
-
-
-def readout_flops(c, stage: int, vocab: int | None = None) -> float:
-    """One token read out at stage `stage`: d x vocab per head (default: the padded vocabulary)."""
-    return n_heads(c, stage) * 2 * c.n_embd * (c.padded_vocab_size if vocab is None else vocab)
 
 
 def readout_stages(c, last: int, output: str | None = None) -> list[int]:

@@ -3,7 +3,7 @@ checking them against their digests (digests.json), side by side in one run.
 
 It writes a ~100 MB float32 base (vocab 4096, 6 layers, width 512) and a 2-block specialist stage on
 it into a temporary folder, warms the page cache, then alternates verified and unverified loads
-(`poelm.modeldir.load_model(..., verify=True/False)` and transformers' `from_pretrained(...,
+(`poelm.models.open(..., verify=True/False).model()` and transformers' `from_pretrained(...,
 verify=True/False)`) and prints the median of each and their ratio. A benchmark, not a test.
 
     python benchmarks/load.py [--rounds 7] [--json]
@@ -23,7 +23,8 @@ import torch
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.core.model import PoEGPT
-from poelm.models.directory import load_model, save_model_dir
+from poelm import models
+from poelm.models.directory import save_model_dir
 from poelm.models.specialist import attach, save_specialist
 from poelm.core.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -66,8 +67,8 @@ def main() -> None:
         megabytes = (base / "model.safetensors").stat().st_size / 1e6
         delta_mb = (stage / "delta.safetensors").stat().st_size / 1e6
         loaders = {
-            "poelm base": lambda verify: load_model(base, verify=verify),
-            "poelm base + stage": lambda verify: load_model(stage, verify=verify),
+            "poelm base": lambda verify: models.open(base, verify=verify).model(),
+            "poelm base + stage": lambda verify: models.open(stage, verify=verify).model(),
             "transformers base": lambda verify: AutoModelForCausalLM.from_pretrained(
                 str(base), trust_remote_code=True, verify=verify),
             "transformers base + stage": lambda verify: AutoModelForCausalLM.from_pretrained(

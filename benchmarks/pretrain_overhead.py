@@ -25,6 +25,8 @@ from poelm.core.config import PoEConfig
 from poelm.core.model import PoEGPT
 from poelm.train.optim import build_optimizer
 
+from entry import model_flags  # benchmarks/entry.py
+
 
 def step_time(model, optimizer, x, y, device, fraction: float = 1.0) -> float:
     if device.type == "cuda":
@@ -41,13 +43,7 @@ def step_time(model, optimizer, x, y, device, fraction: float = 1.0) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--stages", default="2,2")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
+    model_flags(p, depth=4, n_embd=128, n_head=2, vocab=8192, stages="2,2", seq_len=256, batch=8)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps-per-round", type=int, default=3)
     p.add_argument("--stage-loss-fractions", default="1", help="flat runs, one per F (e.g. 1,0.5,0.25)")

@@ -25,6 +25,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from entry import model_flags  # benchmarks/entry.py
+
 
 def make_config(args):
     """The benchmark's shape (a PoelmError naming the field when it cannot be built)."""
@@ -42,9 +44,8 @@ def make_config(args):
 
 def worker(args) -> None:
     from poelm.core.model import PoEGPT
-    from poelm.train.optim import build_optimizer, optimizer_state
+    from poelm.train.optim import optimizer_state
     from poelm.train.dist import init_dist
-    from poelm.train.pipeline import PipelineStep, make_pipeline, strip
 
     d = init_dist("cpu")
     torch.manual_seed(0)
@@ -56,40 +57,11 @@ def worker(args) -> None:
     micro = args.accum if args.mode == "stage" else args.accum // 2
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=g) for _ in range(micro)]
     batches = [(b[:, :-1], b[:, 1:]) for b in batches]
-    sent = 0
-    if args.mode == "stage":
-        pipe = make_pipeline(d, config, 2)
-        strip(model, pipe)
-        step = PipelineStep(pipe, model)
-        optimizer = build_optimizer(model)
-        acts = args.batch * args.seq_len * args.n_embd * 4  # float32 residual (and backout) per micro-batch
-        backout = 1 if config.backout and config.backout_layer < pipe.layers[1] else 0
-        shared = sum(p.numel() * p.element_size() for p in step.shared)
-        # an all-reduce over 2 ranks sends about the tensor's size from each rank
-        sent = (0 if pipe.last else micro * acts * (1 + backout)) + shared
-
-        def train_step():
-            step(batches, lambda y: int((y >= 0).sum()))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    else:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ddp = DDP(model)
-        optimizer = build_optimizer(model)
-        sent = sum(p.numel() * p.element_size() for p in model.parameters())  # every gradient, all-reduced
-
-        def train_step():
-            count = sum(int((y >= 0).sum()) for _, y in batches) * d.world_size
-            for i, (x, y) in enumerate(batches):
-                with ddp.no_sync() if i < len(batches) - 1 else nullcontext():  # DDP averages: undo it
-                    (ddp(x, targets=y, loss_reduction="sum").loss * d.world_size / count).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+    setup = stage_parallel_step if args.mode == "stage" else data_parallel_step
+    train_step, optimizer, sent, pipeline = setup(args, d, config, model, batches)
     train_step()  # warm-up (and the optimizer state's allocation)
     times = []
-    bubble0 = step.bubble_s if args.mode == "stage" else 0.0
+    bubble0 = pipeline.bubble_s if pipeline is not None else 0.0
     for _ in range(args.steps):
         dist.barrier()
         t0 = time.perf_counter()
@@ -99,7 +71,7 @@ def worker(args) -> None:
     tensors, _ = optimizer_state(optimizer)
     memory = sum(p.numel() * p.element_size() for p in model.parameters())
     memory += sum(t.numel() * t.element_size() for t in tensors.values())
-    bubble = (step.bubble_s - bubble0) / sum(times) if args.mode == "stage" else 0.0
+    bubble = (pipeline.bubble_s - bubble0) / sum(times) if pipeline is not None else 0.0
     tokens = args.batch * args.seq_len * args.accum
     row = {"rank": d.rank, "tok_per_s": tokens / statistics.median(times), "memory_mb": memory / 2**20,
            "sent_mb_per_step": sent / 2**20, "bubble": bubble}
@@ -111,15 +83,54 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
+def stage_parallel_step(args, d, config, model, batches):
+    """(one optimizer step, the optimizer, bytes this rank sends per step, the pipeline step) with the
+    stages split over 2 ranks."""
+    from poelm.train.optim import build_optimizer
+    from poelm.train.pipeline import PipelineStep, make_pipeline, strip
+
+    pipe = make_pipeline(d, config, 2)
+    strip(model, pipe)
+    step = PipelineStep(pipe, model)
+    optimizer = build_optimizer(model)
+    acts = args.batch * args.seq_len * args.n_embd * 4  # float32 residual (and backout) per micro-batch
+    backout = 1 if config.backout and config.backout_layer < pipe.layers[1] else 0
+    shared = sum(p.numel() * p.element_size() for p in step.shared)
+    # an all-reduce over 2 ranks sends about the tensor's size from each rank
+    sent = (0 if pipe.last else len(batches) * acts * (1 + backout)) + shared
+
+    def train_step():
+        step(batches, lambda y: int((y >= 0).sum()))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return train_step, optimizer, sent, step
+
+
+def data_parallel_step(args, d, config, model, batches):
+    """The same, data-parallel (DDP): every rank holds the whole model."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from poelm.train.optim import build_optimizer
+
+    ddp = DDP(model)
+    optimizer = build_optimizer(model)
+    sent = sum(p.numel() * p.element_size() for p in model.parameters())  # every gradient, all-reduced
+
+    def train_step():
+        count = sum(int((y >= 0).sum()) for _, y in batches) * d.world_size
+        for i, (x, y) in enumerate(batches):
+            with ddp.no_sync() if i < len(batches) - 1 else nullcontext():  # DDP averages: undo it
+                (ddp(x, targets=y, loss_reduction="sum").loss * d.world_size / count).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return train_step, optimizer, sent, None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--n-embd", type=int, default=768)
-    p.add_argument("--n-head", type=int, default=6)
-    p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--stages", default="3,3,3,3")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=2)
+    model_flags(p, depth=12, n_embd=768, n_head=6, vocab=32768, stages="3,3,3,3", seq_len=256, batch=2)
     p.add_argument("--accum", type=int, default=4, help="micro-batches per step in all (even)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", action="store_true")

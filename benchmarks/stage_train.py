@@ -24,6 +24,8 @@ from poelm.core.model import PoEGPT
 from poelm.train.optim import build_optimizer
 from poelm.models.specialist import freeze_for_specialist, specialist_config
 
+from entry import model_flags  # benchmarks/entry.py
+
 
 def build(args, stage_only: bool):
     base = PoEConfig(vocab_size=args.vocab, n_layer=args.base_layers, n_head=args.n_embd // 64,
@@ -48,10 +50,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.add_argument("--base-layers", type=int, default=12)
     p.add_argument("--stage-layers", type=int, default=2)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
+    model_flags(p, n_embd=256, vocab=8192, seq_len=256, batch=8)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps-per-round", type=int, default=2)
     args = p.parse_args()

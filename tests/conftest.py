@@ -102,10 +102,11 @@ def seed_model_dir(seed_vocab_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_like_model_dir(seed_model_dir, seed_vocab_tokenizer, tmp_path_factory):
-    from poelm.models.directory import load_model, save_model_dir
+    from poelm import models
+    from poelm.models.directory import save_model_dir
     from util import perturb_
 
-    model = perturb_(load_model(seed_model_dir), seed=7, scale=0.3)
+    model = perturb_(models.open(seed_model_dir).model(), seed=7, scale=0.3)
     return save_model_dir(model, tmp_path_factory.mktemp("models") / "perturbed", seed_vocab_tokenizer)
 
 

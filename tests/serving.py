@@ -7,7 +7,8 @@ import contextlib
 import torch
 
 from poelm.infer import Engine, SamplingParams
-from poelm.models.directory import load_model, load_tokenizer
+from poelm import models
+from poelm.core.tokenizer import Tokenizer
 
 
 @contextlib.contextmanager
@@ -42,12 +43,12 @@ def client(url: str, key: str = "none"):
 
 def greedy(directory, ids: list[int], n: int) -> list[int]:
     """The engine's greedy tokens for `ids` on the model of `directory`, alone."""
-    model = load_model(directory)
-    return Engine(model, load_tokenizer(directory)).generate(ids, SamplingParams(max_new_tokens=n))
+    model = models.open(directory).model()
+    return Engine(model, Tokenizer.load(directory)).generate(ids, SamplingParams(max_new_tokens=n))
 
 
 def text_of(directory, tokens: list[int]) -> str:
     """The text of `tokens` without the stop tokens."""
-    tok = load_tokenizer(directory)
+    tok = Tokenizer.load(directory)
     stops = {tok.token_id("assistant_end"), tok.bos_id}
     return tok.decode([t for t in tokens if t not in stops])

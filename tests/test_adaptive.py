@@ -85,13 +85,13 @@ def test_composition_of_one_sibling_decodes_as_that_sibling(trained_like_model_d
     from poelm.infer.compose import ComposedDecoder, Composition
     from poelm.infer.engine import Engine
     from poelm.infer.sampling import SamplingParams
-    from poelm.models.directory import load_model
+    from poelm import models
     from poelm.models.specialist import attach, save_specialist
 
     a = save_specialist(attach(trained_like_model_dir, 1, seed=1)[0], trained_like_model_dir, tmp_path / "a", "a")
     params = SamplingParams(max_new_tokens=10)
     prompt = [32759, 100, 200, 300]
-    want = Engine(load_model(a), stop_ids=set()).generate(prompt, params)
+    want = Engine(models.open(a).model(), stop_ids=set()).generate(prompt, params)
     assert ComposedDecoder(Composition([a]), stop_ids=set()).generate(prompt, params) == want
 
 

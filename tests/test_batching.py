@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from poelm.core.model import KVCache
+from poelm.infer.cache import BatchKVCache
 
 from util import tiny_model
 
@@ -166,15 +167,15 @@ def test_rows_join_and_leave_between_steps():
 # ---- speculative and adaptive decoding in a batch ------------------------------------------------
 
 def ragged_realigns(monkeypatch) -> list[list[int]]:
-    """Every KVCache.realign call's lengths (a round whose rows kept different numbers of tokens)."""
+    """Every BatchKVCache.realign call's lengths (a round whose rows kept different numbers of tokens)."""
     calls: list[list[int]] = []
-    realign = KVCache.realign
+    realign = BatchKVCache.realign
 
     def spy(self, lengths):
         calls.append(list(lengths))
         return realign(self, lengths)
 
-    monkeypatch.setattr(KVCache, "realign", spy)
+    monkeypatch.setattr(BatchKVCache, "realign", spy)
     return calls
 
 
@@ -251,9 +252,9 @@ def test_speculative_batch_rows_join_leave_and_stop_inside_a_round():
 
 
 def test_realign_keeps_each_rows_own_prefix():
-    """KVCache.realign: each row keeps its first n cache positions, right-aligned to the longest; the
+    """BatchKVCache.realign: each row keeps its first n cache positions, right-aligned to the longest; the
     positions left of a shorter row become hidden."""
-    cache = KVCache()
+    cache = BatchKVCache()
     k = torch.arange(2 * 1 * 6 * 1, dtype=torch.float).view(2, 1, 6, 1)
     cache.update(k, -k, 0)
     cache.realign([4, 6])

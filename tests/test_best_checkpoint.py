@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.train.dist import Dist
-from poelm.train.loop import LoopConfig, TrainLoop
+from poelm.train.loop import LoopConfig, RunArgs, TrainLoop
 from poelm.train.pretrain import PretrainArgs, pretrain
 
 
@@ -142,8 +142,8 @@ def test_resume_reproduces_a_best_after_the_checkpoint(tmp_path, tiny_tokenizer_
 # ------------------------------------------------------------- 2. a failure while the best is replaced
 def tiny_loop(run_dir: Path) -> tuple[TrainLoop, torch.nn.Module]:
     model = torch.nn.Linear(4, 3)
-    cfg = LoopConfig(run_dir=run_dir, steps=10, accum_steps=1, tokens_per_step=1, eval_every=1, save_every=5,
-                     warmup_frac=0.0, warmdown_frac=0.0, final_lr_frac=0.0, best_key="logop")
+    run = RunArgs(out=str(run_dir), eval_every=1, save_every=5, warmup_frac=0.0, warmdown_frac=0.0, final_lr_frac=0.0)
+    cfg = LoopConfig(run, steps=10, accum_steps=1, tokens_per_step=1, best_key="logop")
     d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     loop = TrainLoop(d, cfg, model=model, ddp_model=model, optimizer=None, loader=None, loss_fn=None,
                      evaluate=None, trainable=lambda: dict(model.state_dict()), count_fn=None)

@@ -46,10 +46,11 @@ def model_dir(tiny_tokenizer_dir, tmp_path_factory):
 def reference(model_dir, turns: list[str], max_new_tokens: int = 8) -> list[tuple[int, str]]:
     """What a fresh chat answers to `turns`, turn by turn: (prompt tokens, answer text)."""
     from poelm.infer import SamplingParams, make_decoder
-    from poelm.models.directory import load_model, load_tokenizer
+    from poelm import models
+    from poelm.core.tokenizer import Tokenizer
 
-    tok = load_tokenizer(model_dir)
-    decoder = make_decoder(load_model(model_dir), tokenizer=tok)
+    tok = Tokenizer.load(model_dir)
+    decoder = make_decoder(models.open(model_dir).model(), tokenizer=tok)
     messages, out = [], []
     for text in turns:
         messages.append({"role": "user", "content": text})
@@ -198,9 +199,9 @@ def test_chat_on_a_terminal(model_dir, terminal, tmp_path):
 
 
 def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(model_dir, terminal):
-    from poelm.models.directory import load_tokenizer
+    from poelm.core.tokenizer import Tokenizer
 
-    tok = load_tokenizer(model_dir)
+    tok = Tokenizer.load(model_dir)
     chat = terminal(model_dir, "--max-new-tokens", "4000")
     chat.expect(PROMPT)
     stopped = []
@@ -248,13 +249,13 @@ def test_piped_answers_alone_on_stdout(model_dir, capsys, monkeypatch):
 
 
 def test_too_long_conversations_drop_their_oldest_exchanges(tiny_tokenizer_dir, tmp_path, capsys, monkeypatch):
-    from poelm.models.directory import load_tokenizer
+    from poelm.core.tokenizer import Tokenizer
 
     model = tmp_path / "short"
     assert main(["init", "--tokenizer", str(tiny_tokenizer_dir), "--depth", "2", "--n-embd", "64", "--n-head", "2",
                  "--n-kv-head", "1", "--seq-len", "64", "--out", str(model)]) == 0
     capsys.readouterr()
-    tok = load_tokenizer(model)
+    tok = Tokenizer.load(model)
     message = "the model " * 16
     assert 32 <= len(tok.render_prompt([{"role": "user", "content": message}])) < 64 - 8  # one turn fits, two do not
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{message}\n{message}\n{'the model ' * 40}\nhello\n"))
@@ -282,12 +283,13 @@ def test_message_grammar(monkeypatch):
 def test_banner_names_the_chain_and_the_mode(model_dir, tmp_path):
     from poelm.app.chat import banner
     from poelm.infer import DecodeMode, SamplingParams, make_decoder
-    from poelm.models.directory import load_model, load_tokenizer
+    from poelm import models
+    from poelm.core.tokenizer import Tokenizer
 
     stage = tmp_path / "code"
-    assert main(["stage", "attach", str(model_dir), "--layers", "1", "--name", "code", "--out", str(stage)]) == 0
+    assert main(["specialist", "attach", str(model_dir), "--layers", "1", "--name", "code", "--out", str(stage)]) == 0
     mode = DecodeMode(exit_stage=0)
-    decoder = make_decoder(load_model(stage), mode, tokenizer=load_tokenizer(stage))
+    decoder = make_decoder(models.open(stage).model(), mode, tokenizer=Tokenizer.load(stage))
     params = SamplingParams(max_new_tokens=32, temperature=0.7, top_k=5, seed=3)
     text = banner(stage, decoder, params, mode, stats=False)
     assert f"poelm chat: {stage} (base 'm' 2 layers -> stage 'code' +1 layer)" in text

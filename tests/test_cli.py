@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from poelm.app.cli import main
-from poelm.models.directory import load_model
+from poelm import models
 
 
 def run(capsys, *argv):
@@ -49,7 +49,7 @@ def test_init_derives_the_nanochat_shape(tmp_path, tiny_tokenizer_dir, capsys):
     assert code == 0
     assert "derived: n_embd=128, n_head=1, n_kv_head=1, poe_stage_layers=[1, 1] (head_dim 128)" in err
     assert "total" in out and "wrote" in out
-    m = load_model(tmp_path / "m")
+    m = models.open(tmp_path / "m").model()
     assert m.config.n_embd == 128 and m.config.vocab_size == 512
 
 
@@ -58,7 +58,7 @@ def test_init_with_explicit_shape(tmp_path, tiny_tokenizer_dir, capsys):
                        "--n-head", "4", "--n-kv-head", "2", "--poe-stage-layers", "4,1,1", "--poe-mode", "none",
                        "--window-pattern", "SL", "--seq-len", "1024", "--seed", "3", "--out", str(tmp_path / "m"))
     assert code == 0, err
-    c = load_model(tmp_path / "m").config
+    c = models.open(tmp_path / "m").config
     assert (c.n_head, c.n_kv_head, c.poe_stage_layers, c.poe_mode) == (4, 2, [4, 1, 1], "none")
     assert c.layer_windows == [256, 1024, 256, 1024, 256, 1024]
 
@@ -102,7 +102,7 @@ def test_overwrite_replaces_atomically(tmp_path, tiny_tokenizer_dir, model_dir, 
     after = load_file(str(model_dir / "model.safetensors"))
     assert not torch.equal(load_file_bytes(before["model.safetensors"])["transformer.wte.weight"],
                            after["transformer.wte.weight"])
-    assert load_model(model_dir).config.n_layer == 2  # complete, and its digests match
+    assert models.open(model_dir).config.n_layer == 2  # complete, and its digests match
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -119,6 +119,21 @@ def test_inspect(model_dir, capsys):
     data = json.loads(out)
     assert data["config"]["n_layer"] == 2 and data["assembled_params"] > 0
     assert data["links"][0]["fingerprint"].startswith("blake2b-128:")
+
+
+def test_the_old_stage_group_still_works_and_says_its_new_name(model_dir, tmp_path, capsys):
+    """`poelm stage ...` was renamed `poelm specialist ...` (a stage is also a cut of the base): the old name
+    runs the same command, after one line on stderr naming the new one; the new name says nothing of it."""
+    code, out, err = run(capsys, "stage", "attach", str(model_dir), "--layers", "1", "--name", "code",
+                         "--out", str(tmp_path / "old"))
+    assert code == 0 and "attached stage 'code'" in out
+    assert [l for l in err.splitlines() if "poelm specialist" in l] == [
+        "poelm: `poelm stage` is now `poelm specialist` (the old name still works)"]
+    code, out, err = run(capsys, "specialist", "attach", str(model_dir), "--layers", "1", "--name", "code",
+                         "--out", str(tmp_path / "new"))
+    assert code == 0 and "attached stage 'code'" in out and "is now" not in err
+    old, new = (load_file(tmp_path / d / "delta.safetensors") for d in ("old", "new"))
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
 
 
 def test_bad_model_directories(tmp_path, model_dir, capsys):

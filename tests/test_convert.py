@@ -12,7 +12,7 @@ import torch
 
 from poelm.models.convert_nanochat import convert_nanochat
 from poelm.core.errors import PoelmError
-from poelm.models.directory import load_model
+from poelm import models
 
 try:
     from tests import nanochat_ref as ref
@@ -43,7 +43,7 @@ def test_full_featured_checkpoint_converts_with_equal_logits(tmp_path, tiny_toke
     model, ckpt = write_checkpoint(tmp_path, config, compile_prefix=True)
     out, migrations = convert_nanochat(ckpt, tmp_path / "poe", tokenizer=str(tiny_tokenizer_dir))
     assert migrations == []
-    poe = load_model(out)
+    poe = models.open(out).model()
     assert poe.config.layer_windows == [128, 128, 128, 512] and poe.config.value_embed_layers == [1, 3]
     x = tokens()
     with torch.no_grad():
@@ -61,7 +61,7 @@ def test_bf16_embeddings_and_latest_step(tmp_path, tiny_tokenizer_dir):
     assert json.loads((out / "config.json").read_text())["converted_from"]["step"] == 20
     x = tokens()
     with torch.no_grad():
-        assert (model(x) - load_model(out)(x).logits).abs().max().item() < 1e-4
+        assert (model(x) - models.open(out).model()(x).logits).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("off, migration", [
@@ -75,7 +75,7 @@ def test_old_checkpoints_migrate_by_name(tmp_path, tiny_tokenizer_dir, off, migr
     assert [m.split(":")[0] for m in migrations] == [migration]
     x = tokens()
     with torch.no_grad():
-        assert (model(x) - load_model(out)(x).logits).abs().max().item() < 1e-4
+        assert (model(x) - models.open(out).model()(x).logits).abs().max().item() < 1e-4
 
 
 def test_cli_converts_and_reports(tmp_path, tiny_tokenizer_dir):

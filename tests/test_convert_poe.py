@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from poelm.app.cli import main
 from poelm.core.errors import PoelmError
 from poelm.models.convert_nanochat_poe import convert_nanochat_poe, convert_nanochat_poe_stage, fork_stage_layers
-from poelm.models.directory import load_model
+from poelm import models
 
 try:
     from tests import nanochat_poe_ref as fork
@@ -39,7 +39,7 @@ def tokens(B=2, seed=5):
 
 def poelm_logits(directory, x):
     with torch.no_grad():
-        return load_model(directory)(x).logits
+        return models.open(directory).model()(x).logits
 
 
 def base_checkpoint(tmp_path, *, poe_every=2, per_stage_head=False, version="276c2ac", poe_alpha=0.0,
@@ -78,7 +78,7 @@ def converted(tmp_path_factory, tiny_tokenizer_dir):
 def test_base_without_stage_heads_has_the_forks_logits(tmp_path, tiny_tokenizer_dir, version, poe_every, bf16):
     model, ckpt = base_checkpoint(tmp_path, poe_every=poe_every, version=version, bf16=bf16)
     out, _ = convert_nanochat_poe(ckpt, tmp_path / "poe", tokenizer=str(tiny_tokenizer_dir))
-    poe = load_model(out)
+    poe = models.open(out).model()
     c = poe.config
     assert c.poe_stage_layers == fork_stage_layers(4, poe_every) == fork.stage_sizes(4, poe_every)
     assert (c.poe_output, c.poe_backout_stages, c.poe_stage_heads) == ("last", [c.n_stages - 1], False)
@@ -96,7 +96,7 @@ def test_base_with_stage_heads_has_the_forks_logop(tmp_path, tiny_tokenizer_dir,
     equal after log_softmax, and apart by one constant per position."""
     model, ckpt = base_checkpoint(tmp_path, poe_every=2, per_stage_head=True, poe_alpha=alpha)
     out, _ = convert_nanochat_poe(ckpt, tmp_path / "poe", tokenizer=str(tiny_tokenizer_dir))
-    c = load_model(out).config
+    c = models.open(out).config
     assert (c.poe_output, c.poe_backout_stages, c.poe_stage_heads, c.poe_alpha) == ("logop", [], True, alpha)
     x = tokens()
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_hier_converts_as_flat_and_says_so(tmp_path, tiny_tokenizer_dir):
     model = fork.build_fork_base(ref.GPTConfig(**SHAPE), poe_every=2, seed=3)
     fork.save_fork_base(model, tmp_path / "h", 5, poe_mode="hier", poe_every=2)
     out, notes = convert_nanochat_poe(tmp_path / "h", tmp_path / "poe", tokenizer=str(tiny_tokenizer_dir))
-    assert load_model(out).config.poe_mode == "flat" and notes and notes[0].startswith("hier")
+    assert models.open(out).config.poe_mode == "flat" and notes and notes[0].startswith("hier")
     with torch.no_grad():
         assert (poelm_logits(out, tokens()) - fork.fork_base_logits(model, tokens())).abs().max().item() <= TOL
 
@@ -143,8 +143,8 @@ def test_the_forks_window_rule_for_the_total_depth_is_reproduced(tmp_path, tiny_
     fork.save_fork_stage(stage, tmp_path / "s", 9, base_tag="d3")
     out_base, _ = convert_nanochat_poe(ckpt, tmp_path / "poe-base", tokenizer=str(tiny_tokenizer_dir))
     out, overrides = convert_nanochat_poe_stage(tmp_path / "s", out_base, tmp_path / "poe-s")
-    assert load_model(out_base).config.layer_windows == [128, 128, 512]
-    assert load_model(out).config.layer_windows == [128, 128, 128, 512, 512] == stage.window_sizes
+    assert models.open(out_base).config.layer_windows == [128, 128, 512]
+    assert models.open(out).config.layer_windows == [128, 128, 128, 512, 512] == stage.window_sizes
     assert overrides["layer_windows"] == [2]
     x = tokens()
     with torch.no_grad():
@@ -199,7 +199,7 @@ def test_a_converted_stage_trains_further(converted, tmp_path):
     final = tmp_path / "run" / "final"
     config = json.loads((final / "config.json").read_text())
     assert config["parent_overrides"] == converted["overrides"][0]  # still declared, still carried
-    before, after = load_model(dir_a), load_model(final)
+    before, after = models.open(dir_a).model(), models.open(final).model()
     assert not torch.equal(before.specialist_head.weight, after.specialist_head.weight)
     assert torch.equal(before.resid_lambdas[:4], after.resid_lambdas[:4])
 
@@ -288,7 +288,7 @@ def test_declared_overrides_must_be_exactly_what_differs(converted, tmp_path):
         return d
 
     ok = variant("ok")
-    assert torch.equal(load_model(ok).resid_lambdas, load_model(dir_a).resid_lambdas)
+    assert torch.equal(models.open(ok).model().resid_lambdas, models.open(dir_a).model().resid_lambdas)
     cases = [
         (variant("fewer", lambda c: c["parent_overrides"].update(resid_lambdas=[0, 1])),
          r"parent_overrides.resid_lambdas differs from the parent at layers \[0, 1, 2\], .* declares \[0, 1\]"),
@@ -303,7 +303,7 @@ def test_declared_overrides_must_be_exactly_what_differs(converted, tmp_path):
     ]
     for d, message in cases:
         with pytest.raises(PoelmError, match=message):
-            load_model(d)
+            models.open(d).model()
 
 
 @pytest.mark.parametrize("relation", ["is", "contains", "lies inside"])

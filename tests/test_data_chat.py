@@ -1,5 +1,6 @@
-"""poelm.data.chat: SPECs, record shapes and errors, skip_invalid, the mixture (val split, epochs, case
-augmentation), best-fit packing with document boundaries, ChatLoader and eval_batches.
+"""Conversations for SFT: SPECs (poelm.data.sources), record shapes and errors (conversations), skip_invalid, the
+mixture (val split, epochs, case augmentation: mixture), best-fit packing with document boundaries, ChatLoader and
+eval_batches (packing).
 
 Packing and loader tests use token ids that identify their conversation (and position), so every
 row, target and batch can be checked from the arrays alone.
@@ -20,20 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-import poelm.data.chat as chat_module
-from poelm.data.chat import (
-    ChatLoader,
-    Conversation,
-    Source,
-    build_mixture,
-    eval_batches,
-    greeting_span,
-    load_conversations,
-    pack,
-    parse_spec,
-    render_conversations,
-    to_messages,
-)
+import poelm.data.sources as sources_module
+from poelm.data.conversations import Conversation, to_messages
+from poelm.data.mixture import build_mixture, greeting_span
+from poelm.data.packing import ChatLoader, eval_batches, pack, render_conversations
+from poelm.data.sources import Source, load_conversations, parse_spec
 from poelm.core.errors import PoelmError
 
 
@@ -541,7 +533,7 @@ def _jsonl_bytes(records) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
-class _CountingProgress(chat_module.ByteProgress):
+class _CountingProgress(sources_module.ByteProgress):
     updates: list[int] = []
 
     def update(self, n: int) -> None:
@@ -572,7 +564,7 @@ def test_every_format_gives_the_same_conversations(tmp_path, monkeypatch):
         "datasets": (str(tmp_path / "ds"), None),
         "DatasetDict": (str(tmp_path / "dd"), None),
     }
-    monkeypatch.setattr(chat_module, "ByteProgress", _CountingProgress)
+    monkeypatch.setattr(sources_module, "ByteProgress", _CountingProgress)
     for kind, (path, wheres) in paths.items():
         rows = kind in ("json", "parquet", "datasets", "DatasetDict")
         wheres = wheres or ([f"{path}[{i}]" for i in range(n)] if rows else [f"{path}:{i + 1}" for i in range(n)])
@@ -596,7 +588,7 @@ def test_table_rows_none_cells_and_sequence_columns():
     import datasets
 
     # a None cell is a missing key: Alpaca without input; the unknown shape lists only the keys present
-    assert chat_module._table_row({"instruction": "I", "input": None, "output": "O", "messages": None}) == \
+    assert sources_module._table_row({"instruction": "I", "input": None, "output": "O", "messages": None}) == \
         {"instruction": "I", "output": "O"}
     # `datasets` stores a Sequence of structs as a dict of lists: back to a list of messages
     features = datasets.Features({"conversations": datasets.Sequence({"from": datasets.Value("string"),
@@ -605,7 +597,7 @@ def test_table_rows_none_cells_and_sequence_columns():
                                     features=features)
     row = ds[0]
     assert row == {"conversations": {"from": ["human", "gpt"], "value": ["Q", "A"]}}  # what the library gives
-    assert to_messages(chat_module._table_row(row), "x[0]") == [_u("Q"), _a("A")]
+    assert to_messages(sources_module._table_row(row), "x[0]") == [_u("Q"), _a("A")]
     with pytest.raises(PoelmError, match=r"^x\[0\]: field 'conversations' is dict"):  # JSON records stay as they are
         to_messages(row, "x[0]")
     with pytest.raises(PoelmError, match="Alpaca field 'output' is NoneType"):  # a JSON null stays a value
@@ -721,7 +713,7 @@ def test_hf_spec_offline_is_one_error_line(tmp_path):
     path = _write(tmp_path / "c.jsonl", [VALID])
     script = (
         "import sys\n"
-        "from poelm.data.chat import load_conversations\n"
+        "from poelm.data.sources import load_conversations\n"
         "from poelm.core.errors import PoelmError\n"
         f"load_conversations([{path!r}], progress=False)\n"
         "print('datasets imported' if 'datasets' in sys.modules else 'datasets not imported')\n"

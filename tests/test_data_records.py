@@ -12,7 +12,7 @@ import zstandard
 
 from poelm.core.errors import PoelmError
 from poelm.data.records import classify, records
-from poelm.data.text import read_documents
+from poelm.data.documents import read_documents
 
 TEXTS = ["def f(x):\n    return x\n", "", "héllo wörld ✓\n" * 3, "class A:\n    pass\n", "x = 1\n" * 50,
          "# the last one\n"]

@@ -22,7 +22,8 @@ from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.core.tokenizer import Tokenizer
 from poelm.data.shards import INDEX, PROGRESS, ShardedTokens, ShardWriter, TokenFolder, token_dtype, tokenize
-from poelm.data.text import TextCorpus, TokenLoader, eval_batches
+from poelm.data.corpus import TextCorpus
+from poelm.data.loader import TokenLoader, eval_batches
 from poelm.train.pretrain import PretrainArgs, pretrain
 
 from conftest import tiny_corpus_text
@@ -348,7 +349,7 @@ def test_folders_are_not_read_as_text(tmp_path, capsys, tiny_tokenizer, tiny_tok
     """A data folder given where text is expected, an unfinished one given to pretrain, and a corpus
     directory that merely holds an index.json are each told apart."""
     from poelm.data.shards import is_token_folder
-    from poelm.data.text import read_documents
+    from poelm.data.documents import read_documents
 
     with pytest.raises(PoelmError, match=r"a tokenized data folder; `poelm pretrain --data` reads it"):
         read_documents([data_dir])

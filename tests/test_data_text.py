@@ -1,4 +1,5 @@
-"""poelm.data.text: reading documents, the tokenized train/val split, TokenLoader and eval_batches.
+"""Pretraining text: reading documents (poelm.data.documents), the tokenized train/val split (corpus), TokenLoader
+and eval_batches (loader).
 
 Loader tests use `np.arange(N)` as the token stream, so a token's value is its stream position and
 every row and target can be identified from the batch alone.
@@ -12,14 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from poelm.data.text import (
-    TextCorpus,
-    TokenLoader,
-    document_hash,
-    eval_batches,
-    n_rows,
-    read_documents,
-)
+from poelm.data.corpus import TextCorpus, document_hash
+from poelm.data.documents import read_documents
+from poelm.data.loader import TokenLoader, eval_batches, n_rows
 from poelm.core.errors import PoelmError
 
 # ---- reading documents ---------------------------------------------------------------------------

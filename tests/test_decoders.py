@@ -301,11 +301,11 @@ def test_composition_equals_the_siblings_run_one_by_one(siblings):
     """Issue 9 #5: each sibling sees its own chat-token rows; the composition is the weighted Log-OP
     of the siblings run alone, on inputs with and without chat tokens."""
     from poelm.infer.compose import Composition
-    from poelm.models.directory import load_model
+    from poelm import models
 
     dirs, tok = siblings
     comp = Composition(dirs, [1.0, 0.5])
-    a, b = (load_model(d) for d in dirs)
+    a, b = (models.open(d).model() for d in dirs)
     chat_rows = torch.tensor(sorted(set(tok.special_ids.values()) - {tok.bos_id}))
     assert not torch.equal(a.transformer.wte.weight[chat_rows], b.transformer.wte.weight[chat_rows])
     chat = torch.tensor([tok.render_prompt([{"role": "user", "content": "def add(a, b): return a + b\n" * 4}])])
@@ -320,16 +320,16 @@ def test_composition_of_each_predictor_and_its_trunk_sharing(siblings):
     """With poe_output "logop" each sibling contributes its own Log-OP; siblings with other chat rows
     are two trunk groups, and an input without those ids runs one trunk for both."""
     from poelm.infer.compose import Composition
-    from poelm.models.directory import load_model
+    from poelm import models
 
     dirs, tok = siblings
     comp = Composition(dirs, [0.7, 1.3], output="logop")
-    models = [load_model(d) for d in dirs]
+    loaded = [models.open(d).model() for d in dirs]
     assert len(comp.groups) == 2 and len(comp.differing) == 8  # the eight chat tokens' rows
     chat = torch.tensor([tok.render_prompt([{"role": "user", "content": "hello there, the model " * 6}])])
     plain = torch.tensor([[tok.bos_id] + tok.encode("the model of the stage " * 8)])
     for ids in (chat, plain):
-        torch.testing.assert_close(comp.log_probs(ids), composition_reference(models, [0.7, 1.3], ids, "logop"),
+        torch.testing.assert_close(comp.log_probs(ids), composition_reference(loaded, [0.7, 1.3], ids, "logop"),
                                    rtol=1e-5, atol=1e-5)
     assert not torch.allclose(comp.log_probs(chat), Composition(dirs, [0.7, 1.3]).log_probs(chat), atol=1e-4)
 
@@ -352,10 +352,10 @@ def test_composed_decoding_follows_the_composition(siblings):
 @pytest.mark.parametrize("mode", ["engine", "speculative", "adaptive", "compose"])
 def test_every_decoder_checks_its_request(mode, siblings):
     from poelm.infer.compose import ComposedDecoder, Composition
-    from poelm.models.directory import load_model
+    from poelm import models
 
     dirs, _ = siblings
-    model = load_model(dirs[0])
+    model = models.open(dirs[0]).model()
     config = model.config
     if mode == "engine":
         run = lambda ids, n: Engine(model, stop_ids=set()).generate(ids, _Params(n))  # noqa: E731
@@ -445,7 +445,7 @@ def test_decode_mode_sampling_rules_and_factory(tmp_path):
     prompt = prompt_of(9)
     assert built["Engine"].generate(prompt, SamplingParams(max_new_tokens=5)) == \
         uncached_greedy(model, prompt, 5, exit_stage=1)
-    with pytest.raises(PoelmError, match="--exit-stage 3"):
+    with pytest.raises(PoelmError, match="exit stage 3 out of range"):
         make_decoder(model, DecodeMode(exit_stage=3))
     with pytest.raises(PoelmError, match="--draft-stage 2"):
         make_decoder(model, DecodeMode(speculative=2, draft_stage=2))

@@ -48,7 +48,7 @@ def test_exit_stage_equals_cut_model(model):
     early = Engine(model, stop_ids=set(), exit_stage=0).generate(PROMPT, params)
     cut = Engine(cut_model(model, 0).eval(), stop_ids=set()).generate(PROMPT, params)
     assert early == cut == plain_greedy(model, PROMPT, 16, exit_stage=0)
-    with pytest.raises(PoelmError, match="--exit-stage 2: this model has stages 0..1"):
+    with pytest.raises(PoelmError, match="exit stage 2 out of range: this model has stages 0..1"):
         Engine(model, stop_ids=set(), exit_stage=2)
 
 
@@ -152,7 +152,7 @@ def test_cli_generate(trained_like_model_dir, capsys):
     capsys.readouterr()
     assert main(["generate", str(trained_like_model_dir), "--prompt", "hi", "--exit-stage", "5"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1 and "--exit-stage 5" in err
+    assert out == "" and err.count("\n") == 1 and "exit stage 5 out of range" in err
     assert main(["generate", str(trained_like_model_dir) + "-missing", "--prompt", "hi"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert main(["generate", str(trained_like_model_dir), "--prompt", "hi", "--top-p", "2"]) == 2

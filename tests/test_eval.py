@@ -19,9 +19,12 @@ from poelm.models.card import eval_rows, with_eval_rows  # noqa: E402
 from poelm.app.cli import main  # noqa: E402
 from poelm.core.errors import PoelmError  # noqa: E402
 from poelm.eval import humaneval as he  # noqa: E402
+from poelm.eval.outputs import pass_at_k  # noqa: E402
+from poelm.eval.problems import INSTRUCTION, answer_code  # noqa: E402
 from poelm.eval.sandbox import Limits, run_many  # noqa: E402
 from poelm.infer import SamplingParams  # noqa: E402
-from poelm.models.directory import load_model, save_model_dir  # noqa: E402
+from poelm import models  # noqa: E402
+from poelm.models.directory import save_model_dir  # noqa: E402
 
 from util import tiny_model  # noqa: E402
 
@@ -59,11 +62,11 @@ def test_pass_at_k_matches_the_closed_form_on_hand_made_counts():
     for n, c, k in [(1, 0, 1), (1, 1, 1), (5, 0, 1), (5, 5, 3), (10, 3, 1), (10, 3, 2), (10, 3, 8), (20, 4, 5),
                     (200, 13, 10), (200, 199, 100)]:
         closed = 1.0 - math.comb(n - c, k) / math.comb(n, k)
-        assert he.pass_at_k(n, c, k) == pytest.approx(closed, abs=1e-12), (n, c, k)
-    assert he.pass_at_k(10, 3, 1) == pytest.approx(0.3)
+        assert pass_at_k(n, c, k) == pytest.approx(closed, abs=1e-12), (n, c, k)
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
     for n, c, k in [(5, 6, 1), (5, 1, 6), (5, 1, 0)]:
         with pytest.raises(ValueError):
-            he.pass_at_k(n, c, k)
+            pass_at_k(n, c, k)
 
 
 def test_programs_from_completions_and_from_chat_answers(problems):
@@ -81,7 +84,7 @@ def test_programs_from_completions_and_from_chat_answers(problems):
                         Limits(timeout_s=10, cpu_s=5), workers=2)
     assert [o.passed for o in outcomes] == [True, True, True, True, False], [o.reason for o in outcomes]
     assert "AssertionError" in outcomes[-1].reason
-    assert he.answer_code("no code at all") == "no code at all"
+    assert answer_code("no code at all") == "no code at all"
 
 
 def test_every_reference_solution_passes_and_wrong_ones_fail(problems):
@@ -98,14 +101,12 @@ def test_every_reference_solution_passes_and_wrong_ones_fail(problems):
 
 
 def test_prompts_and_formats(problems, base_dir, stage_dir, tiny_tokenizer):
-    from poelm.models.directory import read_config
-
-    assert not he.uses_chat(read_config(base_dir)) and he.uses_chat(read_config(stage_dir))
+    assert not he.uses_chat(models.open(base_dir).config) and he.uses_chat(models.open(stage_dir).config)
     p = problems[0]
     assert he.prompt_ids(p, tiny_tokenizer, chat=False) == [tiny_tokenizer.bos_id] + tiny_tokenizer.encode(p.prompt)
     chat = he.prompt_ids(p, tiny_tokenizer, chat=True)
     assert chat[-1] == tiny_tokenizer.token_id("<|assistant_start|>")
-    assert tiny_tokenizer.encode(he.INSTRUCTION.format(prompt=p.prompt)) == chat[2:-2]
+    assert tiny_tokenizer.encode(INSTRUCTION.format(prompt=p.prompt)) == chat[2:-2]
 
 
 def run(model_dir, out, params=None, card=False, **kw):
@@ -198,7 +199,7 @@ def test_the_card_gets_one_table_whose_rows_are_replaced_and_the_weights_are_unt
     rows = eval_rows((stage_dir / "README.md").read_text())
     assert [r[1] for r in rows[1:]] == ["reference solutions", "stage 0", "stage 1", "stage 2", "Log-OP of all stages"]
     assert {p.name: p.read_bytes() for p in stage_dir.iterdir() if p.name != "README.md"} == weights
-    load_model(stage_dir)  # digests still verify
+    models.open(stage_dir).model()  # digests still verify
 
 
 def test_card_rows_survive_text_around_them_and_pipes_in_cells():
@@ -218,7 +219,7 @@ def test_eval_bpb_equals_a_direct_computation_and_goes_into_the_card(base_dir, t
     assert main(["eval", "bpb", str(base_dir), "--data", str(data), "--json", "--seq-len", "16"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # the slow path: one uncached forward per 16-token row of the stream, every stage's NLL by hand
-    model = load_model(base_dir)
+    model = models.open(base_dir).model()
     ids = [t for text in texts for t in [tiny_tokenizer.bos_id] + tiny_tokenizer.encode(text)]
     nats, n_bytes = [0.0] * 3, 0
     for s in range(0, len(ids) - 1, 16):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from poelm.core.errors import PoelmError
-from poelm.core.model import KVCache
+from poelm.infer.cache import BatchKVCache
 from poelm.infer import Engine, SamplingParams
 from poelm.infer.batch import Batch
 from poelm.infer.fleet import Fleet, share_parameters
@@ -119,7 +119,7 @@ def test_a_mixed_prefill_scores_equal_each_models_uncached_forward(models):
     for row, i in enumerate(order):
         prompt = cases[i][3]
         ids[row, T - len(prompt):], mask[row, T - len(prompt):] = torch.tensor(prompt), True
-    scores = fleet.forward(ids, KVCache(), [routes[i] for i in order], attention_mask=mask)
+    scores = fleet.forward(ids, BatchKVCache(), [routes[i] for i in order], attention_mask=mask)
     for row, i in enumerate(order):
         name, stage, output, prompt = cases[i]
         alone = models[name](torch.tensor([prompt]), exit_stage=stage, output=output).logits[0, -1]
@@ -135,7 +135,7 @@ def test_common_layers_run_once_per_forward_over_every_row_that_shares_them(mode
     try:
         names = ["base", "A", "A", "B", "C", "C", "C"]
         routes = sorted((fleet.route(models[n]) for n in names), key=lambda r: r.key)
-        fleet.forward(torch.randint(0, 300, (len(names), 4)), KVCache(), routes)
+        fleet.forward(torch.randint(0, 300, (len(names), 4)), BatchKVCache(), routes)
     finally:
         for h in hooks:
             h.remove()
@@ -176,7 +176,7 @@ def test_what_cannot_share_a_batch_is_refused_with_the_reason(models):
     fleet.join(models["A"])
     unsorted = [fleet.route(models["A"]), fleet.route(models["base"])]
     with pytest.raises(ValueError, match="sorted"):
-        fleet.forward(torch.zeros(2, 1, dtype=torch.long), KVCache(), unsorted)
+        fleet.forward(torch.zeros(2, 1, dtype=torch.long), BatchKVCache(), unsorted)
     with pytest.raises(ValueError, match="no default route"):
         Batch(fleet).add([1], SamplingParams(), frozenset())
 

@@ -1,6 +1,6 @@
 """Property-based fuzz tests (hypothesis) of everything that reads untrusted input: the tokenizer's
 encode/decode/stream decoder, chat rendering (and the HF chat template), and the JSONL readers of
-`poelm.data.text` and `poelm.data.chat`.
+`poelm.data.documents` and `poelm.data.sources`.
 
 Each property states the documented result exactly (an oracle written from the module docstrings),
 or that the input is refused with a one-line `PoelmError` naming where it is bad; any other
@@ -23,17 +23,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from poelm.data.chat import (
-    BAD_CONVERSATION,
-    INVALID_JSON,
-    NOT_OBJECT,
-    NOT_UTF8,
-    UNKNOWN_SHAPE,
-    Conversation,
-    load_conversations,
-    parse_spec,
-)
-from poelm.data.text import Document, read_documents
+from poelm.data.conversations import BAD_CONVERSATION, NOT_OBJECT, UNKNOWN_SHAPE, Conversation
+from poelm.data.documents import Document, read_documents
+from poelm.data.records import INVALID_JSON, NOT_UTF8
+from poelm.data.sources import load_conversations, parse_spec
 from poelm.core.errors import PoelmError
 from poelm.core.tokenizer import SPECIAL_TOKENS
 

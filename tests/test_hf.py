@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from poelm.core.model import KVCache
-from poelm.models.directory import load_model
+from poelm import models
 
 # The seed card's quick start, verbatim but for the model id (filled in by format()).
 QUICK_START = '''
@@ -81,7 +81,7 @@ def test_seed_quick_start_verbatim_equals_plain_greedy(which, dtype, request, se
     tok = seed_vocab_tokenizer
     q = "Write a Python function that returns the sum of a list."
     prompt = [32759, 32760] + tok.encode(q) + [32761, 32762]
-    model = load_model(model_dir, dtype=getattr(torch, dtype))
+    model = models.open(model_dir).model(dtype=getattr(torch, dtype))
     eos = {tok.token_id("<|assistant_end|>"), tok.bos_id}
     uncached = plain_greedy(model, prompt, 160, 1.15, eos, cached=False)
     cached = plain_greedy(model, prompt, 160, 1.15, eos, cached=True)
@@ -90,7 +90,7 @@ def test_seed_quick_start_verbatim_equals_plain_greedy(which, dtype, request, se
 
 
 def test_fresh_process_logits_generate_pipeline_and_save(trained_like_model_dir, tmp_path):
-    model = load_model(trained_like_model_dir)
+    model = models.open(trained_like_model_dir).model()
     x = torch.randint(0, 32759, (1, 40), generator=torch.Generator().manual_seed(0))
     x[0, 0] = 32759
     with torch.no_grad():
@@ -133,7 +133,7 @@ def test_fresh_process_logits_generate_pipeline_and_save(trained_like_model_dir,
     assert "PIPE str" in stdout
     assert "RESAVED True" in stdout
     # What transformers saved is a poelm directory too (nanochat tensor names, no prefix).
-    resaved = load_model(tmp_path / "resaved")
+    resaved = models.open(tmp_path / "resaved").model()
     with torch.no_grad():
         assert (resaved(x).logits - want).abs().max() < 1e-4
 

@@ -43,7 +43,7 @@ def test_flags_types_and_round_trip():
     assert free_on_resume(Example) == ("rate",)
 
 
-@pytest.mark.parametrize("command, cls", [(["pretrain"], PretrainArgs), (["stage", "train"], StageTrainArgs)])
+@pytest.mark.parametrize("command, cls", [(["pretrain"], PretrainArgs), (["specialist", "train"], StageTrainArgs)])
 def test_every_training_option_is_a_flag_of_the_cli(command, cls):
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices[command[0]]

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from poelm.app.cli import main
-from poelm.models.directory import load_model
+from poelm import models
 
 FIXTURE = Path(__file__).parent / "fixtures" / "previous_main"
 # float32 carries 24 bits: one rounding is 6e-8 relative. The logits (|x| < 8 here) come out of a few
@@ -41,7 +41,7 @@ def test_previous_main_directories_load_with_identical_logits():
     ids = want["ids"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        base, stage = load_model(FIXTURE / "base"), load_model(FIXTURE / "stage")
+        base, stage = models.open(FIXTURE / "base").model(), models.open(FIXTURE / "stage").model()
     assert any("no digests.json" in str(w.message) for w in caught)  # said, not silent
     with torch.no_grad():
         assert_close(base(ids).logits[:, -6:], want["base"])
@@ -58,7 +58,7 @@ def test_previous_main_directories_can_record_digests(tmp_path, capsys):
     assert capsys.readouterr().out.count("fingerprint blake2b-128:") == 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # verified now: no warning
-        stage = load_model(tmp_path / "stage")
+        stage = models.open(tmp_path / "stage").model()
     want = load_file(str(FIXTURE / "logits.safetensors"))
     with torch.no_grad():
         assert_close(stage(want["ids"]).logits[:, -6:], want["stage"])
@@ -72,7 +72,7 @@ def test_the_tolerance_sees_a_one_percent_change_of_any_tensor():
     want = load_file(str(FIXTURE / "logits.safetensors"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no digests.json: said by the test above
-        stage = load_model(FIXTURE / "stage")
+        stage = models.open(FIXTURE / "stage").model()
     checked = 0
     with torch.no_grad():
         for name, p in stage.named_parameters():

@@ -1,5 +1,5 @@
 """A stage's parent can move (issue 23 #2): `base_model_name_or_path` is the user's to point, by hand or
-with `poelm stage relink`, and both poelm and `transformers` then load the stage with the logits it had;
+with `poelm specialist relink`, and both poelm and `transformers` then load the stage with the logits it had;
 any other edit of any recorded file still fails to load, naming the file and the command that records a
 deliberate edit. A missing parent says where it was looked for; a cycle says cycle.
 
@@ -22,7 +22,9 @@ import torch
 from poelm.app.cli import main
 from poelm.core.errors import PoelmError
 from poelm.core.files import PARENT_FIELD, read_manifest
-from poelm.models.directory import load_model, load_tokenizer, save_model_dir
+from poelm import models
+from poelm.core.tokenizer import Tokenizer
+from poelm.models.directory import save_model_dir
 
 from util import perturb_
 
@@ -31,7 +33,7 @@ IDS = torch.tensor([[503, 5, 17, 200, 33, 90, 501, 7, 64, 128, 250, 3]])
 
 def logits(directory) -> torch.Tensor:
     with torch.no_grad():
-        return load_model(directory)(IDS).logits
+        return models.open(directory).model()(IDS).logits
 
 
 def hf_logits(directory) -> torch.Tensor:
@@ -75,7 +77,7 @@ def test_a_missing_parent_says_missing_where_it_looked_and_what_to_do(moved, cap
     message = one_line_error(capsys, "inspect", stage)
     assert f"{stage / 'config.json'}: parent '../base' is missing (looked for a directory at {stage / '../base'}, " \
            f"{Path('../base').absolute()})" in message
-    assert f"poelm stage relink {stage} --parent DIR" in message
+    assert f"poelm specialist relink {stage} --parent DIR" in message
 
 
 @pytest.mark.parametrize("how", ["absolute", "relative"])
@@ -89,7 +91,7 @@ def test_editing_the_parent_field_by_hand_loads_in_poelm_and_transformers(moved,
 def test_relink_checks_the_parent_then_changes_one_value(moved, tmp_path, capsys, monkeypatch):
     base, stage, want = moved
     before = (stage / "config.json").read_text()
-    assert main(["stage", "relink", str(stage), "--parent", str(base)]) == 0
+    assert main(["specialist", "relink", str(stage), "--parent", str(base)]) == 0
     assert f"{stage}: parent ../base -> {base}" in capsys.readouterr().out
     after = (stage / "config.json").read_text()
     assert after == before.replace('"../base"', json.dumps(str(base)))  # nothing else moved
@@ -99,7 +101,7 @@ def test_relink_checks_the_parent_then_changes_one_value(moved, tmp_path, capsys
 
     # Relative: recorded relative to the stage, so base and stage can move on together.
     monkeypatch.chdir(tmp_path)
-    assert main(["stage", "relink", str(stage.relative_to(tmp_path)), "--parent",
+    assert main(["specialist", "relink", str(stage.relative_to(tmp_path)), "--parent",
                  str(base.relative_to(tmp_path))]) == 0
     assert json.loads((stage / "config.json").read_text())[PARENT_FIELD] == "../../models/d24-base"
     (tmp_path / "elsewhere").mkdir()
@@ -110,15 +112,16 @@ def test_relink_checks_the_parent_then_changes_one_value(moved, tmp_path, capsys
 
 def test_relink_refuses_another_parent_a_base_and_a_cycle(moved, tmp_path, capsys):
     base, stage, _ = moved
-    other = save_model_dir(perturb_(load_model(base), seed=99, scale=0.01), tmp_path / "other", load_tokenizer(base))
+    other = save_model_dir(perturb_(models.open(base).model(), seed=99, scale=0.01), tmp_path / "other",
+                           Tokenizer.load(base))
     before = (stage / "config.json").read_bytes(), (stage / "digests.json").read_bytes()
-    message = one_line_error(capsys, "stage", "relink", stage, "--parent", other)
+    message = one_line_error(capsys, "specialist", "relink", stage, "--parent", other)
     assert f"parent {other} has fingerprint blake2b-128:" in message and "this stage was trained on" in message
-    message = one_line_error(capsys, "stage", "relink", base, "--parent", other)
+    message = one_line_error(capsys, "specialist", "relink", base, "--parent", other)
     assert f"{base / 'config.json'}: no {PARENT_FIELD}: {base} is a base, not a stage" in message
-    message = one_line_error(capsys, "stage", "relink", stage, "--parent", stage)
+    message = one_line_error(capsys, "specialist", "relink", stage, "--parent", stage)
     assert "cycle" in message
-    message = one_line_error(capsys, "stage", "relink", stage, "--parent", tmp_path / "nowhere")
+    message = one_line_error(capsys, "specialist", "relink", stage, "--parent", tmp_path / "nowhere")
     assert f"{tmp_path / 'nowhere'}: not a directory" in message
     assert ((stage / "config.json").read_bytes(), (stage / "digests.json").read_bytes()) == before  # untouched
 
@@ -127,10 +130,10 @@ def test_relink_onto_its_own_child_is_a_cycle(moved, tmp_path, capsys):
     from poelm.models.specialist import attach, save_specialist
 
     base, stage, _ = moved
-    assert main(["stage", "relink", str(stage), "--parent", str(base)]) == 0
+    assert main(["specialist", "relink", str(stage), "--parent", str(base)]) == 0
     child = save_specialist(attach(stage, 1, seed=1)[0], stage, tmp_path / "child", "child")
     capsys.readouterr()
-    message = one_line_error(capsys, "stage", "relink", stage, "--parent", child)
+    message = one_line_error(capsys, "specialist", "relink", stage, "--parent", child)
     assert f"--parent {child}: its chain holds {stage} itself; the chain would be a cycle" in message
 
 
@@ -176,7 +179,7 @@ def test_any_other_edit_of_any_recorded_file_fails_naming_it_and_the_command(mov
             bad[offset] ^= 0x20 if chr(bad[offset]).isalpha() else 0x01
             path.write_bytes(bytes(bad))
             with pytest.raises(PoelmError) as e:
-                load_model(stage)
+                models.open(stage).model()
             message = str(e.value)
             assert message.startswith(f"{path}: ") and f"`poelm digest {directory}` records it" in message, message
             assert "\n" not in message
@@ -195,7 +198,7 @@ def test_transformers_refuses_another_edit_of_a_stage_config(moved):
         hf_logits(stage)
     assert type(e.value).__name__ == "PoelmError"
     assert f"{path}: content does not match digests.json" in str(e.value)
-    assert f"`poelm digest {stage}` records it" in str(e.value) and "poelm stage relink" in str(e.value)
+    assert f"`poelm digest {stage}` records it" in str(e.value) and "poelm specialist relink" in str(e.value)
 
 
 def test_a_key_written_twice_is_not_a_relink(moved, capsys):
@@ -216,4 +219,4 @@ def test_a_hub_id_parent_that_is_not_here_says_so(moved, tmp_path):
                        env=env, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "parent 'karpathy/nanochat-d24-poe' is missing: no directory at " in r.stderr
-    assert "the hub could not provide it" in r.stderr and "poelm stage relink" in r.stderr
+    assert "the hub could not provide it" in r.stderr and "poelm specialist relink" in r.stderr

@@ -18,7 +18,8 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402  (raw requests, and fastapi.testclient)
 
 from poelm.core.errors import PoelmError  # noqa: E402
-from poelm.models.directory import load_model, load_tokenizer  # noqa: E402
+from poelm import models  # noqa: E402
+from poelm.core.tokenizer import Tokenizer  # noqa: E402
 
 from serving import client, greedy, running, text_of  # noqa: E402
 from util import perturb_  # noqa: E402
@@ -45,7 +46,7 @@ def test_models_and_health(live, dirs):
 def test_completion_equals_the_engine_streamed_or_not(live, dirs):
     url, _ = live
     base = dirs[0]
-    tok = load_tokenizer(base)
+    tok = Tokenizer.load(base)
     want = greedy(base, [tok.bos_id] + tok.encode("def f(x):"), 12)
     c = client(url)
     r = c.completions.create(model=base.name, prompt="def f(x):", max_tokens=12, temperature=0)
@@ -61,7 +62,7 @@ def test_completion_equals_the_engine_streamed_or_not(live, dirs):
 def test_chat_streamed_and_not_and_its_role_delta(live, dirs):
     url, _ = live
     stage = dirs[1]
-    tok = load_tokenizer(stage)
+    tok = Tokenizer.load(stage)
     messages = [{"role": "user", "content": "hello there"}]
     want = greedy(stage, tok.render_prompt(messages), 10)
     c = client(url)
@@ -110,7 +111,7 @@ def test_n_and_seeded_sampling_alone_and_inside_a_busy_batch(live, dirs, monkeyp
     alone = ask()
     assert len(alone) == 3 and len(set(alone)) > 1  # n rows, each its own seed
     r = c.completions.create(model=base.name, prompt="import", max_tokens=4, n=3, temperature=0)
-    assert r.usage.prompt_tokens == 1 + len(load_tokenizer(base).encode("import"))  # the prompt once, as OpenAI
+    assert r.usage.prompt_tokens == 1 + len(Tokenizer.load(base).encode("import"))  # the prompt once, as OpenAI
     step = Batch.step
     monkeypatch.setattr(Batch, "step", lambda self: (time.sleep(0.005), step(self))[1])
     noise = [threading.Thread(target=lambda i=i: c.completions.create(
@@ -132,13 +133,13 @@ def test_n_and_seeded_sampling_alone_and_inside_a_busy_batch(live, dirs, monkeyp
 def test_echo_logprobs_equal_the_models_log_softmax(live, dirs):
     url, _ = live
     base = dirs[0]
-    tok = load_tokenizer(base)
+    tok = Tokenizer.load(base)
     ids = [tok.bos_id] + tok.encode("def add(a, b):")
     r = client(url).completions.create(model=base.name, prompt=ids, max_tokens=0, echo=True, logprobs=2)
     lp = r.choices[0].logprobs
     assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
     with torch.no_grad():
-        want = torch.log_softmax(load_model(base)(torch.tensor([ids])).logits[0].float(), -1)
+        want = torch.log_softmax(models.open(base).model()(torch.tensor([ids])).logits[0].float(), -1)
     for t in range(1, len(ids)):
         assert lp.token_logprobs[t] == pytest.approx(float(want[t - 1, ids[t]]), abs=1e-4)
         assert len(lp.top_logprobs[t]) <= 2
@@ -149,7 +150,7 @@ def test_echo_logprobs_equal_the_models_log_softmax(live, dirs):
     r0 = client(url).completions.create(model=base.name, prompt=ids, max_tokens=0, echo=True, logprobs=0,
                                         extra_body={"exit_stage": 0})
     with torch.no_grad():
-        stage0 = torch.log_softmax(load_model(base)(torch.tensor([ids]), exit_stage=0).logits[0].float(), -1)
+        stage0 = torch.log_softmax(models.open(base).model()(torch.tensor([ids]), exit_stage=0).logits[0].float(), -1)
     assert r0.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
         [float(stage0[t - 1, ids[t]]) for t in range(1, len(ids))], abs=1e-4)
     assert r0.choices[0].logprobs.token_logprobs[1:] != pytest.approx(lp.token_logprobs[1:], abs=1e-4)
@@ -195,7 +196,7 @@ def test_two_specialists_in_one_batch_each_equal_the_specialist_alone(live, dirs
 
     url, app = live
     c = client(url)
-    tok = load_tokenizer(dirs[1])
+    tok = Tokenizer.load(dirs[1])
     messages = [{"role": "user", "content": "write a loop"}]
     names = {"alpha": dirs[1], "beta": dirs[2], dirs[0].name: dirs[0]}
     want = {name: text_of(d, greedy(d, tok.render_prompt(messages), 24)) for name, d in names.items()}
@@ -315,7 +316,8 @@ def test_directories_of_different_bases_are_refused(dirs, tmp_path):
     from poelm.models.directory import save_model_dir
     from poelm.serve.models import load_served
 
-    other = save_model_dir(perturb_(load_model(dirs[0]), seed=99), tmp_path / "other", load_tokenizer(dirs[0]))
+    other = save_model_dir(perturb_(models.open(dirs[0]).model(), seed=99), tmp_path / "other",
+                           Tokenizer.load(dirs[0]))
     with pytest.raises(PoelmError, match="root base"):
         load_served([str(dirs[0]), str(other)])
     with pytest.raises(PoelmError, match="already taken"):

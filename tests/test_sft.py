@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from poelm.app.cli import main
-from poelm.models.directory import load_model
+from poelm import models
 from poelm.train.sft import StageTrainArgs, stage_train
 
 from util import kill_at
@@ -71,7 +71,7 @@ def test_short_run_learns_preserves_and_exports(stage, chat_data, tmp_path, caps
     assert "max |Δlogit| = 0 (bit-identical)" in capsys.readouterr().out
     x = torch.randint(0, 500, (1, 40))
     with torch.no_grad():
-        assert not torch.equal(load_model(run / "best")(x).logits, load_model(base)(x).logits)
+        assert not torch.equal(models.open(run / "best").model()(x).logits, models.open(base).model()(x).logits)
     card = (run / "best" / "README.md").read_text()
     assert "## Training" in card and "Validation bpb trajectory" in card and "Trainable params" in card
     code = (f"from transformers import AutoModelForCausalLM\n"
@@ -83,12 +83,14 @@ def test_short_run_learns_preserves_and_exports(stage, chat_data, tmp_path, caps
 
 def test_assistant_only_loss(stage, chat_data):
     """The training loss is the mean CE over exactly the assistant tokens (and their end token)."""
-    from poelm.data.chat import build_mixture, load_conversations, pack, render_conversations
-    from poelm.models.directory import load_tokenizer
+    from poelm.data.mixture import build_mixture
+    from poelm.data.packing import pack, render_conversations
+    from poelm.data.sources import load_conversations
+    from poelm.core.tokenizer import Tokenizer
 
     _, stage_dir = stage
-    model = load_model(stage_dir)
-    tok = load_tokenizer(stage_dir)
+    model = models.open(stage_dir).model()
+    tok = Tokenizer.load(stage_dir)
     sources, _ = load_conversations([str(chat_data)])
     rows = pack(render_conversations(build_mixture(sources, 4, 0).train[:6], tok), 64, tok.bos_id)
     x, y = torch.tensor(rows.inputs[:2]).long(), torch.tensor(rows.targets[:2]).long()
@@ -105,7 +107,7 @@ def test_assistant_only_loss(stage, chat_data):
 
 
 def cli_argv(stage_dir, data, out, *extra):
-    return ["stage", "train", str(stage_dir), "--data", str(data), "--out", str(out), "--val-conversations", "8",
+    return ["specialist", "train", str(stage_dir), "--data", str(data), "--out", str(out), "--val-conversations", "8",
             "--seq-len", "64", "--device-batch-size", "4", "--stage-head-lr", "0.01", "--device", "cpu", *extra]
 
 

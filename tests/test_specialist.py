@@ -15,7 +15,8 @@ from poelm.infer.compose import Composition
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.core.model import PoEGPT
-from poelm.models.directory import load_model, save_model_dir
+from poelm import models
+from poelm.models.directory import save_model_dir
 from poelm.models.specialist import attach, check_preservation, save_specialist, specialist_parameter_names
 
 from util import perturb_
@@ -59,7 +60,7 @@ def stage_dir(base_dir, tmp_path, name="code", layers=2, perturb=True, parent=No
 
 
 def test_attach_is_bitwise_the_parent_and_base_path_survives_training(base_dir):
-    base = load_model(base_dir)
+    base = models.open(base_dir).model()
     model, info = attach(base_dir, 2, seed=1)
     c = model.config
     assert c.n_layer == 6 and c.poe_stage_layers == [2, 2, 2] and c.n_base_stages == 2
@@ -92,7 +93,7 @@ def test_delta_holds_exactly_what_changed(base_dir, tmp_path):
     assert not (out / "model.safetensors").exists()
     x = plain_ids()
     with torch.no_grad():
-        assert torch.equal(load_model(out)(x).logits, model(x).logits)
+        assert torch.equal(models.open(out).model()(x).logits, model(x).logits)
 
 
 def build_chain(base_dir, tmp_path):
@@ -109,12 +110,12 @@ def build_chain(base_dir, tmp_path):
 
 def test_chain_folding_equals_step_by_step(base_dir, tmp_path):
     c_dir, c_mem = build_chain(base_dir, tmp_path)
-    loaded = load_model(c_dir)
+    loaded = models.open(c_dir).model()
     assert loaded.config.n_layer == 8 and loaded.config.head_fold
     x = plain_ids()
     with torch.no_grad():
         assert torch.allclose(loaded(x).logits, c_mem(x).logits, atol=1e-6)
-        assert torch.equal(loaded(x, exit_stage=1).logits, load_model(base_dir)(x).logits)
+        assert torch.equal(loaded(x, exit_stage=1).logits, models.open(base_dir).model()(x).logits)
     assert json.loads((c_dir / "config.json").read_text())["chat_rows"] == []  # rows done once, by a
 
 
@@ -143,7 +144,7 @@ def test_siblings_compose_over_one_trunk_pass(base_dir, tmp_path):
     assert torch.allclose(one, torch.log_softmax(a_mem(x).logits, -1), atol=1e-5)
     both = Composition([a, b], weights=[1.0, 0.5]).log_probs(x)
     with torch.no_grad():
-        la, lb = (torch.log_softmax(load_model(d)(x).logits, -1) for d in (a, b))
+        la, lb = (torch.log_softmax(models.open(d).model()(x).logits, -1) for d in (a, b))
     assert torch.allclose(both, torch.log_softmax(la + 0.5 * lb, -1), atol=1e-5)
     c_dir = save_specialist(attach(a, 1)[0], a, tmp_path / "nephew", "n")
     with pytest.raises(PoelmError, match="not a sibling"):
@@ -177,7 +178,7 @@ def test_inspect_and_export(base_dir, tmp_path, capsys):
     assert stage["files_verified"] == len(json.loads((out / "digests.json").read_text())["files"]) > 5
     assert stage["tensor_params"] == stage["delta_params_expected"]
     assert main(["export", str(out), "--out", str(tmp_path / "merged")]) == 0
-    merged = load_model(tmp_path / "merged")
+    merged = models.open(tmp_path / "merged").model()
     x = plain_ids()
     with torch.no_grad():
         assert torch.equal(merged(x).logits, model(x).logits)
@@ -216,9 +217,9 @@ def test_seed_quick_start_on_a_stage(trained_like_model_dir, seed_vocab_tokenize
     tok = seed_vocab_tokenizer
     prompt = [32759, 32760] + tok.encode("Write a Python function that returns the sum of a list.") + [32761, 32762]
     eos = {tok.token_id("<|assistant_end|>"), tok.bos_id}
-    bf16 = load_model(out, dtype=torch.bfloat16)
+    bf16 = models.open(out).model(dtype=torch.bfloat16)
     assert hf_ids == plain_greedy(bf16, prompt, 160, 1.15, eos, cached=True)
-    fp32 = load_model(out)
+    fp32 = models.open(out).model()
     assert plain_greedy(fp32, prompt, 40, 1.15, eos, cached=True) == plain_greedy(fp32, prompt, 40, 1.15, eos,
                                                                                    cached=False)
 
@@ -271,12 +272,12 @@ def test_bad_stage_directories(base_dir, tmp_path, capsys):
     edited("config.json")
     message = one_line_error(capsys, "inspect", str(out))
     assert "parent" in message and "is missing (looked for a directory at " + str(tmp_path / "gone") in message
-    assert "poelm stage relink" in message
+    assert "poelm specialist relink" in message
 
     other = tmp_path / "other-base"  # a swapped parent: same shape, other weights
-    m = perturb_(load_model(base_dir), seed=99, scale=0.01)
-    from poelm.models.directory import load_tokenizer
-    save_model_dir(m, other, load_tokenizer(base_dir))
+    m = perturb_(models.open(base_dir).model(), seed=99, scale=0.01)
+    from poelm.core.tokenizer import Tokenizer
+    save_model_dir(m, other, Tokenizer.load(base_dir))
     (out / "config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(other)}))
     edited("config.json")
     assert "fingerprint" in one_line_error(capsys, "inspect", str(out))
@@ -300,7 +301,7 @@ def test_bad_stage_directories(base_dir, tmp_path, capsys):
 
     (tmp_path / "not-a-model").mkdir()
     (tmp_path / "not-a-model" / "notes.txt").write_text("hi")
-    assert "config.json: missing" in one_line_error(capsys, "stage", "attach", str(tmp_path / "not-a-model"),
+    assert "config.json: missing" in one_line_error(capsys, "specialist", "attach", str(tmp_path / "not-a-model"),
                                                     "--layers", "2", "--name", "x", "--out", str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
 
@@ -310,7 +311,7 @@ def test_training_a_frozen_stage_keeps_the_base_path(base_dir, train_rows):
     from poelm.train.optim import build_optimizer
     from poelm.models.specialist import freeze_for_specialist
 
-    base = load_model(base_dir)
+    base = models.open(base_dir).model()
     model, info = attach(base_dir, 2, seed=1)
     partial = freeze_for_specialist(model, info["chat_rows"] if train_rows else None)
     optimizer = build_optimizer(model, no_decay=set(partial))

@@ -16,7 +16,7 @@ import torch
 
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
-from poelm.train.pipeline import split_stages
+from poelm.train.pipeline import rank_stages
 
 from test_pretrain import cli, pretrain_argv, weights  # corpus_dir: conftest's, as pretraining's tests
 
@@ -146,12 +146,12 @@ def test_a_resumed_stage_parallel_run_ends_where_an_uninterrupted_one_does(tmp_p
     # the export is an ordinary model directory: transformers loads it and computes the same logits
     from transformers import AutoModelForCausalLM
 
-    from poelm.models.directory import load_model
+    from poelm import models
 
     ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
     hf = AutoModelForCausalLM.from_pretrained(str(run / "final"), trust_remote_code=True)
     with torch.no_grad():
-        assert torch.equal(hf(ids).logits.float(), load_model(run / "final")(ids).logits)  # one model code
+        assert torch.equal(hf(ids).logits.float(), models.open(run / "final").model()(ids).logits)  # one model code
     # resuming with another P is refused (run.json records it)
     other = cli(*pretrain_argv(tiny_tokenizer_dir, corpus_dir, run, *COMMON, "--save-every", "2", "--resume"))
     _, err = other.communicate(timeout=300)
@@ -161,10 +161,10 @@ def test_a_resumed_stage_parallel_run_ends_where_an_uninterrupted_one_does(tmp_p
 def test_stages_are_split_by_compute_and_bad_settings_fail(tmp_path, tiny_tokenizer_dir, corpus_dir):
     c = PoEConfig(vocab_size=512, n_layer=12, n_head=2, n_kv_head=1, n_embd=64, sequence_len=64,
                   poe_stage_layers=[6, 2, 2, 2])
-    assert split_stages(c, 2) == [(0, 0), (1, 3)]  # six layers against three stages of two
-    assert split_stages(c, 4) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert rank_stages(c, 2) == [(0, 0), (1, 3)]  # six layers against three stages of two
+    assert rank_stages(c, 4) == [(0, 0), (1, 1), (2, 2), (3, 3)]
     with pytest.raises(PoelmError, match="expected 2..4 pipeline ranks"):
-        split_stages(c, 5)
+        rank_stages(c, 5)
     r = torchrun(2, pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "bp", *COMMON, "--stage-parallel",
                                   "2", "--poe-mode", "none"))
     assert r.returncode != 0 and "needs --poe-mode flat" in r.stderr

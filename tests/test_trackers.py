@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from poelm import models
 from poelm.app.cli import main
-from poelm.core.cascade import open_chain
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.core.model import PoEGPT
@@ -208,7 +208,7 @@ def test_stage_train_tensorboard_equals_metrics_and_flops(stage, chat_data, tmp_
     # The parent's 3 layers (and the smear gate) run without autograd: 2 per weight, 4 per attention key;
     # the stage's block trains: 6 and 12; the stage reads out through lm_head + specialist_head, summed
     # into one d x V weight, which trains (6).
-    c = open_chain(stage).config
+    c = models.open(stage).config
     ve = 12 * 1  # a value-embedding gate: 12 channels -> n_kv_head
     assert c.n_layer == 4 and c.poe_stage_layers == [2, 1, 1] and c.stage_head and not c.head_fold
     block = linear_params(64, 2, 1)
@@ -308,7 +308,7 @@ def test_report_to_choices():
 def test_peak_by_device_name(name, peak, monkeypatch):
     import torch
 
-    from poelm.train.metrics import peak_flops
+    from poelm.train.flops import peak_flops
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(torch.device("cuda", 0)) == (name, peak)
@@ -336,7 +336,7 @@ def test_flops_matmuls_equal_torch_flop_counter(case):
     from torch.utils.flop_counter import FlopCounterMode
 
     from poelm.models.specialist import freeze_for_specialist, grow
-    from poelm.train.metrics import training_flops_per_token
+    from poelm.train.flops import training_flops_per_token
 
     c = PoEConfig(vocab_size=512, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, sequence_len=64,
                   poe_stage_layers=[2, 1], poe_mode="none" if case == "none" else "flat")

@@ -27,7 +27,9 @@ from poelm.app.cli import main
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.core.model import PoEGPT
-from poelm.models.directory import load_model, load_tokenizer, save_model_dir
+from poelm import models
+from poelm.core.tokenizer import Tokenizer
+from poelm.models.directory import save_model_dir
 from poelm.models.specialist import attach, save_specialist
 
 from util import perturb_
@@ -112,7 +114,7 @@ def test_a_flipped_bit_anywhere_in_a_chain_is_named_by_every_entry_point(link, c
     before = snapshot(root)
     for argv in (["inspect", leaf], ["generate", leaf, "--prompt", "def add(", "--max-new-tokens", "4"],
                  ["export", leaf, "--out", tmp_path / "merged"],
-                 ["stage", "train", leaf, "--data", chain["data"], "--out", tmp_path / "run", "--steps", "2",
+                 ["specialist", "train", leaf, "--data", chain["data"], "--out", tmp_path / "run", "--steps", "2",
                   "--val-conversations", "2", "--seq-len", "64", "--device-batch-size", "2", "--device", "cpu"]):
         message = one_line_error(capsys, *argv)
         assert f"{bad_file}: content does not match digests.json" in message, (argv, message)
@@ -136,7 +138,7 @@ def test_a_flipped_bit_in_a_base_is_named_by_from_pretrained(chain, tmp_path):
         AutoModelForCausalLM.from_pretrained(str(tmp_path / "root"), trust_remote_code=True)
     assert type(e.value).__name__ == "PoelmError"  # the directory's own copy (remote code)
     m = AutoModelForCausalLM.from_pretrained(str(chain["root"]), trust_remote_code=True)  # the intact one loads
-    assert torch.equal(m.poe.lm_head.weight, load_model(chain["root"]).lm_head.weight)
+    assert torch.equal(m.poe.lm_head.weight, models.open(chain["root"]).model().lm_head.weight)
 
 
 def test_every_written_directory_records_its_files(chain, tiny_tokenizer_dir, tmp_path, capsys):
@@ -170,15 +172,15 @@ def test_recorded_fingerprints_equal_computed_ones(chain):
         link.manifest = None
     _, _, computed = assemble(chain_links)
     assert recorded == computed
-    assert recorded[0] == fingerprint_tensors(load_model(chain["root"]).state_dict())
+    assert recorded[0] == fingerprint_tensors(models.open(chain["root"]).model().state_dict())
 
 
 def test_legacy_directory_loads_with_a_warning_and_digest_records_it(chain, tmp_path, capsys):
     shutil.copytree(chain["root"], tmp_path / "old")
     (tmp_path / "old" / "digests.json").unlink()
     with pytest.warns(UserWarning, match="no digests.json"):
-        old = load_model(tmp_path / "old")
-    assert torch.equal(old.lm_head.weight, load_model(chain["root"]).lm_head.weight)
+        old = models.open(tmp_path / "old").model()
+    assert torch.equal(old.lm_head.weight, models.open(chain["root"]).model().lm_head.weight)
     assert main(["digest", str(tmp_path / "old")]) == 0
     assert "recorded" in capsys.readouterr().out
     assert (tmp_path / "old" / "digests.json").read_text() == (chain["root"] / "digests.json").read_text()
@@ -190,7 +192,7 @@ def test_a_deliberate_edit_is_refused_until_recorded(chain, tmp_path, capsys):
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "poe_output": "logop"}, indent=2))
     assert "config.json: content does not match" in one_line_error(capsys, "inspect", tmp_path / "m")
     assert main(["digest", str(tmp_path / "m")]) == 0
-    assert load_model(tmp_path / "m").config.poe_output == "logop"
+    assert models.open(tmp_path / "m").config.poe_output == "logop"
 
 
 def test_transformers_save_pretrained_records_digests_and_writes_a_standalone_model(chain, tmp_path):
@@ -205,7 +207,8 @@ def test_transformers_save_pretrained_records_digests_and_writes_a_standalone_mo
     assert "model.safetensors" in json.loads((tmp_path / "saved" / "digests.json").read_text())["files"]
     x = torch.tensor([[503, 5, 6, 7, 8]])
     with torch.no_grad():
-        torch.testing.assert_close(load_model(tmp_path / "saved")(x).logits, load_model(chain["leaf"])(x).logits)
+        torch.testing.assert_close(models.open(tmp_path / "saved").model()(x).logits,
+                                   models.open(chain["leaf"]).model()(x).logits)
 
 
 def test_a_dtype_other_than_declared_is_refused(chain, tmp_path, capsys):
@@ -219,7 +222,7 @@ def test_a_dtype_other_than_declared_is_refused(chain, tmp_path, capsys):
     tensors["lm_head.weight"] = tensors["lm_head.weight"].double()
     save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
     with pytest.warns(UserWarning, match="no digests.json"), pytest.raises(PoelmError) as e:
-        load_model(tmp_path / "m")
+        models.open(tmp_path / "m").model()
     assert "'lm_head.weight' has dtype float64, expected float32" in str(e.value)
 
 
@@ -336,16 +339,16 @@ def overlap_cases(chain, tok_dir, tmp):
             return {"is": path, "contains": path.parent, "lies inside": path / "out"}[relation] if out is not None \
                 else path
         cases += [
-            (["stage", "attach", leaf, "--layers", "1", "--name", "x", "--overwrite", "--out", at(leaf)], leaf),
-            (["stage", "attach", leaf, "--layers", "1", "--name", "x", "--overwrite", "--out", at(root)], root),
+            (["specialist", "attach", leaf, "--layers", "1", "--name", "x", "--overwrite", "--out", at(leaf)], leaf),
+            (["specialist", "attach", leaf, "--layers", "1", "--name", "x", "--overwrite", "--out", at(root)], root),
             (["export", leaf, "--overwrite", "--out", at(mid)], mid),
             (["init", "--tokenizer", tok_dir, "--depth", "1", "--overwrite", "--out", at(tok_dir)], tok_dir),
             (["tokenizer", "train", "--input", text, "--vocab-size", "300", "--overwrite", "--out", at(text)], text),
             ([*pretrain, "--init", leaf, "--data", text, "--out", at(mid)], mid),
             ([*pretrain, "--init", root, "--data", text, "--out", at(text)], text),
             ([*pretrain, "--tokenizer", tok_dir, "--depth", "1", "--data", text, "--out", at(tok_dir)], tok_dir),
-            (["stage", "train", leaf, "--data", data, "--out", at(root), *sft], root),
-            (["stage", "train", leaf, "--data", f"{data}:2", "--out", at(data), *sft], data),
+            (["specialist", "train", leaf, "--data", data, "--out", at(root), *sft], root),
+            (["specialist", "train", leaf, "--data", f"{data}:2", "--out", at(data), *sft], data),
             (["data", "tokenize", "--tokenizer", tok_dir, "--input", text, "--overwrite", "--out", at(text)], text),
             (["data", "tokenize", "--tokenizer", tok_dir, "--input", text, "--overwrite", "--out", at(tok_dir)],
              tok_dir),
@@ -361,7 +364,7 @@ def test_no_command_writes_over_its_inputs(chain, tiny_tokenizer_dir, tmp_path, 
     each relation (is / contains / lies inside), with or without --overwrite; inputs byte-identical.
     Each input sits alone in its own folder, so "contains" names exactly that input."""
     work = tmp_path / "work"
-    root = save_model_dir(load_model(chain["root"]), work / "r" / "root", load_tokenizer(chain["root"]))
+    root = save_model_dir(models.open(chain["root"]).model(), work / "r" / "root", Tokenizer.load(chain["root"]))
     mid = save_specialist(attach(root, 1, seed=1)[0], root, work / "m" / "mid", "mid")
     leaf = save_specialist(attach(mid, 1, seed=2)[0], mid, work / "l" / "leaf", "leaf")
     (work / "d").mkdir()
@@ -405,7 +408,7 @@ def test_the_audited_data_loss_is_refused(chain, tmp_path, capsys):
     only delta.safetensors."""
     shutil.copytree(chain["root"], tmp_path / "base")
     before = snapshot(tmp_path / "base")
-    message = one_line_error(capsys, "stage", "attach", tmp_path / "base", "--layers", "1", "--name", "x",
+    message = one_line_error(capsys, "specialist", "attach", tmp_path / "base", "--layers", "1", "--name", "x",
                              "--out", tmp_path / "base", "--overwrite")
     assert "the output is the parent" in message
     assert snapshot(tmp_path / "base") == before
@@ -508,11 +511,12 @@ def test_every_head_keeps_its_file_name(chain, tiny_tokenizer, tmp_path):
         on_disk = set(load_file(str(directory / "model.safetensors")))
         assert names <= on_disk and not any(k.startswith(("stage_heads", "specialist_head", "ancestors_head"))
                                             for k in on_disk)
-        poelm_model = load_model(directory)
+        poelm_model = models.open(directory).model()
         hf = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=True)
         with torch.no_grad():
             want = poelm_model(x, output="logop").logits
             assert torch.equal(hf.poe(x, output="logop").logits, want)
         hf.save_pretrained(str(tmp_path / f"resaved-{directory.name}"))
         assert names <= set(load_file(str(tmp_path / f"resaved-{directory.name}" / "model.safetensors")))
-    assert torch.equal(load_model(merged).specialist_head.weight, load_model(chain["leaf"]).specialist_head.weight)
+    assert torch.equal(models.open(merged).model().specialist_head.weight,
+                       models.open(chain["leaf"]).model().specialist_head.weight)

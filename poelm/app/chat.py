@@ -1,33 +1,12 @@
 """The interactive chat of `poelm chat`: a conversation with any decoder, with a banner, commands,
-multi-line messages, line editing and history.
+multi-line messages, line editing and history (docs/cli.md, `chat`, has every rule and why).
 
-Design choices:
-- stdout carries the answers and nothing else; the banner, command replies, stats lines and notices
-  go to stderr, so `poelm chat M < questions.txt > answers.txt` keeps the answers clean (a terminal
-  shows both).
-- A terminal on stdin: a banner, a `> ` prompt (`... ` while a message continues), and line editing
-  and history through the standard library's `readline` when it imports (the history in
-  $XDG_CACHE_HOME/poelm/chat_history, else ~/.cache/poelm/chat_history; without readline, plain
-  input). Piped stdin: no banner and no prompt, as before; commands and multi-line messages read the
-  same.
-- A line starting with `/` is a command and never reaches the model: /help, /reset, /stats on|off,
-  /exit and /quit; an unknown one is one line saying so. `//` at the start sends a literal `/`.
-- Multi-line messages: a line ending in `\\` continues on the next line (the `\\` becomes a newline);
-  a line holding only `\"\"\"` opens a block that the next such line closes, the lines between sent
-  verbatim (backslashes included: pasted code). End of input inside either sends what was typed.
-- Ctrl-C while an answer streams stops it; what was produced stays in the conversation, as it stands
-  on screen (nothing produced: the question is dropped too). Ctrl-C at the prompt discards the line,
-  or the unfinished message; a second Ctrl-C in a row, Ctrl-D, /exit or /quit leaves (status 0).
-  Piped, Ctrl-C ends poelm as for every command (status 130).
-- Each turn renders the whole conversation with the tokenizer's chat template. When it outgrows the
-  model's context the oldest exchanges are dropped, and one line says so; a message that does not fit
-  alone is not sent (one line says so) and the conversation stays as it was.
-- Turn t samples with seed + t, so a repeated question does not replay the same random stream; /reset
-  starts again at turn 0, so a reset chat answers exactly as a fresh one.
-- A stats line after each answer (on by default, as before; /stats off): tokens, seconds, tokens/s and
-  the decoder's own figures (`Decoder.describe`: prompt tokens, acceptance, exits per stage).
-- The conversation changes in one assignment after an answer, so a Ctrl-C landing anywhere leaves it
-  whole.
+- stdout carries the answers and nothing else (app/terminal.py prints them); everything else goes to
+  stderr, so piped answers stay clean.
+- A line starting with `/` is a command and never reaches the model; Ctrl-C stops an answer (what it
+  said is kept), at the prompt it clears the line, twice in a row it leaves.
+- Turn t samples with seed + t; /reset starts again at turn 0, so a reset chat answers as a fresh one.
+- The conversation changes in one assignment after an answer, so a Ctrl-C anywhere leaves it whole.
 """
 
 from __future__ import annotations
@@ -40,6 +19,7 @@ from typing import Any
 
 from ..core.tokenizer import Tokenizer
 from ..infer import DecodeMode, Decoder, SamplingParams
+from .terminal import stats_line, stream_answer
 
 PROMPT, MORE, BLOCK = "> ", "... ", '"""'
 LEAVE = "/help for commands, /exit or Ctrl-D to leave"
@@ -174,7 +154,7 @@ class Chat:
             return
         ids = self.tok.render_prompt(messages)
         params = dataclasses.replace(self.params, seed=self.params.seed + self.turn)
-        tokens, ended, stopped = self.stream(ids, params)
+        tokens, ended, stopped = stream_answer(self.decoder, self.tok, ids, params, interruptible=self.interactive)
         if tokens or not stopped:
             self.messages = messages + [{"role": "assistant", "content": self.tok.decode(tokens)}]
             self.turn += 1
@@ -184,8 +164,7 @@ class Chat:
         elif not ended and stats and len(ids) + stats.generated_tokens >= self.decoder.config.sequence_len:
             note(f"(the answer reached the end of the model's context, {self.decoder.config.sequence_len} tokens)")
         if self.stats and stats is not None:
-            note(f"{stats.generated_tokens} tokens in {stats.seconds:.2f}s ({stats.tokens_per_s:.1f} tok/s); "
-                 f"{self.decoder.describe()}")
+            note(stats_line(self.decoder))
 
     def fit(self, messages: list[dict[str, str]]) -> list[dict[str, str]] | None:
         """`messages` without their oldest exchanges until the prompt leaves room to answer; None (and
@@ -203,29 +182,6 @@ class Chat:
             note(f"(the conversation outgrew the model's context of {limit} tokens: dropped the oldest "
                  f"{dropped} exchange{'s' if dropped > 1 else ''})")
         return messages
-
-    def stream(self, ids: list[int], params: SamplingParams) -> tuple[list[int], bool, bool]:
-        """Print the answer as it comes (whole characters; stop tokens not printed). Its ids, whether a
-        stop token ended it, and whether Ctrl-C stopped it."""
-        text, out, ended, stopped = self.tok.stream_decoder(), [], False, False
-        tokens = self.decoder.stream(ids, params)  # the request is checked here, before any output
-        try:
-            for token in tokens:
-                if token in self.decoder.stop_ids:
-                    ended = True
-                    continue  # the stream ends right after it
-                out.append(token)
-                sys.stdout.write(text.push(token))
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            if not self.interactive:
-                raise
-            stopped = True
-        finally:
-            tokens.close()  # records the decoder's last_stats when stopped between tokens
-        sys.stdout.write(text.flush() + "\n")
-        sys.stdout.flush()
-        return out, ended, stopped
 
 
 # ---- what the chat says about itself ---------------------------------------------------------------

@@ -1,17 +1,12 @@
 """How poelm writes what a command produces: never over its inputs, never half-written.
 
-Design choices:
-- Inputs first: before any work, `check_output` refuses an output path that is, contains, or lies
-  inside any of the command's inputs (the model and every link of its chain, data paths, the
-  tokenizer), compared as resolved real paths so symlinks and `..` cannot hide an overlap; and an
-  existing output unless the caller passed `overwrite`. Each command lists its inputs where it
-  starts (`chain_inputs` for a model directory's chain).
+- Inputs first: before any work, `check_output` refuses an output that is, contains or lies inside one
+  of the command's inputs (compared as resolved real paths, so symlinks and `..` hide nothing), and an
+  existing output unless the caller passed `overwrite`. `chain_inputs` lists a model's whole chain.
 - Then atomically: `AtomicDir` builds a directory under a temporary sibling name and renames it into
-  place only when complete; on an exception the temporary folder is removed and the target is
-  untouched. An existing target (with `overwrite`) is swapped with the new folder in one
-  `renameat2(RENAME_EXCHANGE)` on Linux, so the path always names one complete directory; elsewhere
-  (or on a file system without the call) it is moved aside and the new one renamed in, and a failure
-  of that second rename moves the old one back.
+  place only when complete, so the path always names one complete directory (an existing one is
+  swapped in one `renameat2(RENAME_EXCHANGE)` where Linux offers it). docs/formats.md, "What a command
+  may write", has the fallback and the one command that writes into its input.
 """
 
 from __future__ import annotations

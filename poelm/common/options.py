@@ -1,19 +1,12 @@
 """Command options declared once: a dataclass field is the flag, the run record and the resume check.
 
-Design choices:
-- A command's arguments are dataclasses: a training command's one (`PretrainArgs`, `StageTrainArgs`),
-  a decoding command's `SamplingParams` and `DecodeMode`. A training command's arguments are one dataclass (`PretrainArgs`, `StageTrainArgs`). A field made
-  with `option(...)` carries its help text and how a resumed run treats it: `resume="same"` (recorded
-  in run.json, and `--resume` refuses a different value), `"free"` (recorded, may change on resume:
-  evaluation cadence) or None (not part of the run: output paths, device, logging).
-- `add_options(parser, cls)` generates the argparse flags from those fields: the flag is the field's
-  name with dashes, the type comes from the annotation (int, float, str, `list[X]`/`tuple[X, ...]` as
-  nargs="+", `X | None`) or from `parse`, a bool is a switch (`store_true`, or `store_false` under a `--no-...` flag for a field
-  that defaults to True), and `positional=True` makes a positional argument. Fields without option
-  metadata (computed values) get no flag. `from_namespace(cls, ns)` builds the dataclass back.
-- `run_record(args)` is what run.json records, and `free_on_resume(cls)` what `--resume` may change,
-  so the parser, the record and the resume check cannot drift apart (litgpt derives its CLI from its
-  `setup()` signatures for the same reason).
+A command's arguments are one dataclass (`PretrainArgs`, `StageTrainArgs`, `SamplingParams`,
+`DecodeMode`). A field made with `option(...)` carries its help text and how `--resume` treats it:
+`resume="same"` (recorded in run.json; a resumed run must match), `"free"` (recorded, may change:
+evaluation cadence) or None (not part of the run: output paths, device, logging). From the fields,
+`add_options` derives the argparse flags, `from_namespace` the dataclass back, `run_record` what
+run.json records and `free_on_resume` what `--resume` may change, so the parser, the record and the
+resume check cannot drift apart (litgpt derives its CLI from `setup()` signatures for the same reason).
 """
 
 from __future__ import annotations
@@ -55,7 +48,12 @@ def _base(annotation: Any) -> tuple[Any, bool]:
 
 def add_options(parser: argparse.ArgumentParser, cls, defaults: dict[str, Any] | None = None) -> None:
     """Add a flag (or positional argument) for every option field of dataclass `cls`; `defaults`
-    replaces a field's default on this command line only."""
+    replaces a field's default on this command line only.
+
+    The flag is the field's name with dashes (or `flag`); the type comes from the annotation (int, float,
+    str, `list[X]`/`tuple[X, ...]` as nargs="+", `X | None`) or from `parse`; a bool is a switch
+    (`store_true`, or `store_false` under `--no-...` for a field that defaults to True); `positional=True`
+    makes a positional argument. Fields without option metadata (computed values) get no flag."""
     for f, annotation in _options(cls):
         kind, _ = _base(annotation)
         default = (defaults or {}).get(f.name, f.default)

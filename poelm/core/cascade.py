@@ -1,37 +1,7 @@
-"""The cascade loader: resolve a chain of stage directories and assemble one model (docs/formats.md).
-
-Design choices:
-- Ships beside the model in every directory (torch, safetensors and the standard library only, plus
-  relative imports of config/model/errors/digests), so poelm and `transformers` (through
-  modeling_poelm.py) assemble chains with the same code.
-- A directory is a base (`model.safetensors`, no `base_model_name_or_path`) or a stage
-  (`delta.safetensors` and `base_model_name_or_path`: an absolute path, a path relative to the stage
-  directory, or a hub id, fetched only when it is not a local path and the hub is reachable).
-  Resolution walks parents to the root, refusing a cycle or a missing parent.
-- Content: every file each link's `digests.json` records (files.py) is checked when the chain is
-  resolved — config.json before it is parsed, the tensor file while it loads, the tokenizer and the
-  rest as they are met — so a flipped bit anywhere in the chain, root and leaf included, is an
-  error naming the file, even in a file this load does not read. A directory without digests loads with a
-  warning. `verify=False` skips the digests (for measuring what they cost; nothing else uses it).
-- Every stage records `parent_fingerprint`: a digest of the parent's tensors (names, dtypes, shapes,
-  bytes; for a stage parent, chained with its own parent's fingerprint). A directory's own
-  fingerprint is recorded in its `digests.json` when it is written, so a verified load compares
-  recorded values and hashes every byte once (xxh3); directories without digests have it computed
-  from their tensors. A parent that changed since the stage was trained is refused; so is a delta
-  whose tensor names, shapes or dtypes do not fit (floating tensors in the `dtype` config.json
-  declares, row ids int64), a stage config that does not extend its parent's structure, or a
-  tokenizer that differs from the parent's.
-- Assembly: the root's weights, then each stage's blocks, lambdas and changed embedding rows in
-  order; every ancestor's `lm_head_stage` is added (as weights) into `lm_head_fold`, and only the
-  leaf keeps its own `lm_head_stage`. Nothing is returned unless every check passed.
-- A stage preserves its parent: it may not change a parent tensor, lambda or window. The one
-  exception is declared, never inferred: a stage converted from a format whose training let parent
-  entries move (nanochat-poe's specialists, docs/formats.md) lists them in config.json as
-  `parent_overrides` {"resid_lambdas": [layer, ...], "x0_lambdas": [...], "layer_windows": [...]};
-  its delta then carries `parent_overrides.resid_lambdas` / `.x0_lambdas` (the parent layers' full
-  vectors), which must differ from the parent's at exactly the listed layers, and its
-  `layer_windows` may differ from the parent's at exactly the listed layers. Such a stage does not
-  preserve its parent; `inspect` and `check-preservation` say so.
+"""The cascade loader: resolve a chain of stage directories and assemble one model, every link checked
+(digests, parent fingerprint, delta header, structure, tokenizer) before anything is returned. Ships
+beside the model, so poelm and `transformers` assemble chains with the same code (docs/model.md §9.2,
+docs/formats.md).
 """
 
 from __future__ import annotations
@@ -48,7 +18,8 @@ from .config import PoEConfig
 from .files import (CONFIG, DELTA, TOKENIZER_FILE, WEIGHTS, read_json, read_manifest, verify_file, verifying,
                     warn_unverified)
 from .errors import PoelmError
-from .model import PoEGPT, block_shapes, disk_name, from_disk, state_shapes, to_disk
+from .layers import block_shapes
+from .model import PoEGPT, disk_name, from_disk, state_shapes, to_disk
 from .tokenizer import Tokenizer
 
 ROWS_IDS, ROWS_VALUES = "wte_rows.ids", "wte_rows.values"
@@ -204,8 +175,8 @@ def locate(reference: str, stage_dir: Path) -> Path:
         if c.is_dir():
             return c.resolve()  # a parent named relative to its stage: one plain absolute path
     where = ", ".join(str(c.absolute()) for c in candidates)
-    fix = (f"if it moved, point base_model_name_or_path at it (`poelm stage relink {stage_dir} --parent DIR` checks "
-           f"that DIR is the parent this stage was made for)")
+    fix = (f"if it moved, point base_model_name_or_path at it (`poelm specialist relink {stage_dir} --parent DIR` "
+           f"checks that DIR is the parent this stage was made for)")
     if not os.path.isabs(reference) and reference.count("/") == 1 and not reference.startswith("."):
         try:  # a hub id: only when it is not a local path, and only if the hub answers
             from huggingface_hub import snapshot_download
@@ -312,36 +283,10 @@ def assemble(chain: list[Link], verify: bool = True) -> tuple[PoEConfig, dict[st
     prints = [root.fingerprint(tensors)]
     fold: torch.Tensor | None = None
     for parent, link in zip(chain, chain[1:]):
-        source = str(link.path / CONFIG)
-        specialist_config = link.config
-        recorded = link.data.get("parent_fingerprint")
-        if recorded != prints[-1]:
-            raise PoelmError(f"{source}: parent {parent.path} has fingerprint {prints[-1]}, but this stage was "
-                             f"trained on {recorded}: the parent is not the model this stage was made for")
-        overrides = check_overrides(link.data.get("parent_overrides"), config.n_layer, source)
-        check_extends(config, specialist_config, source, overrides)
-        check_tokenizer(parent.path, link.path, verify)
-        delta = link.tensors(verify, expected_delta(config, specialist_config), DELTA_EXTRAS)
+        specialist_config, delta, overrides = _checked_link(parent, link, config, prints[-1], verify)
         own_print = link.fingerprint(delta, prints[-1])
-        delta_path = str(link.tensor_file)
         rows = {k: delta.pop(k) for k in (ROWS_IDS, ROWS_VALUES) if k in delta}
-        for name in ("resid_lambdas", "x0_lambdas"):  # declared overrides of the parent layers' lambdas
-            value = delta.pop(OVERRIDE_PREFIX + name, None)
-            if (value is None) != (name not in overrides):
-                raise PoelmError(f"{delta_path}: {OVERRIDE_PREFIX + name} {'missing' if value is None else 'present'}"
-                                 f", but {source} {'lists' if name in overrides else 'does not list'} {name} in "
-                                 f"parent_overrides")
-            if value is None:
-                continue
-            own = tensors[name]
-            if tuple(value.shape) != tuple(own.shape) or value.dtype != link.dtype:
-                raise PoelmError(f"{delta_path}: {OVERRIDE_PREFIX + name} must be {str(link.dtype).removeprefix('torch.')}"
-                                 f" {list(own.shape)} (the parent's layers)")
-            moved = (value.to(own.dtype) != own).nonzero().flatten().tolist()
-            if moved != overrides[name]:
-                raise PoelmError(f"{delta_path}: {OVERRIDE_PREFIX + name} differs from the parent at layers {moved}, "
-                                 f"{source} declares {overrides[name]}")
-            tensors[name] = value.to(own.dtype)
+        _apply_overrides(tensors, delta, overrides, link)
         if config.stage_head:  # the parent's own head joins the fold; the new leaf keeps its own
             head = tensors.pop("lm_head_stage.weight")
             fold = head if fold is None else fold + head
@@ -349,22 +294,66 @@ def assemble(chain: list[Link], verify: bool = True) -> tuple[PoEConfig, dict[st
         for name in ("resid_lambdas", "x0_lambdas"):
             tensors[name] = torch.cat([tensors[name], delta.pop(name).to(tensors[name].dtype)])
         if rows:
-            ids, values = rows.get(ROWS_IDS), rows.get(ROWS_VALUES)
-            wte = tensors["transformer.wte.weight"]
-            if ids is None or values is None or ids.dtype != torch.int64 or values.dtype != link.dtype \
-                    or ids.ndim != 1 or tuple(values.shape) != (len(ids), wte.size(1)) \
-                    or (len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < wte.size(0))):
-                raise PoelmError(f"{delta_path}: {ROWS_IDS}/{ROWS_VALUES} must be int64 ids (n,) in [0, {wte.size(0)}) "
-                                 f"and {str(link.dtype).removeprefix('torch.')} rows (n, {wte.size(1)})")
-            wte = wte.clone()
-            wte[ids] = values.to(wte.dtype)
-            tensors["transformer.wte.weight"] = wte
+            _apply_rows(tensors, rows, link)
         tensors.update(delta)
         if fold is not None:
             tensors["lm_head_fold.weight"] = fold
         config = specialist_config
         prints.append(own_print)
     return config, tensors, prints
+
+
+def _checked_link(parent: Link, link: Link, config: PoEConfig, parent_print: str,
+                  verify: bool) -> tuple[PoEConfig, dict[str, torch.Tensor], dict[str, list[int]]]:
+    """A stage link checked against its parent (fingerprint, structure, tokenizer, delta header): its
+    config, its delta tensors and its declared overrides."""
+    source = str(link.path / CONFIG)
+    specialist_config = link.config
+    recorded = link.data.get("parent_fingerprint")
+    if recorded != parent_print:
+        raise PoelmError(f"{source}: parent {parent.path} has fingerprint {parent_print}, but this stage was "
+                         f"trained on {recorded}: the parent is not the model this stage was made for")
+    overrides = check_overrides(link.data.get("parent_overrides"), config.n_layer, source)
+    check_extends(config, specialist_config, source, overrides)
+    check_tokenizer(parent.path, link.path, verify)
+    return specialist_config, link.tensors(verify, expected_delta(config, specialist_config), DELTA_EXTRAS), overrides
+
+
+def _apply_overrides(tensors: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
+                     overrides: dict[str, list[int]], link: Link) -> None:
+    """The parent layers' lambdas a stage declares it overrides, checked and written into `tensors`."""
+    source, delta_path = str(link.path / CONFIG), str(link.tensor_file)
+    for name in ("resid_lambdas", "x0_lambdas"):
+        value = delta.pop(OVERRIDE_PREFIX + name, None)
+        if (value is None) != (name not in overrides):
+            raise PoelmError(f"{delta_path}: {OVERRIDE_PREFIX + name} {'missing' if value is None else 'present'}"
+                             f", but {source} {'lists' if name in overrides else 'does not list'} {name} in "
+                             f"parent_overrides")
+        if value is None:
+            continue
+        own = tensors[name]
+        if tuple(value.shape) != tuple(own.shape) or value.dtype != link.dtype:
+            raise PoelmError(f"{delta_path}: {OVERRIDE_PREFIX + name} must be {str(link.dtype).removeprefix('torch.')}"
+                             f" {list(own.shape)} (the parent's layers)")
+        moved = (value.to(own.dtype) != own).nonzero().flatten().tolist()
+        if moved != overrides[name]:
+            raise PoelmError(f"{delta_path}: {OVERRIDE_PREFIX + name} differs from the parent at layers {moved}, "
+                             f"{source} declares {overrides[name]}")
+        tensors[name] = value.to(own.dtype)
+
+
+def _apply_rows(tensors: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], link: Link) -> None:
+    """A stage's changed embedding rows (ids, values), checked and written into a copy of the table."""
+    ids, values = rows.get(ROWS_IDS), rows.get(ROWS_VALUES)
+    wte = tensors["transformer.wte.weight"]
+    if ids is None or values is None or ids.dtype != torch.int64 or values.dtype != link.dtype \
+            or ids.ndim != 1 or tuple(values.shape) != (len(ids), wte.size(1)) \
+            or (len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < wte.size(0))):
+        raise PoelmError(f"{link.tensor_file}: {ROWS_IDS}/{ROWS_VALUES} must be int64 ids (n,) in [0, {wte.size(0)}) "
+                         f"and {str(link.dtype).removeprefix('torch.')} rows (n, {wte.size(1)})")
+    wte = wte.clone()
+    wte[ids] = values.to(wte.dtype)
+    tensors["transformer.wte.weight"] = wte
 
 
 @dataclass

@@ -1,24 +1,7 @@
-"""PoEConfig: the shape and structure of a PoE GPT, validated when built, saved as JSON.
-
-Design choices:
-- One dataclass holds nanochat's GPT fields (docs/model.md §1) plus the Product-of-Experts fields
-  (docs/model.md §2). It imports no torch: it ships beside the model in every exported directory and is
-  read by tools that never build a model.
-- Structure is derived once, then recorded explicitly: each layer's attention window
-  (`layer_windows`), the layers that carry value embeddings (`value_embed_layers`), the layer whose
-  residual is backed out (`backout_layer`) and the stage boundaries that apply the backout
-  (`poe_backout_stages`). nanochat recomputes these from `n_layer`; recording them means appending
-  specialist blocks later can never move a base layer's window, value embedding or backout point
-  (the trap of docs/model.md §3: `n_layer // 2` and "the last layer" change when layers are appended).
-- Parts that older nanochat checkpoints lack are switches (`smear`, `backout`, an empty
-  `value_embed_layers`, windows all "L"); the residual lambdas are always present and a conversion
-  fills them with their neutral values (resid 1, x0 0).
-- Every check raises `PoelmError` naming the field and what was expected, so an impossible shape
-  fails when the config is built, not deep inside a forward pass.
-- Every field is checked for its type first (an int is an int: no bool, no "4", no 4.5; numbers are
-  finite), and every size field is bounded (`SIZE_LIMITS`): a corrupted or hostile config.json fails
-  in microseconds, before a model (or a list per layer) is built from it. The bounds are far above
-  any model poelm is meant for and far below what would exhaust a machine's memory.
+"""PoEConfig: the shape and structure of a PoE GPT, validated when built, saved as JSON; no torch.
+Structure (windows, value-embedding layers, backout layer and stages) is recorded, never recomputed, so
+appending stages can never move a base layer's; every field is type-checked and bounded first, every
+error names the field (docs/model.md §9.1).
 """
 
 from __future__ import annotations
@@ -261,14 +244,23 @@ class PoEConfig:
     def stage_starts(self) -> list[int]:
         return [end - n + 1 for end, n in zip(self.stage_ends, self.poe_stage_layers)]
 
+    def last_stage(self, exit_stage: Any = None) -> int:
+        """The last stage a forward exiting at `exit_stage` runs (None: the model's last). The one check of
+        an exit stage: every caller (forward, decoders, fleets, `truncated`) raises this one error."""
+        if exit_stage is None:
+            return self.n_stages - 1
+        if isinstance(exit_stage, bool) or not isinstance(exit_stage, numbers.Integral) \
+                or not 0 <= exit_stage < self.n_stages:
+            raise PoelmError(f"exit stage {exit_stage!r} out of range: this model has stages 0..{self.n_stages - 1}")
+        return int(exit_stage)
+
     def truncated(self, stage: int) -> "PoEConfig":
         """The config of this model cut after stage `stage` (its prefix predictor as a whole model).
 
         Layer structure is kept as recorded (no window or value-embedding is recomputed); the backout
         applies only at boundaries that survive the cut.
         """
-        if not 0 <= stage < self.n_stages:
-            raise PoelmError(f"stage {stage} out of range: this model has stages 0..{self.n_stages - 1}")
+        stage = self.last_stage(stage)
         n = self.stage_ends[stage] + 1
         backout_stages = [k for k in self.poe_backout_stages if k <= stage]
         keeps_backout = self.backout and self.backout_layer is not None and self.backout_layer < n

@@ -1,12 +1,5 @@
-"""Hugging Face configuration for poelm models (remote code; ships in every model directory).
-
-Design choices:
-- A thin wrapper: every poelm field lives in `PoEConfig` (config.py, shipped beside this file) and
-  is validated there; this class only carries the fields as attributes so `transformers` can save,
-  load and inspect them, and hands a `PoEConfig` to the model.
-- `attribute_map` gives the standard names `transformers` looks for (`num_hidden_layers` is what
-  `DynamicCache(config=...)` needs inside `generate()`).
-- No `AutoTokenizer` entry here: it belongs in tokenizer_config.json (docs/transformers.md).
+"""Hugging Face configuration for poelm models (remote code): a thin carrier of `PoEConfig`'s fields,
+validated there, with the standard attribute names transformers looks for (docs/model.md §9.6).
 """
 
 from __future__ import annotations

@@ -1,12 +1,6 @@
-"""The one exception type poelm raises for bad input.
-
-Design choices:
-- A `PoelmError` is a user's fault (a missing file, a mis-shaped tensor, an impossible config), not a
-  bug: the CLI prints its message as one line and exits non-zero; anything else is a bug and keeps
-  its traceback.
-- Messages name the file, line, tensor or field, and what was expected.
-- This file ships beside the model in every exported directory (the tokenizer and config raise it),
-  so it imports nothing.
+"""The one exception type poelm raises for bad input: a user's fault, printed by the CLI as one line
+naming what and where; anything else is a bug and keeps its traceback. Imports nothing: it ships
+(docs/model.md §9.8).
 """
 
 

@@ -1,40 +1,6 @@
-"""Files: written whole, and read only if they are what was written.
-
-Design choices:
-- The names of the files of a poelm directory, defined once (docs/formats.md).
-- One way to write a file (`write_bytes`, `write_text`, `write_json`): into a hidden temporary
-  sibling, then renamed over the target, so a reader never sees half a file. One JSON reader
-  (`read_json`) with one set of errors naming the file: missing, not UTF-8, not valid JSON (line and
-  column), not an object.
-- Every directory poelm writes (a model, a stage, a tokenizer, a training checkpoint) holds
-  `digests.json`: for each data file its size and xxh3-128 digest, and for a model directory the
-  content fingerprint its stages record as `parent_fingerprint`. Not listed: `README.md` (the card,
-  meant to be edited before publishing), the remote-code `.py` files (transformers runs its own
-  cached copy of them, not the directory's) and `digests.json` itself.
-- xxh3-128 (the `xxhash` package) runs at memory speed (~10 GB/s on one core here) through `mmap`
-  (no copy; the page cache then serves the load that follows), so verifying a 100 MB model adds
-  about 10 ms. It detects corruption — bit flips, truncation, a half-copied file — not tampering:
-  whoever can rewrite a file can rewrite `digests.json` too.
-- One rule for every reader: a file read from a directory that has `digests.json` must be listed in
-  it and match; anything else is a `PoelmError` naming the file, what differs, and the command that
-  records a deliberate edit (`poelm digest DIR`).
-- One field is the user's to change: a stage's `base_model_name_or_path` says where its parent
-  lives, and a user who downloads a base and a stage into two folders must point one at the other
-  (the parent's identity is guarded by `parent_fingerprint`, not by its location). So a stage's
-  config.json entry also records `xxh3_128_unlinked`, the digest of the file with that field's value
-  replaced by `null`: a file that differs from the recorded bytes only in that value still verifies.
-  Every other byte counts, whitespace included; a file holding the key twice has no unlinked digest.
-- A manifest's entry names are plain file names of its own directory (no separator, not `.`/`..`):
-  a manifest naming `../x` is refused as malformed, never followed. A directory without
-  `digests.json` (written before poelm recorded digests, or by another tool) has nothing to verify
-  against: `verify_file` reports False and the callers that load models, tokenizers and checkpoints say
-  so in a warning naming the directory and the command that records digests (`poelm digest`).
-- A large file is hashed in a background thread while the caller loads it (`verifying`; xxhash
-  releases the GIL), and the caller's result is used only once the digest matched: the check costs
-  one extra pass over memory, overlapped with the load instead of added to it.
-- Writers record the manifest last, from the files as written, and write it atomically.
-- Ships beside the model in every directory (the cascade loader and the tokenizer verify through it):
-  standard library, `xxhash`, and the sibling `errors.py` only.
+"""Files: written whole (a temporary sibling renamed over the target), and read only if they are what
+was written (each directory's `digests.json`, xxh3-128, hashed while the file loads); one JSON reader
+with one set of errors naming the file (docs/model.md §9.3, docs/formats.md).
 """
 
 from __future__ import annotations
@@ -302,8 +268,8 @@ def verify_file(path: str | os.PathLike, manifest: dict[str, Any] | None = None)
     what = (f"{found['bytes']} bytes, {entry['bytes']} recorded: truncated, extended or edited"
             if found["bytes"] != entry["bytes"] else
             f"{ALGORITHM} {found[ALGORITHM]}, {entry[ALGORITHM]} recorded: corrupted or edited")
-    relink = (f"; {PARENT_FIELD} alone may be edited freely, or set by `poelm stage relink {path.parent} --parent DIR`"
-              if UNLINKED in entry else "")
+    relink = (f"; {PARENT_FIELD} alone may be edited freely, or set by "
+              f"`poelm specialist relink {path.parent} --parent DIR`" if UNLINKED in entry else "")
     raise PoelmError(f"{path}: content does not match {MANIFEST} ({what}); if the edit is deliberate, "
                      f"`poelm digest {path.parent}` records it{relink}")
 

@@ -1,32 +1,10 @@
 """The PoE GPT: nanochat's trunk cut into stages, every stage boundary a next-token predictor.
 
-Design choices (docs/model.md §1-2):
-- One definition. This file imports only torch (and the standard library); it ships unchanged as
-  Hugging Face remote code beside `modeling_poelm.py`, so training, poelm's own inference and
-  `transformers` all run this code. Parameter names are nanochat's, so a nanochat state dict loads
-  without renaming.
-- Structure comes from the config as recorded (`layer_windows`, `value_embed_layers`,
-  `backout_layer`, `poe_backout_stages`); nothing is recomputed from `n_layer` here.
-- Stage k's predictor reads the residual after its last layer through the one shared head:
-  `logits_k = softcap(lm_head(norm(h_k)) [+ stage_heads[k](norm(h_k))])`, with the backout
-  subtracted first at the boundaries listed in `poe_backout_stages` (by default the last one).
-- Training losses per `poe_mode`: `none` backpropagates the last boundary's loss end to end; `flat`
-  detaches the residual stream where every stage k > 0 begins and sums the stage losses divided by
-  K**(1 - poe_alpha); `residual_logop` trains stage k on the Log-OP score of stages 0..k with the
-  earlier stages' log-probabilities detached. `x0` is never detached: the embedding keeps a direct
-  path to every stage and, like the shared head, learns from all of them.
-- Rotary tables are computed per forward from the positions in use (no buffers): a model built on
-  the meta device by `from_pretrained` has nothing left uninitialised, and the values equal
-  nanochat's precomputed table row for row.
-- One layer walk. `begin` (embedding, smear, rotary positions) makes a `Walk`, `run_layers` carries it
-  through a range of layers (cache, backout and the training detach rules included) and `readout`
-  reads one stage's predictor from it; `predictor` turns stage logits into what is decoded (the
-  last stage, or the Log-OP under `poe_output="logop"`). The forward and every decoder (engine,
-  speculative, adaptive, composition) are built from these four, so they cannot drift apart.
-- Decoding uses any cache with `update(k, v, layer_idx) -> (k_all, v_all)` in (B, H_kv, T, D),
-  `get_seq_length()`, and a `prev_embedding` attribute holding the last token's normed embedding for
-  the smear: `KVCache` below, or the `DynamicCache` subclass of the Hugging Face wrapper.
-- Logits are float32 (float64 in a float64 model); the softcap is applied in float32 as nanochat does.
+One definition: training, every poelm decoder and `transformers` (modeling_poelm.py) run this file
+and the pieces it imports (layers.py, head.py, kvcache.py). They import only torch, so they ship
+unchanged as remote code; parameter names are nanochat's. One layer walk: `begin` -> `run_layers` ->
+`readout` -> `predictor`, from which the forward and every decoder are built, so they cannot drift
+apart. The design choices: docs/model.md §1-2 and §6.
 """
 
 from __future__ import annotations
@@ -40,6 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .head import HeadCrossEntropy, at_least_float32, softcap
+from .kvcache import KVCache
+from .layers import Block, Linear, block_shapes, norm, rotary_at, rotary_tables
+
 if TYPE_CHECKING:  # the model reads its config by attribute; the type is documentation only
     from .config import PoEConfig
 
@@ -49,7 +31,6 @@ if TYPE_CHECKING:  # the model reads its config by attribute; the type is docume
 DISK_NAMES = {"stage_heads": "lm_head_stages", "specialist_head": "lm_head_stage", "ancestors_head": "lm_head_fold"}
 _MEMORY_NAMES = {disk: memory for memory, disk in DISK_NAMES.items()}
 SMEAR_IN = 24  # channels of the normed embedding the smear gate reads (config.SMEAR_CHANNELS)
-VE_GATE_IN = 12  # channels of the attention input the value-embedding gate reads (config.VE_GATE_CHANNELS)
 
 
 def _renamed(key: str, names: dict) -> str:
@@ -76,368 +57,38 @@ def from_disk(tensors: dict) -> dict:
     return _rename(tensors, _MEMORY_NAMES)
 
 
-def norm(x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm without weights over the last dimension."""
-    return F.rms_norm(x, (x.size(-1),))
-
-
-def rotary_tables(start: int, length: int, head_dim: int, base: float, device, dtype):
-    """cos, sin for positions [start, start + length), shaped (1, T, 1, head_dim / 2)."""
-    channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
-    inv_freq = 1.0 / (base ** (channels / head_dim))
-    t = torch.arange(start, start + length, dtype=torch.float32, device=device)
-    freqs = torch.outer(t, inv_freq)
-    return freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
-
-
-def rotary_at(positions: torch.Tensor, head_dim: int, base: float, dtype):
-    """cos, sin for per-token positions (B, T) -> (B, T, 1, head_dim / 2): restarted per document."""
-    channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)
-    inv_freq = 1.0 / (base ** (channels / head_dim))
-    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
-    return freqs.cos().to(dtype).unsqueeze(2), freqs.sin().to(dtype).unsqueeze(2)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos (nanochat's sign)."""
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1)
-
-
-def at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """x in float32, or float64 when it is (a float64 model keeps its precision through the head)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
-    logits = at_least_float32(logits)
-    return cap * torch.tanh(logits / cap)
+# ---- the Product of Experts (docs/model.md §2): every caller combines stages through these --------------
+def logop_score(stage_logits: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
+    """The Log-OP's unnormalised score sum_k [w_k] log_softmax(logits_k), in float32 or wider: its argmax
+    and top-1 margin are the Log-OP's, up to the 1/K**(1 - alpha) scale (what adaptive depth bounds);
+    `weights` combine whole predictors (a composition of sibling stages)."""
+    logps = (F.log_softmax(at_least_float32(l), dim=-1) for l in stage_logits)
+    return sum(logps) if weights is None else sum(w * p for w, p in zip(weights, logps, strict=True))
 
 
 def logop(stage_logits: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """Log-OP (product of experts) of stage predictors, renormalised to log-probabilities.
-
-    score(y) = sum_k log_softmax(logits_k)(y) / K**(1 - alpha); alpha = 0 is the geometric mean.
-    """
-    k = len(stage_logits)
-    score = sum(F.log_softmax(at_least_float32(l), dim=-1) for l in stage_logits) / k ** (1.0 - alpha)
-    return F.log_softmax(score, dim=-1)
+    """Log-OP (product of experts) of stage predictors, as log-probabilities:
+    log_softmax(logop_score / K**(1 - alpha)); alpha = 0 is the geometric mean."""
+    return logop_of_score(logop_score(stage_logits), len(stage_logits), alpha)
 
 
-class HeadCrossEntropy(torch.autograd.Function):
-    """Summed softcapped cross-entropy of `h @ weight[:vocab].T`, in chunks of tokens.
-
-    The gradient is formed in the forward pass, chunk by chunk (softmax - onehot, times the softcap's
-    derivative 1 - tanh^2), so no (N, vocab) logits tensor outlives its chunk: a `flat` step with K
-    stage losses holds K small gradient buffers instead of K full logit tensors. Same FLOPs as the
-    unfused path (one forward and two backward matmuls per chunk).
-    h (N, d) normed hidden in the compute dtype; weight (V_padded, d); targets (N,), -1 = ignore.
-    The softmax and the accumulated gradients are float32 (float64 for a float64 model).
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, cap: float, vocab: int, chunk: int):
-        w = weight[:vocab].to(h.dtype)
-        acc = torch.promote_types(h.dtype, torch.float32)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
-        total = torch.zeros((), dtype=acc, device=h.device)
-        for s in range(0, h.size(0), chunk):
-            hc, t = h[s:s + chunk], targets[s:s + chunk]
-            th = torch.tanh((hc @ w.T).to(acc) / cap)  # (n, V)
-            logits = cap * th
-            valid = (t >= 0).unsqueeze(1)
-            tt = t.clamp(min=0).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += ((lse - logits.gather(1, tt)) * valid).sum()
-            if grad_h is None and grad_w is None:
-                continue
-            g = torch.softmax(logits, dim=-1)
-            g.scatter_add_(1, tt, -torch.ones_like(tt, dtype=g.dtype))
-            g = (g * valid * (1.0 - th * th)).to(h.dtype)  # d loss / d (h @ w.T)
-            if grad_h is not None:
-                grad_h[s:s + chunk] = g @ w
-            if grad_w is not None:
-                grad_w[:vocab] += (g.T @ hc).to(acc)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None
+def logop_of_score(score: torch.Tensor, n_stages: int, alpha: float) -> torch.Tensor:
+    """The Log-OP from its score over `n_stages` stages (a stage-parallel pipeline carries the score)."""
+    return F.log_softmax(score / n_stages ** (1.0 - alpha), dim=-1)
 
 
-class Linear(nn.Linear):
-    """nn.Linear without bias that computes in the activation's dtype (fp32 master weights).
-
-    The input is flattened to 2-D first, so every call is one plain matrix product: a 3-D
-    `F.linear` goes through `matmul`, whose kernel choice depends on which tensors require grad,
-    and a frozen specialist trunk would then round differently from the base it must equal bit for
-    bit.
-    """
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x.reshape(-1, x.size(-1)), self.weight.to(dtype=x.dtype))
-        return y.view(*x.shape[:-1], y.size(-1))
-
-
-class KVCache:
-    """Keys and values per layer, grown by concatenation, plus the smear's previous embedding and (for
-    padded batches) which cached positions are real tokens.
-
-    Shapes: keys and values (B, H_kv, T, D); attention_mask (B, T) bool or None (all real).
-    `crop(n)` rolls every layer back to n positions.
-    """
-
-    def __init__(self) -> None:
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self.prev_embedding: torch.Tensor | None = None
-        self.attention_mask: torch.Tensor | None = None
-        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # preallocated room to grow into
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
-        """Append (B, H_kv, T, D) keys and values; returns all of them. The tensors are views of a buffer
-        with room to grow (doubled when full), so a decode step writes in place instead of copying."""
-        old = self.keys.get(layer_idx)
-        n, T = (old.size(2) if old is not None else 0), k.size(2)
-        buf = self._buffers.get(layer_idx)
-        if buf is None or buf[0].size(2) < n + T or old is None or buf[0].data_ptr() != old.data_ptr():
-            room = max(2 * (n + T), 64)
-            bk = k.new_empty(k.size(0), k.size(1), room, k.size(3))
-            bv = v.new_empty(v.size(0), v.size(1), room, v.size(3))
-            if old is not None:
-                bk[:, :, :n], bv[:, :, :n] = old, self.values[layer_idx]
-            buf = self._buffers[layer_idx] = (bk, bv)
-        buf[0][:, :, n:n + T], buf[1][:, :, n:n + T] = k, v
-        self.keys[layer_idx], self.values[layer_idx] = buf[0][:, :, :n + T], buf[1][:, :, :n + T]
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def update_rows(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, rows: slice, batch: int, start: int):
-        """Write the keys and values (b, H_kv, T, D) of `rows` (a slice of the `batch` rows) at positions
-        start .. start + T of layer `layer_idx`; returns those rows' keys and values (views). The first
-        group of rows to write a layer in a forward grows it for every row, with zeros in the rows that
-        do not run the layer (nothing ever reads them): rows of different models in one batch
-        (infer/fleet.py) keep one tensor per layer, so selecting, padding and trimming stay uniform."""
-        T = k.size(2)
-        n = self.get_seq_length(layer_idx)
-        if n == start:
-            zeros = k.new_zeros(batch, k.size(1), T, k.size(3))
-            self.update(zeros, zeros, layer_idx)
-        elif n != start + T:
-            raise ValueError(f"KVCache layer {layer_idx}: {n} positions cached; a forward of {T} positions "
-                             f"from position {start} expects {start} or {start + T}")
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[rows, :, start:], values[rows, :, start:] = k, v
-        return keys[rows], values[rows]
-
-    def forget(self, layer_idx: int) -> None:
-        """Drop one layer's keys and values (no row of the batch runs it any more)."""
-        for held in (self.keys, self.values, self._buffers):
-            held.pop(layer_idx, None)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.keys[layer_idx].size(2) if layer_idx in self.keys else 0
-
-    def crop(self, length: int) -> None:
-        for i in self.keys:
-            self.keys[i] = self.keys[i][:, :, :length]
-            self.values[i] = self.values[i][:, :, :length]
-        if self.attention_mask is not None:
-            self.attention_mask = self.attention_mask[:, :length]
-
-    # ---- rows, for a batch that gains and loses sequences between steps (left-aligned padding)
-    def mask(self) -> torch.Tensor:
-        """(B, T) bool: which cached positions are real tokens."""
-        if self.attention_mask is not None:
-            return self.attention_mask
-        k = self.keys[0]
-        return torch.ones(k.size(0), k.size(2), dtype=torch.bool, device=k.device)
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (B',) of the batch, in that order."""
-        for i in self.keys:
-            self.keys[i], self.values[i] = self.keys[i][rows], self.values[i][rows]
-        if self.prev_embedding is not None:
-            self.prev_embedding = self.prev_embedding[rows]
-        if self.attention_mask is not None:
-            self.attention_mask = self.attention_mask[rows]
-        self._trim()
-
-    def pad_left(self, n: int) -> None:
-        """Grow every row by `n` hidden positions on the left (the keys and values there are never seen)."""
-        if n <= 0:
-            return
-        mask = self.mask()
-        for i in self.keys:
-            k, v = self.keys[i], self.values[i]
-            self.keys[i] = torch.cat([k.new_zeros(k.size(0), k.size(1), n, k.size(3)), k], dim=2)
-            self.values[i] = torch.cat([v.new_zeros(v.size(0), v.size(1), n, v.size(3)), v], dim=2)
-        self.attention_mask = torch.cat([mask.new_zeros(mask.size(0), n), mask], dim=1)
-
-    def extend(self, other: "KVCache") -> None:
-        """Append `other`'s rows to this batch (the shorter side padded on the left)."""
-        if not self.keys:
-            self.keys, self.values = dict(other.keys), dict(other.values)
-            self.prev_embedding, self.attention_mask = other.prev_embedding, other.attention_mask
-            return
-        length, other_length = self.get_seq_length(), other.get_seq_length()
-        self.pad_left(other_length - length)
-        other.pad_left(length - other_length)
-        mine, theirs = self.mask(), other.mask()  # before the keys grow: mask() may read their rows
-        for i in sorted(set(self.keys) | set(other.keys)):  # a layer only one side's rows run: zeros for the other
-            like = self.keys[i] if i in self.keys else other.keys[i]
-            for held, extra in ((self.keys, other.keys), (self.values, other.values)):
-                parts = [h[i] if i in h else like.new_zeros(m.size(0), *like.shape[1:])
-                         for h, m in ((held, mine), (extra, theirs))]
-                held[i] = torch.cat(parts)
-        mask = torch.cat([mine, theirs])
-        if self.prev_embedding is not None:
-            self.prev_embedding = torch.cat([self.prev_embedding, other.prev_embedding])
-        self.attention_mask = mask
-
-    def realign(self, lengths: list[int]) -> None:
-        """Keep the first `lengths[b]` positions of each row b, every row right-aligned to the longest
-        (the others gain hidden positions on the left): a batch whose rows accepted different numbers
-        of tokens stays one left-padded batch. Written in place into the preallocated room."""
-        L = max(lengths)
-        if min(lengths) == L:
-            return self.crop(L)
-        device = self.keys[0].device
-        shift = torch.tensor([L - n for n in lengths], device=device)
-        source = torch.arange(L, device=device)[None, :] - shift[:, None]  # (B, L): the old slot of each new one
-        real = self.mask()[:, :L].gather(1, source.clamp(min=0)) & (source >= 0)
-        for i in self.keys:
-            k = self.keys[i]
-            index = source.clamp(min=0)[:, None, :, None].expand(k.size(0), k.size(1), L, k.size(3))
-            self.keys[i], self.values[i] = k[:, :, :L], self.values[i][:, :, :L]
-            self.keys[i].copy_(k[:, :, :L].gather(2, index))  # gather first: the copy overwrites its source
-            self.values[i].copy_(self.values[i].gather(2, index))
-        self.attention_mask = real
-        self._trim()
-
-    def _trim(self) -> None:
-        """Drop leading positions that are padding in every row (nothing ever attends to them)."""
-        if self.attention_mask is None or not self.keys:
-            return
-        real = self.attention_mask.any(dim=0)
-        first = int(real.int().argmax()) if bool(real.any()) else 0
-        if first:
-            for i in self.keys:
-                self.keys[i], self.values[i] = self.keys[i][:, :, first:], self.values[i][:, :, first:]
-            self.attention_mask = self.attention_mask[:, first:]
-
-
-class CacheRows:
-    """Rows [start, stop) of a `KVCache` during one forward of a `batch`-row batch from position `start`:
-    the cache a group of rows running a layer of their own writes into (`KVCache.update_rows`)."""
-
-    def __init__(self, cache: KVCache, rows: slice, batch: int, start: int):
-        self.cache, self.rows, self.batch, self.start = cache, rows, batch, start
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
-        return self.cache.update_rows(k, v, layer_idx, self.rows, self.batch, self.start)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: "PoEConfig", layer_idx: int, has_ve: bool):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        d, kv = config.n_embd, config.n_kv_head * config.head_dim
-        self.window = config.layer_windows[layer_idx]
-        self.c_q = Linear(d, config.n_head * config.head_dim)
-        self.c_k = Linear(d, kv)
-        self.c_v = Linear(d, kv)
-        self.c_proj = Linear(d, d)
-        self.ve_gate = Linear(VE_GATE_IN, config.n_kv_head) if has_ve else None
-
-    def forward(self, x, ve, cos, sin, cache, doc_ids=None):
-        B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        if ve is not None:  # value residual (ResFormer): one input-dependent gate per kv head, in (0, 3)
-            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_IN]))  # (B, T, H_kv)
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q) * 1.2, norm(k) * 1.2  # QK norm, then sharpen (split between q and k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
-        y = attend(q, k, v, self.window, doc_ids)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-           doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention over a window: query at absolute position i sees keys i - window .. i.
-
-    q (B, H, Tq, D) holds the last Tq positions of the Tk keys in k, v (B, H_kv, Tk, D). With
-    `doc_ids` (B, Tk), the document of every key position, a query also sees only keys of its own
-    document (packed conversations; padding is document -1, which no real token belongs to).
-    """
-    Tq, Tk = q.size(2), k.size(2)
-    offset = Tk - Tq
-    if doc_ids is None and offset == 0 and window >= Tq - 1:  # plain causal: the window reaches position 0
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    if Tq == 1:  # a decode step: the one query sees the last window + 1 keys (of its own document)
-        if window < Tk - 1:
-            k, v = k[:, :, -(window + 1):], v[:, :, -(window + 1):]
-        if doc_ids is None:
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        same = doc_ids[:, -k.size(2):] == doc_ids[:, -1:]  # (B, keys): the query's document
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=same[:, None, None, :], enable_gqa=True)
-    i = torch.arange(offset, Tk, device=q.device)[:, None]
-    j = torch.arange(Tk, device=q.device)[None, :]
-    mask = (j <= i) & (j >= i - window)  # (Tq, Tk), True = attend
-    if doc_ids is not None:
-        mask = mask & (doc_ids[:, -Tq:, None] == doc_ids[:, None, :])  # (B, Tq, Tk)
-        mask = mask.unsqueeze(1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-
-class MLP(nn.Module):
-    def __init__(self, n_embd: int):
-        super().__init__()
-        self.c_fc = Linear(n_embd, 4 * n_embd)
-        self.c_proj = Linear(4 * n_embd, n_embd)
-
-    def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
-
-
-class Block(nn.Module):
-    def __init__(self, config: "PoEConfig", layer_idx: int, has_ve: bool):
-        super().__init__()
-        self.attn = CausalSelfAttention(config, layer_idx, has_ve)
-        self.mlp = MLP(config.n_embd)
-
-    def forward(self, x, ve, cos, sin, cache, doc_ids=None):
-        x = x + self.attn(norm(x), ve, cos, sin, cache, doc_ids)
-        return x + self.mlp(norm(x))
+def combine_stage_losses(losses: list, alpha: float, n_stages: int | None = None):
+    """The training loss of local (`flat`, `residual_logop`) training: sum_k loss_k / K**(1 - alpha), K
+    the model's number of stages (default: len(losses); a process holding some stages passes K)."""
+    return sum(losses) / (len(losses) if n_stages is None else n_stages) ** (1.0 - alpha)
 
 
 @dataclass
 class Walk:
-    """The residual stream of some positions between two layers: what the next layer continues from.
-
-    idx (B, T) token ids (value embeddings read them); x (B, T, d) the residual after `layer` layers;
-    x0 (B, T, d) the normed embedding every layer mixes back in; x_backout the residual after
-    `backout_layer` once it has run (else None); cos, sin the rotary tables of these positions
-    (B or 1, T, 1, D/2); doc_ids (B, Tk) the document of every key position up to the walk's last
-    (cached ones included: packed documents, or a padded batch's real 0 / padding -1), or None.
-    Positions travel with the walk, so walks of consecutive positions concatenate (`cat`) and split
-    (`part`) freely.
-    """
+    """The residual stream of some positions after `layer` layers, with its positions (docs/model.md §2):
+    idx (B, T); x, x0 (B, T, d) the residual and the normed embedding; x_backout the residual after
+    `backout_layer` (None before it); cos, sin (B or 1, T, 1, D/2); doc_ids (B, Tk) the document of every
+    key position up to the last (cached ones included), or None. Consecutive walks `cat` and `part`."""
 
     idx: torch.Tensor
     x: torch.Tensor
@@ -495,22 +146,16 @@ class PoEOutput:
     stage_logits: list[torch.Tensor] | None = None
 
 
-def block_shapes(config: "PoEConfig", has_ve: bool = False) -> dict[str, tuple[int, ...]]:
-    """One block's tensors (names within `transformer.h.{i}.`) and their shapes, as `Block` holds them."""
-    d, q, kv = config.n_embd, config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-    shapes = {"attn.c_q.weight": (q, d), "attn.c_k.weight": (kv, d), "attn.c_v.weight": (kv, d),
-              "attn.c_proj.weight": (d, d)}
-    if has_ve:
-        shapes["attn.ve_gate.weight"] = (config.n_kv_head, VE_GATE_IN)
-    shapes.update({"mlp.c_fc.weight": (4 * d, d), "mlp.c_proj.weight": (d, 4 * d)})
-    return shapes
+def _check_fraction(fraction: float, flat_and_fused: bool) -> None:
+    if not 0 < fraction <= 1:
+        raise ValueError(f"stage_loss_fraction={fraction}: expected a fraction in (0, 1]")
+    if fraction < 1 and not flat_and_fused:
+        raise ValueError("stage_loss_fraction < 1 applies to flat training with the fused loss")
 
 
 def state_shapes(config: "PoEConfig") -> Iterator[tuple[str, tuple[int, ...]]]:
-    """Every tensor of `PoEGPT(config).state_dict()` with its shape, one at a time and without building
-    anything: what a file is checked against before a model is made from it (a stream, so a config that
-    claims 1000 layers costs no more than the header it is compared with; tested equal to the module's
-    state dict for every config variant)."""
+    """Every tensor of `PoEGPT(config).state_dict()` with its shape, streamed without building anything:
+    what a file's header is checked against first, so a config claiming 1000 layers costs no more."""
     V, d, kv = config.padded_vocab_size, config.n_embd, config.n_kv_head * config.head_dim
     ve_layers = set(config.value_embed_layers)
     yield "transformer.wte.weight", (V, d)
@@ -673,11 +318,8 @@ class PoEGPT(nn.Module):
         return norm(h)
 
     def heads(self, stage: int) -> list[Linear]:
-        """The heads stage `stage` reads out through, summed: the shared head, then its additive heads.
-
-        Base stages: `lm_head` (+ `stage_heads[k]`). Specialist stages also add `ancestors_head`
-        (the ancestors' specialist heads, folded); the last stage of a specialist adds `specialist_head`.
-        """
+        """The heads stage `stage` reads out through, summed: `lm_head` (+ `stage_heads[k]`), + `ancestors_head`
+        on specialist stages, + `specialist_head` on a specialist's last stage (docs/model.md §3)."""
         c = self.config
         heads = [self.lm_head]
         if c.poe_stage_heads:
@@ -697,11 +339,8 @@ class PoEGPT(nn.Module):
         return w
 
     def stage_logits(self, h: torch.Tensor, stage: int, x_backout: torch.Tensor | None) -> torch.Tensor:
-        """Stage `stage`'s predictor from the residual after its last layer: (B, T, vocab) float32.
-
-        The heads are applied one by one and their logits added (not their weights), so a stage
-        whose extra heads are zero gives exactly the logits of the model without them.
-        """
+        """Stage `stage`'s predictor from the residual after its last layer: (B, T, vocab) float32. The
+        heads' logits are added (not their weights): zero extra heads give exactly the logits without them."""
         h = self.stage_hidden(h, stage, x_backout)
         heads = self.heads(stage)
         logits = heads[0](h)
@@ -718,14 +357,9 @@ class PoEGPT(nn.Module):
     # ------------------------------------------------------------------------- the layer walk
     @staticmethod
     def padding(attention_mask: torch.Tensor, cache, T: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """A padded batch as document ids and positions: (doc_ids (B, Tk), positions (B, T)), or
-        (None, None) when nothing is hidden (the plain path, bit for bit).
-
-        `attention_mask` (B, T) or (B, Tk): 1 for real tokens, 0 for padding (left or right); for the
-        cached positions the mask the cache recorded wins (the cache keeps the mask it was fed). Real
-        tokens are document 0 and padding document -1, so a real token never sees padding; each row's
-        rotary positions count its real tokens from 0, so a padded row computes what it computes alone.
-        """
+        """A padded batch (`attention_mask` (B, T) or (B, Tk), 1 = real) as (doc_ids (B, Tk), positions
+        (B, T)): real tokens document 0, padding -1, positions counting real tokens, so each row computes
+        what it computes alone; (None, None) when nothing is hidden. The cache keeps the mask (§6)."""
         mask = attention_mask[:, -T:].bool()
         past = cache.get_seq_length() if cache is not None else 0
         stored = getattr(cache, "attention_mask", None) if cache is not None else None
@@ -796,22 +430,28 @@ class PoEGPT(nn.Module):
             return walk.x_backout.detach()
         return walk.x_backout
 
-    def readout(self, walk: Walk, stage: int, detach_backout: bool = False) -> torch.Tensor:
-        """Stage `stage`'s logits (B, T, vocab) float32 from a walk that has just run its last layer."""
+    def _check_readout(self, walk: Walk, stage: int) -> None:
         if walk.layer != self.config.stage_ends[stage] + 1:
             raise ValueError(f"readout of stage {stage} needs the walk after layer {self.config.stage_ends[stage]}, "
                              f"it has run {walk.layer} layers")
+
+    def readout(self, walk: Walk, stage: int, detach_backout: bool = False) -> torch.Tensor:
+        """Stage `stage`'s logits (B, T, vocab) float32 from a walk that has just run its last layer."""
+        self._check_readout(walk, stage)
         return self.stage_logits(walk.x, stage, self._backout(walk, stage, detach_backout))
 
+    def readout_hidden(self, walk: Walk, stage: int, detach_backout: bool = False) -> torch.Tensor:
+        """The normed residual stage `stage` reads out from (`readout` before its heads): what the fused
+        loss (`fused_losses`) takes."""
+        self._check_readout(walk, stage)
+        return self.stage_hidden(walk.x, stage, self._backout(walk, stage, detach_backout))
+
     def rollback(self, cache, length: int | list[int], last_token) -> None:
-        """Roll a decoding cache back to its first `length` positions: keys and values cropped, and the
-        smear's previous embedding set to that of `last_token` (B,) (the token at position length - 1),
-        so the next token is computed as if nothing after it had been fed. A list of lengths, one per
-        row, keeps each row's own (`KVCache.realign`: ragged rows stay one left-padded batch)."""
-        if isinstance(length, int):
-            cache.crop(length)
-        else:
-            cache.realign(length)
+        """Roll a decoding cache back to its first `length` positions (`cache.crop`), the smear's previous
+        embedding set to that of `last_token` (B,), the token at position length - 1: the next token is
+        computed as if nothing after it had been fed. One length per row needs a cache whose rows keep
+        their own lengths (infer/cache.py)."""
+        cache.crop(length)
         if self.config.smear:
             ids = torch.as_tensor(last_token, device=self.transformer.wte.weight.device).reshape(-1, 1)
             cache.prev_embedding = norm(self.token_embedding(ids))  # what `embed` keeps: (B, 1, d)
@@ -832,7 +472,7 @@ class PoEGPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         *,
-        cache=None,
+        cache: KVCache | None = None,
         exit_stage: int | None = None,
         output: str | None = None,
         return_stages: bool = False,
@@ -845,74 +485,48 @@ class PoEGPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         stage_loss_fraction: float = 1.0,
     ) -> PoEOutput:
-        """Run stages 0..exit_stage (default: all) on idx (B, T).
-
-        Inference (no targets): `logits` is the last computed stage's predictor (`output="last"`, the
-        config default) or the Log-OP of all computed stages (`output="logop"`, log-probabilities).
-        Training (targets (B, T), -1 = ignore): `loss` per `poe_mode` and `stage_losses`. In `none`
-        and `flat` mode the head and cross-entropy run fused in chunks of `loss_chunk` tokens
-        (HeadCrossEntropy; default: about 4M logits, 16 MB in float32, per chunk: small enough to stay
-        in cache and out of the allocator's page-faulting path on a CPU); `fused_loss=False` takes the
-        plain path the tests compare it with.
-        `frozen_layers=n`: the embedding and layers 0..n-1 run without autograd and their outputs enter
-        layer n detached (a specialist stage trains on a frozen trunk: one trunk forward, no trunk
-        backward). The values are the same as with autograd; only the graph is not built.
-        `doc_ids` (B, T) and `positions` (B, T): packed documents (conversations) that must not see each
-        other: attention stays within a document, the smear does not cross into one, and rotary
-        positions restart, so each document is computed as if it were alone in the row.
-        `attention_mask` (B, T) or (B, cache + T), 1 = real token: a padded batch (left or right); each
-        row's real positions give what the row gives alone (to float rounding; `padding`).
-        `stage_loss_fraction=F` < 1 (flat mode): every stage but the last takes its loss on a random
-        ceil(F * N) of the N positions, drawn from the default CPU generator (so a training run's
-        checkpointed RNG state makes it resumable), scaled by N / n: an unbiased estimate of the full
-        loss for a fraction of the head's cost. The last stage always takes every position.
-        """
+        """Run stages 0..exit_stage (default: all) on idx (B, T). Without targets: `logits`, the predictor
+        `output` names (default `poe_output`). With targets (B, T), -1 = ignore: `loss` of `poe_mode` and
+        `stage_losses`. Every option, and why: docs/model.md §6."""
         c = self.config
-        last = c.n_stages - 1 if exit_stage is None else exit_stage
-        if not 0 <= last < c.n_stages:
-            raise ValueError(f"exit_stage={exit_stage}: this model has stages 0..{c.n_stages - 1}")
-        output = output or c.poe_output
+        last, output = c.last_stage(exit_stage), output or c.poe_output
         training = targets is not None
         mode = c.poe_mode if training else "none"
+        fused = training and fused_loss and mode in ("none", "flat")
+        _check_fraction(stage_loss_fraction, fused and mode == "flat")
         # Which boundaries need a predictor: all of them for local losses, Log-OP or return_stages.
         readouts = set(range(last + 1)) if return_stages or mode != "none" else set(self.readout_stages(last, output))
-        fused = training and fused_loss and mode in ("none", "flat")
-        local = mode != "none"
-        if not 0 < stage_loss_fraction <= 1:
-            raise ValueError(f"stage_loss_fraction={stage_loss_fraction}: expected a fraction in (0, 1]")
-        if stage_loss_fraction < 1 and not (fused and mode == "flat"):
-            raise ValueError("stage_loss_fraction < 1 applies to flat training with the fused loss")
-
         with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_layers == 0):
             walk = self.begin(idx, cache, doc_ids, positions, attention_mask)
-        logits: list[torch.Tensor] = []  # per read-out stage: logits, or (fused) the normed hidden
-        for k in range(last + 1):
-            walk = self.run_layers(walk, c.stage_ends[k] + 1, cache, detach_stages=local,
-                                   frozen_layers=frozen_layers)
-            if k not in readouts:
-                continue
-            if fused:
-                logits.append(self.stage_hidden(walk.x, k, self._backout(walk, k, local)))
-            else:
-                logits.append(self.readout(walk, k, detach_backout=local))
-
+        read = self._read_stages(walk, last, readouts, cache, local=mode != "none", fused=fused,
+                                 frozen_layers=frozen_layers)
         if not training:
-            out = self.predictor(logits, output)
-            return PoEOutput(logits=out, stage_logits=logits if return_stages else None)
-        if fused:
-            stages = sorted(readouts)[-1:] if mode == "none" else sorted(readouts)
-            hidden = logits[-1:] if mode == "none" else logits
-            return self._aggregate(self.fused_losses(hidden, stages, targets, reduction=loss_reduction,
-                                                     chunk=loss_chunk, fraction=stage_loss_fraction), mode)
-        return self._loss(logits, targets, mode, loss_reduction)
+            return PoEOutput(logits=self.predictor(read, output), stage_logits=read if return_stages else None)
+        if not fused:
+            return self._aggregate(self._stage_losses(read, targets, mode, loss_reduction), mode)
+        stages = sorted(readouts)[-1:] if mode == "none" else sorted(readouts)
+        hidden = read[-1:] if mode == "none" else read
+        return self._aggregate(self.fused_losses(hidden, stages, targets, reduction=loss_reduction,
+                                                 chunk=loss_chunk, fraction=stage_loss_fraction), mode)
+
+    def _read_stages(self, walk: Walk, last: int, readouts: set[int], cache, *, local: bool, fused: bool,
+                     frozen_layers: int) -> list[torch.Tensor]:
+        """Walk stages 0..last; per stage in `readouts`, its logits, or (`fused`) its normed hidden."""
+        read = []
+        for k in range(last + 1):
+            walk = self.run_layers(walk, self.config.stage_ends[k] + 1, cache, detach_stages=local,
+                                   frozen_layers=frozen_layers)
+            if k in readouts:
+                read.append(self.readout_hidden(walk, k, local) if fused else self.readout(walk, k, local))
+        return read
 
     def fused_losses(self, hidden: list[torch.Tensor], stages: list[int], targets: torch.Tensor, *,
                      reduction: str = "sum", chunk: int | None = None, fraction: float = 1.0,
                      exact: int | None = None) -> list[torch.Tensor]:
-        """Each stage's cross-entropy from its normed read-out residual (`stage_hidden`) through
+        """Each stage's cross-entropy from its normed read-out residual (`readout_hidden`) through
         HeadCrossEntropy, in chunks of `chunk` tokens: no full logit tensor is ever held. With `fraction`
         < 1 every stage but `exact` (default: the last of `stages`) scores a random subset of positions
-        (see `forward`). Stage-parallel training calls this with the stages one process owns."""
+        (docs/model.md §6). Stage-parallel training calls this with the stages one process owns."""
         c = self.config
         chunk = chunk or max(64, (1 << 22) // c.padded_vocab_size)
         exact = stages[-1] if exact is None else exact
@@ -931,13 +545,12 @@ class PoEGPT(nn.Module):
         return losses
 
     def _aggregate(self, losses: list[torch.Tensor], mode: str) -> PoEOutput:
-        """The training loss of `mode` from per-stage losses: sum_k loss_k / K**(1 - poe_alpha)."""
+        """The training loss of `mode` from per-stage losses (`combine_stage_losses`; `none`: the last)."""
         if mode == "none":
             return PoEOutput(loss=losses[-1], stage_losses=losses[-1].reshape(1))
-        loss = sum(losses) / len(losses) ** (1.0 - self.config.poe_alpha)
-        return PoEOutput(loss=loss, stage_losses=torch.stack(losses))
+        return PoEOutput(loss=combine_stage_losses(losses, self.config.poe_alpha), stage_losses=torch.stack(losses))
 
-    def _loss(self, logits, targets, mode, reduction) -> PoEOutput:
+    def _stage_losses(self, logits, targets, mode, reduction) -> list[torch.Tensor]:
         """Cross-entropy per stage from materialised logits (the reference path, and residual_logop)."""
         V, alpha = self.config.vocab_size, self.config.poe_alpha
         flat_targets = targets.reshape(-1)
@@ -946,15 +559,14 @@ class PoEGPT(nn.Module):
             return F.cross_entropy(l.reshape(-1, V), flat_targets, ignore_index=-1, reduction=reduction)
 
         if mode in ("none", "flat"):
-            return self._aggregate([ce(l) for l in logits], mode)
-        else:  # residual_logop: stage k is trained on the Log-OP of 0..k, earlier stages detached
-            logps, losses = [], []
-            for k, l in enumerate(logits):
-                logp = F.log_softmax(l, dim=-1)
-                score = (sum(p.detach() for p in logps) + logp) / (k + 1) ** (1.0 - alpha)
-                losses.append(ce(score))  # cross_entropy renormalises the score with logsumexp
-                logps.append(logp)
-        return self._aggregate(losses, mode)
+            return [ce(l) for l in logits]
+        logps, losses = [], []  # residual_logop: stage k is trained on the Log-OP of 0..k, earlier stages detached
+        for k, l in enumerate(logits):
+            logp = F.log_softmax(l, dim=-1)
+            score = (sum(p.detach() for p in logps) + logp) / (k + 1) ** (1.0 - alpha)
+            losses.append(ce(score))  # cross_entropy renormalises the score with logsumexp
+            logps.append(logp)
+        return losses
 
     # ---------------------------------------------------------------------------- counts
     def num_params(self) -> int:

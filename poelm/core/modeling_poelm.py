@@ -1,30 +1,6 @@
-"""Hugging Face model class for poelm (remote code; ships in every model directory).
-
-Design choices:
-- The network is `PoEGPT` from model.py, shipped beside this file: `transformers`, training and
-  poelm's inference run the same code. This class adds only what `transformers` needs: a config
-  class, `GenerationMixin`, loss with shifted labels, and cache plumbing.
-- Weight names on disk are nanochat's (`transformer.h.0.attn.c_q.weight`, ...): the network sits
-  under `base_model_prefix = "poe"`, and `save_pretrained` writes the network's own state dict under
-  the files' names (`to_disk`), so `model.safetensors` is the same file for poelm, nanochat
-  conversion and `transformers`.
-- Caching: `generate()` hands the forward an empty `DynamicCache`; the forward swaps it for a
-  `PoECache` (a `DynamicCache` that also keeps the smear's previous-token embedding) and returns it,
-  and `generate()` passes that one back on every later step. Both `cache` and the deprecated
-  `past_key_values` are accepted.
-- Padded batches: the attention mask goes to the model (`PoEGPT.padding`: each row's rotary
-  positions count its real tokens, padding is invisible to real tokens, the smear never crosses it),
-  so a left-padded `generate()` batch or a right-padded forward gives every row what it gives alone;
-  `position_ids` is accepted and ignored (positions come from the mask and the cache). The cache keeps
-  the prefill's mask. A masked BOS right before a row's first real token is that row's document
-  start, not padding (`bos_as_document_start`: the seed card pads with BOS; docs/transformers.md).
-- `exit_stage=k` (forward or `generate(..., exit_stage=k)`) reads out stage k's predictor (prefix
-  pruning); `poe_output="logop"` in the config or the call combines all stages in log space.
-- Loading: every directory, base or stage, is read by the cascade loader (cascade.py), the code poelm
-  itself loads with: every file is checked against the directory's `digests.json` first (files.py;
-  `verify=False` skips that), and
-  `save_pretrained` records the digests of what it wrote. A model assembled from a stage chain is
-  saved as one standalone directory (its stage fields dropped), as `poelm export` writes it.
+"""Hugging Face model class for poelm (remote code): `PoEGPT` itself, plus only what transformers needs
+(a config class, `GenerationMixin`, shifted-label loss, the `PoECache`), loaded and saved through the
+cascade loader and the files' own tensor names (docs/model.md §9.7, docs/transformers.md).
 """
 
 from __future__ import annotations

@@ -1,20 +1,6 @@
-"""`PoelmTokenizer`: the Hugging Face face of poelm's Tokenizer (`AutoTokenizer`, remote code).
-
-Design choices:
-- Shipped in every model directory beside `tokenizer.py` and `errors.py`; imports them relatively
-  (absolute sibling imports fail under trust_remote_code) and needs only `poelm_tokenizer.json`.
-- A slow (`PreTrainedTokenizer`, i.e. `PythonBackend` in transformers 5) tokenizer: token strings
-  are the token bytes through GPT-2's byte-to-unicode table, so `tokenize`, `convert_*` and
-  `get_vocab` behave as for any BPE tokenizer, while the ids always come from poelm's `Tokenizer`:
-  `encode(text)` == `Tokenizer.encode(text)` for text without special-token strings.
-- No special tokens are added by `encode`/`__call__` (the seed's quick start builds the prompt by
-  hand). The nine specials are registered as added tokens, so a string that spells them
-  ("<|bos|><|user_start|>hi") is split into their ids, as `pipeline` and chat templates need.
-- `decode` is `Tokenizer.decode` (never fails; U+FFFD for partial UTF-8 and out-of-range ids);
-  `skip_special_tokens=True` drops the nine specials. No tokenization-space clean-up.
-- bos `<|bos|>`, eos `<|assistant_end|>`, pad `<|assistant_end|>`: padding with eos means
-  generate() never infers an attention mask that hides the BOS every prompt starts with (the
-  quick-start trap in docs/transformers.md), and eos never starts a prompt.
+"""`PoelmTokenizer`: the Hugging Face face of poelm's Tokenizer (`AutoTokenizer`, remote code): token
+strings for transformers, ids always from poelm's `Tokenizer`, no special tokens added by `encode`
+(docs/model.md §9.5).
 """
 
 from __future__ import annotations

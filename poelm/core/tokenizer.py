@@ -1,32 +1,7 @@
-"""The runtime tokenizer: byte-level BPE over tiktoken, special tokens, chat rendering with loss masks.
-
-Design choices:
-- This file ships unchanged as Hugging Face remote code in every model directory, so it imports only
-  the standard library, `tiktoken` and its siblings `errors.py` and `files.py` (relative imports).
-  numpy arrays and torch tensors are accepted by duck typing (`.tolist()`), never imported.
-- Its files are checked against the directory's `digests.json` when read (files.py).
-- GPT-4-style byte-level BPE with nanochat's split pattern: digits split into groups of at most two,
-  so every number is a short, regular token sequence; encode/decode round-trips any str exactly
-  (lone surrogates excepted: tiktoken replaces them).
-- The nine special tokens sit right after the merges, in `SPECIAL_TOKENS` order: with a 32768
-  vocabulary `<|bos|>` is 32759 and `<|assistant_start|>` 32762, the ids of the seed's quick start.
-- `encode` never produces special ids: a literal "<|bos|>" in user text is plain text. Special ids
-  enter only through `token_id`, `render_conversation` and `render_prompt`, so text cannot forge a
-  turn boundary.
-- `decode` never raises on ids a model can emit: specials decode to their literal strings, an
-  incomplete UTF-8 sequence and any id outside [0, vocab_size) (embedding padding rows) decode to
-  U+FFFD. `StreamDecoder` emits the same text incrementally, holding back incomplete characters.
-- Files are JSON, never pickle: `poelm_tokenizer.json` (pattern, ranks as base64 bytes, specials,
-  format version) and `token_bytes.json` (UTF-8 length of every id, for bits-per-byte). The name
-  avoids `tokenizer.json`, which transformers would read as a fast-tokenizer file.
-- Chat format (docs/model.md §4): `<|bos|>`, then `<|user_start|> text <|user_end|>` /
-  `<|assistant_start|> text <|assistant_end|>`; the loss mask is 1 exactly on assistant text and its
-  `<|assistant_end|>`. A leading system message is merged into the first user message.
-- Chat rules (`chat_turns`, the one copy: poelm.data.chat calls it, the shipped Jinja template
-  mirrors it): an optional system message first, then user and assistant turns alternating,
-  beginning with either. An assistant turn may open the conversation because OpenAI-style clients
-  send the greeting an app shows before the user types; it renders and is trained on like every
-  assistant turn, and the system text still goes into the first user turn, after it.
+"""The runtime tokenizer: byte-level BPE over tiktoken (nanochat's split pattern), special tokens that
+text can never forge, decoding that never fails, and chat rendering with loss masks (`chat_turns`, the
+one copy of the chat rules). Ships as remote code: standard library, tiktoken and its siblings only
+(docs/model.md §4, §9.4).
 """
 
 from __future__ import annotations

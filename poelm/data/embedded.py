@@ -1,11 +1,11 @@
 """The Python standard library as the embedded default data: present on any machine with Python, offline.
 
 - `stdlib_corpus`: its own source files as a text corpus (the demo's tokenizer and pretraining text).
-- `code_instructions`: a code-instruction set (the demo's SFT data). Every module-level function with a docstring becomes one conversation in the Magicoder /
-Evol-Instruct shape: instruction "Write a Python function `name(args)` that <the docstring's first
-sentence>", response: the function's source. Deterministic (sorted files, source order), offline,
-present on any machine with Python. Functions whose source is longer than `max_chars` are skipped so
-that a conversation fits a short training row.
+- `code_instructions`: a code-instruction set (the demo's SFT data). Every module-level function with a
+  docstring becomes one conversation in the Magicoder / Evol-Instruct shape: instruction "Write a
+  Python function `name(args)` that <the docstring's first sentence>", response: the function's
+  source. Deterministic (sorted files, source order). Functions whose source is longer than
+  `max_chars` are skipped so that a conversation fits a short training row.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import sysconfig
 from pathlib import Path
 
 from ..core.files import write_text
-from .text import as_text, walk_files
+from .documents import as_text
+from .records import walk_files
 
 
 def stdlib_corpus(max_bytes: int) -> list[str]:

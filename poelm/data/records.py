@@ -1,32 +1,15 @@
 """Records from the files corpora come in: the one reader under pretraining text, SFT conversations
 and `poelm data tokenize`.
 
-Design choices:
-- A file's format is decided by its name, after a compression suffix is taken off (`.gz`: gzip,
-  `.zst`/`.zstd`: zstandard, both streamed): `.jsonl` one JSON value per line; `.json` one JSON
-  array of records; `.parquet` a Parquet table (pyarrow, read one record batch at a time); a folder
-  written by `datasets`' `save_to_disk` (a `Dataset`, or a `DatasetDict` whose `train` split is read)
-  is one input too. What a caller does with the rest depends on the caller (`InputFile.kind`
-  "text": one file is one document for pretraining; a JSONL file of any name for SFT).
-- Where a record came from is written the way an editor or Python finds it again: `path:LINE` (1-based
-  line) for JSONL, `path[ROW]` (0-based row, as `data[ROW]`) for JSON arrays, Parquet and `datasets`
-  folders, `path` for a whole text file. Every error names it.
-- A directory is walked in sorted order (hidden entries and `__pycache__` skipped); a `datasets`
-  folder inside it is one input (its rows), not its files.
-- Records with index -1 only account for bytes: blank JSONL lines, lines before `start`, skipped
-  rows, a compressed stream's trailer. A JSONL `null` line is a record whose value is None.
-- A bad JSONL line is not raised here: the record carries a `BadRecord` (message + reason) and the
-  caller raises it or, for SFT's `--skip-invalid`, counts it. A whole-file problem (a JSON file that
-  is not an array, a Parquet file without the column, an unreadable compressed stream) is raised.
-- Every record reports the bytes it consumed of the file on disk (`Record.nbytes`; compressed and
-  columnar files attribute their size over their records), so progress in bytes reaches each file's
-  size exactly whatever the format.
-- `start` skips the first records of a file without decoding JSON or rows (whole Parquet row groups
-  through the metadata): a resumed tokenize continues mid-file at the cost of a scan, not a re-parse.
-- Memory is bounded by one line, one record batch (`BATCH_ROWS` rows) or one JSON array: a JSON array
-  is parsed whole (the stdlib has no streaming parser; datasets that large come as JSONL or Parquet).
-- pyarrow, zstandard and `datasets` are imported only when a file needs them; `datasets` is the
-  optional extra `poelm[data]`, and its absence is a one-line error naming the extra.
+Design choices (the whole of them: docs/data.md, "Records"):
+- A file's format is decided by its name after a compression suffix (`.gz`, `.zst`) is taken off:
+  `.jsonl`, `.json` (one array), `.parquet`; a `datasets` folder is one input. Callers decide what
+  the rest ("text") is.
+- Every record says where it is (`path:LINE`, `path[ROW]`) and the bytes of the file on disk it
+  accounts for, so errors name it and progress in bytes reaches each file's size exactly.
+- A bad JSONL line is not raised here: its record carries a `BadRecord` for the caller to raise or
+  count; a whole-file problem is raised.
+- pyarrow, zstandard and `datasets` are imported only when a file needs them.
 """
 
 from __future__ import annotations
@@ -121,7 +104,8 @@ def classify(path: str, explicit: bool) -> InputFile:
     kind = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}.get(ext, "text")
     if kind == "parquet" and compression:
         if explicit:
-            raise PoelmError(f"{path}: a compressed Parquet file; Parquet compresses inside the file, expected .parquet")
+            raise PoelmError(f"{path}: a compressed Parquet file; Parquet compresses inside the file, "
+                             f"expected .parquet")
         kind = "text"  # inside a directory: an unreadable file, skipped like any binary one
     return InputFile(path, kind, compression, explicit, os.path.getsize(path))
 
@@ -346,19 +330,25 @@ def records(f: InputFile, start: int = 0, column: str | None = None) -> Iterator
                      f"a `datasets` folder")
 
 
+def walk_files(directory: str, prune: frozenset[str] = frozenset({"__pycache__"}),
+               whole: Callable[[str], bool] = lambda folder: False) -> Iterator[str]:
+    """Regular files under `directory` in sorted order (a directory's files, then its subdirectories),
+    skipping hidden entries (.git, .venv) and directories named in `prune`; a subdirectory that `whole`
+    accepts is yielded as one path, not walked."""
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in prune)
+        if root != directory and whole(root):
+            dirs[:] = []
+            yield root
+            continue
+        yield from (os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
+
+
 def expand(paths: Sequence[str], accept: Callable[[InputFile], bool], what: str) -> tuple[list[InputFile], list[str]]:
     """The inputs of `paths` in order: a file or `datasets` folder as itself, a directory walked in
-    sorted order (hidden entries and `__pycache__` skipped) keeping the files `accept` takes (the rest
-    returned as ignored). A missing path is an error naming `what` was expected."""
-    def walk(directory: str) -> Iterator[str]:  # a `datasets` folder inside is one input, not its files
-        for root, dirs, files in os.walk(directory):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
-            if root != directory and is_datasets_folder(root):
-                dirs[:] = []
-                yield root
-                continue
-            yield from (os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
-
+    sorted order (hidden entries and `__pycache__` skipped; a `datasets` folder inside is one input, not
+    its files) keeping the files `accept` takes (the rest returned as ignored). A missing path is an
+    error naming `what` was expected."""
     out: list[InputFile] = []
     ignored: list[str] = []
     for p in paths:
@@ -366,7 +356,7 @@ def expand(paths: Sequence[str], accept: Callable[[InputFile], bool], what: str)
         if is_datasets_folder(p) or os.path.isfile(p):
             out.append(classify(p, explicit=True))
         elif os.path.isdir(p):
-            for path in walk(p):
+            for path in walk_files(p, whole=is_datasets_folder):
                 f = classify(path, explicit=False)
                 (out.append(f) if accept(f) else ignored.append(path))
         else:

@@ -1,44 +1,21 @@
 """Tokenized data folders: `poelm data tokenize` writes one, `poelm pretrain --data DATADIR` memory-maps it.
 
-A folder (docs/formats.md §data folders):
-    index.json                  what the folder holds: format, dtype, shard size, the tokenizer's
-                                fingerprint, the split rule, the sources with their digests, and per
-                                split the documents, tokens, bytes and each shard's tokens and documents
-    train-00000.safetensors ... tensors "tokens" (1-D uint16 when the vocabulary fits, else uint32) and
-    val-00000.safetensors ...   "block_xxh3" (the digest of every BLOCK_TOKENS tokens); every shard holds
-                                `shard_tokens` tokens but each split's last one
-    digests.json                size and xxh3-128 of every file (core/files.py)
+A folder (its format: docs/formats.md, "A tokenized data folder"): `index.json` (format, dtype, shard
+size, the tokenizer's fingerprint, the split rule, the sources with their digests, per split the
+counts and shards), `train-00000.safetensors ...` and `val-00000.safetensors ...` (tensors "tokens",
+uint16 when the vocabulary fits else uint32, and "block_xxh3", a digest per BLOCK_TOKENS tokens), and
+`digests.json`.
 
-Design choices:
-- The token stream is exactly the one `text.TextCorpus.build` makes in memory: the same reader
-  (`text.read_documents`), the same `[<|bos|>] + encode(text)` per document, the same split rule
-  (`assign_splits`), documents in input order; only where the tokens live differs. A folder is then
-  read through `TokenLoader` and `eval_batches` unchanged (`ShardedTokens` slices like an array), so
-  row order, the DDP split and the loader state (a few integers) are those of the in-memory path.
-- Tokenizing runs in worker processes (spawned: no fork under threads), fed chunks of about 1 MB of
-  documents by the main process, which reads the inputs and writes shards. Results are taken in
-  submission order and at most `4 x workers` chunks are in flight, so the output does not depend on
-  the number of workers and memory is bounded by the window, one document and the writers' I/O
-  buffers — not by the corpus or the shard size: a shard is streamed to `SPLIT-K.open` as tokens
-  come, then written as safetensors (header + a copy of the data) when full.
-- Resume: the folder is built in `OUT.partial/` and renamed to OUT only when complete. Each time a
-  shard completes, at the next document boundary, `progress.json` records the completed shards,
-  how many tokens each split's open file holds, the split counts and the input position of the next
-  document (file, record). A rerun with the same settings truncates the open files to those
-  lengths, deletes shards finished after the checkpoint, and reads on from that record: every shard
-  comes out byte-identical to an uninterrupted run's. Other settings (inputs changed in size or
-  time, another tokenizer, shard size, split) are refused, naming the field.
-- The split needs one look ahead: a corpus in which no document falls in val holds out its last
-  document, one in which every document does keeps its last for training (`assign_splits`); so the
-  last document read is held back until the next one arrives. The in-memory path uses the same rule.
-- Reading checks the index (against digests.json) and every shard's size when the folder is opened
-  (a truncated shard is one line naming it, before any training), each shard's header when it is
-  first mapped, and each block of 65,536 tokens against the digest stored beside it in the shard the
-  first time a slice touches it: no token is used unverified, and what verifying costs a batch does
-  not grow with the corpus or the shard size (a whole-shard digest would: a first random batch
-  touches up to batch-size shards). A folder made with another tokenizer than the model's is refused
-  (`check_tokenizer`).
-- Source digests are computed in a background thread while tokenizing (xxhash releases the GIL).
+Design choices (the whole of them: docs/data.md, "Tokenized folders"):
+- The token stream is exactly the one `corpus.TextCorpus.build` makes in memory (same reader, encoding,
+  split rule and order); only where the tokens live differs, so pretraining reads a folder through the
+  same loaders, with the same row order and loader state.
+- Tokenizing runs in spawned worker processes, results taken in submission order with a bounded
+  window: the output does not depend on the number of workers, and memory not on the corpus.
+- Resumable: built in `OUT.partial/`, a checkpoint at a document boundary each time a shard completes;
+  a rerun with the same settings continues to byte-identical shards, other settings are refused.
+- No token is used unverified: the index and shard sizes are checked on open, each block's digest the
+  first time a slice touches it (a cost that does not grow with the corpus or the shard size).
 """
 
 from __future__ import annotations
@@ -52,17 +29,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import xxhash
 
+from ..common.atomic import check_output, replace_dir
+from ..common.progress import ByteProgress, format_size
+from ..common.recorded import refuse_changes
 from ..core.errors import PoelmError
 from ..core.files import ALGORITHM, MANIFEST, file_digest, read_json, write_json
-from ..common.atomic import check_output, replace_dir
+from .corpus import (SPLIT_RULE, VAL_FRACTION, Encoded, SplitStats, TextCorpus, assign_splits, encode_documents,
+                     is_fraction, split_record, tail_note)
+from .documents import DocumentReader, skipped_note
+from .loader import TokenStream
 from .records import FORMAT, INDEX, PROGRESS, is_token_folder
-from .text import (SPLIT_RULE, ByteProgress, DocumentReader, SplitStats, TokenStream, assign_splits, encode_documents,
-                   format_size, skipped_note, split_record, tail_note)
 
 if TYPE_CHECKING:
     from ..core.tokenizer import Tokenizer
@@ -220,7 +201,7 @@ def _digests(reader: DocumentReader, stop: threading.Event) -> list[dict[str, An
 
 
 def tokenize(inputs: Sequence[str], tokenizer: Tokenizer, out: str | os.PathLike, *, workers: int = 1,
-             shard_tokens: int = DEFAULT_SHARD_TOKENS, val_fraction: float = 0.02, text_column: str = "text",
+             shard_tokens: int = DEFAULT_SHARD_TOKENS, val_fraction: float = VAL_FRACTION, text_column: str = "text",
              overwrite: bool = False, progress: bool = True, tokenizer_dir: str | None = None,
              _stop_after_checkpoints: int | None = None) -> dict[str, Any]:
     """Tokenize `inputs` into the data folder `out` (see the module docstring); returns its index.
@@ -230,110 +211,159 @@ def tokenize(inputs: Sequence[str], tokenizer: Tokenizer, out: str | os.PathLike
     interruption at a known point; a SIGKILL anywhere is tested too).
     """
     out = Path(out)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise PoelmError(f"--workers {workers}: expected an int >= 0 (0: tokenize in this process)")
-    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 2:
-        raise PoelmError(f"--shard-tokens {shard_tokens}: expected an int >= 2")
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
-        raise PoelmError(f"--val-fraction {val_fraction}: expected a number in [0, 1)")
+    _check_arguments(workers, shard_tokens, val_fraction)
     partial = out.with_name(out.name + ".partial")
     labelled = [("input", p) for p in inputs] + ([("tokenizer", tokenizer_dir)] if tokenizer_dir else [])
     check_output(out, labelled, overwrite=overwrite)
     check_output(partial, labelled, overwrite=True)
     reader = DocumentReader(inputs, text_column=text_column)
     settings = _settings(reader, tokenizer, shard_tokens, float(val_fraction), text_column)
-    state = _resume_state(partial, settings)
-    resumed = state is not None
-    if state is None:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        state = {"settings": settings, "next": [0, 0], "skipped": [], "null_texts": 0, "first_null": None,
-                 "stats": {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}, "splits": {}}
-        write_json(partial / PROGRESS, state)
-    dtype = settings["dtype"]
-    writers = {s: ShardWriter(partial, s, dtype, shard_tokens, state["splits"].get(s)) for s in SPLITS}
-    stats = state["stats"]
-    reader.start = tuple(state["next"])
-    skipped_before = list(state["skipped"])
-    nulls_before, first_null = state.get("null_texts", 0), state.get("first_null")
-    checkpoints, tail = 0, 0
-    position = {f.path: k for k, f in enumerate(reader.files)}
-
-    def tokens_line() -> str:  # tokens written so far (they trail the bytes read by the chunks in flight)
-        n = stats["train"]["tokens"] + stats["val"]["tokens"]
-        return f"{n:,} tokens written" if n else ""
-
-    report = ByteProgress(progress, reader.total_bytes, "tokenize", extra=tokens_line)
+    state, resumed = _start(partial, settings)
+    run = _Run(partial, reader, state, shard_tokens)
+    report = ByteProgress(progress, reader.total_bytes, "tokenize", extra=run.tokens_line)
     if resumed:
-        done = sum(len(w.shards) for w in writers.values())
-        report.line(f"tokenize: continuing {partial} from {done} complete shard(s) "
-                    f"({tokens_line() or 'no tokens written'}), at {reader.files[reader.start[0]].path if reader.files else ''}")
+        done = sum(len(w.shards) for w in run.writers.values())
+        report.write(f"tokenize: continuing {partial} from {done} complete shard(s) "
+                     f"({run.tokens_line() or 'no tokens written'}), at "
+                     f"{reader.files[reader.start[0]].path if reader.files else ''}")
     reader.on_bytes = report.update
     t0 = time.time()
-    stop = threading.Event()  # an interruption stops the digests at the next file, not after the corpus
-    with ThreadPoolExecutor(1) as hasher:
-        digests = hasher.submit(_digests, reader, stop)
-        try:
-            counts = (stats["train"]["documents"], stats["val"]["documents"])
-            for is_val, e, after in assign_splits(encode_documents(reader, tokenizer, workers), val_fraction, counts):
-                tail = len(e.tokens) if e.tail else tail
-                split = "val" if is_val else "train"
-                finished = writers[split].add(e.tokens)
-                st = stats[split]
-                st["documents"] += 1
-                st["tokens"] += len(e.tokens)
-                st["bytes"] += e.nbytes
-                if finished and after is not None:  # a checkpoint at this document boundary
-                    earlier = [p for p in reader.skipped if position[p] < after.file]  # the reader runs ahead
-                    nulls = reader.nulls_before(after.file, after.index)
-                    state.update(next=[after.file, after.index], skipped=skipped_before + earlier,
-                                 null_texts=nulls_before + nulls, first_null=first_null or (reader.first_null if nulls
-                                                                                           else None),
-                                 splits={s: w.flush() for s, w in writers.items()})
-                    write_json(partial / PROGRESS, state)
-                    for w in writers.values():
-                        w.forget_retired()
-                    checkpoints += 1
-                    if _stop_after_checkpoints is not None and checkpoints >= _stop_after_checkpoints:
-                        raise KeyboardInterrupt(f"stopped after {checkpoints} checkpoint(s)")
-            for w in writers.values():
-                w.close()
-            sources = digests.result()
-        except PoelmError:  # bad input: nothing half-written stays (an interruption keeps its checkpoint)
-            for w in writers.values():
-                w.f.close()
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        finally:
-            stop.set()
-            report.close()
-            for w in writers.values():
-                w.f.close()
-    index = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype, "shard_tokens": shard_tokens,
-             "block_tokens": BLOCK_TOKENS,
-             "tokenizer": {"fingerprint": tokenizer.fingerprint, "name": tokenizer.name,
-                           "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id},
-             "split": {"val_fraction": float(val_fraction), "rule": SPLIT_RULE, "tail_tokens": tail},
-             "text_column": text_column, "inputs": list(inputs), "sources": sources,
-             "skipped": skipped_before + reader.skipped, "null_texts": nulls_before + reader.null_texts,
-             "first_null": first_null or reader.first_null,
-             **{s: {**stats[s], "shards": writers[s].shards} for s in SPLITS}}
+    encoded = assign_splits(encode_documents(reader, tokenizer, workers), val_fraction,
+                            (run.stats["train"]["documents"], run.stats["val"]["documents"]))
+    sources = run.write(encoded, report, _stop_after_checkpoints)
+    index = run.index(tokenizer, float(val_fraction), text_column, list(inputs), sources)
+    _finish(partial, out, index)
+    train, val = index["train"], index["val"]
+    report.write(f"tokenize: {out}: train {train['documents']:,} documents, {train['tokens']:,} tokens in "
+                 f"{len(train['shards'])} shard(s); val {val['documents']:,} documents, {val['tokens']:,} tokens in "
+                 f"{len(val['shards'])} shard(s); {format_size(reader.total_bytes)} in {time.time() - t0:.2f}s with "
+                 f"{workers} worker(s)" + skipped_note(len(index["skipped"]), index["null_texts"],
+                                                      first=(index["skipped"] or [index["first_null"]])[0]))
+    return index
+
+
+def _check_arguments(workers: Any, shard_tokens: Any, val_fraction: Any) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise PoelmError(f"--workers {workers}: expected an int >= 0 (0: tokenize in this process)")
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 2:
+        raise PoelmError(f"--shard-tokens {shard_tokens}: expected an int >= 2")
+    if not is_fraction(val_fraction):
+        raise PoelmError(f"--val-fraction {val_fraction}: expected a number in [0, 1)")
+
+
+def _start(partial: Path, settings: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The checkpoint to go on from, and whether it continues an interrupted run (else a new `partial`)."""
+    state = _resume_state(partial, settings)
+    if state is not None:
+        return state, True
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    state = {"settings": settings, "next": [0, 0], "skipped": [], "null_texts": 0, "first_null": None,
+             "stats": {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}, "splits": {}}
+    write_json(partial / PROGRESS, state)
+    return state, False
+
+
+class _Run:
+    """One tokenize run: the reader, a ShardWriter per split, and the checkpoint (`state`, written to
+    `PROGRESS` each time a shard completes, at the next document boundary)."""
+
+    def __init__(self, partial: Path, reader: DocumentReader, state: dict[str, Any], shard_tokens: int):
+        self.partial, self.reader, self.state = partial, reader, state
+        self.writers = {s: ShardWriter(partial, s, state["settings"]["dtype"], shard_tokens, state["splits"].get(s))
+                        for s in SPLITS}
+        self.stats = state["stats"]
+        reader.start = tuple(state["next"])
+        # what the run before a resume counted (the reader counts only what it reads from `start`)
+        self.skipped_before = list(state["skipped"])
+        self.nulls_before, self.first_null = state.get("null_texts", 0), state.get("first_null")
+        self.position = {f.path: k for k, f in enumerate(reader.files)}
+        self.checkpoints, self.tail = 0, 0
+
+    def tokens_line(self) -> str:
+        """Tokens written so far (they trail the bytes read by the chunks in flight)."""
+        n = self.stats["train"]["tokens"] + self.stats["val"]["tokens"]
+        return f"{n:,} tokens written" if n else ""
+
+    def write(self, encoded: Iterator[tuple[bool, Encoded, Encoded | None]], report: ByteProgress,
+              stop_after: int | None) -> list[dict[str, Any]]:
+        """Write every (is_val, document, next document) into its split's shards; the sources' digests
+        (hashed in a background thread meanwhile). A bad input removes `partial`; an interruption keeps
+        its last checkpoint."""
+        stop = threading.Event()  # an interruption stops the digests at the next file, not after the corpus
+        with ThreadPoolExecutor(1) as hasher:
+            digests = hasher.submit(_digests, self.reader, stop)
+            try:
+                for is_val, e, after in encoded:
+                    if self.add(is_val, e, after) and stop_after is not None and self.checkpoints >= stop_after:
+                        raise KeyboardInterrupt(f"stopped after {self.checkpoints} checkpoint(s)")
+                for w in self.writers.values():
+                    w.close()
+                return digests.result()
+            except PoelmError:  # bad input: nothing half-written stays
+                for w in self.writers.values():
+                    w.f.close()
+                shutil.rmtree(self.partial, ignore_errors=True)
+                raise
+            finally:
+                stop.set()
+                report.close()
+                for w in self.writers.values():
+                    w.f.close()
+
+    def add(self, is_val: bool, e: Encoded, after: Encoded | None) -> bool:
+        """One document into its split; True when it completed a shard and a checkpoint was written."""
+        self.tail = len(e.tokens) if e.tail else self.tail
+        split = "val" if is_val else "train"
+        finished = self.writers[split].add(e.tokens)
+        st = self.stats[split]
+        st["documents"] += 1
+        st["tokens"] += len(e.tokens)
+        st["bytes"] += e.nbytes
+        if not (finished and after is not None):
+            return False
+        self.checkpoint(after)
+        return True
+
+    def checkpoint(self, after: Encoded) -> None:
+        """Record that the run goes on at document `after`: the shards so far and what was skipped before it."""
+        reader = self.reader
+        earlier = [p for p in reader.skipped if self.position[p] < after.file]  # the reader runs ahead
+        nulls = reader.nulls_before(after.file, after.index)
+        self.state.update(next=[after.file, after.index], skipped=self.skipped_before + earlier,
+                          null_texts=self.nulls_before + nulls,
+                          first_null=self.first_null or (reader.first_null if nulls else None),
+                          splits={s: w.flush() for s, w in self.writers.items()})
+        write_json(self.partial / PROGRESS, self.state)
+        for w in self.writers.values():
+            w.forget_retired()
+        self.checkpoints += 1
+
+    def index(self, tokenizer: Tokenizer, val_fraction: float, text_column: str, inputs: list[str],
+              sources: list[dict[str, Any]]) -> dict[str, Any]:
+        """The folder's index.json."""
+        settings, reader = self.state["settings"], self.reader
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": settings["dtype"],
+                "shard_tokens": settings["shard_tokens"], "block_tokens": BLOCK_TOKENS,
+                "tokenizer": {"fingerprint": tokenizer.fingerprint, "name": tokenizer.name,
+                              "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id},
+                "split": {"val_fraction": val_fraction, "rule": SPLIT_RULE, "tail_tokens": self.tail},
+                "text_column": text_column, "inputs": inputs, "sources": sources,
+                "skipped": self.skipped_before + reader.skipped, "null_texts": self.nulls_before + reader.null_texts,
+                "first_null": self.first_null or reader.first_null,
+                **{s: {**self.stats[s], "shards": self.writers[s].shards} for s in SPLITS}}
+
+
+def _finish(partial: Path, out: Path, index: dict[str, Any]) -> None:
+    """Write the index and the digests of every file, and put the complete folder at `out`."""
     write_json(partial / INDEX, index)
     (partial / PROGRESS).unlink()
     manifest = {"format": "poelm-digests", "format_version": 1, "algorithm": ALGORITHM,
                 "files": {INDEX: file_digest(partial / INDEX),
                           **{sh["file"]: {"bytes": sh["bytes"], ALGORITHM: sh[ALGORITHM]}
-                             for s in SPLITS for sh in writers[s].shards}}}
+                             for s in SPLITS for sh in index[s]["shards"]}}}
     write_json(partial / MANIFEST, manifest)
     replace_dir(partial, out)
-    seconds = time.time() - t0
-    report.line(f"tokenize: {out}: train {stats['train']['documents']:,} documents, {stats['train']['tokens']:,} "
-                f"tokens in {len(writers['train'].shards)} shard(s); val {stats['val']['documents']:,} documents, "
-                f"{stats['val']['tokens']:,} tokens in {len(writers['val'].shards)} shard(s); "
-                f"{format_size(reader.total_bytes)} in {seconds:.2f}s with {workers} worker(s)"
-                + skipped_note(len(index["skipped"]), index["null_texts"],
-                               first=(index["skipped"] or [index["first_null"]])[0]))
-    return index
 
 
 def _resume_state(partial: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -341,13 +371,11 @@ def _resume_state(partial: Path, settings: dict[str, Any]) -> dict[str, Any] | N
     if not (partial / PROGRESS).is_file():
         return None
     state = read_json(partial / PROGRESS, verify=False)
-    old = state.get("settings", {})
-    for key, value in settings.items():
-        if old.get(key) != value:
-            hint = ("the inputs changed since (size or modification time)" if key == "files" else
-                    f"it had {key}={old.get(key)!r}, this run {value!r}")
-            raise PoelmError(f"{partial}: an interrupted tokenize with other settings is here ({hint}); rerun it with "
-                             f"the same settings to continue, or remove {partial} to start again")
+    refuse_changes(state.get("settings", {}), settings,
+                   said=f"{partial}: an interrupted tokenize with other settings is here ({{changes}})",
+                   fix=f"rerun it with the same settings to continue, or remove {partial} to start again",
+                   describe=lambda c: ("the inputs changed since (size or modification time)" if c.field == "files"
+                                       else f"it had {c.field}={c.then!r}, this run {c.now!r}"))
     return state
 
 
@@ -499,12 +527,11 @@ class TokenFolder:
 def open_corpus(paths: Sequence[str], tokenizer: Tokenizer, val_fraction: float | None, progress: bool,
                 whose: str = "the model"):
     """Pretraining's data: a tokenized folder (the only path given) memory-mapped, or raw inputs read
-    and tokenized in memory (`TextCorpus.build`). val_fraction None: the folder's, or 0.02 for raw inputs."""
-    from .text import TextCorpus
-
+    and tokenized in memory (`TextCorpus.build`). val_fraction None: the folder's, or VAL_FRACTION for
+    raw inputs."""
     folders = [p for p in paths if is_token_folder(p)]
     if not folders:
-        return TextCorpus.build(paths, tokenizer, val_fraction=0.02 if val_fraction is None else val_fraction,
+        return TextCorpus.build(paths, tokenizer, val_fraction=VAL_FRACTION if val_fraction is None else val_fraction,
                                 progress=progress)
     if len(paths) != 1:
         raise PoelmError(f"{folders[0]}: a tokenized data folder must be the only --data path (got {list(paths)})")

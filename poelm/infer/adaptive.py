@@ -1,26 +1,6 @@
 """Adaptive depth: per token, run stages in order and stop as soon as the later stages cannot change
-the top token of the Log-OP (WAND-style early exit), with bounds calibrated once per model.
-
-Design choices:
-- The decoded predictor is the Log-OP of all stages (score = sum_k log p_k; the 1/K**(1-alpha)
-  factor does not move the argmax). After stage k the running score's top-1 margin is compared with
-  the sum of the remaining stages' bounds B_j: stage j can lower the top token's lead over any other
-  by at most max_y (log p_j(y) - log p_j(top)), and B_j is a high percentile of that on calibration
-  text (`poelm calibrate`, stored as `adaptive.json` beside the model). With infinite bounds nothing
-  exits and the output is full-depth Log-OP decoding (tested); with calibrated bounds, agreement is
-  measured, not assumed.
-- Layers a token skipped still get their keys and values, deferred: the skipped token keeps its
-  residual state, and the next token that goes deeper first carries every pending token through each
-  layer it needs, in one block with itself (the same computation the full model would have done, in
-  a block). So later tokens always attend to exact keys; skipping saves work only until a deeper
-  token comes, and the exit histogram says how much. Every token's state is a `Walk` of the model's
-  own layer walk, so a pending token carries its rotary positions and backout residual with it.
-- It decodes the Log-OP predictor only (`output="logop"`; asked for "last" it refuses): the early
-  exit bounds how later stages move a Log-OP. Compare it with the engine decoding the Log-OP.
-- Batches (`AdaptiveBatch`): exits are per row (ragged), each row decoding what it decodes alone
-  (tested); a step runs as deep as its deepest row needs, and defers the rest only when every row
-  exits early.
-- The decoder protocol (decoder.py); greedy only; exit counts accumulate over calls and rows.
+the top token of the Log-OP (calibrated per-stage bounds, `adaptive.json`); skipped layers' keys and
+values are filled later, exactly, so later tokens attend to exact keys (docs/inference.md §6).
 """
 
 from __future__ import annotations
@@ -35,7 +15,7 @@ import torch.nn.functional as F
 
 from ..core.files import read_json, read_manifest, update_manifest, write_json
 from ..core.errors import PoelmError
-from ..core.model import PoEGPT, Walk
+from ..core.model import PoEGPT, Walk, logop_score
 from .batch import Row, RowBatch
 from .decoder import Decoder
 from .sampling import SamplingParams
@@ -50,12 +30,11 @@ def calibrate(model: PoEGPT, batches, percentile: float = 99.9) -> list[float]:
     K = model.config.n_stages
     moves: list[list[torch.Tensor]] = [[] for _ in range(K)]
     for x, *_ in batches:
-        logps = [F.log_softmax(l.float(), -1) for l in model(x, return_stages=True).stage_logits]
-        running = logps[0]
+        stage_logits = model(x, return_stages=True).stage_logits
+        logps = [F.log_softmax(l.float(), -1) for l in stage_logits]
         for j in range(1, K):
-            top = running.argmax(-1, keepdim=True)
+            top = logop_score(stage_logits[:j]).argmax(-1, keepdim=True)  # the running Log-OP's top token
             moves[j].append((logps[j].max(-1).values - logps[j].gather(-1, top).squeeze(-1)).flatten())
-            running = running + logps[j]
     bounds = [0.0]
     for j in range(1, K):
         values = torch.cat(moves[j])
@@ -110,6 +89,12 @@ class AdaptiveDecoder(Decoder):
         self.stats = AdaptiveStats(exits=[0] * model.config.n_stages)
 
     @classmethod
+    def from_mode(cls, model, mode, *, tokenizer=None, stop_ids=None, model_dir=None) -> "AdaptiveDecoder":
+        if model_dir is None:
+            raise PoelmError("adaptive depth reads its bounds beside the model: give its directory")
+        return cls(model, load_calibration(model_dir, model.config.n_stages), stop_ids, tokenizer=tokenizer)
+
+    @classmethod
     def check_params(cls, params: SamplingParams) -> None:
         if params.temperature != 0 or params.top_k is not None or params.top_p is not None \
                 or params.repetition_penalty != 1:
@@ -124,13 +109,9 @@ class AdaptiveDecoder(Decoder):
 
 
 class AdaptiveBatch(RowBatch):
-    """Rows decoded with adaptive depth together. Exits are per row: a row's token is the argmax of
-    its running Log-OP at the first stage where its own margin clears the remaining bounds, so each
-    row decodes what it decodes alone. The batch's step stops at the deepest stage any row needs;
-    rows that exited earlier ride along (their keys for those layers are then filled at once rather
-    than deferred: the same values). When every row exits before the last stage, the step's walk
-    waits in `pending` for a deeper step. Before rows join or leave, pending positions are filled
-    (`_flush`), so every layer's cache holds the same positions and rows can be padded or selected."""
+    """Rows decoded with adaptive depth together, each exiting at its own stage (so each decodes what it
+    decodes alone); a step runs as deep as its deepest row, and its walk waits in `pending` only when
+    every row exited early. Pending positions are filled (`_flush`) before rows join or leave."""
 
     def __init__(self, decoder: AdaptiveDecoder):
         super().__init__(decoder.model)
@@ -184,15 +165,14 @@ class AdaptiveBatch(RowBatch):
     def _step(self, tokens: list[int]) -> list[int]:
         """Decode one position of every row; if all exit early, the walk joins `pending`."""
         d, m, c = self.decoder, self.model, self.model.config
-        ids = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
-        mask = None if self.cache.attention_mask is None else torch.ones_like(ids, dtype=torch.bool)
+        ids, mask = self._feed(tokens)
         me = m.begin(ids, self.cache, attention_mask=mask)
         chosen: list[int | None] = [None] * len(tokens)
-        score = None
+        logits = []
         for k, end in enumerate(c.stage_ends):
             me = self._through(me, end + 1)
-            logp = F.log_softmax(m.readout(me, k)[:, -1], -1)  # (B, vocab)
-            score = logp if score is None else score + logp
+            logits.append(m.readout(me, k)[:, -1])  # (B, vocab)
+            score = logop_score(logits)  # the running Log-OP: its argmax and margin, unscaled
             top2 = score.topk(2, dim=-1).values
             margins, best = (top2[:, 0] - top2[:, 1]).tolist(), score.argmax(dim=-1).tolist()
             for b, token in enumerate(chosen):

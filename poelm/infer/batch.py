@@ -1,29 +1,7 @@
 """Batches of sequences decoded together that gain and lose rows between steps (continuous batching):
-what every batched decoder shares, and the engine's batch.
-
-Design choices:
-- Rows are left-aligned in one KV cache: a row that joins is prefilled on its own (with the other
-  newcomers, as one padded batch) and padded on the left to the batch's length, or the batch to its;
-  the cache's mask keeps which positions are real, and the model's padding rule (`PoEGPT.padding`)
-  gives each row its own rotary positions and hides every other row's padding. So a row computes what
-  it computes alone (to float rounding), whatever else is in the batch, and joins or leaves at any
-  step. Decoders whose rows advance by different numbers of tokens per step (speculative) keep the
-  rows right-aligned (`KVCache.realign`), so this holds for them too.
-- Every row keeps its own sampling parameters, budget, stop ids and generator (seeded from its own
-  params): a row's tokens do not depend on its batch-mates.
-- A row that finishes (a stop token, its budget, or the context limit) leaves the batch before the
-  next forward, so finished rows cost nothing; positions that are padding in every row are dropped.
-- A decoder's `batch()` is a `RowBatch`; `step()` returns [(row, token)] in order, a row appearing as
-  often as it produced tokens in that step (once for the engine, up to K for speculative decoding).
-  Every decoder with batches decodes one prompt as a batch of one (decoder.py), so a prompt decoded
-  alone and among others run the same code.
-- The engine's batch never feeds a row's last sampled token: once a row ends its logits would be
-  thrown away.
-- A row's failure is its own: if picking a row's token raises (any Exception: its sampling, its
-  generator), that row alone ends (`Row.fail`: `error` holds the message, `done` is set, no token is
-  emitted for it) and leaves like a finished row, and the other rows go on exactly as they would
-  alone. The caller reads `row.error` (the server's scheduler sends it as the row's "error" event). A
-  failure of the forward pass itself is every row's and is raised from `step()`.
+what every batched decoder shares, and the engine's batch. Rows are left-padded in one
+`BatchKVCache`, each with its own sampling state, so a row computes what it computes alone whatever
+else is in the batch; a row's failure ends that row only (docs/inference.md §2).
 """
 
 from __future__ import annotations
@@ -33,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.model import KVCache
+from .cache import BatchKVCache
 from .fleet import Fleet, Route
 from .sampling import SamplingParams, sample_next
 
@@ -87,7 +65,7 @@ class RowBatch(ABC):
         self.limit = model.config.sequence_len
         self.rows: list[Row] = []  # in cache order
         self.queued: list[Row] = []
-        self.cache = KVCache()
+        self.cache = BatchKVCache()
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.queued)
@@ -124,14 +102,14 @@ class RowBatch(ABC):
         for i, r in enumerate(rows):
             ids[i, T - len(r.prompt):] = torch.tensor(r.prompt, device=self.device)
             mask[i, T - len(r.prompt):] = True
-        cache = KVCache()
+        cache = BatchKVCache()
         with torch.inference_mode():
             logits = self._scores(ids, cache, mask, rows, **forward)
         self.cache.extend(cache)
         self.rows += rows
         return rows, logits
 
-    def _scores(self, ids: torch.Tensor, cache: KVCache, mask: torch.Tensor | None, rows: list[Row],
+    def _scores(self, ids: torch.Tensor, cache: BatchKVCache, mask: torch.Tensor | None, rows: list[Row],
                 **forward) -> torch.Tensor:
         """Feed `ids` (B, T) of `rows` into `cache`: each row's next-token scores (B, V) float32."""
         return self.model(ids, cache=cache, attention_mask=mask, **forward).logits[:, -1].float()
@@ -161,7 +139,12 @@ class RowBatch(ABC):
         if self.rows:
             self.cache.select(torch.tensor(keep, dtype=torch.long, device=self.device))
         else:
-            self.cache = KVCache()
+            self.cache = BatchKVCache()
+
+    def _feed(self, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token per row as a step's input: ids (B, 1), and its mask when the cache holds padding."""
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        return ids, None if self.cache.attention_mask is None else torch.ones_like(ids, dtype=torch.bool)
 
 
 class Batch(RowBatch):
@@ -231,8 +214,7 @@ class Batch(RowBatch):
         if not self.rows:
             self.logits = None
             return emitted
-        step = torch.tensor(feed, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-        mask = None if self.cache.attention_mask is None else torch.ones_like(step, dtype=torch.bool)
+        step, mask = self._feed(feed)
         with torch.inference_mode():
             self.logits = self.fleet.forward(step, self.cache, [r.route for r in self.rows], attention_mask=mask)
         return emitted

@@ -1,21 +1,6 @@
-"""Parallel composition: sibling specialist stages over shared passes of the trunk, combined in log
-space (the paper's composition of stages as a product of experts).
-
-Design choices:
-- Siblings are stages whose parents are the same model: every sibling's config records the same
-  `parent_fingerprint`, so the parent's layers, lambdas and heads are the same in all of them. Each
-  sibling runs only its own blocks and heads from a trunk walk (the model's own layer walk:
-  `begin`/`run_layers`/`readout`/`predictor`).
-- The one thing siblings may not share is the embedding: a stage carries its own chat-token rows
-  (warm-initialised or trained). Siblings with identical embedding tables form a group that shares
-  one trunk pass; when the input holds none of the ids whose rows differ between groups, one trunk
-  pass serves every sibling. The result equals each sibling run alone (tested).
-- Each sibling contributes the predictor the engine would decode for it (`output`: the last stage,
-  or the Log-OP of its stages under `poe_output="logop"`). They combine as a weighted Log-OP:
-  score = sum_i w_i log_softmax(predictor_i), renormalised with logsumexp; with one sibling (any
-  weight) it is exactly that sibling's distribution.
-- Decoding (`ComposedDecoder`) follows the decoder protocol; it is uncached: the siblings' caches
-  would have to share the trunk's.
+"""Parallel composition: sibling specialist stages over shared passes of the trunk, combined as a
+weighted Log-OP (the model's `logop_score`). Siblings with equal embedding tables share a trunk pass;
+the result equals each sibling run alone (docs/inference.md §7).
 """
 
 from __future__ import annotations
@@ -29,9 +14,10 @@ import torch.nn.functional as F
 from ..core.cascade import CONFIG
 from ..core.files import read_json
 from ..core.errors import PoelmError
+from ..core.model import logop_score
 from .decoder import Decoder, check_output_name
 from .sampling import SamplingParams, sample_next
-from ..models.directory import load_model
+from .. import models
 
 
 class Composition:
@@ -54,7 +40,7 @@ class Composition:
         if len(set(parents)) != 1:
             raise PoelmError(f"{stage_dirs[parents.index(parents[-1])]}: not a sibling of {stage_dirs[0]} "
                              "(their parents differ); composition needs stages on the same parent")
-        self.models = [load_model(d, device=device) for d in stage_dirs]
+        self.models = [models.open(d).model(device) for d in stage_dirs]
         c = self.models[0].config
         self.output = output or c.poe_output
         self.trunk_layers = c.n_layer - c.poe_stage_layers[-1]  # the shared parent's layers
@@ -78,7 +64,7 @@ class Composition:
         """(B, T, vocab) log-probabilities of the weighted Log-OP of the siblings' predictors."""
         shared = not bool(torch.isin(idx, self.differing).any())
         groups = [list(range(len(self.models)))] if shared else self.groups
-        score = None
+        predictors, weights = [], []
         for group in groups:
             first = self.models[group[0]]
             c = first.config
@@ -92,9 +78,9 @@ class Composition:
                 model = self.models[i]
                 own = model.run_layers(walk, model.config.n_layer)
                 logits = trunk_logits + [model.readout(own, model.config.n_stages - 1)]
-                part = self.weights[i] * F.log_softmax(model.predictor(logits, self.output), dim=-1)
-                score = part if score is None else score + part
-        return F.log_softmax(score, dim=-1)
+                predictors.append(model.predictor(logits, self.output))
+                weights.append(self.weights[i])
+        return F.log_softmax(logop_score(predictors, weights), dim=-1)
 
 
 class ComposedDecoder(Decoder):
@@ -106,6 +92,16 @@ class ComposedDecoder(Decoder):
         super().__init__(comp.models[0], tokenizer, stop_ids=stop_ids, output=comp.output)
         self.comp = comp
         self.name = f"{len(comp.models)} siblings over one trunk pass per token, weights {comp.weights}"
+
+    @classmethod
+    def from_mode(cls, model, mode, *, tokenizer=None, stop_ids=None, model_dir=None) -> "ComposedDecoder":
+        """The model's directory and its sibling stages (`mode.compose`), weighted by `mode.compose_weights`."""
+        if model_dir is None:
+            raise PoelmError("a composition loads the model's siblings beside it: give the model's directory")
+        weights = list(mode.compose_weights) if mode.compose_weights is not None else None
+        comp = Composition([model_dir, *mode.compose], weights, device=next(model.parameters()).device,
+                           output=mode.output)
+        return cls(comp, tokenizer, stop_ids)
 
     def _stream(self, prompt_ids: list[int], params: SamplingParams):
         generator = self._generator(params)

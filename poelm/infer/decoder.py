@@ -1,22 +1,7 @@
-"""What every decoder is: one protocol, one request check, one way to count what was produced.
-
-Design choices:
-- A decoder decodes a prompt from a `PoEGPT`: `stream(prompt_ids, params)` yields token ids (a stop
-  token is yielded, then the stream ends; so is the last token before `max_new_tokens` or the
-  context limit), `generate` returns them as a list. A decoder with batches (`batch()`, batch.py:
-  the engine, speculative and adaptive decoding) decodes one prompt as a batch of one, and
-  `generate_batch` decodes many prompts as one batch, each row giving what it gives alone. Every
-  decoder decodes the predictor its `output` names (`PoEGPT.predictor`: the model's `poe_output`
-  unless the caller names one), so speculative, adaptive and composed decoding produce what the
-  engine produces for that request.
-- `check_params(params)` (a classmethod, so a command can check its flags before loading a model)
-  says which sampling settings a decoder takes; `check_request` is the one check of a request
-  (prompt ids in the vocabulary, room left in the context, `max_new_tokens >= 1`, the exit stage).
-  Both run before the first token: errors surface when `stream` is called, not mid-stream.
-- `last_stats` (prompt and generated tokens, seconds; summed over the rows of a batch) is recorded in
-  a `finally`, so a stream the caller stops early still reports what it produced; `describe()` is
-  one line of the decoder's own statistics for logs and the CLI.
-- Stop tokens default to `<|assistant_end|>` and `<|bos|>` when a tokenizer is given.
+"""What every decoder is: one protocol (`stream`/`generate`/`generate_batch`), one request check, one
+way to count what was produced. Every decoder decodes the predictor its `output` names, so each mode
+produces what the engine produces for that request; requests are checked before the first token
+(docs/inference.md §1).
 """
 
 from __future__ import annotations
@@ -48,10 +33,8 @@ class GenerationStats:
 
 
 def check_request(config: Any, prompt_ids: list[int], max_new_tokens: int, exit_stage: int | None = None) -> None:
-    """Raise PoelmError unless a decoder can serve this request on a model with `config`."""
-    if exit_stage is not None and (isinstance(exit_stage, bool) or not isinstance(exit_stage, int)
-                                   or not 0 <= exit_stage < config.n_stages):
-        raise PoelmError(f"--exit-stage {exit_stage!r}: this model has stages 0..{config.n_stages - 1}")
+    """Raise PoelmError unless a decoder can serve this request on a model with `config` (a PoEConfig)."""
+    config.last_stage(exit_stage)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise PoelmError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
     if not prompt_ids:
@@ -88,6 +71,12 @@ class Decoder(ABC):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @classmethod
+    def from_mode(cls, model: torch.nn.Module, mode: Any, *, tokenizer: Any | None = None,
+                  stop_ids: set[int] | None = None, model_dir: Any | None = None) -> "Decoder":
+        """This decoder as `mode` (a modes.DecodeMode) sets it up for `model`: what `make_decoder` calls."""
+        raise NotImplementedError(f"{cls.__name__} is not built from a DecodeMode")
 
     @classmethod
     def check_params(cls, params: SamplingParams) -> None:

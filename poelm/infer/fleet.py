@@ -1,23 +1,7 @@
 """Models decoded as one batch: rows of a base and of its specialists share one pass through every
-layer their models have in common and split only for the layers and heads that are their own.
-
-Design choices:
-- A `Route` is how one row decodes: its model, the stage it stops after and the predictor it decodes
-  (`output`). Its path is the identity of every layer it runs. Two models share a layer when they hold
-  the same tensors for it (the same storage: the server loads the base's tensors once,
-  serve/models.py) and the same lambdas and window, so sharing is exact by construction: a shared
-  layer is the same computation whichever model a row came from.
-- Rows are kept sorted by path (then by route), so the rows running any one layer are one contiguous
-  slice of the batch: every group runs on a view, with no gather. A layer run by every row is one
-  call over the whole batch; where rows part, each group runs its own layer on its slice, writing its
-  rows of the layer's one cache tensor (`KVCache.update_rows`, `CacheRows`).
-- The walk is the models' own (`PoEGPT.begin`, `run_layers`, `readout`, `predictor`), one layer at a
-  time: the embedding reads each row's tokens from its own model's table (specialists carry their own
-  chat-token rows) and the smear, rotary tables and padding come from the first model, which every
-  model of a fleet must match (`Fleet.check`). So a row computes what its model computes alone, to
-  float rounding (tested: a mixed batch equals each row alone).
-- Only the last position of a forward is read out: a prefill reads out one position per row, not T.
-- A layer that no row ran in a forward is dropped from the cache: no row of the batch needs it.
+layer their models have in common (the same tensors, lambdas and window: exact by construction) and
+split only for the layers and heads that are their own. Rows stay sorted by route, so each layer runs
+on contiguous slices; a row computes what its model computes alone (docs/inference.md §4).
 """
 
 from __future__ import annotations
@@ -28,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import PoelmError
-from ..core.model import CacheRows, KVCache, PoEGPT, Walk
+from ..core.model import PoEGPT, Walk
+from .cache import BatchKVCache, CacheRows
 
 
 def share_parameters(model: PoEGPT, held: dict[str, torch.Tensor]) -> int:
@@ -125,10 +110,7 @@ class Fleet:
         if index is None:
             raise PoelmError("route: the model is not in this fleet (Fleet.join it first)")
         c = model.config
-        last = c.n_stages - 1 if exit_stage is None else exit_stage
-        if not 0 <= last < c.n_stages:
-            raise PoelmError(f"exit_stage={exit_stage}: this model has stages 0..{c.n_stages - 1}")
-        output = output or c.poe_output
+        last, output = c.last_stage(exit_stage), output or c.poe_output
         key = (index, last, output)
         if key not in self._routes:
             path = tuple(self._layers.setdefault(_layer_identity(model, i), len(self._layers))
@@ -138,7 +120,7 @@ class Fleet:
         return self._routes[key]
 
     # ------------------------------------------------------------------------------ the walk
-    def forward(self, idx: torch.Tensor, cache: KVCache, routes: list[Route],
+    def forward(self, idx: torch.Tensor, cache: BatchKVCache, routes: list[Route],
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feed `idx` (B, T) into `cache`, row b along `routes[b]` (sorted by `Route.key`); returns each
         row's scores at its last position (B, V) float32: its route's predictor."""
@@ -168,7 +150,7 @@ class Fleet:
         return torch.cat(scores).float()
 
     @staticmethod
-    def _layer(walk: Walk, i: int, groups: list, routes: list[Route], cache: KVCache, B: int, start: int) -> Walk:
+    def _layer(walk: Walk, i: int, groups: list, routes: list[Route], cache: BatchKVCache, B: int, start: int) -> Walk:
         """Layer i over every group of rows that runs it (a group: rows [a, b) running one layer);
         rows whose route has ended pass through unchanged."""
         if len(groups) == 1 and groups[0][2] is not None:  # every row runs the same layer: one call

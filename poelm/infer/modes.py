@@ -1,17 +1,6 @@
-"""Decoding modes: one spec of how to decode, one rule of which options combine, one factory.
-
-Design choices:
-- A `DecodeMode` names a decoder and its settings: the engine at full depth or stopping after an exit
-  stage (prefix pruning), self-speculative decoding (K drafts per round from a draft stage), adaptive
-  depth, or a composition with sibling stages; plus the predictor (`output`: the last stage or the
-  Log-OP; default the model's `poe_output`). The command line, the demo, the benchmarks and (next)
-  the server build decoders only through `make_decoder(model, mode, ...)`.
-- `check` holds the rules in one place: which options go together, and (through the decoder class's
-  own `check_params`) which sampling settings the chosen decoder takes; it needs no model, so a
-  command fails on bad flags before loading one. The stage numbers are checked against the model
-  when the decoder is built.
-- Adaptive depth reads its bounds from `adaptive.json` beside the model (`poelm calibrate`), and a
-  composition loads its sibling directories; both need `model_dir`.
+"""Decoding modes: one spec of how to decode (`DecodeMode`), one rule of which options combine (`check`,
+no model needed, so bad flags fail before a load), one dispatch (`decoder_class`) and one factory
+(`make_decoder`, through the class's `from_mode`) (docs/inference.md §1).
 """
 
 from __future__ import annotations
@@ -23,7 +12,7 @@ import torch
 
 from ..core.errors import PoelmError
 from ..common.options import option
-from .adaptive import AdaptiveDecoder, load_calibration
+from .adaptive import AdaptiveDecoder
 from .decoder import Decoder, check_output_name
 from .engine import Engine
 from .sampling import SamplingParams
@@ -51,6 +40,7 @@ class DecodeMode:
 
     @property
     def decoder_class(self) -> type[Decoder]:
+        """The one dispatch from a mode to its decoder: `make_decoder` builds this class (`from_mode`)."""
         if self.speculative is not None:
             return SpeculativeDecoder
         if self.adaptive:
@@ -88,23 +78,6 @@ class DecodeMode:
 
 def make_decoder(model: torch.nn.Module, mode: DecodeMode = DecodeMode(), *, tokenizer=None,
                  stop_ids: set[int] | None = None, model_dir: str | os.PathLike | None = None) -> Decoder:
-    """The decoder `mode` names, for `model` (loaded from `model_dir` when adaptive or composed)."""
+    """The decoder `mode` names, for `model` (adaptive depth and compositions read `model_dir`)."""
     mode.check()
-    if mode.speculative is not None:
-        return SpeculativeDecoder(model, mode.draft_stage, mode.speculative, stop_ids, output=mode.output,
-                                  tokenizer=tokenizer)
-    if mode.adaptive:
-        if model_dir is None:
-            raise PoelmError("adaptive depth reads its bounds beside the model: give its directory")
-        bounds = load_calibration(model_dir, model.config.n_stages)
-        return AdaptiveDecoder(model, bounds, stop_ids, tokenizer=tokenizer)
-    if mode.compose:
-        from .compose import Composition, ComposedDecoder
-
-        if model_dir is None:
-            raise PoelmError("a composition loads the model's siblings beside it: give the model's directory")
-        weights = list(mode.compose_weights) if mode.compose_weights is not None else None
-        comp = Composition([model_dir, *mode.compose], weights, device=next(model.parameters()).device,
-                           output=mode.output)
-        return ComposedDecoder(comp, tokenizer, stop_ids)
-    return Engine(model, tokenizer, stop_ids=stop_ids, output=mode.output, exit_stage=mode.exit_stage)
+    return mode.decoder_class.from_mode(model, mode, tokenizer=tokenizer, stop_ids=stop_ids, model_dir=model_dir)

@@ -1,21 +1,6 @@
-"""How the next token is picked from a predictor's scores: the sampling settings and the filters.
-
-Design choices:
-- The order follows transformers' `generate`: repetition penalty on the raw logits (exactly
-  `RepetitionPenaltyLogitsProcessor`, also under greedy), then temperature, top-k, top-p, then
-  `torch.multinomial`. `temperature == 0` is greedy argmax (top-k/top-p cannot change the argmax).
-- Every value `SamplingParams` admits samples a valid token (tested down to 5e-324 and up to 1e308).
-  Tempering is one function (`tempered`, also the speculative rule's p and q): the scores are shifted
-  by their max before the division, `(s - max) / t <= 0`, so nothing overflows to +inf and no
-  inf - inf makes a nan; as t -> 0+ the distribution tends to one-hot on the argmax (uniform over
-  exact ties), and a t that rounds to 0 or inf in float32 is exactly that limit. top-p always keeps
-  the top token (a p that rounds to 0 in float32 keeps it alone); top-k keeps the k-th value's ties.
-  The repetition penalty leaves a score of 0 at 0 (0 / a penalty that rounds to 0 is not a nan); a
-  score it pushes to +inf makes the +inf tokens the argmax, as they are under greedy.
-- The only randomness is the generator the caller passes (every decoder seeds one per call from
-  `SamplingParams.seed`): the same prompt and params give the same tokens, whatever ran before. A
-  seed is what `torch.Generator.manual_seed` takes, [-2**63, 2**64 - 1] (a negative seed is its
-  value mod 2**64).
+"""How the next token is picked from a predictor's scores: transformers' order (repetition penalty,
+temperature, top-k, top-p), greedy at temperature 0, every admitted value numerically safe, and no
+randomness but the caller's generator (docs/inference.md §3).
 """
 
 from __future__ import annotations

@@ -1,45 +1,8 @@
-"""Self-speculative decoding: draft with an early stage, verify with the whole model.
-
-Design choices:
-- No extra parameters: stage S of the same model is the draft. The draft decodes what the engine
-  decodes with `exit_stage=S` (the model's predictor over stages 0..S: stage S, or the Log-OP of
-  0..S under `poe_output="logop"`); the verifier decodes what the engine decodes at full depth.
-- Each round drafts k tokens one at a time through layers 0..end(S) only (into the shared KV cache),
-  then verifies all k in ONE pass of the deeper layers that reuses what drafting computed: the
-  draft's keys and values for layers up to end(S) stay in the cache, and the draft's walks (the
-  residual, the embedding mix `x0`, the backout residual, their rotary positions) are the deeper
-  layers' input. Nothing of the shallow part runs twice. All of it is the model's own layer walk
-  (`PoEGPT.begin/run_layers/readout/predictor`).
-- k = min(K, tokens still wanted, room left in the context): near `sequence_len` or the end of the
-  budget rounds shrink, so the output is as long as the engine's (the engine stops when prompt +
-  output reaches `sequence_len`).
-- Acceptance (greedy): the longest prefix of drafts that equals the full model's argmax is kept, plus
-  the full model's token at the first mismatch. Every emitted token is the full model's argmax given
-  the tokens before it — computed over a k-row block instead of one row per token. In float32 the
-  two agree except where the top two logits are within float32 rounding (never seen in the tests,
-  which compare with the engine token for token); in bfloat16 near-ties are common and the outputs
-  can part at such a position, after which both continue correctly from different prefixes
-  (`benchmarks/decode.py` reports the agreement).
-- Rollback: `PoEGPT.rollback` crops the cache to the accepted inputs and resets the smear's previous
-  embedding to the last accepted input's.
-- Sampling (temperature > 0): the speculative sampling rule (Leviathan et al., Chen et al.): draft
-  d ~ q (the draft's tempered distribution), accept it with probability min(1, p(d) / q(d)) where p is
-  the full model's, otherwise emit a sample of normalise(max(p - q, 0)) and end the round. Every
-  emitted token is then distributed exactly as the full model's sampling (tested statistically).
-  One generator per call, seeded from the params, drives drafts, acceptances and resamples. It takes
-  the temperature only (top-k, top-p and the repetition penalty would change p and q per position).
-  p and q are `sampling.tempered_probs`, the engine's own tempering, so every admitted temperature
-  is safe: as t -> 0+ both become one-hot on their argmax and the rule decodes greedily. A draft is
-  accepted when u * q(d) < p(d), u ~ U[0, 1): probability min(1, p/q), and never a draft with p = 0.
-- Batches (`SpeculativeBatch`): all rows draft together and are verified in one pass; each row
-  accepts its own prefix (ragged acceptance) and the rows stay one left-padded batch, right-aligned
-  after every round (`PoEGPT.rollback` with one length per row, `KVCache.realign`). A row decoded in
-  a batch gives what it gives alone — its tokens and its generator's draws (tested, greedy and
-  sampled, with rows joining, leaving and stopping inside a round). A row whose drafting or acceptance
-  raises ends alone with `Row.error` (batch.py): it rides along greedily to the end of the round,
-  emits nothing from it and leaves; the other rows' rounds are unchanged.
-- The decoder protocol (decoder.py); stats (accumulated over calls and rows) report acceptance
-  (accepted / drafted) and tokens per verification.
+"""Self-speculative decoding: stage S of the same model drafts K tokens, the deeper stages verify them
+in one pass that reuses the draft's cache and walks. Greedy: every emitted token is the full model's
+argmax given the tokens before it; sampled: the speculative sampling rule, so every token follows the
+full model's distribution. Rows of a batch accept ragged prefixes and stay one left-padded batch
+(docs/inference.md §5).
 """
 
 from __future__ import annotations
@@ -49,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import PoelmError
-from ..core.model import KVCache, PoEGPT, Walk
+from ..core.model import PoEGPT, Walk
 from .batch import Row, RowBatch
 from .decoder import Decoder
 from .engine import Engine
@@ -103,6 +66,10 @@ class SpeculativeDecoder(Decoder):
         self.stats = SpeculativeStats()
 
     @classmethod
+    def from_mode(cls, model, mode, *, tokenizer=None, stop_ids=None, model_dir=None) -> "SpeculativeDecoder":
+        return cls(model, mode.draft_stage, mode.speculative, stop_ids, output=mode.output, tokenizer=tokenizer)
+
+    @classmethod
     def check_params(cls, params: SamplingParams) -> None:
         if params.top_k is not None or params.top_p is not None or params.repetition_penalty != 1:
             raise PoelmError("speculative decoding takes --temperature only (greedy at 0, else the speculative "
@@ -125,12 +92,10 @@ def choose(scores: torch.Tensor, row: Row) -> tuple[int, torch.Tensor | None]:
 
 
 class SpeculativeBatch(RowBatch):
-    """Rows decoded speculatively together: every round drafts for all rows at once and verifies all
-    their drafts in one pass; each row accepts its own prefix, and the rows stay one left-padded
-    batch (`PoEGPT.rollback` with one length per row). Row b drafts k_b = min(K, its budget left, its
-    room left) tokens; a row with a smaller k_b rides along for the others' extra draft steps greedily
-    (no draw from its generator) and those positions are rolled back, so its tokens and its random
-    draws are those of the row decoded alone. A newcomer's step is its prefill and first token."""
+    """Rows decoded speculatively together: one draft and one verification per round for all rows, each
+    accepting its own prefix, the rows kept one left-padded batch; a row drafting fewer tokens rides
+    along greedily, so its tokens and draws are its own alone (docs/inference.md §5). A newcomer's step
+    is its prefill and first token."""
 
     def __init__(self, decoder: SpeculativeDecoder):
         super().__init__(decoder.model)
@@ -142,60 +107,17 @@ class SpeculativeBatch(RowBatch):
         return self._round() if self.rows else []
 
     def _round(self) -> list[tuple[Row, int]]:
-        d, m, c, rows = self.decoder, self.model, self.model.config, self.rows
+        """Draft, verify in one pass, accept per row, roll the cache back to what each row kept."""
+        d, rows = self.decoder, self.rows
         ks = [min(d.k, r.params.max_new_tokens - len(r.tokens), self.limit - len(r.prompt) - len(r.tokens))
               for r in rows]  # >= 1: a finished row has left
         fed = [r.tokens[-1] for r in rows]  # each row's last token: produced, not yet fed
-        base, inputs = self.cache.get_seq_length(), list(fed)
-        drafts: list[list[int]] = [[] for _ in rows]
-        qs: list[list[torch.Tensor | None]] = [[] for _ in rows]
-        walks, shallow = [], []  # per draft step: the walk at the draft boundary, the draft stages' logits
+        base = self.cache.get_seq_length()
         with torch.inference_mode():
-            for j in range(max(ks)):
-                ids = torch.tensor(inputs, device=self.device)[:, None]  # (B, 1)
-                mask = None if self.cache.attention_mask is None else torch.ones_like(ids, dtype=torch.bool)
-                walk, logits = m.begin(ids, self.cache, attention_mask=mask), []
-                for k in range(d.stage + 1):
-                    walk = m.run_layers(walk, c.stage_ends[k] + 1, self.cache)
-                    if k in d.draft_reads:
-                        logits.append(m.readout(walk, k))  # (B, 1, vocab)
-                scores = m.predictor(logits, d.output)[:, -1]  # (B, vocab)
-                greedy = scores.argmax(dim=-1).tolist()
-                for b, r in enumerate(rows):
-                    token, q = greedy[b], None  # past its k, or failed: the row rides along greedily
-                    if j < ks[b] and r.params.temperature > 0 and r.error is None:
-                        try:
-                            token, q = choose(scores[b], r)
-                        except Exception as e:  # noqa: BLE001 - this row ends alone (batch.py)
-                            r.fail(e)
-                    drafts[b].append(token)
-                    qs[b].append(q)
-                walks.append(walk)
-                shallow.append(logits)
-                inputs = [ds[-1] for ds in drafts]
+            drafts, qs, walks, shallow = self._draft(ks, fed)
             full = self._verify(walks, shallow)  # (B, k, vocab)
-            full_greedy = full.argmax(dim=-1).tolist()
-            emitted, lengths, last = [], [], []
-            for b, r in enumerate(rows):
-                if r.error is None:
-                    try:
-                        n, correction = self._accept(r, ks[b], drafts[b], qs[b], full[b], full_greedy[b])
-                    except Exception as e:  # noqa: BLE001 - this row ends alone (batch.py)
-                        r.fail(e)
-                if r.error is not None:  # nothing of the round is emitted; the row leaves below
-                    lengths.append(base + 1)
-                    last.append(fed[b])
-                    emitted.append([])
-                    continue
-                out = drafts[b][:n] + ([correction] if correction is not None else [])
-                kept = ([fed[b]] + drafts[b][:n])[: len(out)]  # the inputs whose keys stay
-                lengths.append(base + len(kept))
-                last.append(kept[-1])
-                emitted.append(out)
-                d.stats.rounds += 1
-                d.stats.drafted += ks[b]
-                d.stats.accepted += n
-            m.rollback(self.cache, lengths if len(set(lengths)) > 1 else lengths[0], last)
+            emitted, lengths, last = self._settle(ks, fed, base, drafts, qs, full)
+            self.model.rollback(self.cache, lengths if len(set(lengths)) > 1 else lengths[0], last)
         produced = []
         for b, r in enumerate(rows):
             for token in emitted[b]:
@@ -205,6 +127,66 @@ class SpeculativeBatch(RowBatch):
                     break
         self._keep([b for b, r in enumerate(rows) if not r.done])
         return produced
+
+    def _draft(self, ks: list[int], fed: list[int]):
+        """max(ks) draft steps through the draft stages for every row: per row its drafts and their
+        tempered draft distributions q (None: greedy); per step the walk at the draft boundary and the
+        draft stages' logits (what the verifier continues from and reuses)."""
+        d, m, c, rows = self.decoder, self.model, self.model.config, self.rows
+        inputs = list(fed)
+        drafts: list[list[int]] = [[] for _ in rows]
+        qs: list[list[torch.Tensor | None]] = [[] for _ in rows]
+        walks, shallow = [], []
+        for j in range(max(ks)):
+            ids, mask = self._feed(inputs)
+            walk, logits = m.begin(ids, self.cache, attention_mask=mask), []
+            for k in range(d.stage + 1):
+                walk = m.run_layers(walk, c.stage_ends[k] + 1, self.cache)
+                if k in d.draft_reads:
+                    logits.append(m.readout(walk, k))  # (B, 1, vocab)
+            scores = m.predictor(logits, d.output)[:, -1]  # (B, vocab)
+            greedy = scores.argmax(dim=-1).tolist()
+            for b, r in enumerate(rows):
+                token, q = greedy[b], None  # past its k, or failed: the row rides along greedily
+                if j < ks[b] and r.params.temperature > 0 and r.error is None:
+                    try:
+                        token, q = choose(scores[b], r)
+                    except Exception as e:  # noqa: BLE001 - this row ends alone (batch.py)
+                        r.fail(e)
+                drafts[b].append(token)
+                qs[b].append(q)
+            walks.append(walk)
+            shallow.append(logits)
+            inputs = [ds[-1] for ds in drafts]
+        return drafts, qs, walks, shallow
+
+    def _settle(self, ks: list[int], fed: list[int], base: int, drafts: list[list[int]],
+                qs: list[list[torch.Tensor | None]], full: torch.Tensor):
+        """Each row's acceptance of its drafts against the full scores `full` (B, k, vocab): the tokens it
+        emits, the cache length it keeps and its last kept input (a failed row: nothing, one position)."""
+        d = self.decoder
+        full_greedy = full.argmax(dim=-1).tolist()
+        emitted, lengths, last = [], [], []
+        for b, r in enumerate(self.rows):
+            if r.error is None:
+                try:
+                    n, correction = self._accept(r, ks[b], drafts[b], qs[b], full[b], full_greedy[b])
+                except Exception as e:  # noqa: BLE001 - this row ends alone (batch.py)
+                    r.fail(e)
+            if r.error is not None:  # nothing of the round is emitted; the row leaves
+                lengths.append(base + 1)
+                last.append(fed[b])
+                emitted.append([])
+                continue
+            out = drafts[b][:n] + ([correction] if correction is not None else [])
+            kept = ([fed[b]] + drafts[b][:n])[: len(out)]  # the inputs whose keys stay
+            lengths.append(base + len(kept))
+            last.append(kept[-1])
+            emitted.append(out)
+            d.stats.rounds += 1
+            d.stats.drafted += ks[b]
+            d.stats.accepted += n
+        return emitted, lengths, last
 
     @staticmethod
     def _accept(r: Row, k: int, drafts: list[int], qs: list[torch.Tensor | None], full: torch.Tensor,
@@ -267,7 +249,7 @@ def compare_with_engine(model: PoEGPT, prompts: list[list[int]], max_new_tokens:
     (recomputed exactly as the engine computes that step: prefill, then one token at a time)."""
     engine = Engine(model, stop_ids=set(), output=output)
     result = Agreement(prompts=len(prompts), identical=0, divergences=[], tokens=0, agreeing=0)
-    device, params = engine.device, SamplingParams(max_new_tokens=max_new_tokens)
+    params = SamplingParams(max_new_tokens=max_new_tokens)
     for p, prompt in enumerate(prompts):
         want = engine.generate(prompt, params)
         got = SpeculativeDecoder(model, draft_stage, k, output=output).generate(prompt, params)
@@ -278,9 +260,6 @@ def compare_with_engine(model: PoEGPT, prompts: list[list[int]], max_new_tokens:
             continue
         i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
         result.agreeing += i
-        cache = KVCache()
-        logits = engine._logits(torch.tensor([prompt], device=device), cache)
-        for t in want[:i]:
-            logits = engine._logits(torch.tensor([[t]], device=device), cache)
+        logits = engine.scores(prompt, want[:i])  # as the engine's step computes it
         result.divergences.append(Divergence(p, i, float(logits[want[i]] - logits[got[i]])))
     return result

@@ -1,15 +1,5 @@
 """Stop strings over a stream of tokens: the text released as tokens arrive, cut before the first stop
-string.
-
-Design choices:
-- The text is cut before the first occurrence of any stop string, which is not included; while a row
-  decodes, the last (longest stop - 1) characters are held back until they cannot begin one, so a
-  stop string split across tokens (or across streamed chunks) is still found.
-- Stop tokens (the decoder's stop ids: `<|assistant_end|>`, `<|bos|>`) end a row and are never text.
-- Tokens decode through the tokenizer's stream decoder: a character split across tokens is released
-  whole.
-Used by the server (every completion and chat choice) and by `poelm eval humaneval` (the harnesses'
-stop sequences).
+string, the tail that could begin one held back (docs/inference.md §8).
 """
 
 from __future__ import annotations

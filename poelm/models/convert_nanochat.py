@@ -1,23 +1,11 @@
 """Convert a nanochat `base_train` checkpoint into a poelm base model directory.
 
-Design choices:
-- nanochat writes `model_NNNNNN.pt` (a torch state dict, keys prefixed `_orig_mod.` when the model
-  was compiled) and `meta_NNNNNN.json` (`model_config` holds the GPTConfig fields). The `.pt` file is
-  read only with `torch.load(weights_only=True)`: tensors and containers, never arbitrary objects.
-- Parameter names are the same on both sides, so the state dict moves over without renaming. What
-  an older checkpoint lacks is filled by a named migration that is logged and recorded in
-  config.json (`converted_from.migrations`): a missing part becomes its neutral value or a switch
-  (no smear, no backout, no value embeddings, residual lambdas 1 and 0, windows all "L").
-- Anything else that does not fit - an unknown config field, a missing, unexpected or mis-shaped
-  tensor - is an error that names the file and the tensor: a conversion either reproduces the
-  nanochat model exactly or does not happen.
-- nanochat's tokenizer.pkl is read through a restricted Unpickler that resolves only the globals a
-  pickled `tiktoken.Encoding` uses, each to a harmless stand-in: no constructor, no `__setstate__`
-  of tiktoken ever runs (a str state would make tiktoken download a registered encoding).
-- A converted model is one PoE stage in `none` mode (it was trained end to end); its logits equal
-  nanochat's. The tokenizer comes from `--tokenizer` (a nanochat tokenizer folder with
-  `tokenizer.pkl`, read through a restricted unpickler, or a poelm tokenizer folder), or from the
-  places nanochat keeps it beside its checkpoints.
+The invariant: a conversion reproduces the nanochat model exactly (its logits; one PoE stage in `none`
+mode, as it was trained end to end) or does not happen. What an older checkpoint lacks is filled by a
+named migration, logged and recorded in config.json (`converted_from.migrations`); anything else that
+does not fit is an error naming the file and the field or tensor. Nothing is unpickled but tensors
+(`torch.load(weights_only=True)`) and, for `tokenizer.pkl`, a restricted unpickler that runs no
+tiktoken code. The files and the migrations: docs/formats.md, "nanochat checkpoints".
 """
 
 from __future__ import annotations

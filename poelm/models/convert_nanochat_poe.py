@@ -1,32 +1,13 @@
 """Convert the paper's fork ("nanochat-poe"): PoE bases from its `base_train` and specialist stages from
-its specialist SFT script, into poelm directories with the fork's logits (docs/formats.md, "nanochat-poe").
+its specialist SFT script, into poelm directories with the fork's logits.
 
-Design choices (the facts they rest on are in docs/formats.md):
-- Files are nanochat's (`model_NNNNNN.pt` read with `torch.load(weights_only=True)`, `meta_NNNNNN.json`),
-  read through convert.py's readers; the architecture is nanochat's, so the base's GPT fields go
-  through the same `nanochat_fields` (and its named migrations) as an upstream conversion.
-- A base's PoE settings are where the fork keeps them: `poe_mode`, `poe_every`, `poe_alpha` and
-  `per_stage_head` in `user_config` (base_train's arguments; older metas lack `poe_alpha` and
-  `per_stage_head`: 0.0 and false), never `model_config.poe_every` (1 in older metas whatever was
-  trained). Stage k ends at layer i when (i + 1) % poe_every == 0 or i is the last layer.
-- The read-out is the fork's: a base without per-stage heads is read at its last layer with the
-  backout (`poe_output` "last", backout at the last boundary only); a base with per-stage heads by
-  its Log-OP, `lm_head + lm_head_stages[k]` at every boundary and no backout anywhere (`poe_output`
-  "logop", `poe_backout_stages` []). The fork's Log-OP is not renormalised and poelm's is: the two
-  differ by one constant per position (the same distribution, the same ranking). `hier` (flat's
-  losses without the detach) has no poelm training mode: it converts as `flat`, said in
-  `converted_from`.
-- A stage delta (`--dual-head`: exactly the new blocks, `lm_head_stage`, the whole `wte`, the full
-  lambda vectors) is converted onto an explicit `--parent` (the fork records only a tag): its
-  `parent_fingerprint` is computed by poelm from that parent, its embedding table stored as the rows
-  that differ from the parent's, its windows the fork's for the total depth (nanochat's pattern
-  tiled over all layers, the last one full), and the ancestors' heads folded by the cascade loader,
-  as the fork's weight fold does. The fork's specialists let the base lambdas up to the backout layer
-  drift, and its window rule can turn a parent layer's window: both are converted faithfully, as
-  declared `parent_overrides` (cascade.py), never dropped or kept silently.
-- Whatever poelm cannot represent (an MLP other than 4 x n_embd, an unknown config field, a missing or
-  unexpected tensor, a delta saved without --dual-head, a stage on a base with per-stage heads) is one
-  line naming the file and the field or tensor, before anything is written.
+The invariant: a converted base or stage gives the fork's logits (a base read by its Log-OP differs by
+one constant per position: the fork does not renormalise), and whatever poelm cannot represent is one
+line naming the file and the field or tensor, before anything is written. The fork's files are read
+through convert_nanochat's readers; its PoE settings come from `user_config`, never from
+`model_config.poe_every`; a stage is converted onto an explicit `--parent`, whose fingerprint poelm
+computes, and the parent entries the fork's training let drift become declared `parent_overrides`
+(core/cascade.py), never dropped. The facts this rests on: docs/formats.md, "nanochat-poe checkpoints".
 """
 
 from __future__ import annotations
@@ -39,12 +20,12 @@ from typing import Any
 import torch
 
 from .convert_nanochat import NANOCHAT_FIELDS, find_step, find_tokenizer, nanochat_fields, read_meta, read_state_dict
-from ..core.cascade import check_state_dict, open_chain
+from ..core.cascade import check_state_dict
 from ..core.config import SIZE_LIMITS, PoEConfig, windows_from_pattern
 from ..core.errors import PoelmError
 from ..core.files import CONFIG, read_json
 from ..core.model import PoEGPT, block_shapes, from_disk, to_disk
-from .directory import save_model_dir
+from .directory import open as open_directory, save_model_dir
 from ..common.atomic import chain_inputs, check_output
 
 log = logging.getLogger("poelm.convert")
@@ -155,7 +136,7 @@ def convert_nanochat_poe_stage(checkpoint: str | Path, parent: str | Path, out: 
     from .specialist import grow, save_specialist
 
     checkpoint = Path(checkpoint)
-    chain = open_chain(parent)  # every file of the parent's chain verified
+    chain = open_directory(parent)  # every file of the parent's chain verified
     inputs = [("checkpoint", checkpoint)] + chain_inputs(chain, "parent")
     check_output(out, inputs, overwrite)
     model_path, meta_path, meta, delta = _read(checkpoint, step)

@@ -1,23 +1,13 @@
-"""Model directories: the one module that knows their layout, and writes and reads them.
+"""Model directories: the one module that knows their layout, writes them, and opens them.
 
-Design choices (docs/formats.md):
-- A directory holds `config.json` (every PoEConfig field plus the `transformers` keys), its tensors
-  (`model.safetensors` for a base, `delta.safetensors` for a stage) under nanochat's names, the
-  tokenizer's files, `generation_config.json`, the shipped code (`poelm/core`, copied as a folder: the
-  same model.py poelm trains with), a generated `README.md` card, and last `digests.json`. Bases,
-  stages and tokenizer-only directories are written by one function (`write_directory`).
-- File names are defined once, in core/files.py (the shipped loaders need them too).
-- Writing is atomic (outputs.AtomicDir): everything goes to a temporary sibling folder renamed into
-  place at the end, so a failure never leaves a half-written model; an existing target is replaced
-  only when the caller asks (`overwrite=True`).
-- Reading is strict and pickle-free: every file is checked against the digests, and unknown config
-  fields, missing or unexpected tensors and shape or dtype mismatches are errors that name the file
-  and the tensor; a tokenizer whose vocabulary does not match the config is refused.
-- The tokenizer's transformers files (`tokenizer_config.json` with auto_map as the `[slow, fast]` list
-  transformers 5 unpacks, `special_tokens_map.json`, `chat_template.jinja`) are written by hand, so
-  their content is fixed by poelm rather than by a transformers version; the chat template renders the
-  chat format (docs/model.md) as text with literal special tokens, which PoelmTokenizer splits back
-  into ids, so `apply_chat_template(..., add_generation_prompt=True)` equals `Tokenizer.render_prompt`.
+`open(directory) -> Chain` is the one public way to open a model directory (base or stage): the
+directory's own config.json and tokenizer first (so their errors name it), then the whole chain through
+the cascade loader that ships in the directory (core/cascade.py, the code `from_pretrained` runs), every
+file checked against its digests. Why one way, and which others it replaced: docs/architecture.md.
+
+Writing: bases, stages and tokenizer-only directories are filled by one function (`write_directory`),
+atomically (common/atomic.AtomicDir), never over an input. File names live in core/files.py; what a
+directory holds, and why the tokenizer's transformers files are written by hand: docs/formats.md.
 """
 
 from __future__ import annotations
@@ -31,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from .card import model_card
-from ..core.cascade import DTYPES, fingerprint_tensors, load_chain, load_safetensors, open_chain
+from ..core.cascade import DTYPES, Chain, fingerprint_tensors, load_safetensors, locate, open_chain
 from ..core.config import PoEConfig
 from ..core.errors import PoelmError
 from ..core.files import (CARD, CHAT_TEMPLATE_FILE, CONFIG, DELTA, GENERATION_CONFIG, SPECIAL_TOKENS_MAP,
@@ -214,37 +204,27 @@ def save_model_dir(model: PoEGPT, out: str | os.PathLike, tokenizer: Tokenizer, 
 
 
 # --------------------------------------------------------------------------------------- reading
-def read_config(directory: str | os.PathLike) -> PoEConfig:
-    """The directory's own config.json (checked against its digests), as a PoEConfig."""
-    if not Path(directory).is_dir():
+def open(directory: str | os.PathLike, verify: bool = True) -> Chain:  # noqa: A001 (poelm.models.open)
+    """Open any base or stage directory (a stage brings its whole chain): `.config`, `.model(device,
+    dtype)`, `.tokenizer()`, `.path`, `.links`, `.fingerprint`. Its own config.json and tokenizer (when
+    it has one: `save_pretrained` writes none) are checked first, so their errors name this directory;
+    then every link, strictly and against its digests (`verify=False` skips only the digests, for
+    measuring what they cost)."""
+    path = Path(directory)
+    if not path.is_dir():
         raise PoelmError(f"{directory}: not a directory (expected a poelm model directory)")
-    path = Path(directory) / CONFIG
-    return PoEConfig.from_dict(read_json(path), source=str(path))
-
-
-def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None, verify: bool = True) -> PoEGPT:
-    """The model of any base or stage directory (a stage brings its whole chain), loaded strictly and
-    with every file of the chain checked against its digests (`verify=False` skips only that)."""
-    read_config(directory)  # the directory's own config first: its errors name it
-    return load_chain(directory, device=device, dtype=dtype, verify=verify)
-
-
-def load_tokenizer(directory: str | os.PathLike, config: PoEConfig | None = None) -> Tokenizer:
-    """The directory's tokenizer, checked against the model's vocabulary when a config is given."""
-    tok = Tokenizer.load(directory)
-    if config is not None and tok.vocab_size != config.vocab_size:
+    config = PoEConfig.from_dict(read_json(path / CONFIG, verify), source=str(path / CONFIG))
+    tok = Tokenizer.load(path) if (path / TOKENIZER_FILE).is_file() else None
+    if tok is not None and tok.vocab_size != config.vocab_size:
         raise PoelmError(f"{directory}: tokenizer has {tok.vocab_size} tokens but config.json says "
                          f"vocab_size {config.vocab_size}")
-    return tok
+    return open_chain(path, verify)
 
 
 def record_digests(directory: str | os.PathLike) -> dict[str, Any]:
     """Re-record `digests.json` from the directory's files as they are now: after a deliberate edit, or
     for a directory written before poelm recorded digests. A stage's fingerprint chains its parent's,
     so the parent's chain is loaded (and verified) for it."""
-    from ..core.cascade import locate
-
     directory = Path(directory)
     if not directory.is_dir():
         raise PoelmError(f"{directory}: not a directory")
@@ -252,7 +232,7 @@ def record_digests(directory: str | os.PathLike) -> dict[str, Any]:
     if (directory / CONFIG).is_file():
         data = read_json(directory / CONFIG, verify=False)
         if data.get("base_model_name_or_path") is not None:
-            parent = open_chain(locate(str(data["base_model_name_or_path"]), directory))
+            parent = open(locate(str(data["base_model_name_or_path"]), directory))
             fingerprint = fingerprint_tensors(load_safetensors(directory / DELTA, verify=False), parent.fingerprint)
         else:
             fingerprint = fingerprint_tensors(load_safetensors(directory / WEIGHTS, verify=False))

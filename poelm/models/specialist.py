@@ -1,29 +1,15 @@
 """Specialists: attach new blocks and a zero-initialised head to a frozen parent, and ship the result
-as a delta (docs/model.md §3, docs/formats.md).
+as a delta (docs/model.md §3).
 
 Names: a *stage* is any cut of consecutive layers with a read-out (the base has K of them); a
 *specialist* is the stage appended to a frozen parent and trained apart, shipped in a "stage
-directory" (the format's and the command line's word, `poelm stage attach|train`).
+directory" (the format's word; on the command line, `poelm specialist attach|train`).
 
-Design choices:
-- Attaching appends one PoE stage of N blocks after the parent's last layer. The new blocks carry no
-  value embeddings, their `c_proj` weights start at zero and their lambdas at resid 1, x0 0, so each
-  is the identity; the specialist head starts at zero. Every structural fact of the parent (windows,
-  value-embedding layers, backout layer) is kept as recorded; the new layers' windows continue the
-  pattern by their global index, the last new layer full-context as in nanochat. Right after
-  attaching to a base, the assembled model's logits equal the base's bit for bit.
-- On a stage parent, the parent's `specialist_head` is added into `ancestors_head` (the ancestors'
-  heads) and the new stage gets its own zero head. Folding sums weights, so there the logits equal
-  the parent's to float rounding, not bit for bit.
-- Chat tokens: a base pretrained on plain text never saw `<|user_start|>` and its siblings, so their
-  embedding rows are warm-initialised from related text ("User", "\\n", "Assistant", "```",
-  "Output") unless an ancestor already did it. The delta carries only the rows it changed, with their
-  ids; inputs without chat tokens see the base bit for bit.
-- The delta (`delta.safetensors`) holds exactly what the stage changed: its blocks, its layers'
-  lambdas, its head (`lm_head_stage` on disk), and the changed embedding rows. Provenance (parent
-  fingerprint, name, layer counts) goes in config.json and in the safetensors metadata.
-- What trains (`specialist_parameter_names`): the new blocks' matrices, `specialist_head`, and the new
-  layers' lambdas (entries of the shared lambda vectors; a training loop masks the rest).
+The invariant: right after attaching to a base, the assembled model gives the base's logits bit for
+bit on every input without chat tokens (the new blocks are the identity, the new head is zero; only
+the chat tokens' embedding rows change, warm-initialised once per chain), and the delta holds exactly
+what the stage changed, provenance in metadata. How attaching, the chat rows, the delta and the
+trainable set are laid out: docs/formats.md, "How a stage is made".
 """
 
 from __future__ import annotations
@@ -37,14 +23,14 @@ import torch
 
 from .card import model_card, table
 from ..core.cascade import (OVERRIDE_PREFIX, ROWS_IDS, ROWS_VALUES, Chain, Link, assemble, check_extends,
-                           expected_delta, fingerprint_tensors, open_chain, resolve_chain)
+                           expected_delta, fingerprint_tensors, resolve_chain)
 from ..core.config import PoEConfig, windows_from_pattern
 from ..core.errors import PoelmError
 from ..core.files import (CONFIG, DELTA, PARENT_FIELD, read_json, read_manifest, replace_value, update_manifest,
                          verify_all, write_text)
 from ..core.model import PoEGPT, to_disk
 from ..core.tokenizer import Tokenizer
-from .directory import hf_config_dict, load_model, load_tokenizer, write_directory
+from .directory import hf_config_dict, open as open_directory, write_directory
 from ..common.atomic import AtomicDir, chain_inputs, check_output
 
 # Where each chat token's embedding row is warm-initialised from (docs/model.md §3).
@@ -85,9 +71,9 @@ def warm_init_chat_rows(model: PoEGPT, tok: Tokenizer) -> list[int]:
     return ids
 
 
-def as_chain(chain: Chain | str | os.PathLike) -> Chain:
-    """A chain value, opened (and checked) once when given as a directory."""
-    return chain if isinstance(chain, Chain) else open_chain(chain)
+def _opened(chain: Chain | str | os.PathLike) -> Chain:
+    """A chain value as it is; a directory opened (and checked) once (directory.open)."""
+    return chain if isinstance(chain, Chain) else open_directory(chain)
 
 
 @torch.no_grad()
@@ -118,7 +104,7 @@ def attach(parent: Chain | str | os.PathLike, n_layers: int, seed: int = 0,
            chat_rows: bool = True) -> tuple[PoEGPT, dict[str, Any]]:
     """Append a stage to the parent (a chain, or its directory; `grow`); returns the model and the facts
     `save_specialist` records."""
-    chain = as_chain(parent)
+    chain = _opened(parent)
     model = grow(chain.model(), n_layers, seed)
     initialised: list[int] = []
     if chat_rows and not chat_rows_done(chain.links):
@@ -215,7 +201,7 @@ def save_specialist(model: PoEGPT, parent: Chain | str | os.PathLike, out: str |
     directory), atomically; `out` may not overlap any directory of the parent's chain.
     `allow_parent_overrides`: the model may change parent lambdas and windows (a converted stage, or one
     trained from it); they are then declared in `parent_overrides` and carried in the delta."""
-    chain = as_chain(parent)
+    chain = _opened(parent)
     inputs = chain_inputs(chain, "parent")
     check_output(out, inputs, overwrite)
     tok = chain.tokenizer()
@@ -268,7 +254,7 @@ def export_merged(directory: Chain | str | os.PathLike, out: str | os.PathLike, 
     overlap any directory of the chain."""
     from .directory import save_model_dir
 
-    chain = as_chain(directory)
+    chain = _opened(directory)
     inputs = chain_inputs(chain)
     check_output(out, inputs, overwrite)
     data = chain.links[-1].data
@@ -279,7 +265,7 @@ def export_merged(directory: Chain | str | os.PathLike, out: str | os.PathLike, 
 
 
 def relink(stage_dir: str | os.PathLike, parent_dir: str | os.PathLike) -> tuple[str, str]:
-    """Point a stage at its parent's new location (`poelm stage relink`): the stage on `parent_dir` is
+    """Point a stage at its parent's new location (`poelm specialist relink`): the stage on `parent_dir` is
     checked as a load would check it (every file of the new chain against its digests, the parent's
     fingerprint against the one the stage records, shapes, tokenizer) before anything is written; then
     only the value of `base_model_name_or_path` changes in config.json (every other byte kept) and the
@@ -310,14 +296,15 @@ def check_preservation(base_dir: str | os.PathLike, stage_dir: str | os.PathLike
                        length: int = 96, seed: int = 0) -> dict[str, Any]:
     """Run the stage's base path (the base's layers and head, no stage blocks or heads) and BASEDIR's
     model on the same inputs without chat tokens; report whether the logits are bitwise equal."""
-    base = load_model(base_dir)
-    stage = load_model(stage_dir)
+    base_chain = open_directory(base_dir)
+    base, tok = base_chain.model(), base_chain.tokenizer()
+    del base_chain  # its tensors: the model holds its own copy
+    stage = open_directory(stage_dir).model()
     bc, sc = base.config, stage.config
     if sc.n_stages <= bc.n_stages or sc.poe_stage_layers[: bc.n_stages] != bc.poe_stage_layers or \
             sc.vocab_size != bc.vocab_size or sc.n_embd != bc.n_embd:
         raise PoelmError(f"{stage_dir} is not a stage on a model shaped like {base_dir} "
                          f"(stages {sc.poe_stage_layers} vs {bc.poe_stage_layers})")
-    tok = load_tokenizer(base_dir, bc)
     g = torch.Generator().manual_seed(seed)
     length = min(length, bc.sequence_len)
     plain = torch.randint(0, tok.n_merges, (n_inputs, length), generator=g)  # ordinary tokens only
@@ -336,7 +323,7 @@ def check_preservation(base_dir: str | os.PathLike, stage_dir: str | os.PathLike
 
 def describe_chain(directory: Chain | str | os.PathLike) -> dict[str, Any]:
     """For `poelm inspect`: every link of the chain with its parameters, tensors, bytes and fingerprint."""
-    chain = as_chain(directory)  # verifies every file, fingerprint, name and shape on the way
+    chain = _opened(directory)  # verifies every file, fingerprint, name and shape on the way
     links = []
     prev = None
     for link, fp in zip(chain.links, chain.fingerprints):

@@ -1,15 +1,10 @@
-"""The models a server serves: a base and its specialists, the base's tensors held once.
+"""The models a server serves: a base and its specialists, the base's tensors held once
+(docs/serving.md, "The models").
 
-Design choices:
-- Every directory given must descend from the same root base: the root fingerprint of each chain
-  (`Chain.fingerprints[0]`, verified against the digests as the chain loads) must match, else a
-  PoelmError names both directories.
-- Model ids: `--name` overrides, else a stage's `stage_name`, else the directory's name; ids must be
-  unique.
-- One copy of the base: after each model is assembled, every parameter equal (same name, shape,
-  dtype and values) to one already held by an earlier model is replaced by that tensor, so N
-  specialists cost the base once plus their own blocks, heads and changed embedding rows. Serving
-  never trains, so shared storage is never written.
+- Every directory must descend from the same root base (checked by the root fingerprint).
+- Model ids: `--name`, else a stage's `stage_name`, else the directory's name; unique.
+- A parameter equal to one an earlier model holds is replaced by that tensor: N specialists cost the
+  base once (serving never trains, so shared storage is never written).
 """
 
 from __future__ import annotations
@@ -21,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.cascade import open_chain
+from .. import models
 from ..core.errors import PoelmError
 from ..core.model import PoEGPT
 from ..core.tokenizer import Tokenizer
@@ -55,7 +50,7 @@ def load_served(directories: list[str | os.PathLike], names: list[str] | None = 
     served: dict[str, ServedModel] = {}
     held: dict[str, torch.Tensor] = {}
     for i, directory in enumerate(directories):
-        chain = open_chain(directory)
+        chain = models.open(directory)
         name = (names[i] if names and i < len(names) else
                 chain.links[-1].data.get("stage_name") or Path(directory).resolve().name)
         if name in served:

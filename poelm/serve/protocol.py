@@ -1,64 +1,24 @@
-"""The OpenAI API shapes the server speaks: request bodies (validated), responses, errors, limits.
+"""The OpenAI API shapes the server speaks: request bodies (validated), responses, errors
+(docs/serving.md, "The API's shapes", says what each choice is and why).
 
-Design choices:
-- Request bodies are pydantic models with strict types (an int is not a bool, a token id is not 1.0,
-  a number is not a string) that forbid unknown fields. Defaults are OpenAI's (`max_tokens` 16 for
-  completions, `temperature` 1, `top_p` 1, `n` 1). poelm's own options sit beside the standard ones:
-  `exit_stage`, `speculative` and `draft_stage`.
-- What common clients always send and that changes nothing is accepted: `frequency_penalty` and
-  `presence_penalty` of 0, an empty `logit_bias`, `user`, `stream_options`. What would change the
-  result and is not implemented (a non-zero penalty, a non-empty `logit_bias`, an image part) is a
-  400 naming the field, never silently ignored. The published schema says the same (a penalty's
-  range is [0, 0]), so schema-driven clients and fuzzers see exactly what the server accepts.
-- Chat `content` is a string or a list of text parts (joined with a newline, as vLLM does); the
-  `developer` role is the system message; a conversation may begin with an assistant turn.
-- Every size is bounded before work starts (`LIMITS`, in the README): the body's bytes (the server
-  refuses a larger body before reading it), the number of prompts, `n`, the number and length of
-  stop strings, `logprobs`, the seed's range. A prompt is also bounded by the model's context: a
-  text of more bytes than the context could hold (sequence_len x the longest token's bytes) is
-  refused before it is tokenized.
-- Errors are `{"error": {"message", "type", "param", "code"}}` with the HTTP status OpenAI uses.
-- A prompt is what the model reads: `<|bos|>` and the prompt's tokens (a text prompt's encoding, or
-  token ids as sent; `<|bos|>` is added unless the ids begin with it), as every poelm model saw its
-  documents. What a client gets back of the prompt (`echo`, its `logprobs`) is exactly what it sent:
-  the text as sent, and the tokens and log-probabilities of its own tokens, never the added
-  `<|bos|>` — so a text prompt and the same prompt as token ids give the same echo.
-- Stop strings (`poelm.infer.stops.TextStream`): the text is cut before the first occurrence of any
-  stop string, which is not included, even across streamed chunks; empty stop strings stop nothing.
-  Stop tokens (`<|assistant_end|>`, `<|bos|>`) end a row and are never text.
-- `logprobs` are the model's own log-probabilities (its predictor, before temperature) of each token
-  given the tokens before it: from one scoring forward over prompt + completion after decoding, or,
-  streamed, from the scores of the step that chose the token (equal to float rounding; the engine's
-  modes only). Streamed, a chunk carries the entries of the tokens whose text it releases.
-  `text_offset` counts characters of the tokens decoded one by one, from the first token returned.
+- Strict types and no unknown fields; what changes nothing is accepted (zero penalties, an empty
+  `logit_bias`), what would change the result and is not implemented is a 400 naming the field — and
+  the published schema says exactly that.
+- Every size is bounded before work starts (options.LIMITS).
+- What a client gets back of its prompt (`echo`, its `logprobs`) is exactly what it sent, never the
+  `<|bos|>` poelm adds.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from ..core.tokenizer import Tokenizer
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for (the README lists these with their defaults)."""
-
-    body_bytes: int = 1 << 20  # a larger body is refused (413) before it is read
-    prompts: int = 64  # prompts in one completions request
-    n: int = 16  # choices per prompt
-    stops: int = 16  # stop strings (OpenAI allows 4)
-    stop_chars: int = 1000  # characters per stop string
-    logprobs: int = 20  # alternatives per token (completions `logprobs`, chat `top_logprobs`)
-    messages: int = 1024  # chat messages
-
-
-LIMITS = Limits()
+from .options import LIMITS
 
 
 class ApiError(Exception):

@@ -1,25 +1,14 @@
-"""The server's model worker: continuous batching of every request, one thread owning the models.
+"""The server's model worker: continuous batching of every request, one thread owning the models
+(docs/serving.md, "The worker").
 
-Design choices:
-- One worker thread runs every forward (the event loop never blocks on the model). Requests arrive
-  through `submit` (thread-safe), join their batch at the worker's next step and leave when they
-  finish or are cancelled (`RowBatch.cancel`: a client that went away frees its row at once).
-- The engine's requests (full depth or an exit stage, either predictor) of every model ride in one
-  batch: the models are a `Fleet` (infer/fleet.py), so rows of the base and of its specialists share
-  one pass through the base's layers (held once, models.py) and split only for each specialist's own
-  blocks and head. Speculative requests batch per (model id, K, draft stage). Every non-empty batch
-  steps once per loop, so requests for different models and modes progress together.
-- Back-pressure: at most `max_batch` rows decode at once and at most `max_queue` requests wait;
-  `submit` raises QueueFull beyond that (the API answers 429).
-- A row decodes exactly what it decodes alone (batch.py), so a seeded request gives the same tokens
-  whatever else is running.
-- Events go to each job's `sink`, called in the worker thread: ("token", id), preceded by ("logprob",
-  entry) when the job asked for `logprobs` (`token_logprob`, from the step's own scores); ("done", reason) with
-  reason "stop" (a stop token) or "length" (the budget or the context limit); ("scores", list) for a
-  scoring job (the log-probability of every prompt token); ("error", message), the job's last event.
-  A row whose token could not be picked (its sampling raised) ends alone (batch.py, `Row.error`):
-  its job gets ("error", message) and the batch's other rows go on untouched. A step that raises
-  (the forward itself) fails every job of that batch with ("error", message), and only those.
+- Every forward runs in the one worker thread; requests join their batch at its next step and leave
+  when they finish or are cancelled. Rows of the base and of its specialists share one batch (a
+  `Fleet`: the base's layers run once per step for all of them).
+- Back-pressure: at most `max_batch` rows decode and at most `max_queue` requests wait (QueueFull: 429).
+- A row decodes exactly what it decodes alone, so a seeded request does not depend on what else runs.
+- Events go to each job's `sink` from the worker thread: ("logprob", entry), ("token", id), ("done",
+  "stop" | "length"), ("scores", list), or ("error", message) as its last; a failure fails only the
+  rows it touched.
 """
 
 from __future__ import annotations
@@ -38,6 +27,7 @@ from ..infer.fleet import Fleet
 from ..infer.modes import DecodeMode, make_decoder
 from ..infer.sampling import SamplingParams
 from .models import ServedModel
+from .options import DEFAULTS
 
 Sink = Callable[[str, Any], None]
 
@@ -74,7 +64,8 @@ def score_prompt(model: torch.nn.Module, prompt: list[int], top: int, exit_stage
 class Scheduler:
     """The worker (see the module docstring). `start()` it once the models are loaded."""
 
-    def __init__(self, served: dict[str, ServedModel], max_batch: int = 16, max_queue: int = 64):
+    def __init__(self, served: dict[str, ServedModel], max_batch: int = DEFAULTS.max_batch,
+                 max_queue: int = DEFAULTS.max_queue):
         if max_batch < 1 or max_queue < 1:
             raise PoelmError(f"--max-batch {max_batch} and --max-queue {max_queue}: expected at least 1 each")
         self.served, self.max_batch, self.max_queue = served, max_batch, max_queue

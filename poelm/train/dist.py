@@ -60,6 +60,16 @@ def run_distributed(device: str | None, fn, *args):
         close_dist(d)
 
 
+def data_parallel(d: Dist, model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """`model` in DDP when the run has several processes, else `model` itself."""
+    if not d.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+               find_unused_parameters=find_unused_parameters)
+
+
 def close_dist(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()

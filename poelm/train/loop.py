@@ -1,41 +1,18 @@
 """The optimizer-step loop every poelm training run shares: accumulation, schedule, evaluation,
-metrics, checkpoints, resume. Pretraining and specialist SFT plug their model, data and evaluation in.
+metrics, checkpoints, best weights, resume. docs/training.md, "The loop", has the details.
 
 Design choices:
-- `--total-batch-tokens` fixes the tokens per optimizer step whatever the world size: each step
-  accumulates `total / (device_batch * seq_len * world)` micro-batches per rank.
-- The loss of a step is the sum of per-token losses over every micro-batch on every rank divided
-  by the number of supervised tokens in the whole step (counted and all-reduced before the
-  backward passes). Gradients therefore equal those of one big batch exactly, however the step is
-  split over micro-batches and processes (DDP averages over ranks, so each rank scales by the world
-  size).
-- Step numbering: checkpoint / eval step s is the state after s optimizer steps; step 0 is
-  evaluated before training so every trajectory starts at the untrained model.
-- Resume restores weights, optimizer state, loader position and RNG from the newest complete
-  checkpoint, drops metrics logged after it, and continues; on CPU the result is bitwise equal to a
-  run that never stopped (tested).
-- The best weights (lowest `best_key` metric) are kept while the run goes in versioned folders, and
-  exported (with `final/`) only when the run completes: a failed run leaves no `final/` or `best/`
-  behind. A new best at step s is written through `AtomicDir` (a hidden temporary folder holding
-  model.safetensors, best.json {step, value, key} and digests.json) renamed to
-  `checkpoints/best-NNNNNN/`, complete once it has that name; `checkpoints/best` is a symlink (relative target `best-NNNNNN`) switched atomically by
-  `os.replace`-ing a fresh symlink over it. So at every instant `checkpoints/best/model.safetensors`
-  is one complete best, the previous one until the switch. Only rank 0 touches these folders.
-- Once a checkpoint is complete, every `best-*` folder is removed but the one `best` points to (the
-  best step this checkpoint's state.json records) and those the other complete checkpoints record,
-  so every complete checkpoint can be resumed, also after newer ones were deleted. Resume points
-  `best` at the restored state's best step and removes the `best-*` folders no complete checkpoint
-  records (bests found after the restored one, lost with the steps that found them, which the
-  resumed run re-trains and re-evaluates); a missing `best-NNNNNN` is an error. A run folder of an
-  earlier poelm, whose `checkpoints/best` is a real folder, is migrated when its best.json holds the
-  recorded best step, and refused otherwise.
-- Reporting: every record that goes to metrics.jsonl also goes to the trackers of `--report-to`
-  (trackers.py), opened on rank 0 once the start step is known (a resumed run continues their run)
-  and closed when the loop ends. `--report-to` is logging, not part of the run: run.json does not
-  record it, and a resumed run may add or drop a tracker.
-- Speed: each step's record has `tok_per_s`, the model `flops_per_token` of a step (computed by the
-  command, metrics.py) and, on a CUDA device with a known bf16 peak, `mfu` = flops_per_token x
-  tok_per_s / (world size x peak); the progress line shows them.
+- A step's tokens (`--total-batch-tokens`) do not depend on the world size, and its loss is the sum
+  of per-token losses over every micro-batch on every rank divided by the step's supervised tokens
+  (counted and all-reduced before the backward passes): gradients equal one big batch's, however the
+  step is split over micro-batches and processes.
+- Step s is the state after s optimizer steps; step 0 is evaluated before training.
+- Resume restores weights, optimizer, loader position and RNG from the newest complete checkpoint
+  and drops metrics logged after it: on CPU, bit for bit a run that never stopped (tested).
+- The best weights (lowest `best_key`) live in `checkpoints/best-NNNNNN/`, `checkpoints/best` a
+  symlink switched atomically: at every instant it is one complete best. Every complete checkpoint
+  keeps the best it records, so each can be resumed. Only rank 0 touches these folders.
+- Trackers (`--report-to`) get every metrics.jsonl record; they are logging, not part of the run.
 """
 
 from __future__ import annotations
@@ -43,8 +20,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from contextlib import nullcontext
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -52,18 +29,19 @@ from typing import Any, Callable, Protocol
 import torch
 from safetensors.torch import save_file
 
-from ..core.errors import PoelmError
-from ..core.files import read_json, write_json, write_manifest
-from ..core.cascade import load_safetensors
-from .optim import apply_schedule
 from ..common.atomic import AtomicDir
 from ..common.options import option
-from .schedule import lr_multiplier, muon_momentum
-from .checkpoint import CHECKPOINTS, STATE, latest_checkpoint, load_checkpoint, save_checkpoint
-from .dist import Dist, all_reduce_sum, barrier, broadcast_flag, log0
-from .metrics import MetricsLog, peak_flops, plot_val_bpb
 from ..common.progress import Progress
-from .trackers import REPORT_TO, Trackers
+from ..core.cascade import load_safetensors
+from ..core.errors import PoelmError
+from ..core.files import read_json, write_json, write_manifest
+from .checkpoint import CHECKPOINTS, STATE, load_checkpoint, save_checkpoint
+from .dist import Dist, all_reduce_sum, broadcast_flag, log0
+from .flops import peak_flops
+from .metrics import MetricsLog, plot_val_bpb
+from .optim import apply_schedule
+from .schedule import lr_multiplier, muon_momentum
+from .trackers import REPORT_TO, Trackers, check_report_to
 
 RUN_CONFIG = "run.json"
 BEST = "best"
@@ -108,21 +86,30 @@ class Loader(Protocol):
 
 @dataclass
 class LoopConfig:
-    run_dir: Path
+    """What the loop runs on: the run's options (`run`: folder, cadence, schedule) and what the command
+    resolved from them and its model."""
+
+    run: RunArgs
     steps: int
     accum_steps: int
     tokens_per_step: int
-    eval_every: int
-    save_every: int
-    warmup_frac: float
-    warmdown_frac: float
-    final_lr_frac: float
     best_key: str
-    resume: bool = False
     title: str = "val bpb"
+    flops_per_token: float | None = None  # model FLOPs of a training step per token (flops.py)
     momentum_warmup_steps: int = 300
-    flops_per_token: float | None = None  # model FLOPs of a training step per token (metrics.py)
-    report_to: tuple[str, ...] = ()  # trackers (trackers.py), checked by the command before any work
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out)
+
+    @property
+    def save_every(self) -> int:
+        return self.run.save_every or self.run.eval_every
+
+    @property
+    def report_to(self) -> tuple[str, ...]:
+        """The trackers of `--report-to` (the command checked them before any work: recipe.train)."""
+        return check_report_to(self.run.report_to)
 
 
 @dataclass
@@ -135,58 +122,15 @@ class LoopResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_seq_len(requested: int | None, model_len: int) -> int:
-    """--seq-len, or the model's sequence_len; longer than the model takes is an error."""
-    seq_len = requested or model_len
-    if not 1 < seq_len <= model_len:
-        raise PoelmError(f"--seq-len {seq_len}: this model takes sequences of 2..{model_len} tokens (its sequence_len)")
-    return seq_len
-
-
-def batch_geometry(device_batch_size: int, total_batch_tokens: int | None, seq_len: int,
-                   world: int) -> tuple[int, int]:
-    """(tokens per step, accumulation steps): the step's tokens do not depend on the world size."""
-    per_micro = device_batch_size * seq_len * world
-    total = total_batch_tokens or per_micro
-    if total % per_micro:
-        raise PoelmError(f"--total-batch-tokens {total} is not divisible by device batch {device_batch_size} x "
-                         f"seq len {seq_len} x world size {world} = {per_micro}")
-    return total, total // per_micro
-
-
-def check_run_dir(run_dir: Path, run_config: dict[str, Any], resume: bool, ignore: tuple[str, ...] = ()) -> Path | None:
-    """Check the run folder against --resume; returns the checkpoint to resume from, if any. Writes nothing.
-
-    A fresh run refuses a folder that already holds a run; a resumed run refuses a checkpoint made
-    with a different configuration (fields in `ignore` may differ), naming the first field that
-    differs.
-    """
-    run_dir = Path(run_dir)
-    recorded = run_dir / RUN_CONFIG
-    ckpt = latest_checkpoint(run_dir)
-    if resume:
-        if ckpt is None:
-            raise PoelmError(f"--resume: no complete checkpoint in {run_dir / CHECKPOINTS}")
-        old = read_json(recorded)
-        for key in sorted(set(old) | set(run_config)):
-            if key in ignore:
-                continue
-            if old.get(key) != run_config.get(key):
-                raise PoelmError(f"--resume: {recorded} was made with {key}={old.get(key)!r}, this run has "
-                                 f"{key}={run_config.get(key)!r}; resume with the same configuration")
-        return ckpt
-    if recorded.exists() or ckpt is not None or (run_dir / "final").exists():
-        raise PoelmError(f"{run_dir}: already holds a run (pass --resume to continue it, or choose another --out)")
-    return None
-
-
-def record_run(d: Dist, run_dir: Path, run_config: dict[str, Any]) -> None:
-    """Create the run folder and its run.json, once the inputs have been checked (rank 0 writes)."""
-    barrier(d)
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / RUN_CONFIG, run_config)
-    barrier(d)
+def step_tokens(d: Dist, batches: list[tuple[torch.Tensor, ...]], count_fn: Callable[[torch.Tensor], int],
+                copies: int = 1) -> float:
+    """The supervised tokens of a whole optimizer step, summed over every rank (each token counted by
+    `copies` ranks: a pipeline's ranks read the same rows); a step without any is an error."""
+    (count,) = all_reduce_sum(d, [float(sum(count_fn(batch[1]) for batch in batches))])
+    count /= copies
+    if count == 0:
+        raise PoelmError("a training step has no supervised tokens (every target is masked)")
+    return count
 
 
 class TrainLoop:
@@ -205,7 +149,7 @@ class TrainLoop:
                  trainable: Callable[[], dict[str, torch.Tensor]], count_fn: Callable[[torch.Tensor], int],
                  stepper: Callable | None = None, checkpoint_names: set[str] | None = None):
         """`stepper(batches, count_fn) -> (mean loss, per-stage mean losses)` replaces the data-parallel
-        forward/backward of a step (stage parallelism, train/stages.py), leaving the optimizer step to
+        forward/backward of a step (stage parallelism, pipeline.py), leaving the optimizer step to
         the loop; `checkpoint_names`: the names a checkpoint may hold beyond this process's parameters
         (a stage-parallel rank holds only its stages). `trainable()` is called on every rank (it may be
         a collective); only rank 0 uses what it returns."""
@@ -225,7 +169,7 @@ class TrainLoop:
             log0(d, f"model FLOPs per token {cfg.flops_per_token:.4g}; MFU against {d.world_size} x {name} "
                     f"at {peak / 1e12:g} TFLOP/s bf16")
         elif cfg.flops_per_token is not None and d.device.type == "cuda":
-            log0(d, f"MFU omitted: no bf16 peak known for {name!r} (poelm/train/metrics.py PEAK_BF16_FLOPS)")
+            log0(d, f"MFU omitted: no bf16 peak known for {name!r} (poelm/train/flops.py PEAK_BF16_FLOPS)")
 
     # ------------------------------------------------------------------------------- resume
     def restore(self, ckpt: Path) -> int:
@@ -300,8 +244,8 @@ class TrainLoop:
 
     # ------------------------------------------------------------------------------- steps
     def set_lr(self, step: int) -> float:
-        mult = lr_multiplier(step, self.cfg.steps, self.cfg.warmup_frac, self.cfg.warmdown_frac,
-                             self.cfg.final_lr_frac)
+        run = self.cfg.run
+        mult = lr_multiplier(step, self.cfg.steps, run.warmup_frac, run.warmdown_frac, run.final_lr_frac)
         apply_schedule(self.optimizer, mult, muon_momentum(step, self.cfg.momentum_warmup_steps))
         return mult
 
@@ -313,10 +257,7 @@ class TrainLoop:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             return result
-        local = sum(self.count_fn(batch[1]) for batch in batches)
-        (count,) = all_reduce_sum(self.d, [float(local)])
-        if count == 0:
-            raise PoelmError("a training step has no supervised tokens (every target is masked)")
+        count = step_tokens(self.d, batches, self.count_fn)
         scale = self.d.world_size / count  # DDP averages gradients over ranks: undo it
         loss_sum, stage_sums = 0.0, None
         for i, batch in enumerate(batches):
@@ -358,7 +299,7 @@ class TrainLoop:
                     if self.peak is not None:
                         record["mfu"] = cfg.flops_per_token * record["tok_per_s"] / self.peak
                         speed["mfu"] = f"{record['mfu']:.1%}"
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+                if step % cfg.run.eval_every == 0 or step == cfg.steps:
                     self._eval_and_log(step, record, progress)
                 elif d.is_main:
                     self.metrics.append(record)

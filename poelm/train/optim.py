@@ -1,53 +1,16 @@
 """MuonAdamW: one optimizer, two kinds of parameter group, kept off the model (nanochat's optim.py).
+docs/training.md, "The optimizer", has the group table and the update rules step by step.
 
 Design choices:
-- Grouping lives here, not on the model: `param_groups(model)` reads parameter *names* (nanochat's)
-  and assigns every trainable (`requires_grad`) parameter to exactly one group; frozen parameters
-  (a specialist stage's base) are left out; a trainable parameter that matches no rule is an error
-  naming it, so a new parameter can never silently go untrained or get the wrong optimizer.
-- Groups (nanochat's values; AdamW LRs of the embedding and head scaled by (n_embd / 768) ** -0.5,
-  tuned at d=768, 0.7071 at d=1536):
-    lm_head        lm_head.weight, stage_heads.*      adamw  unembedding_lr*s  (0.8, 0.96)  wd 0.01
-    wte            transformer.wte.weight             adamw  embedding_lr*s    (0.8, 0.995) wd 0.001
-    value_embeds   value_embeds.*                     adamw  embedding_lr*s/2  (0.8, 0.995) wd 0.01
-    resid_lambdas  resid_lambdas                      adamw  scalar_lr*0.01    (0.8, 0.95)  wd 0.05
-    x0_lambdas     x0_lambdas                         adamw  scalar_lr         (0.96, 0.95) wd 0
-    smear          smear_gate.weight, smear_lambda,   adamw  0.2               (0.8, 0.95)  wd 0
-                   backout_lambda
-    specialist_head  specialist_head.weight           adamw  stage_head_lr     (0.8, 0.96)  wd stage_head_wd
-    muon RxC       2-D params under transformer.h.    muon   matrix_lr, momentum 0.95, 5 steps, beta2 0.95, wd
-  (eps 1e-10 everywhere). The specialist head's LR is not scaled: the released code specialist used 1e-4 flat.
-  One Muon group per distinct shape (sorted), so its matrices orthogonalise as one batched matmul.
-  Empty groups are omitted. Each group carries `name`, `kind`, `lr`, `initial_lr` (= lr; the trainer
-  sets lr = initial_lr * lr_multiplier) and `param_names` (same order as `params`; torch's
-  Optimizer knows this key, so its own state_dict/load_state_dict keep working).
-- AdamW is torch's decoupled AdamW, operation for operation (`torch.optim.AdamW(foreach=False)`):
-  p *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2*v + (1-b2)*g^2;
-  p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps). Bitwise equal to it for float32 parameters.
-- Muon, per step, on each (R, C) matrix of a group (all of one shape, batched as (N, R, C)):
-  1. Nesterov momentum: buf = lerp(buf, g, 1-mu); u = lerp(g, buf, mu), mu read from the group
-     every step (the trainer warms it up with `schedule.muon_momentum`).
-  2. Orthogonalise u with 5 Polar Express steps (Amsel, Persson, Musco, Gower 2025,
-     arXiv:2505.16932; the coefficients computed for 5 iterations, safety factor 2e-2, cushion 2,
-     as modded-nanogpt and nanochat ship them) after dividing by 1.02 * ||u||_F (>= the spectral
-     norm, so every singular value starts in [0, 1/1.02]). Tall matrices are transposed so the Gram
-     matrix is the small (min(R,C))^2 one. float32 on CPU (deterministic, accurate); bfloat16 on CUDA.
-  3. Optional NorMuon variance reduction (arXiv:2510.05491, nanochat's form), off when beta2 is
-     None: after orthogonalisation the long side's rows are already unit vectors, so the statistic is
-     taken along the other side: per row when R >= C (v has shape (R, 1)), per column when R < C
-     ((1, C)). v = EMA_beta2(mean of u^2 along that side); u <- u / sqrt(v), then u is rescaled to
-     its Frobenius norm before the division. The EMA has no bias correction because that final
-     rescale cancels any common factor.
-  4. Shape scale: u *= max(1, R/C) ** 0.5 (nanochat's aspect-ratio LR factor).
-  5. Decoupled weight decay p *= 1 - lr*wd (plain, torch-AdamW semantics, with the unscaled lr;
-     nanochat's "cautious" masked decay is not used), then p -= lr * u.
-  nanochat's newer MuonEq row equilibration and Muon+ Frobenius snap are not implemented.
-- Deterministic on CPU: fixed operation order, no atomics, no global state; state lives in
-  `self.state` per parameter (float32), so it saves per parameter.
-- No pickle: `optimizer_state` returns named CPU tensors for a safetensors file plus a JSON-able
-  dict (group hyperparameters, per-parameter scalar state, parameter names and shapes);
-  `load_optimizer_state` checks everything against the live optimizer before changing anything and
-  names the source file and the group/tensor that does not fit.
+- Grouping reads parameter *names* (`param_groups`): every trainable parameter joins exactly one
+  group, frozen ones none, and a trainable parameter that matches no rule is an error naming it, so a
+  new parameter can never silently go untrained or get the wrong optimizer.
+- AdamW is torch's decoupled AdamW operation for operation (bitwise equal for float32 parameters);
+  Muon is Nesterov momentum, Polar Express orthogonalisation (arXiv:2505.16932), optional NorMuon
+  (arXiv:2510.05491), nanochat's shape scale and decoupled weight decay, one group per matrix shape.
+- Deterministic on CPU: fixed operation order, no atomics, no global state.
+- No pickle: `optimizer_state` gives named CPU tensors plus JSON; `load_optimizer_state` checks
+  everything against the live optimizer before changing anything, naming the file and what misfits.
 """
 
 from __future__ import annotations
@@ -89,6 +52,26 @@ def _adamw_group(name: str, lr: float, betas: tuple[float, float], wd: float) ->
                 betas=betas, eps=1e-10, weight_decay=wd)
 
 
+def _group_key(name: str, p: torch.Tensor) -> str | None:
+    """The group a trainable parameter joins, by its name (nanochat's rules): an AdamW group's name,
+    "muon" for a block matrix (grouped by shape), None when no rule matches."""
+    if name == "lm_head.weight" or name.startswith("stage_heads."):
+        return "lm_head"
+    if name == "specialist_head.weight":
+        return "specialist_head"
+    if name in ("resid_lambdas", "x0_lambdas"):
+        return name
+    if name == "transformer.wte.weight":
+        return "wte"
+    if name.startswith("value_embeds."):
+        return "value_embeds"
+    if name in ("smear_gate.weight", "smear_lambda", "backout_lambda"):
+        return "smear"
+    if name.startswith("transformer.h.") and p.ndim == 2:
+        return "muon"
+    return None
+
+
 def param_groups(
     model: nn.Module,
     *,
@@ -101,7 +84,7 @@ def param_groups(
     stage_head_weight_decay: float = 0.1,
     no_decay: frozenset[str] | set[str] | tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
-    """Every trainable parameter of `model` in exactly one group (table in the module docstring).
+    """Every trainable parameter of `model` in exactly one group (docs/training.md, "The optimizer").
 
     `weight_decay` is the Muon groups'; the AdamW groups keep nanochat's fixed decays, except the
     specialist head's (`stage_head_weight_decay`). Groups holding a parameter named in `no_decay` get
@@ -122,34 +105,21 @@ def param_groups(
     muon: dict[tuple[int, ...], dict[str, Any]] = {}
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for name, p in trainable:
-        if name == "lm_head.weight" or name.startswith("stage_heads."):
-            key = "lm_head"
-        elif name == "specialist_head.weight":
-            key = "specialist_head"
-        elif name == "transformer.wte.weight":
-            key = "wte"
-        elif name.startswith("value_embeds."):
-            key = "value_embeds"
-        elif name in ("resid_lambdas", "x0_lambdas"):
-            key = name
-        elif name in ("smear_gate.weight", "smear_lambda", "backout_lambda"):
-            key = "smear"
-        elif name.startswith("transformer.h.") and p.ndim == 2:
-            shape = tuple(p.shape)
-            if shape not in muon:
-                muon[shape] = dict(name="muon " + "x".join(map(str, shape)), kind="muon", params=[],
-                                   param_names=[], lr=matrix_lr, initial_lr=matrix_lr, momentum=0.95,
-                                   ns_steps=5, beta2=0.95, weight_decay=weight_decay)
-            muon[shape]["params"].append(p)
-            muon[shape]["param_names"].append(name)
-            continue
-        else:
+        key = _group_key(name, p)
+        if key is None:
             raise PoelmError(f"parameter '{name}' {tuple(p.shape)} is trainable but matches no optimizer group "
                              "(expected: transformer.wte/h.*, lm_head, stage_heads.*, "
                              "specialist_head, value_embeds.*, resid/x0_lambdas, smear_*, backout_lambda; "
-                             "freeze it or add a rule in poelm/optim.py)")
-        adamw[key]["params"].append(p)
-        adamw[key]["param_names"].append(name)
+                             "freeze it or add a rule in poelm/train/optim.py)")
+        if key == "muon":
+            shape = tuple(p.shape)
+            group = muon.setdefault(shape, dict(name="muon " + "x".join(map(str, shape)), kind="muon", params=[],
+                                                param_names=[], lr=matrix_lr, initial_lr=matrix_lr, momentum=0.95,
+                                                ns_steps=5, beta2=0.95, weight_decay=weight_decay))
+        else:
+            group = adamw[key]
+        group["params"].append(p)
+        group["param_names"].append(name)
     groups = [g for g in adamw.values() if g["params"]] + [muon[k] for k in sorted(muon)]
     for g in groups:
         if any(n in no_decay for n in g["param_names"]):
@@ -360,19 +330,7 @@ def load_optimizer_state(opt: MuonAdamW, tensors: dict[str, torch.Tensor], meta:
     def fail(what: str) -> NoReturn:
         raise PoelmError(f"{source}: optimizer state does not fit: {what}")
 
-    fmt = meta.get("format") if isinstance(meta, dict) else None
-    if fmt != STATE_FORMAT:
-        fail(f"format {fmt!r}, expected {STATE_FORMAT!r}")
-    try:
-        saved_groups = list(meta["groups"])
-        theirs = [g["hyper"]["name"] for g in saved_groups]
-        for g in saved_groups:
-            for entry in g["params"]:
-                absent = [k for k in ("name", "shape", "tensors", "scalars") if k not in entry]
-                if absent:
-                    raise KeyError(f"group {g['hyper']['name']!r} parameter entry lacks {absent}")
-    except (KeyError, TypeError) as e:
-        fail(f"malformed metadata ({type(e).__name__}: {e})")
+    saved_groups, theirs = _saved_groups(meta, fail)
     ours = [g["name"] for g in opt.param_groups]
     if ours != theirs:
         fail(f"groups {theirs}, expected this optimizer's {ours}")
@@ -380,36 +338,8 @@ def load_optimizer_state(opt: MuonAdamW, tensors: dict[str, torch.Tensor], meta:
     new_state: list[tuple[torch.Tensor, dict[str, Any]]] = []
     used: set[str] = set()
     for group, saved in zip(opt.param_groups, saved_groups):
-        gname, hyper = group["name"], saved["hyper"]
-        expected_keys = sorted(k for k in group if k not in _NOT_HYPER)
-        if sorted(hyper) != expected_keys:
-            fail(f"group '{gname}' has hyperparameters {sorted(hyper)}, expected {expected_keys}")
-        if hyper["kind"] != group["kind"]:
-            fail(f"group '{gname}' is {hyper['kind']!r}, expected {group['kind']!r}")
-        new_hyper.append({k: tuple(v) if isinstance(group[k], tuple) else v for k, v in hyper.items()})
-        saved_params, names = saved["params"], group.get("param_names")
-        if len(saved_params) != len(group["params"]):
-            fail(f"group '{gname}' has {len(saved_params)} parameters, expected {len(group['params'])}")
-        for i, (p, entry) in enumerate(zip(group["params"], saved_params)):
-            label = f"group '{gname}' parameter {i}" + (f" '{names[i]}'" if names else "")
-            if names and entry["name"] is not None and entry["name"] != names[i]:
-                fail(f"{label}: saved as '{entry['name']}'")
-            if list(entry["shape"]) != list(p.shape):
-                fail(f"{label}: saved shape {entry['shape']}, expected {list(p.shape)}")
-            allowed = _state_shapes(group, tuple(p.shape))
-            state: dict[str, Any] = dict(entry["scalars"])
-            for key in entry["tensors"]:
-                tname = f"{gname}.{i}.{key}"
-                if key not in allowed:
-                    fail(f"tensor '{tname}': unknown state {key!r} for a {group['kind']} group, expected {sorted(allowed)}")
-                if tname not in tensors:
-                    fail(f"tensor '{tname}' is missing")
-                t = tensors[tname]
-                if tuple(t.shape) != allowed[key] or t.dtype != torch.float32:
-                    fail(f"tensor '{tname}' is {t.dtype} {list(t.shape)}, expected torch.float32 {list(allowed[key])}")
-                state[key] = t.to(p.device, copy=True)
-                used.add(tname)
-            new_state.append((p, state))
+        new_hyper.append(_saved_hyper(group, saved["hyper"], fail))
+        new_state += _saved_param_states(group, saved["params"], tensors, used, fail)
     extra = sorted(set(tensors) - used)
     if extra:
         fail(f"tensors {extra[:5]}{' ...' if len(extra) > 5 else ''} belong to no parameter of this optimizer")
@@ -420,3 +350,63 @@ def load_optimizer_state(opt: MuonAdamW, tensors: dict[str, torch.Tensor], meta:
     for p, state in new_state:
         if state:
             opt.state[p] = state
+
+
+def _saved_groups(meta: Any, fail: Callable[[str], NoReturn]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The saved groups of `meta` and their names, after checking its format and every entry's keys."""
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt != STATE_FORMAT:
+        fail(f"format {fmt!r}, expected {STATE_FORMAT!r}")
+    try:
+        saved_groups = list(meta["groups"])
+        names = [g["hyper"]["name"] for g in saved_groups]
+        for g in saved_groups:
+            for entry in g["params"]:
+                absent = [k for k in ("name", "shape", "tensors", "scalars") if k not in entry]
+                if absent:
+                    raise KeyError(f"group {g['hyper']['name']!r} parameter entry lacks {absent}")
+    except (KeyError, TypeError) as e:
+        fail(f"malformed metadata ({type(e).__name__}: {e})")
+    return saved_groups, names
+
+
+def _saved_hyper(group: dict[str, Any], hyper: dict[str, Any], fail: Callable[[str], NoReturn]) -> dict[str, Any]:
+    """A saved group's hyperparameters, checked against the live group's keys and kind."""
+    gname = group["name"]
+    expected_keys = sorted(k for k in group if k not in _NOT_HYPER)
+    if sorted(hyper) != expected_keys:
+        fail(f"group '{gname}' has hyperparameters {sorted(hyper)}, expected {expected_keys}")
+    if hyper["kind"] != group["kind"]:
+        fail(f"group '{gname}' is {hyper['kind']!r}, expected {group['kind']!r}")
+    return {k: tuple(v) if isinstance(group[k], tuple) else v for k, v in hyper.items()}
+
+
+def _saved_param_states(group: dict[str, Any], saved_params: list[dict[str, Any]], tensors: dict[str, torch.Tensor],
+                        used: set[str], fail: Callable[[str], NoReturn]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """(parameter, its saved state) for each parameter of a live group, every tensor checked; the
+    names of the tensors taken are added to `used`."""
+    gname, names = group["name"], group.get("param_names")
+    if len(saved_params) != len(group["params"]):
+        fail(f"group '{gname}' has {len(saved_params)} parameters, expected {len(group['params'])}")
+    out = []
+    for i, (p, entry) in enumerate(zip(group["params"], saved_params)):
+        label = f"group '{gname}' parameter {i}" + (f" '{names[i]}'" if names else "")
+        if names and entry["name"] is not None and entry["name"] != names[i]:
+            fail(f"{label}: saved as '{entry['name']}'")
+        if list(entry["shape"]) != list(p.shape):
+            fail(f"{label}: saved shape {entry['shape']}, expected {list(p.shape)}")
+        allowed = _state_shapes(group, tuple(p.shape))
+        state: dict[str, Any] = dict(entry["scalars"])
+        for key in entry["tensors"]:
+            tname = f"{gname}.{i}.{key}"
+            if key not in allowed:
+                fail(f"tensor '{tname}': unknown state {key!r} for a {group['kind']} group, expected {sorted(allowed)}")
+            if tname not in tensors:
+                fail(f"tensor '{tname}' is missing")
+            t = tensors[tname]
+            if tuple(t.shape) != allowed[key] or t.dtype != torch.float32:
+                fail(f"tensor '{tname}' is {t.dtype} {list(t.shape)}, expected torch.float32 {list(allowed[key])}")
+            state[key] = t.to(p.device, copy=True)
+            used.add(tname)
+        out.append((p, state))
+    return out

@@ -1,35 +1,18 @@
 """Stage-parallel pretraining: each process owns a contiguous run of PoE stages; activations flow
 forward only (`poelm pretrain --stage-parallel P` under torchrun, world size P x D).
+docs/training.md, "Stage parallelism", explains the ranks, what flows and what is held.
 
 Design choices:
-- Ranks: pipeline position p = rank % P (neighbours in the pipeline are neighbouring ranks, so they
-  share a machine when torchrun places consecutive ranks together) and data replica r = rank // P.
-  The P pipeline ranks of a replica read the same micro-batches (the loader is sharded over the D
-  replicas only), so nothing but activations needs to travel between them.
-- Stages are split by compute: each stage costs its layers (12 d^2 per token each) plus one head
-  read-out (d V); the contiguous split minimising the largest share is chosen (`split_stages`).
-- What flows: rank p sends rank p + 1 the residual stream after its last layer and, once the backout
-  layer has run, the backout residual — both detached, as flat training detaches them anyway (a stage
-  learns only from its own loss). Nothing goes backward. Each rank recomputes the embedding and x0
-  from the token ids itself (cheap), so x0's gradient reaches the embedding on every rank.
-- What is held: the full model is built and initialised from the run's seed on every rank (so every
-  tensor starts as in one process), then the blocks, value embeddings and per-stage heads of stages
-  a rank does not own are dropped. The embedding, the shared head and the scalars (lambdas, smear,
-  backout) are held by every rank and stay identical: their gradients are summed over the world (each
-  rank holds its stages' share of them) and every rank takes the same optimizer step. A rank's own
-  tensors are summed over its D replicas only.
-- Synchronous: a step's loss is normalised by the step's supervised tokens (as in the data-parallel
-  loop), so the weights equal single-process flat training's on the same data (tested within 1e-5; the
-  order of float sums differs). Micro-batches stream: rank p sends micro-batch m and goes on to m + 1
-  while rank p + 1 works on m; the bubble is the P - 1 micro-batches the last rank waits at the start
-  of a step. With `--stage-loss-fraction F < 1` each rank draws its stages' positions from its own
-  RNG: unbiased, but not the positions one process would draw.
-- The residual travels as float32 (float64 for a `--dtype float64` run, where the pipeline's weights
-  equal one process's to 1e-5 in every element; see tests/test_stage_parallel.py).
-- Evaluation runs the same pipeline: every rank scores its stages and passes on the running sum of
-  their log-probabilities, from which the last rank scores the Log-OP; sums are reduced over the
-  world. Checkpoints hold the full weights (gathered to rank 0) and each rank's own optimizer state,
-  so `final/` and `best/` are ordinary model directories whatever P and D were.
+- Rank r is pipeline position r % P of data replica r // P; a replica's P ranks read the same
+  micro-batches, so only activations travel between them.
+- Ranks own stages split by compute (`rank_stages`, the FLOPs of flops.py).
+- Flat training detaches the residual between stages anyway, so rank p sends p + 1 the residual (and
+  the backout residual) detached and nothing flows backward; micro-batches stream through.
+- Every rank builds the full model from the seed, then drops what it does not own (`strip`); the
+  shared tensors (embedding, shared head, scalars) take gradients summed over the world, so one step
+  equals one process's flat training (to float rounding; tests/test_stage_parallel.py).
+- The loss (core's `combine_stage_losses`), the Log-OP (core's `logop_of_score`) and the bpb sums
+  (eval/bpb.py) are their owners' functions, applied to the stages a rank holds.
 """
 
 from __future__ import annotations
@@ -43,19 +26,22 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..core.errors import PoelmError
-from ..core.model import PoEGPT, Walk
+from ..core.model import PoEGPT, Walk, combine_stage_losses, logop_of_score, logop_score
+from ..eval.bpb import bpb_names, evaluating, scored_nats, target_bytes
 from .dist import Dist, all_reduce_sum
+from .flops import stage_flops
+from .loop import step_tokens
 
 
-def split_stages(config, P: int) -> list[tuple[int, int]]:
-    """[first, last] stage of each of P ranks: contiguous, the largest compute share smallest."""
+def rank_stages(config, P: int) -> list[tuple[int, int]]:
+    """[first, last] stage of each of P pipeline ranks: contiguous, the largest compute share smallest
+    (not core.config.split_stages, which splits layers into stages)."""
     K = config.n_stages
     if not 1 < P <= K:
         raise PoelmError(f"--stage-parallel {P}: this model has {K} stages; expected 2..{K} pipeline ranks")
-    cost = [n * 12 * config.n_embd ** 2 + config.n_embd * config.vocab_size for n in config.poe_stage_layers]
+    cost = stage_flops(config)
     best = None
     for cuts in itertools.combinations(range(1, K), P - 1):
         bounds = (0, *cuts, K)
@@ -97,7 +83,7 @@ def make_pipeline(d: Dist, config, P: int) -> Pipeline:
                          f"(torchrun --nproc_per_node x nodes = P x data-parallel replicas)")
     D = d.world_size // P
     pipe, replica = d.rank % P, d.rank // P
-    first, last = split_stages(config, P)[pipe]
+    first, last = rank_stages(config, P)[pipe]
     data_group = None
     if D > 1:  # every rank creates every group, in the same order
         for p in range(P):
@@ -201,11 +187,7 @@ class PipelineStep:
 
     def __call__(self, batches: list[tuple[torch.Tensor, ...]], count_fn) -> tuple[float, list[float]]:
         pipe, model, c = self.pipe, self.model, self.model.config
-        local = sum(count_fn(b[1]) for b in batches)
-        (count,) = all_reduce_sum(pipe.d, [float(local)])
-        count /= pipe.P  # every pipeline rank of a replica counted the same tokens
-        if count == 0:
-            raise PoelmError("a training step has no supervised tokens (every target is masked)")
+        count = step_tokens(pipe.d, batches, count_fn, copies=pipe.P)  # a replica's P ranks read the same rows
         K, alpha = c.n_stages, c.poe_alpha
         sums = [0.0] * K
         pending = []
@@ -219,19 +201,19 @@ class PipelineStep:
                     self.bubble_s += time.perf_counter() - t0
                 hidden, stages = [], []
                 for k, walk in _own_stages(model, pipe, walk):
-                    hidden.append(model.stage_hidden(walk.x, k, model._backout(walk, k, True)))
+                    hidden.append(model.readout_hidden(walk, k, detach_backout=True))
                     stages.append(k)
                 if not pipe.last:
                     pending += _send(model, pipe, walk)
                 losses = model.fused_losses(hidden, stages, y, fraction=self.fraction, exact=K - 1)
-            (sum(losses) / K ** (1.0 - alpha) / count).backward()
+            (combine_stage_losses(losses, alpha, K) / count).backward()  # this rank's share of the step's loss
             for k, loss in zip(stages, losses):
                 sums[k] += float(loss.detach())
         for _, handle in pending:
             handle.wait()
         self.reduce_gradients()
         reduced = all_reduce_sum(pipe.d, sums)
-        return sum(reduced) / K ** (1.0 - alpha) / count, [v / count for v in reduced]
+        return combine_stage_losses(reduced, alpha, K) / count, [v / count for v in reduced]
 
     def reduce_gradients(self) -> None:
         """Shared tensors: summed over the world; this rank's own: summed over its replicas."""
@@ -247,38 +229,31 @@ class PipelineStep:
 
 @torch.no_grad()
 def pipeline_bpb_sums(model: PoEGPT, pipe: Pipeline, batches, token_bytes: torch.Tensor) -> tuple[list[str], list[float]]:
-    """bpb_sums (eval/bpb.py) across the pipeline: each rank scores its stages; the running sum of the
-    stages' log-probabilities travels forward and the last rank scores the Log-OP. Reduced over the world."""
+    """bpb_sums (eval/bpb.py) across the pipeline: each rank scores its stages; the Log-OP's running
+    score (float32) travels forward and the last rank scores the Log-OP. Reduced over the world."""
     c = model.config
     K = c.n_stages
-    names = [f"stage{k}" for k in range(K)] + ["logop"]
     nats, n_bytes = [0.0] * (K + 1), 0.0
     token_bytes = token_bytes.to(pipe.d.device)
-    was_training = model.training
-    model.eval()
-    for x, y in batches:
-        x, y = x.to(pipe.d.device), y.to(pipe.d.device)
-        walk = model.begin(x)
-        logp_sum = torch.zeros(*x.shape, c.vocab_size, dtype=torch.float32, device=x.device)
-        if not pipe.first:
-            walk = _receive(model, pipe, walk, logp_sum)
-        keep = (torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0) > 0).reshape(-1)
-        target = y.clamp(min=0).reshape(-1)
-        for k, walk in _own_stages(model, pipe, walk):
-            logits = model.readout(walk, k, detach_backout=True).float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target, reduction="none")
-            nats[k] += float((nll * keep).sum())
-            logp_sum += F.log_softmax(logits, dim=-1)
-        if not pipe.last:
-            for _, handle in _send(model, pipe, walk, logp_sum):
-                handle.wait()
-            continue
-        score = F.log_softmax(logp_sum / K ** (1.0 - c.poe_alpha), dim=-1)
-        nll = F.cross_entropy(score.reshape(-1, score.size(-1)), target, reduction="none")
-        nats[K] += float((nll * keep).sum())
-        n_bytes += float(torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0).sum())
-    model.train(was_training)
-    return names, all_reduce_sum(pipe.d, nats + [n_bytes])
+    with evaluating(model):
+        for x, y in batches:
+            x, y = x.to(pipe.d.device), y.to(pipe.d.device)
+            walk = model.begin(x)
+            score = torch.zeros(*x.shape, c.vocab_size, dtype=torch.float32, device=x.device)
+            if not pipe.first:
+                walk = _receive(model, pipe, walk, score)
+            nbytes = target_bytes(y, token_bytes)
+            for k, walk in _own_stages(model, pipe, walk):
+                logits = model.readout(walk, k, detach_backout=True).float()
+                nats[k] += scored_nats(logits, y, nbytes)
+                score += logop_score([logits])
+            if not pipe.last:
+                for _, handle in _send(model, pipe, walk, score):
+                    handle.wait()
+                continue
+            nats[K] += scored_nats(logop_of_score(score, K, c.poe_alpha), y, nbytes)
+            n_bytes += float(nbytes.sum())
+    return bpb_names(K), all_reduce_sum(pipe.d, nats + [n_bytes])
 
 
 def gather_state(model: PoEGPT, pipe: Pipeline) -> dict[str, torch.Tensor]:
@@ -298,7 +273,7 @@ def gather_state(model: PoEGPT, pipe: Pipeline) -> dict[str, torch.Tensor]:
         shapes = {n: (t.shape, dtype) for n, t in PoEGPT(c).state_dict().items()}
     full = {n: t.detach().clone() for n, t in state.items()}
     for p in range(1, pipe.P):
-        first, last = split_stages(c, pipe.P)[p]
+        first, last = rank_stages(c, pipe.P)[p]
         for name in sorted(owned_names(c, (first, last))):
             shape, dtype = shapes[name]
             buf = torch.empty(shape, dtype=dtype, device=pipe.d.device)

@@ -1,26 +1,12 @@
 """Learning-rate and Muon-momentum schedules: pure functions of the step, no state.
+docs/training.md, "The schedule", draws the shape and its endpoints.
 
 Design choices:
-- The trainer owns the loop and calls these once per step:
-  `group["lr"] = group["initial_lr"] * lr_multiplier(step, ...)` for every group and
-  `group["momentum"] = muon_momentum(step)` for the Muon groups (`poelm.optim.apply_schedule` does
-  both). Nothing here touches an optimizer, so a schedule is testable and plottable on its own.
-- Steps are 0-based: a run of `total_steps` trains steps 0 .. total_steps - 1.
-- Shape (nanochat's `get_lr_multiplier`): linear warmup, constant 1, linear warmdown, with
-  `warmup = round(warmup_frac * total_steps)` and `warmdown = round(warmdown_frac * total_steps)`.
-- Warmup starts at 1/warmup, not 0: step 0 already trains ((step + 1) / warmup), and the last
-  warmup step reaches exactly 1.
-- Warmdown is its mirror image: it ends at exactly `final_lr_frac` on the final step
-  (total_steps - 1) and its first step is already one decrement below 1. (nanochat's loop also
-  evaluates at step == total_steps and reaches `final_lr_frac` there; poelm's last *trained* step
-  reaches it.)
-- The multiplier is the minimum of the two ramps, so when rounding makes warmup and warmdown
-  overlap by a step (total 3, fractions 0.5 and 0.5 round to 2 + 2), the schedule stays continuous
-  and each ramp still hits its endpoint.
-- Bad arguments raise `PoelmError` naming the argument and the range expected; a step outside the
-  run is an error too (a silent clamp would hide an off-by-one in the loop).
-- `muon_momentum` is nanochat's warmup of Muon's momentum: linear from `start` to `end` over the
-  first `warmup_steps` steps, then `end`.
+- Nothing here touches an optimizer (`optim.apply_schedule` does), so a schedule is testable alone.
+- Steps are 0-based; nanochat's shape (linear warmup, constant, linear warmdown to `final_lr_frac`),
+  warmup starting at 1/warmup and warmdown ending exactly at `final_lr_frac` on the last trained step.
+- Bad arguments, and a step outside the run, raise `PoelmError` naming the argument and the range
+  (a silent clamp would hide an off-by-one in the loop).
 """
 
 from __future__ import annotations

@@ -1,36 +1,15 @@
 """Experiment trackers (`--report-to tensorboard wandb`): every metrics.jsonl record, also elsewhere.
+docs/training.md, "Trackers", says how each backend stores a run and how resume continues it.
 
 Design choices:
-- metrics.jsonl stays the source of truth; a tracker is a mirror. `MetricsLog.append` hands each
-  record it writes to `Trackers.log_record`, so a tracker gets every figure the file gets, at the
-  same step, with the same values, and nothing else (metrics.py).
-- A record is flattened once for all backends (`flatten`): nested dicts and lists become
-  `val_bpb/stage0`, `stage_losses/1`; numbers are logged as scalars, strings (the greedy `sample`)
-  as text; `step` is the step, not a value. The run's config (run.json's record) is logged once
-  when a tracker's run is created: TensorBoard as hyper-parameters (the HParams tab, nested keys
-  flattened, lists as text) plus the JSON as text `config`; W&B as the run's config.
-- One small interface (`Tracker`: `log(step, values)`, `log_text(step, key, text)`, `close(ok)`),
-  one class per backend, each importing its package only when opened: poelm needs neither.
-  Asking for a backend that is not installed is one line naming the extra (`check_report_to`),
-  raised by the training commands before any work.
-- Only rank 0 reports (the loop opens trackers on rank 0 only).
-- Resume continues the same tracker run. TensorBoard: the same folder `RUNDIR/tensorboard/`, a new
-  event file whose `purge_step` (resumed step + 1) makes readers drop what a killed run logged past
-  the checkpoint, as metrics.jsonl does (`MetricsLog.truncate_after`). Readers order event files by
-  name, whose first field is the creation second, so the new writer starts in a later second than
-  the newest file. W&B: the run id is kept in `RUNDIR/wandb_run_id` and reused with
-  `resume="allow"`; W&B cannot rewrite history, so steps it already holds (those a killed run logged
-  past the checkpoint, online) keep the killed run's values, and the resumed run's are skipped
-  with one log line (bit-identical on CPU, where resume is exact). Offline, each attempt is its own
-  folder `RUNDIR/wandb/offline-run-*-ID` holding the steps it logged (a resumed one from the
-  resumed step + 1); `wandb sync` uploads them to the one run ID, in order.
-- `--report-to` may change on resume (it is logging, not part of the run, so run.json does not
-  record it): a tracker that is new to the run (no event files / no stored W&B id) first replays
-  metrics.jsonl up to the resumed step, so it still holds the whole run. A tracker dropped for part
-  of a run and added back misses that part.
-- W&B runs in whatever mode wandb chooses (`WANDB_MODE`, `wandb login`): online when logged in,
-  else it asks or fails as wandb does; `WANDB_MODE=offline` writes only to `RUNDIR/wandb/` (the
-  tests force it). The project is `WANDB_PROJECT`, else "poelm"; the run name is the run folder's.
+- metrics.jsonl stays the source of truth; a tracker is a mirror: `MetricsLog.append` hands it every
+  record it writes, at the same step, with the same values (flattened once: `val_bpb/stage0`).
+- One small interface (`Tracker`), one class per backend, each importing its package only when
+  opened; a backend that is not installed is one line naming the extra (`check_report_to`), raised
+  by the training commands before any work. Only rank 0 reports.
+- Resume continues the same tracker run, dropping what a killed run logged past the checkpoint where
+  the backend can (TensorBoard's `purge_step`; W&B skips the steps it already holds). `--report-to`
+  is logging, not part of the run: it may change on resume, a new tracker first replaying the file.
 """
 
 from __future__ import annotations
