@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-all demo clean
 
 setup: $(STAMP)
 
@@ -15,8 +15,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# One pytest worker per core (pytest-xdist), each test file on one worker so its module fixtures are
+# built once; `make test` deselects the tests marked slow (pyproject.toml), `make test-all` runs them too.
+WORKERS ?= auto
+
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(WORKERS) --dist loadfile
+
+test-all: setup
+	$(PY) -m pytest -n $(WORKERS) --dist loadfile -m ''
 
 demo: setup
 	$(VENV)/bin/poelm demo

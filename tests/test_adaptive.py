@@ -81,28 +81,37 @@ def test_cli_adaptive_and_compose(trained_like_model_dir, tmp_path, capsys):
     assert main(["generate", str(a), "--prompt", "x", "--adaptive", "--compose", str(b)]) == 2
 
 
-def test_composition_of_one_sibling_decodes_as_that_sibling(trained_like_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def stage(trained_like_model_dir, tmp_path_factory):
+    """A one-block stage on the trained-like base, calibrated with `poelm calibrate` (a stage directory
+    brings its whole chain); the tests below only read it."""
+    from poelm.app.cli import main
+    from poelm.models.specialist import attach, save_specialist
+
+    root = tmp_path_factory.mktemp("adaptive_stage")
+    stage = save_specialist(attach(trained_like_model_dir, 1, seed=1)[0], trained_like_model_dir, root / "s", "s")
+    (root / "c.txt").write_text("print('hello world')\n" * 40)
+    assert main(["calibrate", str(stage), "--data", str(root / "c.txt"), "--max-tokens", "256"]) == 0
+    return stage
+
+
+def test_composition_of_one_sibling_decodes_as_that_sibling(stage):
     from poelm.infer.compose import ComposedDecoder, Composition
     from poelm.infer.engine import Engine
     from poelm.infer.sampling import SamplingParams
     from poelm import models
-    from poelm.models.specialist import attach, save_specialist
 
-    a = save_specialist(attach(trained_like_model_dir, 1, seed=1)[0], trained_like_model_dir, tmp_path / "a", "a")
     params = SamplingParams(max_new_tokens=10)
     prompt = [32759, 100, 200, 300]
-    want = Engine(models.open(a).model(), stop_ids=set()).generate(prompt, params)
-    assert ComposedDecoder(Composition([a]), stop_ids=set()).generate(prompt, params) == want
+    want = Engine(models.open(stage).model(), stop_ids=set()).generate(prompt, params)
+    assert ComposedDecoder(Composition([stage]), stop_ids=set()).generate(prompt, params) == want
 
 
-def test_modes_on_a_stage_directory(trained_like_model_dir, tmp_path, capsys):
+def test_modes_on_a_stage_directory(stage, capsys):
     """The PoE modes work on a stage directory (its whole chain) as on a base."""
     from poelm.app.cli import main
-    from poelm.models.specialist import attach, save_specialist
 
-    stage = save_specialist(attach(trained_like_model_dir, 1, seed=1)[0], trained_like_model_dir, tmp_path / "s", "s")
-    (tmp_path / "c.txt").write_text("print('hello world')\n" * 40)
-    assert main(["calibrate", str(stage), "--data", str(tmp_path / "c.txt"), "--max-tokens", "256"]) == 0
+    capsys.readouterr()
     for mode in (["--speculative", "2", "--draft-stage", "1"], ["--adaptive"], ["--exit-stage", "1"]):
         assert main(["generate", str(stage), "--prompt", "def f(", "--max-new-tokens", "5", *mode]) == 0, mode
     assert capsys.readouterr().err.count("tokens in") == 3

@@ -150,10 +150,9 @@ def terminal(tmp_path):
 
 
 def test_chat_on_a_terminal(model_dir, terminal, tmp_path):
-    (n_hello, hello), = reference(model_dir, ["hello"])
+    (n_hello, hello), (n_again, _) = reference(model_dir, ["hello", "hello"])
     (n_lines, lines), = reference(model_dir, ["line one \nline two"])
     (n_code, code), = reference(model_dir, ["def f(x):\n    return x \\"])
-    (_, _), (n_again, _) = reference(model_dir, ["hello", "hello"])
     chat = terminal(model_dir, "--max-new-tokens", "8")
 
     banner = chat.expect(PROMPT).decode()
@@ -198,7 +197,10 @@ def test_chat_on_a_terminal(model_dir, terminal, tmp_path):
     assert "/help" in history and "line one \\" in history
 
 
-def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(model_dir, terminal):
+def test_ctrl_c_stops_an_answer_and_twice_at_the_prompt_leaves(model_dir, terminal):
+    """Ctrl-C in an answer stops it and the chat goes on (twice: the stopped answer stays in the
+    conversation); at the prompt Ctrl-C discards the typed line with a hint, and Ctrl-C again leaves with
+    status 0. One terminal session for both (each costs a fresh interpreter); /exit: the piped test."""
     from poelm.core.tokenizer import Tokenizer
 
     tok = Tokenizer.load(model_dir)
@@ -221,13 +223,6 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(model_dir, terminal):
                                {"role": "user", "content": "hi"}])
     assert prompt2 > len(empty)
     assert b"/reset" in chat.type("/help")
-    os.write(chat.fd, b"/exit\r")
-    assert chat.exit_status() == 0
-
-
-def test_ctrl_c_twice_at_the_prompt_leaves(model_dir, terminal):
-    chat = terminal(model_dir)
-    chat.expect(PROMPT)
     os.write(chat.fd, b"half a line")
     chat.expect(b"half a line")
     chat.ctrl_c_at_the_prompt()  # the typed line is discarded
@@ -246,6 +241,9 @@ def test_piped_answers_alone_on_stdout(model_dir, capsys, monkeypatch):
     assert "poelm chat:" not in err and "> " not in out  # no banner, no prompt
     assert "/stats on|off" in err and "unknown command /nope" in err and "/stats takes on or off" in err
     assert len(STATS.findall(err)) == 1  # stats on until /stats off
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/exit\nhello\n"))  # /exit leaves as /quit does
+    assert main(["chat", str(model_dir), "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == f"{hello}\n"
 
 
 def test_too_long_conversations_drop_their_oldest_exchanges(tiny_tokenizer_dir, tmp_path, capsys, monkeypatch):

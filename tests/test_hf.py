@@ -1,13 +1,13 @@
 """Hugging Face remote code: a poelm directory loads with plain transformers in a fresh process,
 gives poelm's logits, generates with the KV cache, and runs the seed card's quick start verbatim
-with the same tokens as a plain greedy loop over the unpadded prompt."""
+with the same tokens as plain greedy decoding over the unpadded prompt (a cached loop, and the
+uncached choice at every step)."""
 
 import json
 import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 
 from poelm.core.model import KVCache
@@ -45,6 +45,15 @@ def run_python(code: str) -> str:
     return r.stdout
 
 
+def penalised_argmax(logits: torch.Tensor, seen: list[int], penalty: float) -> int:
+    """transformers' repetition penalty on the tokens seen so far, then the greedy choice."""
+    logits = logits.float().clone()
+    seen = torch.tensor(sorted(set(seen)))
+    score = logits[seen]
+    logits[seen] = torch.where(score < 0, score * penalty, score / penalty)
+    return int(logits.argmax())
+
+
 def plain_greedy(model, prompt: list[int], max_new: int, penalty: float, eos: set[int], cached: bool) -> list[int]:
     """Greedy decoding with transformers' repetition penalty, over the unpadded prompt."""
     seq = list(prompt)
@@ -53,40 +62,68 @@ def plain_greedy(model, prompt: list[int], max_new: int, penalty: float, eos: se
     with torch.no_grad():
         for _ in range(max_new):
             x = torch.tensor([seq[fed:] if cached else seq])
-            logits = model(x, cache=cache).logits[0, -1].float()
+            logits = model(x, cache=cache).logits[0, -1]
             fed = len(seq)
-            seen = torch.tensor(sorted(set(seq)))
-            score = logits[seen]
-            logits[seen] = torch.where(score < 0, score * penalty, score / penalty)
-            token = int(logits.argmax())
+            token = penalised_argmax(logits, seq, penalty)
             seq.append(token)
             if token in eos:
                 break
     return seq[len(prompt):]
 
 
+def uncached_greedy_along(model, prompt: list[int], tokens: list[int], max_new: int, penalty: float,
+                          eos: set[int]) -> list[int]:
+    """What `plain_greedy(..., cached=False)` returns, found with one forward instead of one per token: the
+    model is causal, so position t of an uncached forward over prompt + tokens sees exactly the prefix the
+    loop's step would feed it. Each step's choice is taken from there; the result is the loop's tokens up
+    to where it would stop (an eos, max_new) or leave `tokens` (its differing choice is the last one)."""
+    seq = list(prompt) + list(tokens)
+    with torch.no_grad():
+        logits = model(torch.tensor([seq[:len(prompt) + max_new - 1]])).logits[0]
+    out = []
+    for i in range(max_new):
+        token = penalised_argmax(logits[len(prompt) - 1 + i], seq[:len(prompt) + i], penalty)
+        out.append(token)
+        if token in eos or i >= len(tokens) or token != tokens[i]:
+            break
+    return out
+
+
 # The init model runs the card verbatim (bf16). The trained-like model runs it in float32: in bf16 a
 # cached step (T=1 matmuls) and an uncached one round differently, so near-tied random logits can
 # legitimately flip; in float32 all three decodings must agree token for token.
-@pytest.mark.parametrize("which, dtype", [("seed_model_dir", "bfloat16"), ("trained_like_model_dir", "float32")])
-def test_seed_quick_start_verbatim_equals_plain_greedy(which, dtype, request, seed_vocab_tokenizer):
-    model_dir = request.getfixturevalue(which)
-    code = QUICK_START.format(model_id=model_dir).replace("torch.bfloat16", f"torch.{dtype}") + (
-        "import json\nprint('IDS', json.dumps([out[0, len(ids):].tolist(), tokenizer.decode(out[0, len(ids):])]))\n")
-    stdout = run_python(code)
-    ids_line = [l for l in stdout.splitlines() if l.startswith("IDS ")][-1]
-    hf_ids, text = json.loads(ids_line[4:])
-    assert text == seed_vocab_tokenizer.decode(hf_ids)
+QUICK_STARTS = (("seed_model_dir", "bfloat16"), ("trained_like_model_dir", "float32"))
+
+
+def test_seed_quick_start_verbatim_equals_plain_greedy(request, seed_vocab_tokenizer):
+    """The quick start, verbatim, on both models in one fresh process (each in a namespace of its own: the
+    two runs share nothing but the interpreter): its 160 tokens equal a plain cached greedy loop's and, at
+    every step, the uncached forward's greedy choice (uncached_greedy_along)."""
+    dirs = {which: request.getfixturevalue(which) for which, _ in QUICK_STARTS}
+    code = "".join(
+        "exec(%r, {})\n" % (QUICK_START.format(model_id=dirs[which]).replace("torch.bfloat16", f"torch.{dtype}") + (
+            "import json\nprint('IDS', json.dumps([model_id, out[0, len(ids):].tolist(), "
+            "tokenizer.decode(out[0, len(ids):])]))\n"))
+        for which, dtype in QUICK_STARTS)
+    results = {}
+    for line in run_python(code).splitlines():
+        if line.startswith("IDS "):
+            model_id, hf_ids, text = json.loads(line[4:])
+            results[model_id] = hf_ids, text
+    assert sorted(results) == sorted(str(d) for d in dirs.values())
 
     tok = seed_vocab_tokenizer
     q = "Write a Python function that returns the sum of a list."
     prompt = [32759, 32760] + tok.encode(q) + [32761, 32762]
-    model = models.open(model_dir).model(dtype=getattr(torch, dtype))
     eos = {tok.token_id("<|assistant_end|>"), tok.bos_id}
-    uncached = plain_greedy(model, prompt, 160, 1.15, eos, cached=False)
-    cached = plain_greedy(model, prompt, 160, 1.15, eos, cached=True)
-    assert hf_ids == uncached == cached
-    assert len(hf_ids) > 10
+    for which, dtype in QUICK_STARTS:
+        hf_ids, text = results[str(dirs[which])]
+        assert text == tok.decode(hf_ids), which
+        model = models.open(dirs[which]).model(dtype=getattr(torch, dtype))
+        uncached = uncached_greedy_along(model, prompt, hf_ids, 160, 1.15, eos)
+        cached = plain_greedy(model, prompt, 160, 1.15, eos, cached=True)
+        assert hf_ids == uncached == cached, which
+        assert len(hf_ids) > 10, which
 
 
 def test_fresh_process_logits_generate_pipeline_and_save(trained_like_model_dir, tmp_path):

@@ -3,6 +3,7 @@ two processes == one, run-folder outputs, and every bad input as one clear error
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from poelm.app.cli import main
 from poelm.core.config import PoEConfig
 from poelm.core.errors import PoelmError
 from poelm.train.pretrain import PretrainArgs, pretrain
@@ -91,19 +93,17 @@ def test_resume_is_bitwise(tmp_path, tiny_tokenizer_dir, corpus_dir, fraction):
     """Also with --stage-loss-fraction 0.5: the positions it draws come from the checkpointed RNG."""
     full = args(tmp_path, tiny_tokenizer_dir, corpus_dir, "full", steps=6, save_every=2, stage_loss_fraction=fraction)
     pretrain(full)
-    part = args(tmp_path, tiny_tokenizer_dir, corpus_dir, "part", steps=6, save_every=2, stage_loss_fraction=fraction)
-    pretrain(part)
-    # Roll the finished run back to its step-2 checkpoint, as if it had died there, and resume.
-    run = Path(part.out)
+    # A copy of the finished run rolled back to its step-2 checkpoint, as if it had died there, and resumed.
+    run = tmp_path / "part"
+    shutil.copytree(full.out, run, symlinks=True)
     for name in ("000004", "000006"):
-        import shutil
         shutil.rmtree(run / "checkpoints" / name)
     shutil.rmtree(run / "final")
     shutil.rmtree(run / "best")
     pretrain(args(tmp_path, tiny_tokenizer_dir, corpus_dir, "part", steps=6, save_every=2, resume=True,
                   stage_loss_fraction=fraction))
-    a, b = weights(full.out), weights(part.out)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = weights(full.out), weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(7))  # nothing logged twice
 
@@ -121,28 +121,29 @@ def pretrain_argv(tokenizer_dir, corpus_dir, out, *extra):
             "--sample-tokens", "0", "--val-fraction", "0.1", "--device", "cpu", *extra]
 
 
-def test_sigkill_then_resume_is_bitwise(tmp_path, tiny_tokenizer_dir, corpus_dir):
-    steps = ["--steps", "200", "--save-every", "20"]
-    ref = cli(*pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "ref", *steps))
+def test_sigkill_then_resume_is_bitwise(tmp_path, tiny_tokenizer_dir, corpus_dir, capsys):
+    """Killed (SIGKILL, its own process) right after its step-10 checkpoint, mid-step and 50 steps before
+    its end, the run resumes (the same command with --resume, in this process: only the kill needs a
+    process of its own) and ends bit for bit where an uninterrupted run (this process too) ends."""
+    steps = ["--steps", "60", "--save-every", "10"]
     victim = cli(*pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "victim", *steps))
-    marker = tmp_path / "victim" / "checkpoints" / "000020" / "state.json"
+    marker = tmp_path / "victim" / "checkpoints" / "000010" / "state.json"
     kill_at(victim, marker)
     assert marker.exists() and not (tmp_path / "victim" / "final").exists(), "the run was not killed mid-way"
-    resumed = cli(*pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "victim", *steps, "--resume"))
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert "resumed from" in err
-    _, err = ref.communicate(timeout=300)
-    assert ref.returncode == 0, err
+    capsys.readouterr()
+    assert main(pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "victim", *steps, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "resumed from" in err, err
+    assert main(pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "ref", *steps)) == 0
     a, b = weights(tmp_path / "ref"), weights(tmp_path / "victim")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_two_processes_equal_one(tmp_path, tiny_tokenizer_dir, corpus_dir):
+    """torchrun's two data replicas (each half of the batch, gradients averaged) end where one process
+    (this one, the same command) ends."""
     common = ["--steps", "4", "--total-batch-tokens", str(8 * 32)]
-    one = cli(*pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "one", *common))
-    _, err = one.communicate(timeout=300)
-    assert one.returncode == 0, err
+    assert main(pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "one", *common)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "poelm", *pretrain_argv(tiny_tokenizer_dir, corpus_dir, tmp_path / "two", *common)],
@@ -150,6 +151,7 @@ def test_two_processes_equal_one(tmp_path, tiny_tokenizer_dir, corpus_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2 data replica(s) x 1 accumulation" in r.stderr
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert a.keys() == b.keys()
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-4, k
 

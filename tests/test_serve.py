@@ -18,11 +18,8 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402  (raw requests, and fastapi.testclient)
 
 from poelm.core.errors import PoelmError  # noqa: E402
-from poelm import models  # noqa: E402
-from poelm.core.tokenizer import Tokenizer  # noqa: E402
 
-from serving import client, greedy, running, text_of  # noqa: E402
-from util import perturb_  # noqa: E402
+from serving import client, greedy, model_of, running, text_of, tokenizer_of  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +43,7 @@ def test_models_and_health(live, dirs):
 def test_completion_equals_the_engine_streamed_or_not(live, dirs):
     url, _ = live
     base = dirs[0]
-    tok = Tokenizer.load(base)
+    tok = tokenizer_of(base)
     want = greedy(base, [tok.bos_id] + tok.encode("def f(x):"), 12)
     c = client(url)
     r = c.completions.create(model=base.name, prompt="def f(x):", max_tokens=12, temperature=0)
@@ -62,7 +59,7 @@ def test_completion_equals_the_engine_streamed_or_not(live, dirs):
 def test_chat_streamed_and_not_and_its_role_delta(live, dirs):
     url, _ = live
     stage = dirs[1]
-    tok = Tokenizer.load(stage)
+    tok = tokenizer_of(stage)
     messages = [{"role": "user", "content": "hello there"}]
     want = greedy(stage, tok.render_prompt(messages), 10)
     c = client(url)
@@ -111,7 +108,7 @@ def test_n_and_seeded_sampling_alone_and_inside_a_busy_batch(live, dirs, monkeyp
     alone = ask()
     assert len(alone) == 3 and len(set(alone)) > 1  # n rows, each its own seed
     r = c.completions.create(model=base.name, prompt="import", max_tokens=4, n=3, temperature=0)
-    assert r.usage.prompt_tokens == 1 + len(Tokenizer.load(base).encode("import"))  # the prompt once, as OpenAI
+    assert r.usage.prompt_tokens == 1 + len(tokenizer_of(base).encode("import"))  # the prompt once, as OpenAI
     step = Batch.step
     monkeypatch.setattr(Batch, "step", lambda self: (time.sleep(0.005), step(self))[1])
     noise = [threading.Thread(target=lambda i=i: c.completions.create(
@@ -133,13 +130,13 @@ def test_n_and_seeded_sampling_alone_and_inside_a_busy_batch(live, dirs, monkeyp
 def test_echo_logprobs_equal_the_models_log_softmax(live, dirs):
     url, _ = live
     base = dirs[0]
-    tok = Tokenizer.load(base)
+    tok = tokenizer_of(base)
     ids = [tok.bos_id] + tok.encode("def add(a, b):")
     r = client(url).completions.create(model=base.name, prompt=ids, max_tokens=0, echo=True, logprobs=2)
     lp = r.choices[0].logprobs
     assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
     with torch.no_grad():
-        want = torch.log_softmax(models.open(base).model()(torch.tensor([ids])).logits[0].float(), -1)
+        want = torch.log_softmax(model_of(base)(torch.tensor([ids])).logits[0].float(), -1)
     for t in range(1, len(ids)):
         assert lp.token_logprobs[t] == pytest.approx(float(want[t - 1, ids[t]]), abs=1e-4)
         assert len(lp.top_logprobs[t]) <= 2
@@ -150,7 +147,7 @@ def test_echo_logprobs_equal_the_models_log_softmax(live, dirs):
     r0 = client(url).completions.create(model=base.name, prompt=ids, max_tokens=0, echo=True, logprobs=0,
                                         extra_body={"exit_stage": 0})
     with torch.no_grad():
-        stage0 = torch.log_softmax(models.open(base).model()(torch.tensor([ids]), exit_stage=0).logits[0].float(), -1)
+        stage0 = torch.log_softmax(model_of(base)(torch.tensor([ids]), exit_stage=0).logits[0].float(), -1)
     assert r0.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
         [float(stage0[t - 1, ids[t]]) for t in range(1, len(ids))], abs=1e-4)
     assert r0.choices[0].logprobs.token_logprobs[1:] != pytest.approx(lp.token_logprobs[1:], abs=1e-4)
@@ -196,7 +193,7 @@ def test_two_specialists_in_one_batch_each_equal_the_specialist_alone(live, dirs
 
     url, app = live
     c = client(url)
-    tok = Tokenizer.load(dirs[1])
+    tok = tokenizer_of(dirs[1])
     messages = [{"role": "user", "content": "write a loop"}]
     names = {"alpha": dirs[1], "beta": dirs[2], dirs[0].name: dirs[0]}
     want = {name: text_of(d, greedy(d, tok.render_prompt(messages), 24)) for name, d in names.items()}
@@ -220,10 +217,9 @@ def test_two_specialists_in_one_batch_each_equal_the_specialist_alone(live, dirs
     assert scheduler.shared_steps > before
 
 
-def test_the_base_is_held_once(dirs):
-    from poelm.serve.models import load_served
-
-    served = load_served([str(d) for d in dirs])
+def test_the_base_is_held_once(live, dirs):
+    """In the running server (load_served's models), the specialists hold the base's tensors, not copies."""
+    served = live[1].state.poelm.served
     base, alpha = served[dirs[0].name].model, served["alpha"].model
     shared = dict(base.named_parameters())
     for name, p in alpha.named_parameters():
@@ -312,14 +308,13 @@ def test_a_wrong_key_is_401(dirs):
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}  # a bare liveness answer needs no key
 
 
-def test_directories_of_different_bases_are_refused(dirs, tmp_path):
-    from poelm.models.directory import save_model_dir
+def test_directories_of_different_bases_are_refused(dirs, seed_model_dir):
+    """The base and another base of the same shape and tokenizer but other weights (the base is this one
+    moved off its init): refused by the root fingerprint; and one directory twice, by its model id."""
     from poelm.serve.models import load_served
 
-    other = save_model_dir(perturb_(models.open(dirs[0]).model(), seed=99), tmp_path / "other",
-                           Tokenizer.load(dirs[0]))
     with pytest.raises(PoelmError, match="root base"):
-        load_served([str(dirs[0]), str(other)])
+        load_served([str(dirs[0]), str(seed_model_dir)])
     with pytest.raises(PoelmError, match="already taken"):
         load_served([str(dirs[0]), str(dirs[0])])
 

@@ -15,9 +15,7 @@ from hypothesis import HealthCheck, settings
 pytest.importorskip("fastapi")
 schemathesis = pytest.importorskip("schemathesis")
 
-from poelm.core.tokenizer import Tokenizer  # noqa: E402
-
-from serving import greedy, running, text_of  # noqa: E402
+from serving import greedy, running, text_of, tokenizer_of  # noqa: E402
 
 PROMPTS = ["def add(a, b):", "x = "]
 QUESTION = "write a loop"
@@ -74,7 +72,7 @@ def test_langchain_openai_completions_invoke_stream_and_batch(live, serve_dirs):
 
     url, _ = live
     base = serve_dirs[0]
-    tok = Tokenizer.load(base)
+    tok = tokenizer_of(base)
     want = [text_of(base, greedy(base, [tok.bos_id] + tok.encode(p), 8)) for p in PROMPTS]
     llm = OpenAI(base_url=f"{url}/v1", api_key="none", model=base.name, max_tokens=8, temperature=0, max_retries=0)
     assert llm.invoke(PROMPTS[0]) == want[0]
@@ -88,7 +86,7 @@ def test_langchain_chat_openai_invoke_stream_and_batch(live, serve_dirs):
 
     url, _ = live
     alpha = serve_dirs[1]
-    tok = Tokenizer.load(alpha)
+    tok = tokenizer_of(alpha)
 
     def alone(messages):
         return text_of(alpha, greedy(alpha, tok.render_prompt(messages), 8))

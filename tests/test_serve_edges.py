@@ -30,9 +30,8 @@ import httpx  # noqa: E402
 
 from poelm.app.cli import main  # noqa: E402
 from poelm.core.errors import PoelmError  # noqa: E402
-from poelm.core.tokenizer import Tokenizer  # noqa: E402
 
-from serving import client, greedy, running, text_of  # noqa: E402
+from serving import client, greedy, running, text_of, tokenizer_of  # noqa: E402
 
 PROMPT = "def add(a, b):"
 MESSAGES = [{"role": "user", "content": "write a loop"}]
@@ -67,7 +66,7 @@ def cut(text: str, stops: list[str], ended_by_token: bool) -> tuple[str, str]:
 def test_stop_strings_that_occur_or_never_do_cut_the_engines_text(live, serve_dirs, api, stream):
     url, _ = live
     directory = serve_dirs[0] if api == "completions" else serve_dirs[1]
-    tok = Tokenizer.load(directory)
+    tok = tokenizer_of(directory)
     ids = [tok.bos_id] + tok.encode(PROMPT) if api == "completions" else tok.render_prompt(MESSAGES)
     tokens = greedy(directory, ids, 24)
     full = text_of(directory, tokens)
@@ -99,7 +98,7 @@ def test_stop_strings_that_occur_or_never_do_cut_the_engines_text(live, serve_di
 def test_echo_returns_the_prompt_as_sent_and_its_own_tokens(live, serve_dirs):
     url, _ = live
     base = serve_dirs[0]
-    tok = Tokenizer.load(base)
+    tok = tokenizer_of(base)
     ids = tok.encode(PROMPT)
     c = client(url)
     as_text = c.completions.create(model=base.name, prompt=PROMPT, max_tokens=0, echo=True, logprobs=2).choices[0]
@@ -174,7 +173,7 @@ def test_hostile_requests_leave_other_rows_as_alone_and_health_answers(live, ser
     url, app = live
     base, alpha, beta = serve_dirs
     assert base.name == "perturbed"
-    tok = Tokenizer.load(alpha)
+    tok = tokenizer_of(alpha)
     n = 120
     want = {"base": text_of(base, greedy(base, [tok.bos_id] + tok.encode(PROMPT), n)),
             "alpha": text_of(alpha, greedy(alpha, tok.render_prompt(MESSAGES), n)),
@@ -280,7 +279,7 @@ def test_what_changes_nothing_is_accepted_and_what_would_is_named(live, serve_di
 def test_chat_accepts_text_parts_the_developer_role_and_an_assistant_first(live, serve_dirs):
     url, _ = live
     alpha = serve_dirs[1]
-    tok = Tokenizer.load(alpha)
+    tok = tokenizer_of(alpha)
     c = client(url)
 
     def answer(messages):

@@ -190,38 +190,42 @@ def run(code):
     return r.stdout
 
 
-def test_three_link_chain_through_transformers(base_dir, tmp_path):
+def test_chain_and_quick_start_through_transformers(base_dir, trained_like_model_dir, seed_vocab_tokenizer, tmp_path):
+    """Through plain transformers, in one fresh process (the two parts each in a namespace of their own,
+    sharing nothing but the interpreter):
+    - a three-link chain base -> a -> b -> c loads and gives the in-memory chain's logits;
+    - done-when: base -> stage (perturbed), the card's quick start verbatim == a plain greedy loop (bf16,
+      cached); and in float32 the cached loop equals the uncached greedy choice at every step."""
+    from test_hf import QUICK_START, plain_greedy, uncached_greedy_along
+
     c_dir, c_mem = build_chain(base_dir, tmp_path)
     x = plain_ids()
     torch.save({"x": x}, tmp_path / "x.pt")
-    run(textwrap.dedent(f"""
+    chain = textwrap.dedent(f"""
         import torch
         from transformers import AutoModelForCausalLM
         m = AutoModelForCausalLM.from_pretrained("{c_dir}", trust_remote_code=True)
         with torch.no_grad():
             torch.save(m(torch.load("{tmp_path / 'x.pt'}")["x"]).logits, "{tmp_path / 'hf.pt'}")
-    """))
-    with torch.no_grad():
-        assert torch.allclose(torch.load(tmp_path / "hf.pt"), c_mem(x).logits, atol=1e-5)
-
-
-def test_seed_quick_start_on_a_stage(trained_like_model_dir, seed_vocab_tokenizer, tmp_path):
-    """Done-when: base -> stage (perturbed), the card's quick start verbatim == a plain greedy loop."""
-    from test_hf import QUICK_START, plain_greedy
-
+    """)
     model, _ = attach(trained_like_model_dir, 2, seed=1)
     perturb_stage_(model)
     out = save_specialist(model, trained_like_model_dir, tmp_path / "code", "code")
-    code = QUICK_START.format(model_id=out) + "import json\nprint('IDS', json.dumps(out[0, len(ids):].tolist()))\n"
-    hf_ids = json.loads([l for l in run(code).splitlines() if l.startswith("IDS ")][-1][4:])
+    quick = QUICK_START.format(model_id=out) + "import json\nprint('IDS', json.dumps(out[0, len(ids):].tolist()))\n"
+    stdout = run("exec(%r, {})\nexec(%r, {})\n" % (chain, quick))
+
+    with torch.no_grad():
+        assert torch.allclose(torch.load(tmp_path / "hf.pt"), c_mem(x).logits, atol=1e-5)
+
+    hf_ids = json.loads([l for l in stdout.splitlines() if l.startswith("IDS ")][-1][4:])
     tok = seed_vocab_tokenizer
     prompt = [32759, 32760] + tok.encode("Write a Python function that returns the sum of a list.") + [32761, 32762]
     eos = {tok.token_id("<|assistant_end|>"), tok.bos_id}
     bf16 = models.open(out).model(dtype=torch.bfloat16)
     assert hf_ids == plain_greedy(bf16, prompt, 160, 1.15, eos, cached=True)
     fp32 = models.open(out).model()
-    assert plain_greedy(fp32, prompt, 40, 1.15, eos, cached=True) == plain_greedy(fp32, prompt, 40, 1.15, eos,
-                                                                                   cached=False)
+    cached = plain_greedy(fp32, prompt, 40, 1.15, eos, cached=True)
+    assert uncached_greedy_along(fp32, prompt, cached, 40, 1.15, eos) == cached
 
 
 # ------------------------------------------------------------------------------------ bad input

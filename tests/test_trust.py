@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -230,51 +231,24 @@ FILES = ("config.json", "generation_config.json", "poelm_tokenizer.json", "token
          "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-@settings(max_examples=150, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(which=st.sampled_from(["root", "leaf"]), name=st.sampled_from(FILES + ("tensors",)),
-       truncate=st.booleans(), where=st.floats(0.0, 1.0, exclude_max=True), bit=st.integers(0, 7))
-def test_any_damaged_file_is_one_line_naming_it(chain, tmp_path_factory, capsys, which, name, truncate, where, bit):
-    """Property: truncating any file of a model or stage directory anywhere, or flipping any bit of
-    it, makes `poelm inspect` (which reads the whole chain and checks every recorded file) and, for
-    the files it reads, `poelm export` fail with one line naming that file; export writes nothing."""
-    root = tmp_path_factory.mktemp("fuzz")
+def chain_copy(chain, root: Path, digests: bool = True) -> Path:
+    """A copy of the chain's three directories under `root` (without digests.json if not `digests`)."""
     for link in ("root", "mid", "leaf"):
         shutil.copytree(chain[link], root / link)
-    name = name if name != "tensors" else ("model.safetensors" if which == "root" else "delta.safetensors")
-    path = root / which / name
-    raw = bytearray(path.read_bytes())
-    at = int(where * len(raw))
-    if truncate:
-        raw = raw[:at]
-    else:
-        raw[at] ^= 1 << bit
-    path.write_bytes(bytes(raw))
-    assert str(path) in one_line_error(capsys, "inspect", root / "leaf")
-    reads = ("config.json", "poelm_tokenizer.json", "model.safetensors", "delta.safetensors") + \
-        (("token_bytes.json",) if which == "leaf" else ())  # what export reads (the leaf's tokenizer only)
-    if name in reads:
-        assert str(path) in one_line_error(capsys, "export", root / "leaf", "--out", root / "merged")
-    assert not (root / "merged").exists()
+        if not digests:
+            (root / link / "digests.json").unlink()
+    return root
 
 
-@settings(max_examples=60, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(which=st.sampled_from(["root", "leaf"]),
-       name=st.sampled_from(("config.json", "poelm_tokenizer.json", "token_bytes.json", "tensors")),
-       truncate=st.booleans(), where=st.floats(0.0, 1.0, exclude_max=True), bit=st.integers(0, 7))
-def test_readers_without_digests_fail_cleanly(chain, tmp_path_factory, capsys, which, name, truncate, where, bit):
-    """Property, for directories without digests (written before poelm recorded them): the readers
-    themselves never crash on a damaged file. `poelm inspect` either succeeds (a flip that leaves a
-    valid file: a changed weight, a changed digit) or fails with one line naming the damaged file —
-    never an internal error; a truncated file it reads is always such an error."""
-    root = tmp_path_factory.mktemp("legacy")
-    for link in ("root", "mid", "leaf"):
-        shutil.copytree(chain[link], root / link)
-        (root / link / "digests.json").unlink()
+@contextlib.contextmanager
+def damaged(root: Path, which: str, name: str, truncate: bool, where: float, bit: int):
+    """File `name` of link `which` under `root` cut at `where` or with bit `bit` flipped there, for the
+    block; then its bytes put back, so the next example starts from the intact copy again.
+    Yields (the damaged file's path, the bytes cut off)."""
     name = name if name != "tensors" else ("model.safetensors" if which == "root" else "delta.safetensors")
     path = root / which / name
-    raw = bytearray(path.read_bytes())
+    intact = path.read_bytes()
+    raw = bytearray(intact)
     at = int(where * len(raw))
     cut = bytes(raw[at:]) if truncate else b""
     if truncate:
@@ -282,9 +256,59 @@ def test_readers_without_digests_fail_cleanly(chain, tmp_path_factory, capsys, w
     else:
         raw[at] ^= 1 << bit
     path.write_bytes(bytes(raw))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "no digests.json": what these directories are
-        code = main(["inspect", str(root / "leaf")])
+    try:
+        yield path, cut
+    finally:
+        path.write_bytes(intact)
+
+
+@pytest.fixture(scope="module")
+def chain_to_damage(chain, tmp_path_factory):
+    """One copy of the chain that the property tests damage, one file at a time, and repair."""
+    return chain_copy(chain, tmp_path_factory.mktemp("fuzz"))
+
+
+@pytest.fixture(scope="module")
+def legacy_chain_to_damage(chain, tmp_path_factory):
+    """The same without digests.json (directories written before poelm recorded them)."""
+    return chain_copy(chain, tmp_path_factory.mktemp("legacy"), digests=False)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(which=st.sampled_from(["root", "leaf"]), name=st.sampled_from(FILES + ("tensors",)),
+       truncate=st.booleans(), where=st.floats(0.0, 1.0, exclude_max=True), bit=st.integers(0, 7))
+def test_any_damaged_file_is_one_line_naming_it(chain_to_damage, capsys, which, name, truncate, where, bit):
+    """Property: truncating any file of a model or stage directory anywhere, or flipping any bit of
+    it, makes `poelm inspect` (which reads the whole chain and checks every recorded file) and, for
+    the files it reads, `poelm export` fail with one line naming that file; export writes nothing.
+    (Each example damages one file of an intact copy of the chain, which is repaired after it.)"""
+    root = chain_to_damage
+    with damaged(root, which, name, truncate, where, bit) as (path, _):
+        assert str(path) in one_line_error(capsys, "inspect", root / "leaf")
+        reads = ("config.json", "poelm_tokenizer.json", "model.safetensors", "delta.safetensors") + \
+            (("token_bytes.json",) if which == "leaf" else ())  # what export reads (the leaf's tokenizer only)
+        if path.name in reads:
+            assert str(path) in one_line_error(capsys, "export", root / "leaf", "--out", root / "merged")
+        assert not (root / "merged").exists()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(which=st.sampled_from(["root", "leaf"]),
+       name=st.sampled_from(("config.json", "poelm_tokenizer.json", "token_bytes.json", "tensors")),
+       truncate=st.booleans(), where=st.floats(0.0, 1.0, exclude_max=True), bit=st.integers(0, 7))
+def test_readers_without_digests_fail_cleanly(legacy_chain_to_damage, capsys, which, name, truncate, where, bit):
+    """Property, for directories without digests (written before poelm recorded them): the readers
+    themselves never crash on a damaged file. `poelm inspect` either succeeds (a flip that leaves a
+    valid file: a changed weight, a changed digit) or fails with one line naming the damaged file —
+    never an internal error; a truncated file it reads is always such an error. (Each example damages
+    one file of an intact copy of the chain, which is repaired after it.)"""
+    root = legacy_chain_to_damage
+    with damaged(root, which, name, truncate, where, bit) as (_, cut):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no digests.json": what these directories are
+            code = main(["inspect", str(root / "leaf")])
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("poelm: ")]
     assert code in (0, 2) and not any("internal error" in l for l in err), err
     if code == 2:  # the file, or (a parent's changed weights) its directory through the fingerprint
