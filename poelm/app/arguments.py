@@ -19,6 +19,18 @@ OVERWRITE = arg("--overwrite", action="store_true", help="replace --out if it ex
 MODEL = arg("model", metavar="MODELDIR", help="a base or stage directory (a stage brings its whole chain)")
 JSON = arg("--json", action="store_true")
 NO_CARD = arg("--no-card", action="store_true", help="do not write the results into the model's card")
+# What a command writes tensors in, and what a loaded model computes in (models/directory.STORAGE_DTYPES,
+# core/cascade.DTYPES; spelled here so the parser needs no torch).
+STORAGE_CHOICES = ("float32", "bfloat16")
+LOAD_DTYPE = arg("--dtype", choices=("float32", "bfloat16", "float16"),
+                 help="compute in this dtype (default: the dtype the model is stored in)")
+
+
+def STORE_DTYPE(default: str | None, stored: str = "the parent's"):  # noqa: N802 (an argument, like OVERWRITE)
+    """`--dtype` of a command that writes a model: the dtype its tensors are stored in (`stored` says
+    what the default None means)."""
+    return arg("--dtype", choices=STORAGE_CHOICES, default=default,
+               help=f"store the tensors in this dtype (default: {default or stored})")
 
 
 def add_command(sub, name: str, func, help: str, *args, options: tuple = (), defaults: dict | None = None):

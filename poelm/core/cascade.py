@@ -2,13 +2,22 @@
 (digests, parent fingerprint, delta header, structure, tokenizer) before anything is returned. Ships
 beside the model, so poelm and `transformers` assemble chains with the same code (docs/model.md §9.2,
 docs/formats.md).
+
+Memory: every tensor file is mapped, not read (tensorfile.py), and the model is built on the meta
+device around the mapped tensors (`load_state_dict(assign=True)`): a load in the stored dtype holds
+each tensor once, in the page cache's pages. Two steps of assembling a stage chain make new tensors,
+because their values are in no file: the embedding table with a stage's changed rows written in (one
+copy of the table for the whole chain), and the sum of two or more ancestors' heads (a single head is
+taken as it is). Checking a chain (`check_chain`) makes neither; they are made when the assembled
+tensors are first asked for (`Chain.tensors`, `Chain.model`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
+import operator
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -20,56 +29,52 @@ from .files import (CONFIG, DELTA, TOKENIZER_FILE, WEIGHTS, read_json, read_mani
 from .errors import PoelmError
 from .layers import block_shapes
 from .model import PoEGPT, disk_name, from_disk, state_shapes, to_disk
+from .tensorfile import (HEADER_DTYPES, Header, TensorInfo, fingerprint_file, fingerprint_tensors, map_tensors,
+                         read_header)
 from .tokenizer import Tokenizer
+
+__all__ = ["HEADER_DTYPES", "TensorInfo", "fingerprint_tensors"]  # re-exported: where poelm has always found them
 
 ROWS_IDS, ROWS_VALUES = "wte_rows.ids", "wte_rows.values"
 OVERRIDE_PREFIX = "parent_overrides."
 OVERRIDABLE = ("resid_lambdas", "x0_lambdas", "layer_windows")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # A delta's optional tensors, each checked where it is used: changed embedding rows, declared overrides.
 DELTA_EXTRAS = frozenset({ROWS_IDS, ROWS_VALUES} | {OVERRIDE_PREFIX + name for name in OVERRIDABLE})
+# Files this process has mapped, by identity (device, inode, size, mtime): (header, tensors, verified).
+Mapped = dict[tuple[int, int, int, int], tuple[Header, dict[str, torch.Tensor], bool]]
 
 
 # ------------------------------------------------------------------------------------ files
-@dataclass(frozen=True)
-class TensorInfo:
-    """A tensor as a safetensors header describes it, before any of its bytes are read."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
-
-
 def load_safetensors(path: str | os.PathLike, verify: bool = True,
-                     check: Callable[[dict[str, TensorInfo]], None] | None = None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, checked against its directory's digests (when it has them) while it
-    loads; a missing, truncated or corrupt file is a one-line error naming it. `check` sees the header
-    (names, shapes, dtypes) before any tensor is read, so a file that does not fit is refused at the
-    cost of its header."""
-    from safetensors import SafetensorError, safe_open
-
-    if not Path(path).is_file():
+                     check: Callable[[dict[str, TensorInfo]], None] | None = None,
+                     mapped: Mapped | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, mapped (tensorfile.py: views into one private mapping, nothing
+    copied), checked against its directory's digests (when it has them) by streaming the file while it
+    is mapped; returned only if the digest matched. A missing, truncated or corrupt file is a one-line
+    error naming it. `check` sees the header (names, shapes, dtypes) before anything is mapped, so a
+    file that does not fit is refused at the cost of its header. `mapped`: files already mapped in this
+    process (a caller opening several chains that share a base passes one dict, so the base is mapped
+    and verified once and every chain's tensors are the same)."""
+    path = Path(path)
+    if not path.is_file():
         raise PoelmError(f"{path}: missing")
-    with verifying([path] if verify else []):  # hashed while it loads; returned only if it matched
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if check is not None:
-                    header = {}
-                    for name in f.keys():
-                        part = f.get_slice(name)
-                        dtype = HEADER_DTYPES.get(part.get_dtype())
-                        if dtype is None:
-                            raise PoelmError(f"{path}: tensor {name!r} has dtype {part.get_dtype()}, which poelm "
-                                             f"does not store")
-                        header[name] = TensorInfo(tuple(part.get_shape()), dtype)
-                    check(header)
-                return {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise PoelmError(f"{path}: unreadable safetensors file ({e})") from None
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if mapped is not None and key in mapped and (mapped[key][2] or not verify):
+        header, tensors, _ = mapped[key]
+        if check is not None:
+            check(header.tensors)
+        return dict(tensors)
+    with verifying([path] if verify else []):  # hashed while it maps; returned only if it matched
+        header = read_header(path)
+        if check is not None:
+            check(header.tensors)
+        tensors = map_tensors(path, header)
+    if mapped is not None:
+        mapped[key] = (header, tensors, verify)
+    return dict(tensors)
 
 
 Shapes = Callable[[], Iterable[tuple[str, Any]]]  # a stream of (name, shape), that can be read again
@@ -106,17 +111,6 @@ def check_state_dict(expected: dict[str, Any] | Shapes, found: dict[str, Any], s
         raise PoelmError(wrong)
 
 
-def fingerprint_tensors(tensors: dict[str, torch.Tensor], parent: str = "") -> str:
-    """blake2b-128 of the parent fingerprint and every tensor's name, dtype, shape and bytes."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(parent.encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
-    return "blake2b-128:" + h.hexdigest()
-
-
 # --------------------------------------------------------------------------------------- chain
 @dataclass
 class Link:
@@ -147,22 +141,23 @@ class Link:
         return DTYPES[name]
 
     def tensors(self, verify: bool = True, expected: dict[str, tuple[int, ...]] | Shapes | None = None,
-                optional: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
-        """The link's tensors; with `expected`, its header must hold exactly those names (and any of
-        `optional`, checked by the caller), shapes and the declared dtype before anything is read."""
+                optional: frozenset[str] = frozenset(), mapped: Mapped | None = None) -> dict[str, torch.Tensor]:
+        """The link's tensors (mapped); with `expected`, its header must hold exactly those names (and any
+        of `optional`, checked by the caller), shapes and the declared dtype before anything is mapped."""
         if expected is None:
-            return load_safetensors(self.tensor_file, verify)
+            return load_safetensors(self.tensor_file, verify, mapped=mapped)
         dtype, source = self.dtype, str(self.tensor_file)
 
         def check(header: dict[str, TensorInfo]) -> None:
             check_state_dict(expected, {k: v for k, v in header.items() if k not in optional}, source, dtype)
 
-        return load_safetensors(self.tensor_file, verify, check)
+        return load_safetensors(self.tensor_file, verify, check, mapped)
 
-    def fingerprint(self, tensors: dict[str, torch.Tensor], parent: str = "") -> str:
-        """The recorded fingerprint (its content verified by the digests), else computed from `tensors`."""
+    def fingerprint(self, parent: str = "") -> str:
+        """The recorded fingerprint (its content verified by the digests), else computed by streaming the
+        tensor file (a stage's chained with `parent`)."""
         recorded = self.manifest.get("fingerprint") if self.manifest else None
-        return recorded or fingerprint_tensors(tensors, parent if self.is_stage else "")
+        return recorded or fingerprint_file(self.tensor_file, parent if self.is_stage else "")
 
 
 def locate(reference: str, stage_dir: Path) -> Path:
@@ -275,36 +270,73 @@ def check_tokenizer(parent: Path, stage: Path, verify: bool = True) -> None:
         raise PoelmError(f"{b}: the stage's tokenizer differs from its parent's ({a})")
 
 
-def assemble(chain: list[Link], verify: bool = True) -> tuple[PoEConfig, dict[str, torch.Tensor], list[str]]:
-    """Check every link and build the leaf's state dict; returns (config, tensors, fingerprints)."""
+@dataclass
+class Parts:
+    """A checked chain's tensors before the steps that copy (module docstring): the mapped tensors under
+    the files' names (the leaf's lambdas already concatenated), each stage's changed embedding rows
+    (ids, values) root first, and the heads to fold into `lm_head_fold`, in folding order."""
+
+    tensors: dict[str, torch.Tensor]
+    rows: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    heads: list[torch.Tensor] = field(default_factory=list)
+
+    def embedding(self) -> torch.Tensor:
+        """The leaf's embedding table: the root's (mapped) when no stage changed a row, else one copy with
+        every stage's rows written in, root first (in the widest dtype of table and rows)."""
+        wte = self.tensors["transformer.wte.weight"]
+        if not self.rows:
+            return wte
+        wte = wte.to(functools.reduce(torch.promote_types, [v.dtype for _, v in self.rows], wte.dtype), copy=True)
+        for ids, values in self.rows:
+            wte[ids] = values.to(wte.dtype)
+        return wte
+
+    def materialise(self) -> dict[str, torch.Tensor]:
+        """The assembled tensors: the table with its rows (`embedding`), the heads summed in order;
+        everything else the mapped tensors themselves."""
+        tensors = {**self.tensors, "transformer.wte.weight": self.embedding()}
+        if self.heads:
+            tensors["lm_head_fold.weight"] = functools.reduce(operator.add, self.heads)
+        return tensors
+
+
+def check_chain(chain: list[Link], verify: bool = True,
+                mapped: Mapped | None = None) -> tuple[PoEConfig, Parts, list[str]]:
+    """Check every link and gather the leaf's tensors without copying any: (config, parts, fingerprints)."""
     root = chain[0]
     config = root.config  # a root may carry specialist stages when it is a merged export
-    tensors = root.tensors(verify, lambda: ((disk_name(k), v) for k, v in state_shapes(config)))  # header first
-    prints = [root.fingerprint(tensors)]
-    fold: torch.Tensor | None = None
+    tensors = root.tensors(verify, lambda: ((disk_name(k), v) for k, v in state_shapes(config)),  # header first
+                           mapped=mapped)
+    prints, parts = [root.fingerprint()], Parts(tensors)
     for parent, link in zip(chain, chain[1:]):
-        specialist_config, delta, overrides = _checked_link(parent, link, config, prints[-1], verify)
-        own_print = link.fingerprint(delta, prints[-1])
+        specialist_config, delta, overrides = _checked_link(parent, link, config, prints[-1], verify, mapped)
+        prints.append(link.fingerprint(prints[-1]))
         rows = {k: delta.pop(k) for k in (ROWS_IDS, ROWS_VALUES) if k in delta}
         _apply_overrides(tensors, delta, overrides, link)
-        if config.stage_head:  # the parent's own head joins the fold; the new leaf keeps its own
-            head = tensors.pop("lm_head_stage.weight")
-            fold = head if fold is None else fold + head
-            tensors.pop("lm_head_fold.weight", None)
+        if config.stage_head:  # the parent's own head joins the fold (after a merged root's own fold)
+            fold = tensors.pop("lm_head_fold.weight", None)
+            parts.heads += [fold] if fold is not None and not parts.heads else []
+            parts.heads.append(tensors.pop("lm_head_stage.weight"))
         for name in ("resid_lambdas", "x0_lambdas"):
-            tensors[name] = torch.cat([tensors[name], delta.pop(name).to(tensors[name].dtype)])
+            own, new = tensors[name], delta.pop(name)
+            dtype = torch.promote_types(own.dtype, new.dtype)
+            tensors[name] = torch.cat([own.to(dtype), new.to(dtype)])
         if rows:
-            _apply_rows(tensors, rows, link)
+            parts.rows.append(_checked_rows(tensors["transformer.wte.weight"], rows, link))
         tensors.update(delta)
-        if fold is not None:
-            tensors["lm_head_fold.weight"] = fold
         config = specialist_config
-        prints.append(own_print)
-    return config, tensors, prints
+    return config, parts, prints
 
 
-def _checked_link(parent: Link, link: Link, config: PoEConfig, parent_print: str,
-                  verify: bool) -> tuple[PoEConfig, dict[str, torch.Tensor], dict[str, list[int]]]:
+def assemble(chain: list[Link], verify: bool = True,
+             mapped: Mapped | None = None) -> tuple[PoEConfig, dict[str, torch.Tensor], list[str]]:
+    """Check every link and build the leaf's state dict; returns (config, tensors, fingerprints)."""
+    config, parts, prints = check_chain(chain, verify, mapped)
+    return config, parts.materialise(), prints
+
+
+def _checked_link(parent: Link, link: Link, config: PoEConfig, parent_print: str, verify: bool,
+                  mapped: Mapped | None) -> tuple[PoEConfig, dict[str, torch.Tensor], dict[str, list[int]]]:
     """A stage link checked against its parent (fingerprint, structure, tokenizer, delta header): its
     config, its delta tensors and its declared overrides."""
     source = str(link.path / CONFIG)
@@ -316,7 +348,8 @@ def _checked_link(parent: Link, link: Link, config: PoEConfig, parent_print: str
     overrides = check_overrides(link.data.get("parent_overrides"), config.n_layer, source)
     check_extends(config, specialist_config, source, overrides)
     check_tokenizer(parent.path, link.path, verify)
-    return specialist_config, link.tensors(verify, expected_delta(config, specialist_config), DELTA_EXTRAS), overrides
+    delta = link.tensors(verify, expected_delta(config, specialist_config), DELTA_EXTRAS, mapped)
+    return specialist_config, delta, overrides
 
 
 def _apply_overrides(tensors: dict[str, torch.Tensor], delta: dict[str, torch.Tensor],
@@ -342,30 +375,28 @@ def _apply_overrides(tensors: dict[str, torch.Tensor], delta: dict[str, torch.Te
         tensors[name] = value.to(own.dtype)
 
 
-def _apply_rows(tensors: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], link: Link) -> None:
-    """A stage's changed embedding rows (ids, values), checked and written into a copy of the table."""
+def _checked_rows(wte: torch.Tensor, rows: dict[str, torch.Tensor], link: Link) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stage's changed embedding rows (ids, values), checked against the table they are written into."""
     ids, values = rows.get(ROWS_IDS), rows.get(ROWS_VALUES)
-    wte = tensors["transformer.wte.weight"]
     if ids is None or values is None or ids.dtype != torch.int64 or values.dtype != link.dtype \
             or ids.ndim != 1 or tuple(values.shape) != (len(ids), wte.size(1)) \
             or (len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < wte.size(0))):
         raise PoelmError(f"{link.tensor_file}: {ROWS_IDS}/{ROWS_VALUES} must be int64 ids (n,) in [0, {wte.size(0)}) "
                          f"and {str(link.dtype).removeprefix('torch.')} rows (n, {wte.size(1)})")
-    wte = wte.clone()
-    wte[ids] = values.to(wte.dtype)
-    tensors["transformer.wte.weight"] = wte
+    return ids, values
 
 
 @dataclass
 class Chain:
     """A resolved, checked chain, built once and passed along: its links (root first), the assembled
-    config and tensors (under the names the files use), and every link's fingerprint (the last is the
-    leaf's own)."""
+    config, its tensors before assembly's copies (`parts`), and every link's fingerprint (the last is the
+    leaf's own). `tensors` (under the names the files use) is assembled when first asked for."""
 
     links: list[Link]
     config: PoEConfig
-    tensors: dict[str, torch.Tensor]
+    parts: Parts
     fingerprints: list[str]
+    _tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def path(self) -> Path:
@@ -375,16 +406,31 @@ class Chain:
     def fingerprint(self) -> str:
         return self.fingerprints[-1]
 
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            self._tensors = self.parts.materialise()
+        return self._tensors
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype a load keeps: the stored one, or the widest where the links differ."""
+        return functools.reduce(torch.promote_types, (link.dtype for link in self.links))
+
     def model(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> PoEGPT:
-        """The assembled model (a fresh module each call; the tensors are copied in)."""
+        """The assembled model, built on the meta device around the chain's tensors (assigned, not copied):
+        on the CPU in the stored dtype its parameters are the mapped tensors themselves. `dtype` (default:
+        the stored one, `Chain.dtype`) converts what differs, one copy each. A fresh module each call,
+        sharing its tensors with every other model of this chain: writing a parameter in place never
+        reaches the files (copy-on-write) but is seen by those models; open the directory again for a
+        model that must not see it."""
+        dtype = dtype or self.dtype
         with torch.device("meta"):
             model = PoEGPT(self.config)
         check_state_dict(to_disk(model.state_dict()), self.tensors, f"{self.path} (assembled chain)")
-        model = model.to_empty(device=device)
-        model.load_state_dict(from_disk(self.tensors), strict=True)
-        if dtype is not None:
-            model = model.to(dtype)
-        return model.eval()
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in from_disk(self.tensors).items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(device).eval()
 
     def tokenizer(self) -> Tokenizer:
         """The leaf's tokenizer (checked against its digests), which must fit the model's vocabulary."""
@@ -395,14 +441,16 @@ class Chain:
         return tok
 
 
-def open_chain(directory: str | os.PathLike, verify: bool = True) -> Chain:
-    """Resolve and assemble any base or stage directory, every link checked (content included)."""
+def open_chain(directory: str | os.PathLike, verify: bool = True, mapped: Mapped | None = None) -> Chain:
+    """Resolve and check any base or stage directory, every link checked (content included); its tensors
+    mapped, assembled when asked for. `mapped`: see `load_safetensors`."""
     links = resolve_chain(directory, verify)
-    config, tensors, prints = assemble(links, verify)
-    return Chain(links, config, tensors, prints)
+    config, parts, prints = check_chain(links, verify, mapped)
+    return Chain(links, config, parts, prints)
 
 
 def load_chain(directory: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, verify: bool = True) -> PoEGPT:
-    """The assembled model of any base or stage directory, checked link by link (content included)."""
+    """The assembled model of any base or stage directory, checked link by link (content included), in
+    the stored dtype unless `dtype` is given."""
     return open_chain(directory, verify).model(device, dtype)

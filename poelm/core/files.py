@@ -1,12 +1,15 @@
 """Files: written whole (a temporary sibling renamed over the target), and read only if they are what
 was written (each directory's `digests.json`, xxh3-128, hashed while the file loads); one JSON reader
 with one set of errors naming the file (docs/model.md §9.3, docs/formats.md).
+
+A file is hashed by streaming it through a reused buffer (`read`, never a mapping): a load maps its
+tensor files once (tensorfile.py), and a second mapping of the same file in one process would count
+its pages twice in the resident set.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +43,7 @@ UNLISTED_NAMES = frozenset({MANIFEST, CARD})
 # Small JSON files read before anything is checked against them: bounded, so parsing costs little (a
 # 1024-layer config.json is ~20 kB).
 MAX_JSON_BYTES = {CONFIG: 1 << 20, GENERATION_CONFIG: 1 << 20}
+CHUNK_BYTES = 1 << 18  # what a streamed hash reads at a time (larger is no faster)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -88,13 +92,15 @@ def digest_bytes(data: bytes | memoryview) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> dict[str, Any]:
-    """{"bytes": size, "xxh3_128": hex digest} of one file, hashed through mmap (no copy)."""
+    """{"bytes": size, "xxh3_128": hex digest} of one file, streamed through one buffer (nothing held)."""
+    h, size = xxhash.xxh3_128(), 0
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:  # mmap refuses empty files
-            return {"bytes": 0, ALGORITHM: digest_bytes(b"")}
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return {"bytes": size, ALGORITHM: digest_bytes(m)}
+        buf = bytearray(min(CHUNK_BYTES, os.fstat(f.fileno()).st_size))  # a small file: a small buffer
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return {"bytes": size, ALGORITHM: h.hexdigest()}
 
 
 def _top_level_span(text: str, key: str) -> tuple[int, int] | None:
@@ -174,11 +180,15 @@ def _write(directory: Path, data: dict[str, Any]) -> None:
     write_text(directory / MANIFEST, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_manifest(directory: str | os.PathLike, fingerprint: str | None = None) -> dict[str, Any]:
-    """Record every listed file of `directory` (and the model's fingerprint); replaces any manifest."""
+def write_manifest(directory: str | os.PathLike, fingerprint: str | None = None,
+                   known: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Record every listed file of `directory` (and the model's fingerprint); replaces any manifest.
+    `known`: entries of files whose digest was computed as they were written (not read again)."""
     directory = Path(directory)
+    known = known or {}
     data: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "algorithm": ALGORITHM,
-                            "files": {name: manifest_entry(directory / name) for name in listed_files(directory)}}
+                            "files": {name: known.get(name) or manifest_entry(directory / name)
+                                      for name in listed_files(directory)}}
     if fingerprint is not None:
         data["fingerprint"] = fingerprint
     _write(directory, data)

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .head import HeadCrossEntropy, at_least_float32, softcap
+from .init_plan import init_plan
 from .kvcache import KVCache
 from .layers import Block, Linear, block_shapes, norm, rotary_at, rotary_tables
 
@@ -224,38 +225,11 @@ class PoEGPT(nn.Module):
     # ------------------------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Initialise every tensor here, in one place, from one explicit generator (docs/model.md §1 table)."""
+        """Initialise every tensor, in one place (init_plan.py, docs/model.md §1 table), from one explicit
+        generator."""
         g = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
-        c = self.config
-        s = 3**0.5 * c.n_embd**-0.5  # uniform bound with the std of N(0, 1/d)
-        nn.init.normal_(self.transformer.wte.weight, 0.0, 0.8, generator=g)
-        nn.init.normal_(self.lm_head.weight, 0.0, 0.001, generator=g)
-        for block in self.transformer.h:
-            for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight):
-                nn.init.uniform_(w, -s, s, generator=g)
-            nn.init.zeros_(block.attn.c_proj.weight)
-            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s, generator=g)
-            nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02, generator=g)
-        for ve in self.value_embeds.values():
-            nn.init.uniform_(ve.weight, -s, s, generator=g)
-        n = max(c.n_layer - 1, 1)
-        for i in range(c.n_layer):
-            self.resid_lambdas[i] = 1.15 - 0.10 * i / n
-            self.x0_lambdas[i] = 0.20 - 0.15 * i / n
-        if c.smear:
-            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02, generator=g)
-            nn.init.zeros_(self.smear_lambda)
-        if c.backout:
-            nn.init.constant_(self.backout_lambda, 0.2)
-        if c.poe_stage_heads:
-            for head in self.stage_heads.values():
-                nn.init.zeros_(head.weight)
-        if c.head_fold:
-            nn.init.zeros_(self.ancestors_head.weight)
-        if c.stage_head:
-            nn.init.zeros_(self.specialist_head.weight)
+        for name, fill in init_plan(self.config):
+            fill(self.get_parameter(name), g)
 
     # ---------------------------------------------------------------------------- pieces
     def token_embedding(self, idx: torch.Tensor) -> torch.Tensor:

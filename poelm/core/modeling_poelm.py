@@ -11,11 +11,12 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cascade import CONFIG, WEIGHTS, fingerprint_tensors, load_safetensors
+from .cascade import CONFIG, DTYPES, WEIGHTS
 from .config import STAGE_KEYS
 from .configuration_poelm import PoelmConfig
 from .files import GENERATION_CONFIG, read_json, verify_file, write_manifest
 from .model import PoEGPT, to_disk
+from .tensorfile import fingerprint_file
 
 
 class PoECache(DynamicCache):
@@ -87,7 +88,9 @@ class PoelmForCausalLM(PreTrainedModel, GenerationMixin):
         poelm loads with. Each file is checked against the directory's digests before it is used
         (`verify=False` skips that); a stage's chain is resolved, fingerprint-checked and folded. The
         assembled weights are put into this class, so `generate()`, pipelines and the seed card's quick
-        start work alike. Honoured: `dtype`/`torch_dtype` and `device_map` ("auto", a device, or None).
+        start work alike. Honoured: `dtype`/`torch_dtype` (None or "auto": the stored dtype, which the
+        weights keep: on the CPU they are the mapped files' tensors, nothing copied) and `device_map`
+        ("auto", a device, or None).
         """
         from pathlib import Path
 
@@ -103,13 +106,13 @@ class PoelmForCausalLM(PreTrainedModel, GenerationMixin):
         read_json(path / CONFIG, verify)  # checked before transformers reads it
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         device_map = kwargs.get("device_map")
-        poe = load_chain(path, verify=verify)
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = DTYPES.get(dtype) or getattr(torch, dtype)
+        poe = load_chain(path, dtype=None if dtype in (None, "auto") else dtype, verify=verify)
         config = cls.config_class.from_pretrained(str(path))
         with torch.device("meta"):
             model = cls(config)
         model.poe = poe
-        if dtype not in (None, "auto"):
-            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         if device_map == "auto":
             model = model.to("cuda" if torch.cuda.is_available() else "cpu")
         elif isinstance(device_map, (str, torch.device)):
@@ -137,7 +140,7 @@ class PoelmForCausalLM(PreTrainedModel, GenerationMixin):
             for k, v in stage_fields.items():
                 setattr(self.config, k, v)
         weights = Path(save_directory) / WEIGHTS
-        fingerprint = fingerprint_tensors(load_safetensors(weights, verify=False)) if weights.is_file() else None
+        fingerprint = fingerprint_file(weights) if weights.is_file() else None
         write_manifest(save_directory, fingerprint=fingerprint)
         return result
 

@@ -108,6 +108,7 @@ class HumanEvalArgs:
     canonical: bool = False
     timeout_s: float = 10.0
     allow_root: bool = False  # run the samples as root when this root cannot drop them (sandbox.py)
+    dtype: str | None = None  # compute in this dtype ("float32", "bfloat16"; default: the stored one)
 
 
 def mode_label(config: Any, mode: Any) -> str:
@@ -145,6 +146,7 @@ def evaluate_humaneval(model_dir: str | os.PathLike, args: HumanEvalArgs, mode: 
     summary.json)."""
     from .. import models
     from ..common.atomic import chain_inputs
+    from ..core.cascade import DTYPES
     from ..infer import DecodeMode, SamplingParams, make_decoder
 
     mode = mode or DecodeMode()
@@ -157,7 +159,9 @@ def evaluate_humaneval(model_dir: str | os.PathLike, args: HumanEvalArgs, mode: 
     config = chain.config
     chat = uses_chat(config) if args.prompt_format is None else args.prompt_format == "chat"
     settings = {"model": str(Path(model_dir).resolve()), "format": "chat" if chat else "completion",
-                "mode": mode_label(config, mode), "sampling": asdict(params), "canonical": args.canonical}
+                "mode": mode_label(config, mode), "sampling": asdict(params), "canonical": args.canonical,
+                **({"dtype": args.dtype} if args.dtype else {})}
+    dtype = DTYPES[args.dtype] if args.dtype else None
     out = Path(out) if out is not None else default_out(model_dir, settings, mode)
     open_out(out, chain_inputs(chain), settings, overwrite)
 
@@ -169,8 +173,8 @@ def evaluate_humaneval(model_dir: str | os.PathLike, args: HumanEvalArgs, mode: 
                 samples.append({"task_id": p.task_id, "sample": 0, "completion": p.canonical_solution,
                                 "finish": "reference", "tokens": 0})
     else:
-        model, tok = chain.model(), chain.tokenizer()
-        del chain  # the model holds its own copy of the tensors (--canonical builds it only at the end)
+        model, tok = chain.model(dtype=dtype), chain.tokenizer()
+        del chain  # the model holds the tensors it needs (--canonical builds it only at the end)
         decoder = make_decoder(model, mode, tokenizer=tok, model_dir=model_dir)
         decode_samples(decoder, tok, problems, samples, args, params, chat, progress)
     seconds_generate = time.time() - t0
@@ -186,7 +190,7 @@ def evaluate_humaneval(model_dir: str | os.PathLike, args: HumanEvalArgs, mode: 
         "past_context": past_context,
         "seconds": {"generate": round(seconds_generate, 1), "execute": round(seconds_execute, 1)}})
     if args.canonical:
-        summary["reference_bpb"] = reference_bpb(chain.model(), chain.tokenizer(), problems)
+        summary["reference_bpb"] = reference_bpb(chain.model(dtype=dtype), chain.tokenizer(), problems)
     write_json(out / "summary.json", summary)
     if card:
         from ..models.card import record_evaluation

@@ -21,13 +21,16 @@ def share_parameters(model: PoEGPT, held: dict[str, torch.Tensor]) -> int:
     that tensor, and add the rest to `held`: models loaded one after another hold what they have in
     common once, and their rows then share those layers in a fleet's batch. An embedding table that
     differs from the held one in fewer than half its rows (a specialist's chat-token rows) is shared
-    too, its own rows kept apart (`PoEGPT.share_embedding`). Returns the bytes no longer held."""
+    too, its own rows kept apart (`PoEGPT.share_embedding`). Returns the bytes no longer held. A parameter
+    that is a view of the very memory the held one is (two models built around one mapped file) is
+    shared without reading either."""
     shared = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
             other = held.get(name)
             alike = other is not None and other.shape == p.shape and other.dtype == p.dtype
-            if alike and torch.equal(other, p.data):
+            same = alike and other.data_ptr() == p.data_ptr() and other.stride() == p.stride()
+            if same or (alike and torch.equal(other, p.data)):
                 p.data = other
                 shared += p.numel() * p.element_size()
             elif alike and name == "transformer.wte.weight" and 2 * int((p.data != other).any(dim=1).sum()) < len(p):

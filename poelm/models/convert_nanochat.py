@@ -50,9 +50,19 @@ def find_step(checkpoint_dir: Path, step: int | None) -> int:
     return step
 
 
+def _load(path: Path) -> Any:
+    """torch.load, tensors only; mapped rather than read where the file's format allows (zip, torch >= 1.6)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _load(path)
     except pickle.UnpicklingError as e:
         raise PoelmError(f"{path}: refused by torch.load(weights_only=True): {str(e).splitlines()[0]}") from None
     except (RuntimeError, EOFError, OSError) as e:
@@ -140,9 +150,10 @@ def find_tokenizer(checkpoint_dir: Path, tokenizer_dir: str | None) -> Tokenizer
 
 
 def convert_nanochat(checkpoint: str | Path, out: str | Path, step: int | None = None,
-                     tokenizer: str | None = None, overwrite: bool = False) -> tuple[Path, list[str]]:
-    """Write a poelm base directory from a nanochat checkpoint; returns it and the migrations applied.
-    `out` may not overlap the checkpoint folder or the tokenizer folder."""
+                     tokenizer: str | None = None, overwrite: bool = False,
+                     dtype: str = "float32") -> tuple[Path, list[str]]:
+    """Write a poelm base directory from a nanochat checkpoint, its tensors stored in `dtype`; returns it
+    and the migrations applied. `out` may not overlap the checkpoint folder or the tokenizer folder."""
     checkpoint = Path(checkpoint)
     inputs = [("checkpoint", checkpoint)] + ([("tokenizer", tokenizer)] if tokenizer is not None else [])
     check_output(out, inputs, overwrite)
@@ -158,14 +169,14 @@ def convert_nanochat(checkpoint: str | Path, out: str | Path, step: int | None =
     with torch.device("meta"):
         model = PoEGPT(config)
     check_state_dict(model.state_dict(), state, str(model_path))
-    model = model.to_empty(device="cpu")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)  # no second copy
     tok = find_tokenizer(checkpoint, tokenizer)
     if tok.vocab_size != config.vocab_size:
         raise PoelmError(f"tokenizer has {tok.vocab_size} tokens but {meta_path} says vocab_size {config.vocab_size}")
     extra = {"converted_from": {"format": "nanochat", "checkpoint": str(model_path.resolve()), "step": step,
                                 "migrations": migrations}}
-    return save_model_dir(model, out, tok, overwrite=overwrite, extra_config=extra, inputs=inputs), migrations
+    return (save_model_dir(model, out, tok, dtype=dtype, overwrite=overwrite, extra_config=extra, inputs=inputs),
+            migrations)
 
 
 # ---- nanochat import -----------------------------------------------------------------------------

@@ -81,9 +81,10 @@ def _user(meta: dict, key: str, default: Any, kind: type, meta_path: Path) -> An
 
 
 def convert_nanochat_poe(checkpoint: str | Path, out: str | Path, step: int | None = None,
-                         tokenizer: str | None = None, overwrite: bool = False) -> tuple[Path, list[str]]:
-    """Write a poelm base directory from a fork `base_train` checkpoint; returns it and the notes
-    (migrations and mappings) recorded in config.json `converted_from`."""
+                         tokenizer: str | None = None, overwrite: bool = False,
+                         dtype: str = "float32") -> tuple[Path, list[str]]:
+    """Write a poelm base directory from a fork `base_train` checkpoint, its tensors stored in `dtype`;
+    returns it and the notes (migrations and mappings) recorded in config.json `converted_from`."""
     checkpoint = Path(checkpoint)
     inputs = [("checkpoint", checkpoint)] + ([("tokenizer", tokenizer)] if tokenizer is not None else [])
     check_output(out, inputs, overwrite)
@@ -118,21 +119,22 @@ def convert_nanochat_poe(checkpoint: str | Path, out: str | Path, step: int | No
     with torch.device("meta"):
         model = PoEGPT(config)
     check_state_dict(to_disk(model.state_dict()), state, str(model_path))
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(from_disk({k: v.float() for k, v in state.items()}), strict=True)
+    model.load_state_dict(from_disk({k: v.float() for k, v in state.items()}), strict=True, assign=True)
     tok = find_tokenizer(checkpoint, tokenizer)
     if tok.vocab_size != config.vocab_size:
         raise PoelmError(f"tokenizer has {tok.vocab_size} tokens but {meta_path} says vocab_size {config.vocab_size}")
     extra = {"converted_from": {"format": "nanochat-poe", "checkpoint": str(model_path.resolve()),
                                 "step": meta.get("step"), "poe_mode": mode, "poe_every": every, "poe_alpha": alpha,
                                 "per_stage_head": heads, "notes": notes}}
-    return save_model_dir(model, out, tok, overwrite=overwrite, extra_config=extra, inputs=inputs), notes
+    return save_model_dir(model, out, tok, dtype=dtype, overwrite=overwrite, extra_config=extra, inputs=inputs), notes
 
 
 def convert_nanochat_poe_stage(checkpoint: str | Path, parent: str | Path, out: str | Path, step: int | None = None,
-                               name: str | None = None, overwrite: bool = False) -> tuple[Path, dict[str, list[int]]]:
+                               name: str | None = None, overwrite: bool = False,
+                               dtype: str | None = None) -> tuple[Path, dict[str, list[int]]]:
     """Write a poelm stage directory on `parent` (a converted base, or a converted stage for chains)
-    from a fork specialist delta; returns it and the parent entries it overrides."""
+    from a fork specialist delta, stored in `dtype` (default: the parent's); returns it and the parent
+    entries it overrides."""
     from .specialist import grow, save_specialist
 
     checkpoint = Path(checkpoint)
@@ -165,14 +167,15 @@ def convert_nanochat_poe_stage(checkpoint: str | Path, parent: str | Path, out: 
     check_state_dict(expected, delta, str(model_path))
     grown = grow(chain.model(), n_layer - pc.n_layer)  # the parent's tensors, its head folded, new blocks
     windows = windows_from_pattern(upstream.get("window_pattern", "L"), n_layer, pc.sequence_len)
-    model = PoEGPT(dataclasses.replace(grown.config, layer_windows=windows))  # the fork's rule for the total depth
+    with torch.device("meta"):
+        model = PoEGPT(dataclasses.replace(grown.config, layer_windows=windows))  # the fork's rule for the total depth
     state = to_disk(grown.state_dict())
-    state.update({k: v.float() for k, v in delta.items()})
-    model.load_state_dict(from_disk(state), strict=True)
+    state.update({k: v.float() for k, v in delta.items()})  # float32 whatever the parent; compared in its dtype
+    model.load_state_dict(from_disk(state), strict=True, assign=True)  # grown's tensors, not copied again
     name = name or (meta.get("user_config") or {}).get("output_tag") or checkpoint.name
     extra = {"converted_from": {"format": "nanochat-poe-stage", "checkpoint": str(model_path.resolve()),
                                 "step": meta.get("step"), "base_model_dir": meta.get("base_model_dir"),
                                 "frozen_layers": frozen}}
     path = save_specialist(model, chain, out, name, overwrite=overwrite, extra_config=extra,
-                           allow_parent_overrides=True)
+                           allow_parent_overrides=True, dtype=dtype)
     return path, read_json(Path(path) / CONFIG).get("parent_overrides") or {}

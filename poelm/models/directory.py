@@ -8,6 +8,10 @@ file checked against its digests. Why one way, and which others it replaced: doc
 Writing: bases, stages and tokenizer-only directories are filled by one function (`write_directory`),
 atomically (common/atomic.AtomicDir), never over an input. File names live in core/files.py; what a
 directory holds, and why the tokenizer's transformers files are written by hand: docs/formats.md.
+Tensors are stored in float32 or bfloat16 (`STORAGE_DTYPES`, recorded as config.json `dtype`) and
+written as a stream (core/tensorfile.py): one tensor converted at a time, the file's digest and the
+fingerprint computed in the pass that writes it; `init_model_dir` creates a new model one tensor at a
+time and never holds it.
 """
 
 from __future__ import annotations
@@ -18,20 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from .card import model_card
-from ..core.cascade import DTYPES, Chain, fingerprint_tensors, load_safetensors, locate, open_chain
+from ..core.cascade import DTYPE_NAMES, DTYPES, Chain, Mapped, locate, open_chain
 from ..core.config import PoEConfig
 from ..core.errors import PoelmError
 from ..core.files import (CARD, CHAT_TEMPLATE_FILE, CONFIG, DELTA, GENERATION_CONFIG, SPECIAL_TOKENS_MAP,
                          TOKEN_BYTES_FILE, TOKENIZER_CONFIG, TOKENIZER_FILE, WEIGHTS, read_json, write_json,
                          write_manifest, write_text)
-from ..core.model import PoEGPT, to_disk
+from ..core.init_plan import init_plan
+from ..core.model import PoEGPT, disk_name, state_shapes, to_disk
+from ..core.tensorfile import TensorWriter, fingerprint_file, save_tensors
 from ..core.tokenizer import SPECIAL_TOKENS, Tokenizer
 from ..common.atomic import AtomicDir, Inputs
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "core"
+STORAGE_DTYPES = ("float32", "bfloat16")  # what poelm writes (float32: training's; bfloat16: the releases')
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|assistant_end|>"
 PAD_TOKEN = "<|assistant_end|>"  # = eos: generate() then never masks a BOS (core/tokenization_poelm.py)
@@ -158,13 +164,20 @@ def write_tokenizer_files(
 
 
 def write_directory(tmp: Path, tokenizer: Tokenizer, *, tensors_file: str | None = None,
-                    tensors: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
-                    config: dict[str, Any] | None = None, card: str | None = None,
-                    fingerprint: str | None = None) -> None:
-    """Fill a (temporary) directory: tensors, config and generation config (a model), the tokenizer's
-    files, the shipped code, the card, and last the digests of it all."""
+                    tensors: dict[str, torch.Tensor] | None = None, dtype: str | None = None,
+                    metadata: dict[str, str] | None = None, config: dict[str, Any] | None = None,
+                    card: str | None = None, fingerprint: str | None = None, parent_fingerprint: str = "",
+                    known: dict[str, dict[str, Any]] | None = None) -> str | None:
+    """Fill a (temporary) directory: tensors (floating ones stored in `dtype` when given), config and
+    generation config (a model), the tokenizer's files, the shipped code, the card, and last the
+    digests of it all. The fingerprint recorded is `fingerprint`, else that of the tensors written
+    (chained with `parent_fingerprint`); `known`: digest entries of files already written. Returns the
+    fingerprint recorded."""
+    known = dict(known or {})
     if tensors is not None:
-        save_file(tensors, str(tmp / tensors_file), metadata={"format": "pt", **(metadata or {})})
+        known[tensors_file], fingerprint = save_tensors(tmp / tensors_file, tensors,
+                                                        {"format": "pt", **(metadata or {})},
+                                                        DTYPES[dtype] if dtype else None, parent_fingerprint)
     if config is not None:
         write_json(tmp / CONFIG, config)
         write_json(tmp / GENERATION_CONFIG, generation_config(tokenizer))
@@ -172,7 +185,8 @@ def write_directory(tmp: Path, tokenizer: Tokenizer, *, tensors_file: str | None
     copy_shipped_code(tmp)
     if card is not None:
         write_text(tmp / CARD, card)
-    write_manifest(tmp, fingerprint=fingerprint)
+    write_manifest(tmp, fingerprint=fingerprint, known=known)
+    return fingerprint
 
 
 def save_tokenizer_dir(tokenizer: Tokenizer, out: str | os.PathLike, *, overwrite: bool = False,
@@ -183,33 +197,71 @@ def save_tokenizer_dir(tokenizer: Tokenizer, out: str | os.PathLike, *, overwrit
     return Path(out)
 
 
+def storage_dtype(dtype: str | None, default: torch.dtype = torch.float32) -> str:
+    """A storage dtype's name, checked (`STORAGE_DTYPES`); None: `default` (what was loaded) where poelm
+    stores it, else float32 (a float16 model from elsewhere is written in float32, losing nothing)."""
+    if dtype is None:
+        name = DTYPE_NAMES.get(default, "float32")
+        return name if name in STORAGE_DTYPES else "float32"
+    if dtype not in STORAGE_DTYPES:
+        raise PoelmError(f"dtype {dtype!r}: poelm stores {' or '.join(STORAGE_DTYPES)}")
+    return dtype
+
+
 def save_model_dir(model: PoEGPT, out: str | os.PathLike, tokenizer: Tokenizer, *,
                    card: str | None = None, dtype: str = "float32", overwrite: bool = False,
                    extra_config: dict[str, Any] | None = None, inputs: Inputs = ()) -> Path:
-    """Write a complete, self-contained base model directory (docs/formats.md) atomically; `out` must
-    not overlap `inputs` (outputs.check_output)."""
+    """Write a complete, self-contained base model directory (docs/formats.md) atomically, its tensors
+    stored in `dtype` (converted one at a time); `out` must not overlap `inputs` (outputs.check_output)."""
     config = model.config
     if tokenizer.vocab_size != config.vocab_size:
         raise PoelmError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {config.vocab_size}")
-    if dtype not in DTYPES:
-        raise PoelmError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    dtype = storage_dtype(dtype)
     with AtomicDir(out, overwrite, inputs) as tmp:
-        tensors = {k: v.detach().to("cpu", DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous()
-                   for k, v in to_disk(model.state_dict()).items()}
-        write_directory(tmp, tokenizer, tensors_file=WEIGHTS, tensors=tensors,
+        write_directory(tmp, tokenizer, tensors_file=WEIGHTS, tensors=to_disk(model.state_dict()), dtype=dtype,
                         config=hf_config_dict(config, tokenizer, dtype, extra_config),
-                        card=card if card is not None else model_card(model, Path(out).name),
-                        fingerprint=fingerprint_tensors(tensors))
+                        card=card if card is not None else model_card(model, Path(out).name))
+    return Path(out)
+
+
+def init_model_dir(config: PoEConfig, tokenizer: Tokenizer, out: str | os.PathLike, *, seed: int = 0,
+                   dtype: str = "float32", overwrite: bool = False, inputs: Inputs = ()) -> Path:
+    """`poelm init`: a new base directory whose tensors are `PoEGPT(config).init_weights(seed)`'s, bit for
+    bit, made one at a time in the order the generator is drawn from (core/init_plan.py) and written as
+    each is made: nothing but one tensor is held. The fingerprint (by name, not the drawing order) is
+    then streamed from the file."""
+    dtype = storage_dtype(dtype)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise PoelmError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {config.vocab_size}")
+    shapes, plan = dict(state_shapes(config)), list(init_plan(config))
+    if sorted(n for n, _ in plan) != sorted(shapes):
+        raise AssertionError("init_plan does not cover the model's tensors")
+    with torch.device("meta"):
+        skeleton = PoEGPT(config)  # for the card: shapes and counts only
+    g, target = torch.Generator().manual_seed(seed), DTYPES[dtype]
+    with AtomicDir(out, overwrite, inputs) as tmp:
+        path = tmp / WEIGHTS
+        with torch.no_grad(), TensorWriter(path, [(disk_name(n), target, shapes[n]) for n, _ in plan],
+                                           {"format": "pt"}) as writer:
+            for name, fill in plan:
+                t = torch.empty(shapes[name])
+                fill(t, g)
+                writer.write(disk_name(name), t.to(target))
+        entry = writer.close()
+        write_directory(tmp, tokenizer, config=hf_config_dict(config, tokenizer, dtype),
+                        card=model_card(skeleton, Path(out).name), fingerprint=fingerprint_file(path),
+                        known={WEIGHTS: entry})
     return Path(out)
 
 
 # --------------------------------------------------------------------------------------- reading
-def open(directory: str | os.PathLike, verify: bool = True) -> Chain:  # noqa: A001 (poelm.models.open)
+def open(directory: str | os.PathLike, verify: bool = True, mapped: Mapped | None = None) -> Chain:  # noqa: A001
     """Open any base or stage directory (a stage brings its whole chain): `.config`, `.model(device,
     dtype)`, `.tokenizer()`, `.path`, `.links`, `.fingerprint`. Its own config.json and tokenizer (when
     it has one: `save_pretrained` writes none) are checked first, so their errors name this directory;
     then every link, strictly and against its digests (`verify=False` skips only the digests, for
-    measuring what they cost)."""
+    measuring what they cost). Tensor files are mapped, not read (core/cascade.py); `mapped`: one dict
+    passed to several opens maps a file they share once (a server's base)."""
     path = Path(directory)
     if not path.is_dir():
         raise PoelmError(f"{directory}: not a directory (expected a poelm model directory)")
@@ -218,13 +270,14 @@ def open(directory: str | os.PathLike, verify: bool = True) -> Chain:  # noqa: A
     if tok is not None and tok.vocab_size != config.vocab_size:
         raise PoelmError(f"{directory}: tokenizer has {tok.vocab_size} tokens but config.json says "
                          f"vocab_size {config.vocab_size}")
-    return open_chain(path, verify)
+    return open_chain(path, verify, mapped)
 
 
 def record_digests(directory: str | os.PathLike) -> dict[str, Any]:
     """Re-record `digests.json` from the directory's files as they are now: after a deliberate edit, or
     for a directory written before poelm recorded digests. A stage's fingerprint chains its parent's,
-    so the parent's chain is loaded (and verified) for it."""
+    so the parent's chain is opened (and verified) for it. Every file is streamed: nothing but headers
+    is held."""
     directory = Path(directory)
     if not directory.is_dir():
         raise PoelmError(f"{directory}: not a directory")
@@ -233,7 +286,7 @@ def record_digests(directory: str | os.PathLike) -> dict[str, Any]:
         data = read_json(directory / CONFIG, verify=False)
         if data.get("base_model_name_or_path") is not None:
             parent = open(locate(str(data["base_model_name_or_path"]), directory))
-            fingerprint = fingerprint_tensors(load_safetensors(directory / DELTA, verify=False), parent.fingerprint)
+            fingerprint = fingerprint_file(directory / DELTA, parent.fingerprint)
         else:
-            fingerprint = fingerprint_tensors(load_safetensors(directory / WEIGHTS, verify=False))
+            fingerprint = fingerprint_file(directory / WEIGHTS)
     return write_manifest(directory, fingerprint=fingerprint)

@@ -35,13 +35,13 @@ KEY_ENV = "POELM_API_KEY"
 
 def create_app(directories: list[str], names: list[str] | None = None, *, max_batch: int = DEFAULTS.max_batch,
                max_queue: int = DEFAULTS.max_queue, api_key: str | None = None, device: str = DEFAULTS.device,
-               limits: Limits = LIMITS) -> FastAPI:
+               dtype: str | None = DEFAULTS.dtype, limits: Limits = LIMITS) -> FastAPI:
     """The app: its routes answer at once, the models load in a thread when it starts."""
     state = ServerState(api_key=api_key, limits=limits)
 
     def load() -> None:
         try:
-            served = load_served(directories, names, device=device)
+            served = load_served(directories, names, device=device, dtype=dtype)
             scheduler = Scheduler(served, max_batch=max_batch, max_queue=max_queue)
             scheduler.start()
             state.served, state.scheduler = served, scheduler
@@ -133,7 +133,8 @@ def serve(directories: list[str], names: list[str] | None = None, options: Serve
     import uvicorn
 
     app = create_app(directories, names, max_batch=options.max_batch, max_queue=options.max_queue, api_key=api_key,
-                     device=options.device, limits=replace(LIMITS, body_bytes=options.max_body_bytes))
+                     device=options.device, dtype=options.dtype,
+                     limits=replace(LIMITS, body_bytes=options.max_body_bytes))
     host, port = options.host, options.port
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     state: ServerState = app.state.poelm

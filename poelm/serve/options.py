@@ -38,6 +38,8 @@ class ServeOptions:
     max_body_bytes: int = option(LIMITS.body_bytes, "refuse request bodies larger than N bytes (413; default 1 MiB)",
                                  resume=None, metavar="N")
     device: str = option("cpu", "where the models run", resume=None)
+    dtype: str | None = option(None, "compute in this dtype (default: the dtype the models are stored in)",
+                               resume=None, choices=("float32", "bfloat16", "float16"))
 
 
 DEFAULTS = ServeOptions()

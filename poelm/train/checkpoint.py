@@ -55,9 +55,11 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
+    # Copies: a loaded tensor is a view into its file's mapping, at an offset, and torch's setters read
+    # the storage from its start (torch 2.13 crashes on the view).
+    torch.set_rng_state(state["cpu"].clone())
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].clone(), device)
 
 
 def save_checkpoint(d: Dist, run_dir: Path, step: int, *, weights: dict[str, torch.Tensor],

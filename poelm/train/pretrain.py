@@ -6,7 +6,10 @@ A recipe of the shared skeleton (recipe.py: setup -> fit -> save over TrainLoop)
   `seq_len + 1` tokens; optionally a stage-parallel pipeline (pipeline.py).
 - fit: `poe_mode` decides the loss (docs/model.md §2); every evaluation reports the val bpb of every
   stage and of their Log-OP, plus a greedy sample.
-- save: `final/` and `best/` (lowest Log-OP val bpb; BP: the last stage's) as base model directories.
+- save: `final/` and `best/` (lowest Log-OP val bpb; BP: the last stage's) as base model directories,
+  stored in `--save-dtype` (default: the --init model's dtype, else float32). Whatever the stored
+  dtype, training runs on float32 (or `--dtype float64`) master weights: an --init model stored in
+  bfloat16 is upcast once when placed.
 docs/training.md, "Pretraining", has the details.
 """
 
@@ -32,7 +35,7 @@ from ..data.shards import TokenFolder, open_corpus
 from ..eval.bpb import bpb_from_sums, bpb_sums
 from ..infer.engine import greedy
 from ..models.card import model_card
-from ..models.directory import save_model_dir
+from ..models.directory import STORAGE_DTYPES, save_model_dir, storage_dtype
 from .dist import Dist, all_reduce_sum, data_parallel, log0, run_distributed
 from .flops import training_flops_per_token
 from .loop import LoopConfig, LoopResult, RunArgs
@@ -69,17 +72,22 @@ class PretrainArgs(RunArgs):
                                  "P x data-parallel replicas; flat mode)", metavar="P")
     dtype: str = option("float32", "the weights' and activations' dtype (float64: numerical checks, slow)",
                         choices=("float32", "float64"))
+    save_dtype: str | None = option(None, "the dtype final/ and best/ store their tensors in (default: the --init "
+                                    "model's, else float32); training keeps float32 master weights",
+                                    choices=STORAGE_DTYPES, resume="free")
     stage_loss_fraction: float = option(1.0, "flat mode: every stage but the last takes its loss on a random "
                                         "fraction F of the positions, scaled to stay unbiased (cheaper heads)",
                                         metavar="F")
 
 
-def resolve_model(args: PretrainArgs) -> tuple[PoEGPT, Any]:
-    """The model to train and its tokenizer, from --init or from --tokenizer and a shape."""
+def resolve_model(args: PretrainArgs) -> tuple[PoEGPT, Any, str]:
+    """The model to train, its tokenizer and the dtype its exports store by default, from --init (its
+    tensors mapped, copy-on-write: training writes private pages, never the files) or from --tokenizer
+    and a shape."""
     if args.init is not None:
         chain = models.open(args.init)
-        model, tok = chain.model(), chain.tokenizer()
-        del chain  # the model holds its own copy of the tensors
+        model, tok, stored = chain.model(), chain.tokenizer(), storage_dtype(None, chain.dtype)
+        del chain  # the model holds the tensors it needs
         changes = {k: v for k, v in (("poe_mode", args.poe_mode), ("poe_alpha", args.poe_alpha)) if v is not None}
         if args.poe_stage_layers is not None:  # re-cut the stages: readouts move, weights do not
             changes.update(poe_stage_layers=args.poe_stage_layers, poe_backout_stages=None)
@@ -88,15 +96,16 @@ def resolve_model(args: PretrainArgs) -> tuple[PoEGPT, Any]:
         if changes:
             config = PoEConfig.from_dict({**model.config.to_dict(), **changes})
             state = model.state_dict()
-            model = PoEGPT(config)
-            model.load_state_dict(state)
-        return model, tok
+            with torch.device("meta"):
+                model = PoEGPT(config)
+            model.load_state_dict(state, assign=True)  # the same tensors under the new cut
+        return model, tok, stored
     if args.tokenizer is None or args.config is None:
         raise PoelmError("pretrain needs --init MODELDIR, or --tokenizer TOKDIR with --depth")
     tok = Tokenizer.load(args.tokenizer)
     model = PoEGPT(args.config)
     model.init_weights(seed=args.seed)
-    return model, tok
+    return model, tok, "float32"
 
 
 def best_key(config: PoEConfig) -> str:
@@ -152,7 +161,7 @@ class Pretrain:
     def setup(self, d: Dist) -> Setup:
         """The model and its geometry, the run folder, the corpus; then the model placed (`_place`)."""
         args, self.d = self.args, d
-        self.model, self.tok = resolve_model(args)
+        self.model, self.tok, self.stored = resolve_model(args)
         config = self.config = self.model.config
         seq_len = self.seq_len = resolve_seq_len(args.seq_len, config.sequence_len)
         check_settings(args, config)
@@ -238,6 +247,7 @@ class Pretrain:
                               summary=f"A poelm PoE base pretrained with poelm ({config.poe_mode} mode). "
                                       f"This is the {name} checkpoint (step {step}).")
             save_model_dir(cpu_model, run_dir / name, self.tok, card=card, overwrite=True,
+                           dtype=args.save_dtype or self.stored,
                            extra_config={"training": {"run_dir": str(run_dir), "step": step,
                                                       "val_bpb": next((e["val_bpb"] for e in evals
                                                                        if e["step"] == step), None)}})

@@ -6,7 +6,10 @@ A recipe of the shared skeleton (recipe.py: setup -> fit -> save over TrainLoop)
   rendered with the chat format and packed best-fit into rows with document masking.
 - fit: cross-entropy on assistant tokens only, over the step's supervised tokens; every evaluation
   checks that the base path is still bit-identical (max |Δlogit| 0.0, or the run stops).
-- save: `final/` and `best/` (lowest val bpb of the stage) as stage directories on the parent.
+- save: `final/` and `best/` (lowest val bpb of the stage) as stage directories on the parent, their
+  deltas stored in `--save-dtype` (default: the stage directory's dtype). Training runs on float32
+  master weights whatever the stored dtype (a bfloat16 chain is upcast once when placed); the parent
+  is compared in its own dtype when the delta is cut, so its tensors stay its own bit for bit.
 docs/training.md, "Stage SFT", has the details.
 """
 
@@ -29,6 +32,7 @@ from ..data.mixture import build_mixture
 from ..data.packing import ChatLoader, eval_batches, pack, render_conversations
 from ..data.sources import SPEC_INPUTS, load_conversations, parse_spec
 from ..eval.bpb import bpb_from_sums, bpb_sums
+from ..models.directory import STORAGE_DTYPES, storage_dtype
 from ..models.specialist import freeze_for_specialist, save_specialist
 from .dist import Dist, all_reduce_sum, data_parallel, log0, run_distributed
 from .flops import training_flops_per_token
@@ -60,6 +64,9 @@ class StageTrainArgs(RunArgs):
     skip_invalid: bool = option(False, "skip bad records (counted per file and reason)", resume=None)
     document_masking: bool = option(True, "let packed conversations see each other (--no-document-masking)")
     train_chat_rows: bool = option(False, "also train the chat tokens' embedding rows")
+    save_dtype: str | None = option(None, "the dtype final/ and best/ store their deltas in (default: the stage "
+                                    "directory's); training keeps float32 master weights", choices=STORAGE_DTYPES,
+                                    resume="free")
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -137,7 +144,7 @@ class StageTrain:
         last = config.n_stages - 1
         flops = training_flops_per_token(model, self.seq_len, frozen_layers=self.frozen,
                                          readouts={k: 1.0 for k in ([last] if fused else model.readout_stages(last))})
-        model.to(d.device)
+        model.to(d.device, torch.float32)  # float32 master weights, whatever the stored dtype
         optimizer = build_optimizer(model, matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
                                     weight_decay=args.weight_decay, stage_head_lr=args.stage_head_lr,
                                     stage_head_weight_decay=args.stage_head_weight_decay, no_decay=set(partial))
@@ -201,6 +208,7 @@ class StageTrain:
                 for n, v in weights.items():
                     cpu.get_parameter(n).copy_(v)
             save_specialist(cpu, parent, run_dir / which, name, overwrite=True,
+                            dtype=storage_dtype(args.save_dtype, self.chain.links[-1].dtype),
                             allow_parent_overrides=bool(self.stage_data.get("parent_overrides")),
                             card_kw={"training": training + [("Exported step", step)], "evals": evals,
                                      "best_step": result.best_step, "best_key": "stage"},

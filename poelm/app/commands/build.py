@@ -8,7 +8,7 @@ import sys
 import time
 
 from ...core.errors import PoelmError
-from ..arguments import OVERWRITE, add_command, add_group, arg, int_list, out
+from ..arguments import OVERWRITE, STORE_DTYPE, add_command, add_group, arg, int_list, out
 from .models import overrides_text, print_param_table
 
 
@@ -89,20 +89,21 @@ def add_shape_flags(p: argparse.ArgumentParser, for_init: bool = True) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    import torch
+
     from ...core.model import PoEGPT
     from ...core.tokenizer import Tokenizer
-    from ...models.directory import save_model_dir
+    from ...models.directory import init_model_dir
     from ...common.atomic import check_output
 
     inputs = [("tokenizer", args.tokenizer)]
     check_output(args.out, inputs, args.overwrite)
     tok = Tokenizer.load(args.tokenizer)
     config = build_config(args, tok.vocab_size)
-    model = PoEGPT(config)
-    model.init_weights(seed=args.seed)
-    save_model_dir(model, args.out, tok, overwrite=args.overwrite, inputs=inputs)
-    print_param_table(model)
-    print(f"wrote {args.out}")
+    init_model_dir(config, tok, args.out, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite, inputs=inputs)
+    with torch.device("meta"):
+        print_param_table(PoEGPT(config))
+    print(f"wrote {args.out} ({args.dtype})")
     return 0
 
 
@@ -136,7 +137,8 @@ def cmd_convert_nanochat(args: argparse.Namespace) -> int:
 
     convert, label = {"nanochat": (convert_nanochat, "migration"),
                       "nanochat-poe": (convert_nanochat_poe, "note:")}[args.convert_command]
-    out, notes = convert(args.checkpoint, args.out, step=args.step, tokenizer=args.tokenizer, overwrite=args.overwrite)
+    out, notes = convert(args.checkpoint, args.out, step=args.step, tokenizer=args.tokenizer, overwrite=args.overwrite,
+                         dtype=args.dtype)
     for n in notes:
         print(f"{label} {n}")
     print(f"wrote {out}")
@@ -147,7 +149,7 @@ def cmd_convert_nanochat_poe_stage(args: argparse.Namespace) -> int:
     from ...models.convert_nanochat_poe import convert_nanochat_poe_stage
 
     out, overrides = convert_nanochat_poe_stage(args.checkpoint, args.parent, args.out, step=args.step,
-                                                name=args.name, overwrite=args.overwrite)
+                                                name=args.name, overwrite=args.overwrite, dtype=args.dtype)
     if overrides:
         print(f"note: the fork's stage overrides its parent's {overrides_text(overrides)}: converted as declared "
               f"parent_overrides; this stage does not preserve its parent (poelm inspect, check-preservation)")
@@ -180,7 +182,7 @@ def add_commands(sub) -> None:
                 out("DATADIR"), OVERWRITE)
     add_shape_flags(add_command(sub, "init", cmd_init, "write a randomly initialised base model directory",
                                 arg("--tokenizer", required=True, metavar="TOKDIR"), arg("--seed", type=int, default=0),
-                                out("MODELDIR"), OVERWRITE))
+                                STORE_DTYPE("float32"), out("MODELDIR"), OVERWRITE))
     add_shape_flags(add_command(sub, "pretrain", cmd_pretrain, "pretrain a PoE base (or the BP control) on text "
                                 "(--init MODELDIR, or --tokenizer TOKDIR with shape flags)", options=(PretrainArgs,)),
                     for_init=False)
@@ -196,11 +198,11 @@ def add_convert_commands(conv) -> None:
                     arg("--checkpoint", required=True, metavar="DIR",
                         help="folder with model_NNNNNN.pt and meta_NNNNNN.json"), step,
                     arg("--tokenizer", metavar="DIR", help="nanochat tokenizer folder (tokenizer.pkl) or poelm tokenizer"),
-                    out("MODELDIR"), OVERWRITE)
+                    STORE_DTYPE("float32"), out("MODELDIR"), OVERWRITE)
     add_command(conv, "nanochat-poe-stage", cmd_convert_nanochat_poe_stage, "convert a nanochat-poe specialist stage "
                 "delta onto a converted parent",
                 arg("--checkpoint", required=True, metavar="DIR", help="the fork's stage folder (model/meta_NNNNNN)"),
                 step,
                 arg("--parent", required=True, metavar="MODELDIR", help="the converted base, or converted stage"),
                 arg("--name", help="the stage's name (default: the fork's output tag, or the folder's name)"),
-                out("STAGEDIR"), OVERWRITE)
+                STORE_DTYPE(None), out("STAGEDIR"), OVERWRITE)

