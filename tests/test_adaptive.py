@@ -55,8 +55,22 @@ def test_calibration_file_round_trip(tmp_path):
         load_calibration(tmp_path / "nope", 2)
 
 
-def test_cli_adaptive_and_compose(trained_like_model_dir, tmp_path, capsys):
-    """calibrate + generate --adaptive, and generate --compose with two siblings."""
+@pytest.fixture(scope="module")
+def stage(trained_like_model_dir, tmp_path_factory):
+    """A one-block stage on the trained-like base, calibrated with `poelm calibrate` (a stage directory
+    brings its whole chain); the tests only read it."""
+    from poelm.app.cli import main
+    from poelm.models.specialist import attach, save_specialist
+
+    root = tmp_path_factory.mktemp("adaptive_stage")
+    stage = save_specialist(attach(trained_like_model_dir, 1, seed=1)[0], trained_like_model_dir, root / "s", "s")
+    (root / "c.txt").write_text("print('hello world')\n" * 40)
+    assert main(["calibrate", str(stage), "--data", str(root / "c.txt"), "--max-tokens", "256"]) == 0
+    return stage
+
+
+def test_cli_adaptive_and_compose(trained_like_model_dir, stage, tmp_path, capsys):
+    """calibrate + generate --adaptive, and generate --compose with two siblings (`stage` and another)."""
     from poelm.app.cli import main
     from poelm.models.specialist import attach, save_specialist
 
@@ -73,26 +87,11 @@ def test_cli_adaptive_and_compose(trained_like_model_dir, tmp_path, capsys):
     assert main(["generate", str(model_dir), "--prompt", "def f(", "--max-new-tokens", "8", "--adaptive"]) == 0
     out = capsys.readouterr()
     assert out.out.strip() and "Log-OP, exits per stage" in out.err
-    a = save_specialist(attach(model_dir, 1, seed=1)[0], model_dir, tmp_path / "a", "a")
-    b = save_specialist(attach(model_dir, 1, seed=2)[0], model_dir, tmp_path / "b", "b")
-    assert main(["generate", str(a), "--prompt", "def f(", "--max-new-tokens", "6", "--compose", str(b),
+    b = save_specialist(attach(trained_like_model_dir, 1, seed=2)[0], trained_like_model_dir, tmp_path / "b", "b")
+    assert main(["generate", str(stage), "--prompt", "def f(", "--max-new-tokens", "6", "--compose", str(b),
                  "--compose-weights", "1,0.5"]) == 0
     assert "2 siblings over one trunk pass" in capsys.readouterr().err
-    assert main(["generate", str(a), "--prompt", "x", "--adaptive", "--compose", str(b)]) == 2
-
-
-@pytest.fixture(scope="module")
-def stage(trained_like_model_dir, tmp_path_factory):
-    """A one-block stage on the trained-like base, calibrated with `poelm calibrate` (a stage directory
-    brings its whole chain); the tests below only read it."""
-    from poelm.app.cli import main
-    from poelm.models.specialist import attach, save_specialist
-
-    root = tmp_path_factory.mktemp("adaptive_stage")
-    stage = save_specialist(attach(trained_like_model_dir, 1, seed=1)[0], trained_like_model_dir, root / "s", "s")
-    (root / "c.txt").write_text("print('hello world')\n" * 40)
-    assert main(["calibrate", str(stage), "--data", str(root / "c.txt"), "--max-tokens", "256"]) == 0
-    return stage
+    assert main(["generate", str(stage), "--prompt", "x", "--adaptive", "--compose", str(b)]) == 2
 
 
 def test_composition_of_one_sibling_decodes_as_that_sibling(stage):

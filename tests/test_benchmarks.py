@@ -68,6 +68,8 @@ def one_line(err: str) -> list[str]:
     (["decode.py", "{tmp}/none"], "decode: error: {tmp}/none: not a directory"),
     (["load.py", "--rounds", "0"], "load: error: --rounds 0: expected a positive int"),
     (["pretrain_overhead.py", "--stages", "3,3"], "pretrain_overhead: error: config field 'poe_stage_layers'"),
+    (["real_size.py", "--quick", "--dtypes", "float16"],
+     "real_size: error: --dtypes float16: expected float32 and/or bfloat16"),
     (["serve.py", "{tmp}/none", "{tmp}/none2"], "serve: error: {tmp}/none: not a directory"),
     (["stage_loss_fraction.py", "--init", "{tmp}/none"], "stage_loss_fraction: error: {tmp}/none: no model there"),
     (["stage_parallel.py", "--stages", "5,5"], "stage_parallel: error: config field 'poe_stage_layers'"),
@@ -90,7 +92,8 @@ def test_bad_input_in_a_fresh_process_is_one_line(tmp_path):
 
 def test_every_benchmark_script_is_covered():
     scripts = {p.name for p in BENCHMARKS.glob("*.py") if "\nif __name__ == \"__main__\":" in p.read_text()}
-    covered = {"bench_base.py", "bp_gap.py", "data.py", "decode.py", "load.py", "pretrain_overhead.py", "serve.py",
+    covered = {"bench_base.py", "bp_gap.py", "data.py", "decode.py", "load.py", "pretrain_overhead.py", "real_size.py",
+               "serve.py",
                "stage_loss_fraction.py", "stage_parallel.py", "stage_train.py"}
     assert scripts == covered  # a new benchmark gets a bad-input case above
     for name in scripts:  # each ends through entry.run: the policy the fresh-process check sees on one of them

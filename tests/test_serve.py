@@ -259,17 +259,24 @@ def test_a_client_that_disconnects_frees_its_row(live, dirs, monkeypatch):
     assert scheduler.active == 0 and scheduler.cancelled_rows == before + 1
 
 
-def test_a_full_queue_answers_429_and_nothing_is_left_behind(dirs):
-    with running(dirs[:1], max_batch=1, max_queue=1) as (url, app):
-        with pytest.raises(openai.RateLimitError) as e:
-            client(url).completions.create(model=dirs[0].name, prompt="a", max_tokens=50, n=3)
-        assert e.value.body["code"] == "queue_full"
-        r = client(url).completions.create(model=dirs[0].name, prompt="a", max_tokens=3, temperature=0)
-        assert r.usage.completion_tokens >= 1
-        deadline = time.time() + 10
-        while app.state.poelm.scheduler.active and time.time() < deadline:
-            time.sleep(0.02)
-        assert app.state.poelm.scheduler.active == 0
+@pytest.fixture(scope="module")
+def small(dirs):
+    """A second server: the base alone, one row per batch, a queue of one, and a key."""
+    with running(dirs[:1], max_batch=1, max_queue=1, api_key="sekret") as (url, app):
+        yield url, app
+
+
+def test_a_full_queue_answers_429_and_nothing_is_left_behind(small, dirs):
+    url, app = small
+    with pytest.raises(openai.RateLimitError) as e:
+        client(url, key="sekret").completions.create(model=dirs[0].name, prompt="a", max_tokens=50, n=3)
+    assert e.value.body["code"] == "queue_full"
+    r = client(url, key="sekret").completions.create(model=dirs[0].name, prompt="a", max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens >= 1
+    deadline = time.time() + 10
+    while app.state.poelm.scheduler.active and time.time() < deadline:
+        time.sleep(0.02)
+    assert app.state.poelm.scheduler.active == 0
 
 
 def test_error_shapes(live, dirs):
@@ -300,12 +307,12 @@ def test_error_shapes(live, dirs):
         client(url).completions.create(model=dirs[0].name, prompt="a", extra_body={"exit_stage": 99})
 
 
-def test_a_wrong_key_is_401(dirs):
-    with running(dirs[:1], api_key="sekret") as (url, _):
-        with pytest.raises(openai.AuthenticationError):
-            client(url, key="wrong").models.list()
-        assert [m.id for m in client(url, key="sekret").models.list().data] == [dirs[0].name]
-        assert httpx.get(f"{url}/health").json() == {"status": "ok"}  # a bare liveness answer needs no key
+def test_a_wrong_key_is_401(small, dirs):
+    url, _ = small
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="wrong").models.list()
+    assert [m.id for m in client(url, key="sekret").models.list().data] == [dirs[0].name]
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}  # a bare liveness answer needs no key
 
 
 def test_directories_of_different_bases_are_refused(dirs, seed_model_dir):
