@@ -162,9 +162,10 @@ def disk_speeds(folder: Path, size: int) -> dict:
 
 
 def hash_speeds(size: int = 256 << 20) -> dict:
-    """Bytes/s of the two hashes a load may run over every byte, on one thread: xxh3-128 (the files'
-    digests, digests.json) and blake2b (the tensors' fingerprint): the floor they put under a command
-    that reads a model is bytes / speed, whatever the disk does."""
+    """Bytes/s of the hashes a command may run over every byte, on one thread: xxh3-128 (the files'
+    digests in digests.json, and the tensors' fingerprint) and blake2b (the fingerprint an older poelm
+    recorded, recomputed only to check a stage that names its parent so): the floor they put under a
+    command that reads a model is bytes / speed, whatever the disk does."""
     import hashlib
 
     import xxhash
@@ -499,8 +500,8 @@ def print_table(result: dict) -> None:
           f"+{s['stage_layers']}-layer specialist; {m['cpus']} CPUs, {m['ram_gb']:.1f} GB RAM; disk write "
           f"{m['write_Bps'] / 1e6:.0f} MB/s (fsync'd {m['probe_bytes'] / GB:.1f} GB), cold read "
           f"{m['read_Bps'] / 1e6:.0f} MB/s; memory read {m['mem_Bps'] / GB:.1f} GB/s; one thread hashes "
-          f"{m['xxh3_Bps'] / GB:.1f} GB/s (xxh3-128, file digests), {m['blake2b_Bps'] / GB:.2f} GB/s (blake2b, "
-          f"fingerprints); load average {m['load_before']:.1f} before, {m.get('load_after', 0):.1f} after (other "
+          f"{m['xxh3_Bps'] / GB:.1f} GB/s (xxh3-128: digests, fingerprints), {m['blake2b_Bps'] / GB:.2f} GB/s "
+          f"(blake2b: old fingerprints); load average {m['load_before']:.1f} before, {m.get('load_after', 0):.1f} after (other "
           f"work on the machine slows the walls, not the memory)")
     print(f"poelm {result['poelm']}")
     for line in result["notes"]:

@@ -139,7 +139,7 @@ def test_inspect(model_dir, capsys):
     code, out, _ = run(capsys, "inspect", str(model_dir), "--json")
     data = json.loads(out)
     assert data["config"]["n_layer"] == 2 and data["assembled_params"] > 0
-    assert data["links"][0]["fingerprint"].startswith("blake2b-128:")
+    assert data["links"][0]["fingerprint"].startswith("xxh3-128:")
 
 
 def test_the_old_stage_group_still_works_and_says_its_new_name(model_dir, tmp_path, capsys):

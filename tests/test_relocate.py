@@ -116,7 +116,7 @@ def test_relink_refuses_another_parent_a_base_and_a_cycle(moved, tmp_path, capsy
                            Tokenizer.load(base))
     before = (stage / "config.json").read_bytes(), (stage / "digests.json").read_bytes()
     message = one_line_error(capsys, "specialist", "relink", stage, "--parent", other)
-    assert f"parent {other} has fingerprint blake2b-128:" in message and "this stage was trained on" in message
+    assert f"parent {other} has fingerprint xxh3-128:" in message and "this stage was trained on" in message
     message = one_line_error(capsys, "specialist", "relink", base, "--parent", other)
     assert f"{base / 'config.json'}: no {PARENT_FIELD}: {base} is a base, not a stage" in message
     message = one_line_error(capsys, "specialist", "relink", stage, "--parent", stage)

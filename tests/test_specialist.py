@@ -89,7 +89,7 @@ def test_delta_holds_exactly_what_changed(base_dir, tmp_path):
     assert sum(t.numel() for t in delta.values()) == trainable + rows + len(delta["wte_rows.ids"])
     config = json.loads((out / "config.json").read_text())
     assert config["stage_layers"] == 2 and config["stage_name"] == "code" and config["n_layer"] == 6
-    assert config["parent_fingerprint"].startswith("blake2b-128:")
+    assert config["parent_fingerprint"].startswith("xxh3-128:")
     assert not (out / "model.safetensors").exists()
     x = plain_ids()
     with torch.no_grad():

@@ -408,3 +408,24 @@ def test_the_cards_shapes_give_the_cards_counts():
     # in bfloat16 the delta poelm ships for it (8 chat rows with their ids) is half its float32 bytes
     ours = sum(math.prod(v) for v in delta.values()) + 8 * d
     assert ours * 2 + 8 * 8 < 0.51 * (ours * 4 + 8 * 8)
+
+
+def test_building_a_model_on_the_meta_device_imports_no_compiler():
+    """Loads build the model on the meta device. Drawing nn.Embedding's default normal there (or any
+    arithmetic on a meta tensor) imports torch._dynamo and sympy: 1.6 s of every command's start on this
+    project's machine. Building every config variant's model there imports neither."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from poelm.core.config import PoEConfig\n"
+            "from poelm.core.model import PoEGPT\n"
+            "from poelm.models.specialist import specialist_config\n"
+            "base = PoEConfig(vocab_size=64, n_layer=4, n_head=2, n_kv_head=2, n_embd=32, sequence_len=16,\n"
+            "                 poe_stage_layers=[2, 2], poe_stage_heads=True)\n"
+            "assert base.smear and base.backout and base.value_embed_layers\n"
+            "with torch.device('meta'):\n"
+            "    PoEGPT(base); PoEGPT(specialist_config(specialist_config(base, 1), 1))\n"
+            "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

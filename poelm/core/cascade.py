@@ -29,8 +29,8 @@ from .files import (CONFIG, DELTA, TOKENIZER_FILE, WEIGHTS, read_json, read_mani
 from .errors import PoelmError
 from .layers import block_shapes
 from .model import PoEGPT, disk_name, from_disk, state_shapes, to_disk
-from .tensorfile import (HEADER_DTYPES, Header, TensorInfo, fingerprint_file, fingerprint_tensors, map_tensors,
-                         read_header)
+from .tensorfile import (FINGERPRINT, HEADER_DTYPES, SCHEMES, Header, TensorInfo, fingerprint_file,
+                         fingerprint_tensors, map_tensors, read_header, scheme_of)
 from .tokenizer import Tokenizer
 
 __all__ = ["HEADER_DTYPES", "TensorInfo", "fingerprint_tensors"]  # re-exported: where poelm has always found them
@@ -153,11 +153,21 @@ class Link:
 
         return load_safetensors(self.tensor_file, verify, check, mapped)
 
-    def fingerprint(self, parent: str = "") -> str:
-        """The recorded fingerprint (its content verified by the digests), else computed by streaming the
-        tensor file (a stage's chained with `parent`)."""
+    def fingerprint(self, parent: str = "", scheme: str = FINGERPRINT) -> str:
+        """The recorded fingerprint when it is in `scheme` (its content verified by the digests), else
+        computed by streaming the tensor file (a stage's chained with `parent`)."""
         recorded = self.manifest.get("fingerprint") if self.manifest else None
-        return recorded or fingerprint_file(self.tensor_file, parent if self.is_stage else "")
+        if recorded and scheme_of(recorded) == scheme:
+            return recorded
+        return fingerprint_file(self.tensor_file, parent if self.is_stage else "", scheme)
+
+
+def chain_fingerprint(links: list[Link], scheme: str = FINGERPRINT) -> str:
+    """The fingerprint of the chain ending at `links[-1]` (root first), in `scheme`."""
+    fingerprint = ""
+    for link in links:
+        fingerprint = link.fingerprint(fingerprint, scheme)
+    return fingerprint
 
 
 def locate(reference: str, stage_dir: Path) -> Path:
@@ -308,8 +318,8 @@ def check_chain(chain: list[Link], verify: bool = True,
     tensors = root.tensors(verify, lambda: ((disk_name(k), v) for k, v in state_shapes(config)),  # header first
                            mapped=mapped)
     prints, parts = [root.fingerprint()], Parts(tensors)
-    for parent, link in zip(chain, chain[1:]):
-        specialist_config, delta, overrides = _checked_link(parent, link, config, prints[-1], verify, mapped)
+    for i, link in enumerate(chain[1:], 1):
+        specialist_config, delta, overrides = _checked_link(chain[:i], link, config, prints[-1], verify, mapped)
         prints.append(link.fingerprint(prints[-1]))
         rows = {k: delta.pop(k) for k in (ROWS_IDS, ROWS_VALUES) if k in delta}
         _apply_overrides(tensors, delta, overrides, link)
@@ -335,13 +345,17 @@ def assemble(chain: list[Link], verify: bool = True,
     return config, parts.materialise(), prints
 
 
-def _checked_link(parent: Link, link: Link, config: PoEConfig, parent_print: str, verify: bool,
+def _checked_link(parents: list[Link], link: Link, config: PoEConfig, parent_print: str, verify: bool,
                   mapped: Mapped | None) -> tuple[PoEConfig, dict[str, torch.Tensor], dict[str, list[int]]]:
-    """A stage link checked against its parent (fingerprint, structure, tokenizer, delta header): its
-    config, its delta tensors and its declared overrides."""
-    source = str(link.path / CONFIG)
+    """A stage link checked against its parent, `parents[-1]` (fingerprint, structure, tokenizer, delta
+    header): its config, its delta tensors and its declared overrides. A parent fingerprint recorded in
+    another scheme (an older poelm's) is compared with the parent's computed in that scheme."""
+    source, parent = str(link.path / CONFIG), parents[-1]
     specialist_config = link.config
     recorded = link.data.get("parent_fingerprint")
+    scheme = recorded.partition(":")[0] if isinstance(recorded, str) else None
+    if recorded != parent_print and scheme in SCHEMES and scheme != scheme_of(parent_print):
+        parent_print = chain_fingerprint(parents, scheme)
     if recorded != parent_print:
         raise PoelmError(f"{source}: parent {parent.path} has fingerprint {parent_print}, but this stage was "
                          f"trained on {recorded}: the parent is not the model this stage was made for")

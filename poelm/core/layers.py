@@ -61,6 +61,15 @@ class Linear(nn.Linear):
         return y.view(*x.shape[:-1], y.size(-1))
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that draws nothing when built: every table is written by `init_weights` or by a load.
+    (Drawing nn.Embedding's default normal on the meta device, where loads build models, imports
+    torch._dynamo: 1.6 s of every command's start.)"""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
            doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention over a window: query at absolute position i sees keys i - window .. i.

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .head import HeadCrossEntropy, at_least_float32, softcap
 from .init_plan import init_plan
 from .kvcache import KVCache
-from .layers import Block, Linear, block_shapes, norm, rotary_at, rotary_tables
+from .layers import Block, Embedding, Linear, block_shapes, norm, rotary_at, rotary_tables
 
 if TYPE_CHECKING:  # the model reads its config by attribute; the type is documentation only
     from .config import PoEConfig
@@ -199,7 +199,7 @@ class PoEGPT(nn.Module):
         V, d = config.padded_vocab_size, config.n_embd
         ve_layers = set(config.value_embed_layers)
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(V, d),
+            "wte": Embedding(V, d),
             "h": nn.ModuleList(Block(config, i, i in ve_layers) for i in range(config.n_layer)),
         })
         self.lm_head = Linear(d, V)
@@ -215,9 +215,9 @@ class PoEGPT(nn.Module):
             self.smear_gate = Linear(SMEAR_IN, 1)
             self.smear_lambda = nn.Parameter(torch.zeros(1))
         if config.backout:
-            self.backout_lambda = nn.Parameter(0.2 * torch.ones(1))
+            self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))  # no arithmetic: see Embedding
         kv_dim = config.n_kv_head * config.head_dim
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in sorted(ve_layers)})
+        self.value_embeds = nn.ModuleDict({str(i): Embedding(V, kv_dim) for i in sorted(ve_layers)})
         # Rows kept apart from a table shared with another model (`share_embedding`); None: none.
         self.register_buffer("own_row_ids", None, persistent=False)
         self.register_buffer("own_row_values", None, persistent=False)

@@ -31,16 +31,15 @@ class Composition:
         if len(self.weights) != len(stage_dirs):
             raise PoelmError(f"{len(self.weights)} weights for {len(stage_dirs)} stages")
         check_output_name(output)
-        parents = []
         for d in stage_dirs:
-            data = read_json(Path(d) / CONFIG)
-            if data.get("parent_fingerprint") is None:
+            if read_json(Path(d) / CONFIG).get("parent_fingerprint") is None:
                 raise PoelmError(f"{Path(d) / CONFIG}: not a stage directory (no parent_fingerprint)")
-            parents.append(data["parent_fingerprint"])
+        chains = [models.open(d) for d in stage_dirs]
+        parents = [c.fingerprints[-2] for c in chains]  # computed in one scheme, whichever poelm recorded them
         if len(set(parents)) != 1:
             raise PoelmError(f"{stage_dirs[parents.index(parents[-1])]}: not a sibling of {stage_dirs[0]} "
                              "(their parents differ); composition needs stages on the same parent")
-        self.models = [models.open(d).model(device) for d in stage_dirs]
+        self.models = [c.model(device) for c in chains]
         c = self.models[0].config
         self.output = output or c.poe_output
         self.trunk_layers = c.n_layer - c.poe_stage_layers[-1]  # the shared parent's layers

@@ -169,7 +169,9 @@ def convert_nanochat(checkpoint: str | Path, out: str | Path, step: int | None =
     with torch.device("meta"):
         model = PoEGPT(config)
     check_state_dict(model.state_dict(), state, str(model_path))
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)  # no second copy
+    # Assigned as mapped, in the checkpoint's dtype: save_model_dir converts one tensor at a time, so a
+    # bfloat16 checkpoint is never held whole in float32 (nor a float32 one in bfloat16).
+    model.load_state_dict(state, strict=True, assign=True)
     tok = find_tokenizer(checkpoint, tokenizer)
     if tok.vocab_size != config.vocab_size:
         raise PoelmError(f"tokenizer has {tok.vocab_size} tokens but {meta_path} says vocab_size {config.vocab_size}")
