@@ -137,7 +137,8 @@ def evict(*paths: Path) -> None:
 
 
 def disk_speeds(folder: Path, size: int) -> dict:
-    """Write + fsync a `size`-byte file (bytes/s), evict it, read it back cold (bytes/s)."""
+    """Write + fsync a `size`-byte file (bytes/s), evict it, read it back cold (bytes/s): the median of
+    three cold reads (a virtual disk's cold reads vary up to 3x from one read to the next)."""
     chunk = os.urandom(16 << 20)
     path = folder / "disk_probe.bin"
     t0 = time.perf_counter()
@@ -150,13 +151,15 @@ def disk_speeds(folder: Path, size: int) -> dict:
     finally:
         os.close(fd)
     write_s = time.perf_counter() - t0
-    evict(path)
-    buf = bytearray(16 << 20)
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
-    read_s = time.perf_counter() - t0
+    buf, reads = bytearray(16 << 20), []
+    for _ in range(3):
+        evict(path)
+        t0 = time.perf_counter()
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+        reads.append(time.perf_counter() - t0)
+    read_s = sorted(reads)[1]
     path.unlink()
     return {"probe_bytes": written, "write_Bps": written / write_s, "read_Bps": written / read_s}
 
@@ -546,6 +549,10 @@ def bf16_over_f32(rows: list[dict]) -> dict[str, float]:
 # The issue's "done when": which rows each bound applies to (commands by their first words).
 RSS_BOUND = ("init", "specialist attach", "generate", "transformers", "serve BASE + 4")
 BYTE_MOVING = ("init", "specialist attach", "digest", "export", "convert")
+# Writers that never hold the model: their peak RSS is the interpreter (~0.24 GB) and the tensor or two
+# in flight (init draws each in float32, as init_weights does, before storing it), so it does not halve
+# with the stored dtype; held against 1.15x the bytes they write, not against float32's RSS.
+STREAMING = ("init", "specialist attach")
 
 
 def checks(rows: list[dict], halves: dict[str, float]) -> list[dict]:
@@ -564,7 +571,7 @@ def checks(rows: list[dict], halves: dict[str, float]) -> list[dict]:
         if c.startswith(BYTE_MOVING) and r["wall_over_limit"] is not None:
             out.append({"what": f"{where}: wall <= 2x disk limit", "holds": r["wall_over_limit"] <= 2,
                         "measured": f"{r['wall_over_limit']:.2f}x"})
-    holding = {r["command"] for r in rows if r["tensor"]}
+    holding = {r["command"] for r in rows if r["tensor"] and not r["command"].startswith(STREAMING)}
     for c, v in halves.items():
         if c in holding:
             out.append({"what": f"{c}: bfloat16 peak RSS about half of float32's", "holds": 0.4 <= v <= 0.6,

@@ -313,6 +313,57 @@ def test_what_poelm_writes_the_library_reads(tmp_path):
         w.write("a", torch.zeros(3))
 
 
+def test_the_fingerprint_is_its_definition_in_any_order_and_the_old_one_is_read(tmp_path):
+    """xxh3-128 of the parent's fingerprint, then by name each tensor's `name|dtype|shape|` and the xxh3-128
+    digest of its bytes (docs/formats.md) — computed by hand here; the same for a file written in another
+    order, and the one-pass digest of the file equal to its file digest. The blake2b-128 scheme an older
+    poelm wrote is one blake2b over the same fields with the bytes themselves, in name order."""
+    import hashlib
+
+    import xxhash
+
+    from poelm.core.files import file_digest
+    from poelm.core.tensorfile import digest_and_fingerprint
+
+    tensors = {"b": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "a": torch.ones(3, dtype=torch.int64),
+               "c": torch.zeros(0, 4), "d": torch.randn(5, generator=torch.Generator().manual_seed(0))}
+    top, old = xxhash.xxh3_128(b"xxh3-128:p"), hashlib.blake2b(b"blake2b-128:p", digest_size=16)
+    for name in sorted(tensors):
+        t = tensors[name]
+        fields, data = f"{name}|{t.dtype}|{list(t.shape)}|".encode(), t.contiguous().view(torch.uint8).numpy().tobytes()
+        top.update(fields + xxhash.xxh3_128(data).digest())
+        old.update(fields + data)
+    assert fingerprint_tensors(tensors, "xxh3-128:p") == "xxh3-128:" + top.hexdigest()
+    assert fingerprint_tensors(tensors, "blake2b-128:p", scheme="blake2b-128") == "blake2b-128:" + old.hexdigest()
+    path = tmp_path / "reversed.safetensors"
+    with TensorWriter(path, [(k, v.dtype, tuple(v.shape)) for k, v in sorted(tensors.items(), reverse=True)]) as w:
+        for name in sorted(tensors, reverse=True):
+            w.write(name, tensors[name])
+    entry = w.close()
+    assert list(read_header(path).tensors) == ["d", "c", "b", "a"]  # the file's own order
+    assert digest_and_fingerprint(path, "xxh3-128:p") == (entry, fingerprint_tensors(tensors, "xxh3-128:p"))
+    assert entry == file_digest(path)
+    assert fingerprint_file(path, "blake2b-128:p", "blake2b-128") == "blake2b-128:" + old.hexdigest()
+    assert fingerprint_tensors({**tensors, "d": tensors["d"] + 1}, "xxh3-128:p") != fingerprint_tensors(tensors,
+                                                                                                          "xxh3-128:p")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_failed_write_is_raised_and_nothing_hangs(tmp_path):
+    """The bytes go to disk in a background thread: a write that fails (here the disk is full: /dev/full)
+    is raised by the next write or by close, and the writer's thread ends."""
+    import threading
+
+    plan = [(k, torch.float32, (1 << 16,)) for k in "abc"]
+    with pytest.raises(OSError) as failed:
+        with TensorWriter("/dev/full", plan) as w:
+            for name, _, shape in plan:
+                w.write(name, torch.zeros(shape))
+            w.close()
+    assert failed.value.errno == 28  # ENOSPC
+    assert not any(t.name.startswith("poelm-write") for t in threading.enumerate())
+
+
 def raw_file(path: Path, header: dict | bytes, data: bytes = b"") -> Path:
     text = header if isinstance(header, bytes) else json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)

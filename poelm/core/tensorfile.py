@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -36,7 +37,7 @@ import torch
 import xxhash
 
 from .errors import PoelmError
-from .files import ALGORITHM, CHUNK_BYTES
+from .files import ALGORITHM, CHUNK_BYTES, read_sequentially
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's bound on the JSON header
 HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -158,7 +159,12 @@ def map_tensors(path: str | os.PathLike, header: Header) -> dict[str, torch.Tens
 class TensorWriter:
     """A safetensors file written as a stream: the header from `plan` (name, dtype, shape) first, then
     `write` each tensor in the plan's order. `close()` returns {"bytes", "xxh3_128"} of what was written.
-    Write into a directory that is renamed into place when complete (common/atomic.AtomicDir)."""
+    Write into a directory that is renamed into place when complete (common/atomic.AtomicDir).
+
+    The bytes go to disk in a background thread while the caller makes the next tensor (a file write
+    releases the GIL), so a writer that computes its tensors (`init`, `attach`) costs about the larger of
+    the two rather than their sum; at most one tensor waits. A failed write is raised by the next
+    `write` or by `close`."""
 
     def __init__(self, path: str | os.PathLike, plan: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: Mapping[str, str] | None = None):
@@ -175,17 +181,24 @@ class TensorWriter:
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
         self._file = open(self.path, "wb")
         self._hash, self._next, self.bytes = xxhash.xxh3_128(), 0, 0
-        self._put(len(raw).to_bytes(8, "little"))
-        self._put(raw)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poelm-write")
+        self._pending: Future | None = None
+        self._put(len(raw).to_bytes(8, "little") + raw)
 
     def _put(self, data: bytes | memoryview) -> None:
-        self._file.write(data)
+        self._wait()
+        self._pending = self._pool.submit(self._file.write, data)
         self._hash.update(data)
         self.bytes += len(data)
 
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
     def write(self, name: str, tensor: torch.Tensor) -> memoryview:
         """Write the next tensor of the plan (its name, dtype and shape must be the planned ones); returns
-        its bytes (for a caller that hashes them too)."""
+        its bytes (for a caller that hashes them too). The tensor must not change until the next call."""
         want = self.plan[self._next] if self._next < len(self.plan) else None
         if want is None or (name, tensor.dtype, tuple(tensor.shape)) != want:
             raise ValueError(f"{self.path}: wrote {name!r} {tensor.dtype} {tuple(tensor.shape)}, planned {want}")
@@ -195,11 +208,17 @@ class TensorWriter:
         self._next += 1
         return data
 
-    def close(self) -> dict[str, Any]:
-        if self._next != len(self.plan):
+    def _shut(self) -> None:
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown()
             self._file.close()
+
+    def close(self) -> dict[str, Any]:
+        self._shut()
+        if self._next != len(self.plan):
             raise ValueError(f"{self.path}: {self._next} of {len(self.plan)} planned tensors written")
-        self._file.close()
         return {"bytes": self.bytes, ALGORITHM: self._hash.hexdigest()}
 
     def __enter__(self) -> "TensorWriter":
@@ -207,7 +226,10 @@ class TensorWriter:
 
     def __exit__(self, kind, value, tb) -> None:
         if kind is not None:
-            self._file.close()
+            try:
+                self._shut()
+            except Exception:  # the body's error is the one to report
+                pass
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -216,11 +238,10 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
-# A fingerprint's scheme is the prefix of its value: the hash each scheme starts. poelm writes FINGERPRINT;
-# the others are read (a stage recorded by an older poelm names its parent in one).
-FINGERPRINT = "xxh3-128"
-SCHEMES: dict[str, Callable[[], Any]] = {"xxh3-128": xxhash.xxh3_128,
-                                         "blake2b-128": lambda: hashlib.blake2b(digest_size=16)}
+# A fingerprint's scheme is the prefix of its value. poelm writes FINGERPRINT; LEGACY is read (a stage an
+# older poelm recorded names its parent in it) and recomputed only to check such a stage.
+FINGERPRINT, LEGACY = "xxh3-128", "blake2b-128"
+SCHEMES = (FINGERPRINT, LEGACY)
 
 
 def scheme_of(fingerprint: str) -> str:
@@ -233,49 +254,88 @@ def scheme_of(fingerprint: str) -> str:
 
 
 class Fingerprint:
-    """The hash of a parent fingerprint, then each tensor's name, dtype, shape and bytes (fed by name)."""
+    """xxh3-128 of the parent's fingerprint, then, by tensor name, each tensor's `name|dtype|shape|` and
+    the xxh3-128 digest of its bytes. Tensors may be fed in any order (a file in its own order, `init` in
+    its generator's): each is hashed alone, and only the combination is by name."""
 
-    def __init__(self, parent: str = "", scheme: str = FINGERPRINT):
-        self.scheme, self._h = scheme, SCHEMES[scheme]()
-        self._h.update(parent.encode())
+    def __init__(self, parent: str = ""):
+        self.parent, self._tensors = parent, {}
 
-    def tensor(self, name: str, dtype: torch.dtype, shape: Iterable[int]) -> None:
-        self._h.update(f"{name}|{dtype}|{list(shape)}|".encode())
-
-    def update(self, data: bytes | memoryview) -> None:
-        self._h.update(data)
+    def tensor(self, name: str, dtype: torch.dtype, shape: Iterable[int]) -> Any:
+        """Start a tensor; returns its hash, to `update` with its bytes in memory order."""
+        h = self._tensors[name] = (dtype, list(shape), xxhash.xxh3_128())
+        return h[2]
 
     def hexdigest(self) -> str:
-        return f"{self.scheme}:{self._h.hexdigest()}"
+        top = xxhash.xxh3_128(self.parent.encode())
+        for name in sorted(self._tensors):
+            dtype, shape, h = self._tensors[name]
+            top.update(f"{name}|{dtype}|{shape}|".encode())
+            top.update(h.digest())
+        return f"{FINGERPRINT}:{top.hexdigest()}"
+
+
+def _legacy(path_or_tensors: Any, parent: str) -> str:
+    """The blake2b-128 fingerprint an older poelm recorded: one blake2b over the parent's fingerprint,
+    then each tensor's `name|dtype|shape|` and bytes, in name order."""
+    h = hashlib.blake2b(parent.encode(), digest_size=16)
+    if isinstance(path_or_tensors, Mapping):
+        for name in sorted(path_or_tensors):
+            t = path_or_tensors[name]
+            h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+            h.update(tensor_bytes(t))
+        return f"{LEGACY}:{h.hexdigest()}"
+    header = read_header(path_or_tensors)
+    with open(path_or_tensors, "rb") as f:
+        for name in sorted(header.tensors):
+            info = header.tensors[name]
+            h.update(f"{name}|{info.dtype}|{list(info.shape)}|".encode())
+            f.seek(header.data_start + info.start)
+            _stream(f, info.end - info.start, h.update, path_or_tensors, name)
+    return f"{LEGACY}:{h.hexdigest()}"
+
+
+def _stream(f: Any, length: int, sink: Callable[[memoryview], Any], path: Any, name: str) -> None:
+    """Feed `length` bytes of `f` from where it stands to `sink`, a chunk at a time."""
+    buf = memoryview(bytearray(min(CHUNK_BYTES, length)))
+    while length:
+        n = f.readinto(buf[:min(length, len(buf))])
+        if not n:
+            raise _bad(path, f"tensor {name!r}: the file ended while it was read")
+        sink(buf[:n])
+        length -= n
 
 
 def fingerprint_tensors(tensors: Mapping[str, torch.Tensor], parent: str = "", scheme: str = FINGERPRINT) -> str:
     """The content identity of a set of tensors (chained with the parent's for a stage)."""
-    fp = Fingerprint(parent, scheme)
-    for name in sorted(tensors):
-        fp.tensor(name, tensors[name].dtype, tensors[name].shape)
-        fp.update(tensor_bytes(tensors[name]))
+    if scheme == LEGACY:
+        return _legacy(tensors, parent)
+    fp = Fingerprint(parent)
+    for name, t in tensors.items():
+        fp.tensor(name, t.dtype, t.shape).update(tensor_bytes(t))
     return fp.hexdigest()
 
 
 def fingerprint_file(path: str | os.PathLike, parent: str = "", scheme: str = FINGERPRINT) -> str:
     """`fingerprint_tensors` of a file's tensors, streamed from the file (nothing mapped or held)."""
-    header = read_header(path)
-    fp = Fingerprint(parent, scheme)
-    buf = bytearray(min(CHUNK_BYTES, max((i.end - i.start for i in header.tensors.values()), default=0)))
+    return _legacy(path, parent) if scheme == LEGACY else digest_and_fingerprint(path, parent)[1]
+
+
+def digest_and_fingerprint(path: str | os.PathLike, parent: str = "") -> tuple[dict[str, Any], str]:
+    """The file's digest entry ({"bytes", "xxh3_128"}) and its tensors' fingerprint, from one sequential
+    read of it (the tensors in the file's order)."""
+    header, whole, fp = read_header(path), xxhash.xxh3_128(), Fingerprint(parent)
     with open(path, "rb") as f:
-        for name in sorted(header.tensors):
-            info = header.tensors[name]
-            fp.tensor(name, info.dtype, info.shape)
-            f.seek(header.data_start + info.start)
-            left = info.end - info.start
-            while left:
-                n = f.readinto(memoryview(buf)[:min(left, len(buf))])
-                if not n:
-                    raise _bad(path, f"tensor {name!r}: the file ended while it was read")
-                fp.update(memoryview(buf)[:n])
-                left -= n
-    return fp.hexdigest()
+        read_sequentially(f)
+        _stream(f, header.data_start, whole.update, path, "(the header)")
+        for name, info in header.tensors.items():  # in file order
+            h = fp.tensor(name, info.dtype, info.shape)
+
+            def both(chunk: memoryview, h: Any = h) -> None:
+                whole.update(chunk)
+                h.update(chunk)
+            _stream(f, info.end - info.start, both, path, name)
+    return {"bytes": header.size, ALGORITHM: whole.hexdigest()}, fp.hexdigest()
 
 
 def stream_tensors(path: str | os.PathLike, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
@@ -290,8 +350,7 @@ def stream_tensors(path: str | os.PathLike, plan: list[tuple[str, torch.dtype, t
     with TensorWriter(path, plan, metadata) as w:
         for name, dtype, _ in plan:
             t = produce(name).detach().to("cpu", dtype)
-            fp.tensor(name, t.dtype, t.shape)
-            fp.update(w.write(name, t))
+            fp.tensor(name, t.dtype, t.shape).update(w.write(name, t))
         return w.close(), fp.hexdigest()
 
 

@@ -32,7 +32,7 @@ from ..core.files import (CARD, CHAT_TEMPLATE_FILE, CONFIG, DELTA, GENERATION_CO
                          write_manifest, write_text)
 from ..core.init_plan import init_plan
 from ..core.model import PoEGPT, disk_name, state_shapes, to_disk
-from ..core.tensorfile import TensorWriter, fingerprint_file, save_tensors
+from ..core.tensorfile import Fingerprint, TensorWriter, digest_and_fingerprint, save_tensors
 from ..core.tokenizer import SPECIAL_TOKENS, Tokenizer
 from ..common.atomic import AtomicDir, Inputs
 
@@ -228,8 +228,8 @@ def init_model_dir(config: PoEConfig, tokenizer: Tokenizer, out: str | os.PathLi
                    dtype: str = "float32", overwrite: bool = False, inputs: Inputs = ()) -> Path:
     """`poelm init`: a new base directory whose tensors are `PoEGPT(config).init_weights(seed)`'s, bit for
     bit, made one at a time in the order the generator is drawn from (core/init_plan.py) and written as
-    each is made: nothing but one tensor is held. The fingerprint (by name, not the drawing order) is
-    then streamed from the file."""
+    each is made (one drawn while the one before is written): nothing but two tensors are held. The
+    fingerprint is computed from the bytes as they are written (it combines by name, not by order)."""
     dtype = storage_dtype(dtype)
     if tokenizer.vocab_size != config.vocab_size:
         raise PoelmError(f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {config.vocab_size}")
@@ -240,16 +240,17 @@ def init_model_dir(config: PoEConfig, tokenizer: Tokenizer, out: str | os.PathLi
         skeleton = PoEGPT(config)  # for the card: shapes and counts only
     g, target = torch.Generator().manual_seed(seed), DTYPES[dtype]
     with AtomicDir(out, overwrite, inputs) as tmp:
-        path = tmp / WEIGHTS
-        with torch.no_grad(), TensorWriter(path, [(disk_name(n), target, shapes[n]) for n, _ in plan],
+        fp = Fingerprint()
+        with torch.no_grad(), TensorWriter(tmp / WEIGHTS, [(disk_name(n), target, shapes[n]) for n, _ in plan],
                                            {"format": "pt"}) as writer:
             for name, fill in plan:
                 t = torch.empty(shapes[name])
                 fill(t, g)
-                writer.write(disk_name(name), t.to(target))
+                t = t.to(target)
+                fp.tensor(disk_name(name), t.dtype, t.shape).update(writer.write(disk_name(name), t))
         entry = writer.close()
         write_directory(tmp, tokenizer, config=hf_config_dict(config, tokenizer, dtype),
-                        card=model_card(skeleton, Path(out).name), fingerprint=fingerprint_file(path),
+                        card=model_card(skeleton, Path(out).name), fingerprint=fp.hexdigest(),
                         known={WEIGHTS: entry})
     return Path(out)
 
@@ -281,12 +282,12 @@ def record_digests(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
         raise PoelmError(f"{directory}: not a directory")
-    fingerprint = None
+    fingerprint, known = None, {}
     if (directory / CONFIG).is_file():
         data = read_json(directory / CONFIG, verify=False)
         if data.get("base_model_name_or_path") is not None:
             parent = open(locate(str(data["base_model_name_or_path"]), directory))
-            fingerprint = fingerprint_file(directory / DELTA, parent.fingerprint)
+            known[DELTA], fingerprint = digest_and_fingerprint(directory / DELTA, parent.fingerprint)
         else:
-            fingerprint = fingerprint_file(directory / WEIGHTS)
-    return write_manifest(directory, fingerprint=fingerprint)
+            known[WEIGHTS], fingerprint = digest_and_fingerprint(directory / WEIGHTS)
+    return write_manifest(directory, fingerprint=fingerprint, known=known)
