@@ -161,13 +161,14 @@ class TensorWriter:
     `write` each tensor in the plan's order. `close()` returns {"bytes", "xxh3_128"} of what was written.
     Write into a directory that is renamed into place when complete (common/atomic.AtomicDir).
 
-    The bytes go to disk in a background thread while the caller makes the next tensor (a file write
-    releases the GIL), so a writer that computes its tensors (`init`, `attach`) costs about the larger of
-    the two rather than their sum; at most one tensor waits. A failed write is raised by the next
-    `write` or by `close`."""
+    Each tensor is converted to its planned dtype, hashed (the file's digest, and `fingerprint` when
+    given) and written in a background thread while the caller makes the next one (torch's conversions,
+    the hashes and file writes release the GIL), so a writer that computes its tensors (`init`,
+    `attach`) costs about the larger of the two rather than their sum; at most one tensor waits. A
+    failed write is raised by the next `write` or by `close`."""
 
     def __init__(self, path: str | os.PathLike, plan: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, fingerprint: "Fingerprint | None" = None):
         self.path, self.plan = Path(path), [(n, d, tuple(s)) for n, d, s in plan]
         header: dict[str, Any] = {}
         offset = 0
@@ -180,33 +181,39 @@ class TensorWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
         self._file = open(self.path, "wb")
-        self._hash, self._next, self.bytes = xxhash.xxh3_128(), 0, 0
+        self._hash, self._next, self.bytes, self.fingerprint = xxhash.xxh3_128(), 0, 0, fingerprint
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poelm-write")
         self._pending: Future | None = None
         self._put(len(raw).to_bytes(8, "little") + raw)
 
     def _put(self, data: bytes | memoryview) -> None:
-        self._wait()
-        self._pending = self._pool.submit(self._file.write, data)
+        self._file.write(data)
         self._hash.update(data)
         self.bytes += len(data)
+
+    def _store(self, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+        t = tensor.detach().to("cpu", dtype)
+        data = tensor_bytes(t)
+        if self.fingerprint is not None:
+            self.fingerprint.tensor(name, t.dtype, t.shape).update(data)
+        if len(data):
+            self._put(data)
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
 
-    def write(self, name: str, tensor: torch.Tensor) -> memoryview:
-        """Write the next tensor of the plan (its name, dtype and shape must be the planned ones); returns
-        its bytes (for a caller that hashes them too). The tensor must not change until the next call."""
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor of the plan: its name and shape must be the planned ones, and its dtype
+        too unless both are floating (it is then converted). It must not change until the next call."""
         want = self.plan[self._next] if self._next < len(self.plan) else None
-        if want is None or (name, tensor.dtype, tuple(tensor.shape)) != want:
+        if (want is None or (name, tuple(tensor.shape)) != (want[0], want[2])
+                or (tensor.dtype != want[1] and not (tensor.is_floating_point() and want[1].is_floating_point))):
             raise ValueError(f"{self.path}: wrote {name!r} {tensor.dtype} {tuple(tensor.shape)}, planned {want}")
-        data = tensor_bytes(tensor)
-        if len(data):
-            self._put(data)
+        self._wait()
+        self._pending = self._pool.submit(self._store, name, tensor, want[1])
         self._next += 1
-        return data
 
     def _shut(self) -> None:
         try:
@@ -347,10 +354,9 @@ def stream_tensors(path: str | os.PathLike, plan: list[tuple[str, torch.dtype, t
     if [n for n, _, _ in plan] != sorted(n for n, _, _ in plan):
         raise ValueError(f"{path}: stream_tensors writes in name order (the fingerprint's)")
     fp = Fingerprint(parent)
-    with TensorWriter(path, plan, metadata) as w:
-        for name, dtype, _ in plan:
-            t = produce(name).detach().to("cpu", dtype)
-            fp.tensor(name, t.dtype, t.shape).update(w.write(name, t))
+    with TensorWriter(path, plan, metadata, fp) as w:
+        for name, _, _ in plan:
+            w.write(name, produce(name))
         return w.close(), fp.hexdigest()
 
 

@@ -242,12 +242,11 @@ def init_model_dir(config: PoEConfig, tokenizer: Tokenizer, out: str | os.PathLi
     with AtomicDir(out, overwrite, inputs) as tmp:
         fp = Fingerprint()
         with torch.no_grad(), TensorWriter(tmp / WEIGHTS, [(disk_name(n), target, shapes[n]) for n, _ in plan],
-                                           {"format": "pt"}) as writer:
+                                           {"format": "pt"}, fp) as writer:
             for name, fill in plan:
                 t = torch.empty(shapes[name])
                 fill(t, g)
-                t = t.to(target)
-                fp.tensor(disk_name(name), t.dtype, t.shape).update(writer.write(disk_name(name), t))
+                writer.write(disk_name(name), t)  # converted to `target`, hashed and written in the background
         entry = writer.close()
         write_directory(tmp, tokenizer, config=hf_config_dict(config, tokenizer, dtype),
                         card=model_card(skeleton, Path(out).name), fingerprint=fp.hexdigest(),
