@@ -169,7 +169,7 @@ print(json.dumps({"statuses": statuses, "latencies": latencies}))
 def test_hostile_requests_leave_other_rows_as_alone_and_health_answers(live, serve_dirs, monkeypatch):
     """Three normal greedy rows of three models (the base, alpha, beta) decode while every hostile request
     arrives (steps slowed to 5 ms so they overlap): each normal answer equals that model alone, each hostile
-    one gets its status, and `/health` answers within 100 ms throughout (see the bound below)."""
+    one gets its status, and `/health` keeps answering at once throughout (see the bound below)."""
     url, app = live
     base, alpha, beta = serve_dirs
     assert base.name == "perturbed"
@@ -208,11 +208,12 @@ def test_hostile_requests_leave_other_rows_as_alone_and_health_answers(live, ser
     assert report["statuses"] == {**{str(i): s for i, (_, s) in enumerate(HOSTILE)},
                                   **{f"raw{i}": s for i, (_, s) in enumerate(RAW)}}
     latencies = sorted(report["latencies"])
-    # Within 100 ms, but for a poll the OS did not schedule (a busy machine delays any process): 95% within
-    # 100 ms and none past a second. A blocked event loop (a prompt tokenized on it, stop strings scanned on
-    # it) holds every poll for seconds.
-    assert len(latencies) > 5 and latencies[int(0.95 * (len(latencies) - 1))] < 0.1 and latencies[-1] < 1.0, \
-        latencies[-5:]
+    # At once, but for polls the OS did not schedule (2 cores shared by the server, the attacker, this test
+    # and another test worker: 5% of polls took 0.1-0.25 s on a slow machine): half within 50 ms, 90%
+    # within 200 ms, none past a second. A blocked event loop (a prompt tokenized on it, stop strings
+    # scanned on it) holds every poll that meets it for seconds.
+    assert len(latencies) > 5 and latencies[len(latencies) // 2] < 0.05, latencies
+    assert latencies[int(0.9 * (len(latencies) - 1))] < 0.2 and latencies[-1] < 1.0, latencies[-5:]
 
 
 def test_a_non_streamed_client_that_goes_away_frees_its_row_within_a_second(live, serve_dirs, monkeypatch):
