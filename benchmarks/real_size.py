@@ -141,7 +141,8 @@ PAUSE_S = 2.0  # between evicting a file and reading it back (see disk_speeds)
 
 def disk_speeds(folder: Path, size: int) -> dict:
     """Write + fsync a `size`-byte file (bytes/s), evict it, read it back cold (bytes/s): each the median
-    of three (this project's virtual disk wrote 270-660 MB/s from one run to the next), each read begun
+    of three, of a file of several GB (a 1 GiB probe of this project's virtual disk wrote 270-890 MB/s
+    from one run to the next, absorbed by a cache, while `init` wrote 5.5 GB at ~230 MB/s every time), each read begun
     as a command's is, seconds after its files were evicted. (On that disk a read that follows the
     previous read of the file at once is served ~2.5x faster — 1.6-2.3 GB/s against 0.45-0.8 after a
     pause of 0.5 s or more, measured — and no command's read starts sooner than its interpreter, 1.5 s.)"""
@@ -614,7 +615,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shape_args(p)
     p.add_argument("--dtypes", default="float32,bfloat16", help="float32 and/or bfloat16 (default both)")
-    p.add_argument("--probe-mb", type=int, default=1024, help="size of the disk-speed probe file (default 1024)")
+    p.add_argument("--probe-mb", type=int, default=4096,
+                   help="size of the disk-speed probe file (default 4096: larger than a virtual disk's write cache)")
     p.add_argument("--keep", metavar="DIR", help="work in DIR (must not exist) and keep it, logs included")
     p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     args = p.parse_args()
