@@ -9,8 +9,11 @@ its pages twice in the resident set.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -97,6 +100,40 @@ def read_sequentially(f: Any) -> None:
     disk's speed while the reader hashes (where the OS has no such hint, nothing)."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+
+def _libc() -> Any:
+    """The C library when it has Linux's sync_file_range, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        return None
+    if not hasattr(lib, "sync_file_range"):
+        return None
+    lib.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return lib
+
+
+_LIBC = _libc()
+_SYNC_WRITE, _SYNC_WAIT = 2, 1 | 2 | 4  # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE | WRITE | WAIT_AFTER
+
+
+def write_behind(fd: int, start: int, length: int, previous: tuple[int, int] | None) -> None:
+    """A large file written as a stream, at the disk's speed: start writing [start, start + length) back
+    now, wait for the range before it and drop that from the page cache. Left to the kernel, gigabytes of
+    dirty pages pile up until its dirty limit throttles the writer (measured: 0.29 GB/s for a 5.5 GB
+    `init` on a disk that takes 0.55 GB/s). Hints only: Linux's; elsewhere, or refused, nothing."""
+    if _LIBC is None:
+        return
+    _LIBC.sync_file_range(fd, start, length, _SYNC_WRITE)
+    if previous is not None:
+        _LIBC.sync_file_range(fd, previous[0], previous[1], _SYNC_WAIT)
+        try:
+            os.posix_fadvise(fd, previous[0], previous[1], os.POSIX_FADV_DONTNEED)
+        except OSError:  # advice a filesystem may decline; the bytes are written either way
+            pass
 
 
 def file_digest(path: str | os.PathLike) -> dict[str, Any]:

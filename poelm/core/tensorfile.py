@@ -37,7 +37,9 @@ import torch
 import xxhash
 
 from .errors import PoelmError
-from .files import ALGORITHM, CHUNK_BYTES, read_sequentially
+from .files import ALGORITHM, CHUNK_BYTES, read_sequentially, write_behind
+
+WRITE_BEHIND_BYTES = 1 << 20  # smaller tensors are left to the kernel
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's bound on the JSON header
 HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -184,11 +186,16 @@ class TensorWriter:
         self._hash, self._next, self.bytes, self.fingerprint = xxhash.xxh3_128(), 0, 0, fingerprint
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poelm-write")
         self._pending: Future | None = None
+        self._behind: tuple[int, int] | None = None
         self._put(len(raw).to_bytes(8, "little") + raw)
 
     def _put(self, data: bytes | memoryview) -> None:
         self._file.write(data)
         self._hash.update(data)
+        if len(data) >= WRITE_BEHIND_BYTES:  # a large tensor: written behind (files.write_behind)
+            self._file.flush()
+            write_behind(self._file.fileno(), self.bytes, len(data), self._behind)
+            self._behind = (self.bytes, len(data))
         self.bytes += len(data)
 
     def _store(self, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
