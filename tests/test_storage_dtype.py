@@ -480,3 +480,23 @@ def test_building_a_model_on_the_meta_device_imports_no_compiler():
             "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_file_written_behind_reads_back_exactly(tmp_path, monkeypatch):
+    """Past WRITE_BEHIND_AFTER (1 GiB; 0 here) tensors of 1 MiB or more are written behind
+    (files.write_behind: writeback started, the range before waited for and dropped from the page cache):
+    the file reads back bit for bit, with the digest and fingerprint the writer returned."""
+    from poelm.core import tensorfile
+    from poelm.core.files import file_digest
+    from poelm.core.tensorfile import digest_and_fingerprint
+
+    monkeypatch.setattr(tensorfile, "WRITE_BEHIND_AFTER", 0)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(1 << 18, generator=g), "b": torch.randn(3, generator=g),
+               "c": torch.randn(1 << 19, generator=g).to(torch.bfloat16), "d": torch.randn(1 << 18, generator=g)}
+    path = tmp_path / "behind.safetensors"
+    plan = [(k, v.dtype, tuple(v.shape)) for k, v in sorted(tensors.items())]
+    entry, fp = stream_tensors(path, plan, tensors.__getitem__)
+    assert entry == file_digest(path) and digest_and_fingerprint(path) == (entry, fp)
+    got = load_safetensors(path, verify=False)
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
